@@ -1,0 +1,177 @@
+"""Llama-family model configuration: named presets or an HF-style config.json."""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    vocab_size: int
+    hidden_size: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # llama3: factor, low_freq_factor, high_freq_factor, original_max_position_embeddings
+    rms_eps: float = 1e-5
+    tie_embeddings: bool = False
+    max_position_embeddings: int = 131072
+
+    def __post_init__(self):
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+
+    # --- sizes -----------------------------------------------------------
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """(out, in) of each per-layer linear, in HF naming."""
+        h, d = self.hidden_size, self.head_dim
+        return {
+            "q_proj": (self.n_heads * d, h),
+            "k_proj": (self.n_kv_heads * d, h),
+            "v_proj": (self.n_kv_heads * d, h),
+            "o_proj": (h, self.n_heads * d),
+            "gate_proj": (self.intermediate_size, h),
+            "up_proj": (self.intermediate_size, h),
+            "down_proj": (h, self.intermediate_size),
+        }
+
+    def layer_linear_params(self) -> int:
+        return sum(o * i for o, i in self.linear_shapes().values())
+
+
+    def param_count(self) -> int:
+        emb = self.vocab_size * self.hidden_size
+        head = 0 if self.tie_embeddings else emb
+        norms = self.n_layers * 2 * self.hidden_size + self.hidden_size
+        return emb + head + norms + self.n_layers * self.layer_linear_params()
+
+    def kv_bytes_per_token(self, dtype_bytes: int = 2) -> int:
+        return 2 * self.n_layers * self.n_kv_heads * self.head_dim * dtype_bytes
+
+    def prefill_flops(self, ctx: int) -> float:
+        """Layers' linears 2*P*ctx, causal attention 2*L*H*D*ctx^2 (QK^T and PV, halved by the mask),
+        and lm_head for the one position whose logits prefill keeps."""
+        linears = 2.0 * self.n_layers * self.layer_linear_params() * ctx
+        attention = 2.0 * self.n_layers * self.n_heads * self.head_dim * ctx**2
+        return linears + attention + 2.0 * self.vocab_size * self.hidden_size
+
+    def decode_bytes(self, pos: int, dtype_bytes: int = 2) -> float:
+        """Bytes one decode step must read: every weight but the embedding table, plus the KV cache up to pos."""
+        weights = (self.param_count() - self.vocab_size * self.hidden_size) * dtype_bytes
+        if self.tie_embeddings:  # the tied table is read once, as lm_head
+            weights += self.vocab_size * self.hidden_size * dtype_bytes
+        return float(weights + self.kv_bytes_per_token(dtype_bytes) * pos)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    # --- constructors ------------------------------------------------------
+    @classmethod
+    def from_hf(cls, cfg: dict, name: str = "checkpoint") -> "ModelConfig":
+        h = cfg["hidden_size"]
+        n_heads = cfg["num_attention_heads"]
+        scaling = cfg.get("rope_scaling")
+        if scaling is not None:
+            kind = scaling.get("rope_type", scaling.get("type"))
+            if kind not in ("llama3", "default", None):
+                raise ValueError(f"rope_scaling type {kind!r} is not supported (only llama3); edit config.json or use a preset")
+            if kind != "llama3":
+                scaling = None
+        return cls(
+            name=name,
+            vocab_size=cfg["vocab_size"],
+            hidden_size=h,
+            n_layers=cfg["num_hidden_layers"],
+            n_heads=n_heads,
+            n_kv_heads=cfg.get("num_key_value_heads", n_heads),
+            head_dim=cfg.get("head_dim") or h // n_heads,
+            intermediate_size=cfg["intermediate_size"],
+            rope_theta=float(cfg.get("rope_theta", 10000.0)),
+            rope_scaling=dict(scaling) if scaling else None,
+            rms_eps=float(cfg.get("rms_norm_eps", 1e-5)),
+            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 131072)),
+        )
+
+    def to_hf(self) -> dict:
+        d = {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "num_hidden_layers": self.n_layers,
+            "num_attention_heads": self.n_heads,
+            "num_key_value_heads": self.n_kv_heads,
+            "head_dim": self.head_dim,
+            "intermediate_size": self.intermediate_size,
+            "rope_theta": self.rope_theta,
+            "rms_norm_eps": self.rms_eps,
+            "tie_word_embeddings": self.tie_embeddings,
+            "max_position_embeddings": self.max_position_embeddings,
+        }
+        if self.rope_scaling:
+            d["rope_scaling"] = {"rope_type": "llama3", **self.rope_scaling}
+        return d
+
+
+LLAMA3_SCALING = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+PRESETS: dict[str, ModelConfig] = {
+    "llama3-8b": ModelConfig(
+        name="llama3-8b", vocab_size=128256, hidden_size=4096, n_layers=32, n_heads=32, n_kv_heads=8,
+        head_dim=128, intermediate_size=14336, rope_theta=500000.0, rope_scaling=LLAMA3_SCALING, rms_eps=1e-5,
+    ),
+    "llama2-7b": ModelConfig(
+        name="llama2-7b", vocab_size=32000, hidden_size=4096, n_layers=32, n_heads=32, n_kv_heads=32,
+        head_dim=128, intermediate_size=11008, rope_theta=10000.0, rope_scaling=None, rms_eps=1e-5,
+        max_position_embeddings=4096,
+    ),
+    # Same family (GQA 4:1, llama3 rope scaling, SwiGLU), small enough for a 2-core CPU at ctx 32768.
+    "tiny": ModelConfig(
+        name="tiny", vocab_size=2048, hidden_size=128, n_layers=2, n_heads=4, n_kv_heads=1,
+        head_dim=32, intermediate_size=384, rope_theta=500000.0,
+        rope_scaling={"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 1024},
+        rms_eps=1e-5,
+    ),
+}
+
+
+def load_config(model: str) -> ModelConfig:
+    """A preset name, or a local HF checkpoint directory holding config.json."""
+    if model in PRESETS:
+        return PRESETS[model]
+    p = Path(model)
+    if (p / "config.json").is_file():
+        return ModelConfig.from_hf(json.loads((p / "config.json").read_text()), name=str(p))
+    raise ValueError(f"model {model!r} is neither a preset ({', '.join(PRESETS)}) nor a directory with config.json")
+
+
+def llama3_inv_freq(cfg: ModelConfig) -> list[float]:
+    """Rotary inverse frequencies with llama3 scaling (as in HF's _compute_llama3_parameters)."""
+    d = cfg.head_dim
+    inv = [1.0 / (cfg.rope_theta ** (i / d)) for i in range(0, d, 2)]
+    s = cfg.rope_scaling
+    if not s:
+        return inv
+    factor, lo, hi, old = s["factor"], s["low_freq_factor"], s["high_freq_factor"], s["original_max_position_embeddings"]
+    lo_wavelen, hi_wavelen = old / lo, old / hi
+    out = []
+    for f in inv:
+        wavelen = 2 * math.pi / f
+        if wavelen < hi_wavelen:
+            out.append(f)
+        elif wavelen > lo_wavelen:
+            out.append(f / factor)
+        else:
+            smooth = (old / wavelen - lo) / (hi - lo)
+            out.append((1 - smooth) * f / factor + smooth * f)
+    return out
+
+
+__all__ = ["ModelConfig", "PRESETS", "load_config", "llama3_inv_freq"]

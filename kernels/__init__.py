@@ -1,0 +1,1 @@
+"""Triton kernels for Greta, imported as greta.kernels (see pyproject)."""
