@@ -1,0 +1,58 @@
+"""Compare decode-path logits with the prefill path's reference, and turn the numbers into a verdict."""
+from __future__ import annotations
+
+import numpy as np
+
+VERDICTS = ("PASS_EQUIV", "FAIL_EQUIV", "EXPECTED_DRIFT", "FAIL_OOM", "FAIL_TIMEOUT", "FAIL_CRASH", "FAIL_ERROR")
+
+
+def compare(decode: np.ndarray, reference: np.ndarray, tokens: list[int], positions: list[int],
+            sources: list[str]) -> dict:
+    """decode, reference: float32 [span, vocab]. tokens: the generated ids (tokens[j] came from decode[j])."""
+    d = np.asarray(decode, dtype=np.float32)
+    r = np.asarray(reference, dtype=np.float32)
+    if d.shape != r.shape:
+        raise ValueError(f"logits shapes differ: decode {d.shape} vs reference {r.shape}")
+    diff = np.abs(d.astype(np.float64) - r.astype(np.float64))
+    finite = bool(np.isfinite(d).all() and np.isfinite(r).all())
+    ad, ar = d.argmax(-1), r.argmax(-1)
+    cos = (d * r).sum(-1, dtype=np.float64) / (
+        np.linalg.norm(d.astype(np.float64), axis=-1) * np.linalg.norm(r.astype(np.float64), axis=-1))
+    agree = ad == ar
+    mism = np.flatnonzero(~agree)
+    rows = [{
+        "step": j, "position": int(positions[j]), "source": sources[j],
+        "max_abs_diff": float(diff[j].max()), "mean_abs_diff": float(diff[j].mean()), "cosine": float(cos[j]),
+        "argmax_decode": int(ad[j]), "argmax_reference": int(ar[j]), "agree": bool(agree[j]),
+    } for j in range(d.shape[0])]
+    return {
+        "span": int(d.shape[0]), "vocab": int(d.shape[1]), "finite": finite,
+        "max_abs_diff": float(diff.max()), "p99_abs_diff": float(np.quantile(diff, 0.99)),
+        "mean_abs_diff": float(diff.mean()),
+        "top1_agreement": float(agree.mean()), "cosine_min": float(cos.min()), "cosine_mean": float(cos.mean()),
+        "first_argmax_mismatch": int(mism[0]) if mism.size else None,
+        "bit_exact": bool(finite and np.array_equal(d.view(np.uint32), r.view(np.uint32))),
+        "tokens_agree": bool(all(int(t) == int(a) for t, a in zip(tokens[: d.shape[0]], ar))),
+        "distinct_argmax": int(np.unique(ar).size),
+        "per_position": rows,
+    }
+
+
+def equivalence_verdict(m: dict, kv_aligned: int, thresholds: dict) -> tuple[str, str]:
+    """The B3.67/B3.69 guardrail: (verdict, one-line reason). Thresholds are inclusive."""
+    figures = (f"max_abs_diff={m['max_abs_diff']:.6g}, p99_abs_diff={m['p99_abs_diff']:.6g}, "
+               f"top1_agreement={m['top1_agreement']:.4f}, bit_exact={m['bit_exact']}")
+    if not kv_aligned:
+        return "EXPECTED_DRIFT", f"kv_aligned=0: each path uses its fastest ops, drift expected ({figures})"
+    if not m["finite"]:
+        return "FAIL_EQUIV", f"non-finite logits ({figures})"
+    fails = []
+    if m["max_abs_diff"] > thresholds["max_abs_diff"]:
+        fails.append(f"max_abs_diff > {thresholds['max_abs_diff']:g}")
+    if m["p99_abs_diff"] > thresholds["p99_abs_diff"]:
+        fails.append(f"p99_abs_diff > {thresholds['p99_abs_diff']:g}")
+    if m["top1_agreement"] < thresholds["top1_agreement"]:
+        fails.append(f"top1_agreement < {thresholds['top1_agreement']:g}")
+    if fails:
+        return "FAIL_EQUIV", f"{'; '.join(fails)} ({figures})"
+    return "PASS_EQUIV", f"within thresholds ({figures})"
