@@ -1,0 +1,158 @@
+"""The B3.77 probe runner: phases in a killable worker, per-phase timeouts, VRAM sampling, verdicts.
+
+    run_dir = run_probe(load_params("params/b3_77.yaml", {"ctx": 32768}))
+
+Phases: load (build model, KV cache and prompt), ceilings (matmul rate, copy bandwidth), prefill,
+decode, reference. A probe failure never raises: it ends in a FAIL_* verdict and a complete record.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import record, vram
+from .metrics import compare, equivalence_verdict
+from .worker import main as worker_main
+
+PHASES = ("load", "ceilings", "prefill", "decode", "reference")
+FAIL = {"timeout": "FAIL_TIMEOUT", "oom": "FAIL_OOM", "crash": "FAIL_CRASH", "error": "FAIL_ERROR"}
+
+
+class _Bars:
+    """One tqdm bar per phase that reports progress (tqdm.auto: a widget in notebooks, text elsewhere)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.bar, self.phase = enabled, None, None
+
+    def update(self, phase: str, done: int, total: int):
+        if not self.enabled:
+            return
+        if phase != self.phase:
+            self.close()
+            from tqdm.auto import tqdm
+
+            unit = "tok" if phase == "decode" else "pos"
+            self.bar, self.phase = tqdm(total=total, desc=phase, unit=unit, leave=True), phase
+        self.bar.n = done
+        self.bar.refresh()
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+        self.bar, self.phase = None, None
+
+
+def _wait(proc, conn, phase: str, timeout: float, bars: _Bars):
+    """Wait for one phase. Returns (status, payload): status ok | oom | error | timeout | crash."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if conn.poll(0.2):
+            try:
+                kind, _, *rest = conn.recv()
+            except (EOFError, OSError):
+                kind, rest = None, []
+            if kind == "progress":
+                bars.update(phase, *rest)
+                continue
+            if kind == "done":
+                return "ok", rest[0]
+            if kind in ("oom", "error"):
+                return kind, rest[0]
+        if not proc.is_alive():
+            code = proc.exitcode
+            why = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+            return "crash", {"error": f"worker process died with {why} during {phase} (a kernel crash, or the host OOM killer)"}
+        if time.monotonic() > deadline:
+            proc.kill()
+            proc.join(10)
+            return "timeout", {"error": f"{phase} exceeded its {timeout:g} s timeout; worker killed"}
+
+
+def run_probe(params: dict, out_root="outputs", run_dir=None, progress: bool = True) -> Path:
+    """Run the probe described by validated params; write and return its record directory."""
+    rec = record.Record.create(params, out_root=out_root, run_dir=run_dir)
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    stats = ctx.Array("d", [float("nan"), float("nan")], lock=False)
+    proc = ctx.Process(target=worker_main, args=(params, child, stats), daemon=True, name="greta-probe-worker")
+    proc.start()
+    backend, reason = vram.pick_backend(params["device"], proc.pid)
+    backend.fallback_reason = reason
+    alloc = (lambda: (stats[0], stats[1]) if stats[0] == stats[0] else None)
+    sampler = vram.VramSampler(backend, period_s=params["sampling_period_s"], alloc_source=alloc)
+    sampler.start()
+    bars = _Bars(progress)
+    perf = {ph: {"status": "not_run"} for ph in PHASES}
+    results: dict = {}
+    failure = None
+    phase = PHASES[0]
+    try:
+        for phase in PHASES:
+            timeout = params["timeouts"].get(phase, params["timeouts"]["load"])
+            sampler.set_phase(phase)
+            parent.send(phase)
+            t0 = time.monotonic()
+            status, payload = _wait(proc, parent, phase, timeout, bars)
+            bars.close()
+            perf[phase] = {"status": status, "timeout_s": timeout, "runner_wall_s": time.monotonic() - t0}
+            if status != "ok":
+                perf[phase].update({k: v for k, v in payload.items() if k != "traceback"})
+                failure = (FAIL[status], phase, payload)
+                break
+            perf[phase]["wall_s"] = payload.pop("wall_s")
+            if "allocator" in payload:
+                perf[phase]["allocator"] = payload.pop("allocator")
+            results[phase] = payload
+    except KeyboardInterrupt:
+        failure = ("FAIL_ERROR", phase, {"error": "interrupted by the user (KeyboardInterrupt)"})
+        raise
+    finally:
+        bars.close()
+        sampler.set_phase(None)
+        sampler.stop()
+        if proc.is_alive():
+            try:
+                parent.send("exit")
+            except OSError:
+                pass
+            proc.join(5)
+            if proc.is_alive():
+                proc.kill()
+        _finish(rec, params, perf, results, sampler, failure)
+    return rec.path
+
+
+def _finish(rec, params, perf, results, sampler, failure):
+    """Metrics, verdict, VRAM summary, roofline and report: everything measured up to any fault."""
+    load = results.get("load", {})
+    cfg = load.get("config")
+    allocator = {ph: perf[ph]["allocator"] for ph in PHASES if "allocator" in perf[ph]}
+    floor = vram.floor_mb(_cfg(cfg, params), 2 if params["dtype"] != "float32" else 4, params["ctx"] + params["gen"])
+    vram_summary = vram.summarize(sampler, allocator, floor)
+    metrics = None
+    if "reference" in results:
+        ref = results["reference"]
+        sources = ["prefill"] + ["decode"] * (params["span"] - 1)
+        metrics = compare(ref["decode_logits"], ref["reference_logits"], ref["tokens"], ref["positions"], sources)
+        rec.write_npz("logits.npz", decode=ref["decode_logits"], reference=ref["reference_logits"],
+                      tokens=np.array(ref["tokens"]), positions=np.array(ref["positions"]))
+        verdict, reason = equivalence_verdict(metrics, params["kv_aligned"], params["thresholds"])
+        failed_phase = None
+    else:
+        verdict, failed_phase, payload = failure or ("FAIL_ERROR", None, {"error": "no reference logits"})
+        reason = f"{failed_phase}: {payload.get('error', '')}"
+    tokens = (results.get("reference") or results.get("decode") or results.get("prefill") or {}).get("tokens")
+    perf["roofline"] = record.roofline(params, cfg, perf, results.get("ceilings"))
+    rec.finish(load=load, perf=perf, metrics=metrics, vram_summary=vram_summary, samples=sampler.samples,
+               verdict={"verdict": verdict, "reason": reason, "failed_phase": failed_phase,
+                        "bit_exact": metrics["bit_exact"] if metrics else None, "kv_aligned": params["kv_aligned"],
+                        "perturb": params["perturb"], "tokens": tokens})
+
+
+def _cfg(cfg_dict, params):
+    from .config import ModelConfig, load_config
+
+    return ModelConfig(**cfg_dict) if cfg_dict else load_config(params["model"])

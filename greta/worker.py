@@ -1,0 +1,212 @@
+"""The probe's worker process: holds the model and runs one phase per request.
+
+It lives in its own process so the runner can kill it when a phase hangs inside a kernel, and so an OOM
+or a crash leaves the runner (and the notebook kernel) alive to write the record.
+Messages to the runner: ("progress", phase, done, total), ("done", phase, result),
+("oom" | "error", phase, info).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+import traceback
+
+import numpy as np
+import torch
+
+MB = 2**20
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def is_oom(e: BaseException) -> bool:
+    if isinstance(e, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    msg = str(e).lower()
+    return isinstance(e, RuntimeError) and ("out of memory" in msg or "can't allocate memory" in msg)
+
+
+def one_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {' '.join(str(e).split())}"[:500]
+
+
+def memory_figures(device: torch.device) -> dict:
+    """Memory state now, for OOM records."""
+    import psutil
+
+    out = {"rss_mb": psutil.Process().memory_info().rss / MB, "host_available_mb": psutil.virtual_memory().available / MB}
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        out.update(allocated_mb=torch.cuda.memory_allocated(device) / MB,
+                   reserved_mb=torch.cuda.memory_reserved(device) / MB,
+                   max_allocated_mb=torch.cuda.max_memory_allocated(device) / MB,
+                   device_free_mb=free / MB, device_total_mb=total / MB)
+    return out
+
+
+def sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_ceilings(device: torch.device, dtype: torch.dtype) -> dict:
+    """Matmul rate (n^3 product in dtype) and device copy bandwidth (bytes read + written), measured now."""
+    gpu = device.type == "cuda"
+    n, nbytes, reps = (8192, 1 << 30, 10) if gpu else (1024, 1 << 28, 3)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    src = torch.randint(0, 255, (nbytes,), device=device, dtype=torch.uint8)
+    dst = torch.empty_like(src)
+
+    def best(fn):
+        for _ in range(2):
+            fn()
+        times = []
+        for _ in range(reps):
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times.append(time.perf_counter() - t0)
+        return float(np.median(times))
+
+    t_mm = best(lambda: a @ b)
+    t_cp = best(lambda: dst.copy_(src))
+    return {"matmul_tflops": 2 * n**3 / t_mm / 1e12, "matmul_n": n, "matmul_dtype": str(dtype).replace("torch.", ""),
+            "copy_gbps": 2 * nbytes / t_cp / 1e9, "copy_bytes": nbytes,
+            "method": f"median of {reps} after 2 warm-ups; copy counts bytes read + written"}
+
+
+def inject(fault: str, phase: str, device: torch.device):
+    """Fault injection for tests of the runner: real hangs, real allocator failures, real crashes."""
+    kind, _, where = fault.partition(":")
+    if fault == "none" or where != phase:
+        return
+    if kind == "hang":
+        while True:
+            time.sleep(3600)
+    if kind == "oom":
+        torch.empty(1 << 60, dtype=torch.uint8, device=device)
+    if kind == "crash":
+        os.kill(os.getpid(), signal.SIGSEGV)
+    if kind == "error":
+        raise RuntimeError(f"injected fault in phase {phase}")
+
+
+class Job:
+    """State carried from phase to phase."""
+
+    def __init__(self, params: dict, send):
+        self.p, self.send = params, send
+        self.device = torch.device(params["device"])
+        self.dtype = DTYPES[params["dtype"]]
+        self._last = 0.0
+
+    def progress(self, phase: str, done: int, total: int):
+        now = time.monotonic()
+        if done == total or now - self._last > 0.25:
+            self._last = now
+            self.send(("progress", phase, done, total))
+
+    # --- phases ---------------------------------------------------------------
+    def load(self) -> dict:
+        from .config import load_config
+        from .model import Llama
+        from .prompt import make_prompt
+        from .weights import checkpoint_hash, load_checkpoint, synthetic, synthetic_hash
+
+        p = self.p
+        if p["threads"]:
+            torch.set_num_threads(p["threads"])
+        cfg = load_config(p["model"])
+        if cfg.name == p["model"] and not os.path.isdir(p["model"]):
+            w = synthetic(cfg, p["seed"], self.dtype, self.device)
+            source, model_hash = "synthetic", synthetic_hash(cfg, p["seed"])
+        else:
+            w = load_checkpoint(p["model"], cfg, self.dtype, self.device)
+            source, model_hash = "checkpoint", checkpoint_hash(p["model"])
+        self.cfg = cfg
+        self.prompt = make_prompt(p["prompt"], p["ctx"], cfg.vocab_size, p["seed"]).to(self.device)
+        self.model = Llama(cfg, w, max_tokens=p["ctx"] + p["gen"], kv_aligned=p["kv_aligned"],
+                           chunk=p["prefill_chunk"], kv_block=p["kv_block"], perturb=p["perturb"])
+        sync(self.device)
+        weight_bytes = sum(t.nbytes for k, t in w.items() if not (k == "lm_head" and cfg.tie_embeddings))
+        return {"config": cfg.to_dict(), "weights_source": source, "model_hash": model_hash,
+                "param_count": cfg.param_count(), "weights_mb": weight_bytes / MB,
+                "kv_cache_mb": self.model.cache.nbytes() / MB, "kv_cache_capacity": self.model.cache.capacity,
+                "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
+                "torch_threads": torch.get_num_threads()}
+
+    def ceilings(self) -> dict:
+        return measure_ceilings(self.device, self.dtype)
+
+    def prefill(self) -> dict:
+        self.model.cache.reset()
+        logits = self.model.prefill(self.prompt, progress=lambda d, t: self.progress("prefill", d, t))
+        self.first = logits[0].cpu().numpy()
+        self.tokens = [int(logits[0].argmax())]
+        return {"tokens": list(self.tokens)}
+
+    def decode(self) -> dict:
+        ctx, span = self.p["ctx"], self.p["span"]
+        kept = [self.first]
+        tok = torch.tensor(self.tokens[-1], device=self.device)
+        for j in range(self.p["gen"]):
+            logits = self.model.decode(tok, ctx + j)
+            tok = logits.argmax()
+            self.tokens.append(int(tok))  # the one host sync per step: reading the sampled token
+            if len(kept) < span:
+                kept.append(logits.cpu().numpy())
+            self.progress("decode", j + 1, self.p["gen"])
+        self.decode_logits = np.stack(kept)
+        return {"tokens": list(self.tokens)}
+
+    def reference(self) -> dict:
+        ctx, span = self.p["ctx"], self.p["span"]
+        self.model.cache.reset()
+        seq = torch.cat([self.prompt, torch.tensor(self.tokens[: span - 1], device=self.device)])
+        keep = list(range(ctx - 1, ctx + span - 1))
+        logits = self.model.prefill(seq, keep=keep, progress=lambda d, t: self.progress("reference", d, t))
+        return {"reference_logits": logits.cpu().numpy(), "decode_logits": self.decode_logits,
+                "tokens": list(self.tokens), "positions": keep}
+
+
+def _allocator_stats(stats, device: torch.device, stop: threading.Event):
+    while not stop.wait(0.1):
+        stats[0] = torch.cuda.memory_allocated(device) / MB
+        stats[1] = torch.cuda.memory_reserved(device) / MB
+
+
+def main(params: dict, conn, stats):
+    """Entry point of the worker process (multiprocessing, spawn)."""
+    job = Job(params, conn.send)
+    stop = threading.Event()
+    if job.device.type == "cuda":
+        torch.cuda.set_device(job.device)
+        threading.Thread(target=_allocator_stats, args=(stats, job.device, stop), daemon=True).start()
+    while True:
+        phase = conn.recv()
+        if phase == "exit":
+            break
+        try:
+            if job.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(job.device)
+            inject(params["fault"], phase, job.device)
+            t0 = time.perf_counter()
+            result = getattr(job, phase)()
+            sync(job.device)
+            result["wall_s"] = time.perf_counter() - t0
+            if job.device.type == "cuda":
+                result["allocator"] = {"max_allocated_mb": torch.cuda.max_memory_allocated(job.device) / MB,
+                                       "max_reserved_mb": torch.cuda.max_memory_reserved(job.device) / MB}
+            conn.send(("done", phase, result))
+        except BaseException as e:  # noqa: BLE001 - everything is reported, nothing is lost
+            kind = "oom" if is_oom(e) else "error"
+            info = {"error": one_line(e), "traceback": traceback.format_exc()[-4000:]}
+            try:
+                info["memory"] = memory_figures(job.device)
+            except Exception:  # noqa: BLE001
+                pass
+            conn.send((kind, phase, info))
+    stop.set()
