@@ -1,0 +1,218 @@
+"""Causal GQA attention over a KV cache; decode is bit-identical to prefill.
+
+KV cache per layer: k_cache, v_cache [n_kv_heads, S_max, D] contiguous,
+S_max a multiple of BLOCK_KV. Query head h reads kv head h // (n_heads // n_kv_heads).
+
+Attention of one query row at absolute position p is DEFINED as:
+  for each split s = [s*SPLIT_KV, (s+1)*SPLIT_KV) with s*SPLIT_KV <= p, in order:
+      (m_s, l_s, acc_s) = online softmax over the split's BLOCK_KV blocks
+                          with a block start <= p, in order (keys > p masked)
+      (m, l, acc) = merge((m, l, acc), (m_s, l_s, acc_s))
+  o = acc / l
+Query rows sit in BLOCK_M-row tiles aligned to absolute positions (row p is
+row p % BLOCK_M of its tile), so the tl.dot shapes and a row's place in them
+are the same in both paths.
+
+One kernel, _attn_kernel, computes the split partials for both paths:
+  prefill: one program per (query tile, head) loops over all splits and merges
+           in registers, then writes o.
+  decode:  one program per (head, split) writes its split's partial to a
+           workspace; _merge_kernel merges them in split order with the same
+           _merge code. pos is read from a device tensor (CUDA-graph friendly).
+See docs/KERNELS.md for why the bits agree.
+"""
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_M = 64     # query rows per tile (decode pads its one row into such a tile)
+BLOCK_KV = 64    # keys per block; callers align S_max of the cache to this
+SPLIT_KV = 512   # keys per split (a multiple of BLOCK_KV)
+NUM_WARPS = 4    # same for both paths: it fixes the dot / reduction layouts
+NUM_STAGES = 2
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _split_partial(q, k_base, v_base, p, lo, hi, qk_scale,
+                   BLOCK_M: tl.constexpr, BLOCK_KV: tl.constexpr, HEAD_D: tl.constexpr):
+    """Online softmax of the tile's rows over keys [lo, hi), blocks in order.
+
+    hi <= max p of the tile + 1; keys >= hi are not read. A row only takes the
+    update of blocks that start at or before its position p: later blocks are
+    skipped for it (the tl.where below), so the row's state is the same
+    whatever other rows share the tile.
+    """
+    d = tl.arange(0, HEAD_D)
+    m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, HEAD_D), tl.float32)
+    for b_lo in range(lo, hi, BLOCK_KV):
+        j = b_lo + tl.arange(0, BLOCK_KV)
+        j_ok = j < hi
+        kt = tl.load(k_base + j[None, :].to(tl.int64) * HEAD_D + d[:, None], mask=j_ok[None, :], other=0.0)
+        s = tl.dot(q, kt) * qk_scale
+        s = tl.where(j[None, :] <= p[:, None], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        alpha = tl.exp2(m - m_new)
+        pr = tl.exp2(s - m_new[:, None])
+        l_new = l * alpha + tl.sum(pr, 1)
+        v = tl.load(v_base + j[:, None].to(tl.int64) * HEAD_D + d[None, :], mask=j_ok[:, None], other=0.0)
+        acc_new = tl.dot(pr.to(v.dtype), v, acc * alpha[:, None])
+        active = b_lo <= p
+        m = tl.where(active, m_new, m)
+        l = tl.where(active, l_new, l)
+        acc = tl.where(active[:, None], acc_new, acc)
+    return m, l, acc
+
+
+@triton.jit
+def _merge(m, l, acc, m_s, l_s, acc_s, valid):
+    """Fold partial (m_s, l_s, acc_s) into the running (m, l, acc) where valid."""
+    m_new = tl.maximum(m, m_s)
+    a = tl.exp2(m - m_new)
+    b = tl.exp2(m_s - m_new)
+    l_new = l * a + l_s * b
+    acc_new = acc * a[:, None] + acc_s * b[:, None]
+    return (tl.where(valid, m_new, m), tl.where(valid, l_new, l),
+            tl.where(valid[:, None], acc_new, acc))
+
+
+# The runtime ints that differ between prefill and decode are not specialised,
+# so both paths run the same compiled binary.
+@triton.jit(do_not_specialize=["T", "splits_per_prog", "write_partial"])
+def _attn_kernel(Q, K, V, O, PM, PL, PACC, START, T, n_heads, group, n_splits, splits_per_prog,
+                 write_partial, qk_scale, stride_qt, stride_qh, stride_ot, stride_oh, stride_kvh,
+                 BLOCK_M: tl.constexpr, BLOCK_KV: tl.constexpr, SPLIT_KV: tl.constexpr,
+                 HEAD_D: tl.constexpr):
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    start = tl.load(START)
+    tile_lo = (start // BLOCK_M + pid_m) * BLOCK_M
+    p = tile_lo + tl.arange(0, BLOCK_M)          # absolute position of each row
+    row_ok = (p >= start) & (p < start + T)
+    t = p - start
+    p_max = tl.minimum(tile_lo + BLOCK_M, start + T) - 1
+    d = tl.arange(0, HEAD_D)
+    q = tl.load(Q + t[:, None] * stride_qt + h * stride_qh + d[None, :], mask=row_ok[:, None], other=0.0)
+    kv_off = (h // group).to(tl.int64) * stride_kvh
+    m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, HEAD_D), tl.float32)
+    s_begin = pid_s * SPLIT_KV
+    s_end = tl.minimum(p_max + 1, s_begin + splits_per_prog * SPLIT_KV)
+    for s_lo in range(s_begin, s_end, SPLIT_KV):
+        hi = tl.minimum(s_lo + SPLIT_KV, p_max + 1)
+        m_s, l_s, acc_s = _split_partial(q, K + kv_off, V + kv_off, p, s_lo, hi, qk_scale,
+                                         BLOCK_M, BLOCK_KV, HEAD_D)
+        if write_partial:  # decode: one split per program, raw partial out
+            w = (t * n_heads + h) * n_splits + s_lo // SPLIT_KV
+            tl.store(PM + w, m_s, mask=row_ok)
+            tl.store(PL + w, l_s, mask=row_ok)
+            tl.store(PACC + w[:, None] * HEAD_D + d[None, :], acc_s, mask=row_ok[:, None])
+        else:
+            m, l, acc = _merge(m, l, acc, m_s, l_s, acc_s, s_lo <= p)
+    if not write_partial:
+        o = acc / l[:, None]
+        tl.store(O + t[:, None] * stride_ot + h * stride_oh + d[None, :], o.to(O.dtype.element_ty),
+                 mask=row_ok[:, None])
+
+
+@triton.jit
+def _merge_kernel(PM, PL, PACC, O, POS, n_splits, stride_oh,
+                  SPLIT_KV: tl.constexpr, HEAD_D: tl.constexpr):
+    """Decode: merge the partials of splits 0..pos // SPLIT_KV of head h, in order."""
+    h = tl.program_id(0)
+    pos = tl.load(POS)
+    r = tl.arange(0, 1)
+    d = tl.arange(0, HEAD_D)
+    m = tl.full((1,), float("-inf"), tl.float32)
+    l = tl.zeros((1,), tl.float32)
+    acc = tl.zeros((1, HEAD_D), tl.float32)
+    for s in range(0, pos // SPLIT_KV + 1):
+        w = h * n_splits + s + r
+        m_s = tl.load(PM + w)
+        l_s = tl.load(PL + w)
+        acc_s = tl.load(PACC + w[:, None] * HEAD_D + d[None, :])
+        m, l, acc = _merge(m, l, acc, m_s, l_s, acc_s, r >= 0)
+    o = acc / l[:, None]
+    tl.store(O + h * stride_oh + r[:, None] * 0 + d[None, :], o.to(O.dtype.element_ty))
+
+
+def _check(q, k_cache, v_cache, block_kv, split_kv):
+    T, n_heads, D = q.shape
+    n_kv, s_max, Dk = k_cache.shape
+    assert Dk == D and v_cache.shape == k_cache.shape and D == triton.next_power_of_2(D), (q.shape, k_cache.shape)
+    assert n_heads % n_kv == 0 and q.stride(2) == 1, (n_heads, n_kv, q.stride())
+    assert k_cache.is_contiguous() and v_cache.is_contiguous()
+    assert q.dtype == k_cache.dtype == v_cache.dtype, (q.dtype, k_cache.dtype)
+    assert s_max % block_kv == 0 and split_kv % block_kv == 0, (s_max, block_kv, split_kv)
+    return T, n_heads, D, n_heads // n_kv, triton.cdiv(s_max, split_kv)
+
+
+def _launch(q, k_cache, v_cache, o, parts, start_t, T, grid, splits_per_prog, write_partial,
+            block_m, block_kv, split_kv):
+    _, n_heads, D, group, n_splits = _check(q, k_cache, v_cache, block_kv, split_kv)
+    pm, pl, pacc = parts
+    _attn_kernel[grid](q, k_cache, v_cache, o, pm, pl, pacc, start_t, T, n_heads, group, n_splits,
+                       splits_per_prog, write_partial, LOG2E / math.sqrt(D),
+                       q.stride(0), q.stride(1), o.stride(0), o.stride(1), k_cache.stride(0),
+                       BLOCK_M=block_m, BLOCK_KV=block_kv, SPLIT_KV=split_kv, HEAD_D=D,
+                       num_warps=NUM_WARPS, num_stages=NUM_STAGES, enable_fp_fusion=False)
+
+
+def prefill_attention(q, k_cache, v_cache, start, *, block_m=BLOCK_M, block_kv=BLOCK_KV, split_kv=SPLIT_KV):
+    """q [T, n_heads, D] at positions start..start+T-1 -> o [T, n_heads, D].
+
+    The cache must hold keys/values for positions 0..start+T-1. The block_*
+    and split_kv overrides exist for tests; decode must use the same values.
+    """
+    T, n_heads, D, _, n_splits = _check(q, k_cache, v_cache, block_kv, split_kv)
+    o = torch.empty_like(q)
+    start_t = torch.tensor([start], dtype=torch.int64, device=q.device)
+    n_tiles = triton.cdiv(start + T, block_m) - start // block_m
+    dummy = torch.empty(1, dtype=torch.float32, device=q.device)
+    _launch(q, k_cache, v_cache, o, (dummy, dummy, dummy), start_t, T, (n_tiles, n_heads, 1),
+            n_splits, 0, block_m, block_kv, split_kv)
+    return o
+
+
+def decode_attention(q, k_cache, v_cache, pos, *, block_m=BLOCK_M, block_kv=BLOCK_KV, split_kv=SPLIT_KV):
+    """q [1, n_heads, D] at position pos -> o [1, n_heads, D].
+
+    pos: python int, or a 0-d / 1-element int tensor on q's device (preferred:
+    no host sync, so the step can be CUDA-graph captured). The grid covers all
+    S_max // SPLIT_KV splits; programs past pos return at once.
+    """
+    T, n_heads, D, _, n_splits = _check(q, k_cache, v_cache, block_kv, split_kv)
+    assert T == 1, q.shape
+    if isinstance(pos, torch.Tensor):
+        pos_t = pos.reshape(1).to(device=q.device, dtype=torch.int64)
+    else:
+        pos_t = torch.tensor([pos], dtype=torch.int64, device=q.device)
+    o = torch.empty_like(q)
+    pm = torch.empty((n_heads, n_splits), dtype=torch.float32, device=q.device)
+    pl = torch.empty_like(pm)
+    pacc = torch.empty((n_heads, n_splits, D), dtype=torch.float32, device=q.device)
+    _launch(q, k_cache, v_cache, o, (pm, pl, pacc), pos_t, 1, (1, n_heads, n_splits),
+            1, 1, block_m, block_kv, split_kv)
+    _merge_kernel[(n_heads,)](pm, pl, pacc, o, pos_t, n_splits, o.stride(1),
+                              SPLIT_KV=split_kv, HEAD_D=D, num_warps=NUM_WARPS, enable_fp_fusion=False)
+    return o
+
+
+def attention_ref(q, k_cache, v_cache, start):
+    """Plain torch: fp32 softmax over keys 0..p for each row p = start + t."""
+    T, n_heads, D = q.shape
+    group = n_heads // k_cache.shape[0]
+    n = start + T
+    k = k_cache[:, :n].float().repeat_interleave(group, dim=0)   # [n_heads, n, D]
+    v = v_cache[:, :n].float().repeat_interleave(group, dim=0)
+    s = torch.einsum("thd,hnd->htn", q.float(), k) / math.sqrt(D)
+    p = torch.arange(start, n, device=q.device)
+    s = s.masked_fill(torch.arange(n, device=q.device)[None, :] > p[:, None], float("-inf"))
+    o = torch.einsum("htn,hnd->thd", torch.softmax(s, dim=-1), v)
+    return o.to(q.dtype)
