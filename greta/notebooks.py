@@ -104,3 +104,37 @@ def execute_analysis(run_dir: str | Path, timeout_s: float | None = 600) -> list
             print(f"greta: rendering {out.name} to HTML failed: {_one_line(exc)}",
                   file=sys.stderr)
     return written
+
+
+def run_audit(params_file, overrides: dict, out_root="outputs") -> Path:
+    """The main job: execute run_b3_77.ipynb into a fresh record directory and render it to HTML.
+
+    The run notebook runs the probe and the two analysis notebooks. If its kernel dies mid-probe, the
+    record still gets a FAIL_CRASH verdict.json and a report.md saying so.
+    """
+    import json
+
+    from .params import load_params
+    from datetime import datetime, timezone
+
+    params = load_params(params_file, overrides)  # bad input stops here, in one line
+    from .record import run_id
+
+    day = datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    run_dir = (Path(out_root) / day / params["probe"] / run_id(params)).resolve()
+    run_dir.mkdir(parents=True)
+    out = run_dir / "run_b3_77.ipynb"
+    err = execute_notebook(notebook_path("run_b3_77.ipynb"), out,
+                           dict(params_file=str(Path(params_file).resolve()), overrides=dict(overrides),
+                                out_root=str(Path(out_root).resolve()), run_dir=str(run_dir)), timeout_s=None)
+    if err is not None:
+        print(f"greta: run_b3_77.ipynb failed: {_one_line(err)} (kept: {out})", file=sys.stderr)
+    if not (run_dir / "verdict.json").is_file():
+        reason = f"the run notebook stopped before the probe wrote its verdict: {_one_line(err) if err else 'unknown'}"
+        (run_dir / "verdict.json").write_text(json.dumps(
+            {"verdict": "FAIL_CRASH", "reason": reason, "failed_phase": None, "bit_exact": None,
+             "kv_aligned": params["kv_aligned"]}, indent=2) + "\n")
+        (run_dir / "report.md").write_text(f"# B3.77 — FAIL_CRASH\n\n{reason}\n\nSee run_b3_77.ipynb/.html here.\n")
+    if out.is_file():
+        to_html(out)
+    return run_dir

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-PHASES = ("load", "prefill", "decode", "reference")
+PHASES = ("ceilings", "load", "prefill", "decode", "reference")
 FAULT_KINDS = ("hang", "oom", "crash", "error")
 
 DEFAULTS: dict = {
@@ -26,7 +26,7 @@ DEFAULTS: dict = {
     "prompt": "synthetic",      # synthetic, or a file of token ids (whitespace/comma separated, or .npy)
     "prefill_chunk": 256,       # rows per prefill chunk; with kv_aligned=1 also the fixed row tile
     "kv_block": 1024,           # KV block (keys) walked by aligned attention; cache is padded to it
-    "timeouts": {"load": 600, "prefill": 600, "decode": 600, "reference": 600},
+    "timeouts": {"ceilings": 300, "load": 600, "prefill": 600, "decode": 600, "reference": 600},
     "sampling_period_s": 1.0,
     "thresholds": {"max_abs_diff": 5e-3, "p99_abs_diff": 1e-3, "top1_agreement": 0.999},
     "perturb": "none",          # negative control on the decode path: none | rope_offset | kv_off_by_one
@@ -83,6 +83,15 @@ def _coerce(key: str, value, default):
     return value
 
 
+def resolve(path) -> Path:
+    """A relative path as given, else relative to the repository checkout (for notebooks run elsewhere)."""
+    p = Path(path)
+    if p.is_absolute() or p.exists():
+        return p
+    repo = Path(__file__).resolve().parent.parent / p
+    return repo if repo.exists() else p
+
+
 def parse_overrides(items: list[str]) -> dict:
     """['ctx=32768', 'timeouts.decode=5'] -> {'ctx': '32768', ...}"""
     out = {}
@@ -100,7 +109,7 @@ def load_params(path=None, overrides: dict | None = None) -> dict:
     known = _flat(DEFAULTS)
     layers = []
     if path:
-        p = Path(path)
+        p = resolve(path)
         if not p.is_file():
             raise ParamError(f"params file {path} not found; pass one of {sorted(str(x) for x in Path('params').glob('*.yaml'))}")
         try:

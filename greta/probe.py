@@ -2,8 +2,8 @@
 
     run_dir = run_probe(load_params("params/b3_77.yaml", {"ctx": 32768}))
 
-Phases: load (build model, KV cache and prompt), ceilings (matmul rate, copy bandwidth), prefill,
-decode, reference. A probe failure never raises: it ends in a FAIL_* verdict and a complete record.
+Phases: ceilings (matmul rate and copy bandwidth, measured first so their buffers are gone before the
+model loads), load (model, KV cache, prompt), prefill, decode, reference. A probe failure never raises: it ends in a FAIL_* verdict and a complete record.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from . import record, vram
 from .metrics import compare, equivalence_verdict
 from .worker import main as worker_main
 
-PHASES = ("load", "ceilings", "prefill", "decode", "reference")
+PHASES = ("ceilings", "load", "prefill", "decode", "reference")
 FAIL = {"timeout": "FAIL_TIMEOUT", "oom": "FAIL_OOM", "crash": "FAIL_CRASH", "error": "FAIL_ERROR"}
 
 
@@ -91,7 +91,7 @@ def run_probe(params: dict, out_root="outputs", run_dir=None, progress: bool = T
     phase = PHASES[0]
     try:
         for phase in PHASES:
-            timeout = params["timeouts"].get(phase, params["timeouts"]["load"])
+            timeout = params["timeouts"][phase]
             sampler.set_phase(phase)
             parent.send(phase)
             t0 = time.monotonic()

@@ -67,7 +67,7 @@ class Record:
             day = datetime.now(timezone.utc).strftime("%Y-%m-%d")
             run_dir = Path(out_root) / day / params["probe"] / run_id(params)
         path = Path(run_dir)
-        if path.exists() and any(path.iterdir()):
+        if (path / "params.json").exists():
             raise FileExistsError(f"run directory {path} already holds a record; records are never overwritten — pick a new run_dir")
         path.mkdir(parents=True, exist_ok=True)
         rec = cls(path, params)
@@ -219,7 +219,7 @@ def _timing(perf) -> list[str]:
     rf = perf.get("roofline", {})
     L = ["## Timing", "", "| Phase | Status | Wall (s) | Timeout (s) | Roofline floor | Wall / floor |",
          "|---|---|---|---|---|---|"]
-    for ph in ("load", "ceilings", "prefill", "decode", "reference"):
+    for ph in ("ceilings", "load", "prefill", "decode", "reference"):
         p = perf.get(ph, {})
         r = rf.get(ph, {}) if ph in ("prefill", "decode", "reference") else {}
         floor = ""

@@ -295,13 +295,13 @@ def summarize(sampler: VramSampler, allocator_peaks: dict, floor: dict) -> dict:
     peak_mb = _round(peak and peak["device_used_mb"], 1)
     total = floor["total_mb"]
     # Figures that must contain weights + KV cache. RSS on the CPU holds them too, so it is compared as well;
-    # "load" is skipped as the cache may not exist yet.
+    # "ceilings" and "load" are skipped: the model and cache don't exist (yet) during them.
     figures = []
     if peak_mb is not None and peak_mb < total:
         figures.append(f"peak_vram_mb {peak_mb:.1f} < floor {total:.1f}")
     for phase, p in allocator_peaks.items():
         a = p.get("max_allocated_mb")
-        if phase != "load" and a is not None and a < total:
+        if phase not in ("ceilings", "load") and a is not None and a < total:
             figures.append(f"{phase} max_allocated_mb {a:.1f} < floor {total:.1f}")
     return {
         "backend": sampler.backend.name,

@@ -73,6 +73,9 @@ def measure_ceilings(device: torch.device, dtype: torch.dtype) -> dict:
 
     t_mm = best(lambda: a @ b)
     t_cp = best(lambda: dst.copy_(src))
+    del a, b, src, dst
+    if gpu:
+        torch.cuda.empty_cache()
     return {"matmul_tflops": 2 * n**3 / t_mm / 1e12, "matmul_n": n, "matmul_dtype": str(dtype).replace("torch.", ""),
             "copy_gbps": 2 * nbytes / t_cp / 1e9, "copy_bytes": nbytes,
             "method": f"median of {reps} after 2 warm-ups; copy counts bytes read + written"}
@@ -102,6 +105,8 @@ class Job:
         self.device = torch.device(params["device"])
         self.dtype = DTYPES[params["dtype"]]
         self._last = 0.0
+        if params["threads"]:
+            torch.set_num_threads(params["threads"])
 
     def progress(self, phase: str, done: int, total: int):
         now = time.monotonic()
@@ -117,8 +122,6 @@ class Job:
         from .weights import checkpoint_hash, load_checkpoint, synthetic, synthetic_hash
 
         p = self.p
-        if p["threads"]:
-            torch.set_num_threads(p["threads"])
         cfg = load_config(p["model"])
         if cfg.name == p["model"] and not os.path.isdir(p["model"]):
             w = synthetic(cfg, p["seed"], self.dtype, self.device)
