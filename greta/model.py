@@ -161,11 +161,14 @@ class Llama:
         return pos_last if (decode and self.perturb == "kv_off_by_one") else pos_last + 1
 
     def _attn_prefill(self, i, q, pos):
-        """SDPA over the cache prefix. q [T, H, D] -> [T, H, D]."""
+        """SDPA over the cache prefix. q [T, H, D] -> [T, H, D]. K/V are expanded to all heads so SDPA can
+        pick a fused kernel that takes a mask (flash takes none; GQA narrows the choice further)."""
         end = int(pos[-1]) + 1
-        k, v = self.cache.k[i][:, :end], self.cache.v[i][:, :end]
+        g = self.cfg.n_heads // self.cfg.n_kv_heads
+        k = self.cache.k[i][:, :end].repeat_interleave(g, dim=0)
+        v = self.cache.v[i][:, :end].repeat_interleave(g, dim=0)
         mask = torch.arange(end, device=self.device)[None, :] <= pos[:, None]
-        o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k[None], v[None], attn_mask=mask, enable_gqa=True)
+        o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k[None], v[None], attn_mask=mask)
         return o[0].transpose(0, 1)
 
     def _attn_decode(self, i, q, pos):
