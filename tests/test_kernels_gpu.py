@@ -1,0 +1,150 @@
+"""Compiled (not interpreted) kernels on a GPU, bf16, Llama-3-8B shapes:
+accuracy vs the torch references and decode == prefill bit for bit.
+
+This module does not set TRITON_INTERPRET. If the interpreter test modules
+already switched this process to the interpreter (python -m pytest tests/),
+the one test here that runs reruns this file in a clean process.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA/ROCm device", allow_module_level=True)
+pytest.importorskip("triton")
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+from greta.kernels import attention, gemm  # noqa: E402
+from greta.kernels.attention import attention_ref, decode_attention, prefill_attention  # noqa: E402
+from greta.kernels.gemm import matmul, matmul_ref  # noqa: E402
+from greta.kernels.norm import add_rmsnorm, add_rmsnorm_ref, rmsnorm, rmsnorm_ref  # noqa: E402
+from greta.kernels.rope import rope, rope_ref  # noqa: E402
+from greta.kernels.swiglu import swiglu, swiglu_ref  # noqa: E402
+
+compiled = pytest.mark.skipif(INTERPRETED, reason="this process runs Triton interpreted")
+
+DEV = "cuda"
+DTYPE = torch.bfloat16
+HIDDEN, INTER, VOCAB = 4096, 14336, 128256
+N_HEADS, N_KV, D = 32, 8, 128
+CTX = 32768
+BF16 = dict(rtol=1.6e-2, atol=1.6e-2)  # about two units in the last place
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="already in a compiled process")
+def test_compiled_kernels_in_clean_process():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__], env=env)
+    assert r.returncode == 0
+
+
+def rand(*shape, seed, scale=1.0):
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    return (scale * torch.randn(*shape, generator=g, device=DEV)).to(DTYPE)
+
+
+@compiled
+def test_kernels_are_compiled():
+    assert type(gemm._matmul_kernel).__name__ == "JITFunction"
+    assert type(attention._attn_kernel).__name__ == "JITFunction"
+
+
+@compiled
+@pytest.mark.parametrize("N,K", [(6144, HIDDEN), (2 * INTER, HIDDEN), (HIDDEN, INTER), (VOCAB, HIDDEN)])
+def test_matmul(N, K):
+    M = 512
+    x, w = rand(M, K, seed=N), rand(N, K, seed=K, scale=K ** -0.5)
+    y = matmul(x, w)
+    torch.testing.assert_close(y, matmul_ref(x, w), **BF16)
+    # batch invariance: a row's bits do not depend on M or on its place in the tile
+    assert torch.equal(matmul(x[:77], w), y[:77])
+    for i in [0, 1, 100, 127, 128, 300, M - 1]:
+        assert torch.equal(matmul(x[i:i + 1], w)[0], y[i]), i
+
+
+@compiled
+def test_elementwise():
+    M = 512
+    x, r = rand(M, HIDDEN, seed=1), rand(M, HIDDEN, seed=2)
+    w = (1 + rand(HIDDEN, seed=3, scale=0.1).float()).to(DTYPE)
+    torch.testing.assert_close(rmsnorm(x, w, 1e-5), rmsnorm_ref(x, w, 1e-5), **BF16)
+    y, new_r = add_rmsnorm(x, r, w, 1e-5)
+    y_ref, r_ref = add_rmsnorm_ref(x, r, w, 1e-5)
+    assert torch.equal(new_r, r_ref)  # round-to-nearest-even on the GPU
+    torch.testing.assert_close(y, y_ref, **BF16)
+    assert torch.equal(rmsnorm(x[5:6], w, 1e-5)[0], rmsnorm(x, w, 1e-5)[5])
+
+    inv_freq = 1.0 / 500000.0 ** (torch.arange(0, D, 2, dtype=torch.float64, device=DEV) / D)
+    ang = torch.arange(CTX, dtype=torch.float64, device=DEV)[:, None] * inv_freq[None, :]
+    cos, sin = ang.cos().float(), ang.sin().float()
+    pos = torch.randint(0, CTX, (M,), device=DEV)
+    q = rand(M, N_HEADS, D, seed=4)
+    qr = rope(q, cos, sin, pos)
+    torch.testing.assert_close(qr, rope_ref(q, cos, sin, pos), **BF16)
+    assert torch.equal(rope(q[7:8], cos, sin, pos[7:8])[0], qr[7])
+
+    g, u = rand(M, INTER, seed=5, scale=3.0), rand(M, INTER, seed=6)
+    torch.testing.assert_close(swiglu(g, u), swiglu_ref(g, u), **BF16)
+
+
+@pytest.fixture(scope="module")
+def seq():
+    """q for positions 0..CTX-1, a full cache, and the prefill over all of it."""
+    q = rand(CTX, N_HEADS, D, seed=10)
+    k = rand(N_KV, CTX, D, seed=11)
+    v = rand(N_KV, CTX, D, seed=12)
+    return q, k, v, prefill_attention(q, k, v, 0)
+
+
+@compiled
+def test_prefill_matches_ref(seq):
+    q, k, v, full = seq
+    for a in [0, CTX // 8, CTX - 8]:
+        torch.testing.assert_close(full[a:a + 8], attention_ref(q[a:a + 8], k, v, a), **BF16)
+
+
+@compiled
+def test_decode_equals_prefill(seq):
+    q, k, v, full = seq
+    split = attention.SPLIT_KV
+    for p in [0, 1, 63, 64, split - 1, split, split + 1, CTX // 8 - 1, CTX // 2, CTX - 1]:
+        o = decode_attention(q[p:p + 1], k, v, torch.tensor(p, device=DEV))
+        assert torch.equal(o[0], full[p]), p
+    # a cache holding only 0..p (NaN past it) gives the same bits
+    for p in [1000, CTX - 2]:
+        kp, vp = k.clone(), v.clone()
+        kp[:, p + 1:] = float("nan")
+        vp[:, p + 1:] = float("nan")
+        assert torch.equal(decode_attention(q[p:p + 1], kp, vp, p)[0], full[p]), p
+
+
+@compiled
+def test_chunked_prefill_equals_full(seq):
+    q, k, v, full = seq
+    edges = [0, 1000, CTX // 2 + 27, CTX - 1, CTX]
+    for a, b in zip(edges, edges[1:]):
+        assert torch.equal(prefill_attention(q[a:b], k, v, a), full[a:b]), (a, b)
+
+
+@compiled
+def test_decode_cuda_graph(seq):
+    """The decode step captures into a CUDA graph: pos is read on the device."""
+    q, k, v, full = seq
+    q1 = q[:1].clone()
+    pos = torch.zeros(1, dtype=torch.int64, device=DEV)
+    decode_attention(q1, k, v, pos)  # compile before capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = decode_attention(q1, k, v, pos)
+    for p in [5, 700, CTX - 1]:
+        q1.copy_(q[p:p + 1])
+        pos.fill_(p)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out[0], full[p]), p
