@@ -136,5 +136,8 @@ def run_audit(params_file, overrides: dict, out_root="outputs") -> Path:
              "kv_aligned": params["kv_aligned"]}, indent=2) + "\n")
         (run_dir / "report.md").write_text(f"# B3.77 — FAIL_CRASH\n\n{reason}\n\nSee run_b3_77.ipynb/.html here.\n")
     if out.is_file():
-        to_html(out)
+        try:
+            to_html(out)
+        except Exception as exc:  # noqa: BLE001 - the record stands without its HTML
+            print(f"greta: rendering {out.name} to HTML failed: {_one_line(exc)}", file=sys.stderr)
     return run_dir

@@ -103,6 +103,8 @@ class Job:
     def __init__(self, params: dict, send):
         self.p, self.send = params, send
         self.device = torch.device(params["device"])
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", 0)
         self.dtype = DTYPES[params["dtype"]]
         self._last = 0.0
         if params["threads"]:
@@ -183,10 +185,15 @@ def _allocator_stats(stats, device: torch.device, stop: threading.Event):
 
 def main(params: dict, conn, stats):
     """Entry point of the worker process (multiprocessing, spawn)."""
-    job = Job(params, conn.send)
+    try:
+        job = Job(params, conn.send)
+        if job.device.type == "cuda":
+            torch.cuda.set_device(job.device)
+    except BaseException as e:  # noqa: BLE001 - reported as the first phase's error
+        conn.send(("error", "setup", {"error": one_line(e), "traceback": traceback.format_exc()[-4000:]}))
+        return
     stop = threading.Event()
     if job.device.type == "cuda":
-        torch.cuda.set_device(job.device)
         threading.Thread(target=_allocator_stats, args=(stats, job.device, stop), daemon=True).start()
     while True:
         phase = conn.recv()
