@@ -108,14 +108,14 @@ def _attn_kernel(Q, K, V, O, PM, PL, PACC, START, T, n_heads, group, n_splits, s
         hi = tl.minimum(s_lo + SPLIT_KV, p_max + 1)
         m_s, l_s, acc_s = _split_partial(q, K + kv_off, V + kv_off, p, s_lo, hi, qk_scale,
                                          BLOCK_M, BLOCK_KV, HEAD_D)
-        if write_partial:  # decode: one split per program, raw partial out
+        if write_partial != 0:  # decode: one split per program, raw partial out
             w = (t * n_heads + h) * n_splits + s_lo // SPLIT_KV
             tl.store(PM + w, m_s, mask=row_ok)
             tl.store(PL + w, l_s, mask=row_ok)
             tl.store(PACC + w[:, None] * HEAD_D + d[None, :], acc_s, mask=row_ok[:, None])
         else:
             m, l, acc = _merge(m, l, acc, m_s, l_s, acc_s, s_lo <= p)
-    if not write_partial:
+    if write_partial == 0:
         o = acc / l[:, None]
         tl.store(O + t[:, None] * stride_ot + h * stride_oh + d[None, :], o.to(O.dtype.element_ty),
                  mask=row_ok[:, None])

@@ -55,7 +55,7 @@ def matmul(x, w, *, block_m=BLOCK_M, block_n=BLOCK_N, block_k=BLOCK_K):
     _matmul_kernel[grid](x, w, y, M, N, K,
                          x.stride(0), x.stride(1), w.stride(0), w.stride(1), y.stride(0), y.stride(1),
                          BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                         num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+                         num_warps=NUM_WARPS, num_stages=NUM_STAGES, enable_fp_fusion=False)
     return y
 
 

@@ -52,7 +52,8 @@ def _launch(x, residual, weight, eps, block):
     assert r.shape == x.shape and r.stride(1) == 1
     _rmsnorm_kernel[(M,)](x, r, weight, y, res, H, eps,
                           x.stride(0), r.stride(0), y.stride(0), res.stride(0),
-                          HAS_RES=residual is not None, BLOCK=block, num_warps=NUM_WARPS)
+                          HAS_RES=residual is not None, BLOCK=block, num_warps=NUM_WARPS,
+                          enable_fp_fusion=False)
     return y, res
 
 

@@ -41,7 +41,7 @@ def rope(x, cos, sin, positions):
     _rope_kernel[(M,)](x, cos, sin, positions, y, n_heads, half,
                        x.stride(0), x.stride(1), y.stride(0), y.stride(1), cos.stride(0), sin.stride(0),
                        BLOCK_H=triton.next_power_of_2(n_heads), BLOCK_D=triton.next_power_of_2(half),
-                       num_warps=NUM_WARPS)
+                       num_warps=NUM_WARPS, enable_fp_fusion=False)
     return y
 
 

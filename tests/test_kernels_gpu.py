@@ -3,7 +3,8 @@ accuracy vs the torch references and decode == prefill bit for bit.
 
 This module does not set TRITON_INTERPRET. If the interpreter test modules
 already switched this process to the interpreter (python -m pytest tests/),
-the one test here that runs reruns this file in a clean process.
+the one test here that runs reruns this file in a clean process (the
+interpreter also leaves triton.language patched, which breaks compiling).
 """
 import os
 import subprocess
@@ -39,8 +40,9 @@ BF16 = dict(rtol=1.6e-2, atol=1.6e-2)  # about two units in the last place
 @pytest.mark.skipif(not INTERPRETED, reason="already in a compiled process")
 def test_compiled_kernels_in_clean_process():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__], env=env)
-    assert r.returncode == 0
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", __file__],
+                       env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-5000:] + r.stderr[-2000:]
 
 
 def rand(*shape, seed, scale=1.0):
