@@ -26,7 +26,7 @@ def git_state() -> dict:
     """Commit and dirty flag of the checkout. A copy without .git (e.g. a working tree shipped to a GPU
     machine) takes them from GRETA_GIT_COMMIT / GRETA_GIT_DIRTY, set by whoever made the copy."""
     if os.environ.get("GRETA_GIT_COMMIT"):
-        return {"commit": os.environ["GRETA_GIT_COMMIT"], "dirty": os.environ.get("GRETA_GIT_DIRTY", "unknown") == "1",
+        return {"commit": os.environ["GRETA_GIT_COMMIT"], "dirty": {"1": True, "0": False}.get(os.environ.get("GRETA_GIT_DIRTY", "")),
                 "commit_source": "GRETA_GIT_COMMIT"}
 
     def git(*args):
