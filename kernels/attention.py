@@ -157,6 +157,7 @@ def _launch(q, k_cache, v_cache, o, parts, start_t, T, grid, splits_per_prog, wr
             block_m, block_kv, split_kv):
     _, n_heads, D, group, n_splits = _check(q, k_cache, v_cache, block_kv, split_kv)
     pm, pl, pacc = parts
+    assert o.stride(2) == 1
     _attn_kernel[grid](q, k_cache, v_cache, o, pm, pl, pacc, start_t, T, n_heads, group, n_splits,
                        splits_per_prog, write_partial, LOG2E / math.sqrt(D),
                        q.stride(0), q.stride(1), o.stride(0), o.stride(1), k_cache.stride(0),
@@ -171,7 +172,9 @@ def prefill_attention(q, k_cache, v_cache, start, *, block_m=BLOCK_M, block_kv=B
     and split_kv overrides exist for tests; decode must use the same values.
     """
     T, n_heads, D, _, n_splits = _check(q, k_cache, v_cache, block_kv, split_kv)
-    o = torch.empty_like(q)
+    o = torch.empty((T, n_heads, D), dtype=q.dtype, device=q.device)
+    if T == 0:
+        return o
     start_t = torch.tensor([start], dtype=torch.int64, device=q.device)
     n_tiles = triton.cdiv(start + T, block_m) - start // block_m
     dummy = torch.empty(1, dtype=torch.float32, device=q.device)
@@ -193,7 +196,7 @@ def decode_attention(q, k_cache, v_cache, pos, *, block_m=BLOCK_M, block_kv=BLOC
         pos_t = pos.reshape(1).to(device=q.device, dtype=torch.int64)
     else:
         pos_t = torch.tensor([pos], dtype=torch.int64, device=q.device)
-    o = torch.empty_like(q)
+    o = torch.empty((1, n_heads, D), dtype=q.dtype, device=q.device)
     pm = torch.empty((n_heads, n_splits), dtype=torch.float32, device=q.device)
     pl = torch.empty_like(pm)
     pacc = torch.empty((n_heads, n_splits, D), dtype=torch.float32, device=q.device)

@@ -95,6 +95,18 @@ def test_chunked_prefill_equals_full(D, n_heads, n_kv, dtype):
         assert torch.equal(o, full[a:b]), f"chunk [{a}, {b}) differs from the full prefill"
 
 
+def test_strided_q():
+    """q as the first heads of a fused qkv tensor gives the same bits as a contiguous q."""
+    ctx, n_heads = 37, 4
+    q, k, v = make(ctx, 64, n_heads, 1, torch.float32, SMALL["block_kv"], seed=5)
+    qkv = torch.cat([q, torch.randn(ctx, 2, 64)], dim=1)
+    view = qkv[:, :n_heads]
+    assert not view.is_contiguous()
+    full = prefill_attention(q, k, v, 0, **SMALL)
+    assert torch.equal(poisoned(prefill_attention, view, k, v, 0, **SMALL), full)
+    assert torch.equal(poisoned(decode_attention, view[20:21], k, v, 20, **SMALL)[0], full[20])
+
+
 def test_default_tiles():
     """The real BLOCK_M / BLOCK_KV / SPLIT_KV: ctx spans two splits."""
     ctx = 600
