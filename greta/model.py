@@ -67,9 +67,20 @@ class Llama:
     """Weights as a flat dict (HF names fused: wqkv, w13). See weights.py for how they're made or loaded."""
 
     def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor], *, max_tokens: int,
-                 kv_aligned: bool, chunk: int, kv_block: int, perturb: str = "none"):
+                 kv_aligned: bool, chunk: int, kv_block: int, perturb: str = "none", backend: str = "torch"):
         if perturb not in PERTURBATIONS:
             raise ValueError(f"perturb must be one of {PERTURBATIONS}, got {perturb!r}")
+        if backend not in ("torch", "triton"):
+            raise ValueError(f"backend must be torch or triton, got {backend!r}")
+        self.kernels = None
+        if backend == "triton" and kv_aligned:
+            from . import kernels  # the Triton kernels (top-level kernels/ folder)
+
+            if kv_block % kernels.BLOCK_KV:
+                raise ValueError(f"kv_block={kv_block} must be a multiple of the kernels' BLOCK_KV={kernels.BLOCK_KV}")
+            self.kernels = kernels
+        self.backend = backend
+        self._graph = None
         self.cfg, self.w = cfg, weights
         self.kv_aligned, self.chunk, self.kv_block, self.perturb = bool(kv_aligned), chunk, kv_block, perturb
         emb = weights["embed"]
@@ -103,10 +114,35 @@ class Llama:
     @torch.inference_mode()
     def decode(self, token: torch.Tensor, pos: int) -> torch.Tensor:
         """One token at position pos; returns fp32 logits [V]."""
+        if self.kernels is not None and self.device.type == "cuda":
+            return self._decode_graphed(token, pos)
         return self._forward(token.reshape(1), torch.tensor([pos], device=self.device), [0], decode=True)[0]
+
+    def _decode_graphed(self, token, pos: int) -> torch.Tensor:
+        """The Triton decode step replayed from a CUDA/HIP graph: no host sync inside the step.
+        The first call runs the step eagerly (twice, same inputs, same cache writes), then captures it."""
+        if self._graph is None:
+            self._tok = token.reshape(1).to(self.device, torch.int64).clone()
+            self._pos = torch.tensor([pos], device=self.device)
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self._forward_kernels(self._tok, self._pos, decode=True)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._out = self._forward_kernels(self._tok, self._pos, decode=True)
+            self._graph = graph
+        self._tok.copy_(token.reshape(1))
+        self._pos.fill_(pos)
+        self._graph.replay()
+        return self._out[0]
 
     # --- the decoder -----------------------------------------------------------
     def _forward(self, tokens, pos, rows, decode: bool) -> torch.Tensor:
+        if self.kernels is not None:
+            return self._forward_kernels(tokens, pos, decode, rows)
         cfg, w = self.cfg, self.w
         n_valid = tokens.numel()
         if self.kv_aligned:  # pad to one full tile; the valid rows sit where prefill would put them
@@ -142,6 +178,34 @@ class Llama:
         x = rmsnorm(x, w["norm"], cfg.rms_eps)
         logits = (x @ w["lm_head"].T).float()
         return logits[rows] if self.kv_aligned else logits
+
+    def _forward_kernels(self, tokens, pos, decode: bool, rows=(0,)) -> torch.Tensor:
+        """kv_aligned=1 on the Triton kernels. They are batch-invariant by themselves (fixed tiles, query
+        tiles aligned to absolute positions), so a decode step runs on its one row, with no padding."""
+        cfg, w, K = self.cfg, self.w, self.kernels
+        T = tokens.numel()
+        H, Hkv, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        rope_pos = pos + 1 if (decode and self.perturb == "rope_offset") else pos
+        attn_pos = pos - 1 if (decode and self.perturb == "kv_off_by_one") else pos
+        x = w["embed"][tokens]
+        for i in range(cfg.n_layers):
+            h = K.rmsnorm(x, w[f"{i}.attn_norm"], cfg.rms_eps)
+            qkv = K.matmul(h, w[f"{i}.wqkv"])
+            q = K.rope(qkv[:, : H * D].view(T, H, D), self.cos, self.sin, rope_pos)
+            k = K.rope(qkv[:, H * D:(H + Hkv) * D].view(T, Hkv, D), self.cos, self.sin, rope_pos)
+            v = qkv[:, (H + Hkv) * D:].view(T, Hkv, D)
+            self.cache.k[i][:, pos] = k.transpose(0, 1)
+            self.cache.v[i][:, pos] = v.transpose(0, 1)
+            if decode:
+                a = K.decode_attention(q, self.cache.k[i], self.cache.v[i], attn_pos)
+            else:
+                a = K.prefill_attention(q, self.cache.k[i], self.cache.v[i], int(pos[0]))
+            x = x + K.matmul(a.reshape(T, H * D), w[f"{i}.wo"])
+            h = K.rmsnorm(x, w[f"{i}.mlp_norm"], cfg.rms_eps)
+            gu = K.matmul(h, w[f"{i}.w13"])
+            x = x + K.matmul(K.swiglu(gu[:, : cfg.intermediate_size], gu[:, cfg.intermediate_size:]), w[f"{i}.w2"])
+        x = x[0:1] if decode else x[list(rows)]
+        return K.matmul(K.rmsnorm(x, w["norm"], cfg.rms_eps), w["lm_head"]).float()
 
     def _pad_to_tile(self, tokens, pos, rows):
         t = self.chunk

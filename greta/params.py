@@ -16,7 +16,7 @@ DEFAULTS: dict = {
     "probe": "b3_77",
     "model": "tiny",            # preset name, or a local HF checkpoint directory
     "device": "cpu",            # cpu | cuda | cuda:N (ROCm devices are cuda too)
-    "backend": "torch",         # torch (reference, runs anywhere)
+    "backend": "torch",         # torch (reference, runs anywhere) | triton (kernels/, kv_aligned=1 only)
     "dtype": "bfloat16",        # bfloat16 | float16 | float32
     "ctx": 4096,
     "gen": 64,
@@ -36,7 +36,7 @@ DEFAULTS: dict = {
 
 CHOICES = {
     "probe": ("b3_77",),
-    "backend": ("torch",),
+    "backend": ("torch", "triton"),
     "dtype": ("bfloat16", "float16", "float32"),
     "kv_aligned": (0, 1),
     "perturb": ("none", "rope_offset", "kv_off_by_one"),
@@ -161,6 +161,22 @@ def validate(p: dict) -> None:
         raise ParamError(f"param prompt={p['prompt']!r}: not 'synthetic' and no such token-id file")
     _check_model(p["model"])
     _check_device(p["device"], p["dtype"])
+    if p["backend"] == "triton":
+        _check_triton(p["device"], p["dtype"])
+
+
+def _check_triton(device: str, dtype: str) -> None:
+    import os
+
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        raise ParamError("param backend=triton but triton is not installed; pip install triton, or use -p backend=torch") from None
+    if device == "cpu":
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            raise ParamError("param backend=triton on the CPU needs TRITON_INTERPRET=1 (Triton's interpreter); or use -p backend=torch")
+        if dtype == "bfloat16":
+            raise ParamError("param backend=triton on the CPU: the interpreter computes bf16 tl.dot wrongly; use -p dtype=float32")
 
 
 def _check_model(model: str) -> None:

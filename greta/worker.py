@@ -134,7 +134,8 @@ class Job:
         self.cfg = cfg
         self.prompt = make_prompt(p["prompt"], p["ctx"], cfg.vocab_size, p["seed"]).to(self.device)
         self.model = Llama(cfg, w, max_tokens=p["ctx"] + p["gen"], kv_aligned=p["kv_aligned"],
-                           chunk=p["prefill_chunk"], kv_block=p["kv_block"], perturb=p["perturb"])
+                           chunk=p["prefill_chunk"], kv_block=p["kv_block"], perturb=p["perturb"],
+                           backend=p["backend"])
         sync(self.device)
         weight_bytes = sum(t.nbytes for k, t in w.items() if not (k == "lm_head" and cfg.tie_embeddings))
         return {"config": cfg.to_dict(), "weights_source": source, "model_hash": model_hash,
