@@ -1,0 +1,73 @@
+"""Shared fixtures for the engine, params, probe, report and audit tests.
+
+Everything here runs on the CPU with the `tiny` preset and small contexts, so the whole suite stays
+fast on a 2-core CI machine.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CPU_PARAMS = REPO_ROOT / "params" / "cpu_default.yaml"
+
+# A complete but quick probe run on a 2-core CPU (awkward ctx/chunk/block combinations are test_engine.py's job).
+SMALL_PROBE = {"ctx": 256, "gen": 8, "span": 4, "prefill_chunk": 64, "kv_block": 128, "sampling_period_s": 0.2}
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg():
+    from greta.config import PRESETS
+
+    return PRESETS["tiny"]
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tiny_cfg):
+    """tiny_weights(dtype=torch.bfloat16, seed=0) -> synthetic CPU weights (cached per session; do not mutate)."""
+    import torch
+
+    from greta.weights import synthetic
+
+    cache: dict = {}
+
+    def get(dtype=torch.bfloat16, seed: int = 0):
+        key = (dtype, seed)
+        if key not in cache:
+            cache[key] = synthetic(tiny_cfg, seed, dtype, "cpu")
+        return cache[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def small_params():
+    """small_params(**overrides) -> validated params: params/cpu_default.yaml + SMALL_PROBE + overrides."""
+    from greta.params import load_params
+
+    def make(**overrides):
+        return load_params(CPU_PARAMS, {**SMALL_PROBE, **overrides})
+
+    return make
+
+
+def record_files_from_doc() -> list[str]:
+    """File names in the first column of docs/RECORD.md's table (backticked), in order.
+    `.html` ("and `.html` of each") is not a file name of its own and is left out."""
+    names = []
+    for line in (REPO_ROOT / "docs" / "RECORD.md").read_text().splitlines():
+        if line.startswith("| `"):
+            names += [n for n in re.findall(r"`([^`]+)`", line.split("|")[1]) if not n.startswith(".")]
+    return names
+
+
+@pytest.fixture(scope="session")
+def record_doc_files() -> list[str]:
+    return record_files_from_doc()
