@@ -168,10 +168,10 @@ def validate(p: dict) -> None:
 def _check_triton(device: str, dtype: str) -> None:
     import os
 
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        raise ParamError("param backend=triton but triton is not installed; pip install triton, or use -p backend=torch") from None
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
+        raise ParamError("param backend=triton but triton is not installed; pip install triton, or use -p backend=torch")
     if device == "cpu":
         if os.environ.get("TRITON_INTERPRET") != "1":
             raise ParamError("param backend=triton on the CPU needs TRITON_INTERPRET=1 (Triton's interpreter); or use -p backend=torch")

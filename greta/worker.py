@@ -50,32 +50,39 @@ def sync(device: torch.device):
         torch.cuda.synchronize(device)
 
 
-def measure_ceilings(device: torch.device, dtype: torch.dtype) -> dict:
-    """Matmul rate (n^3 product in dtype) and device copy bandwidth (bytes read + written), measured now."""
-    gpu = device.type == "cuda"
-    n, nbytes, reps = (8192, 1 << 30, 10) if gpu else (1024, 1 << 28, 3)
+def _median_s(fn, device: torch.device, reps: int) -> float:
+    for _ in range(2):
+        fn()
+    times = []
+    for _ in range(reps):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def _matmul_s(n: int, device, dtype, reps: int) -> float:
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
+    return _median_s(lambda: a @ b, device, reps)
+
+
+def _copy_s(nbytes: int, device, reps: int) -> float:
     src = torch.randint(0, 255, (nbytes,), device=device, dtype=torch.uint8)
     dst = torch.empty_like(src)
+    return _median_s(lambda: dst.copy_(src), device, reps)
 
-    def best(fn):
-        for _ in range(2):
-            fn()
-        times = []
-        for _ in range(reps):
-            sync(device)
-            t0 = time.perf_counter()
-            fn()
-            sync(device)
-            times.append(time.perf_counter() - t0)
-        return float(np.median(times))
 
-    t_mm = best(lambda: a @ b)
-    t_cp = best(lambda: dst.copy_(src))
-    del a, b, src, dst
+def measure_ceilings(device: torch.device, dtype: torch.dtype) -> dict:
+    """Matmul rate (n^3 product in dtype, random data) and device copy bandwidth (bytes read + written)."""
+    gpu = device.type == "cuda"
+    n, nbytes, reps = (8192, 1 << 30, 10) if gpu else (1024, 1 << 28, 3)
+    t_mm = _matmul_s(n, device, dtype, reps)
+    t_cp = _copy_s(nbytes, device, reps)
     if gpu:
-        torch.cuda.empty_cache()
+        torch.cuda.empty_cache()  # the buffers are gone; give their memory back before the model loads
     return {"matmul_tflops": 2 * n**3 / t_mm / 1e12, "matmul_n": n, "matmul_dtype": str(dtype).replace("torch.", ""),
             "copy_gbps": 2 * nbytes / t_cp / 1e9, "copy_bytes": nbytes,
             "method": f"median of {reps} after 2 warm-ups; copy counts bytes read + written"}
