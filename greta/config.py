@@ -81,8 +81,7 @@ class ModelConfig:
             kind = scaling.get("rope_type", scaling.get("type"))
             if kind not in ("llama3", "default", None):
                 raise ValueError(f"rope_scaling type {kind!r} is not supported (only llama3); edit config.json or use a preset")
-            if kind != "llama3":
-                scaling = None
+            scaling = {k: v for k, v in scaling.items() if k not in ("rope_type", "type")} if kind == "llama3" else None
         return cls(
             name=name,
             vocab_size=cfg["vocab_size"],

@@ -42,10 +42,10 @@ def equivalence_verdict(m: dict, kv_aligned: int, thresholds: dict) -> tuple[str
     """The B3.67/B3.69 guardrail: (verdict, one-line reason). Thresholds are inclusive."""
     figures = (f"max_abs_diff={m['max_abs_diff']:.6g}, p99_abs_diff={m['p99_abs_diff']:.6g}, "
                f"top1_agreement={m['top1_agreement']:.4f}, bit_exact={m['bit_exact']}")
+    if not m["finite"]:  # NaN/inf is a failure in either mode, never "expected drift"
+        return "FAIL_EQUIV", f"non-finite logits ({figures})"
     if not kv_aligned:
         return "EXPECTED_DRIFT", f"kv_aligned=0: each path uses its fastest ops, drift expected ({figures})"
-    if not m["finite"]:
-        return "FAIL_EQUIV", f"non-finite logits ({figures})"
     fails = []
     if m["max_abs_diff"] > thresholds["max_abs_diff"]:
         fails.append(f"max_abs_diff > {thresholds['max_abs_diff']:g}")

@@ -114,7 +114,7 @@ def run_audit(params_file, overrides: dict, out_root="outputs") -> Path:
     """
     import json
 
-    from .params import load_params
+    from .params import load_params, resolve
     from datetime import datetime, timezone
 
     params = load_params(params_file, overrides)  # bad input stops here, in one line
@@ -125,7 +125,7 @@ def run_audit(params_file, overrides: dict, out_root="outputs") -> Path:
     run_dir.mkdir(parents=True)
     out = run_dir / "run_b3_77.ipynb"
     err = execute_notebook(notebook_path("run_b3_77.ipynb"), out,
-                           dict(params_file=str(Path(params_file).resolve()), overrides=dict(overrides),
+                           dict(params_file=str(resolve(params_file).resolve()), overrides=dict(overrides),
                                 out_root=str(Path(out_root).resolve()), run_dir=str(run_dir)), timeout_s=None)
     if err is not None:
         print(f"greta: run_b3_77.ipynb failed: {_one_line(err)} (kept: {out})", file=sys.stderr)

@@ -26,7 +26,7 @@ DEFAULTS: dict = {
     "prompt": "synthetic",      # synthetic, or a file of token ids (whitespace/comma separated, or .npy)
     "prefill_chunk": 256,       # rows per prefill chunk; with kv_aligned=1 also the fixed row tile
     "kv_block": 1024,           # KV block (keys) walked by aligned attention; cache is padded to it
-    "timeouts": {"ceilings": 300, "load": 600, "prefill": 600, "decode": 600, "reference": 600},
+    "timeouts": {"ceilings": 300.0, "load": 600.0, "prefill": 600.0, "decode": 600.0, "reference": 600.0},
     "sampling_period_s": 1.0,
     "thresholds": {"max_abs_diff": 5e-3, "p99_abs_diff": 1e-3, "top1_agreement": 0.999},
     "perturb": "none",          # negative control on the decode path: none | rope_offset | kv_off_by_one
@@ -69,14 +69,17 @@ def _coerce(key: str, value, default):
     want = type(default)
     if isinstance(value, str) and want is not str:
         try:
-            value = yaml.safe_load(value)
-        except yaml.YAMLError:
+            value = float(value) if want is float else yaml.safe_load(value)  # YAML 1.1 reads "1e-3" as a string
+        except (ValueError, yaml.YAMLError):
+            pass
+    if isinstance(value, str) and want is float:
+        try:
+            value = float(value)  # "5e-3" from a YAML file
+        except ValueError:
             pass
     if want is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if want is int and isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if want is int and isinstance(value, bool):
         value = int(value)
     if not isinstance(value, want) or (want is int and isinstance(value, bool)):
         raise ParamError(f"param {key}={value!r} has type {type(value).__name__}; expected {want.__name__}")

@@ -125,14 +125,14 @@ class Job:
 
     # --- phases ---------------------------------------------------------------
     def load(self) -> dict:
-        from .config import load_config
+        from .config import PRESETS, load_config
         from .model import Llama
         from .prompt import make_prompt
         from .weights import checkpoint_hash, load_checkpoint, synthetic, synthetic_hash
 
         p = self.p
         cfg = load_config(p["model"])
-        if cfg.name == p["model"] and not os.path.isdir(p["model"]):
+        if p["model"] in PRESETS:  # a preset wins over a same-named folder, as in load_config
             w = synthetic(cfg, p["seed"], self.dtype, self.device)
             source, model_hash = "synthetic", synthetic_hash(cfg, p["seed"])
         else:

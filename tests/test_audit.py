@@ -134,12 +134,6 @@ def test_cli_missing_params_file_exit_2(tmp_path, repo_root):
 
 @pytest.mark.slow
 def test_cli_audit_from_another_directory(tmp_path):
-    # BUG (greta/notebooks.py, run_audit): the params file is handed to the notebook as
-    # str(Path(params_file).resolve()), i.e. relative to the caller's cwd, while load_params() resolves a
-    # relative path against the repository checkout too. Run from outside the repo root with the default
-    # `-f params/cpu_default.yaml`, load_params() in run_audit accepts it, but the notebook gets
-    # /<cwd>/params/cpu_default.yaml, raises ParamError, and the audit ends FAIL_CRASH (exit 1).
-    # `python -m greta probe` from the same directory works. Left failing on purpose.
     work = tmp_path / "elsewhere"
     work.mkdir()
     r = greta(["audit", "-p", "ctx=256", "-p", "gen=8", "-p", "span=4", "-p", "prefill_chunk=64", "-p",

@@ -84,9 +84,6 @@ def test_to_hf_from_hf_to_hf_is_stable(name):
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_from_hf_to_hf_round_trip_gives_the_same_config(name):
-    # BUG (greta/config.py, ModelConfig.from_hf): to_hf() writes rope_scaling = {"rope_type": "llama3", ...}
-    # and from_hf() keeps the "rope_type" key inside rope_scaling, so the round trip of any preset with
-    # llama3 scaling (llama3-8b, tiny) is not equal to the preset. Left failing on purpose.
     c = PRESETS[name]
     assert ModelConfig.from_hf(c.to_hf(), name=c.name) == c
 

@@ -161,3 +161,8 @@ def test_verdict_names_are_the_documented_ones(repo_root):
     doc = (repo_root / "docs" / "RECORD.md").read_text()
     for v in VERDICTS:
         assert v in doc
+
+
+def test_non_finite_is_a_failure_even_unaligned():
+    v, reason = equivalence_verdict(m_(float("nan"), float("nan"), 1.0, finite=False), 0, TH)
+    assert v == "FAIL_EQUIV" and "non-finite" in reason

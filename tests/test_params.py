@@ -61,7 +61,7 @@ def test_string_coercion_of_cli_values():
     p = load_params(CPU, parse_overrides(["ctx=32768", "timeouts.decode=5", "thresholds.max_abs_diff=0.01",
                                           "kv_aligned=0", "dtype=float32", "sampling_period_s=0.25"]))
     assert p["ctx"] == 32768 and type(p["ctx"]) is int
-    assert p["timeouts"]["decode"] == 5 and type(p["timeouts"]["decode"]) is int
+    assert p["timeouts"]["decode"] == 5.0 and type(p["timeouts"]["decode"]) is float  # seconds may be fractional
     assert p["thresholds"]["max_abs_diff"] == 0.01 and type(p["thresholds"]["max_abs_diff"]) is float
     assert p["kv_aligned"] == 0 and p["dtype"] == "float32" and p["sampling_period_s"] == 0.25
 
@@ -74,12 +74,19 @@ def test_int_given_for_float_and_integral_float_for_int():
 
 @pytest.mark.parametrize("text,value", [("1e-3", 1e-3), ("5e-3", 5e-3), ("1.0e-3", 1e-3), ("0.001", 1e-3)])
 def test_scientific_notation_string_coerces_to_float(text, value):
-    # BUG (greta/params.py, _coerce): strings go through yaml.safe_load, and PyYAML (YAML 1.1) reads
-    # "1e-3" (no dot) as the *string* "1e-3", so `-p thresholds.max_abs_diff=1e-3` is refused with
-    # "has type str; expected float". The same holds for `max_abs_diff: 5e-3` in a params file.
-    # "1.0e-3" works. Left failing on purpose for the dot-less forms.
+    # PyYAML (YAML 1.1) reads "1e-3" (no dot) as a string; _coerce must still take it as a float.
     p = load_params(None, {"thresholds.max_abs_diff": text})
     assert p["thresholds"]["max_abs_diff"] == pytest.approx(value)
+
+
+def test_bool_is_not_an_int():
+    refuse({"ctx": True}, "ctx")
+
+
+def test_scientific_notation_in_a_yaml_file(tmp_path):
+    f = tmp_path / "p.yaml"
+    f.write_text("thresholds: {max_abs_diff: 5e-3}\n")
+    assert load_params(f)["thresholds"]["max_abs_diff"] == pytest.approx(5e-3)
 
 
 def test_parse_overrides():

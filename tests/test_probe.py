@@ -300,11 +300,6 @@ def test_child_detection_sees_a_live_spawned_worker():
 
 
 def test_preset_name_wins_over_a_same_named_directory(tmp_path, monkeypatch, small_params):
-    # BUG (greta/worker.py, Job.load): `if cfg.name == p["model"] and not os.path.isdir(p["model"])` sends a
-    # preset name to load_checkpoint() whenever the cwd holds a folder of that name, although
-    # config.load_config() and params._check_model() both resolve "tiny" to the preset (and validation passed).
-    # Run from a directory that has a "tiny/" subfolder, the probe ends FAIL_ERROR in load
-    # ("no *.safetensors in tiny"). Left failing on purpose.
     monkeypatch.chdir(tmp_path)
     (tmp_path / "tiny").mkdir()
     params = small_params(ctx=128, gen=4, span=2, kv_block=64)
