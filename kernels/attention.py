@@ -87,18 +87,25 @@ def _attn_kernel(Q, K, V, O, PM, PL, PACC, START, T, n_heads, group, n_splits, s
                  write_partial, qk_scale, stride_qt, stride_qh, stride_ot, stride_oh, stride_kvh,
                  BLOCK_M: tl.constexpr, BLOCK_KV: tl.constexpr, SPLIT_KV: tl.constexpr,
                  HEAD_D: tl.constexpr):
+    # Prefill (write_partial == 0): program (tile, query head, 0); row r is position tile_lo + r.
+    # Decode (write_partial == 1): program (0, kv head, split); row r is query head kv*group + r, all at
+    # position START, so one program reads its K/V split once for the whole GQA group. A row's arithmetic
+    # (its dot row, its row max/sum, its masks) is the same either way; only which rows share a tile differs.
     pid_m = tl.program_id(0)
-    h = tl.program_id(1)
+    hp = tl.program_id(1)
     pid_s = tl.program_id(2)
     start = tl.load(START)
+    r = tl.arange(0, BLOCK_M)
     tile_lo = (start // BLOCK_M + pid_m) * BLOCK_M
-    p = tile_lo + tl.arange(0, BLOCK_M)          # absolute position of each row
-    row_ok = (p >= start) & (p < start + T)
+    packed = write_partial != 0
+    p = tl.where(packed, start + r * 0, tile_lo + r)   # absolute position of each row
+    hrow = tl.where(packed, hp * group + r, hp + r * 0)  # query head of each row
+    row_ok = tl.where(packed, r < group, (p >= start) & (p < start + T))
     t = p - start
-    p_max = tl.minimum(tile_lo + BLOCK_M, start + T) - 1
+    p_max = tl.where(packed, start, tl.minimum(tile_lo + BLOCK_M, start + T) - 1)
     d = tl.arange(0, HEAD_D)
-    q = tl.load(Q + t[:, None] * stride_qt + h * stride_qh + d[None, :], mask=row_ok[:, None], other=0.0)
-    kv_off = (h // group).to(tl.int64) * stride_kvh
+    q = tl.load(Q + t[:, None] * stride_qt + hrow[:, None] * stride_qh + d[None, :], mask=row_ok[:, None], other=0.0)
+    kv_off = tl.where(packed, hp, hp // group).to(tl.int64) * stride_kvh
     m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, HEAD_D), tl.float32)
@@ -109,7 +116,7 @@ def _attn_kernel(Q, K, V, O, PM, PL, PACC, START, T, n_heads, group, n_splits, s
         m_s, l_s, acc_s = _split_partial(q, K + kv_off, V + kv_off, p, s_lo, hi, qk_scale,
                                          BLOCK_M, BLOCK_KV, HEAD_D)
         if write_partial != 0:  # decode: one split per program, raw partial out
-            w = (t * n_heads + h) * n_splits + s_lo // SPLIT_KV
+            w = hrow * n_splits + s_lo // SPLIT_KV
             tl.store(PM + w, m_s, mask=row_ok)
             tl.store(PL + w, l_s, mask=row_ok)
             tl.store(PACC + w[:, None] * HEAD_D + d[None, :], acc_s, mask=row_ok[:, None])
@@ -117,7 +124,7 @@ def _attn_kernel(Q, K, V, O, PM, PL, PACC, START, T, n_heads, group, n_splits, s
             m, l, acc = _merge(m, l, acc, m_s, l_s, acc_s, s_lo <= p)
     if write_partial == 0:
         o = acc / l[:, None]
-        tl.store(O + t[:, None] * stride_ot + h * stride_oh + d[None, :], o.to(O.dtype.element_ty),
+        tl.store(O + t[:, None] * stride_ot + hp * stride_oh + d[None, :], o.to(O.dtype.element_ty),
                  mask=row_ok[:, None])
 
 
@@ -200,7 +207,8 @@ def decode_attention(q, k_cache, v_cache, pos, *, block_m=BLOCK_M, block_kv=BLOC
     pm = torch.empty((n_heads, n_splits), dtype=torch.float32, device=q.device)
     pl = torch.empty_like(pm)
     pacc = torch.empty((n_heads, n_splits, D), dtype=torch.float32, device=q.device)
-    _launch(q, k_cache, v_cache, o, (pm, pl, pacc), pos_t, 1, (1, n_heads, n_splits),
+    assert n_heads // k_cache.shape[0] <= block_m, "a GQA group must fit in one query tile"
+    _launch(q, k_cache, v_cache, o, (pm, pl, pacc), pos_t, 1, (1, k_cache.shape[0], n_splits),
             1, 1, block_m, block_kv, split_kv)
     _merge_kernel[(n_heads,)](pm, pl, pacc, o, pos_t, n_splits, o.stride(1),
                               SPLIT_KV=split_kv, HEAD_D=D, num_warps=NUM_WARPS, enable_fp_fusion=False)
