@@ -15,8 +15,8 @@ PAIRS = [((128, 128, 64, 8, 3), (64, 64, 64, 4, 4)), ((128, 128, 128, 8, 3), (64
 
 def run(x, w, cfg):
     bm, bn, bk, nw, ns = cfg
-    G.NUM_WARPS, G.NUM_STAGES = nw, ns
-    return G.matmul(x, w, block_m=bm, block_n=bn, block_k=bk)
+    G.PREFILL = G.DECODE = (bm, bn, nw, ns)
+    return G.matmul(x, w, block_k=bk)
 
 
 def main():

@@ -29,8 +29,8 @@ def main():
     xs = {M: {k: torch.randn(M, k, device=dev, dtype=dt) for k in (h, I)} for M in (1, 1024)}
     print("gemm (bm,bn,bk,warps,stages): prefill per layer (M=1024) | decode per layer (M=1) | lm_head M=1 | rows equal", flush=True)
     for bm, bn, bk, nw, ns in GEMM:
-        G.NUM_WARPS, G.NUM_STAGES = nw, ns
-        kw = dict(block_m=bm, block_n=bn, block_k=bk)
+        G.PREFILL = G.DECODE = (bm, bn, nw, ns)
+        kw = dict(block_k=bk)
         try:
             t = {M: sum(do_bench(lambda: G.matmul(xs[M][w.shape[1]], w, **kw), return_mode="median") for w in ws) for M in (1, 1024)}
             tl = do_bench(lambda: G.matmul(xs[1][h], lm, **kw), return_mode="median")

@@ -86,13 +86,15 @@ def test_attention_compiles(head_d):
 
 
 @compiled
-def test_gemm_compiles():
+@pytest.mark.parametrize("tile", ["PREFILL", "DECODE"])
+def test_gemm_compiles(tile):
     g = fresh("gemm")
+    bm, bn, nw, ns = getattr(g, tile)
     ptx = compile_ptx(g._matmul_kernel, {"X": "*bf16", "W": "*bf16", "Y": "*bf16",
                                          **ints("M", "N", "K", "stride_xm", "stride_xk", "stride_wn",
                                                 "stride_wk", "stride_ym", "stride_yn")},
-                      dict(BLOCK_M=g.BLOCK_M, BLOCK_N=g.BLOCK_N, BLOCK_K=g.BLOCK_K),
-                      num_warps=g.NUM_WARPS, num_stages=g.NUM_STAGES, enable_fp_fusion=False)
+                      dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=g.BLOCK_K),
+                      num_warps=nw, num_stages=ns, enable_fp_fusion=False)
     assert "mma" in ptx
 
 
