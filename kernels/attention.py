@@ -16,9 +16,10 @@ are the same in both paths.
 One kernel, _attn_kernel, computes the split partials for both paths:
   prefill: one program per (query tile, head) loops over all splits and merges
            in registers, then writes o.
-  decode:  one program per (head, split) writes its split's partial to a
-           workspace; _merge_kernel merges them in split order with the same
-           _merge code. pos is read from a device tensor (CUDA-graph friendly).
+  decode:  one program per (kv head, split), its rows the GQA group's query
+           heads, writes each head's split partial to a workspace; _merge_kernel
+           merges them in split order with the same _merge code. pos is read
+           from a device tensor (CUDA-graph friendly).
 See docs/KERNELS.md for why the bits agree.
 """
 import math
