@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK_M = 64     # query rows per tile (decode pads its one row into such a tile)
+BLOCK_M = 64     # query rows per tile (prefill: 64 positions; decode: the GQA group's heads)
 BLOCK_KV = 64    # keys per block; callers align S_max of the cache to this
 SPLIT_KV = 512   # keys per split (a multiple of BLOCK_KV)
 NUM_WARPS = 4    # same for both paths: it fixes the dot / reduction layouts
