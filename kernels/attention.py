@@ -37,35 +37,55 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _split_partial(q, k_base, v_base, p, lo, hi, qk_scale,
+def _block_update(q, k_base, v_base, p, b_lo, hi, m, l, acc, qk_scale, EDGE: tl.constexpr,
+                  BLOCK_KV: tl.constexpr, HEAD_D: tl.constexpr):
+    """One online-softmax step over keys [b_lo, b_lo + BLOCK_KV). EDGE=False is for blocks every row of the
+    tile sees in full (all keys <= every row's p, all < hi): the masks and the per-row guard would select
+    the unmasked values anyway, so skipping them leaves every bit as it is."""
+    d = tl.arange(0, HEAD_D)
+    j = b_lo + tl.arange(0, BLOCK_KV)
+    if EDGE:
+        j_ok = j < hi
+        kt = tl.load(k_base + j[None, :].to(tl.int64) * HEAD_D + d[:, None], mask=j_ok[None, :], other=0.0)
+    else:
+        kt = tl.load(k_base + j[None, :].to(tl.int64) * HEAD_D + d[:, None])
+    s = tl.dot(q, kt) * qk_scale
+    if EDGE:
+        s = tl.where(j[None, :] <= p[:, None], s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, 1))
+    alpha = tl.exp2(m - m_new)
+    pr = tl.exp2(s - m_new[:, None])
+    l_new = l * alpha + tl.sum(pr, 1)
+    if EDGE:
+        v = tl.load(v_base + j[:, None].to(tl.int64) * HEAD_D + d[None, :], mask=j_ok[:, None], other=0.0)
+    else:
+        v = tl.load(v_base + j[:, None].to(tl.int64) * HEAD_D + d[None, :])
+    acc_new = tl.dot(pr.to(v.dtype), v, acc * alpha[:, None])
+    if EDGE:
+        active = b_lo <= p
+        return tl.where(active, m_new, m), tl.where(active, l_new, l), tl.where(active[:, None], acc_new, acc)
+    return m_new, l_new, acc_new
+
+
+@triton.jit
+def _split_partial(q, k_base, v_base, p, p_min, lo, hi, qk_scale,
                    BLOCK_M: tl.constexpr, BLOCK_KV: tl.constexpr, HEAD_D: tl.constexpr):
     """Online softmax of the tile's rows over keys [lo, hi), blocks in order.
 
     hi <= max p of the tile + 1; keys >= hi are not read. A row only takes the
     update of blocks that start at or before its position p: later blocks are
-    skipped for it (the tl.where below), so the row's state is the same
-    whatever other rows share the tile.
+    skipped for it (the tl.where in _block_update), so the row's state is the
+    same whatever other rows share the tile. Blocks that end at or before the
+    tile's smallest p (p_min) need neither that guard nor the causal mask.
     """
-    d = tl.arange(0, HEAD_D)
     m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, HEAD_D), tl.float32)
-    for b_lo in range(lo, hi, BLOCK_KV):
-        j = b_lo + tl.arange(0, BLOCK_KV)
-        j_ok = j < hi
-        kt = tl.load(k_base + j[None, :].to(tl.int64) * HEAD_D + d[:, None], mask=j_ok[None, :], other=0.0)
-        s = tl.dot(q, kt) * qk_scale
-        s = tl.where(j[None, :] <= p[:, None], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        alpha = tl.exp2(m - m_new)
-        pr = tl.exp2(s - m_new[:, None])
-        l_new = l * alpha + tl.sum(pr, 1)
-        v = tl.load(v_base + j[:, None].to(tl.int64) * HEAD_D + d[None, :], mask=j_ok[:, None], other=0.0)
-        acc_new = tl.dot(pr.to(v.dtype), v, acc * alpha[:, None])
-        active = b_lo <= p
-        m = tl.where(active, m_new, m)
-        l = tl.where(active, l_new, l)
-        acc = tl.where(active[:, None], acc_new, acc)
+    full_hi = tl.maximum(lo, tl.minimum(hi, (p_min + 1) // BLOCK_KV * BLOCK_KV))
+    for b_lo in range(lo, full_hi, BLOCK_KV):
+        m, l, acc = _block_update(q, k_base, v_base, p, b_lo, hi, m, l, acc, qk_scale, False, BLOCK_KV, HEAD_D)
+    for b_lo in range(full_hi, hi, BLOCK_KV):
+        m, l, acc = _block_update(q, k_base, v_base, p, b_lo, hi, m, l, acc, qk_scale, True, BLOCK_KV, HEAD_D)
     return m, l, acc
 
 
@@ -114,7 +134,7 @@ def _attn_kernel(Q, K, V, O, PM, PL, PACC, START, T, n_heads, group, n_splits, s
     s_end = tl.minimum(p_max + 1, s_begin + splits_per_prog * SPLIT_KV)
     for s_lo in range(s_begin, s_end, SPLIT_KV):
         hi = tl.minimum(s_lo + SPLIT_KV, p_max + 1)
-        m_s, l_s, acc_s = _split_partial(q, K + kv_off, V + kv_off, p, s_lo, hi, qk_scale,
+        m_s, l_s, acc_s = _split_partial(q, K + kv_off, V + kv_off, p, tl.min(p, 0), s_lo, hi, qk_scale,
                                          BLOCK_M, BLOCK_KV, HEAD_D)
         if write_partial != 0:  # decode: one split per program, raw partial out
             w = hrow * n_splits + s_lo // SPLIT_KV
