@@ -13,11 +13,11 @@ import triton
 import triton.language as tl
 
 BLOCK_K = 128                     # the one reduction step; shared by both tiles
-PREFILL = (128, 128, 8, 3)        # BLOCK_M, BLOCK_N, num_warps, num_stages for M > DECODE_M
+PREFILL = (128, 128, 8, 3)        # BLOCK_M, BLOCK_N, num_warps, num_stages for M > DECODE_M (TMA loads)
 DECODE = (64, 32, 4, 4)           # for M <= DECODE_M
 DECODE_M = 64
-# bench/sweep_kernels.py on an H200 (2026-11-26): prefill tile 508 TFLOP/s at M=1024 (cuBLAS ~700);
-# decode tile 0.178 ms per layer at M=1 (vs 0.304 ms with the prefill tile).
+# H100/H200, 2026-11-26: prefill tile with TMA loads 600 TFLOP/s at M=1024 (pointer loads 509, cuBLAS 713);
+# decode tile 0.178 ms per layer at M=1 (vs 0.304 ms with the prefill tile). bench/try_gemm_tma.py.
 
 
 # M is not specialised, so M=1 (decode) and M>1 (prefill) run the same binary.
@@ -44,6 +44,26 @@ def _matmul_kernel(X, W, Y, M, N, K,
     tl.store(y_ptr, acc.to(Y.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
+@triton.jit
+def _matmul_tma_kernel(x_desc, w_desc, y_desc, K,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The same K loop as _matmul_kernel, with tiles brought in by the TMA engine (out of bounds reads 0)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        x = x_desc.load([pid_m * BLOCK_M, k0])
+        w = w_desc.load([pid_n * BLOCK_N, k0])
+        acc = tl.dot(x, w.T, acc)
+    y_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc.to(y_desc.dtype))
+
+
+def _tma_ok(*ts) -> bool:
+    """TMA needs a GPU, row-major rows and 16-byte aligned bases and row strides."""
+    return all(t.is_cuda and t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0
+               and t.data_ptr() % 16 == 0 for t in ts)
+
+
 def matmul(x, w, *, block_m=None, block_n=None, block_k=BLOCK_K):
     """y = x @ w.T. x [M, K], w [N, K] (nn.Linear layout); y [M, N] in x.dtype.
 
@@ -57,6 +77,13 @@ def matmul(x, w, *, block_m=None, block_n=None, block_k=BLOCK_K):
     bm, bn = block_m or bm, block_n or bn
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
+    if M > DECODE_M and block_m is None and _tma_ok(x, w, y):
+        from triton.tools.tensor_descriptor import TensorDescriptor as TD
+
+        _matmul_tma_kernel[grid](TD.from_tensor(x, [bm, block_k]), TD.from_tensor(w, [bn, block_k]),
+                                 TD.from_tensor(y, [bm, bn]), K, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=block_k,
+                                 num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=False)
+        return y
     _matmul_kernel[grid](x, w, y, M, N, K,
                          x.stride(0), x.stride(1), w.stride(0), w.stride(1), y.stride(0), y.stride(1),
                          BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=block_k,
