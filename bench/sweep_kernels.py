@@ -1,6 +1,6 @@
-"""Tile sweep for the Triton kernels at Llama-3-8B shapes (GPU). Each config is ONE config for both paths
-(prefill M=1024 and decode M=1), as batch invariance requires; attention configs are checked bit-exact
-(decode row == prefill row) before they are timed.
+"""Tile sweep for the Triton kernels at Llama-3-8B shapes (GPU). GEMM: decode tiles (M <= 64) that share
+BLOCK_K with the prefill tile, each checked bit-identical to it. Attention: each config is one config for
+both paths, checked bit-exact (decode row == prefill row).
 
     python bench/sweep_kernels.py
 """
@@ -13,10 +13,10 @@ from greta.config import PRESETS
 from greta.kernels import attention as A
 from greta.kernels import gemm as G
 
-GEMM = [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (128, 128, 128, 8, 3),
-        (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 64, 128, 4, 4), (64, 128, 128, 4, 3)]
+# decode tiles (M <= 64); the prefill tile stays as in kernels/gemm.py, so BLOCK_K is fixed
+GEMM = [(64, 32, 4, 4), (64, 16, 4, 4), (64, 32, 4, 6), (64, 64, 4, 4), (64, 16, 4, 6), (64, 32, 4, 3)]
 ATTN = [(64, 64, 512, 4, 2), (128, 64, 512, 8, 2), (128, 128, 512, 8, 2), (128, 64, 512, 8, 3),
-        (64, 128, 512, 4, 2), (128, 128, 1024, 8, 2), (64, 64, 256, 4, 3), (128, 64, 256, 8, 3)]
+        (64, 128, 512, 4, 2), (64, 64, 256, 4, 2), (64, 64, 512, 4, 3), (128, 128, 512, 8, 3)]
 
 
 def main():
@@ -27,20 +27,20 @@ def main():
     ws = [torch.randn(n, k, device=dev, dtype=dt) * 0.02 for n, k in shapes]
     lm = torch.randn(cfg.vocab_size, h, device=dev, dtype=dt) * 0.02
     xs = {M: {k: torch.randn(M, k, device=dev, dtype=dt) for k in (h, I)} for M in (1, 1024)}
-    print("gemm (bm,bn,bk,warps,stages): prefill per layer (M=1024) | decode per layer (M=1) | lm_head M=1 | rows equal", flush=True)
-    for bm, bn, bk, nw, ns in GEMM:
-        G.PREFILL = G.DECODE = (bm, bn, nw, ns)
-        kw = dict(block_k=bk)
+    print("gemm decode tile (bm,bn,warps,stages): decode per layer (M=1) | lm_head | rows == prefill tile", flush=True)
+    prefill_rows = {i: G.matmul(xs[1024][w.shape[1]], w) for i, w in enumerate(ws)}
+    default = G.DECODE
+    for tile in GEMM:
+        G.DECODE = tile
         try:
-            t = {M: sum(do_bench(lambda: G.matmul(xs[M][w.shape[1]], w, **kw), return_mode="median") for w in ws) for M in (1, 1024)}
-            tl = do_bench(lambda: G.matmul(xs[1][h], lm, **kw), return_mode="median")
-            x = xs[1024][h]
-            same = torch.equal(G.matmul(x[5:6], ws[0], **kw), G.matmul(x, ws[0], **kw)[5:6])
-            fl = 2 * 1024 * sum(n * k for n, k in shapes)
-            print(f"  {(bm, bn, bk, nw, ns)}: {t[1024]:.3f} ms ({fl / t[1024] / 1e9:.0f} TFLOP/s) | {t[1]:.3f} ms "
-                  f"({2 * sum(n * k for n, k in shapes) / t[1] / 1e6:.0f} GB/s) | {tl:.3f} ms | {same}", flush=True)
+            t = sum(do_bench(lambda: G.matmul(xs[1][w.shape[1]], w), return_mode="median") for w in ws)
+            tl = do_bench(lambda: G.matmul(xs[1][h], lm), return_mode="median")
+            same = all(torch.equal(G.matmul(xs[1024][w.shape[1]][j:j + 1], w), prefill_rows[i][j:j + 1])
+                       for i, w in enumerate(ws) for j in (0, 300))
+            print(f"  {tile}: {t:.3f} ms ({2 * sum(n * k for n, k in shapes) / t / 1e6:.0f} GB/s) | {tl:.3f} ms | {same}", flush=True)
         except Exception as e:  # noqa: BLE001
-            print(f"  {(bm, bn, bk, nw, ns)}: failed {type(e).__name__}: {str(e)[:100]}", flush=True)
+            print(f"  {tile}: failed {type(e).__name__}: {str(e)[:100]}", flush=True)
+    G.DECODE = default
     ctx = 32768
     S = ctx + 1024
     kc = torch.randn(Hkv, S, D, device=dev, dtype=dt)
