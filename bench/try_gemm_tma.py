@@ -40,12 +40,30 @@ def tma_matmul(x, w, bm, bn, bk, nw, ns, ws):
     return y
 
 
+def decode_variants(shapes, ws_):
+    """TMA decode tiles at M=1: time per layer and rows == the prefill tile's rows."""
+    xs = {k: torch.randn(1024, k, device="cuda", dtype=torch.bfloat16) for k in {k for _, k in shapes}}
+    ref = [G.matmul(xs[w.shape[1]], w) for w in ws_]
+    t = sum(do_bench(lambda: G.matmul(xs[w.shape[1]][:1], w), return_mode="median") for w in ws_)
+    print(f"current decode tile (pointer loads): {t:.3f} ms per layer", flush=True)
+    for cfg in [(64, 32, 128, 4, 4, False), (64, 32, 128, 4, 6, False), (64, 64, 128, 4, 6, False),
+                (64, 32, 128, 4, 8, False), (64, 16, 128, 4, 8, False), (64, 64, 128, 4, 4, False)]:
+        try:
+            t = sum(do_bench(lambda: tma_matmul(xs[w.shape[1]][:1], w, *cfg), return_mode="median") for w in ws_)
+            same = all(torch.equal(tma_matmul(xs[w.shape[1]][j:j + 1], w, *cfg), r[j:j + 1])
+                       for w, r in zip(ws_, ref) for j in (0, 300))
+            print(f"TMA decode {cfg}: {t:.3f} ms per layer; rows == prefill tile: {same}", flush=True)
+        except Exception as e:  # noqa: BLE001
+            print(f"TMA decode {cfg}: failed {type(e).__name__}: {' '.join(str(e).split())[:160]}", flush=True)
+
+
 def main():
     c = PRESETS["llama3-8b"]
     h, I = c.hidden_size, c.intermediate_size
     shapes = [(6144, h), (h, h), (2 * I, h), (h, I)]
     ws_ = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for n, k in shapes]
     xs = {k: torch.randn(1024, k, device="cuda", dtype=torch.bfloat16) for k in (h, I)}
+    decode_variants(shapes, ws_)
     fl = 2 * 1024 * sum(n * k for n, k in shapes)
     t = sum(do_bench(lambda: G.matmul(xs[w.shape[1]], w), return_mode="median") for w in ws_)
     print(f"current prefill tile: {t:.3f} ms per layer ({fl / t / 1e9:.0f} TFLOP/s)", flush=True)
