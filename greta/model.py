@@ -6,12 +6,15 @@ decode(token, pos):     one position, reading everything before it from the KV c
 Two attention/matmul modes (the probe's kv_aligned):
   kv_aligned=0  fastest torch ops per path: SDPA and full-chunk matmuls in prefill, M=1 matmuls and a
                 plain softmax(q K^T) V in decode. The paths round differently, so drift is expected.
-  kv_aligned=1  every op runs on one fixed row tile of `chunk` rows (decode pads its one row into that
-                tile, at row pos % chunk), and attention walks the cache in fixed blocks of `kv_block`
-                keys aligned to absolute positions, always from block 0 upward with the same online
-                softmax. Each row then sees the same shapes, kernels and reduction order in both paths,
-                so decode reproduces prefill bit for bit (as long as the library picks kernels by shape,
-                which is what the probe measures). The price: a decode step computes a whole tile.
+  kv_aligned=1  a row's arithmetic must not depend on how many rows run with it. Two backends:
+                triton: the batch-invariant kernels of kernels/ (greta.kernels), whose reduction order is
+                  fixed per row by construction; the decode step is replayed from a CUDA/HIP graph.
+                torch: every op runs on one fixed row tile of `chunk` rows (decode pads its one row into
+                  that tile, at row pos % chunk), and attention walks the cache in fixed blocks of
+                  `kv_block` keys aligned to absolute positions, from block 0 upward with the same online
+                  softmax. Each row then sees the same shapes and kernels in both paths, so decode
+                  reproduces prefill bit for bit as long as the library picks kernels by shape (which is
+                  what the probe measures). The price: a decode step computes a whole tile.
 """
 from __future__ import annotations
 
@@ -79,7 +82,6 @@ class Llama:
             if kv_block % kernels.BLOCK_KV:
                 raise ValueError(f"kv_block={kv_block} must be a multiple of the kernels' BLOCK_KV={kernels.BLOCK_KV}")
             self.kernels = kernels
-        self.backend = backend
         self._graph = None
         self.cfg, self.w = cfg, weights
         self.kv_aligned, self.chunk, self.kv_block, self.perturb = bool(kv_aligned), chunk, kv_block, perturb
@@ -137,7 +139,7 @@ class Llama:
         self._tok.copy_(token.reshape(1))
         self._pos.fill_(pos)
         self._graph.replay()
-        return self._out[0]
+        return self._out[0].clone()  # the next replay overwrites the graph's output buffer
 
     # --- the decoder -----------------------------------------------------------
     def _forward(self, tokens, pos, rows, decode: bool) -> torch.Tensor:
