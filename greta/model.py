@@ -190,11 +190,11 @@ class Llama:
         rope_pos = pos + 1 if (decode and self.perturb == "rope_offset") else pos
         attn_pos = pos - 1 if (decode and self.perturb == "kv_off_by_one") else pos
         x = w["embed"][tokens]
-        h = K.rmsnorm(x, w["0.attn_norm"], cfg.rms_eps)
         for i in range(cfg.n_layers):
+            h = K.rmsnorm(x, w[f"{i}.attn_norm"], cfg.rms_eps)
             qkv = K.matmul(h, w[f"{i}.wqkv"])
-            qk = K.rope(qkv[:, : (H + Hkv) * D].view(T, H + Hkv, D), self.cos, self.sin, rope_pos)  # q and k at once
-            q, k = qk[:, :H], qk[:, H:]
+            q = K.rope(qkv[:, : H * D].view(T, H, D), self.cos, self.sin, rope_pos)
+            k = K.rope(qkv[:, H * D:(H + Hkv) * D].view(T, Hkv, D), self.cos, self.sin, rope_pos)
             v = qkv[:, (H + Hkv) * D:].view(T, Hkv, D)
             self.cache.k[i][:, pos] = k.transpose(0, 1)
             self.cache.v[i][:, pos] = v.transpose(0, 1)
@@ -202,14 +202,12 @@ class Llama:
                 a = K.decode_attention(q, self.cache.k[i], self.cache.v[i], attn_pos)
             else:
                 a = K.prefill_attention(q, self.cache.k[i], self.cache.v[i], int(pos[0]))
-            # residual add fused with the next norm: (x + o, rmsnorm(x + o))
-            h, x = K.add_rmsnorm(K.matmul(a.reshape(T, H * D), w[f"{i}.wo"]), x, w[f"{i}.mlp_norm"], cfg.rms_eps)
+            x = x + K.matmul(a.reshape(T, H * D), w[f"{i}.wo"])
+            h = K.rmsnorm(x, w[f"{i}.mlp_norm"], cfg.rms_eps)
             gu = K.matmul(h, w[f"{i}.w13"])
-            down = K.matmul(K.swiglu(gu[:, : cfg.intermediate_size], gu[:, cfg.intermediate_size:]), w[f"{i}.w2"])
-            nxt = w[f"{i + 1}.attn_norm"] if i + 1 < cfg.n_layers else w["norm"]
-            h, x = K.add_rmsnorm(down, x, nxt, cfg.rms_eps)
-        h = h[0:1] if decode else h[list(rows)]  # h is the final norm's output here
-        return K.matmul(h, w["lm_head"]).float()
+            x = x + K.matmul(K.swiglu(gu[:, : cfg.intermediate_size], gu[:, cfg.intermediate_size:]), w[f"{i}.w2"])
+        x = x[0:1] if decode else x[list(rows)]
+        return K.matmul(K.rmsnorm(x, w["norm"], cfg.rms_eps), w["lm_head"]).float()
 
     def _pad_to_tile(self, tokens, pos, rows):
         t = self.chunk
