@@ -51,8 +51,9 @@ def test_triton_backend_agrees_with_torch_backend():
     torch.testing.assert_close(tri, tor, rtol=1e-4, atol=1e-4)  # fp32: different but tiny rounding
 
 
-def test_triton_negative_control_fails():
-    dec, ref = decode_vs_reference("triton", perturb="rope_offset")
+@pytest.mark.parametrize("perturb", ["rope_offset", "kv_off_by_one"])
+def test_triton_negative_control_fails(perturb):
+    dec, ref = decode_vs_reference("triton", perturb=perturb)
     assert (dec - ref).abs().max() > 5e-3
 
 
