@@ -7,6 +7,7 @@ model loads), load (model, KV cache, prompt), prefill, decode, reference. A prob
 """
 from __future__ import annotations
 
+import math
 import multiprocessing as mp
 import time
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from . import record, vram
+from .config import ModelConfig, load_config
 from .metrics import compare, equivalence_verdict
 from .worker import main as worker_main
 
@@ -81,8 +83,10 @@ def run_probe(params: dict, out_root="outputs", run_dir=None, progress: bool = T
     proc.start()
     backend, reason = vram.pick_backend(params["device"], proc.pid)
     backend.fallback_reason = reason
-    alloc = (lambda: (stats[0], stats[1]) if stats[0] == stats[0] else None)
-    sampler = vram.VramSampler(backend, period_s=params["sampling_period_s"], alloc_source=alloc)
+    def allocator_now():  # the worker publishes its allocator's figures here (NaN on the CPU)
+        return None if math.isnan(stats[0]) else (stats[0], stats[1])
+
+    sampler = vram.VramSampler(backend, period_s=params["sampling_period_s"], alloc_source=allocator_now)
     sampler.start()
     bars = _Bars(progress)
     perf = {ph: {"status": "not_run"} for ph in PHASES}
@@ -130,7 +134,8 @@ def _finish(rec, params, perf, results, sampler, failure):
     load = results.get("load", {})
     cfg = load.get("config")
     allocator = {ph: perf[ph]["allocator"] for ph in PHASES if "allocator" in perf[ph]}
-    floor = vram.floor_mb(_cfg(cfg, params), 2 if params["dtype"] != "float32" else 4, params["ctx"] + params["gen"])
+    model_cfg = ModelConfig(**cfg) if cfg else load_config(params["model"])
+    floor = vram.floor_mb(model_cfg, 2 if params["dtype"] != "float32" else 4, params["ctx"] + params["gen"])
     vram_summary = vram.summarize(sampler, allocator, floor)
     metrics = None
     if "reference" in results:
@@ -151,8 +156,3 @@ def _finish(rec, params, perf, results, sampler, failure):
                         "bit_exact": metrics["bit_exact"] if metrics else None, "kv_aligned": params["kv_aligned"],
                         "perturb": params["perturb"], "tokens": tokens})
 
-
-def _cfg(cfg_dict, params):
-    from .config import ModelConfig, load_config
-
-    return ModelConfig(**cfg_dict) if cfg_dict else load_config(params["model"])
