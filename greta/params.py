@@ -43,6 +43,11 @@ CHOICES = {
 }
 
 
+def dtype_bytes(dtype: str) -> int:
+    """Bytes per element of a params dtype."""
+    return 4 if dtype == "float32" else 2
+
+
 class ParamError(ValueError):
     """A bad param: the message is one line naming the problem and the fix."""
 

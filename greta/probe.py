@@ -17,6 +17,7 @@ import numpy as np
 from . import record, vram
 from .config import ModelConfig, load_config
 from .metrics import compare, equivalence_verdict
+from .params import dtype_bytes
 from .worker import main as worker_main
 
 PHASES = ("ceilings", "load", "prefill", "decode", "reference")
@@ -135,7 +136,7 @@ def _finish(rec, params, perf, results, sampler, failure):
     cfg = load.get("config")
     allocator = {ph: perf[ph]["allocator"] for ph in PHASES if "allocator" in perf[ph]}
     model_cfg = ModelConfig(**cfg) if cfg else load_config(params["model"])
-    floor = vram.floor_mb(model_cfg, 2 if params["dtype"] != "float32" else 4, params["ctx"] + params["gen"])
+    floor = vram.floor_mb(model_cfg, dtype_bytes(params["dtype"]), params["ctx"] + params["gen"])
     vram_summary = vram.summarize(sampler, allocator, floor)
     metrics = None
     if "reference" in results:

@@ -14,6 +14,7 @@ import numpy as np
 
 from . import vram
 from .config import ModelConfig
+from .params import dtype_bytes
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -138,7 +139,7 @@ def roofline(params: dict, cfg_dict: dict | None, perf: dict, ceilings: dict | N
     cfg = ModelConfig(**cfg_dict)
     rate = ceilings["matmul_tflops"] * 1e12
     bw = ceilings["copy_gbps"] * 1e9
-    nbytes = 4 if params["dtype"] == "float32" else 2
+    nbytes = dtype_bytes(params["dtype"])
     ctx, gen, span = params["ctx"], params["gen"], params["span"]
     out = {"available": True, "ceilings": ceilings}
     if perf["prefill"].get("wall_s"):
