@@ -125,7 +125,10 @@ class RssBackend:
     def used_mb(self) -> float:
         import psutil
 
-        total = self._proc.memory_info().rss  # raises if the process is gone
+        # Raises if the process is gone. An exited but unreaped worker (zombie) reads as RSS 0: gone too.
+        if self._proc.status() == psutil.STATUS_ZOMBIE:
+            raise psutil.ZombieProcess(self._proc.pid)
+        total = self._proc.memory_info().rss
         for child in self._proc.children(recursive=True):
             try:
                 total += child.memory_info().rss

@@ -142,6 +142,20 @@ def test_rss_backend_dead_process_raises():
         b.used_mb()
 
 
+def test_rss_backend_zombie_raises():
+    # An exited worker that is not reaped yet reads as RSS 0; it must not become a 0 MB sample.
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    b = RssBackend(child.pid)
+    deadline = time.time() + 10
+    while psutil.Process(child.pid).status() != psutil.STATUS_ZOMBIE and time.time() < deadline:
+        time.sleep(0.05)
+    try:
+        with pytest.raises(psutil.Error):
+            b.used_mb()
+    finally:
+        child.wait()
+
+
 # --- pick_backend ------------------------------------------------------------
 
 def test_pick_cpu():
