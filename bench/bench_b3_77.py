@@ -103,6 +103,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ctx", type=int, nargs="+", default=[4096, 32768, 131072])
     ap.add_argument("--gen", type=int, default=32)
+    ap.add_argument("--chunk", type=int, default=1024, help="prefill chunk (rows per forward)")
     ap.add_argument("--model", default="llama3-8b")
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--out", default="bench/results")
@@ -136,7 +137,7 @@ def main():
         prompt = synthetic_prompt(ctx, cfg.vocab_size, 0).to(dev)
         for kv, backend in ((1, "triton"), (0, "torch")):
             try:
-                r = time_engine(lambda: Llama(cfg, w, max_tokens=ctx + args.gen, kv_aligned=kv, chunk=1024,
+                r = time_engine(lambda: Llama(cfg, w, max_tokens=ctx + args.gen, kv_aligned=kv, chunk=args.chunk,
                                               kv_block=1024, backend=backend), prompt, args.gen)
                 add(f"greta-{backend}", ctx, kv, *r)
             except torch.OutOfMemoryError as e:
@@ -164,11 +165,11 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"bench_{day}_{card.replace(' ', '_')}_{datetime.now(timezone.utc).strftime('%H%M%S')}"
     doc = {"card": card, "date": day, "torch": torch.__version__, "ceilings": ceil, "model": args.model,
-           "gen": args.gen, "points": points}
+           "gen": args.gen, "chunk": args.chunk, "points": points}
     stem.with_suffix(".json").write_text(json.dumps(doc, indent=2) + "\n")
     lines = [f"# Bench {args.model} on {card}, {day}", "",
              f"Ceilings (this run): bf16 matmul {ceil['matmul_tflops']:.0f} TFLOP/s, copy {ceil['copy_gbps']:.0f} GB/s. "
-             f"Targets: prefill ≤ 1.3× floor, decode ≤ 1.25× floor, peak ≤ weights + KV + 1 GiB.", "",
+             f"Prefill chunk {args.chunk}. Targets: prefill ≤ 1.3× floor, decode ≤ 1.25× floor, peak ≤ weights + KV + 1 GiB.", "",
              "| engine | ctx | kv_aligned | prefill s | × floor | decode ms/tok | × floor | peak GiB | weights+KV GiB |",
              "|---|---|---|---|---|---|---|---|---|"]
     for p in points:

@@ -31,24 +31,38 @@ import triton.language as tl
 BLOCK_M = 64     # query rows per tile (prefill: 64 positions; decode: the GQA group's heads)
 BLOCK_KV = 64    # keys per block; callers align S_max of the cache to this
 SPLIT_KV = 512   # keys per split (a multiple of BLOCK_KV)
-NUM_WARPS = 4    # same for both paths: it fixes the dot / reduction layouts
+NUM_WARPS = 4    # decode's launch, and prefill's unless PREFILL says otherwise
 NUM_STAGES = 2
+# Prefill launch: BLOCK_M, num_warps, num_stages, TMA loads of K/V (CUDA sm_90+ only; elsewhere pointer
+# loads). A row's arithmetic does not depend on these (the same argument as the GEMM's tiles, and checked
+# the same way on the GPU: tests/test_kernels_gpu.py, bench/sweep_kernels.py); BLOCK_KV and SPLIT_KV it does.
+PREFILL = (BLOCK_M, NUM_WARPS, NUM_STAGES, False)
 LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _block_update(q, k_base, v_base, p, b_lo, hi, m, l, acc, qk_scale, EDGE: tl.constexpr,
-                  BLOCK_KV: tl.constexpr, HEAD_D: tl.constexpr):
+def _block_update(q, K, V, kv_row, p, b_lo, hi, m, l, acc, qk_scale, EDGE: tl.constexpr,
+                  BLOCK_KV: tl.constexpr, HEAD_D: tl.constexpr, TMA: tl.constexpr):
     """One online-softmax step over keys [b_lo, b_lo + BLOCK_KV). EDGE=False is for blocks every row of the
     tile sees in full (all keys <= every row's p, all < hi): the masks and the per-row guard would select
-    the unmasked values anyway, so skipping them leaves every bit as it is."""
+    the unmasked values anyway, so skipping them leaves every bit as it is. K, V: the cache as pointers, or
+    (TMA) as tensor descriptors over [n_kv * S_max, HEAD_D]; kv_row is the kv head's first row in it.
+    Keys >= hi read as 0 either way."""
     d = tl.arange(0, HEAD_D)
     j = b_lo + tl.arange(0, BLOCK_KV)
-    if EDGE:
-        j_ok = j < hi
-        kt = tl.load(k_base + j[None, :].to(tl.int64) * HEAD_D + d[:, None], mask=j_ok[None, :], other=0.0)
+    if TMA:
+        k = K.load([(kv_row + b_lo).to(tl.int32), 0])
+        v = V.load([(kv_row + b_lo).to(tl.int32), 0])
+        if EDGE:
+            k = tl.where(j[:, None] < hi, k, 0.0)
+            v = tl.where(j[:, None] < hi, v, 0.0)
+        kt = k.T
     else:
-        kt = tl.load(k_base + j[None, :].to(tl.int64) * HEAD_D + d[:, None])
+        k_base = K + kv_row * HEAD_D
+        if EDGE:
+            kt = tl.load(k_base + j[None, :].to(tl.int64) * HEAD_D + d[:, None], mask=(j < hi)[None, :], other=0.0)
+        else:
+            kt = tl.load(k_base + j[None, :].to(tl.int64) * HEAD_D + d[:, None])
     s = tl.dot(q, kt) * qk_scale
     if EDGE:
         s = tl.where(j[None, :] <= p[:, None], s, float("-inf"))
@@ -56,10 +70,12 @@ def _block_update(q, k_base, v_base, p, b_lo, hi, m, l, acc, qk_scale, EDGE: tl.
     alpha = tl.exp2(m - m_new)
     pr = tl.exp2(s - m_new[:, None])
     l_new = l * alpha + tl.sum(pr, 1)
-    if EDGE:
-        v = tl.load(v_base + j[:, None].to(tl.int64) * HEAD_D + d[None, :], mask=j_ok[:, None], other=0.0)
-    else:
-        v = tl.load(v_base + j[:, None].to(tl.int64) * HEAD_D + d[None, :])
+    if not TMA:
+        v_base = V + kv_row * HEAD_D
+        if EDGE:
+            v = tl.load(v_base + j[:, None].to(tl.int64) * HEAD_D + d[None, :], mask=(j < hi)[:, None], other=0.0)
+        else:
+            v = tl.load(v_base + j[:, None].to(tl.int64) * HEAD_D + d[None, :])
     acc_new = tl.dot(pr.to(v.dtype), v, acc * alpha[:, None])
     if EDGE:
         active = b_lo <= p
@@ -68,8 +84,8 @@ def _block_update(q, k_base, v_base, p, b_lo, hi, m, l, acc, qk_scale, EDGE: tl.
 
 
 @triton.jit
-def _split_partial(q, k_base, v_base, p, p_min, lo, hi, qk_scale,
-                   BLOCK_M: tl.constexpr, BLOCK_KV: tl.constexpr, HEAD_D: tl.constexpr):
+def _split_partial(q, K, V, kv_row, p, p_min, lo, hi, qk_scale,
+                   BLOCK_M: tl.constexpr, BLOCK_KV: tl.constexpr, HEAD_D: tl.constexpr, TMA: tl.constexpr):
     """Online softmax of the tile's rows over keys [lo, hi), blocks in order.
 
     hi <= max p of the tile + 1; keys >= hi are not read. A row only takes the
@@ -83,9 +99,9 @@ def _split_partial(q, k_base, v_base, p, p_min, lo, hi, qk_scale,
     acc = tl.zeros((BLOCK_M, HEAD_D), tl.float32)
     full_hi = tl.maximum(lo, tl.minimum(hi, (p_min + 1) // BLOCK_KV * BLOCK_KV))
     for b_lo in range(lo, full_hi, BLOCK_KV):
-        m, l, acc = _block_update(q, k_base, v_base, p, b_lo, hi, m, l, acc, qk_scale, False, BLOCK_KV, HEAD_D)
+        m, l, acc = _block_update(q, K, V, kv_row, p, b_lo, hi, m, l, acc, qk_scale, False, BLOCK_KV, HEAD_D, TMA)
     for b_lo in range(full_hi, hi, BLOCK_KV):
-        m, l, acc = _block_update(q, k_base, v_base, p, b_lo, hi, m, l, acc, qk_scale, True, BLOCK_KV, HEAD_D)
+        m, l, acc = _block_update(q, K, V, kv_row, p, b_lo, hi, m, l, acc, qk_scale, True, BLOCK_KV, HEAD_D, TMA)
     return m, l, acc
 
 
@@ -105,9 +121,9 @@ def _merge(m, l, acc, m_s, l_s, acc_s, valid):
 # so both paths run the same compiled binary.
 @triton.jit(do_not_specialize=["T", "splits_per_prog", "write_partial"])
 def _attn_kernel(Q, K, V, O, PM, PL, PACC, START, T, n_heads, group, n_splits, splits_per_prog,
-                 write_partial, qk_scale, stride_qt, stride_qh, stride_ot, stride_oh, stride_kvh,
+                 write_partial, qk_scale, stride_qt, stride_qh, stride_ot, stride_oh, s_max,
                  BLOCK_M: tl.constexpr, BLOCK_KV: tl.constexpr, SPLIT_KV: tl.constexpr,
-                 HEAD_D: tl.constexpr):
+                 HEAD_D: tl.constexpr, TMA: tl.constexpr):
     # Prefill (write_partial == 0): program (tile, query head, 0); row r is position tile_lo + r.
     # Decode (write_partial == 1): program (0, kv head, split); row r is query head kv*group + r, all at
     # position START, so one program reads its K/V split once for the whole GQA group. A row's arithmetic
@@ -126,7 +142,7 @@ def _attn_kernel(Q, K, V, O, PM, PL, PACC, START, T, n_heads, group, n_splits, s
     p_max = tl.where(packed, start, tl.minimum(tile_lo + BLOCK_M, start + T) - 1)
     d = tl.arange(0, HEAD_D)
     q = tl.load(Q + t[:, None] * stride_qt + hrow[:, None] * stride_qh + d[None, :], mask=row_ok[:, None], other=0.0)
-    kv_off = tl.where(packed, hp, hp // group).to(tl.int64) * stride_kvh
+    kv_row = tl.where(packed, hp, hp // group).to(tl.int64) * s_max
     m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, HEAD_D), tl.float32)
@@ -134,8 +150,8 @@ def _attn_kernel(Q, K, V, O, PM, PL, PACC, START, T, n_heads, group, n_splits, s
     s_end = tl.minimum(p_max + 1, s_begin + splits_per_prog * SPLIT_KV)
     for s_lo in range(s_begin, s_end, SPLIT_KV):
         hi = tl.minimum(s_lo + SPLIT_KV, p_max + 1)
-        m_s, l_s, acc_s = _split_partial(q, K + kv_off, V + kv_off, p, tl.min(p, 0), s_lo, hi, qk_scale,
-                                         BLOCK_M, BLOCK_KV, HEAD_D)
+        m_s, l_s, acc_s = _split_partial(q, K, V, kv_row, p, tl.min(p, 0), s_lo, hi, qk_scale,
+                                         BLOCK_M, BLOCK_KV, HEAD_D, TMA)
         if write_partial != 0:  # decode: one split per program, raw partial out
             w = hrow * n_splits + s_lo // SPLIT_KV
             tl.store(PM + w, m_s, mask=row_ok)
@@ -175,30 +191,48 @@ def _check(q, k_cache, v_cache, block_kv, split_kv):
     n_kv, s_max, Dk = k_cache.shape
     assert Dk == D and v_cache.shape == k_cache.shape and D == triton.next_power_of_2(D), (q.shape, k_cache.shape)
     assert n_heads % n_kv == 0 and q.stride(2) == 1, (n_heads, n_kv, q.stride())
-    assert k_cache.is_contiguous() and v_cache.is_contiguous()
+    assert k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.stride(0) == s_max * D
     assert q.dtype == k_cache.dtype == v_cache.dtype, (q.dtype, k_cache.dtype)
     assert s_max % block_kv == 0 and split_kv % block_kv == 0, (s_max, block_kv, split_kv)
     return T, n_heads, D, n_heads // n_kv, triton.cdiv(s_max, split_kv)
 
 
+def _tma_ok(k_cache) -> bool:
+    return (k_cache.is_cuda and torch.version.hip is None and torch.cuda.get_device_capability(k_cache.device)[0] >= 9
+            and k_cache.shape[0] * k_cache.shape[1] < 2 ** 31)
+
+
 def _launch(q, k_cache, v_cache, o, parts, start_t, T, grid, splits_per_prog, write_partial,
-            block_m, block_kv, split_kv):
+            block_m, block_kv, split_kv, num_warps, num_stages, tma):
     _, n_heads, D, group, n_splits = _check(q, k_cache, v_cache, block_kv, split_kv)
+    n_kv, s_max, _ = k_cache.shape
     pm, pl, pacc = parts
     assert o.stride(2) == 1
-    _attn_kernel[grid](q, k_cache, v_cache, o, pm, pl, pacc, start_t, T, n_heads, group, n_splits,
+    k, v = k_cache, v_cache
+    if tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor as TD
+
+        k = TD.from_tensor(k_cache.view(n_kv * s_max, D), [block_kv, D])
+        v = TD.from_tensor(v_cache.view(n_kv * s_max, D), [block_kv, D])
+    _attn_kernel[grid](q, k, v, o, pm, pl, pacc, start_t, T, n_heads, group, n_splits,
                        splits_per_prog, write_partial, LOG2E / math.sqrt(D),
-                       q.stride(0), q.stride(1), o.stride(0), o.stride(1), k_cache.stride(0),
-                       BLOCK_M=block_m, BLOCK_KV=block_kv, SPLIT_KV=split_kv, HEAD_D=D,
-                       num_warps=NUM_WARPS, num_stages=NUM_STAGES, enable_fp_fusion=False)
+                       q.stride(0), q.stride(1), o.stride(0), o.stride(1), s_max,
+                       BLOCK_M=block_m, BLOCK_KV=block_kv, SPLIT_KV=split_kv, HEAD_D=D, TMA=tma,
+                       num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=False)
 
 
-def prefill_attention(q, k_cache, v_cache, start, *, block_m=BLOCK_M, block_kv=BLOCK_KV, split_kv=SPLIT_KV):
+def prefill_attention(q, k_cache, v_cache, start, *, block_m=None, block_kv=BLOCK_KV, split_kv=SPLIT_KV):
     """q [T, n_heads, D] at positions start..start+T-1 -> o [T, n_heads, D].
 
     The cache must hold keys/values for positions 0..start+T-1. The block_*
-    and split_kv overrides exist for tests; decode must use the same values.
+    and split_kv overrides exist for tests; decode must use the same block_kv
+    and split_kv. An explicit block_m runs the decode launch (pointer loads).
     """
+    if block_m is None:
+        block_m, num_warps, num_stages, tma = PREFILL
+        tma = tma and _tma_ok(k_cache)
+    else:
+        num_warps, num_stages, tma = NUM_WARPS, NUM_STAGES, False
     T, n_heads, D, _, n_splits = _check(q, k_cache, v_cache, block_kv, split_kv)
     o = torch.empty((T, n_heads, D), dtype=q.dtype, device=q.device)
     if T == 0:
@@ -207,7 +241,7 @@ def prefill_attention(q, k_cache, v_cache, start, *, block_m=BLOCK_M, block_kv=B
     n_tiles = triton.cdiv(start + T, block_m) - start // block_m
     dummy = torch.empty(1, dtype=torch.float32, device=q.device)
     _launch(q, k_cache, v_cache, o, (dummy, dummy, dummy), start_t, T, (n_tiles, n_heads, 1),
-            n_splits, 0, block_m, block_kv, split_kv)
+            n_splits, 0, block_m, block_kv, split_kv, num_warps, num_stages, tma)
     return o
 
 
@@ -230,7 +264,7 @@ def decode_attention(q, k_cache, v_cache, pos, *, block_m=BLOCK_M, block_kv=BLOC
     pacc = torch.empty((n_heads, n_splits, D), dtype=torch.float32, device=q.device)
     assert n_heads // k_cache.shape[0] <= block_m, "a GQA group must fit in one query tile"
     _launch(q, k_cache, v_cache, o, (pm, pl, pacc), pos_t, 1, (1, k_cache.shape[0], n_splits),
-            1, 1, block_m, block_kv, split_kv)
+            1, 1, block_m, block_kv, split_kv, NUM_WARPS, NUM_STAGES, False)
     _merge_kernel[(n_heads,)](pm, pl, pacc, o, pos_t, n_splits, o.stride(1),
                               SPLIT_KV=split_kv, HEAD_D=D, num_warps=NUM_WARPS, enable_fp_fusion=False)
     return o

@@ -121,6 +121,22 @@ def test_default_tiles():
     assert torch.equal(o, full[a:])
 
 
+@pytest.mark.parametrize("D,n_heads,n_kv", SHAPES)
+def test_prefill_tma_launch(D, n_heads, n_kv, monkeypatch):
+    """The prefill launch with TMA (tensor-descriptor) loads of K/V: accurate, keys past the chunk (NaN
+    here) never leak in, and chunked == full. That its rows equal the pointer-load decode rows bit for
+    bit is checked on the GPU (tests/test_kernels_gpu.py): the interpreter's dot differs by layout."""
+    monkeypatch.setattr(attention, "PREFILL", (16, 4, 2, True))
+    monkeypatch.setattr(attention, "_tma_ok", lambda k: True)
+    ctx, tiles = 130, dict(block_kv=16, split_kv=32)
+    q, k, v = make(ctx, D, n_heads, n_kv, torch.float32, 16, seed=6000 + D + n_heads)
+    full = poisoned(prefill_attention, q, k, v, 0, **tiles)
+    torch.testing.assert_close(full, attention_ref(q, k, v, 0), **TOL[torch.float32])
+    for a, b in [(0, 41), (41, 97), (97, ctx)]:
+        o = poisoned(prefill_attention, q[a:b], cut(k, b), cut(v, b), a, **tiles)
+        assert torch.equal(o, full[a:b]), f"chunk [{a}, {b}) differs from the full prefill"
+
+
 def test_negative_controls():
     """The bit-exact checks above can fail: nearby computations differ in bits."""
     ctx = 130

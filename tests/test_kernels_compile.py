@@ -70,9 +70,9 @@ def test_attention_compiles(head_d):
     types = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "PM": "*fp32", "PL": "*fp32",
              "PACC": "*fp32", "START": "*i64", "qk_scale": "fp32",
              **ints("T", "n_heads", "group", "n_splits", "splits_per_prog", "write_partial", "stride_qt",
-                    "stride_qh", "stride_ot", "stride_oh", "stride_kvh")}
+                    "stride_qh", "stride_ot", "stride_oh", "s_max")}
     ptx = compile_ptx(att._attn_kernel, types,
-                      dict(BLOCK_M=att.BLOCK_M, BLOCK_KV=att.BLOCK_KV, SPLIT_KV=att.SPLIT_KV, HEAD_D=head_d),
+                      dict(BLOCK_M=att.BLOCK_M, BLOCK_KV=att.BLOCK_KV, SPLIT_KV=att.SPLIT_KV, HEAD_D=head_d, TMA=False),
                       num_warps=att.NUM_WARPS, num_stages=att.NUM_STAGES, enable_fp_fusion=False)
     merge = compile_ptx(att._merge_kernel,
                         {"PM": "*fp32", "PL": "*fp32", "PACC": "*fp32", "O": "*bf16", "POS": "*i64",
