@@ -221,13 +221,14 @@ def _launch(q, k_cache, v_cache, o, parts, start_t, T, grid, splits_per_prog, wr
                        num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=False)
 
 
-def prefill_attention(q, k_cache, v_cache, start, *, block_m=None, block_kv=BLOCK_KV, split_kv=SPLIT_KV):
+def prefill_attention(q, k_cache, v_cache, start, *, block_m=None, block_kv=None, split_kv=None):
     """q [T, n_heads, D] at positions start..start+T-1 -> o [T, n_heads, D].
 
     The cache must hold keys/values for positions 0..start+T-1. The block_*
     and split_kv overrides exist for tests; decode must use the same block_kv
     and split_kv. An explicit block_m runs the decode launch (pointer loads).
     """
+    block_kv, split_kv = block_kv or BLOCK_KV, split_kv or SPLIT_KV
     if block_m is None:
         block_m, num_warps, num_stages, tma = PREFILL
         tma = tma and _tma_ok(k_cache)
@@ -245,13 +246,14 @@ def prefill_attention(q, k_cache, v_cache, start, *, block_m=None, block_kv=BLOC
     return o
 
 
-def decode_attention(q, k_cache, v_cache, pos, *, block_m=BLOCK_M, block_kv=BLOCK_KV, split_kv=SPLIT_KV):
+def decode_attention(q, k_cache, v_cache, pos, *, block_m=None, block_kv=None, split_kv=None):
     """q [1, n_heads, D] at position pos -> o [1, n_heads, D].
 
     pos: python int, or a 0-d / 1-element int tensor on q's device (preferred:
     no host sync, so the step can be CUDA-graph captured). The grid covers all
     S_max // SPLIT_KV splits; programs past pos return at once.
     """
+    block_m, block_kv, split_kv = block_m or BLOCK_M, block_kv or BLOCK_KV, split_kv or SPLIT_KV
     T, n_heads, D, _, n_splits = _check(q, k_cache, v_cache, block_kv, split_kv)
     assert T == 1, q.shape
     if isinstance(pos, torch.Tensor):
