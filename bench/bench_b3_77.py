@@ -103,7 +103,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ctx", type=int, nargs="+", default=[4096, 32768, 131072])
     ap.add_argument("--gen", type=int, default=32)
-    ap.add_argument("--chunk", type=int, default=1024, help="prefill chunk (rows per forward)")
+    ap.add_argument("--chunk", type=int, default=2048, help="prefill chunk (rows per forward; params/b3_77.yaml)")
     ap.add_argument("--model", default="llama3-8b")
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--out", default="bench/results")

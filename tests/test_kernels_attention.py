@@ -109,14 +109,14 @@ def test_strided_q():
 
 def test_default_tiles():
     """The real BLOCK_M / BLOCK_KV / SPLIT_KV: ctx spans two splits."""
-    ctx = 600
-    q, k, v = make(ctx, 128, 4, 1, torch.float32, attention.BLOCK_KV, seed=3)
+    ctx = attention.SPLIT_KV + 100
+    q, k, v = make(ctx, 128, 1, 1, torch.float32, attention.BLOCK_KV, seed=3)
     full = poisoned(prefill_attention, q, k, v, 0)
     torch.testing.assert_close(full, attention_ref(q, k, v, 0), **TOL[torch.float32])
     for p in [0, 63, 64, attention.SPLIT_KV - 1, attention.SPLIT_KV, ctx - 1]:
         o = poisoned(decode_attention, q[p:p + 1], cut(k, p + 1), cut(v, p + 1), p)
         assert torch.equal(o[0], full[p]), p
-    a = 300
+    a = attention.SPLIT_KV - 64
     o = poisoned(prefill_attention, q[a:], k, v, a)
     assert torch.equal(o, full[a:])
 
