@@ -173,7 +173,8 @@ def main():
              "| engine | ctx | kv_aligned | prefill s | × floor | decode ms/tok | × floor | peak GiB | weights+KV GiB |",
              "|---|---|---|---|---|---|---|---|---|"]
     for p in points:
-        lines.append(f"| {p['engine']} | {p['ctx']} | {p['kv_aligned']} | {p['prefill_s']:.3f} | {p['prefill_roofline_ratio']:.2f} | "
+        kv = "—" if p["kv_aligned"] is None else p["kv_aligned"]
+        lines.append(f"| {p['engine']} | {p['ctx']} | {kv} | {p['prefill_s']:.3f} | {p['prefill_roofline_ratio']:.2f} | "
                      f"{p['decode_ms_per_token']:.2f} | {p['decode_roofline_ratio']:.2f} | {p['peak_allocated_gib']:.2f} | "
                      f"{p['weights_plus_kv_gib']:.2f} |")
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")

@@ -20,6 +20,8 @@ One kernel, _attn_kernel, computes the split partials for both paths:
            heads, writes each head's split partial to a workspace; _merge_kernel
            merges them in split order with the same _merge code. pos is read
            from a device tensor (CUDA-graph friendly).
+The two launches share BLOCK_KV, SPLIT_KV, num_warps and the MMA; prefill
+pipelines deeper and loads K/V by TMA on sm_90+ (PREFILL below).
 See docs/KERNELS.md for why the bits agree.
 """
 import math
@@ -120,8 +122,8 @@ def _merge(m, l, acc, m_s, l_s, acc_s, valid):
             tl.where(valid[:, None], acc_new, acc))
 
 
-# The runtime ints that differ between prefill and decode are not specialised,
-# so both paths run the same compiled binary.
+# The runtime ints that differ between prefill and decode are not specialised; the launches differ only in
+# num_stages and how K/V tiles arrive (TMA), not in a row's arithmetic.
 @triton.jit(do_not_specialize=["T", "splits_per_prog", "write_partial"])
 def _attn_kernel(Q, K, V, O, PM, PL, PACC, START, T, n_heads, group, n_splits, splits_per_prog,
                  write_partial, qk_scale, stride_qt, stride_qh, stride_ot, stride_oh, s_max,

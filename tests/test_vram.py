@@ -9,7 +9,6 @@ import types
 import psutil
 import pytest
 
-from greta import vram
 from greta.config import PRESETS
 from greta.vram import (
     AmdSmiBackend, NvmlBackend, RssBackend, TorchCudaBackend, VramSampler, floor_mb, physical_index,
