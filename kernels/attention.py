@@ -14,8 +14,9 @@ row p % BLOCK_M of its tile), so the tl.dot shapes and a row's place in them
 are the same in both paths.
 
 One kernel, _attn_kernel, computes the split partials for both paths:
-  prefill: one program per (query tile, head) loops over all splits and merges
-           in registers, then writes o.
+  prefill: one program per (query tile, head) walks all blocks in ONE loop,
+           merging each split's partial in registers as the next split
+           begins (_prefill_rows), then writes o.
   decode:  one program per (kv head, split), its rows the GQA group's query
            heads, writes each head's split partial to a workspace; _merge_kernel
            merges them in split order with the same _merge code. pos is read
@@ -122,49 +123,83 @@ def _merge(m, l, acc, m_s, l_s, acc_s, valid):
             tl.where(valid[:, None], acc_new, acc))
 
 
-# The runtime ints that differ between prefill and decode are not specialised; the launches differ only in
-# num_stages and how K/V tiles arrive (TMA), not in a row's arithmetic.
-@triton.jit(do_not_specialize=["T", "splits_per_prog", "write_partial"])
-def _attn_kernel(Q, K, V, O, PM, PL, PACC, START, T, n_heads, group, n_splits, splits_per_prog,
-                 write_partial, qk_scale, stride_qt, stride_qh, stride_ot, stride_oh, s_max,
+@triton.jit
+def _prefill_rows(q, K, V, kv_row, p, p_max, qk_scale,
+                  BLOCK_M: tl.constexpr, BLOCK_KV: tl.constexpr, SPLIT_KV: tl.constexpr, HEAD_D: tl.constexpr,
+                  TMA: tl.constexpr):
+    """All splits of a prefill tile as ONE loop over blocks (so the software pipeline never drains): the
+    split partial is folded into the running state with _merge when a new split begins, and after the last
+    block. Per row this is the same sequence of operations as _split_partial per split, then _merge."""
+    m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, HEAD_D), tl.float32)
+    m_s = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_s = tl.zeros((BLOCK_M,), tl.float32)
+    acc_s = tl.zeros((BLOCK_M, HEAD_D), tl.float32)
+    hi = p_max + 1
+    full_end = (tl.min(p, 0) + 1) // BLOCK_KV * BLOCK_KV  # blocks below it are whole for every row
+    for b_lo in range(0, full_end, BLOCK_KV):
+        if (b_lo % SPLIT_KV == 0) & (b_lo > 0):
+            m, l, acc = _merge(m, l, acc, m_s, l_s, acc_s, b_lo - SPLIT_KV <= p)
+            m_s = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+            l_s = tl.zeros((BLOCK_M,), tl.float32)
+            acc_s = tl.zeros((BLOCK_M, HEAD_D), tl.float32)
+        m_s, l_s, acc_s = _block_update(q, K, V, kv_row, p, b_lo, hi, m_s, l_s, acc_s, qk_scale, False,
+                                        BLOCK_KV, HEAD_D, TMA)
+    for b_lo in range(full_end, hi, BLOCK_KV):
+        if (b_lo % SPLIT_KV == 0) & (b_lo > 0):
+            m, l, acc = _merge(m, l, acc, m_s, l_s, acc_s, b_lo - SPLIT_KV <= p)
+            m_s = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+            l_s = tl.zeros((BLOCK_M,), tl.float32)
+            acc_s = tl.zeros((BLOCK_M, HEAD_D), tl.float32)
+        m_s, l_s, acc_s = _block_update(q, K, V, kv_row, p, b_lo, hi, m_s, l_s, acc_s, qk_scale, True,
+                                        BLOCK_KV, HEAD_D, TMA)
+    return _merge(m, l, acc, m_s, l_s, acc_s, p_max // SPLIT_KV * SPLIT_KV <= p)
+
+
+# T is not specialised: every chunk length runs the same prefill binary.
+@triton.jit(do_not_specialize=["T"])
+def _attn_kernel(Q, K, V, O, PM, PL, PACC, START, T, group, n_splits, qk_scale,
+                 stride_qt, stride_qh, stride_ot, stride_oh, s_max,
                  BLOCK_M: tl.constexpr, BLOCK_KV: tl.constexpr, SPLIT_KV: tl.constexpr,
-                 HEAD_D: tl.constexpr, TMA: tl.constexpr):
-    # Prefill (write_partial == 0): program (tile, query head, 0); row r is position tile_lo + r.
-    # Decode (write_partial == 1): program (0, kv head, split); row r is query head kv*group + r, all at
-    # position START, so one program reads its K/V split once for the whole GQA group. A row's arithmetic
-    # (its dot row, its row max/sum, its masks) is the same either way; only which rows share a tile differs.
+                 HEAD_D: tl.constexpr, TMA: tl.constexpr, DECODE: tl.constexpr):
+    # Prefill: program (tile, query head, 0); row r is position tile_lo + r; all splits, merged in registers.
+    # Decode: program (0, kv head, split); row r is query head kv*group + r, all at position START, so one
+    # program reads its K/V split once for the whole GQA group, and writes the raw split partial. A row's
+    # arithmetic (its dot row, its row max/sum, its masks) is the same either way; only which rows share a
+    # tile differs.
     pid_m = tl.program_id(0)
     hp = tl.program_id(1)
     pid_s = tl.program_id(2)
     start = tl.load(START)
     r = tl.arange(0, BLOCK_M)
-    tile_lo = (start // BLOCK_M + pid_m) * BLOCK_M
-    packed = write_partial != 0
-    p = tl.where(packed, start + r * 0, tile_lo + r)   # absolute position of each row
-    hrow = tl.where(packed, hp * group + r, hp + r * 0)  # query head of each row
-    row_ok = tl.where(packed, r < group, (p >= start) & (p < start + T))
-    t = p - start
-    p_max = tl.where(packed, start, tl.minimum(tile_lo + BLOCK_M, start + T) - 1)
     d = tl.arange(0, HEAD_D)
+    if DECODE:
+        p = start + r * 0
+        hrow = hp * group + r
+        row_ok = r < group
+        p_max = start
+        kv_row = hp.to(tl.int64) * s_max
+    else:
+        tile_lo = (start // BLOCK_M + pid_m) * BLOCK_M
+        p = tile_lo + r
+        hrow = hp + r * 0
+        row_ok = (p >= start) & (p < start + T)
+        p_max = tl.minimum(tile_lo + BLOCK_M, start + T) - 1
+        kv_row = (hp // group).to(tl.int64) * s_max
+    t = p - start
     q = tl.load(Q + t[:, None] * stride_qt + hrow[:, None] * stride_qh + d[None, :], mask=row_ok[:, None], other=0.0)
-    kv_row = tl.where(packed, hp, hp // group).to(tl.int64) * s_max
-    m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    l = tl.zeros((BLOCK_M,), tl.float32)
-    acc = tl.zeros((BLOCK_M, HEAD_D), tl.float32)
-    s_begin = pid_s * SPLIT_KV
-    s_end = tl.minimum(p_max + 1, s_begin + splits_per_prog * SPLIT_KV)
-    for s_lo in range(s_begin, s_end, SPLIT_KV):
-        hi = tl.minimum(s_lo + SPLIT_KV, p_max + 1)
-        m_s, l_s, acc_s = _split_partial(q, K, V, kv_row, p, tl.min(p, 0), s_lo, hi, qk_scale,
-                                         BLOCK_M, BLOCK_KV, HEAD_D, TMA)
-        if write_partial != 0:  # decode: one split per program, raw partial out
-            w = hrow * n_splits + s_lo // SPLIT_KV
+    if DECODE:
+        s_lo = pid_s * SPLIT_KV
+        if s_lo <= p_max:
+            m_s, l_s, acc_s = _split_partial(q, K, V, kv_row, p, start, s_lo, tl.minimum(s_lo + SPLIT_KV, p_max + 1),
+                                             qk_scale, BLOCK_M, BLOCK_KV, HEAD_D, TMA)
+            w = hrow * n_splits + pid_s
             tl.store(PM + w, m_s, mask=row_ok)
             tl.store(PL + w, l_s, mask=row_ok)
             tl.store(PACC + w[:, None] * HEAD_D + d[None, :], acc_s, mask=row_ok[:, None])
-        else:
-            m, l, acc = _merge(m, l, acc, m_s, l_s, acc_s, s_lo <= p)
-    if write_partial == 0:
+    else:
+        m, l, acc = _prefill_rows(q, K, V, kv_row, p, p_max, qk_scale, BLOCK_M, BLOCK_KV, SPLIT_KV, HEAD_D, TMA)
         o = acc / l[:, None]
         tl.store(O + t[:, None] * stride_ot + hp * stride_oh + d[None, :], o.to(O.dtype.element_ty),
                  mask=row_ok[:, None])
@@ -207,8 +242,8 @@ def _tma_ok(k_cache) -> bool:
             and k_cache.shape[0] * k_cache.shape[1] < 2 ** 31)
 
 
-def _launch(q, k_cache, v_cache, o, parts, start_t, T, grid, splits_per_prog, write_partial,
-            block_m, block_kv, split_kv, num_warps, num_stages, tma):
+def _launch(q, k_cache, v_cache, o, parts, start_t, T, grid, decode, block_m, block_kv, split_kv,
+            num_warps, num_stages, tma):
     _, n_heads, D, group, n_splits = _check(q, k_cache, v_cache, block_kv, split_kv)
     n_kv, s_max, _ = k_cache.shape
     pm, pl, pacc = parts
@@ -219,10 +254,9 @@ def _launch(q, k_cache, v_cache, o, parts, start_t, T, grid, splits_per_prog, wr
 
         k = TD.from_tensor(k_cache.view(n_kv * s_max, D), [block_kv, D])
         v = TD.from_tensor(v_cache.view(n_kv * s_max, D), [block_kv, D])
-    _attn_kernel[grid](q, k, v, o, pm, pl, pacc, start_t, T, n_heads, group, n_splits,
-                       splits_per_prog, write_partial, LOG2E / math.sqrt(D),
+    _attn_kernel[grid](q, k, v, o, pm, pl, pacc, start_t, T, group, n_splits, LOG2E / math.sqrt(D),
                        q.stride(0), q.stride(1), o.stride(0), o.stride(1), s_max,
-                       BLOCK_M=block_m, BLOCK_KV=block_kv, SPLIT_KV=split_kv, HEAD_D=D, TMA=tma,
+                       BLOCK_M=block_m, BLOCK_KV=block_kv, SPLIT_KV=split_kv, HEAD_D=D, TMA=tma, DECODE=decode,
                        num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=False)
 
 
@@ -246,8 +280,8 @@ def prefill_attention(q, k_cache, v_cache, start, *, block_m=None, block_kv=None
     start_t = torch.tensor([start], dtype=torch.int64, device=q.device)
     n_tiles = triton.cdiv(start + T, block_m) - start // block_m
     dummy = torch.empty(1, dtype=torch.float32, device=q.device)
-    _launch(q, k_cache, v_cache, o, (dummy, dummy, dummy), start_t, T, (n_tiles, n_heads, 1),
-            n_splits, 0, block_m, block_kv, split_kv, num_warps, num_stages, tma)
+    _launch(q, k_cache, v_cache, o, (dummy, dummy, dummy), start_t, T, (n_tiles, n_heads, 1), False,
+            block_m, block_kv, split_kv, num_warps, num_stages, tma)
     return o
 
 
@@ -270,8 +304,8 @@ def decode_attention(q, k_cache, v_cache, pos, *, block_m=None, block_kv=None, s
     pl = torch.empty_like(pm)
     pacc = torch.empty((n_heads, n_splits, D), dtype=torch.float32, device=q.device)
     assert n_heads // k_cache.shape[0] <= block_m, "a GQA group must fit in one query tile"
-    _launch(q, k_cache, v_cache, o, (pm, pl, pacc), pos_t, 1, (1, k_cache.shape[0], n_splits),
-            1, 1, block_m, block_kv, split_kv, NUM_WARPS, NUM_STAGES, False)
+    _launch(q, k_cache, v_cache, o, (pm, pl, pacc), pos_t, 1, (1, k_cache.shape[0], n_splits), True,
+            block_m, block_kv, split_kv, NUM_WARPS, NUM_STAGES, False)
     _merge_kernel[(n_heads,)](pm, pl, pacc, o, pos_t, n_splits, o.stride(1),
                               SPLIT_KV=split_kv, HEAD_D=D, num_warps=NUM_WARPS, enable_fp_fusion=False)
     return o

@@ -95,6 +95,19 @@ def test_chunked_prefill_equals_full(D, n_heads, n_kv, dtype):
         assert torch.equal(o, full[a:b]), f"chunk [{a}, {b}) differs from the full prefill"
 
 
+# rows that have not reached a split meet exp2(-inf - -inf) = NaN in _merge, discarded by its tl.where
+@pytest.mark.filterwarnings("ignore:invalid value encountered in subtract:RuntimeWarning")
+def test_tile_wider_than_split():
+    """A prefill tile whose rows sit in two splits: rows before the second split must skip its merge."""
+    ctx, tiles = 100, dict(block_m=32, block_kv=16, split_kv=16)
+    q, k, v = make(ctx, 64, 4, 2, torch.float32, 16, seed=8)
+    full = poisoned(prefill_attention, q, k, v, 0, **tiles)
+    torch.testing.assert_close(full, attention_ref(q, k, v, 0), **TOL[torch.float32])
+    for p in [0, 15, 16, 31, 32, 47, 63, 64, 99]:
+        o = poisoned(decode_attention, q[p:p + 1], cut(k, p + 1), cut(v, p + 1), p, **tiles)
+        assert torch.equal(o[0], full[p]), p
+
+
 def test_strided_q():
     """q as the first heads of a fused qkv tensor gives the same bits as a contiguous q."""
     ctx, n_heads = 37, 4

@@ -64,15 +64,16 @@ def ints(*names):
 
 
 @compiled
+@pytest.mark.parametrize("decode", [False, True])
 @pytest.mark.parametrize("head_d", [64, 128])
-def test_attention_compiles(head_d):
+def test_attention_compiles(head_d, decode):
     att = fresh("attention")
     types = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "PM": "*fp32", "PL": "*fp32",
              "PACC": "*fp32", "START": "*i64", "qk_scale": "fp32",
-             **ints("T", "n_heads", "group", "n_splits", "splits_per_prog", "write_partial", "stride_qt",
-                    "stride_qh", "stride_ot", "stride_oh", "s_max")}
+             **ints("T", "group", "n_splits", "stride_qt", "stride_qh", "stride_ot", "stride_oh", "s_max")}
     ptx = compile_ptx(att._attn_kernel, types,
-                      dict(BLOCK_M=att.BLOCK_M, BLOCK_KV=att.BLOCK_KV, SPLIT_KV=att.SPLIT_KV, HEAD_D=head_d, TMA=False),
+                      dict(BLOCK_M=att.BLOCK_M, BLOCK_KV=att.BLOCK_KV, SPLIT_KV=att.SPLIT_KV, HEAD_D=head_d,
+                           TMA=False, DECODE=decode),
                       num_warps=att.NUM_WARPS, num_stages=att.NUM_STAGES, enable_fp_fusion=False)
     merge = compile_ptx(att._merge_kernel,
                         {"PM": "*fp32", "PL": "*fp32", "PACC": "*fp32", "O": "*bf16", "POS": "*i64",
