@@ -33,16 +33,17 @@ import triton.language as tl
 
 BLOCK_M = 64     # query rows per tile (prefill: 64 positions; decode: the GQA group's heads)
 BLOCK_KV = 64    # keys per block; callers align S_max of the cache to this
-SPLIT_KV = 4096  # keys per split (a multiple of BLOCK_KV)
+SPLIT_KV = 1024  # keys per split (a multiple of BLOCK_KV)
 NUM_WARPS = 4    # decode's launch, and prefill's unless PREFILL says otherwise
-NUM_STAGES = 4   # decode's
+NUM_STAGES = 3   # decode's
 # Prefill launch: BLOCK_M, num_warps, num_stages, TMA loads of K/V (CUDA sm_90+ only; elsewhere pointer
 # loads). A row's arithmetic does not depend on these (the same argument as the GEMM's tiles, and checked
 # the same way on the GPU: tests/test_kernels_gpu.py, bench/sweep_attention.py); BLOCK_KV and SPLIT_KV it does.
 PREFILL = (64, 4, 3, True)
-# H100, 2026-11-26 (bench/sweep_attention.py): the software pipeline restarts at every split, so SPLIT_KV
-# 512 -> 4096 took the last 32k prefill chunk from 346 to 483 TFLOP/s; decode at 32k (8 splits x 8 kv heads)
-# 0.139 -> 0.129 ms per layer, at 4k (one split per kv head) 0.097 -> 0.117 ms.
+# H100, 2026-11-26 (bench/sweep_attention.py): with one loop per split the software pipeline drained every
+# split (346 TFLOP/s for the last 32k prefill chunk at SPLIT_KV 512, 483 at 4096). _prefill_rows walks all
+# splits in one loop: 474 TFLOP/s at 1024, where decode has 8x more programs than at 4096 (0.118 ms per
+# layer at 32k, 0.088 at 4k).
 LOG2E = 1.4426950408889634
 
 
