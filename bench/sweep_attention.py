@@ -20,6 +20,7 @@ from greta.kernels import attention as A
 SPLITS = [512, 1024, 2048, 4096]
 PREFILL = [(64, 4, 3, True), (64, 4, 2, True), (128, 8, 3, True), (64, 4, 3, False)]
 DECODE_STAGES = [2, 3, 4]
+CURRENT = {"split": A.SPLIT_KV, "launch": A.PREFILL, "decode_stages": A.NUM_STAGES}  # before the sweep
 
 
 def sweep(ctx=32768, T=1024):
@@ -76,9 +77,8 @@ def model_runs(best):
     w = synthetic(cfg, 0, torch.bfloat16, dev)
     ctx = 32768
     prompt = synthetic_prompt(ctx, cfg.vocab_size, 0).to(dev)
-    current = {"split": A.SPLIT_KV, "launch": A.PREFILL, "decode_stages": A.NUM_STAGES}
-    runs = [("current", current, 2048)]
-    if best and (best["split"], best["launch"], best["decode_stages"]) != tuple(current.values()):
+    runs = [("current", CURRENT, 2048)]
+    if best and {k: best[k] for k in CURRENT} != CURRENT:
         runs += [("best", best, 2048)]
     for name, s, chunk in runs:
         A.SPLIT_KV, A.PREFILL, A.NUM_STAGES = s["split"], s["launch"], s["decode_stages"]
