@@ -1,6 +1,5 @@
-"""Tile sweep for the Triton kernels at Llama-3-8B shapes (GPU). GEMM: decode tiles (M <= 64) that share
-BLOCK_K with the prefill tile, each checked bit-identical to it. Attention: each config is one config for
-both paths, checked bit-exact (decode row == prefill row).
+"""GEMM tile sweep at Llama-3-8B shapes (GPU): decode tiles (M <= 64) that share BLOCK_K with the prefill
+tile, each checked bit-identical to it. The attention sweep is bench/sweep_attention.py.
 
     python bench/sweep_kernels.py
 """
@@ -10,13 +9,10 @@ import torch
 from triton.testing import do_bench
 
 from greta.config import PRESETS
-from greta.kernels import attention as A
 from greta.kernels import gemm as G
 
 # decode tiles (M <= 64); the prefill tile stays as in kernels/gemm.py, so BLOCK_K is fixed
 GEMM = [(64, 32, 4, 4), (64, 16, 4, 4), (64, 32, 4, 6), (64, 64, 4, 4), (64, 16, 4, 6), (64, 32, 4, 3)]
-ATTN = [(64, 64, 512, 4, 2), (128, 64, 512, 8, 2), (128, 128, 512, 8, 2), (128, 64, 512, 8, 3),
-        (64, 128, 512, 4, 2), (64, 64, 256, 4, 2), (64, 64, 512, 4, 3), (128, 128, 512, 8, 3)]
 
 
 def main():
@@ -41,25 +37,6 @@ def main():
         except Exception as e:  # noqa: BLE001
             print(f"  {tile}: failed {type(e).__name__}: {str(e)[:100]}", flush=True)
     G.DECODE = default
-    ctx = 32768
-    S = ctx + 1024
-    kc = torch.randn(Hkv, S, D, device=dev, dtype=dt)
-    vc = torch.randn(Hkv, S, D, device=dev, dtype=dt)
-    start = ctx - 1024
-    q = torch.randn(1024, H, D, device=dev, dtype=dt)
-    pos = torch.tensor([ctx - 1], device=dev)
-    fl = 4 * H * D * 1024 * (start + 512)
-    print("attention (bm,bkv,split,warps,stages): prefill last chunk @32k | decode @32k | decode==prefill row", flush=True)
-    for bm, bkv, sp, nw, ns in ATTN:
-        A.NUM_WARPS, A.NUM_STAGES = nw, ns
-        kw = dict(block_m=bm, block_kv=bkv, split_kv=sp)
-        try:
-            tp = do_bench(lambda: A.prefill_attention(q, kc, vc, start, **kw), return_mode="median")
-            td = do_bench(lambda: A.decode_attention(q[-1:], kc, vc, pos, **kw), return_mode="median")
-            same = torch.equal(A.decode_attention(q[-1:], kc, vc, pos, **kw), A.prefill_attention(q, kc, vc, start, **kw)[-1:])
-            print(f"  {(bm, bkv, sp, nw, ns)}: {tp:.3f} ms ({fl / tp / 1e9:.0f} TFLOP/s) | {td:.3f} ms | {same}", flush=True)
-        except Exception as e:  # noqa: BLE001
-            print(f"  {(bm, bkv, sp, nw, ns)}: failed {type(e).__name__}: {str(e)[:100]}", flush=True)
 
 
 if __name__ == "__main__":
