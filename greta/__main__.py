@@ -3,6 +3,10 @@
   probe  run the probe and write its record (JSON, CSV, report.md)
   audit  run notebooks/run_b3_77.ipynb with papermill into a fresh record directory: the probe, the
          VRAM plot and equivalence notebooks, and an HTML rendering of each
+  verify check a record: manifest hashes, params, phases, artifacts, VRAM floor, verdict vs metrics
+
+Exit codes: 0 pass (PASS_EQUIV, EXPECTED_DRIFT; verify: the record verifies), 1 any other verdict (verify:
+the reasons it does not), 2 bad input or an unwritable output folder, 130 interrupted (record written).
 """
 from __future__ import annotations
 
@@ -21,7 +25,22 @@ def main(argv=None) -> int:
                         help="override a param, e.g. -p ctx=32768 -p timeouts.decode=60 (repeatable)")
         sp.add_argument("-o", "--out-root", default="outputs", help="records go under this folder (default: %(default)s)")
         sp.add_argument("--quiet", action="store_true", help="no progress bars")
+    vp = sub.add_parser("verify")
+    vp.add_argument("run_dir", nargs="+", help="record directories")
+    vp.add_argument("--allow-missing-logits", action="store_true",
+                    help="accept an absent logits.npz (records committed to git leave it out)")
     args = ap.parse_args(argv)
+    if args.cmd == "verify":
+        from .verify import verify
+
+        bad = 0
+        for d in args.run_dir:
+            reasons = verify(d, allow_missing_large=args.allow_missing_logits)
+            print(f"{'OK' if not reasons else 'FAIL'} {d}")
+            for r in reasons:
+                print(f"  - {r}")
+            bad += bool(reasons)
+        return 1 if bad else 0
 
     from .params import ParamError, load_params, parse_overrides
 
@@ -31,14 +50,24 @@ def main(argv=None) -> int:
     except ParamError as e:
         print(f"greta: error: {e}", file=sys.stderr)
         return 2
-    if args.cmd == "probe":
-        from .probe import run_probe
+    from .probe import ProbeInterrupted
+    from .record import RecordError
 
-        run_dir = run_probe(params, out_root=args.out_root, progress=not args.quiet)
-    else:
-        from .notebooks import run_audit
+    try:
+        if args.cmd == "probe":
+            from .probe import run_probe
 
-        run_dir = run_audit(args.file, overrides, out_root=args.out_root)
+            run_dir = run_probe(params, out_root=args.out_root, progress=not args.quiet)
+        else:
+            from .notebooks import run_audit
+
+            run_dir = run_audit(args.file, overrides, out_root=args.out_root)
+    except RecordError as e:
+        print(f"greta: error: {e}", file=sys.stderr)
+        return 2
+    except ProbeInterrupted as e:
+        print(f"greta: INTERRUPTED by {e.how}; record: {e.run_dir}", file=sys.stderr)
+        return 130
     import json
 
     verdict = json.loads((Path(run_dir) / "verdict.json").read_text())

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-VERDICTS = ("PASS_EQUIV", "FAIL_EQUIV", "EXPECTED_DRIFT", "FAIL_OOM", "FAIL_TIMEOUT", "FAIL_CRASH", "FAIL_ERROR")
+VERDICTS = ("PASS_EQUIV", "FAIL_EQUIV", "EXPECTED_DRIFT", "FAIL_OOM", "FAIL_TIMEOUT", "FAIL_ERROR", "INTERRUPTED")
 
 
 def compare(decode: np.ndarray, reference: np.ndarray, tokens: list[int], positions: list[int],

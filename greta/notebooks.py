@@ -109,35 +109,105 @@ def execute_analysis(run_dir: str | Path, timeout_s: float | None = 600) -> list
 def run_audit(params_file, overrides: dict, out_root="outputs") -> Path:
     """The main job: execute run_b3_77.ipynb into a fresh record directory and render it to HTML.
 
-    The run notebook runs the probe and the two analysis notebooks. If its kernel dies mid-probe, the
-    record still gets a FAIL_CRASH verdict.json and a report.md saying so.
+    The run notebook runs the probe and the two analysis notebooks. If its kernel dies mid-probe (or the
+    audit is interrupted), the record still gets a FAIL_ERROR (INTERRUPTED) verdict.json, the phases and
+    VRAM samples measured up to then, and a report.md saying so. The record is sealed (manifest.json) last.
     """
-    import json
-
-    from .params import load_params, resolve
     from datetime import datetime, timezone
 
-    params = load_params(params_file, overrides)  # bad input stops here, in one line
-    from .record import run_id
+    from .params import load_params, resolve
+    from .record import preflight, run_id, seal
 
+    params = load_params(params_file, overrides)  # bad input stops here, in one line
+    preflight(out_root, params)
     day = datetime.now(timezone.utc).strftime("%Y-%m-%d")
     run_dir = (Path(out_root) / day / params["probe"] / run_id(params)).resolve()
     run_dir.mkdir(parents=True)
     out = run_dir / "run_b3_77.ipynb"
-    err = execute_notebook(notebook_path("run_b3_77.ipynb"), out,
-                           dict(params_file=str(resolve(params_file).resolve()), overrides=dict(overrides),
-                                out_root=str(Path(out_root).resolve()), run_dir=str(run_dir)), timeout_s=None)
+    interrupted = None
+    try:
+        err = execute_notebook(notebook_path("run_b3_77.ipynb"), out,
+                               dict(params_file=str(resolve(params_file).resolve()), overrides=dict(overrides),
+                                    out_root=str(Path(out_root).resolve()), run_dir=str(run_dir)), timeout_s=None)
+    except KeyboardInterrupt:
+        err, interrupted = None, "SIGINT (Ctrl-C)"
     if err is not None:
         print(f"greta: run_b3_77.ipynb failed: {_one_line(err)} (kept: {out})", file=sys.stderr)
     if not (run_dir / "verdict.json").is_file():
-        reason = f"the run notebook stopped before the probe wrote its verdict: {_one_line(err) if err else 'unknown'}"
-        (run_dir / "verdict.json").write_text(json.dumps(
-            {"verdict": "FAIL_CRASH", "reason": reason, "failed_phase": None, "bit_exact": None,
-             "kv_aligned": params["kv_aligned"]}, indent=2) + "\n")
-        (run_dir / "report.md").write_text(f"# B3.77 — FAIL_CRASH\n\n{reason}\n\nSee run_b3_77.ipynb/.html here.\n")
+        if interrupted:
+            verdict, how = "INTERRUPTED", f"the audit was interrupted by {interrupted}"
+        else:
+            verdict, how = "FAIL_ERROR", f"the notebook kernel died ({_one_line(err) if err else 'no error reported'})"
+        _fault_record(run_dir, params, verdict, how)
     if out.is_file():
         try:
             to_html(out)
         except Exception as exc:  # noqa: BLE001 - the record stands without its HTML
             print(f"greta: rendering {out.name} to HTML failed: {_one_line(exc)}", file=sys.stderr)
+    seal(run_dir, params)
+    if interrupted:
+        from .probe import ProbeInterrupted
+
+        raise ProbeInterrupted(run_dir, interrupted)
     return run_dir
+
+
+def _fault_record(run_dir: Path, params: dict, verdict: str, how: str):
+    """The record of a run whose probe process died before writing its own: what it had checkpointed
+    (perf.json, vram_samples.csv), the phase it was in, a verdict, a vram.json and report.md, and a
+    banner on the partial notebook (papermill marks the unrun cells as if they had completed)."""
+    import json
+
+    from . import vram
+    from .config import load_config
+    from .params import PHASES, dtype_bytes
+    from .record import atomic_write_text
+
+    if not (run_dir / "params.json").is_file():  # died before the probe made its record
+        from .record import git_state, versions
+
+        atomic_write_text(run_dir / "params.json", json.dumps(params, indent=2) + "\n")
+        atomic_write_text(run_dir / "metadata.json", json.dumps(
+            {"run_id": run_dir.name, "probe": params["probe"], **git_state(), "versions": versions(),
+             "seed": params["seed"], "model": params["model"]}, indent=2) + "\n")
+    perf_path = run_dir / "perf.json"
+    perf = json.loads(perf_path.read_text()) if perf_path.is_file() else {}
+    perf = {ph: perf.get(ph, {"status": "not_run"}) for ph in PHASES}
+    running = [ph for ph in PHASES if perf[ph].get("status") == "running"]
+    failed = running[0] if running else None
+    reason = f"{how}" + (f" during {failed}" if failed else " before the probe started")
+    if failed:
+        perf[failed].update({"status": "crash" if verdict == "FAIL_ERROR" else "interrupted", "error": reason})
+    atomic_write_text(perf_path, json.dumps(perf, indent=2) + "\n")
+    csv_path = run_dir / "vram_samples.csv"
+    samples = vram.read_samples_csv(csv_path) if csv_path.is_file() else []
+    if not csv_path.is_file():
+        vram.write_samples_csv(csv_path, [])
+    try:
+        floor = vram.floor_mb(load_config(params["model"]), dtype_bytes(params["dtype"]), params["ctx"] + params["gen"])
+    except Exception:  # noqa: BLE001 - an unreadable model config leaves the floor unknown
+        floor = {"weights_mb": None, "kv_cache_mb": None, "total_mb": None}
+    used = [s["device_used_mb"] for s in samples if s["device_used_mb"] is not None]
+    peak = max(used) if used else None
+    below = peak is not None and floor["total_mb"] is not None and peak < floor["total_mb"] and failed not in (None, "ceilings", "load")
+    atomic_write_text(run_dir / "vram.json", json.dumps({
+        "backend": None, "fallback_reason": "the probe process died before writing vram.json; figures from its samples",
+        "device_info": None, "sampling_period_sec": params["sampling_period_s"], "samples_count": len(samples),
+        "peak_vram_mb": peak, "allocator_peaks": {}, "floor": floor, "below_floor": below,
+        "below_floor_figures": [f"peak_vram_mb {peak} < floor {floor['total_mb']}"] if below else []}, indent=2) + "\n")
+    atomic_write_text(run_dir / "verdict.json", json.dumps(
+        {"verdict": verdict, "reason": reason, "failed_phase": failed, "bit_exact": None,
+         "kv_aligned": params["kv_aligned"], "perturb": params["perturb"], "tokens": None}, indent=2) + "\n")
+    rows = "\n".join(f"| {ph} | {perf[ph].get('status')} | {perf[ph].get('wall_s', '')} |" for ph in PHASES)
+    atomic_write_text(run_dir / "report.md", f"# B3.77 — {verdict}\n\n{reason}.\n\n| Phase | Status | Wall (s) |\n"
+                      f"|---|---|---|\n{rows}\n\nVRAM samples up to the fault: {len(samples)} (peak {peak} MB; "
+                      f"floor {floor['total_mb']} MB). See run_b3_77.ipynb/.html here: cells after the fault did not run.\n")
+    nb_path = run_dir / "run_b3_77.ipynb"
+    if nb_path.is_file():
+        import nbformat
+
+        nb = nbformat.read(nb_path, as_version=4)
+        nb.cells.insert(0, nbformat.v4.new_markdown_cell(
+            f"# ⚠ {verdict}: {reason}\n\nThe cells below this point did not run to completion, whatever their "
+            "execution marks say. The record's verdict.json, perf.json and report.md say what happened."))
+        nbformat.write(nb, nb_path)

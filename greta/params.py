@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 
 PHASES = ("ceilings", "load", "prefill", "decode", "reference")
-FAULT_KINDS = ("hang", "oom", "crash", "error")
+FAULT_KINDS = ("hang", "oom", "crash", "kill", "error", "kernel_death")
 
 DEFAULTS: dict = {
     "probe": "b3_77",
@@ -30,7 +30,7 @@ DEFAULTS: dict = {
     "sampling_period_s": 1.0,
     "thresholds": {"max_abs_diff": 5e-3, "p99_abs_diff": 1e-3, "top1_agreement": 0.999},
     "perturb": "none",          # negative control on the decode path: none | rope_offset | kv_off_by_one
-    "fault": "none",            # fault injection: none | <hang|oom|crash|error>:<phase>
+    "fault": "none",            # fault injection (tests): none | <hang|oom|crash|kill|error|kernel_death>:<phase>
     "threads": 0,               # CPU threads for torch (0 = torch's default)
 }
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 import multiprocessing as mp
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -21,7 +23,24 @@ from .params import dtype_bytes
 from .worker import main as worker_main
 
 PHASES = ("ceilings", "load", "prefill", "decode", "reference")
-FAIL = {"timeout": "FAIL_TIMEOUT", "oom": "FAIL_OOM", "crash": "FAIL_CRASH", "error": "FAIL_ERROR"}
+FAIL = {"timeout": "FAIL_TIMEOUT", "oom": "FAIL_OOM", "crash": "FAIL_ERROR", "error": "FAIL_ERROR",
+        "interrupted": "INTERRUPTED"}
+
+
+class ProbeInterrupted(KeyboardInterrupt):
+    """Raised by run_probe after Ctrl-C / SIGTERM, once the INTERRUPTED record is written."""
+
+    def __init__(self, run_dir: Path, how: str):
+        super().__init__(f"{how}; record: {run_dir}")
+        self.run_dir, self.how = run_dir, how
+
+
+class _Term(KeyboardInterrupt):
+    """SIGTERM, turned into an exception in the main thread."""
+
+
+def _on_term(signum, frame):
+    raise _Term()
 
 
 class _Bars:
@@ -48,6 +67,16 @@ class _Bars:
         self.bar, self.phase = None, None
 
 
+def _exit_reason(code) -> str:
+    """'signal 9 (SIGKILL)' for a process killed by a signal, else 'exit code N'."""
+    if code is not None and code < 0:
+        try:
+            return f"signal {-code} ({signal.Signals(-code).name})"
+        except ValueError:
+            return f"signal {-code}"
+    return f"exit code {code}"
+
+
 def _wait(proc, conn, phase: str, timeout: float, bars: _Bars):
     """Wait for one phase. Returns (status, payload): status ok | oom | error | timeout | crash."""
     deadline = time.monotonic() + timeout
@@ -65,8 +94,7 @@ def _wait(proc, conn, phase: str, timeout: float, bars: _Bars):
             if kind in ("oom", "error"):
                 return kind, rest[0]
         if not proc.is_alive():
-            code = proc.exitcode
-            why = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+            why = _exit_reason(proc.exitcode)
             return "crash", {"error": f"worker process died with {why} during {phase} (a kernel crash, or the host OOM killer)"}
         if time.monotonic() > deadline:
             proc.kill()
@@ -82,6 +110,8 @@ def run_probe(params: dict, out_root="outputs", run_dir=None, progress: bool = T
     stats = ctx.Array("d", [float("nan"), float("nan")], lock=False)
     proc = ctx.Process(target=worker_main, args=(params, child, stats), daemon=True, name="greta-probe-worker")
     proc.start()
+    rec.meta["worker_pid"] = proc.pid
+    rec.write_json("metadata.json", rec.meta)
     backend, reason = vram.pick_backend(params["device"], proc.pid)
     backend.fallback_reason = reason
     def allocator_now():  # the worker publishes its allocator's figures here (NaN on the CPU)
@@ -94,13 +124,22 @@ def run_probe(params: dict, out_root="outputs", run_dir=None, progress: bool = T
     results: dict = {}
     failure = None
     phase = PHASES[0]
+    interrupted = None
+    main_thread = threading.current_thread() is threading.main_thread()
+    old_term = signal.signal(signal.SIGTERM, _on_term) if main_thread else None
     try:
         for phase in PHASES:
             timeout = params["timeouts"][phase]
             sampler.set_phase(phase)
+            perf[phase] = {"status": "running", "timeout_s": timeout}
+            _checkpoint(rec, perf, sampler)  # what a dead parent (e.g. a notebook kernel) leaves behind
             parent.send(phase)
             t0 = time.monotonic()
-            status, payload = _wait(proc, parent, phase, timeout, bars)
+            try:
+                status, payload = _wait(proc, parent, phase, timeout, bars)
+            except KeyboardInterrupt as e:
+                interrupted = "SIGTERM" if isinstance(e, _Term) else "SIGINT (Ctrl-C)"
+                status, payload = "interrupted", {"error": f"interrupted by {interrupted} during {phase}; worker killed"}
             bars.close()
             perf[phase] = {"status": status, "timeout_s": timeout, "runner_wall_s": time.monotonic() - t0}
             if status != "ok":
@@ -111,23 +150,39 @@ def run_probe(params: dict, out_root="outputs", run_dir=None, progress: bool = T
             if "allocator" in payload:
                 perf[phase]["allocator"] = payload.pop("allocator")
             results[phase] = payload
-    except KeyboardInterrupt:
-        failure = ("FAIL_ERROR", phase, {"error": "interrupted by the user (KeyboardInterrupt)"})
-        raise
+    except KeyboardInterrupt as e:  # between phases
+        interrupted = "SIGTERM" if isinstance(e, _Term) else "SIGINT (Ctrl-C)"
+        failure = ("INTERRUPTED", phase, {"error": f"interrupted by {interrupted} during {phase}; worker killed"})
+        if perf[phase]["status"] == "running":
+            perf[phase]["status"] = "interrupted"
     finally:
         bars.close()
         sampler.set_phase(None)
         sampler.stop()
         if proc.is_alive():
-            try:
-                parent.send("exit")
-            except OSError:
-                pass
-            proc.join(5)
+            if interrupted is None:
+                try:
+                    parent.send("exit")
+                except OSError:
+                    pass
+                proc.join(5)
             if proc.is_alive():
                 proc.kill()
+                proc.join(5)
         _finish(rec, params, perf, results, sampler, failure)
+        if main_thread:
+            signal.signal(signal.SIGTERM, old_term)
+    if interrupted:
+        raise ProbeInterrupted(rec.path, interrupted)
     return rec.path
+
+
+def _checkpoint(rec, perf, sampler):
+    """perf.json and the VRAM samples so far. Only a finished run gets verdict.json and manifest.json."""
+    rec.write_json("perf.json", perf)
+    with sampler._lock:
+        samples = list(sampler.samples)
+    vram.write_samples_csv(rec.path / "vram_samples.csv", samples)
 
 
 def _finish(rec, params, perf, results, sampler, failure):

@@ -1,10 +1,12 @@
 """The audit record: one never-overwritten directory per run, and its report.md (see docs/RECORD.md)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
 import secrets
+import shutil
 import subprocess
 import sys
 from datetime import datetime, timezone
@@ -63,6 +65,81 @@ def run_id(params: dict) -> str:
     return f"{stamp}-{model}-ctx{params['ctx']}-kv{params['kv_aligned']}-{secrets.token_hex(2)}"
 
 
+MANIFEST = "manifest.json"
+
+
+class RecordError(OSError):
+    """The record cannot be written (unwritable or full output folder); one line, says what to do."""
+
+
+def atomic_write_bytes(path: Path, data: bytes):
+    """Write to a temp file beside path, then rename: a reader sees the old file or the new one, never half."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(3)}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write_text(path: Path, text: str):
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def expected_bytes(params: dict) -> int:
+    """Rough size of a record: logits (2 x span x vocab fp32, before compression), notebooks and plots."""
+    vocab = 128256
+    return 2 * params["span"] * vocab * 4 + 16 * 2**20
+
+
+def preflight(out_root, params: dict):
+    """Before a run: the output folder can be created and written, and has room for the record."""
+    root = Path(out_root)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / f".greta-write-test-{secrets.token_hex(3)}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise RecordError(f"output folder {root} is not writable ({e.strerror or e}): pass -o <a writable folder>") from None
+    free = shutil.disk_usage(root).free
+    need = 2 * expected_bytes(params)
+    if free < need:
+        raise RecordError(f"output folder {root} has {free / 2**20:.0f} MiB free, a record needs about "
+                          f"{need / 2**20:.0f} MiB: free some space or pass -o <another folder>")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def seal(run_dir, params: dict | None = None) -> Path:
+    """Write manifest.json last and atomically: the sha256 and size of every other file of the record,
+    the params, versions, git commit and dirty flag. Re-sealing (after the notebooks add their files)
+    replaces it. `python -m greta verify` checks it."""
+    d = Path(run_dir)
+    if params is None:
+        params = json.loads((d / "params.json").read_text())
+    files = {}
+    for p in sorted(d.rglob("*")):
+        rel = p.relative_to(d).as_posix()
+        if p.is_file() and rel != MANIFEST and not p.name.startswith("."):
+            files[rel] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+    manifest = {"format": 1, "run_id": d.name, "sealed_utc": _now(), "params": params, **git_state(),
+                "versions": versions(), "files": files}
+    atomic_write_text(d / MANIFEST, json.dumps(manifest, indent=2, default=_jsonable) + "\n")
+    return d / MANIFEST
+
+
 class Record:
     def __init__(self, path: Path, params: dict):
         self.path, self.params = Path(path), params
@@ -70,6 +147,7 @@ class Record:
 
     @classmethod
     def create(cls, params: dict, out_root="outputs", run_dir=None) -> "Record":
+        preflight(out_root if run_dir is None else Path(run_dir).parent, params)
         if run_dir is None:
             day = datetime.now(timezone.utc).strftime("%Y-%m-%d")
             run_dir = Path(out_root) / day / params["probe"] / run_id(params)
@@ -87,14 +165,16 @@ class Record:
 
     def write_json(self, name: str, obj) -> Path:
         p = self.path / name
-        tmp = p.with_suffix(p.suffix + ".tmp")
-        tmp.write_text(json.dumps(obj, indent=2, default=_jsonable) + "\n")
-        os.replace(tmp, p)
+        atomic_write_text(p, json.dumps(obj, indent=2, default=_jsonable) + "\n")
         return p
 
     def write_npz(self, name: str, **arrays) -> Path:
+        import io
+
+        buf = io.BytesIO()
+        np.savez_compressed(buf, **arrays)
         p = self.path / name
-        np.savez_compressed(p, **arrays)
+        atomic_write_bytes(p, buf.getvalue())
         return p
 
     def finish(self, *, load, perf, metrics, vram_summary, samples, verdict):
@@ -112,7 +192,8 @@ class Record:
         vram.write_samples_csv(self.path / "vram_samples.csv", samples)
         self.write_json("vram.json", vram_summary)
         self.write_json("verdict.json", verdict)
-        (self.path / "report.md").write_text(render_report(self.params, self.meta, perf, metrics, vram_summary, verdict))
+        atomic_write_text(self.path / "report.md", render_report(self.params, self.meta, perf, metrics, vram_summary, verdict))
+        seal(self.path, self.params)
 
 
 def _jsonable(x):

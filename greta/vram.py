@@ -267,12 +267,15 @@ def _fmt(x, digits: int) -> str:
 
 
 def write_samples_csv(path, samples: list[dict]):
-    with open(path, "w", newline="") as f:
+    """Written to a temp file and renamed, so the CSV is whole or absent."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(CSV_COLUMNS)
         for s in samples:
             w.writerow([_fmt(s["t_s"], 3), s["phase"] or "", _fmt(s["device_used_mb"], 1),
                         _fmt(s["allocated_mb"], 1), _fmt(s["reserved_mb"], 1)])
+    os.replace(tmp, path)
 
 
 def read_samples_csv(path) -> list[dict]:

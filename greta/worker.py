@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -100,6 +101,11 @@ def inject(fault: str, phase: str, device: torch.device):
         torch.empty(1 << 60, dtype=torch.uint8, device=device)
     if kind == "crash":
         os.kill(os.getpid(), signal.SIGSEGV)
+    if kind == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if kind == "kernel_death":  # the process that runs the probe (e.g. a notebook kernel) dies
+        os.kill(os.getppid(), signal.SIGKILL)
+        time.sleep(3600)  # the parent-death signal below ends this worker
     if kind == "error":
         raise RuntimeError(f"injected fault in phase {phase}")
 
@@ -202,8 +208,20 @@ def _allocator_stats(stats, device: torch.device, stop: threading.Event):
         stats[1] = torch.cuda.memory_reserved(device) / MB
 
 
+def _die_with_parent():
+    """Linux: SIGKILL this worker when its parent dies (no orphan holding the GPU after a dead kernel)."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+
+
 def main(params: dict, conn, stats):
     """Entry point of the worker process (multiprocessing, spawn)."""
+    _die_with_parent()
     try:
         job = Job(params, conn.send)
         if job.device.type == "cuda":
@@ -215,7 +233,10 @@ def main(params: dict, conn, stats):
     if job.device.type == "cuda":
         threading.Thread(target=_allocator_stats, args=(stats, job.device, stop), daemon=True).start()
     while True:
-        phase = conn.recv()
+        try:
+            phase = conn.recv()
+        except (EOFError, OSError):  # the runner is gone
+            break
         if phase == "exit":
             break
         try:

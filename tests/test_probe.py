@@ -18,7 +18,8 @@ import pytest
 from greta.metrics import compare
 from greta.params import PHASES
 from greta.probe import run_probe
-from greta.vram import CSV_COLUMNS
+from greta.verify import verify
+from greta.vram import CSV_COLUMNS, read_samples_csv
 
 HEADER = "| Context | KV | Peak VRAM (MB) | Max Logits Diff | Top-1 Agreement | Verdict |"
 
@@ -29,6 +30,7 @@ CONFIGS = {
     "hang": {"fault": "hang:decode", "timeouts.decode": 3},
     "oom": {"fault": "oom:prefill"},
     "crash": {"fault": "crash:decode"},
+    "kill": {"fault": "kill:prefill"},
     "error": {"fault": "error:reference"},
 }
 
@@ -240,6 +242,9 @@ def assert_failure_record(d: Path, verdict: str, phase: str) -> dict:
     report = (d / "report.md").read_text()
     assert HEADER in report and f"| {verdict} |" in report
     assert rj(d, "vram.json")["backend"] == "rss"
+    samples = read_samples_csv(d / "vram_samples.csv")
+    assert any(r["phase"] == phase for r in samples), "VRAM samples up to the failure"
+    assert verify(d) == [], "a complete record of a failure verifies"
     return perf
 
 
@@ -264,11 +269,15 @@ def test_oom_names_the_phase_with_memory_figures(runs):
     assert r["children_after"] == []
 
 
-def test_crash_is_fail_crash(runs):
-    r = runs("crash")
-    perf = assert_failure_record(r["dir"], "FAIL_CRASH", "decode")
-    assert perf["decode"]["status"] == "crash"
-    assert "signal" in perf["decode"]["error"]
+@pytest.mark.parametrize("name,phase,sig", [("crash", "decode", "signal 11 (SIGSEGV)"),
+                                            ("kill", "prefill", "signal 9 (SIGKILL)")])
+def test_dead_worker_is_fail_error_naming_the_signal(runs, name, phase, sig):
+    r = runs(name)
+    perf = assert_failure_record(r["dir"], "FAIL_ERROR", phase)
+    assert perf[phase]["status"] == "crash"
+    assert sig in perf[phase]["error"]
+    assert sig in rj(r["dir"], "verdict.json")["reason"]
+    assert r["children_after"] == []
     assert r["children_after"] == []
 
 

@@ -1,0 +1,171 @@
+"""Audit integrity on the CPU: the sealed manifest and `greta verify` (accepts complete records, rejects
+tampered ones), interrupts (SIGINT, SIGTERM) leave an INTERRUPTED record and no orphan worker, an
+unwritable or full output folder stops the run before it starts, and the same probe twice gives the
+same bits."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+
+from greta import record
+from greta.__main__ import main as cli
+from greta.probe import run_probe
+from greta.record import seal
+from greta.verify import verify
+
+from conftest import CPU_PARAMS, SMALL_PROBE
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory, small_params):
+    """One passing record, run once; tests tamper with copies."""
+    root = tmp_path_factory.mktemp("good")
+    return Path(run_probe(small_params(), out_root=root, progress=False))
+
+
+@pytest.fixture
+def copy(good, tmp_path):
+    d = tmp_path / good.name
+    shutil.copytree(good, d)
+    return d
+
+
+def edit_json(path: Path, **changes):
+    obj = json.loads(path.read_text())
+    obj.update(changes)
+    path.write_text(json.dumps(obj, indent=2))
+
+
+def test_a_complete_record_verifies(good, capsys):
+    assert (good / "manifest.json").is_file()
+    man = json.loads((good / "manifest.json").read_text())
+    assert set(man["files"]) == {p.name for p in good.iterdir() if p.name != "manifest.json"}
+    assert man["params"] == json.loads((good / "params.json").read_text())
+    assert "commit" in man and "dirty" in man and man["versions"]["torch"]
+    assert verify(good) == []
+    assert cli(["verify", str(good)]) == 0
+    assert capsys.readouterr().out.startswith("OK ")
+
+
+def test_a_changed_metric_is_rejected(copy, capsys):
+    edit_json(copy / "metrics.json", max_abs_diff=1.0)
+    reasons = verify(copy)
+    assert any("metrics.json changed after the record was sealed" in r for r in reasons), reasons
+    assert any("stored metrics give FAIL_EQUIV" in r for r in reasons), reasons
+    assert cli(["verify", str(copy)]) == 1
+    assert "FAIL" in capsys.readouterr().out
+
+
+def test_a_tampered_and_resealed_record_is_still_rejected(copy):
+    # whoever reseals after editing gets past the hashes, not past the verdict check
+    edit_json(copy / "metrics.json", max_abs_diff=1.0, top1_agreement=0.5)
+    seal(copy)
+    reasons = verify(copy)
+    assert reasons == ["verdict.json says PASS_EQUIV, but the stored metrics give FAIL_EQUIV"], reasons
+
+
+def test_a_deleted_file_is_rejected(copy):
+    (copy / "vram_samples.csv").unlink()
+    reasons = verify(copy)
+    assert "vram_samples.csv is listed in the manifest but missing" in reasons
+    assert "vram_samples.csv is missing" in reasons
+
+
+def test_missing_logits_only_with_the_flag(copy):
+    (copy / "logits.npz").unlink()
+    assert "logits.npz is listed in the manifest but missing" in verify(copy)
+    assert verify(copy, allow_missing_large=True) == []
+
+
+def test_edited_params_and_added_files_are_rejected(copy):
+    edit_json(copy / "params.json", seed=7)
+    (copy / "notes.txt").write_text("added later")
+    reasons = verify(copy)
+    assert "params.json differs from the params in the manifest" in reasons
+    assert any(r.startswith("metadata.json seed=0 but params.json seed=7") for r in reasons), reasons
+    assert "notes.txt is not in the manifest (added after sealing)" in reasons
+
+
+def test_an_unsealed_or_half_record_is_rejected(copy, tmp_path):
+    (copy / "manifest.json").unlink()
+    assert "manifest.json is missing" in verify(copy)
+    assert verify(tmp_path / "nope") == [f"{tmp_path / 'nope'} is not a directory"]
+
+
+def test_a_below_floor_peak_is_rejected(copy):
+    vs = json.loads((copy / "vram.json").read_text())
+    edit_json(copy / "vram.json", peak_vram_mb=vs["floor"]["total_mb"] / 2)
+    seal(copy)
+    assert any("below the analytic floor" in r for r in verify(copy))
+
+
+# --- interrupts ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("sig,how", [(signal.SIGINT, "SIGINT (Ctrl-C)"), (signal.SIGTERM, "SIGTERM")])
+def test_interrupt_leaves_an_interrupted_record_and_no_orphan(tmp_path, sig, how):
+    args = [f"-p{k}={v}" for k, v in SMALL_PROBE.items()]
+    proc = subprocess.Popen([sys.executable, "-m", "greta", "probe", "-f", str(CPU_PARAMS), *args,
+                             "-p", "fault=hang:decode", "-o", str(tmp_path), "--quiet"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    perf = None
+    while time.monotonic() < deadline:  # wait until the worker hangs in decode
+        found = list(tmp_path.glob("*/*/*/perf.json"))
+        if found:
+            perf = json.loads(found[0].read_text())
+            if perf["decode"]["status"] == "running":
+                break
+        time.sleep(0.2)
+    assert perf and perf["decode"]["status"] == "running"
+    workers = psutil.Process(proc.pid).children(recursive=True)
+    assert workers
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1].startswith(f"greta: INTERRUPTED by {how}; record: ")
+    d = found[0].parent
+    v = json.loads((d / "verdict.json").read_text())
+    assert v["verdict"] == "INTERRUPTED" and v["failed_phase"] == "decode" and how in v["reason"]
+    assert json.loads((d / "perf.json").read_text())["decode"]["status"] == "interrupted"
+    assert verify(d) == []
+    psutil.wait_procs(workers, timeout=10)
+    assert not [w for w in workers if w.is_running() and w.status() != psutil.STATUS_ZOMBIE]
+
+
+# --- the output folder ---------------------------------------------------------------------------------
+def test_unwritable_output_folder_stops_before_the_run(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    assert cli(["probe", "-f", str(CPU_PARAMS), "-o", str(blocker / "out"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is not writable" in err and "-o" in err
+    assert list(tmp_path.iterdir()) == [blocker]
+
+
+def test_full_disk_stops_before_the_run(tmp_path, capsys, monkeypatch):
+    real = shutil.disk_usage
+    monkeypatch.setattr(record.shutil, "disk_usage", lambda p: real(p)._replace(free=1 << 20))
+    assert cli(["audit", "-f", str(CPU_PARAMS), "-o", str(tmp_path / "out"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "MiB free" in err
+    assert [p for p in (tmp_path / "out").rglob("*") if not p.name.startswith(".")] == []
+
+
+# --- determinism -----------------------------------------------------------------------------------------
+def test_the_same_probe_twice_gives_the_same_bits(good, small_params, tmp_path):
+    again = Path(run_probe(small_params(), out_root=tmp_path, progress=False))
+    a, b = np.load(good / "logits.npz"), np.load(again / "logits.npz")
+    for k in ("decode", "reference", "tokens", "positions"):
+        assert a[k].tobytes() == b[k].tobytes(), k
+    for name in ("metrics.json", "verdict.json"):
+        assert json.loads((good / name).read_text()) == json.loads((again / name).read_text()), name
+    assert os.path.getsize(good / "logits.npz") > 0
