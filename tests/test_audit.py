@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from greta.verify import verify
+
 NOTEBOOKS = ("run_b3_77", "vram_plot", "equivalence_analysis")
 SMALL = ["-p", "ctx=512", "-p", "gen=8", "-p", "span=4", "-p", "prefill_chunk=128", "-p", "kv_block=128"]
 
@@ -73,6 +75,8 @@ def test_cli_audit_pass(tmp_path, repo_root, record_doc_files):
     assert v["verdict"] == "PASS_EQUIV" and v["bit_exact"] is True
     p = json.loads((d / "params.json").read_text())
     assert (p["ctx"], p["gen"], p["span"], p["prefill_chunk"], p["kv_block"]) == (512, 8, 4, 128, 128)
+    assert verify(d) == []
+    assert greta(["verify", str(d)], cwd=repo_root).returncode == 0
 
 
 @pytest.mark.slow
@@ -97,20 +101,22 @@ def test_papermill_run_notebook_directly(tmp_path, repo_root):
 
 
 @pytest.mark.slow
-def test_cli_audit_of_a_failing_probe(tmp_path, repo_root):
+@pytest.mark.parametrize("fault,verdict", [("error:decode", "FAIL_ERROR"), ("oom:decode", "FAIL_OOM")])
+def test_cli_audit_of_a_failing_probe(tmp_path, repo_root, fault, verdict):
     r = greta(["audit", "-p", "ctx=256", "-p", "gen=8", "-p", "span=4", "-p", "prefill_chunk=64", "-p",
-               "kv_block=128", "-p", "fault=error:decode", "-o", str(tmp_path), "--quiet"], cwd=repo_root)
+               "kv_block=128", "-p", f"fault={fault}", "-o", str(tmp_path), "--quiet"], cwd=repo_root)
     assert r.returncode == 1, r.stdout + r.stderr
-    assert r.stdout.startswith("FAIL_ERROR")
+    assert r.stdout.startswith(verdict)
     (d,) = record_dirs(tmp_path)
     v = json.loads((d / "verdict.json").read_text())
-    assert v["verdict"] == "FAIL_ERROR" and v["failed_phase"] == "decode"
+    assert v["verdict"] == verdict and v["failed_phase"] == "decode"
     for nb in NOTEBOOKS:
         assert (d / f"{nb}.ipynb").is_file() and (d / f"{nb}.html").is_file(), nb
     # the run notebook completed (a failing probe doesn't raise) and shows the verdict in its outputs
-    assert "FAIL_ERROR" in assert_executed(d / "run_b3_77.ipynb")
-    assert "FAIL_ERROR" in outputs(d / "equivalence_analysis.ipynb")[1]
-    assert "FAIL_ERROR" in (d / "report.md").read_text()
+    assert verdict in assert_executed(d / "run_b3_77.ipynb")
+    assert verdict in outputs(d / "equivalence_analysis.ipynb")[1]
+    assert verdict in (d / "report.md").read_text()
+    assert verify(d) == []  # sealed after the notebooks: a complete record of a failure
 
 
 @pytest.mark.parametrize("cmd", ["audit", "probe"])

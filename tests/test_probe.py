@@ -29,6 +29,7 @@ CONFIGS = {
     "rope": {"perturb": "rope_offset"},
     "hang": {"fault": "hang:decode", "timeouts.decode": 3},
     "oom": {"fault": "oom:prefill"},
+    **{f"oom:{ph}": {"fault": f"oom:{ph}"} for ph in ("ceilings", "load", "decode", "reference")},
     "crash": {"fault": "crash:decode"},
     "kill": {"fault": "kill:prefill"},
     "error": {"fault": "error:reference"},
@@ -246,6 +247,15 @@ def assert_failure_record(d: Path, verdict: str, phase: str) -> dict:
     assert any(r["phase"] == phase for r in samples), "VRAM samples up to the failure"
     assert verify(d) == [], "a complete record of a failure verifies"
     return perf
+
+
+@pytest.mark.parametrize("phase", ["ceilings", "load", "decode", "reference"])
+def test_oom_in_every_phase(runs, phase):
+    r = runs(f"oom:{phase}")
+    perf = assert_failure_record(r["dir"], "FAIL_OOM", phase)
+    assert perf[phase]["memory"]["rss_mb"] > 0
+    assert all(perf[ph]["wall_s"] > 0 for ph in PHASES[:PHASES.index(phase)])
+    assert r["children_after"] == []
 
 
 def test_hang_is_a_timeout_and_the_worker_is_killed(runs):
