@@ -5,6 +5,7 @@ import json
 import shutil
 from pathlib import Path
 
+import nbformat
 import numpy as np
 import pytest
 
@@ -237,3 +238,33 @@ def test_fault_record(records, tmp_path):
     assert report["verdict"] == report["stored_verdict"] == "FAIL_OOM" and report["metrics"] is None
     assert "MISSING_LOGITS" not in report_md(report)
     assert metrics_for_plots(report, run)[0] == {}
+
+
+# --- the notebook -------------------------------------------------------------------------------------------
+def _execute_equivalence_notebook(run_dir: Path, out: Path) -> tuple[list, str]:
+    from greta.notebooks import NOTEBOOK_DIR, execute_notebook
+
+    err = execute_notebook(NOTEBOOK_DIR / "equivalence_analysis.ipynb", out, {"run_dir": str(run_dir)}, timeout_s=120)
+    assert err is None, err
+    nb = nbformat.read(out, as_version=4)
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    assert nb.cells[-1].outputs, "the last cell ran"
+    return outputs, "\n".join(o.get("data", {}).get("text/markdown", "") for o in outputs)
+
+
+@pytest.mark.slow
+def test_equivalence_notebook_on_a_truncated_trace(run):
+    p = run / "logits.npz"
+    p.write_bytes(p.read_bytes()[:100])
+    outputs, text = _execute_equivalence_notebook(run, run / "equivalence_analysis.ipynb")
+    assert "**MISSING_LOGITS**" in text and "logits.npz unreadable" in text
+    assert "not verified against the logits" in text  # the plot falls back to metrics.json, flagged
+    assert any("image/png" in o.get("data", {}) for o in outputs)
+
+
+@pytest.mark.slow
+def test_equivalence_notebook_on_a_missing_run_dir(tmp_path):
+    outputs, text = _execute_equivalence_notebook(tmp_path / "gone", tmp_path / "nb.ipynb")
+    assert "**INCOMPLETE**" in text and "does not exist" in text
+    assert "skipped" in text and not any("image/png" in o.get("data", {}) for o in outputs)
