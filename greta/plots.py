@@ -71,6 +71,12 @@ def _read_json_opt(path: Path) -> Any:
         return None
 
 
+def _read_obj_opt(path: Path) -> dict | None:
+    """A JSON object from ``path``, or None when missing, unreadable or not an object."""
+    obj = _read_json_opt(path)
+    return obj if isinstance(obj, dict) else None
+
+
 def _num(x: Any) -> float | None:
     """A finite float, or None for missing / empty / null / non-finite."""
     if x is None or x == "":
@@ -394,16 +400,19 @@ def _log_floor(values: list[float], thresholds: dict) -> float:
     return 10 ** (math.floor(math.log10(lo)) - 1)
 
 
-def plot_equivalence(run_dir: str | Path, path: str | Path | None = None) -> Figure:
+def plot_equivalence(run_dir: str | Path, path: str | Path | None = None,
+                     metrics: dict | None = None) -> Figure:
     """Per-step |Δlogit| (log y) and cosine, decode vs reference, titled by the verdict.
 
-    Reads ``metrics.json``, ``verdict.json`` and (for thresholds) ``params.json``.
+    Reads ``metrics.json`` (unless ``metrics`` is given, e.g. recomputed by
+    :func:`greta.analyze.analyze_run`), ``verdict.json`` and (for thresholds) ``params.json``.
     Zeros cannot be drawn on a log axis: they are drawn on a floor line a decade
     under the smallest datum, labelled "0 (bit-exact)".
     """
     run_dir = Path(run_dir)
-    metrics = _read_json_opt(run_dir / "metrics.json") or {}
-    verdict = _read_json_opt(run_dir / "verdict.json") or {}
+    if metrics is None:
+        metrics = _read_obj_opt(run_dir / "metrics.json") or {}
+    verdict = _read_obj_opt(run_dir / "verdict.json") or {}
     th = _thresholds(run_dir)
     rows = [r for r in (metrics.get("per_position") or []) if isinstance(r, dict)]
     rows.sort(key=lambda r: (r.get("step") is None, r.get("step")))
@@ -565,10 +574,14 @@ TOP1_COLUMNS = ["step", "position", "source", "argmax_decode", "argmax_reference
                 "max_abs_diff"]
 
 
-def top1_table(run_dir: str | Path) -> list[dict]:
-    """One row per compared step: where the two paths' top-1 token agrees or not."""
-    metrics = _read_json_opt(Path(run_dir) / "metrics.json") or {}
-    return [{k: r.get(k) for k in TOP1_COLUMNS} for r in metrics.get("per_position") or []]
+def top1_table(run_dir: str | Path, metrics: dict | None = None) -> list[dict]:
+    """One row per compared step: where the two paths' top-1 token agrees or not.
+
+    From ``metrics.json`` unless ``metrics`` is given."""
+    if metrics is None:
+        metrics = _read_obj_opt(Path(run_dir) / "metrics.json") or {}
+    rows = metrics.get("per_position")
+    return [{k: r.get(k) for k in TOP1_COLUMNS} for r in rows if isinstance(r, dict)] if isinstance(rows, list) else []
 
 
 _DIFF_KEYS = ("max_abs_diff", "p99_abs_diff", "mean_abs_diff")
@@ -622,7 +635,7 @@ def results_table_md(run_dir: str | Path) -> str:
 
 def verdict_md(run_dir: str | Path) -> str:
     """The verdict as a prominent markdown block."""
-    v = _read_json_opt(Path(run_dir) / "verdict.json")
+    v = _read_obj_opt(Path(run_dir) / "verdict.json")
     if not v:
         return "## Verdict: **missing** — `verdict.json` not found or unreadable"
     lines = [f"## Verdict: **{v.get('verdict', '?')}**", "", f"> {v.get('reason') or ''}", ""]
@@ -635,9 +648,9 @@ def verdict_md(run_dir: str | Path) -> str:
     return "\n".join(lines)
 
 
-def metrics_summary_md(run_dir: str | Path) -> str:
-    """The scalar part of metrics.json as a two-column markdown table."""
-    m = _read_json_opt(Path(run_dir) / "metrics.json")
+def metrics_summary_md(run_dir: str | Path, metrics: dict | None = None) -> str:
+    """The scalar part of metrics.json (or of ``metrics``) as a two-column markdown table."""
+    m = metrics if metrics is not None else _read_obj_opt(Path(run_dir) / "metrics.json")
     if not m:
         return "_metrics.json not found: no comparison was made in this run._"
     rows = [{"metric": k, "value": _fmt_diff(_num(m[k])) if k in _DIFF_KEYS and m[k] is not None
