@@ -4,6 +4,8 @@
   audit  run notebooks/run_b3_77.ipynb with papermill into a fresh record directory: the probe, the
          VRAM plot and equivalence notebooks, and an HTML rendering of each
   verify check a record: manifest hashes, params, phases, artifacts, VRAM floor, verdict vs metrics
+  analyze recompute a record's metrics and verdict from its logits (OK, INCOMPLETE, MISSING_LOGITS,
+         SPAN_MISMATCH, with reasons)
 
 Exit codes: 0 pass (PASS_EQUIV, EXPECTED_DRIFT; verify: the record verifies), 1 any other verdict (verify:
 the reasons it does not), 2 bad input or an unwritable output folder, 130 interrupted (record written).
@@ -29,7 +31,23 @@ def main(argv=None) -> int:
     vp.add_argument("run_dir", nargs="+", help="record directories")
     vp.add_argument("--allow-missing-logits", action="store_true",
                     help="accept an absent logits.npz (records committed to git leave it out)")
+    anp = sub.add_parser("analyze")
+    anp.add_argument("run_dir", help="a record directory")
+    anp.add_argument("--json", action="store_true", help="print the whole result as JSON")
     args = ap.parse_args(argv)
+    if args.cmd == "analyze":
+        import json
+
+        from .analyze import analyze_run
+
+        rep = analyze_run(args.run_dir)
+        if args.json:
+            print(json.dumps(rep, indent=2, default=str))
+        else:
+            print(f"{rep['status']}: {args.run_dir} (verdict {rep.get('verdict')})")
+            for r in rep["reasons"]:
+                print(f"  - {r}")
+        return 0 if rep["status"] == "OK" else 1
     if args.cmd == "verify":
         from .verify import verify
 

@@ -20,7 +20,7 @@ Status (the most severe finding wins, in this order):
     ``tokens``/``positions`` missing from the npz; or the stored metrics/verdict disagree with
     those recomputed from the logits (a mismatch is INCOMPLETE: the stored audit is not backed by
     its own trace; the reason names the keys that differ).
-    A **fault record** (stored verdict FAIL_OOM, FAIL_TIMEOUT, FAIL_CRASH or FAIL_ERROR and no
+    A **fault record** (stored verdict FAIL_OOM, FAIL_TIMEOUT, FAIL_ERROR or INTERRUPTED and no
     ``logits.npz``) is also INCOMPLETE, not MISSING_LOGITS: the probe never got to the reference
     phase, so no logits are expected; the reason names the fault and its phase and says the record
     is a complete record of that failure. ``verdict`` is then the stored fault verdict.
@@ -53,7 +53,7 @@ from .metrics import compare, equivalence_verdict
 __all__ = ["STATUSES", "FAULT_VERDICTS", "analyze_run", "report_md", "metrics_for_plots"]
 
 STATUSES = ("OK", "INCOMPLETE", "SPAN_MISMATCH", "MISSING_LOGITS")  # least to most severe
-FAULT_VERDICTS = ("FAIL_OOM", "FAIL_TIMEOUT", "FAIL_CRASH", "FAIL_ERROR")
+FAULT_VERDICTS = ("FAIL_OOM", "FAIL_TIMEOUT", "FAIL_ERROR", "INTERRUPTED")
 METRIC_KEYS = ("span", "vocab", "max_abs_diff", "p99_abs_diff", "top1_agreement", "bit_exact", "per_position")
 
 

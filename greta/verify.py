@@ -8,6 +8,8 @@ Checks (each failure is one line of the returned list; an empty list means the r
   artifacts   the files every record has, plus metrics.json and logits.npz when the reference phase ran
   vram        no measured peak (sampled or allocator) is below the analytic weights + KV floor
   verdict     the stated verdict is the one the stored metrics give under the stored thresholds
+  logits      when logits.npz is there, greta.analyze recomputes the metrics and verdict from it and
+              they must equal the stored ones
 """
 from __future__ import annotations
 
@@ -97,6 +99,12 @@ def verify(run_dir, allow_missing_large: bool = False) -> list[str]:
                     errors.append(f"verdict.json says {v}, but the stored metrics give {again}")
             if verdict.get("bit_exact") != metrics.get("bit_exact"):
                 errors.append("verdict.json bit_exact differs from metrics.json")
+    if (d / "logits.npz").is_file():
+        from .analyze import analyze_run
+
+        rep = analyze_run(d)
+        if rep["status"] != "OK":
+            errors += [f"logits: {rep['status']}: {r}" for r in rep["reasons"]]
     return errors
 
 

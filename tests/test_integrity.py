@@ -71,7 +71,9 @@ def test_a_tampered_and_resealed_record_is_still_rejected(copy):
     edit_json(copy / "metrics.json", max_abs_diff=1.0, top1_agreement=0.5)
     seal(copy)
     reasons = verify(copy)
-    assert reasons == ["verdict.json says PASS_EQUIV, but the stored metrics give FAIL_EQUIV"], reasons
+    assert "verdict.json says PASS_EQUIV, but the stored metrics give FAIL_EQUIV" in reasons, reasons
+    assert any(r.startswith("logits: INCOMPLETE") for r in reasons), "the logits disagree with metrics.json"
+    assert not any("sha256" in r for r in reasons)
 
 
 def test_a_deleted_file_is_rejected(copy):
@@ -79,6 +81,19 @@ def test_a_deleted_file_is_rejected(copy):
     reasons = verify(copy)
     assert "vram_samples.csv is listed in the manifest but missing" in reasons
     assert "vram_samples.csv is missing" in reasons
+
+
+def test_changed_logits_are_rejected_even_when_resealed(copy, capsys):
+    import numpy as np
+
+    z = dict(np.load(copy / "logits.npz"))
+    z["decode"][1, 3] += 0.5
+    np.savez_compressed(copy / "logits.npz", **z)
+    seal(copy)
+    reasons = verify(copy)
+    assert reasons and all(r.startswith("logits: INCOMPLETE") for r in reasons), reasons
+    assert cli(["analyze", str(copy)]) == 1
+    assert capsys.readouterr().out.startswith("INCOMPLETE")
 
 
 def test_missing_logits_only_with_the_flag(copy):
