@@ -169,9 +169,13 @@ def run_probe(params: dict, out_root="outputs", run_dir=None, progress: bool = T
             if proc.is_alive():
                 proc.kill()
                 proc.join(5)
-        _finish(rec, params, perf, results, sampler, failure)
         if main_thread:
             signal.signal(signal.SIGTERM, old_term)
+        try:
+            _finish(rec, params, perf, results, sampler, failure)
+        except OSError as e:  # e.g. the disk filled up: no manifest.json, so the record is not complete
+            raise record.RecordError(f"could not finish the record in {rec.path} ({e.strerror or e}); it has no "
+                                     "manifest.json, so it does not pass as complete: free space and rerun") from None
     if interrupted:
         raise ProbeInterrupted(rec.path, interrupted)
     return rec.path

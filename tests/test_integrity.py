@@ -184,3 +184,24 @@ def test_the_same_probe_twice_gives_the_same_bits(good, small_params, tmp_path):
     for name in ("metrics.json", "verdict.json"):
         assert json.loads((good / name).read_text()) == json.loads((again / name).read_text()), name
     assert os.path.getsize(good / "logits.npz") > 0
+
+
+def test_disk_full_during_the_run_leaves_no_complete_looking_record(tmp_path, capsys, monkeypatch):
+    import errno
+
+    real = record.atomic_write_bytes
+
+    def full(path, data):
+        if Path(path).name == "verdict.json":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(path, data)
+
+    monkeypatch.setattr(record, "atomic_write_bytes", full)
+    args = [x for k, v in SMALL_PROBE.items() for x in ("-p", f"{k}={v}")]
+    assert cli(["probe", "-f", str(CPU_PARAMS), *args, "-o", str(tmp_path), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "No space left on device" in err and "manifest.json" in err
+    (d,) = [p.parent for p in tmp_path.glob("*/*/*/params.json")]
+    assert not (d / "manifest.json").exists() and not (d / "verdict.json").exists()
+    assert "manifest.json is missing" in verify(d)
+    assert not list(d.glob(".*.tmp"))
