@@ -180,8 +180,7 @@ def matrix_md(cfg: dict, rows: list[dict]) -> str:
 
 
 def guardrail_md(verdict: str, reasons: list[str]) -> str:
-    icon = {"PASS_GUARDRAIL": "✅", "FAIL_GUARDRAIL": "❌", "INCOMPLETE": "⚠"}.get(verdict, "")
-    return f"## {icon} {verdict}\n\n" + "\n".join(f"- {r}" for r in reasons)
+    return f"## Guardrail: {verdict}\n\n" + "\n".join(f"- {r}" for r in reasons)
 
 
 # ------------------------------------------------------------------------------ plots
@@ -220,21 +219,25 @@ def _failed(r) -> bool:
 
 
 def _mark_failures(ax, rows, value_key):
-    """A red cross per failed or missing point: at its value if it has one, else on the x axis."""
+    """A red cross per failed or missing point: at its value if it has one, else on the x axis; labels of
+    several failures at one ctx are stacked, not overprinted."""
+    stacked: dict = {}
     for r in rows:
         if r["verdict"] in ("PASS_EQUIV", "EXPECTED_DRIFT") and r["complete"]:
             continue
-        label = r["verdict"] or "not run"
+        label = f"{r['verdict'] or 'not run'} (kv={r['kv_aligned']})"
         y = r.get(value_key)
+        k = stacked.get((r["ctx"], y is None), 0)
+        stacked[(r["ctx"], y is None)] = k + 1
         if y is not None:
             ax.plot([r["ctx"]], [y], "x", color=FAIL_COLOR, ms=12, mew=2.5, zorder=5)
-            ax.annotate(f"{label}\n(kv={r['kv_aligned']})", (r["ctx"], y), textcoords="offset points", xytext=(6, 6),
+            ax.annotate(label, (r["ctx"], y), textcoords="offset points", xytext=(8, -14 - 12 * k),
                         color=FAIL_COLOR, fontsize=8)
         else:
             ax.plot([r["ctx"]], [0.03], "x", color=FAIL_COLOR, ms=12, mew=2.5, zorder=5,
                     transform=ax.get_xaxis_transform(), clip_on=False)
-            ax.annotate(f"{label} (kv={r['kv_aligned']})", (r["ctx"], 0.03), xycoords=ax.get_xaxis_transform(),
-                        textcoords="offset points", xytext=(6, 4), color=FAIL_COLOR, fontsize=8)
+            ax.annotate(label, (r["ctx"], 0.03), xycoords=ax.get_xaxis_transform(),
+                        textcoords="offset points", xytext=(8, 4 + 12 * k), color=FAIL_COLOR, fontsize=8)
 
 
 def _save(fig, path):

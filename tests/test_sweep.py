@@ -275,3 +275,28 @@ def test_sweep_notebooks_are_clean_and_parameterized(name):
     for c in nb.cells:
         if c.cell_type == "code":
             assert c.outputs == [] and c.execution_count is None
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs /usr/bin/chromium (not on CI)")
+def test_sweep_report_opens_standalone_in_chromium(cpu_sweep, tmp_path):
+    """The HTML, copied alone into an empty folder, renders in headless Chromium; a blank page does not pass."""
+    import subprocess
+    import sys
+
+    _, d, _ = cpu_sweep
+    html = tmp_path / "alone" / "sweep_report.html"
+    html.parent.mkdir()
+    shutil.copy(d / "sweep_report.html", html)
+    script = REPO / "scripts" / "check_html.py"
+    r = subprocess.run([sys.executable, str(script), str(html), "--png", str(tmp_path / "shot.png")],
+                       capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0 and r.stdout.startswith("OK"), r.stdout + r.stderr
+    assert (tmp_path / "shot.png").stat().st_size > 20000
+    blank = tmp_path / "blank.html"
+    blank.write_text("<html><body style='background:#fff'></body></html>")
+    r = subprocess.run([sys.executable, str(script), str(blank), "--png", str(tmp_path / "b.png")],
+                       capture_output=True, text=True, timeout=180)
+    assert r.returncode == 1 and r.stdout.startswith("BLANK"), r.stdout + r.stderr
