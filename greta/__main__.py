@@ -6,6 +6,11 @@
   verify check a record: manifest hashes, params, phases, artifacts, VRAM floor, verdict vs metrics
   analyze recompute a record's metrics and verdict from its logits (OK, INCOMPLETE, MISSING_LOGITS,
          SPAN_MISMATCH, with reasons)
+  sweep  run every point of a matrix file (lists for ctx, kv_aligned, seed, dtype) as its own record, then
+         the aggregate report (sweep_report.html) and sweep_verdict.json; --resume DIR skips complete points.
+         Exit 0 on PASS_GUARDRAIL, 1 on FAIL_GUARDRAIL / INCOMPLETE, 2 on bad input
+  legacy print the results table of the original engine's traces (runs/kv_aligned_<K>/seed_<S>/... or
+         runs/kv_<K>/seed_<S>/ctx_<N>/...), re-analyzed with Greta's metrics and verdicts
 
 Exit codes: 0 pass (PASS_EQUIV, EXPECTED_DRIFT; verify: the record verifies), 1 any other verdict (verify:
 the reasons it does not), 2 bad input or an unwritable output folder, 130 interrupted (record written).
@@ -34,7 +39,23 @@ def main(argv=None) -> int:
     anp = sub.add_parser("analyze")
     anp.add_argument("run_dir", help="a record directory")
     anp.add_argument("--json", action="store_true", help="print the whole result as JSON")
+    swp = sub.add_parser("sweep")
+    swp.add_argument("-f", "--file", default=None, help="matrix YAML, e.g. params/b3_76.yaml (optional with --resume)")
+    swp.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a base param or an axis, e.g. -p gen=64 -p ctx=[4096,8192] (repeatable)")
+    swp.add_argument("-o", "--out-root", default="outputs", help="sweeps go under this folder (default: %(default)s)")
+    swp.add_argument("--resume", metavar="SWEEP_DIR", default=None, help="resume this sweep: complete points are skipped")
+    swp.add_argument("--quiet", action="store_true", help="no progress bars")
+    lgp = sub.add_parser("legacy")
+    lgp.add_argument("runs_dir", help="the original engine's runs/ folder")
+    lgp.add_argument("--json", action="store_true", help="print the rows as JSON")
     args = ap.parse_args(argv)
+    if args.cmd == "sweep":
+        return _sweep_cmd(args)
+    if args.cmd == "legacy":
+        from .legacy import main as legacy_main
+
+        return legacy_main(args.runs_dir, as_json=args.json)
     if args.cmd == "analyze":
         import json
 
@@ -92,6 +113,35 @@ def main(argv=None) -> int:
     print(f"{verdict['verdict']}: {verdict['reason']}")
     print(f"record: {run_dir}")
     return 0 if verdict["verdict"] in ("PASS_EQUIV", "EXPECTED_DRIFT") else 1
+
+
+def _sweep_cmd(args) -> int:
+    import json
+
+    from .params import ParamError, parse_overrides
+    from .probe import ProbeInterrupted
+    from .record import RecordError
+    from .sweep import VERDICT, SweepError, run_sweep
+
+    if not args.file and not args.resume:
+        print("greta: error: sweep needs -f <matrix.yaml> (e.g. params/b3_76.yaml) or --resume <sweep dir>", file=sys.stderr)
+        return 2
+    try:
+        sweep_dir = run_sweep(args.file, parse_overrides(args.param), out_root=args.out_root, sweep_dir=args.resume,
+                              progress=not args.quiet)
+    except (ParamError, SweepError, RecordError) as e:
+        print(f"greta: error: {e}", file=sys.stderr)
+        return 2
+    except ProbeInterrupted as e:
+        print(f"greta: sweep INTERRUPTED by {e.how} in {e.run_dir}; resume with --resume {Path(e.run_dir).parent.parent}",
+              file=sys.stderr)
+        return 130
+    v = json.loads((Path(sweep_dir) / VERDICT).read_text())
+    print(f"{v['verdict']}: " + " | ".join(v["reasons"]))
+    print(f"sweep: {sweep_dir}")
+    if v.get("report_html"):
+        print(f"report: {Path(sweep_dir) / v['report_html']}")
+    return 0 if v["verdict"] == "PASS_GUARDRAIL" else 1
 
 
 if __name__ == "__main__":
