@@ -198,7 +198,7 @@ def load_config(model: str) -> ModelConfig:
 def inv_freq(cfg: ModelConfig, seq_len: int | None = None) -> list[float]:
     """Rotary inverse frequencies, as transformers' Llama computes them for each rope_scaling type.
 
-    default: theta^(-i/d). linear: divided by factor. llama3: the banded rescaling of
+    default: theta^(-i/d). linear: divided by factor. freq_factors (from GGUF): divided by each factor. llama3: the banded rescaling of
     _compute_llama3_parameters. dynamic (NTK): theta is raised to
     theta * (factor * L / max_pos - (factor - 1)) ^ (d / (d - 2)) with L = max(seq_len, max_pos), the value
     transformers uses for one forward pass over seq_len tokens (Greta fixes L for a whole run: see model.py).
@@ -212,6 +212,8 @@ def inv_freq(cfg: ModelConfig, seq_len: int | None = None) -> list[float]:
     inv = [1.0 / (theta ** (i / d)) for i in range(0, d, 2)]
     if kind == "linear":
         return [f / s["factor"] for f in inv]
+    if kind == "freq_factors":  # GGUF's rope_freqs tensor: per-frequency divisors (llama.cpp's llama3 form)
+        return [f / x for f, x in zip(inv, s["factors"])]
     if kind != "llama3":
         return inv
     factor, lo, hi, old = s["factor"], s["low_freq_factor"], s["high_freq_factor"], s["original_max_position_embeddings"]
