@@ -6,6 +6,8 @@
   verify check a record: manifest hashes, params, phases, artifacts, VRAM floor, verdict vs metrics
   analyze recompute a record's metrics and verdict from its logits (OK, INCOMPLETE, MISSING_LOGITS,
          SPAN_MISMATCH, with reasons)
+  oracle compare Greta's logits (prefill and decode paths) with transformers' LlamaForCausalLM on a
+         checkpoint directory (needs transformers: pip install greta[test]); exit 1 outside tolerance
 
 Exit codes: 0 pass (PASS_EQUIV, EXPECTED_DRIFT; verify: the record verifies), 1 any other verdict (verify:
 the reasons it does not), 2 bad input or an unwritable output folder, 130 interrupted (record written).
@@ -34,7 +36,22 @@ def main(argv=None) -> int:
     anp = sub.add_parser("analyze")
     anp.add_argument("run_dir", help="a record directory")
     anp.add_argument("--json", action="store_true", help="print the whole result as JSON")
+    op = sub.add_parser("oracle")
+    op.add_argument("--model", required=True, help="an HF checkpoint directory (config.json + safetensors)")
+    op.add_argument("--ctx", type=int, default=128, help="prompt length (default: %(default)s)")
+    op.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    op.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
+    if args.cmd == "oracle":
+        from .oracle import OracleMissing, compare, format_result
+
+        try:
+            res = compare(args.model, ctx=args.ctx, dtype=args.dtype, device=args.device, steps=min(8, args.ctx - 1))
+        except (OracleMissing, ValueError, FileNotFoundError) as e:
+            print(f"greta: error: {e}", file=sys.stderr)
+            return 2
+        print(format_result(res))
+        return 0 if res["ok"] else 1
     if args.cmd == "analyze":
         import json
 

@@ -22,11 +22,15 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # fp32: both sides compute the same function in fp32; only summation order and Greta's fp64 RoPE angles
 # differ, so they agree to ~1e-6 (the issue asks for about 1e-4).
 # bf16: each side rounds every activation to bf16 at different points (HF applies RoPE in bf16, Greta in
-# fp32; SDPA vs eager softmax), so differences are bf16 noise, a few percent of the logit range; top-1 may
+# fp32; SDPA vs eager softmax), so differences are bf16 noise, ~1.5% of the logit range measured; top-1 may
 # flip only where the top two logits are within that noise.
+# top1 is held on the decisive positions: those whose oracle top-1 leads its runner-up by more than twice the
+# tolerance in logits (2 * rel * max |oracle logit|); a flip there means an error beyond the tolerance.
+# Plain top-1 agreement over all positions is reported beside it (random small models have flat logits, so
+# bf16 near-ties flip often).
 TOLERANCES = {
-    "float32": {"rel": 1e-4, "top1": 0.99},
-    "bfloat16": {"rel": 5e-2, "top1": 0.9},
+    "float32": {"rel": 1e-4, "top1": 1.0},
+    "bfloat16": {"rel": 4e-2, "top1": 1.0},
 }
 
 
@@ -68,12 +72,19 @@ def greta_logits(cfg: ModelConfig, w: dict, tokens: torch.Tensor, steps: int, *,
     return pre, dec
 
 
-def agreement(got: torch.Tensor, want: torch.Tensor) -> dict:
+def agreement(got: torch.Tensor, want: torch.Tensor, rel_tol: float = 0.0) -> dict:
+    """max |Δ|, rel, top-1 agreement over all positions and over the decisive ones (oracle margin between
+    its top two logits > 2 * rel_tol * max |oracle logit|)."""
     d = (got.double() - want.double()).abs()
     scale = float(want.double().abs().max())
+    same = got.argmax(-1) == want.argmax(-1)
+    top2 = want.double().topk(2, dim=-1).values
+    decisive = (top2[:, 0] - top2[:, 1]) > 2 * rel_tol * scale
+    n_dec = int(decisive.sum())
     return {"max_abs_diff": float(d.max()), "rel": float(d.max()) / scale if scale else float("inf"),
-            "top1_agreement": float((got.argmax(-1) == want.argmax(-1)).double().mean()),
-            "oracle_max_abs_logit": scale, "positions": int(got.shape[0])}
+            "top1_agreement": float(same.double().mean()),
+            "top1_agreement_decisive": float(same[decisive].double().mean()) if n_dec else 1.0,
+            "decisive_positions": n_dec, "oracle_max_abs_logit": scale, "positions": int(got.shape[0])}
 
 
 def compare(model: str, ctx: int = 128, dtype: str = "float32", device: str = "cpu", *, seed: int = 0,
@@ -97,8 +108,10 @@ def compare(model: str, ctx: int = 128, dtype: str = "float32", device: str = "c
     pre, dec = greta_logits(cfg, w, tokens, steps, kv_aligned=kv_aligned, chunk=chunk, kv_block=kv_block)
     tol = TOLERANCES[dtype]
     res = {"model": str(model), "ctx": ctx, "dtype": dtype, "steps": steps, "kv_aligned": kv_aligned,
-           "tolerance": dict(tol), "prefill": agreement(pre, oracle), "decode": agreement(dec, oracle[ctx - steps:])}
-    res["ok"] = all(res[p]["rel"] <= tol["rel"] and res[p]["top1_agreement"] >= tol["top1"] for p in ("prefill", "decode"))
+           "tolerance": dict(tol), "prefill": agreement(pre, oracle, tol["rel"]),
+           "decode": agreement(dec, oracle[ctx - steps:], tol["rel"])}
+    res["ok"] = all(res[p]["rel"] <= tol["rel"] and res[p]["top1_agreement_decisive"] >= tol["top1"]
+                    for p in ("prefill", "decode"))
     res["oracle_logits"] = oracle
     return res
 
@@ -106,10 +119,11 @@ def compare(model: str, ctx: int = 128, dtype: str = "float32", device: str = "c
 def format_result(res: dict) -> str:
     t = res["tolerance"]
     lines = [f"oracle: Greta vs transformers LlamaForCausalLM, {res['model']}, ctx {res['ctx']}, {res['dtype']}, "
-             f"kv_aligned {res['kv_aligned']} (tolerance: rel <= {t['rel']:g}, top-1 >= {t['top1']:g})"]
+             f"kv_aligned {res['kv_aligned']} (tolerance: rel <= {t['rel']:g}, top-1 on decisive positions >= {t['top1']:g})"]
     for p in ("prefill", "decode"):
         r = res[p]
         lines.append(f"  {p:8s} max_abs_diff {r['max_abs_diff']:.3g}  rel {r['rel']:.3g}  "
-                     f"top1_agreement {r['top1_agreement']:.4f}  ({r['positions']} positions)")
+                     f"top1_agreement {r['top1_agreement']:.4f} (decisive {r['top1_agreement_decisive']:.4f} "
+                     f"of {r['decisive_positions']})  ({r['positions']} positions)")
     lines.append("OK" if res["ok"] else "FAIL: outside tolerance")
     return "\n".join(lines)

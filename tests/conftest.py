@@ -80,19 +80,20 @@ HF_SMALL = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidde
 
 @pytest.fixture(scope="session")
 def hf_checkpoint(tmp_path_factory):
-    """hf_checkpoint(name, shard=None, **LlamaConfig overrides) -> directory of a random LlamaForCausalLM saved
-    by transformers (safetensors; sharded when shard is a max_shard_size such as '40KB'). Cached per session
-    by name: don't modify the directory (copy it first)."""
+    """hf_checkpoint(name, shard=None, seed=None, **LlamaConfig overrides) -> directory of a random
+    LlamaForCausalLM saved by transformers (safetensors; sharded when shard is a max_shard_size such as
+    '40KB'; seeded by the name unless seed is given). Cached per session by name: don't modify the
+    directory (copy it first)."""
     pytest.importorskip("transformers")
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     made: dict = {}
 
-    def make(name: str, shard: str | None = None, **overrides):
+    def make(name: str, shard: str | None = None, seed: int | None = None, **overrides):
         if name not in made:
             d = tmp_path_factory.mktemp(f"hf-{name}")
-            torch.manual_seed(sum(map(ord, name)))
+            torch.manual_seed(sum(map(ord, name)) if seed is None else seed)
             model = LlamaForCausalLM(LlamaConfig(**{**HF_SMALL, **overrides}))
             kw = {"max_shard_size": shard} if shard else {}
             model.save_pretrained(d, safe_serialization=True, **kw)
