@@ -11,6 +11,8 @@
          Exit 0 on PASS_GUARDRAIL, 1 on FAIL_GUARDRAIL / INCOMPLETE, 2 on bad input
   legacy print the results table of the original engine's traces (runs/kv_aligned_<K>/seed_<S>/... or
          runs/kv_<K>/seed_<S>/ctx_<N>/...), re-analyzed with Greta's metrics and verdicts
+  oracle compare Greta's logits (prefill and decode paths) with transformers' LlamaForCausalLM on a
+         checkpoint directory (needs transformers: pip install greta[test]); exit 1 outside tolerance
 
 Exit codes: 0 pass (PASS_EQUIV, EXPECTED_DRIFT; verify: the record verifies), 1 any other verdict (verify:
 the reasons it does not), 2 bad input or an unwritable output folder, 130 interrupted (record written).
@@ -49,6 +51,11 @@ def main(argv=None) -> int:
     lgp = sub.add_parser("legacy")
     lgp.add_argument("runs_dir", help="the original engine's runs/ folder")
     lgp.add_argument("--json", action="store_true", help="print the rows as JSON")
+    op = sub.add_parser("oracle")
+    op.add_argument("--model", required=True, help="an HF checkpoint directory (config.json + safetensors)")
+    op.add_argument("--ctx", type=int, default=128, help="prompt length (default: %(default)s)")
+    op.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    op.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
     if args.cmd == "sweep":
         return _sweep_cmd(args)
@@ -56,6 +63,16 @@ def main(argv=None) -> int:
         from .legacy import main as legacy_main
 
         return legacy_main(args.runs_dir, as_json=args.json)
+    if args.cmd == "oracle":
+        from .oracle import OracleMissing, compare, format_result
+
+        try:
+            res = compare(args.model, ctx=args.ctx, dtype=args.dtype, device=args.device, steps=min(8, args.ctx - 1))
+        except (OracleMissing, ValueError, FileNotFoundError) as e:
+            print(f"greta: error: {e}", file=sys.stderr)
+            return 2
+        print(format_result(res))
+        return 0 if res["ok"] else 1
     if args.cmd == "analyze":
         import json
 

@@ -74,26 +74,29 @@ class ModelConfig:
     # --- constructors ------------------------------------------------------
     @classmethod
     def from_hf(cls, cfg: dict, name: str = "checkpoint") -> "ModelConfig":
+        """An HF config.json (transformers 4.x `rope_scaling` + `rope_theta`, or 5.x `rope_parameters`)."""
+        arch = cfg.get("architectures")
+        if arch is not None and list(arch) != ["LlamaForCausalLM"]:
+            raise ValueError(f"architectures {arch} is not supported: Greta runs LlamaForCausalLM checkpoints only")
+        if cfg.get("model_type", "llama") != "llama":
+            raise ValueError(f"model_type {cfg['model_type']!r} is not supported: Greta runs model_type 'llama' only")
         h = cfg["hidden_size"]
         n_heads = cfg["num_attention_heads"]
-        scaling = cfg.get("rope_scaling")
-        if scaling is not None:
-            kind = scaling.get("rope_type", scaling.get("type"))
-            if kind not in ("llama3", "default", None):
-                raise ValueError(f"rope_scaling type {kind!r} is not supported (only llama3); edit config.json or use a preset")
-            scaling = {k: v for k, v in scaling.items() if k not in ("rope_type", "type")} if kind == "llama3" else None
+        params = dict(cfg.get("rope_parameters") or {})  # transformers 5: rope_theta lives in here
+        theta = float(params.pop("rope_theta", cfg.get("rope_theta", 10000.0)))
+        scaling = cfg.get("rope_scaling") or (params if params.get("rope_type", params.get("type")) else None)
         return cls(
             name=name,
             vocab_size=cfg["vocab_size"],
             hidden_size=h,
             n_layers=cfg["num_hidden_layers"],
             n_heads=n_heads,
-            n_kv_heads=cfg.get("num_key_value_heads", n_heads),
+            n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
             head_dim=cfg.get("head_dim") or h // n_heads,
             intermediate_size=cfg["intermediate_size"],
-            rope_theta=float(cfg.get("rope_theta", 10000.0)),
-            rope_scaling=dict(scaling) if scaling else None,
-            rms_eps=float(cfg.get("rms_norm_eps", 1e-5)),
+            rope_theta=theta,
+            rope_scaling=parse_rope_scaling(scaling),
+            rms_eps=float(cfg.get("rms_norm_eps", 1e-6)),
             tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             max_position_embeddings=int(cfg.get("max_position_embeddings", 131072)),
         )
@@ -115,8 +118,40 @@ class ModelConfig:
             "max_position_embeddings": self.max_position_embeddings,
         }
         if self.rope_scaling:
-            d["rope_scaling"] = {"rope_type": "llama3", **self.rope_scaling}
+            d["rope_scaling"] = {"rope_type": "llama3", **self.rope_scaling}  # linear/dynamic keep their rope_type
         return d
+
+
+# rope_scaling types Greta computes, with the keys each needs (as transformers' Llama reads them).
+# A scaling dict without "rope_type" is llama3 (the presets' form); other types keep their "rope_type".
+ROPE_TYPES = {
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    "linear": ("factor",),
+    "dynamic": ("factor",),
+}
+
+
+def parse_rope_scaling(scaling: dict | None) -> dict | None:
+    """HF rope_scaling -> ModelConfig.rope_scaling (None for default rope); one-line refusal otherwise."""
+    if not scaling:
+        return None
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind in ("default", None):
+        return None
+    if kind not in ROPE_TYPES:
+        raise ValueError(f"rope_scaling type {kind!r} is not supported (supported: {', '.join(ROPE_TYPES)}); "
+                         "edit config.json or use a preset")
+    missing = [k for k in ROPE_TYPES[kind] if k not in scaling]
+    if missing:
+        raise ValueError(f"rope_scaling type {kind!r} lacks {', '.join(missing)}")
+    out = {k: float(scaling[k]) if k != "original_max_position_embeddings" else int(scaling[k])
+           for k in ROPE_TYPES[kind]}
+    return out if kind == "llama3" else {"rope_type": kind, **out}
+
+
+def rope_type(cfg: "ModelConfig") -> str:
+    s = cfg.rope_scaling
+    return "default" if not s else s.get("rope_type", "llama3")
 
 
 LLAMA3_SCALING = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
@@ -142,21 +177,44 @@ PRESETS: dict[str, ModelConfig] = {
 
 
 def load_config(model: str) -> ModelConfig:
-    """A preset name, or a local HF checkpoint directory holding config.json."""
+    """A preset name, a local HF checkpoint directory holding config.json, or a Llama .gguf file."""
     if model in PRESETS:
         return PRESETS[model]
     p = Path(model)
+    if p.suffix == ".gguf" and p.is_file():
+        from .gguf import gguf_config
+
+        return gguf_config(p)
     if (p / "config.json").is_file():
-        return ModelConfig.from_hf(json.loads((p / "config.json").read_text()), name=str(p))
-    raise ValueError(f"model {model!r} is neither a preset ({', '.join(PRESETS)}) nor a directory with config.json")
+        try:
+            hf = json.loads((p / "config.json").read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{p / 'config.json'} is not valid JSON ({e})") from None
+        return ModelConfig.from_hf(hf, name=str(p))
+    raise ValueError(f"model {model!r} is neither a preset ({', '.join(PRESETS)}), a directory with config.json, "
+                     "nor a .gguf file")
 
 
-def llama3_inv_freq(cfg: ModelConfig) -> list[float]:
-    """Rotary inverse frequencies with llama3 scaling (as in HF's _compute_llama3_parameters)."""
-    d = cfg.head_dim
-    inv = [1.0 / (cfg.rope_theta ** (i / d)) for i in range(0, d, 2)]
-    s = cfg.rope_scaling
-    if not s:
+def inv_freq(cfg: ModelConfig, seq_len: int | None = None) -> list[float]:
+    """Rotary inverse frequencies, as transformers' Llama computes them for each rope_scaling type.
+
+    default: theta^(-i/d). linear: divided by factor. freq_factors (from GGUF): divided by each factor. llama3: the banded rescaling of
+    _compute_llama3_parameters. dynamic (NTK): theta is raised to
+    theta * (factor * L / max_pos - (factor - 1)) ^ (d / (d - 2)) with L = max(seq_len, max_pos), the value
+    transformers uses for one forward pass over seq_len tokens (Greta fixes L for a whole run: see model.py).
+    """
+    d, s, kind = cfg.head_dim, cfg.rope_scaling, rope_type(cfg)
+    theta = cfg.rope_theta
+    if kind == "dynamic":
+        mp = cfg.max_position_embeddings
+        L = max(seq_len or mp, mp)
+        theta = theta * ((s["factor"] * L / mp) - (s["factor"] - 1)) ** (d / (d - 2))
+    inv = [1.0 / (theta ** (i / d)) for i in range(0, d, 2)]
+    if kind == "linear":
+        return [f / s["factor"] for f in inv]
+    if kind == "freq_factors":  # GGUF's rope_freqs tensor: per-frequency divisors (llama.cpp's llama3 form)
+        return [f / x for f, x in zip(inv, s["factors"])]
+    if kind != "llama3":
         return inv
     factor, lo, hi, old = s["factor"], s["low_freq_factor"], s["high_freq_factor"], s["original_max_position_embeddings"]
     lo_wavelen, hi_wavelen = old / lo, old / hi
@@ -173,4 +231,9 @@ def llama3_inv_freq(cfg: ModelConfig) -> list[float]:
     return out
 
 
-__all__ = ["ModelConfig", "PRESETS", "load_config", "llama3_inv_freq"]
+def llama3_inv_freq(cfg: ModelConfig) -> list[float]:
+    """Rotary inverse frequencies with llama3 scaling (as in HF's _compute_llama3_parameters)."""
+    return inv_freq(cfg)
+
+
+__all__ = ["ModelConfig", "PRESETS", "load_config", "inv_freq", "llama3_inv_freq", "parse_rope_scaling"]

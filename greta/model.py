@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .config import ModelConfig, llama3_inv_freq
+from .config import ModelConfig, inv_freq
 
 PERTURBATIONS = ("none", "rope_offset", "kv_off_by_one")
 
@@ -46,9 +46,11 @@ class KVCache:
         return self.k.nbytes + self.v.nbytes
 
 
-def rope_tables(cfg: ModelConfig, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [n, head_dim/2] in fp32 (angles computed in fp64)."""
-    inv = torch.tensor(llama3_inv_freq(cfg), dtype=torch.float64)
+def rope_tables(cfg: ModelConfig, n: int, device, seq_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [n, head_dim/2] in fp32 (angles computed in fp64). seq_len: the run's length, which only
+    dynamic (NTK) rope scaling depends on; Greta fixes it for the run (prefill and decode alike), as
+    transformers does for one forward pass over seq_len tokens."""
+    inv = torch.tensor(inv_freq(cfg, seq_len), dtype=torch.float64)
     ang = torch.outer(torch.arange(n, dtype=torch.float64), inv)
     return ang.cos().float().to(device), ang.sin().float().to(device)
 
@@ -89,7 +91,7 @@ class Llama:
         self.dtype, self.device = emb.dtype, emb.device
         # room for a padded last tile, so aligned mode never writes past the end
         self.cache = KVCache(cfg, max_tokens + chunk, kv_block, self.dtype, self.device)
-        self.cos, self.sin = rope_tables(cfg, self.cache.capacity + 1, self.device)
+        self.cos, self.sin = rope_tables(cfg, self.cache.capacity + 1, self.device, seq_len=max_tokens)
 
     # --- public paths ----------------------------------------------------------
     @torch.inference_mode()

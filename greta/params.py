@@ -14,7 +14,7 @@ FAULT_KINDS = ("hang", "oom", "crash", "kill", "error", "kernel_death")
 
 DEFAULTS: dict = {
     "probe": "b3_77",
-    "model": "tiny",            # preset name, or a local HF checkpoint directory
+    "model": "tiny",            # preset name, a local HF checkpoint directory, or a Llama .gguf file
     "device": "cpu",            # cpu | cuda | cuda:N (ROCm devices are cuda too)
     "backend": "torch",         # torch (reference, runs anywhere) | triton (kernels/, kv_aligned=1 only)
     "dtype": "bfloat16",        # bfloat16 | float16 | float32
@@ -23,7 +23,9 @@ DEFAULTS: dict = {
     "span": 16,
     "kv_aligned": 1,
     "seed": 0,
-    "prompt": "synthetic",      # synthetic, or a file of token ids (whitespace/comma separated, or .npy)
+    "prompt": "synthetic",      # synthetic, hello ('hello ' x ctx, tokenized), or a file of token ids (whitespace/comma separated, or .npy)
+    "prompt_file": "",          # a UTF-8 text file to tokenize as the prompt (needs a tokenizer.json; see greta/tokenize.py)
+    "tokenizer": "",            # tokenizer.json (or its directory) for text prompts; default: the one beside the model
     "prefill_chunk": 256,       # rows per prefill chunk; with kv_aligned=1 also the fixed row tile
     "kv_block": 1024,           # KV block (keys) walked by aligned attention; cache is padded to it
     "timeouts": {"ceilings": 300.0, "load": 600.0, "prefill": 600.0, "decode": 600.0, "reference": 600.0},
@@ -165,8 +167,12 @@ def validate(p: dict) -> None:
         kind, _, phase = f.partition(":")
         if kind not in FAULT_KINDS or phase not in PHASES:
             raise ParamError(f"param fault={f!r}: write none or <{'|'.join(FAULT_KINDS)}>:<{'|'.join(PHASES)}>, e.g. hang:decode")
-    if p["prompt"] != "synthetic" and not Path(p["prompt"]).is_file():
-        raise ParamError(f"param prompt={p['prompt']!r}: not 'synthetic' and no such token-id file")
+    if p["prompt"] not in ("synthetic", "hello") and not Path(p["prompt"]).is_file():
+        raise ParamError(f"param prompt={p['prompt']!r}: not 'synthetic' or 'hello' and no such token-id file")
+    if p["prompt_file"] and not resolve(p["prompt_file"]).is_file():
+        raise ParamError(f"param prompt_file={p['prompt_file']!r}: no such text file")
+    if p["tokenizer"] and not (Path(p["tokenizer"]).is_file() or (Path(p["tokenizer"]) / "tokenizer.json").is_file()):
+        raise ParamError(f"param tokenizer={p['tokenizer']!r}: neither a tokenizer.json file nor a directory holding one")
     _check_model(p["model"])
     _check_device(p["device"], p["dtype"])
     if p["backend"] == "triton":
@@ -192,9 +198,13 @@ def _check_model(model: str) -> None:
 
     if model in PRESETS:
         return
+    if model.endswith(".gguf"):
+        if not Path(model).is_file():
+            raise ParamError(f"param model={model!r}: no such GGUF file")
+        return
     d = Path(model)
     if not (d / "config.json").is_file():
-        raise ParamError(f"param model={model!r} is neither a preset ({', '.join(PRESETS)}) nor a checkpoint directory with config.json")
+        raise ParamError(f"param model={model!r} is neither a preset ({', '.join(PRESETS)}), a checkpoint directory with config.json, nor a .gguf file")
     if not any(d.glob("*.safetensors")):
         raise ParamError(f"param model={model!r}: checkpoint directory has config.json but no *.safetensors")
 

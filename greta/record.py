@@ -184,6 +184,7 @@ class Record:
             "config": load.get("config"), "torch_threads": load.get("torch_threads"),
             "weights_mb": load.get("weights_mb"), "kv_cache_mb": load.get("kv_cache_mb"),
             "kv_cache_capacity": load.get("kv_cache_capacity"),
+            "prompt": load.get("prompt"),  # source (synthetic | token file | text+tokenizer), token count, ids sha256
         })
         self.write_json("metadata.json", self.meta)
         self.write_json("perf.json", perf)

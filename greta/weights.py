@@ -1,4 +1,5 @@
-"""Model weights: seeded synthetic init with the real shapes, or a local HF checkpoint (safetensors).
+"""Model weights: seeded synthetic init with the real shapes, or a local HF checkpoint (safetensors;
+GGUF files: greta/gguf.py).
 
 Internal names (fused where both paths always multiply together):
   embed, lm_head, norm, and per layer i: i.attn_norm, i.wqkv (q;k;v rows), i.wo, i.mlp_norm, i.w13 (gate;up rows), i.w2
@@ -69,28 +70,126 @@ def _hf_names(cfg: ModelConfig) -> dict[str, str]:
     return n
 
 
-def load_checkpoint(path, cfg: ModelConfig, dtype: torch.dtype, device) -> dict[str, torch.Tensor]:
-    """Load config.json + *.safetensors from a local directory (HF Llama layout)."""
-    from safetensors import safe_open
+class CheckpointError(ValueError):
+    """A checkpoint that can't be loaded: one line naming the file or tensor at fault."""
 
-    files = sorted(Path(path).glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors in {path}; a checkpoint directory needs config.json and safetensors files")
-    raw: dict[str, torch.Tensor] = {}
-    dev = str(device)
-    for f in files:
-        with safe_open(str(f), framework="pt", device=dev) as sf:
-            for k in sf.keys():
-                raw[k] = sf.get_tensor(k).to(dtype)
-    w = {}
-    for ours, theirs in _hf_names(cfg).items():
-        if theirs not in raw:
-            raise KeyError(f"checkpoint {path} lacks tensor {theirs}")
-        w[ours] = raw.pop(theirs)
+    def __str__(self):
+        return str(self.args[0]) if self.args else ""
+
+
+class CheckpointFileMissing(CheckpointError, FileNotFoundError):
+    """A file the checkpoint needs is not there."""
+
+
+class CheckpointTensorMissing(CheckpointError, KeyError):
+    """A tensor the config implies is in no file (str() is the plain message, not KeyError's repr)."""
+
+
+# tensors some HF checkpoints carry that Llama doesn't use (older transformers saved the rope buffers)
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """HF tensor name -> shape, for every tensor a Llama checkpoint of this config must hold."""
+    h, v = cfg.hidden_size, cfg.vocab_size
+    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,)}
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = (v, h)
+    lin = cfg.linear_shapes()
     for i in range(cfg.n_layers):
         p = f"model.layers.{i}."
-        w[f"{i}.wqkv"] = torch.cat([raw.pop(p + f"self_attn.{x}_proj.weight") for x in "qkv"])
-        w[f"{i}.w13"] = torch.cat([raw.pop(p + f"mlp.{x}_proj.weight") for x in ("gate", "up")])
+        out[p + "input_layernorm.weight"] = (h,)
+        out[p + "post_attention_layernorm.weight"] = (h,)
+        for x in ("q", "k", "v", "o"):
+            out[p + f"self_attn.{x}_proj.weight"] = lin[f"{x}_proj"]
+        for x in ("gate", "up", "down"):
+            out[p + f"mlp.{x}_proj.weight"] = lin[f"{x}_proj"]
+    return out
+
+
+def _safe_open(f: Path, device: str, stack):
+    from safetensors import safe_open
+
+    try:
+        return stack.enter_context(safe_open(str(f), framework="pt", device=device))
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+        raise CheckpointError(f"safetensors file {f} is truncated or corrupted ({' '.join(str(e).split())[:160]})") from None
+
+
+def checkpoint_files(path) -> list[Path]:
+    """The safetensors files of a checkpoint directory: those model.safetensors.index.json names, else
+    model.safetensors, else every *.safetensors. Raises CheckpointError naming what is missing."""
+    d = Path(path)
+    if not d.is_dir():
+        raise CheckpointFileMissing(f"checkpoint {d} is not a directory")
+    if not (d / "config.json").is_file():
+        raise CheckpointFileMissing(f"checkpoint {d} has no config.json")
+    index = d / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as e:
+            raise CheckpointError(f"{index} is not a valid safetensors index (no weight_map: {e})") from None
+        missing = [n for n in names if not (d / n).is_file()]
+        if missing:
+            raise CheckpointFileMissing(f"checkpoint {d}: {index.name} names missing shard file(s) {', '.join(missing)}")
+        return [d / n for n in names]
+    if (d / "model.safetensors").is_file():
+        return [d / "model.safetensors"]
+    files = sorted(d.glob("*.safetensors"))
+    if not files:
+        raise CheckpointFileMissing(f"no *.safetensors in {d}; a checkpoint directory needs config.json and safetensors files")
+    return files
+
+
+def load_checkpoint(path, cfg: ModelConfig, dtype: torch.dtype, device) -> dict[str, torch.Tensor]:
+    """Load a local HF Llama checkpoint (config.json + model.safetensors, or shards + index.json).
+
+    Files are memory-mapped (safetensors' safe_open) and tensors are taken one at a time, converted to
+    dtype on the target device and fused (q;k;v, gate;up) layer by layer, so the host never holds a second
+    full copy of the weights. Names and shapes are checked against the config before any data is read:
+    missing, extra and misshapen tensors are each named in a one-line CheckpointError.
+    """
+    from contextlib import ExitStack
+
+    files = checkpoint_files(path)
+    want = expected_tensors(cfg)
+    dev = str(device)
+    with ExitStack() as stack:
+        where: dict[str, object] = {}
+        for f in files:
+            sf = _safe_open(f, dev, stack)
+            for k in sf.keys():
+                where[k] = (sf, f)
+        missing = [k for k in want if k not in where]
+        if missing:
+            more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+            raise CheckpointTensorMissing(f"checkpoint {path} lacks tensor(s) {', '.join(missing[:3])}{more}")
+        extra = [k for k in where if k not in want and not k.endswith(_IGNORED_SUFFIXES)
+                 and not (cfg.tie_embeddings and k == "lm_head.weight")]
+        if extra:
+            more = f" (and {len(extra) - 3} more)" if len(extra) > 3 else ""
+            raise CheckpointError(f"checkpoint {path} has unexpected tensor(s) {', '.join(sorted(extra)[:3])}{more} "
+                                  "for a LlamaForCausalLM of this config.json")
+        for k, shape in want.items():
+            got = tuple(where[k][0].get_slice(k).get_shape())
+            if got != shape:
+                raise CheckpointError(f"checkpoint {path}: tensor {k} has shape {list(got)}, config.json implies {list(shape)}")
+
+        def get(k: str) -> torch.Tensor:
+            sf, f = where[k]
+            try:
+                t = sf.get_tensor(k)
+            except Exception as e:  # noqa: BLE001
+                raise CheckpointError(f"safetensors file {f} is truncated or corrupted at tensor {k} "
+                                      f"({' '.join(str(e).split())[:160]})") from None
+            return t.to(dtype)
+
+        w = {ours: get(theirs) for ours, theirs in _hf_names(cfg).items()}
+        for i in range(cfg.n_layers):
+            p = f"model.layers.{i}."
+            w[f"{i}.wqkv"] = torch.cat([get(p + f"self_attn.{x}_proj.weight") for x in "qkv"])
+            w[f"{i}.w13"] = torch.cat([get(p + f"mlp.{x}_proj.weight") for x in ("gate", "up")])
     if cfg.tie_embeddings:
         w["lm_head"] = w["embed"]
     return w
@@ -117,9 +216,10 @@ def save_checkpoint(w: dict[str, torch.Tensor], cfg: ModelConfig, path) -> Path:
 
 
 def checkpoint_hash(path) -> str:
-    """sha256 over config.json and every safetensors file's bytes."""
+    """sha256 over config.json and every safetensors file's bytes; of a .gguf file, over its bytes."""
     h = hashlib.sha256()
-    for f in [Path(path) / "config.json", *sorted(Path(path).glob("*.safetensors"))]:
+    files = [Path(path)] if Path(path).is_file() else [Path(path) / "config.json", *sorted(Path(path).glob("*.safetensors"))]
+    for f in files:
         h.update(f.name.encode())
         with open(f, "rb") as fh:
             for block in iter(lambda: fh.read(1 << 24), b""):

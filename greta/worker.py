@@ -133,7 +133,7 @@ class Job:
     def load(self) -> dict:
         from .config import PRESETS, load_config
         from .model import Llama
-        from .prompt import make_prompt
+        from .tokenize import make_prompt_from_params
         from .weights import checkpoint_hash, load_checkpoint, synthetic, synthetic_hash
 
         p = self.p
@@ -141,11 +141,17 @@ class Job:
         if p["model"] in PRESETS:  # a preset wins over a same-named folder, as in load_config
             w = synthetic(cfg, p["seed"], self.dtype, self.device)
             source, model_hash = "synthetic", synthetic_hash(cfg, p["seed"])
+        elif p["model"].endswith(".gguf"):
+            from .gguf import load_gguf
+
+            w = load_gguf(p["model"], cfg, self.dtype, self.device)
+            source, model_hash = "gguf", checkpoint_hash(p["model"])
         else:
             w = load_checkpoint(p["model"], cfg, self.dtype, self.device)
             source, model_hash = "checkpoint", checkpoint_hash(p["model"])
         self.cfg = cfg
-        self.prompt = make_prompt(p["prompt"], p["ctx"], cfg.vocab_size, p["seed"]).to(self.device)
+        prompt, prompt_info = make_prompt_from_params(p, cfg.vocab_size)
+        self.prompt = prompt.to(self.device)
         self.model = Llama(cfg, w, max_tokens=p["ctx"] + p["gen"], kv_aligned=p["kv_aligned"],
                            chunk=p["prefill_chunk"], kv_block=p["kv_block"], perturb=p["perturb"],
                            backend=p["backend"])
@@ -155,7 +161,7 @@ class Job:
                 "param_count": cfg.param_count(), "weights_mb": weight_bytes / MB,
                 "kv_cache_mb": self.model.cache.nbytes() / MB, "kv_cache_capacity": self.model.cache.capacity,
                 "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
-                "torch_threads": torch.get_num_threads(), "warmup_s": warmup_s}
+                "torch_threads": torch.get_num_threads(), "warmup_s": warmup_s, "prompt": prompt_info}
 
     def _warmup(self) -> float:
         """Compile the Triton kernels, capture the decode graph and initialise cuBLAS/SDPA outside the timed

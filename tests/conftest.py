@@ -71,3 +71,33 @@ def record_files_from_doc() -> list[str]:
 @pytest.fixture(scope="session")
 def record_doc_files() -> list[str]:
     return record_files_from_doc()
+
+
+# --- real-model checkpoints saved by transformers itself (tests of checkpoints, GGUF, oracle) -------------
+HF_SMALL = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=8,
+                num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.1, rope_theta=10000.0)
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoint(tmp_path_factory):
+    """hf_checkpoint(name, shard=None, seed=None, **LlamaConfig overrides) -> directory of a random
+    LlamaForCausalLM saved by transformers (safetensors; sharded when shard is a max_shard_size such as
+    '40KB'; seeded by the name unless seed is given). Cached per session by name: don't modify the
+    directory (copy it first)."""
+    pytest.importorskip("transformers")
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    made: dict = {}
+
+    def make(name: str, shard: str | None = None, seed: int | None = None, **overrides):
+        if name not in made:
+            d = tmp_path_factory.mktemp(f"hf-{name}")
+            torch.manual_seed(sum(map(ord, name)) if seed is None else seed)
+            model = LlamaForCausalLM(LlamaConfig(**{**HF_SMALL, **overrides}))
+            kw = {"max_shard_size": shard} if shard else {}
+            model.save_pretrained(d, safe_serialization=True, **kw)
+            made[name] = d
+        return made[name]
+
+    return make

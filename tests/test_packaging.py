@@ -1,5 +1,5 @@
 """Packaging: pyproject's dependencies cover what greta imports, and environment.yml (when present) lists
-the same dependencies as pyproject's [project] dependencies.
+the same dependencies as pyproject's [project] dependencies plus its `models` extra.
 (Source notebooks having no outputs is tested in tests/test_notebooks.py.)"""
 from __future__ import annotations
 
@@ -17,8 +17,9 @@ except ImportError:  # Python 3.10
 
 # import name -> distribution name, where they differ
 IMPORT_TO_DIST = {"yaml": "pyyaml", "pynvml": "nvidia-ml-py", "IPython": "ipykernel"}
-# imported only inside try/except ImportError, for GPU backends (extras or a vendor install)
-OPTIONAL_IMPORTS = {"triton", "pynvml", "amdsmi"}
+# imported only inside try/except ImportError, for GPU backends (extras or a vendor install), real-model
+# formats (the models extra) and the oracle (the test extra)
+OPTIONAL_IMPORTS = {"triton", "pynvml", "amdsmi", "gguf", "tokenizers", "transformers"}
 # conda package name -> PyPI name, where they differ
 CONDA_TO_PYPI = {"pytorch": "torch"}
 
@@ -109,11 +110,12 @@ dependencies:
     assert env_names(env) == {"numpy", "pyyaml", "torch", "nvidia-ml-py"}
 
 
-def test_environment_yml_matches_pyproject(repo_root, project_deps):
+def test_environment_yml_matches_pyproject(repo_root, pyproject, project_deps):
     path = repo_root / "environment.yml"
     if not path.is_file():
         pytest.skip("environment.yml not present")
     listed = env_names(yaml.safe_load(path.read_text()))
-    assert project_deps - listed == set(), f"in pyproject but not in environment.yml: {sorted(project_deps - listed)}"
-    assert listed - project_deps == set(), \
-        f"in environment.yml but not in pyproject [project] dependencies: {sorted(listed - project_deps)}"
+    want = project_deps | {norm(d) for d in pyproject["project"]["optional-dependencies"]["models"]}
+    assert want - listed == set(), f"in pyproject (dependencies + models extra) but not in environment.yml: {sorted(want - listed)}"
+    assert listed - want == set(), \
+        f"in environment.yml but not in pyproject [project] dependencies or the models extra: {sorted(listed - want)}"

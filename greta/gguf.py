@@ -1,0 +1,204 @@
+"""Llama GGUF files (llama.cpp's format), read with the `gguf` package (pip install greta[models]).
+
+Metadata maps to a ModelConfig (gguf_config); tensors load as F32, F16 or BF16, or are dequantized from
+Q8_0 and Q4_K to the run's dtype on load (load_gguf). The file is memory-mapped and tensors are taken one
+at a time. llama.cpp's converter permutes the rows of attn_q and attn_k (interleaved RoPE pairs); they
+are permuted back to the HF rotate-half layout Greta uses. Llama-3.1 files carry their llama3 rope
+scaling as a `rope_freqs.weight` tensor of per-frequency divisors, used as they are.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import ModelConfig
+
+
+class GGUFError(ValueError):
+    """A GGUF file Greta can't load: one line naming the file, key or tensor at fault."""
+
+
+def _reader(path):
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        raise GGUFError("reading .gguf files needs the gguf package: pip install greta[models]") from None
+    p = Path(path)
+    if not p.is_file():
+        raise GGUFError(f"GGUF file {p} not found")
+    try:
+        return GGUFReader(str(p), "r")
+    except Exception as e:  # noqa: BLE001 - gguf raises ValueError, IndexError, struct errors...
+        raise GGUFError(f"GGUF file {p} is truncated or corrupted ({type(e).__name__}: {' '.join(str(e).split())[:160]})") from None
+
+
+def _field(reader, key: str, default=None, required: bool = False):
+    f = reader.fields.get(key)
+    if f is None:
+        if required:
+            raise GGUFError(f"GGUF file lacks metadata key {key}")
+        return default
+    return f.contents()
+
+
+def gguf_config(path) -> ModelConfig:
+    """ModelConfig from a Llama GGUF file's metadata (and its tensor list: output.weight, rope_freqs)."""
+    r = _reader(path)
+    arch = _field(r, "general.architecture", required=True)
+    if arch != "llama":
+        raise GGUFError(f"GGUF general.architecture {arch!r} is not supported: Greta runs llama GGUF files only")
+    a = "llama."
+    h = int(_field(r, a + "embedding_length", required=True))
+    n_heads = int(_field(r, a + "attention.head_count", required=True))
+    names = {t.name: t for t in r.tensors}
+    if "token_embd.weight" not in names:
+        raise GGUFError(f"GGUF file {path} lacks tensor token_embd.weight")
+    vocab = _field(r, a + "vocab_size")
+    if vocab is None:
+        vocab = int(names["token_embd.weight"].shape[-1])  # GGML order: (hidden, vocab)
+    scaling = None
+    kind = _field(r, a + "rope.scaling.type", "none")
+    if kind == "linear":
+        scaling = {"rope_type": "linear", "factor": float(_field(r, a + "rope.scaling.factor", required=True))}
+    elif kind not in ("none", None):
+        raise GGUFError(f"GGUF rope scaling type {kind!r} is not supported (supported: linear, and llama3 via rope_freqs)")
+    if "rope_freqs.weight" in names:
+        if scaling:
+            raise GGUFError("GGUF file has both rope.scaling.type and rope_freqs.weight; refusing to guess")
+        divisors = _tensor(names["rope_freqs.weight"], torch.float64, "cpu").reshape(-1).tolist()
+        scaling = {"rope_type": "freq_factors", "factors": divisors}
+    return ModelConfig(
+        name=str(path), vocab_size=int(vocab), hidden_size=h,
+        n_layers=int(_field(r, a + "block_count", required=True)),
+        n_heads=n_heads, n_kv_heads=int(_field(r, a + "attention.head_count_kv", n_heads)),
+        head_dim=int(_field(r, a + "attention.key_length", 0) or _field(r, a + "rope.dimension_count", 0) or h // n_heads),
+        intermediate_size=int(_field(r, a + "feed_forward_length", required=True)),
+        rope_theta=float(_field(r, a + "rope.freq_base", 10000.0)),
+        rope_scaling=scaling,
+        rms_eps=float(_field(r, a + "attention.layer_norm_rms_epsilon", 1e-5)),
+        tie_embeddings="output.weight" not in names,
+        max_position_embeddings=int(_field(r, a + "context_length", 131072)),
+    )
+
+
+# --- dequantizers (torch; gguf.quants holds numpy references the tests compare against) --------------
+def dequant_q8_0(raw: torch.Tensor) -> torch.Tensor:
+    """Q8_0 blocks (uint8 [..., 34 * k]: fp16 scale d, then 32 int8 q) -> fp32 values d * q."""
+    b = raw.reshape(-1, 34)
+    d = b[:, :2].contiguous().view(torch.float16).float()  # [n, 1]
+    q = b[:, 2:].contiguous().view(torch.int8).float()
+    return (q * d).reshape(-1)
+
+
+def dequant_q4_k(raw: torch.Tensor) -> torch.Tensor:
+    """Q4_K super-blocks of 256 values (uint8 [..., 144 * k]): fp16 d, fp16 dmin, 12 bytes of eight 6-bit
+    scales and mins, 128 bytes of 4-bit q. Sub-block j (32 values) is d*sc[j]*q - dmin*m[j]; sub-blocks
+    2g and 2g+1 are the low and high nibbles of bytes 32g..32g+31 (ggml's dequantize_row_q4_K)."""
+    b = raw.reshape(-1, 144)
+    n = b.shape[0]
+    d = b[:, 0:2].contiguous().view(torch.float16).float()
+    dmin = b[:, 2:4].contiguous().view(torch.float16).float()
+    s = b[:, 4:16].to(torch.int32)
+    sc = torch.cat([s[:, 0:4] & 63, (s[:, 8:12] & 0xF) | ((s[:, 0:4] >> 6) << 4)], dim=1)  # [n, 8]
+    m = torch.cat([s[:, 4:8] & 63, (s[:, 8:12] >> 4) | ((s[:, 4:8] >> 6) << 4)], dim=1)
+    qs = b[:, 16:].to(torch.int32).reshape(n, 4, 32)
+    q = torch.stack([qs & 0xF, qs >> 4], dim=2).reshape(n, 8, 32).float()
+    y = (d * sc.float())[:, :, None] * q - (dmin * m.float())[:, :, None]
+    return y.reshape(-1)
+
+
+def _tensor(t, dtype: torch.dtype, device) -> torch.Tensor:
+    """A ReaderTensor as a torch tensor of its logical (row-major) shape, converted to dtype on device."""
+    from gguf import GGMLQuantizationType as Q
+
+    shape = tuple(int(x) for x in reversed(t.shape.tolist()))
+    try:
+        data = np.array(t.data, copy=True)  # one tensor leaves the memory map at a time
+    except Exception as e:  # noqa: BLE001 - a short file gives short or unreadable maps
+        raise GGUFError(f"GGUF tensor {t.name} cannot be read: file truncated or corrupted ({e})") from None
+    kind = t.tensor_type
+    if kind == Q.F32:
+        x = torch.from_numpy(data.view(np.float32))
+    elif kind == Q.F16:
+        x = torch.from_numpy(data.view(np.float16))
+    elif kind == Q.BF16:
+        x = torch.from_numpy(data.view(np.int16)).view(torch.bfloat16)
+    elif kind == Q.Q8_0:
+        x = dequant_q8_0(torch.from_numpy(data.view(np.uint8)))
+    elif kind == Q.Q4_K:
+        x = dequant_q4_k(torch.from_numpy(data.view(np.uint8)))
+    else:
+        raise GGUFError(f"GGUF tensor {t.name} has type {kind.name}; Greta loads F32, F16, BF16, Q8_0 and Q4_K")
+    if x.numel() != int(np.prod(shape)):
+        raise GGUFError(f"GGUF tensor {t.name} holds {x.numel()} values, its shape {list(shape)} needs {int(np.prod(shape))}: "
+                        "file truncated or corrupted")
+    return x.reshape(shape).to(device=device, dtype=dtype)
+
+
+def unpermute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's q/k row permutation (convert_hf_to_gguf's permute): per head, rows
+    [0, 2, 4, ... 1, 3, 5 ...] of the interleaved layout back to HF's two rotate-half halves."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def permute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """llama.cpp's permute (HF layout -> GGUF layout); the tests write GGUF files with it."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def gguf_names(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """GGUF tensor name -> logical (row-major) shape for a Llama of this config."""
+    h, v, lin = cfg.hidden_size, cfg.vocab_size, cfg.linear_shapes()
+    out: dict[str, tuple[int, ...]] = {"token_embd.weight": (v, h), "output_norm.weight": (h,)}
+    if not cfg.tie_embeddings:
+        out["output.weight"] = (v, h)
+    for i in range(cfg.n_layers):
+        p = f"blk.{i}."
+        out.update({p + "attn_norm.weight": (h,), p + "ffn_norm.weight": (h,),
+                    p + "attn_q.weight": lin["q_proj"], p + "attn_k.weight": lin["k_proj"],
+                    p + "attn_v.weight": lin["v_proj"], p + "attn_output.weight": lin["o_proj"],
+                    p + "ffn_gate.weight": lin["gate_proj"], p + "ffn_up.weight": lin["up_proj"],
+                    p + "ffn_down.weight": lin["down_proj"]})
+    return out
+
+
+def load_gguf(path, cfg: ModelConfig, dtype: torch.dtype, device) -> dict[str, torch.Tensor]:
+    """Greta's weight dict from a Llama GGUF file; names and shapes checked first, each error one line."""
+    r = _reader(path)
+    tensors = {t.name: t for t in r.tensors}
+    want = gguf_names(cfg)
+    missing = [k for k in want if k not in tensors]
+    if missing:
+        raise GGUFError(f"GGUF file {path} lacks tensor(s) {', '.join(missing[:3])}" + (f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""))
+    extra = sorted(k for k in tensors if k not in want and k != "rope_freqs.weight")
+    if extra:
+        raise GGUFError(f"GGUF file {path} has unexpected tensor(s) {', '.join(extra[:3])} for a llama of its metadata")
+    for k, shape in want.items():
+        got = tuple(int(x) for x in reversed(tensors[k].shape.tolist()))
+        if got != shape:
+            raise GGUFError(f"GGUF file {path}: tensor {k} has shape {list(got)}, its metadata implies {list(shape)}")
+
+    def get(k):
+        return _tensor(tensors[k], dtype, device)
+
+    w = {"embed": get("token_embd.weight"), "norm": get("output_norm.weight")}
+    if not cfg.tie_embeddings:
+        w["lm_head"] = get("output.weight")
+    for i in range(cfg.n_layers):
+        p = f"blk.{i}."
+        q = unpermute_rope_rows(get(p + "attn_q.weight"), cfg.n_heads)
+        k = unpermute_rope_rows(get(p + "attn_k.weight"), cfg.n_kv_heads)
+        w[f"{i}.wqkv"] = torch.cat([q, k, get(p + "attn_v.weight")])
+        del q, k
+        w[f"{i}.wo"] = get(p + "attn_output.weight")
+        w[f"{i}.w13"] = torch.cat([get(p + "ffn_gate.weight"), get(p + "ffn_up.weight")])
+        w[f"{i}.w2"] = get(p + "ffn_down.weight")
+        w[f"{i}.attn_norm"] = get(p + "attn_norm.weight")
+        w[f"{i}.mlp_norm"] = get(p + "ffn_norm.weight")
+    if cfg.tie_embeddings:
+        w["lm_head"] = w["embed"]
+    return w

@@ -1,0 +1,108 @@
+"""The independent oracle: Greta's prefill and decode paths against transformers' LlamaForCausalLM on small
+random checkpoints saved by transformers itself (GQA 1/4/8, tied and untied, llama3 scaling beyond
+original_max_position_embeddings, linear and dynamic scaling, sharded), in fp32 and bf16; negative controls
+show the comparison fails when Greta computes RoPE wrongly."""
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+import pytest
+
+pytest.importorskip("transformers")
+
+from greta.config import load_config  # noqa: E402
+from greta.oracle import TOLERANCES, OracleMissing, compare, format_result  # noqa: E402
+
+LLAMA3 = {"rope_theta": 500000.0, "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}
+CONFIGS = {
+    "gqa1": dict(num_key_value_heads=8),
+    "gqa4": dict(num_key_value_heads=2),
+    "gqa8": dict(num_key_value_heads=1),
+    "tied": dict(tie_word_embeddings=True),
+    "llama3": LLAMA3,  # ctx 160 > original_max_position_embeddings 64
+    "llama32": dict(LLAMA3, tie_word_embeddings=True, num_key_value_heads=2),  # Llama-3.2: tied + llama3
+    "linear": dict(rope_scaling={"rope_type": "linear", "factor": 4.0}),
+    "dynamic": dict(rope_scaling={"rope_type": "dynamic", "factor": 2.0}, max_position_embeddings=64),  # ctx 160 > 64
+}
+CTX = 160
+
+
+@pytest.fixture(scope="module")
+def ckpt(hf_checkpoint):
+    return lambda name: hf_checkpoint(name, **CONFIGS[name])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_greta_matches_transformers(ckpt, name, dtype):
+    res = compare(str(ckpt(name)), ctx=CTX, dtype=dtype, steps=8)
+    print(format_result(res))
+    tol = TOLERANCES[dtype]
+    for path in ("prefill", "decode"):
+        r = res[path]
+        assert r["rel"] <= tol["rel"] and r["top1_agreement_decisive"] >= tol["top1"], (path, r)
+    assert res["prefill"]["decisive_positions"] >= CTX // 4  # the top-1 check is not vacuous
+    if dtype == "float32":
+        assert res["prefill"]["top1_agreement"] == res["decode"]["top1_agreement"] == 1.0
+    assert res["ok"]
+    assert res["prefill"]["positions"] == CTX and res["decode"]["positions"] == 8
+
+
+def test_sharded_checkpoint_matches_transformers(hf_checkpoint):
+    d = hf_checkpoint("gqa4-sharded", shard="40KB", num_key_value_heads=2)
+    assert (d / "model.safetensors.index.json").is_file()
+    assert compare(str(d), ctx=96, dtype="float32")["ok"]
+
+
+def test_kv_aligned_0_paths_match_too(ckpt):
+    assert compare(str(ckpt("gqa4")), ctx=CTX, dtype="float32", kv_aligned=0)["ok"]
+
+
+# --- negative controls: the oracle can fail ----------------------------------------------------------------
+def _wrong(name, ckpt, dtype, **change):
+    d = str(ckpt(name))
+    good = compare(d, ctx=CTX, dtype=dtype)
+    bad = compare(d, ctx=CTX, dtype=dtype, cfg=dataclasses.replace(load_config(d), **change),
+                  oracle=good["oracle_logits"])
+    return good, bad
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_dropping_llama3_scaling_fails_the_oracle(ckpt, dtype):
+    """The issue's example: a wrong RoPE scaling passes decode == prefill, but not the oracle."""
+    good, bad = _wrong("llama3", ckpt, dtype, rope_scaling=None)
+    assert good["ok"] and not bad["ok"]
+    assert bad["prefill"]["rel"] > 10 * TOLERANCES[dtype]["rel"] or bad["prefill"]["top1_agreement"] < 0.9
+
+
+def test_perturbed_rope_theta_fails_the_oracle_in_fp32(ckpt):
+    good, bad = _wrong("gqa4", ckpt, "float32", rope_theta=10000.0 * 1.01)
+    assert good["ok"] and not bad["ok"]
+    assert bad["decode"]["rel"] > 10 * TOLERANCES["float32"]["rel"]
+
+
+def test_swapping_dynamic_for_linear_fails_the_oracle(ckpt):
+    good, bad = _wrong("dynamic", ckpt, "float32", rope_scaling={"rope_type": "linear", "factor": 2.0})
+    assert good["ok"] and not bad["ok"]
+
+
+# --- CLI and missing dependency ----------------------------------------------------------------------------
+def test_cli_oracle_prints_and_exits_by_tolerance(ckpt, capsys, monkeypatch):
+    from greta.__main__ import main
+
+    d = str(ckpt("gqa8"))
+    assert main(["oracle", "--model", d, "--ctx", "96", "--dtype", "float32"]) == 0
+    out = capsys.readouterr().out
+    assert "prefill" in out and "decode" in out and "max_abs_diff" in out and "top1_agreement" in out
+    monkeypatch.setitem(TOLERANCES, "float32", {"rel": 1e-12, "top1": 1.0})  # fp32 summation order differs
+    assert main(["oracle", "--model", d, "--ctx", "96", "--dtype", "float32"]) == 1
+    assert "FAIL" in capsys.readouterr().out
+
+
+def test_missing_transformers_is_one_line(ckpt, monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers -> ImportError
+    with pytest.raises(OracleMissing) as e:
+        compare(str(ckpt("gqa4")), ctx=32)
+    assert "pip install greta[test]" in str(e.value) and "\n" not in str(e.value)
