@@ -1,4 +1,4 @@
-"""Command line: `python -m greta probe|audit -f params.yaml -p key=value ...`
+"""Command line: `python -m greta <command> ...` (probe, audit, verify, analyze, sweep, legacy, oracle)
 
   probe  run the probe and write its record (JSON, CSV, report.md)
   audit  run notebooks/run_b3_77.ipynb with papermill into a fresh record directory: the probe, the
