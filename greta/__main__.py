@@ -11,8 +11,19 @@ import sys
 from pathlib import Path
 
 
+class _UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one `greta: error:` line and exit code 2, like a bad param."""
+
+    def error(self, message):
+        raise _UsageError(f"{message} (see {self.prog} --help)")
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="greta", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = _Parser(prog="greta", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     for name in ("probe", "audit"):
         sp = sub.add_parser(name)
@@ -21,14 +32,20 @@ def main(argv=None) -> int:
                         help="override a param, e.g. -p ctx=32768 -p timeouts.decode=60 (repeatable)")
         sp.add_argument("-o", "--out-root", default="outputs", help="records go under this folder (default: %(default)s)")
         sp.add_argument("--quiet", action="store_true", help="no progress bars")
-    args = ap.parse_args(argv)
-
     from .params import ParamError, load_params, parse_overrides
 
     try:
+        args = ap.parse_args(argv)
+        try:
+            out = Path(args.out_root)
+            bad_out = not args.out_root or "\0" in args.out_root or (out.exists() and not out.is_dir())
+        except OSError:  # e.g. a name too long for the filesystem
+            bad_out = True
+        if bad_out:
+            raise ParamError(f"-o {args.out_root!r} is not a folder; records go under a folder, e.g. -o outputs")
         overrides = parse_overrides(args.param)
         params = load_params(args.file, overrides)
-    except ParamError as e:
+    except (_UsageError, ParamError) as e:
         print(f"greta: error: {e}", file=sys.stderr)
         return 2
     if args.cmd == "probe":
