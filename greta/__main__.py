@@ -24,8 +24,19 @@ import sys
 from pathlib import Path
 
 
+class _UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one `greta: error:` line and exit code 2, like a bad param."""
+
+    def error(self, message):
+        raise _UsageError(f"{message} (see {self.prog} --help)")
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="greta", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = _Parser(prog="greta", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     for name in ("probe", "audit"):
         sp = sub.add_parser(name)
@@ -56,7 +67,11 @@ def main(argv=None) -> int:
     op.add_argument("--ctx", type=int, default=128, help="prompt length (default: %(default)s)")
     op.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     op.add_argument("--device", default="cpu")
-    args = ap.parse_args(argv)
+    try:
+        args = ap.parse_args(argv)
+    except _UsageError as e:
+        print(f"greta: error: {e}", file=sys.stderr)
+        return 2
     if args.cmd == "sweep":
         return _sweep_cmd(args)
     if args.cmd == "legacy":
@@ -101,9 +116,16 @@ def main(argv=None) -> int:
     from .params import ParamError, load_params, parse_overrides
 
     try:
+        try:
+            out = Path(args.out_root)
+            bad_out = not args.out_root or "\0" in args.out_root or (out.exists() and not out.is_dir())
+        except OSError:  # e.g. a name too long for the filesystem
+            bad_out = True
+        if bad_out:
+            raise ParamError(f"-o {args.out_root!r} is not a folder; records go under a folder, e.g. -o outputs")
         overrides = parse_overrides(args.param)
         params = load_params(args.file, overrides)
-    except ParamError as e:
+    except (_UsageError, ParamError) as e:
         print(f"greta: error: {e}", file=sys.stderr)
         return 2
     from .probe import ProbeInterrupted

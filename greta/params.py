@@ -5,6 +5,9 @@ Every problem is a ParamError with one line that names the key and the fix.
 from __future__ import annotations
 
 import copy
+import math
+import os
+import re
 from pathlib import Path
 
 import yaml
@@ -50,17 +53,42 @@ def dtype_bytes(dtype: str) -> int:
     return 4 if dtype == "float32" else 2
 
 
+SECTIONS = tuple(k for k, v in DEFAULTS.items() if isinstance(v, dict))  # timeouts, thresholds
+SIZE_MAX = 2**31 - 1      # ctx, gen, prefill_chunk, kv_block: far past any model; keeps _check_fits in float range
+SEED_MAX = 2**32 - 1      # weights.synthetic seeds torch generators with seed * 1_000_003 + crc32
+TIMEOUT_MAX_S = 7 * 86400.0
+SAMPLING_MAX_S = 3600.0
+
+
 class ParamError(ValueError):
     """A bad param: the message is one line naming the problem and the fix."""
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
+def _show(value, limit: int = 60) -> str:
+    """repr(value) on one line, cut to about limit characters (CLI values and YAML junk can be huge)."""
+    try:
+        r = repr(value)
+    except ValueError:  # an int too long for str() (sys.get_int_max_str_digits)
+        return f"<int of {value.bit_length()} bits>"
+    return r if len(r) <= limit else r[:limit - 3] + "..."
+
+
+def _flat(d: dict, source: str) -> dict:
+    """{'timeouts': {'decode': 5}, 'ctx': 1} -> {'timeouts.decode': 5, 'ctx': 1}. Only the sections of
+    DEFAULTS nest; any other dict stays a value (and is refused as the wrong type)."""
     out = {}
     for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
+        k = k if isinstance(k, str) else _show(k)
+        if k in SECTIONS and isinstance(v, dict):
+            items = {f"{k}.{sk}": sv for sk, sv in v.items()}
+        elif k in SECTIONS:
+            raise ParamError(f"param {k}={_show(v)} (from {source}) must be a mapping, e.g. -p {k}.{next(iter(DEFAULTS[k]))}=...")
         else:
-            out[f"{prefix}{k}"] = v
+            items = {k: v}
+        for fk, fv in items.items():
+            if fk in out:
+                raise ParamError(f"param {fk} is given twice (from {source}); keep one")
+            out[fk] = fv
     return out
 
 
@@ -85,21 +113,31 @@ def _coerce(key: str, value, default):
         except ValueError:
             pass
     if want is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # an int past float range: as non-finite as inf
+            value = math.inf if value > 0 else -math.inf
     if want is int and isinstance(value, float) and value.is_integer():
         value = int(value)
     if not isinstance(value, want) or (want is int and isinstance(value, bool)):
-        raise ParamError(f"param {key}={value!r} has type {type(value).__name__}; expected {want.__name__}")
+        raise ParamError(f"param {key}={_show(value)} has type {type(value).__name__}; expected {want.__name__}, "
+                         f"e.g. -p {key}={_flat_defaults()[key]}")
+    if want is float and not math.isfinite(value):
+        raise ParamError(f"param {key}={value} is not a finite number; e.g. -p {key}={_flat_defaults()[key]}")
     return value
+
+
+def _flat_defaults() -> dict:
+    return _flat(DEFAULTS, "defaults")
 
 
 def resolve(path) -> Path:
     """A relative path as given, else relative to the repository checkout (for notebooks run elsewhere)."""
     p = Path(path)
-    if p.is_absolute() or p.exists():
+    if p.is_absolute() or _exists(p):
         return p
     repo = Path(__file__).resolve().parent.parent / p
-    return repo if repo.exists() else p
+    return repo if _exists(repo) else p
 
 
 def parse_overrides(items: list[str]) -> dict:
@@ -107,76 +145,153 @@ def parse_overrides(items: list[str]) -> dict:
     out = {}
     for it in items:
         if "=" not in it:
-            raise ParamError(f"override {it!r} is not key=value; write e.g. -p ctx=32768")
+            raise ParamError(f"override {_show(it)} is not key=value; write e.g. -p ctx=32768")
         k, v = it.split("=", 1)
         out[k.strip()] = v.strip()
     return out
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a mapping with the same key twice (PyYAML silently keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                dup = key in seen
+                seen.add(key)
+            except TypeError:  # an unhashable key: let PyYAML report it
+                break
+            if dup:
+                raise ParamError(f"duplicate key {_show(key)} (line {key_node.start_mark.line + 1}); keep one")
+        return super().construct_mapping(node, deep)
+
+
+def _is_file(p: Path) -> bool:
+    try:
+        return p.is_file()
+    except (OSError, ValueError):  # name too long, embedded NUL, ...
+        return False
+
+
+def _exists(p: Path) -> bool:
+    try:
+        return p.exists()
+    except (OSError, ValueError):
+        return False
+
+
+def _read_yaml(path) -> dict:
+    """The params file as a dict; every problem with it is a one-line ParamError naming the file."""
+    name = _show(str(path), 120)
+    p = resolve(path)
+    if not _is_file(p):
+        raise ParamError(f"params file {name} not found; pass one of {sorted(str(x) for x in Path('params').glob('*.yaml'))}")
+    try:
+        text = p.read_bytes().decode("utf-8-sig")
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
+    except ParamError as e:
+        raise ParamError(f"params file {name}: {e}") from None
+    except UnicodeDecodeError:
+        raise ParamError(f"params file {name} is not UTF-8 text; write key: value lines") from None
+    except RecursionError:
+        raise ParamError(f"params file {name} nests too deeply; write flat key: value lines") from None
+    except OSError as e:
+        raise ParamError(f"params file {name} cannot be read ({e.strerror})") from None
+    except (yaml.YAMLError, ValueError) as e:  # ValueError: e.g. an int longer than Python will parse
+        raise ParamError(f"params file {name} is not valid YAML ({_show(' '.join(str(e).split()), 120)})") from None
+    if data is None:  # empty, or only comments
+        return {}
+    if not isinstance(data, dict):
+        raise ParamError(f"params file {name} must be a mapping of key: value (got {type(data).__name__})")
+    return data
+
+
 def load_params(path=None, overrides: dict | None = None) -> dict:
     """Defaults <- YAML file <- overrides (dotted keys allowed), then validate. Returns a plain dict."""
     params = copy.deepcopy(DEFAULTS)
-    known = _flat(DEFAULTS)
+    known = _flat_defaults()
     layers = []
-    if path:
-        p = resolve(path)
-        if not p.is_file():
-            raise ParamError(f"params file {path} not found; pass one of {sorted(str(x) for x in Path('params').glob('*.yaml'))}")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ParamError(f"params file {path} is not valid YAML ({' '.join(str(e).split())[:120]})") from None
-        if not isinstance(data, dict):
-            raise ParamError(f"params file {path} must be a mapping of key: value")
-        layers.append((str(path), _flat(data)))
-    layers.append(("override", _flat(dict(overrides or {}))))
+    if path is not None:
+        layers.append((_show(str(path), 120), _flat(_read_yaml(path), _show(str(path), 120))))
+    if overrides is not None and not isinstance(overrides, dict):
+        raise ParamError(f"overrides must be a dict of key: value (got {type(overrides).__name__})")
+    layers.append(("override", _flat(dict(overrides or {}), "override")))
     for source, flat in layers:
         for key, value in flat.items():
             if key not in known:
-                raise ParamError(f"unknown param {key!r} (from {source}); known: {', '.join(sorted(known))}")
+                raise ParamError(f"unknown param {_show(key)} (from {source}); known: {', '.join(sorted(known))}")
             _set(params, key, _coerce(key, value, known[key]))
     validate(params)
     return params
 
 
+def _range(p: dict, key: str, lo, hi=None, why: str = "") -> None:
+    """Refuse p[key] (a dotted key reads a section) outside lo..hi, naming the key and a default to use."""
+    *sec, last = key.split(".")
+    v = (p[sec[0]] if sec else p)[last]
+    if v < lo or (hi is not None and v > hi):
+        g = (lambda x: f"{x:g}" if isinstance(x, float) else str(x))
+        want = f"between {g(lo)} and {g(hi)}" if hi is not None else f">= {g(lo)}"
+        raise ParamError(f"param {key}={_show(v)} must be {want}{why}; e.g. -p {key}={_flat_defaults()[key]}")
+
+
 def validate(p: dict) -> None:
     for key, allowed in CHOICES.items():
         if p[key] not in allowed:
-            raise ParamError(f"param {key}={p[key]!r} is not one of {list(allowed)}")
-    if p["ctx"] <= 0:
-        raise ParamError(f"param ctx={p['ctx']} must be > 0")
-    if p["gen"] <= 0:
-        raise ParamError(f"param gen={p['gen']} must be > 0")
+            raise ParamError(f"param {key}={_show(p[key])} is not one of {list(allowed)}")
+    for key in ("ctx", "gen", "prefill_chunk", "kv_block"):
+        _range(p, key, 1, SIZE_MAX)
     if not 1 <= p["span"] <= p["gen"]:
-        raise ParamError(f"param span={p['span']} must be between 1 and gen={p['gen']}")
-    for key in ("prefill_chunk", "kv_block"):
-        if p[key] <= 0:
-            raise ParamError(f"param {key}={p[key]} must be > 0")
-    if p["sampling_period_s"] <= 0:
-        raise ParamError(f"param sampling_period_s={p['sampling_period_s']} must be > 0")
-    if p["threads"] < 0:
-        raise ParamError(f"param threads={p['threads']} must be >= 0 (0 = torch's default)")
-    for ph, t in p["timeouts"].items():
-        if t <= 0:
-            raise ParamError(f"param timeouts.{ph}={t} must be > 0 seconds")
-    for k, v in p["thresholds"].items():
-        if v < 0 or (k == "top1_agreement" and v > 1):
-            raise ParamError(f"param thresholds.{k}={v} is out of range")
+        raise ParamError(f"param span={_show(p['span'])} must be between 1 and gen={_show(p['gen'])}; lower -p span or raise -p gen")
+    _range(p, "seed", 0, SEED_MAX)
+    _range(p, "threads", 0, os.cpu_count() or 1, " (0 = torch's default; at most this machine's CPUs)")
+    _range(p, "sampling_period_s", 1e-3, SAMPLING_MAX_S, " seconds")
+    for ph in p["timeouts"]:
+        _range(p, f"timeouts.{ph}", 1e-3, TIMEOUT_MAX_S, " seconds")
+    for k in p["thresholds"]:
+        _range(p, f"thresholds.{k}", 0.0, 1.0 if k == "top1_agreement" else None)
     f = p["fault"]
     if f != "none":
         kind, _, phase = f.partition(":")
         if kind not in FAULT_KINDS or phase not in PHASES:
-            raise ParamError(f"param fault={f!r}: write none or <{'|'.join(FAULT_KINDS)}>:<{'|'.join(PHASES)}>, e.g. hang:decode")
-    if p["prompt"] not in ("synthetic", "hello") and not Path(p["prompt"]).is_file():
-        raise ParamError(f"param prompt={p['prompt']!r}: not 'synthetic' or 'hello' and no such token-id file")
-    if p["prompt_file"] and not resolve(p["prompt_file"]).is_file():
-        raise ParamError(f"param prompt_file={p['prompt_file']!r}: no such text file")
-    if p["tokenizer"] and not (Path(p["tokenizer"]).is_file() or (Path(p["tokenizer"]) / "tokenizer.json").is_file()):
-        raise ParamError(f"param tokenizer={p['tokenizer']!r}: neither a tokenizer.json file nor a directory holding one")
+            raise ParamError(f"param fault={_show(f)}: write none or <{'|'.join(FAULT_KINDS)}>:<{'|'.join(PHASES)}>, e.g. hang:decode")
+    if p["prompt"] not in ("synthetic", "hello") and not _is_file(Path(p["prompt"])):
+        raise ParamError(f"param prompt={_show(p['prompt'])}: not 'synthetic' or 'hello' and no such token-id file")
+    if p["prompt_file"] and not _is_file(resolve(p["prompt_file"])):
+        raise ParamError(f"param prompt_file={_show(p['prompt_file'])}: no such text file")
+    if p["tokenizer"] and not (_is_file(Path(p["tokenizer"])) or _is_file(Path(p["tokenizer"]) / "tokenizer.json")):
+        raise ParamError(f"param tokenizer={_show(p['tokenizer'])}: neither a tokenizer.json file nor a directory holding one")
     _check_model(p["model"])
     _check_device(p["device"], p["dtype"])
     if p["backend"] == "triton":
         _check_triton(p["device"], p["dtype"])
+    _check_fits(p)
+
+
+def _check_fits(p: dict) -> None:
+    """Refuse a run whose weights plus KV cache alone exceed the device's total memory."""
+    import psutil
+    import torch
+
+    from .config import load_config
+
+    try:
+        cfg = load_config(p["model"])
+    except Exception as e:  # a checkpoint's config.json that isn't a Llama config
+        raise ParamError(f"param model={_show(p['model'])}: cannot read its config.json ({_show(str(e), 80)})") from None
+    cache = -(-(p["ctx"] + p["gen"] + p["prefill_chunk"]) // p["kv_block"]) * p["kv_block"]  # as model.KVCache pads it
+    b = dtype_bytes(p["dtype"])
+    need = cfg.param_count() * b + cfg.kv_bytes_per_token(b) * cache
+    if p["device"] == "cpu":
+        have = psutil.virtual_memory().total
+    else:
+        have = torch.cuda.get_device_properties(int(p["device"][5:] or 0)).total_memory
+    if need > have:
+        sizes = ", ".join(f"{k}={_show(p[k], 24)}" for k in ("ctx", "gen", "prefill_chunk", "kv_block"))
+        raise ParamError(f"params {sizes}: weights + KV cache need {need / 2**30:.3g} GiB but {p['device']} has "
+                         f"{have / 2**30:.3g} GiB; lower -p ctx (or gen, prefill_chunk, kv_block)")
 
 
 def _check_triton(device: str, dtype: str) -> None:
@@ -203,10 +318,10 @@ def _check_model(model: str) -> None:
             raise ParamError(f"param model={model!r}: no such GGUF file")
         return
     d = Path(model)
-    if not (d / "config.json").is_file():
-        raise ParamError(f"param model={model!r} is neither a preset ({', '.join(PRESETS)}), a checkpoint directory with config.json, nor a .gguf file")
+    if not _is_file(d / "config.json"):
+        raise ParamError(f"param model={_show(model)} is neither a preset ({', '.join(PRESETS)}), a checkpoint directory with config.json, nor a .gguf file")
     if not any(d.glob("*.safetensors")):
-        raise ParamError(f"param model={model!r}: checkpoint directory has config.json but no *.safetensors")
+        raise ParamError(f"param model={_show(model)}: checkpoint directory has config.json but no *.safetensors")
 
 
 def _check_device(device: str, dtype: str) -> None:
@@ -214,8 +329,8 @@ def _check_device(device: str, dtype: str) -> None:
 
     if device == "cpu":
         return
-    if not (device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit())):
-        raise ParamError(f"param device={device!r}: use cpu, cuda or cuda:N (ROCm GPUs are cuda too)")
+    if not re.fullmatch(r"cuda(:[0-9]+)?", device):
+        raise ParamError(f"param device={_show(device)}: use cpu, cuda or cuda:N (ROCm GPUs are cuda too)")
     if not torch.cuda.is_available():
         raise ParamError(f"param device={device!r} but no GPU is visible to torch (torch {torch.__version__}); use -p device=cpu")
     idx = int(device[5:]) if ":" in device else 0

@@ -212,3 +212,64 @@ def test_load_params_does_not_mutate_overrides():
     before = copy.deepcopy(ov)
     load_params(None, ov)
     assert ov == before
+
+
+# --- found by tests/test_fuzz_params.py --------------------------------------------------------------
+@pytest.mark.parametrize("key", ["timeouts.decode", "sampling_period_s", "thresholds.max_abs_diff",
+                                 "thresholds.top1_agreement"])
+@pytest.mark.parametrize("value", ["nan", "NaN", "inf", "-inf", float("nan"), float("inf")])
+def test_non_finite_floats_are_refused(key, value):
+    refuse({key: value}, key)
+
+
+@pytest.mark.parametrize("key,value", [("ctx", 10**12), ("gen", 10**12), ("ctx", 1e300), ("kv_block", 2**31),
+                                       ("seed", -1), ("seed", 2**32), ("threads", 10**6),
+                                       ("timeouts.decode", 1e300), ("sampling_period_s", 1e-9)])
+def test_out_of_range_values_are_refused(key, value):
+    refuse({key: value}, key)
+
+
+def test_kv_cache_that_cannot_fit_the_machine():
+    msg = refuse({"ctx": 2**31 - 1}, "ctx")
+    assert "GiB" in msg
+
+
+def test_a_mapping_for_a_plain_key_is_refused_not_ignored():
+    refuse({"probe": {}}, "probe")  # was flattened to nothing and silently ignored
+    refuse({"ctx": {"a": 1}}, "ctx")
+    refuse({"timeouts": 5}, "timeouts")
+
+
+def test_huge_values_give_short_messages():
+    for v in (10**5000, "9" * 5000, "x" * 10**5):
+        msg = refuse({"ctx": v}, "ctx")
+        assert len(msg) < 300, len(msg)
+
+
+def test_unicode_digit_device_is_refused():
+    refuse({"device": "cuda:²"}, "device")  # str.isdigit() accepted it, int() then raised
+
+
+@pytest.mark.parametrize("text", ["ctx: 512\nctx: 1024\n", "timeouts: {decode: 1, decode: 2}\n",
+                                  "timeouts.decode: 1\ntimeouts: {decode: 2}\n"])
+def test_duplicate_keys_in_a_file(tmp_path, text):
+    f = tmp_path / "p.yaml"
+    f.write_text(text)
+    msg = refuse({}, "twice" if "." in text else "duplicate", path=f)
+    assert str(f) in msg
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe\x00junk", b"0", b"false", b"''", b"[" * 5000, b"ctx: 1" + b"0" * 5000])
+def test_garbage_params_files(tmp_path, content):
+    f = tmp_path / "p.yaml"
+    f.write_bytes(content)
+    refuse({}, str(f), path=f)
+
+
+def test_overlong_paths_are_refused_in_one_line():
+    long = "a" * 5000
+    refuse({"prompt": long}, "prompt")
+    refuse({"model": long}, "model")
+    with pytest.raises(ParamError) as ei:
+        load_params(long)  # used to raise OSError (file name too long)
+    assert "\n" not in str(ei.value) and "params file" in str(ei.value)
