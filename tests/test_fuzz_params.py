@@ -61,7 +61,9 @@ VALID_STR = {"probe": ["b3_77"], "model": ["tiny"], "device": ["cpu"], "backend"
              "dtype": ["bfloat16", "float16", "float32"], "perturb": ["none", "rope_offset", "kv_off_by_one"],
              "fault": ["none"] + [f"{k}:{ph}" for k in FAULT_KINDS for ph in PHASES],
              # the loader checks that a prompt file exists (its ids are read by the load phase)
-             "prompt": ["synthetic", str(REPO_ROOT / "pyproject.toml")]}
+             "prompt": ["synthetic", "hello", str(REPO_ROOT / "pyproject.toml")],
+             # text prompts: an existing text file; a tokenizer.json file or a folder holding one ("" = beside the model)
+             "prompt_file": ["", str(REPO_ROOT / "README.md")], "tokenizer": [""]}
 # strings that some machine may accept, so never labelled bad
 MAYBE_VALID_STR = {"device": ["cuda"] + [f"cuda:{i}" for i in range(16)], "backend": ["triton"],
                    "model": ["llama3-8b", "llama2-7b"]}
