@@ -147,6 +147,7 @@ def run_probe(params: dict, out_root="outputs", run_dir=None, progress: bool = T
                 failure = (FAIL[status], phase, payload)
                 break
             perf[phase]["wall_s"] = payload.pop("wall_s")
+            perf[phase]["max_rss_mb"] = payload.pop("max_rss_mb", None)
             if "allocator" in payload:
                 perf[phase]["allocator"] = payload.pop("allocator")
             results[phase] = payload

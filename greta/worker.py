@@ -214,6 +214,16 @@ def _allocator_stats(stats, device: torch.device, stop: threading.Event):
         stats[1] = torch.cuda.memory_reserved(device) / MB
 
 
+def _max_rss_mb() -> float | None:
+    """This worker's peak resident memory so far (exact, unlike the sampled RSS)."""
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    except (ImportError, OSError):
+        return None
+
+
 def _die_with_parent():
     """Linux: SIGKILL this worker when its parent dies (no orphan holding the GPU after a dead kernel)."""
     if sys.platform.startswith("linux"):
@@ -253,6 +263,7 @@ def main(params: dict, conn, stats):
             result = getattr(job, phase)()
             sync(job.device)
             result["wall_s"] = time.perf_counter() - t0
+            result["max_rss_mb"] = _max_rss_mb()
             if job.device.type == "cuda":
                 result["allocator"] = {"max_allocated_mb": torch.cuda.max_memory_allocated(job.device) / MB,
                                        "max_reserved_mb": torch.cuda.max_memory_reserved(job.device) / MB}
