@@ -45,7 +45,7 @@ from pathlib import Path
 
 import yaml
 
-from .params import DEFAULTS, ParamError, _flat, load_params, resolve
+from .params import DEFAULTS, ParamError, load_params, resolve
 
 __all__ = ["AXES", "SweepError", "load_matrix", "points", "point_name", "point_complete", "run_sweep",
            "read_config", "matrix_from_config"]
@@ -104,7 +104,7 @@ def matrix_from_data(data: dict, source: str, overrides: dict | None = None) -> 
     """load_matrix's validation, on a mapping already read (a matrix file's, or config.json's)."""
     data = copy.deepcopy(data)
     point_overrides = data.pop("point_overrides", None) or []
-    known = _flat(DEFAULTS)
+    known = _flatten(DEFAULTS)
     axes = {k: [DEFAULTS[k]] for k in AXES}
     base: dict = {}
     for src, layer in ((source, data), ("override", dict(overrides or {}))):
@@ -112,7 +112,7 @@ def matrix_from_data(data: dict, source: str, overrides: dict | None = None) -> 
             if key in AXES:
                 axes[key] = _axis_values(key, value, src)
             elif isinstance(value, dict):
-                for k2, v2 in _flat(value, f"{key}.").items():
+                for k2, v2 in _flatten(value, f"{key}.").items():
                     if k2 not in known:
                         raise ParamError(f"unknown param {k2!r} (from {src}); known: {', '.join(sorted(known))}")
                     base[k2] = v2
@@ -128,7 +128,7 @@ def matrix_from_data(data: dict, source: str, overrides: dict | None = None) -> 
         bad = [k for k in o["when"] if k not in AXES]
         if bad:
             raise ParamError(f"point_overrides: when-key {bad[0]!r} is not an axis ({', '.join(AXES)})")
-        bad = [k for k in _flat(o["set"]) if k in AXES]
+        bad = [k for k in _flatten(o["set"]) if k in AXES]
         if bad:
             raise ParamError(f"point_overrides: cannot set the axis {bad[0]!r}; change the axis list instead")
     params: dict = {}
@@ -137,7 +137,7 @@ def matrix_from_data(data: dict, source: str, overrides: dict | None = None) -> 
         over = dict(base)
         for o in point_overrides:
             if all(combo[k] == _coerce_like(combo[k], v) for k, v in o["when"].items()):
-                over.update(_flat(o["set"]))
+                over.update(_flatten(o["set"]))
         over.update(combo)
         try:
             params[name] = load_params(None, over)
@@ -157,6 +157,17 @@ def _dedupe(vals: list) -> list:
     for v in vals:
         if v not in out:
             out.append(v)
+    return out
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    """{'timeouts': {'decode': 5}} -> {'timeouts.decode': 5}: matrix keys as dotted params keys."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
     return out
 
 

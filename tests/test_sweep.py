@@ -170,7 +170,7 @@ def test_load_matrix_axes_and_overrides():
 @pytest.mark.parametrize("text,override,match", [
     ("ctx: []\n", {}, "empty list"),
     ("ctx: [256]\nbogus: 1\n", {}, "unknown param 'bogus'"),
-    ("ctx: [256, -5]\n", {}, "point ctx-5-kv1-seed0-bfloat16: param ctx=-5 must be > 0"),
+    ("ctx: [256, -5]\n", {}, "point ctx-5-kv1-seed0-bfloat16: param ctx=-5 must be between 1 and"),
     ("dtype: [bfloat16, float8]\n", {}, "dtype='float8' is not one of"),
     ("ctx: [256]\npoint_overrides:\n  - when: {gen: 3}\n    set: {gen: 4}\n", {}, "not an axis"),
     ("ctx: [256]\npoint_overrides: [1]\n", {}, "must be a list of"),
