@@ -257,8 +257,19 @@ def validate(p: dict) -> None:
         kind, _, phase = f.partition(":")
         if kind not in FAULT_KINDS or phase not in PHASES:
             raise ParamError(f"param fault={_show(f)}: write none or <{'|'.join(FAULT_KINDS)}>:<{'|'.join(PHASES)}>, e.g. hang:decode")
-    if p["prompt"] not in ("synthetic", "hello") and not _is_file(Path(p["prompt"])):
-        raise ParamError(f"param prompt={_show(p['prompt'])}: not 'synthetic' or 'hello' and no such token-id file")
+    if p["prompt"] not in ("synthetic", "hello"):
+        if not _is_file(Path(p["prompt"])):
+            raise ParamError(f"param prompt={_show(p['prompt'])}: not 'synthetic' or 'hello' and no such token-id file")
+        from .prompt import read_ids
+
+        try:
+            n = read_ids(p["prompt"]).size
+        except (ValueError, OSError, UnicodeDecodeError) as e:
+            raise ParamError(f"param prompt={_show(p['prompt'])} is not a token-id file ({_show(str(e).splitlines()[0] if str(e) else type(e).__name__)}): "
+                             "give integers separated by spaces, commas or newlines, or a .npy array") from None
+        if n < p["ctx"]:
+            raise ParamError(f"param prompt={_show(p['prompt'])} holds {n} token ids but ctx={p['ctx']}: "
+                             f"give a longer file or -p ctx={max(n, 1)}")
     if p["prompt_file"] and not _is_file(resolve(p["prompt_file"])):
         raise ParamError(f"param prompt_file={_show(p['prompt_file'])}: no such text file")
     if p["tokenizer"] and not (_is_file(Path(p["tokenizer"])) or _is_file(Path(p["tokenizer"]) / "tokenizer.json")):

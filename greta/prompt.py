@@ -14,13 +14,21 @@ def synthetic_prompt(ctx: int, vocab: int, seed: int) -> torch.Tensor:
     return torch.randint(0, vocab, (ctx,), generator=g, dtype=torch.int64)
 
 
-def file_prompt(path, ctx: int, vocab: int) -> torch.Tensor:
-    """The first ctx ids of a .npy array or a text file of integers separated by spaces, commas or newlines."""
+def read_ids(path) -> np.ndarray:
+    """Token ids of a .npy array or a text file of integers separated by spaces, commas or newlines.
+    Raises ValueError (or OSError) for anything else."""
     p = Path(path)
     if p.suffix == ".npy":
-        ids = np.load(p).reshape(-1)
-    else:
-        ids = np.array(p.read_text().replace(",", " ").split(), dtype=np.int64)
+        ids = np.load(p, allow_pickle=False).reshape(-1)
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"a .npy of {ids.dtype}, not integers")
+        return ids.astype(np.int64)
+    return np.array(p.read_text().replace(",", " ").split(), dtype=np.int64)
+
+
+def file_prompt(path, ctx: int, vocab: int) -> torch.Tensor:
+    """The first ctx ids of a token-id file (read_ids)."""
+    ids = read_ids(path)
     if ids.size < ctx:
         raise ValueError(f"prompt file {path} holds {ids.size} token ids but ctx={ctx}; give a longer file or a smaller ctx")
     ids = ids[:ctx].astype(np.int64)

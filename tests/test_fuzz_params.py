@@ -46,6 +46,10 @@ STR_KEYS = [k for k in KNOWN if k not in INT_KEYS and k not in FLOAT_KEYS]
 assert set(INT_KEYS) >= {"ctx", "gen", "span", "seed", "threads"} and "timeouts.decode" in FLOAT_KEYS
 assert set(STR_KEYS) >= {"model", "prompt", "device", "fault"}
 
+# a token-id file long enough for every good ctx (GOOD_INT below)
+PROMPT_IDS = Path(tempfile.mkdtemp(prefix="greta-fuzz-")) / "ids.txt"
+PROMPT_IDS.write_text(" ".join(str(i % 50) for i in range(8192)))
+
 # --- the spec, written out here rather than read from greta.params ------------------------------------
 CPUS = os.cpu_count() or 1
 GOOD_INT = {"ctx": (1, 8192), "gen": (16, 64), "span": (1, 16), "kv_aligned": (0, 1), "seed": (0, 2**32 - 1),
@@ -61,7 +65,7 @@ VALID_STR = {"probe": ["b3_77"], "model": ["tiny"], "device": ["cpu"], "backend"
              "dtype": ["bfloat16", "float16", "float32"], "perturb": ["none", "rope_offset", "kv_off_by_one"],
              "fault": ["none"] + [f"{k}:{ph}" for k in FAULT_KINDS for ph in PHASES],
              # the loader checks that a prompt file exists (its ids are read by the load phase)
-             "prompt": ["synthetic", "hello", str(REPO_ROOT / "pyproject.toml")],
+             "prompt": ["synthetic", "hello", str(PROMPT_IDS)],
              # text prompts: an existing text file; a tokenizer.json file or a folder holding one ("" = beside the model)
              "prompt_file": ["", str(REPO_ROOT / "README.md")], "tokenizer": [""]}
 # strings that some machine may accept, so never labelled bad

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -186,7 +187,21 @@ def test_nonexistent_prompt_file(tmp_path):
 def test_existing_prompt_file_is_accepted(tmp_path):
     f = tmp_path / "ids.txt"
     f.write_text("1 2 3")
-    assert load_params(None, {"prompt": str(f)})["prompt"] == str(f)
+    assert load_params(None, {"prompt": str(f), "ctx": 3})["prompt"] == str(f)
+
+
+def test_prompt_file_too_short_or_not_ids(tmp_path):
+    f = tmp_path / "ids.txt"
+    f.write_text("1, 2, 3")
+    msg = refuse({"prompt": str(f), "ctx": 4}, "prompt")
+    assert "holds 3 token ids but ctx=4" in msg and "-p ctx=3" in msg
+    f.write_text("hello world")
+    assert "is not a token-id file" in refuse({"prompt": str(f), "ctx": 2}, "prompt")
+    g = tmp_path / "ids.npy"
+    np.save(g, np.array([0.5, 1.5]))
+    assert "not integers" in refuse({"prompt": str(g), "ctx": 2}, "prompt")
+    np.save(g, np.arange(10))
+    assert load_params(None, {"prompt": str(g), "ctx": 10})["prompt"] == str(g)
 
 
 def test_model_neither_preset_nor_checkpoint(tmp_path):
