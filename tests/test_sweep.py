@@ -300,3 +300,23 @@ def test_sweep_report_opens_standalone_in_chromium(cpu_sweep, tmp_path):
     r = subprocess.run([sys.executable, str(script), str(blank), "--png", str(tmp_path / "b.png")],
                        capture_output=True, text=True, timeout=180)
     assert r.returncode == 1 and r.stdout.startswith("BLANK"), r.stdout + r.stderr
+
+
+@pytest.mark.slow
+def test_sweep_notebook_runs_a_sweep(tmp_path):
+    """notebooks/sweep.ipynb under papermill: the same sweep as the CLI, its verdict shown in the notebook."""
+    from greta.notebooks import execute_notebook
+
+    out = tmp_path / "sweep.ipynb"
+    err = execute_notebook(REPO / "notebooks" / "sweep.ipynb", out,
+                           dict(matrix_file=str(CPU_SWEEP), overrides={"ctx": [256]}, out_root=str(tmp_path / "out")))
+    assert err is None, err
+    nb = nbformat.read(out, as_version=4)
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    assert errors == []
+    (verdict,) = (tmp_path / "out").glob("*/*/*/sweep_verdict.json")
+    v = json.loads(verdict.read_text())
+    assert v["verdict"] == "PASS_GUARDRAIL", v
+    assert len(list((verdict.parent / "points").iterdir())) == 2
+    text = json.dumps([c.get("outputs", []) for c in nb.cells])
+    assert "PASS_GUARDRAIL" in text
