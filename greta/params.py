@@ -33,6 +33,7 @@ DEFAULTS: dict = {
     "kv_block": 1024,           # KV block (keys) walked by aligned attention; cache is padded to it
     "timeouts": {"ceilings": 300.0, "load": 600.0, "prefill": 600.0, "decode": 600.0, "reference": 600.0},
     "sampling_period_s": 1.0,
+    "memory_fraction": 1.0,     # GPU: cap the worker's allocator at this fraction of the card (a real OOM on purpose)
     "thresholds": {"max_abs_diff": 5e-3, "p99_abs_diff": 1e-3, "top1_agreement": 0.999},
     "perturb": "none",          # negative control on the decode path: none | rope_offset | kv_off_by_one
     "fault": "none",            # fault injection (tests): none | <hang|oom|crash|kill|error|kernel_death>:<phase>
@@ -248,6 +249,10 @@ def validate(p: dict) -> None:
     _range(p, "seed", 0, SEED_MAX)
     _range(p, "threads", 0, os.cpu_count() or 1, " (0 = torch's default; at most this machine's CPUs)")
     _range(p, "sampling_period_s", 1e-3, SAMPLING_MAX_S, " seconds")
+    _range(p, "memory_fraction", 0.01, 1.0, " (of the GPU's memory)")
+    if p["memory_fraction"] < 1.0 and not p["device"].startswith("cuda"):
+        raise ParamError(f"param memory_fraction={_show(p['memory_fraction'])} caps a GPU's allocator; on "
+                         f"device={_show(p['device'])} leave it at 1.0")
     for ph in p["timeouts"]:
         _range(p, f"timeouts.{ph}", 1e-3, TIMEOUT_MAX_S, " seconds")
     for k in p["thresholds"]:

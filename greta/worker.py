@@ -122,6 +122,8 @@ class Job:
         self._last = 0.0
         if params["threads"]:
             torch.set_num_threads(params["threads"])
+        if self.device.type == "cuda" and params["memory_fraction"] < 1.0:
+            torch.cuda.set_per_process_memory_fraction(params["memory_fraction"], self.device)
 
     def progress(self, phase: str, done: int, total: int):
         now = time.monotonic()

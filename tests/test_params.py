@@ -288,3 +288,9 @@ def test_overlong_paths_are_refused_in_one_line():
     with pytest.raises(ParamError) as ei:
         load_params(long)  # used to raise OSError (file name too long)
     assert "\n" not in str(ei.value) and "params file" in str(ei.value)
+
+
+def test_memory_fraction_is_for_gpus():
+    assert load_params(None, {"memory_fraction": 1.0})["memory_fraction"] == 1.0
+    assert "caps a GPU's allocator" in refuse({"memory_fraction": 0.5}, "memory_fraction")
+    assert "between 0.01 and 1" in refuse({"memory_fraction": 1.5}, "memory_fraction")
