@@ -45,6 +45,7 @@ import numpy as np
 
 from .metrics import compare, equivalence_verdict
 from .params import DEFAULTS
+from .record import _f
 
 __all__ = ["find_points", "read_point", "read_runs", "table_md", "main"]
 
@@ -173,10 +174,6 @@ def read_point(pt: dict, thresholds: dict | None = None) -> dict:
 
 def read_runs(runs_dir, thresholds: dict | None = None) -> list[dict]:
     return [read_point(pt, thresholds) for pt in find_points(runs_dir)]
-
-
-def _f(x, fmt):
-    return "—" if x is None else fmt.format(x)
 
 
 def table_md(rows: list[dict]) -> str:

@@ -185,9 +185,7 @@ def run_probe(params: dict, out_root="outputs", run_dir=None, progress: bool = T
 def _checkpoint(rec, perf, sampler):
     """perf.json and the VRAM samples so far. Only a finished run gets verdict.json and manifest.json."""
     rec.write_json("perf.json", perf)
-    with sampler._lock:
-        samples = list(sampler.samples)
-    vram.write_samples_csv(rec.path / "vram_samples.csv", samples)
+    vram.write_samples_csv(rec.path / "vram_samples.csv", sampler.snapshot())
 
 
 def _finish(rec, params, perf, results, sampler, failure):

@@ -27,6 +27,8 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
+from .plots import _FAIL_COLOR as FAIL_COLOR, _num, _read_obj_opt as _json
+from .record import _f
 from .sweep import VERDICT, point_complete, points, read_config
 
 __all__ = ["collect", "guardrail", "results_table_md", "timing_table_md", "guardrail_md", "plot_vram_vs_ctx",
@@ -35,26 +37,7 @@ __all__ = ["collect", "guardrail", "results_table_md", "timing_table_md", "guard
 
 PASS = "PASS_EQUIV"
 KV_COLORS = {1: "#1f77b4", 0: "#ff7f0e"}
-FAIL_COLOR = "#c62828"
 PLOTS = ("sweep_vram.png", "sweep_time.png", "sweep_diff.png", "sweep_drift.png")
-
-
-def _json(p: Path):
-    try:
-        v = json.loads(p.read_text())
-        return v if isinstance(v, dict) else None
-    except (OSError, ValueError):
-        return None
-
-
-def _num(x):
-    if isinstance(x, bool) or x is None:
-        return None
-    try:
-        x = float(x)
-    except (TypeError, ValueError):
-        return None
-    return x if math.isfinite(x) else None
 
 
 def collect(sweep_dir) -> list[dict]:
@@ -124,10 +107,6 @@ def guardrail(rows: list[dict], matrix: dict) -> tuple[str, list[str]]:
 
 
 # ----------------------------------------------------------------------------- tables
-def _f(x, fmt):
-    return "—" if x is None else fmt.format(x)
-
-
 def results_table_md(rows: list[dict]) -> str:
     """The seed report's table, one row per point, plus seed and dtype columns."""
     L = ["| Context | KV | Peak VRAM (MB) | Max Logits Diff | Top-1 Agreement | Verdict | Seed | Dtype |",

@@ -12,6 +12,7 @@ MB = 2**20 bytes throughout.
 from __future__ import annotations
 
 import csv
+import io
 import os
 import platform
 import threading
@@ -219,6 +220,11 @@ class VramSampler:
         while not self._stop.wait(self.period_s):
             self._sample()
 
+    def snapshot(self) -> list[dict]:
+        """The samples so far (a copy, taken under the lock)."""
+        with self._lock:
+            return list(self.samples)
+
     def start(self):
         if self._t0 is not None:
             raise RuntimeError("VramSampler already started")
@@ -267,15 +273,16 @@ def _fmt(x, digits: int) -> str:
 
 
 def write_samples_csv(path, samples: list[dict]):
-    """Written to a temp file and renamed, so the CSV is whole or absent."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(CSV_COLUMNS)
-        for s in samples:
-            w.writerow([_fmt(s["t_s"], 3), s["phase"] or "", _fmt(s["device_used_mb"], 1),
-                        _fmt(s["allocated_mb"], 1), _fmt(s["reserved_mb"], 1)])
-    os.replace(tmp, path)
+    """Written atomically (record.atomic_write_text), so the CSV is whole or absent."""
+    from .record import atomic_write_text  # record imports this module
+
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    w.writerow(CSV_COLUMNS)
+    for s in samples:
+        w.writerow([_fmt(s["t_s"], 3), s["phase"] or "", _fmt(s["device_used_mb"], 1),
+                    _fmt(s["allocated_mb"], 1), _fmt(s["reserved_mb"], 1)])
+    atomic_write_text(path, buf.getvalue())
 
 
 def read_samples_csv(path) -> list[dict]:
