@@ -35,6 +35,41 @@ class _Parser(argparse.ArgumentParser):
         raise _UsageError(f"{message} (see {self.prog} --help)")
 
 
+def _oracle_cmd(args) -> int:
+    import shutil
+    import tempfile
+
+    from .config import PRESETS
+    from .oracle import OracleMissing, compare, format_result, preset_checkpoint, write_record
+    from .record import RecordError, preflight
+
+    model, made, tmp = args.model, None, None
+    try:
+        if args.out_root:
+            preflight(args.out_root, {"span": 0})  # writable, with room (an oracle record is under 1 MB)
+        if args.model in PRESETS:
+            model = args.checkpoint_dir or tempfile.mkdtemp(prefix=f"greta-{args.model}-")
+            tmp = None if args.checkpoint_dir else model
+            made = preset_checkpoint(args.model, model, args.seed, args.dtype, args.device, args.quiet)
+        res = compare(model, ctx=args.ctx, dtype=args.dtype, device=args.device, seed=args.seed,
+                      steps=min(args.steps, args.ctx - 1), kv_aligned=args.kv_aligned, chunk=args.chunk,
+                      kv_block=args.kv_block, backend=args.backend, positions=args.positions,
+                      control=args.control, quiet=args.quiet)
+    except (OracleMissing, ValueError, FileNotFoundError, RecordError) as e:
+        print(f"greta: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if made:
+        res["model"] = args.model
+    print(format_result(res))
+    if args.out_root:
+        d = write_record(res, args.out_root, {k: v for k, v in vars(args).items() if k != "cmd"}, made)
+        print(f"record: {d}")
+    return 0 if res["ok"] and not res.get("control", {}).get("ok") else 1
+
+
 def main(argv=None) -> int:
     ap = _Parser(prog="greta", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -63,10 +98,23 @@ def main(argv=None) -> int:
     lgp.add_argument("runs_dir", help="the original engine's runs/ folder")
     lgp.add_argument("--json", action="store_true", help="print the rows as JSON")
     op = sub.add_parser("oracle")
-    op.add_argument("--model", required=True, help="an HF checkpoint directory (config.json + safetensors)")
+    op.add_argument("--model", required=True, help="an HF checkpoint directory (config.json + safetensors), or a "
+                    "preset (llama3-8b, ...): transformers first saves a random checkpoint of that shape")
     op.add_argument("--ctx", type=int, default=128, help="prompt length (default: %(default)s)")
     op.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     op.add_argument("--device", default="cpu")
+    op.add_argument("--backend", choices=("torch", "triton"), default="torch", help="Greta's backend (default: %(default)s)")
+    op.add_argument("--kv-aligned", type=int, choices=(0, 1), default=1)
+    op.add_argument("--chunk", type=int, default=64, help="Greta's prefill chunk (default: %(default)s)")
+    op.add_argument("--kv-block", type=int, default=64, help="Greta's KV block (default: %(default)s)")
+    op.add_argument("--steps", type=int, default=8, help="decode steps compared (default: %(default)s)")
+    op.add_argument("--positions", type=int, default=None,
+                    help="compare the prefill path at this many positions spread over the prompt (default: all)")
+    op.add_argument("--seed", type=int, default=0, help="prompt seed, and the random checkpoint's (default: %(default)s)")
+    op.add_argument("--control", action="store_true", help="also run the wrong-RoPE negative control (must fail)")
+    op.add_argument("-o", "--out-root", default=None, help="write a sealed record under this folder (oracle.json, oracle.png, report.md)")
+    op.add_argument("--checkpoint-dir", default=None, help="where a preset's random checkpoint is saved (default: a temp dir, removed after)")
+    op.add_argument("--quiet", action="store_true", help="no progress lines")
     try:
         args = ap.parse_args(argv)
     except _UsageError as e:
@@ -79,15 +127,7 @@ def main(argv=None) -> int:
 
         return legacy_main(args.runs_dir, as_json=args.json)
     if args.cmd == "oracle":
-        from .oracle import OracleMissing, compare, format_result
-
-        try:
-            res = compare(args.model, ctx=args.ctx, dtype=args.dtype, device=args.device, steps=min(8, args.ctx - 1))
-        except (OracleMissing, ValueError, FileNotFoundError) as e:
-            print(f"greta: error: {e}", file=sys.stderr)
-            return 2
-        print(format_result(res))
-        return 0 if res["ok"] else 1
+        return _oracle_cmd(args)
     if args.cmd == "analyze":
         import json
 

@@ -85,19 +85,15 @@ def hf_checkpoint(tmp_path_factory):
     '40KB'; seeded by the name unless seed is given). Cached per session by name: don't modify the
     directory (copy it first)."""
     pytest.importorskip("transformers")
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from greta.oracle import make_checkpoint
 
     made: dict = {}
 
     def make(name: str, shard: str | None = None, seed: int | None = None, **overrides):
         if name not in made:
             d = tmp_path_factory.mktemp(f"hf-{name}")
-            torch.manual_seed(sum(map(ord, name)) if seed is None else seed)
-            model = LlamaForCausalLM(LlamaConfig(**{**HF_SMALL, **overrides}))
-            kw = {"max_shard_size": shard} if shard else {}
-            model.save_pretrained(d, safe_serialization=True, **kw)
-            made[name] = d
+            made[name] = make_checkpoint({**HF_SMALL, **overrides}, d, sum(map(ord, name)) if seed is None else seed,
+                                         shard=shard)
         return made[name]
 
     return make

@@ -106,3 +106,67 @@ def test_missing_transformers_is_one_line(ckpt, monkeypatch):
     with pytest.raises(OracleMissing) as e:
         compare(str(ckpt("gqa4")), ctx=32)
     assert "pip install greta[test]" in str(e.value) and "\n" not in str(e.value)
+
+
+# --- a subset of positions, the built-in control, and the record (greta oracle -o) --------------------------
+def test_position_subset_matches_the_full_comparison(ckpt):
+    from greta.oracle import compared_positions
+
+    d = str(ckpt("llama3"))
+    full = compare(d, ctx=CTX, dtype="float32")
+    part = compare(d, ctx=CTX, dtype="float32", positions=20)
+    pos = compared_positions(CTX, 8, 20)
+    assert pos[0] == 0 and pos[-8:] == list(range(CTX - 8, CTX)) and len(pos) < 30
+    assert part["compared_positions"] == pos and part["prefill"]["positions"] == len(pos)
+    want = [full["prefill"]["max_abs_diff_per_position"][p] for p in pos]
+    assert part["prefill"]["max_abs_diff_per_position"] == pytest.approx(want, rel=1e-6, abs=1e-9)
+    assert part["decode"]["max_abs_diff"] == pytest.approx(full["decode"]["max_abs_diff"], rel=1e-6, abs=1e-9)
+
+
+@pytest.mark.parametrize("name,change", [("llama3", "rope_scaling dropped"), ("gqa4", "rope_theta x 1.01")])
+def test_builtin_control_fails(ckpt, name, change):
+    from greta.oracle import verdict
+
+    res = compare(str(ckpt(name)), ctx=CTX, dtype="float32", control=True)
+    assert res["control"]["change"] == change and not res["control"]["ok"]
+    assert verdict(res) == "PASS_ORACLE"
+    assert "the control fails" in format_result(res)
+
+
+def test_cli_oracle_on_a_preset_writes_a_sealed_record(tmp_path, capsys, monkeypatch):
+    """`--model tiny`: transformers saves a random tiny-shape checkpoint (llama3 scaling, original 1024) and the
+    comparison runs past its original length; the record holds oracle.json, the plot and report, sealed."""
+    import json
+
+    from greta.__main__ import main
+    from greta.record import MANIFEST
+
+    ck = tmp_path / "ck"
+    argv = ["oracle", "--model", "tiny", "--ctx", "1100", "--positions", "40", "--control", "--quiet",
+            "--checkpoint-dir", str(ck), "-o", str(tmp_path / "out")]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    rec = next((tmp_path / "out").glob("*/oracle/*"))
+    assert f"record: {rec}" in out
+    body = json.loads((rec / "oracle.json").read_text())
+    assert body["verdict"] == "PASS_ORACLE" and body["ctx"] == 1100 and body["model"] == "tiny"
+    assert not body["control"]["ok"] and "transformers" in body["checkpoint"]["source"]
+    assert body["versions"]["transformers"] and "oracle_logits" not in body
+    assert {"oracle.json", "oracle.png", "report.md", "params.json", MANIFEST} <= {p.name for p in rec.iterdir()}
+    assert set(json.loads((rec / MANIFEST).read_text())["files"]) == {"oracle.json", "oracle.png", "report.md", "params.json"}
+    assert "PASS_ORACLE" in (rec / "report.md").read_text()
+    assert (ck / "config.json").is_file()  # kept: --checkpoint-dir was given
+    # the control passing too means the comparison is blind: exit 1, FAIL_CONTROL
+    monkeypatch.setitem(TOLERANCES, "float32", {"rel": 10.0, "top1": 0.0})
+    assert main(["oracle", "--model", str(ck), "--ctx", "64", "--control", "--quiet"]) == 1
+    assert "FAIL: the wrong-RoPE control passed too" in capsys.readouterr().out
+
+
+def test_cli_oracle_bad_out_root_is_one_line(ckpt, tmp_path, capsys):
+    from greta.__main__ import main
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["oracle", "--model", str(ckpt("gqa4")), "--ctx", "32", "-o", str(blocker / "sub")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("greta: error:") and "\n" not in err and "-o" in err
