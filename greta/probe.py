@@ -195,7 +195,7 @@ def _finish(rec, params, perf, results, sampler, failure):
     allocator = {ph: perf[ph]["allocator"] for ph in PHASES if "allocator" in perf[ph]}
     model_cfg = ModelConfig(**cfg) if cfg else load_config(params["model"])
     floor = vram.floor_mb(model_cfg, dtype_bytes(params["dtype"]), params["ctx"] + params["gen"])
-    vram_summary = vram.summarize(sampler, allocator, floor)
+    vram_summary = vram.summarize(sampler, allocator, floor, loaded=perf["load"].get("status") == "ok")
     metrics = None
     if "reference" in results:
         ref = results["reference"]

@@ -85,7 +85,8 @@ def verify(run_dir, allow_missing_large: bool = False) -> list[str]:
             errors.append("a VRAM figure is below the weights + KV floor: " + "; ".join(vs.get("below_floor_figures", [])))
         floor = (vs.get("floor") or {}).get("total_mb")
         peak = vs.get("peak_vram_mb")
-        if floor is not None and peak is not None and peak < floor:
+        loaded = perf is None or perf.get("load", {}).get("status") == "ok"  # else weights + KV never existed
+        if loaded and floor is not None and peak is not None and peak < floor:
             errors.append(f"sampled VRAM peak {peak} MB is below the analytic floor {floor} MB")
     if v in ("PASS_EQUIV", "FAIL_EQUIV", "EXPECTED_DRIFT") and params is not None:
         metrics = _json(d, "metrics.json", errors)

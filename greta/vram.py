@@ -300,9 +300,11 @@ def _round(x, digits: int):
     return None if x is None else round(x, digits)
 
 
-def summarize(sampler: VramSampler, allocator_peaks: dict, floor: dict) -> dict:
+def summarize(sampler: VramSampler, allocator_peaks: dict, floor: dict, loaded: bool = True) -> dict:
     """The vram.json dict (docs/RECORD.md). allocator_peaks: {phase: {"max_allocated_mb", "max_reserved_mb"}},
-    values None where there is no allocator (CPU); floor: floor_mb(...)."""
+    values None where there is no allocator (CPU); floor: floor_mb(...). loaded: the load phase finished, so
+    weights + KV cache were held (a run that failed before, e.g. an OOM allocating the cache, never held them
+    and its peak is not held against the floor)."""
     measured = [s for s in sampler.samples if s["device_used_mb"] is not None]
     peak = max(measured, key=lambda s: s["device_used_mb"]) if measured else None  # first of equal peaks
     peak_mb = _round(peak and peak["device_used_mb"], 1)
@@ -310,7 +312,7 @@ def summarize(sampler: VramSampler, allocator_peaks: dict, floor: dict) -> dict:
     # Figures that must contain weights + KV cache. RSS on the CPU holds them too, so it is compared as well;
     # "ceilings" and "load" are skipped: the model and cache don't exist (yet) during them.
     figures = []
-    if peak_mb is not None and peak_mb < total:
+    if loaded and peak_mb is not None and peak_mb < total:
         figures.append(f"peak_vram_mb {peak_mb:.1f} < floor {total:.1f}")
     for phase, p in allocator_peaks.items():
         a = p.get("max_allocated_mb")
@@ -326,6 +328,7 @@ def summarize(sampler: VramSampler, allocator_peaks: dict, floor: dict) -> dict:
         "peak_timestamp_offset_sec": _round(peak and peak["t_s"], 3),
         "allocator_peaks": allocator_peaks,
         "floor": floor,
+        "floor_applies": loaded,
         "below_floor": bool(figures),
         "below_floor_figures": figures,
         "phases": [{"name": p["name"], "start_s": _round(p["start_s"], 3), "end_s": _round(p["end_s"], 3)}

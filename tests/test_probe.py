@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import multiprocessing
+import shutil
 import time
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import pytest
 from greta.metrics import compare
 from greta.params import PHASES
 from greta.probe import run_probe
+from greta.record import seal
 from greta.verify import verify
 from greta.vram import CSV_COLUMNS, read_samples_csv
 
@@ -250,12 +252,23 @@ def assert_failure_record(d: Path, verdict: str, phase: str) -> dict:
 
 
 @pytest.mark.parametrize("phase", ["ceilings", "load", "decode", "reference"])
-def test_oom_in_every_phase(runs, phase):
+def test_oom_in_every_phase(runs, phase, tmp_path):
     r = runs(f"oom:{phase}")
     perf = assert_failure_record(r["dir"], "FAIL_OOM", phase)
     assert perf[phase]["memory"]["rss_mb"] > 0
     assert all(perf[ph]["wall_s"] > 0 for ph in PHASES[:PHASES.index(phase)])
     assert r["children_after"] == []
+    # A run that died before its load phase finished never held weights + KV (a real GPU OOM allocating the
+    # cache peaks below the floor): its peak is not held against the floor. Once loaded, it is.
+    loaded = PHASES.index(phase) > PHASES.index("load")
+    assert rj(r["dir"], "vram.json")["floor_applies"] is loaded
+    d = tmp_path / "low"
+    shutil.copytree(r["dir"], d)
+    vs = rj(d, "vram.json")
+    vs["peak_vram_mb"] = vs["floor"]["total_mb"] / 2
+    (d / "vram.json").write_text(json.dumps(vs))
+    seal(d)
+    assert any("below the analytic floor" in x for x in verify(d)) is loaded
 
 
 def test_hang_is_a_timeout_and_the_worker_is_killed(runs):
