@@ -27,19 +27,23 @@ from .config import PRESETS, ModelConfig, load_config
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
-# rel = max |Δlogit| / max |oracle logit|, over all compared positions.
-# fp32: both sides compute the same function in fp32; only summation order and Greta's fp64 RoPE angles
-# differ, so they agree to ~1e-6 (the issue asks for about 1e-4).
-# bf16: each side rounds every activation to bf16 at different points (HF applies RoPE in bf16, Greta in
-# fp32; different attention kernels), so differences are bf16 noise, ~1.5% of the logit range measured; top-1
-# may flip only where the top two logits are within that noise.
-# top1 is held on the decisive positions: those whose oracle top-1 leads its runner-up by more than twice the
-# tolerance in logits (2 * rel * max |oracle logit|); a flip there means an error beyond the tolerance.
-# Plain top-1 agreement over all positions is reported beside it (random small models have flat logits, so
+# Every path is held against transformers in fp32 (the "anchor"; the checkpoint's weights upcast), and
+# rel = max |Δlogit| / max |anchor logit| over the compared positions.
+# float32: both sides compute the same function in fp32; only summation order and Greta's fp64 RoPE angles
+#   differ, so they agree to ~1e-6; the limit is rel <= 1e-4 (the issue asks for about 1e-4).
+# bfloat16: rounding every activation to bf16 moves logits by a few % of their range, more in deeper models
+#   and longer prompts (measured: ~1.5% on the 2-layer test models, ~5% between Greta and transformers on the
+#   32-layer llama3-8b shape at 32k), so no fixed figure fits every model. The limit is relative to
+#   transformers' own bf16 error: Greta's bf16 logits must be no further from the fp32 anchor than
+#   rel_factor x transformers' bf16 logits are, path by path (measured on the test models: 0.78-1.36x; a
+#   wrong RoPE gives ~50x). Greta vs transformers in bf16 is reported beside it ("vs_transformers_bf16").
+# top1 is held on the decisive positions: those whose anchor top-1 leads its runner-up by more than twice
+# the limit in logits (2 * limit_rel * max |anchor logit|); a flip there means an error beyond the limit.
+# Plain top-1 agreement over all positions is reported beside it (random models have flat logits, so
 # bf16 near-ties flip often).
 TOLERANCES = {
     "float32": {"rel": 1e-4, "top1": 1.0},
-    "bfloat16": {"rel": 4e-2, "top1": 1.0},
+    "bfloat16": {"rel_factor": 2.0, "top1": 1.0},
 }
 
 
@@ -143,17 +147,18 @@ def wrong_rope(cfg: ModelConfig) -> tuple[ModelConfig, str]:
 
 
 def _within(res: dict, tol: dict) -> bool:
-    return all(res[p]["rel"] <= tol["rel"] and res[p]["top1_agreement_decisive"] >= tol["top1"]
+    return all(res[p]["rel"] <= res[p]["limit_rel"] and res[p]["top1_agreement_decisive"] >= tol["top1"]
                for p in ("prefill", "decode"))
 
 
 def compare(model: str, ctx: int = 128, dtype: str = "float32", device: str = "cpu", *, seed: int = 0,
             steps: int = 8, kv_aligned: int = 1, chunk: int = 64, kv_block: int = 64, backend: str = "torch",
             positions: int | None = None, control: bool = False, cfg: ModelConfig | None = None,
-            oracle: torch.Tensor | None = None, quiet: bool = True) -> dict:
+            oracle: dict | None = None, quiet: bool = True) -> dict:
     """Greta vs transformers on checkpoint directory `model`. positions: compare the prefill path at that many
     positions (None: all). control: also run the wrong-RoPE negative control. cfg overrides the config Greta
-    runs with (the tests' negative controls); oracle reuses transformers' logits from an earlier call."""
+    runs with (the tests' negative controls); oracle reuses transformers' logits ({dtype: tensor}, the
+    result's "oracle_logits") from an earlier call."""
     from .prompt import synthetic_prompt
     from .weights import load_checkpoint
 
@@ -167,30 +172,44 @@ def compare(model: str, ctx: int = 128, dtype: str = "float32", device: str = "c
     cfg = cfg or true_cfg
     tokens = synthetic_prompt(ctx, cfg.vocab_size, seed)
     pos = compared_positions(ctx, steps, positions)
+    dec_rows = [pos.index(p) for p in range(ctx - steps, ctx)]
     seconds = {}
-    if oracle is None:
-        _log(f"transformers forward over {ctx} tokens ({dtype}, {device})", quiet)
-        t0 = time.perf_counter()
-        oracle = hf_logits(model, tokens, DTYPES[dtype], device, pos)
-        seconds["transformers"] = time.perf_counter() - t0
+    oracle = dict(oracle or {})
+    for dt in sorted({"float32", dtype}, reverse=True):  # float32 (the anchor) first
+        if dt not in oracle:
+            _log(f"transformers forward over {ctx} tokens ({dt}, {device})", quiet)
+            t0 = time.perf_counter()
+            oracle[dt] = hf_logits(model, tokens, DTYPES[dt], device, pos)
+            seconds[f"transformers_{dt}"] = time.perf_counter() - t0
+    anchor = oracle["float32"]
+    tol = TOLERANCES[dtype]
+    limit = {"prefill": tol.get("rel"), "decode": tol.get("rel")}
+    res = {"model": str(model), "ctx": ctx, "dtype": dtype, "device": str(device), "seed": seed, "steps": steps,
+           "kv_aligned": kv_aligned, "backend": backend, "chunk": chunk, "kv_block": kv_block,
+           "rope_scaling": true_cfg.rope_scaling, "tolerance": dict(tol), "compared_positions": pos}
+    if dtype != "float32":  # transformers' own bf16 error sets the limit
+        own = oracle[dtype]
+        res["transformers_bf16"] = {"prefill": agreement(own, anchor), "decode": agreement(own[dec_rows], anchor[dec_rows])}
+        limit = {p: tol["rel_factor"] * res["transformers_bf16"][p]["rel"] for p in limit}
     t0 = time.perf_counter()
     w = load_checkpoint(model, true_cfg, DTYPES[dtype], device)
     seconds["greta_load"] = time.perf_counter() - t0
     kw = dict(kv_aligned=kv_aligned, chunk=chunk, kv_block=kv_block, backend=backend)
-    tol = TOLERANCES[dtype]
-    dec_rows = [pos.index(p) for p in range(ctx - steps, ctx)]
 
     def run(c: ModelConfig) -> dict:
-        pre, dec = greta_logits(c, w, tokens, steps, pos, **kw)
-        out = {"prefill": agreement(pre, oracle, tol["rel"]), "decode": agreement(dec, oracle[dec_rows], tol["rel"])}
+        got = dict(zip(("prefill", "decode"), greta_logits(c, w, tokens, steps, pos, **kw)))
+        out = {}
+        for p, rows in (("prefill", slice(None)), ("decode", dec_rows)):
+            out[p] = {**agreement(got[p], anchor[rows], limit[p]), "limit_rel": limit[p]}
+            if dtype != "float32":
+                same = agreement(got[p], oracle[dtype][rows])
+                out[p]["vs_transformers_bf16"] = {k: same[k] for k in ("max_abs_diff", "rel", "top1_agreement")}
         out["ok"] = _within(out, tol)
         return out
 
     _log(f"Greta prefill and decode paths ({backend}, kv_aligned {kv_aligned})", quiet)
     t0 = time.perf_counter()
-    res = {"model": str(model), "ctx": ctx, "dtype": dtype, "device": str(device), "seed": seed, "steps": steps,
-           "kv_aligned": kv_aligned, "backend": backend, "chunk": chunk, "kv_block": kv_block,
-           "rope_scaling": true_cfg.rope_scaling, "tolerance": dict(tol), "compared_positions": pos, **run(cfg)}
+    res.update(run(cfg))
     seconds["greta"] = time.perf_counter() - t0
     if control:
         wrong, what = wrong_rope(true_cfg)
@@ -213,18 +232,35 @@ def verdict(res: dict) -> str:
     return "PASS_ORACLE"
 
 
-def format_result(res: dict) -> str:
+def _limit_text(res: dict) -> str:
     t = res["tolerance"]
+    lim = f"rel <= {t['rel']:g}" if "rel" in t else f"rel <= {t['rel_factor']:g} x transformers' own {res['dtype']} rel"
+    return f"held against transformers in fp32; limit {lim}, top-1 on decisive positions >= {t['top1']:g}"
+
+
+def _runs(res: dict) -> list[tuple[str, dict]]:
+    """(label, {prefill, decode}) of every compared run, transformers' own bf16 first."""
+    out = [("transformers bf16", res["transformers_bf16"])] if "transformers_bf16" in res else []
+    out.append(("Greta", res))
+    if "control" in res:
+        out.append((f"control ({res['control']['change']})", res["control"]))
+    return out
+
+
+def format_result(res: dict) -> str:
     lines = [f"oracle: Greta vs transformers LlamaForCausalLM, {res['model']}, ctx {res['ctx']}, {res['dtype']}, "
-             f"{res['backend']} kv_aligned {res['kv_aligned']} (tolerance: rel <= {t['rel']:g}, top-1 on decisive "
-             f"positions >= {t['top1']:g})"]
-    rows = [("", res)] + ([(f"control ({res['control']['change']}) ", res["control"])] if "control" in res else [])
-    for label, r0 in rows:
+             f"{res['backend']} kv_aligned {res['kv_aligned']} ({_limit_text(res)})"]
+    for label, r0 in _runs(res):
         for p in ("prefill", "decode"):
             r = r0[p]
-            lines.append(f"  {label}{p:8s} max_abs_diff {r['max_abs_diff']:.3g}  rel {r['rel']:.3g}  "
-                         f"top1_agreement {r['top1_agreement']:.4f} (decisive {r['top1_agreement_decisive']:.4f} "
-                         f"of {r['decisive_positions']})  ({r['positions']} positions)")
+            line = (f"  {label:>18s} {p:8s} max_abs_diff {r['max_abs_diff']:.3g}  rel {r['rel']:.3g}"
+                    + (f" (limit {r['limit_rel']:.3g})" if "limit_rel" in r else "")
+                    + f"  top1_agreement {r['top1_agreement']:.4f}")
+            if "limit_rel" in r:
+                line += f" (decisive {r['top1_agreement_decisive']:.4f} of {r['decisive_positions']})"
+            if "vs_transformers_bf16" in r:
+                line += f"  [vs transformers bf16: max_abs_diff {r['vs_transformers_bf16']['max_abs_diff']:.3g}]"
+            lines.append(line + f"  ({r['positions']} positions)")
     v = verdict(res)
     lines.append({"PASS_ORACLE": "OK" + (" (the control fails, as it must)" if "control" in res else ""),
                   "FAIL_ORACLE": "FAIL: outside tolerance",
@@ -260,24 +296,26 @@ def write_record(res: dict, out_root, argv: dict, checkpoint: dict | None = None
 
 
 def report_md(body: dict) -> str:
-    t = body["tolerance"]
     out = [f"# Oracle: {body['verdict']}", "",
            f"Greta ({body['backend']}, kv_aligned {body['kv_aligned']}, chunk {body['chunk']}, kv_block "
            f"{body['kv_block']}) vs transformers {body['versions'].get('transformers', '')} LlamaForCausalLM (SDPA, one "
            f"forward pass) on `{body['model']}`, ctx {body['ctx']}, {body['dtype']}, seeded synthetic prompt "
            f"(seed {body['seed']}), {body['card']}, {body['finished_utc']}, commit {body.get('commit')}.", "",
-           f"Tolerance: rel = max |Δlogit| / max |oracle logit| <= {t['rel']:g}; top-1 agreement >= {t['top1']:g} on "
-           "decisive positions (oracle lead > 2 × tolerance).", "",
-           "| run | path | positions | max \\|Δlogit\\| | rel | top-1 (all) | top-1 (decisive / n) | within |",
-           "|---|---|---|---|---|---|---|---|"]
-    rows = [("Greta", body)] + ([(f"control: {body['control']['change']}", body["control"])] if "control" in body else [])
-    for label, r0 in rows:
+           f"Every row is {_limit_text(body)}. rel = max |Δlogit| / max |fp32 logit| over the compared positions; "
+           "decisive positions: the fp32 top-1 leads by more than 2 × the limit.", "",
+           "| run | path | positions | max \\|Δlogit\\| vs fp32 | rel | limit | top-1 (all) | top-1 (decisive / n) | "
+           "vs transformers bf16: max \\|Δ\\| | within |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for label, r0 in _runs(body):
         for p in ("prefill", "decode"):
             r = r0[p]
-            ok = r["rel"] <= t["rel"] and r["top1_agreement_decisive"] >= t["top1"]
+            lim = r.get("limit_rel")
+            ok = "" if lim is None else ("yes" if r["rel"] <= lim and r["top1_agreement_decisive"] >= body["tolerance"]["top1"] else "**no**")
+            dec = "" if lim is None else f"{r['top1_agreement_decisive']:.4f} / {r['decisive_positions']}"
+            same = r.get("vs_transformers_bf16", {}).get("max_abs_diff")
             out.append(f"| {label} | {p} | {r['positions']} | {r['max_abs_diff']:.4g} | {r['rel']:.3g} | "
-                       f"{r['top1_agreement']:.4f} | {r['top1_agreement_decisive']:.4f} / {r['decisive_positions']} | "
-                       f"{'yes' if ok else '**no**'} |")
+                       f"{'' if lim is None else f'{lim:.3g}'} | {r['top1_agreement']:.4f} | {dec} | "
+                       f"{'' if same is None else f'{same:.4g}'} | {ok} |")
     ck = body.get("checkpoint")
     if ck:
         out += ["", f"Checkpoint: {ck.get('source')}."]
@@ -287,7 +325,8 @@ def report_md(body: dict) -> str:
 
 
 def plot(body: dict, path):
-    """max |Δlogit| per compared position: Greta's prefill and decode paths, the control, the tolerance."""
+    """max |Δlogit| vs transformers fp32 per compared position: Greta's paths, transformers' own bf16, the
+    control, and the prefill limit."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -296,19 +335,22 @@ def plot(body: dict, path):
     pos = body["compared_positions"]
     dec_pos = pos[-body["steps"]:]
     fig, ax = plt.subplots(figsize=(9, 4.2))
-    tol = body["tolerance"]["rel"] * body["prefill"]["oracle_max_abs_logit"]
+    if "transformers_bf16" in body:
+        ax.plot(pos, body["transformers_bf16"]["prefill"]["max_abs_diff_per_position"], "x", ms=3, color="grey",
+                label="transformers bf16 (its own error)")
     ax.plot(pos, body["prefill"]["max_abs_diff_per_position"], ".", ms=3, label="Greta prefill path")
     ax.plot(dec_pos, body["decode"]["max_abs_diff_per_position"], "o", ms=5, mfc="none", label="Greta decode path")
     if "control" in body:
         ax.plot(pos, body["control"]["prefill"]["max_abs_diff_per_position"], ".", ms=3, color="#c0392b",
                 label=f"negative control ({body['control']['change']})")
-    ax.axhline(tol, color="k", ls="--", lw=1, label=f"tolerance ({body['tolerance']['rel']:g} × max |logit|)")
+    lim = body["prefill"]["limit_rel"] * body["prefill"]["oracle_max_abs_logit"]
+    ax.axhline(lim, color="k", ls="--", lw=1, label=f"limit (prefill): {lim:.3g}")
     omp = (body.get("rope_scaling") or {}).get("original_max_position_embeddings")
     if omp and omp < body["ctx"]:
         ax.axvline(omp, color="grey", ls=":", lw=1, label=f"original_max_position_embeddings {omp}")
     ax.set_yscale("log")
     ax.set_xlabel("prompt position")
-    ax.set_ylabel("max |Δlogit| vs transformers")
+    ax.set_ylabel("max |Δlogit| vs transformers fp32")
     ax.set_title(f"Oracle {body['verdict']}: {Path(body['model']).name}, ctx {body['ctx']}, {body['dtype']}, {body['card']}")
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
