@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from contextlib import contextmanager, nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -84,6 +85,23 @@ def make_checkpoint(hf_config: dict, out_dir, seed: int = 0, *, dtype: torch.dty
     return Path(out_dir)
 
 
+@contextmanager
+def _sdpa_kv_per_head():
+    """fp32 SDPA with grouped KV heads has no fused CUDA kernel, so PyTorch falls back to the math kernel and
+    materializes every score (128 GiB at 32k). Have transformers expand K/V to every head first (its repeat_kv,
+    the path it takes itself whenever a mask is passed), which the memory-efficient kernel runs in fp32."""
+    import transformers.integrations.sdpa_attention as sdpa
+
+    old = getattr(sdpa, "use_gqa_in_sdpa", None)
+    if old is not None:
+        sdpa.use_gqa_in_sdpa = lambda *a, **k: False
+    try:
+        yield
+    finally:
+        if old is not None:
+            sdpa.use_gqa_in_sdpa = old
+
+
 def hf_logits(model: str, tokens: torch.Tensor, dtype: torch.dtype, device="cpu",
               positions: list[int] | None = None) -> torch.Tensor:
     """transformers' logits [len(positions), V] (fp32; default all positions) for one forward pass over tokens,
@@ -91,7 +109,8 @@ def hf_logits(model: str, tokens: torch.Tensor, dtype: torch.dtype, device="cpu"
     tf = _transformers()
     m = tf.LlamaForCausalLM.from_pretrained(model, dtype=dtype, attn_implementation="sdpa").to(device).eval()
     keep = 0 if positions is None else torch.tensor(positions, device=device)
-    with torch.inference_mode():
+    fp32_cuda = dtype == torch.float32 and str(device).startswith("cuda")
+    with torch.inference_mode(), (_sdpa_kv_per_head() if fp32_cuda else nullcontext()):
         out = m(input_ids=tokens[None].to(device), use_cache=False, logits_to_keep=keep).logits[0].float().cpu()
     del m
     if str(device).startswith("cuda"):
