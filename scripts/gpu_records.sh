@@ -44,7 +44,7 @@ sweep() {
 for stage in "$@"; do
     echo "=== $stage $(date -u +%FT%TZ)"
     "$stage"
-    dirs=$(find $R -name manifest.json -path '*/b3_77/*' -printf '%h\n'; find $R -name manifest.json -path '*-sweep/points/*' -printf '%h\n')
+    dirs=$(find $R -name manifest.json -path '*/b3_77/*' -printf '%h\n'; find $R -name manifest.json -path '*-sweep/*/points/*' -printf '%h\n')
     [ -n "$dirs" ] && run python3 -m greta verify $dirs
     tar czf "$OUT/records-$stage.tgz" --exclude=logits.npz -C /tmp rec
 done
