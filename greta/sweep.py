@@ -220,14 +220,15 @@ def matrix_from_config(cfg: dict, overrides: dict | None = None) -> dict:
     return m
 
 
-def point_complete(point_dir) -> tuple[bool, list[str]]:
-    """(complete, reasons): the record verifies strictly and is not INTERRUPTED (see the module doc)."""
+def point_complete(point_dir, allow_missing_logits: bool = False) -> tuple[bool, list[str]]:
+    """(complete, reasons): the record verifies and is not INTERRUPTED (see the module doc). Strict by
+    default; allow_missing_logits accepts a point committed to git without its logits.npz."""
     from .verify import verify
 
     d = Path(point_dir)
     if not d.is_dir():
         return False, ["no record"]
-    reasons = verify(d, allow_missing_large=False)
+    reasons = verify(d, allow_missing_large=allow_missing_logits)
     if not reasons:
         v = json.loads((d / "verdict.json").read_text()).get("verdict")
         if v == "INTERRUPTED":

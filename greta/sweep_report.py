@@ -40,15 +40,16 @@ KV_COLORS = {1: "#1f77b4", 0: "#ff7f0e"}
 PLOTS = ("sweep_vram.png", "sweep_time.png", "sweep_diff.png", "sweep_drift.png")
 
 
-def collect(sweep_dir) -> list[dict]:
-    """One row per declared point (config.json order), whatever state its record is in."""
+def collect(sweep_dir, allow_missing_logits: bool = False) -> list[dict]:
+    """One row per declared point (config.json order), whatever state its record is in. allow_missing_logits:
+    a point without logits.npz still counts as complete (a sweep committed to git, re-rendered)."""
     sweep_dir = Path(sweep_dir)
     cfg = read_config(sweep_dir)
     rows = []
     for pt in points(cfg):
         d = sweep_dir / "points" / pt["name"]
         row = {**pt, "dir": str(d), "exists": d.is_dir()}
-        row["complete"], row["reasons"] = point_complete(d)
+        row["complete"], row["reasons"] = point_complete(d, allow_missing_logits)
         v = _json(d / "verdict.json") or {}
         m = _json(d / "metrics.json") or {}
         vr = _json(d / "vram.json") or {}

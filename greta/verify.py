@@ -10,6 +10,8 @@ Checks (each failure is one line of the returned list; an empty list means the r
   verdict     the stated verdict is the one the stored metrics give under the stored thresholds
   logits      when logits.npz is there, greta.analyze recomputes the metrics and verdict from it and
               they must equal the stored ones
+An oracle record (oracle.json, from `greta oracle -o`) gets the manifest check and its own: the limits follow
+from the stated tolerance and the verdict from the stored numbers.
 """
 from __future__ import annotations
 
@@ -36,12 +38,8 @@ def _json(d: Path, name: str, errors: list):
     return None
 
 
-def verify(run_dir, allow_missing_large: bool = False) -> list[str]:
-    """Reasons the record at run_dir does not verify (empty: it does). allow_missing_large: accept a
-    manifest-listed logits.npz that is absent (records committed to git leave it out)."""
-    d = Path(run_dir)
-    if not d.is_dir():
-        return [f"{d} is not a directory"]
+def _check_manifest(d: Path, allow_missing_large: bool) -> tuple[dict | None, list[str]]:
+    """(the manifest, reasons): every listed file has its sha256 and no file is unlisted."""
     errors: list[str] = []
     man = _json(d, MANIFEST, errors)
     if man is not None:
@@ -57,6 +55,51 @@ def verify(run_dir, allow_missing_large: bool = False) -> list[str]:
             rel = p.relative_to(d).as_posix()
             if p.is_file() and rel != MANIFEST and not p.name.startswith(".") and rel not in listed:
                 errors.append(f"{rel} is not in the manifest (added after sealing)")
+    return man, errors
+
+
+def _check_oracle(d: Path, man: dict | None) -> list[str]:
+    """An oracle record (greta oracle -o): its verdict and limits follow from its stored numbers."""
+    from .oracle import TOLERANCES, _within, verdict
+
+    errors: list[str] = []
+    params, body = _json(d, "params.json", errors), _json(d, "oracle.json", errors)
+    for name in ("report.md", "oracle.png"):
+        if not (d / name).is_file():
+            errors.append(f"{name} is missing")
+    if man is not None and params is not None and man.get("params") != params:
+        errors.append("params.json differs from the params in the manifest")
+    if body is None:
+        return errors
+    try:
+        tol = body["tolerance"]
+        if tol != TOLERANCES.get(body["dtype"]):
+            errors.append(f"oracle.json tolerance {tol} is not Greta's stated {body['dtype']} tolerance")
+        runs = [body] + ([body["control"]] if "control" in body else [])
+        for r in runs:
+            for p in ("prefill", "decode"):
+                want = (tol["rel_factor"] * body["transformers_bf16"][p]["rel"]) if "rel_factor" in tol else tol["rel"]
+                if abs(r[p]["limit_rel"] - want) > 1e-12 * max(1.0, want):
+                    errors.append(f"{p} limit_rel {r[p]['limit_rel']} does not follow from the tolerance ({want})")
+            r["ok"] = _within(r, tol)
+        again = verdict(body)
+    except (KeyError, TypeError, ValueError) as e:
+        return errors + [f"oracle.json cannot be judged: {type(e).__name__}: {e}"]
+    if again != body.get("verdict"):
+        errors.append(f"oracle.json says {body.get('verdict')}, but its stored numbers give {again}")
+    return errors
+
+
+def verify(run_dir, allow_missing_large: bool = False) -> list[str]:
+    """Reasons the record at run_dir does not verify (empty: it does). allow_missing_large: accept a
+    manifest-listed logits.npz that is absent (records committed to git leave it out)."""
+    d = Path(run_dir)
+    if not d.is_dir():
+        return [f"{d} is not a directory"]
+    man, errors = _check_manifest(d, allow_missing_large)
+    if (d / "oracle.json").is_file():
+        return errors + _check_oracle(d, man)
+
     params = _json(d, "params.json", errors)
     meta = _json(d, "metadata.json", errors)
     perf = _json(d, "perf.json", errors)

@@ -162,6 +162,16 @@ def test_cli_oracle_on_a_preset_writes_a_sealed_record(tmp_path, capsys, monkeyp
     assert set(json.loads((rec / MANIFEST).read_text())["files"]) == {"oracle.json", "oracle.png", "report.md", "params.json"}
     assert "PASS_ORACLE" in (rec / "report.md").read_text()
     assert (ck / "config.json").is_file()  # kept: --checkpoint-dir was given
+    # greta verify: the record verifies; a Greta rel pushed past its limit (even resealed) does not
+    from greta.record import seal
+    from greta.verify import verify
+
+    assert verify(rec) == [] and main(["verify", str(rec)]) == 0
+    body["prefill"]["rel"] = 2 * body["prefill"]["limit_rel"]
+    (rec / "oracle.json").write_text(json.dumps(body))
+    assert any("changed after the record was sealed" in r for r in verify(rec))
+    seal(rec, json.loads((rec / "params.json").read_text()))
+    assert verify(rec) == ["oracle.json says PASS_ORACLE, but its stored numbers give FAIL_ORACLE"]
     # the control passing too means the comparison is blind: exit 1, FAIL_CONTROL
     monkeypatch.setitem(TOLERANCES, "float32", {"rel": 10.0, "top1": 0.0})
     assert main(["oracle", "--model", str(ck), "--ctx", "64", "--control", "--quiet"]) == 1

@@ -108,6 +108,18 @@ def test_resume_skips_complete_and_moves_a_damaged_point_aside(cpu_sweep, tmp_pa
     assert v == "INCOMPLETE" and "ctx256-kv1-seed0-bfloat16" in reasons[-1] and "ctx512-kv0-seed0-bfloat16" in reasons[-1]
 
 
+def test_a_committed_sweep_without_logits_reports_with_the_flag_only(cpu_sweep, tmp_path):
+    """Committed sweeps leave logits.npz out of git: strict collection calls the points incomplete (resume
+    reruns them), allow_missing_logits re-renders the committed verdict."""
+    _, src, _ = cpu_sweep
+    d = tmp_path / src.name
+    shutil.copytree(src, d)
+    for f in d.glob("points/*/logits.npz"):
+        f.unlink()
+    assert sr.guardrail(sr.collect(d), read_config(d))[0] == "INCOMPLETE"
+    assert sr.guardrail(sr.collect(d, allow_missing_logits=True), read_config(d))[0] == "PASS_GUARDRAIL"
+
+
 def test_resume_refuses_a_different_matrix(cpu_sweep, capsys):
     _, d, _ = cpu_sweep
     with pytest.raises(SweepError) as e:
