@@ -12,7 +12,8 @@ from greta.config import PRESETS
 from greta.kernels import gemm as G
 
 # decode tiles (M <= 64); the prefill tile stays as in kernels/gemm.py, so BLOCK_K is fixed
-GEMM = [(64, 32, 4, 4), (64, 16, 4, 4), (64, 32, 4, 6), (64, 64, 4, 4), (64, 16, 4, 6), (64, 32, 4, 3)]
+GEMM = [(64, 32, 4, 4), (64, 16, 4, 4), (64, 32, 4, 6), (64, 64, 4, 4), (64, 16, 4, 6), (64, 32, 4, 3),
+        (64, 16, 4, 8), (64, 32, 4, 8), (64, 64, 4, 6), (64, 64, 4, 8), (64, 128, 4, 4), (64, 32, 8, 4), (64, 64, 8, 6)]
 
 
 def main():
