@@ -17,4 +17,7 @@ for pkg in attrs certifi charset_normalizer idna jinja2 markupsafe packaging psu
            pyyaml requests six tqdm typing_extensions urllib3 PyYAML MarkupSafe Jinja2 Pygments; do
   rm -f .whl/"$pkg"-*.whl
 done
+# Optional at run time and the largest (10 MB): ipykernel runs without debugpy, IPython without jedi (parso
+# is jedi's). Left out so the working tree plus .whl stays under the device tool's 64 MiB.
+rm -f .whl/debugpy-*.whl .whl/jedi-*.whl .whl/parso-*.whl
 du -sh .whl
