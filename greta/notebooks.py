@@ -187,14 +187,10 @@ def _fault_record(run_dir: Path, params: dict, verdict: str, how: str):
         floor = vram.floor_mb(load_config(params["model"]), dtype_bytes(params["dtype"]), params["ctx"] + params["gen"])
     except Exception:  # noqa: BLE001 - an unreadable model config leaves the floor unknown
         floor = {"weights_mb": None, "kv_cache_mb": None, "total_mb": None}
-    used = [s["device_used_mb"] for s in samples if s["device_used_mb"] is not None]
-    peak = max(used) if used else None
-    below = peak is not None and floor["total_mb"] is not None and peak < floor["total_mb"] and failed not in (None, "ceilings", "load")
-    atomic_write_text(run_dir / "vram.json", json.dumps({
-        "backend": None, "fallback_reason": "the probe process died before writing vram.json; figures from its samples",
-        "device_info": None, "sampling_period_sec": params["sampling_period_s"], "samples_count": len(samples),
-        "peak_vram_mb": peak, "allocator_peaks": {}, "floor": floor, "below_floor": below,
-        "below_floor_figures": [f"peak_vram_mb {peak} < floor {floor['total_mb']}"] if below else []}, indent=2) + "\n")
+    vs = vram.summary(samples, {}, floor, loaded=perf["load"].get("status") == "ok", period_s=params["sampling_period_s"],
+                      fallback_reason="the probe process died before writing vram.json; figures from its samples")
+    peak = vs["peak_vram_mb"]
+    atomic_write_text(run_dir / "vram.json", json.dumps(vs, indent=2) + "\n")
     atomic_write_text(run_dir / "verdict.json", json.dumps(
         {"verdict": verdict, "reason": reason, "failed_phase": failed, "bit_exact": None,
          "kv_aligned": params["kv_aligned"], "perturb": params["perturb"], "tokens": None}, indent=2) + "\n")

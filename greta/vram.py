@@ -301,29 +301,37 @@ def _round(x, digits: int):
 
 
 def summarize(sampler: VramSampler, allocator_peaks: dict, floor: dict, loaded: bool = True) -> dict:
+    """The vram.json dict of a sampler's run (docs/RECORD.md); see summary()."""
+    return summary(sampler.samples, allocator_peaks, floor, loaded=loaded, backend=sampler.backend.name,
+                   fallback_reason=getattr(sampler.backend, "fallback_reason", None),
+                   device_info=sampler.backend.device_info, period_s=sampler.period_s, phases=sampler.phases)
+
+
+def summary(samples: list[dict], allocator_peaks: dict, floor: dict, *, loaded: bool, backend=None,
+            fallback_reason=None, device_info=None, period_s=None, phases=()) -> dict:
     """The vram.json dict (docs/RECORD.md). allocator_peaks: {phase: {"max_allocated_mb", "max_reserved_mb"}},
     values None where there is no allocator (CPU); floor: floor_mb(...). loaded: the load phase finished, so
     weights + KV cache were held (a run that failed before, e.g. an OOM allocating the cache, never held them
     and its peak is not held against the floor)."""
-    measured = [s for s in sampler.samples if s["device_used_mb"] is not None]
+    measured = [s for s in samples if s["device_used_mb"] is not None]
     peak = max(measured, key=lambda s: s["device_used_mb"]) if measured else None  # first of equal peaks
     peak_mb = _round(peak and peak["device_used_mb"], 1)
     total = floor["total_mb"]
     # Figures that must contain weights + KV cache. RSS on the CPU holds them too, so it is compared as well;
     # "ceilings" and "load" are skipped: the model and cache don't exist (yet) during them.
     figures = []
-    if loaded and peak_mb is not None and peak_mb < total:
+    if loaded and total is not None and peak_mb is not None and peak_mb < total:
         figures.append(f"peak_vram_mb {peak_mb:.1f} < floor {total:.1f}")
     for phase, p in allocator_peaks.items():
         a = p.get("max_allocated_mb")
-        if phase not in ("ceilings", "load") and a is not None and a < total:
+        if phase not in ("ceilings", "load") and total is not None and a is not None and a < total:
             figures.append(f"{phase} max_allocated_mb {a:.1f} < floor {total:.1f}")
     return {
-        "backend": sampler.backend.name,
-        "fallback_reason": getattr(sampler.backend, "fallback_reason", None),
-        "device_info": sampler.backend.device_info,
-        "sampling_period_sec": sampler.period_s,
-        "samples_count": len(sampler.samples),
+        "backend": backend,
+        "fallback_reason": fallback_reason,
+        "device_info": device_info,
+        "sampling_period_sec": period_s,
+        "samples_count": len(samples),
         "peak_vram_mb": peak_mb,
         "peak_timestamp_offset_sec": _round(peak and peak["t_s"], 3),
         "allocator_peaks": allocator_peaks,
@@ -332,7 +340,7 @@ def summarize(sampler: VramSampler, allocator_peaks: dict, floor: dict, loaded: 
         "below_floor": bool(figures),
         "below_floor_figures": figures,
         "phases": [{"name": p["name"], "start_s": _round(p["start_s"], 3), "end_s": _round(p["end_s"], 3)}
-                   for p in sampler.phases],
+                   for p in phases],
     }
 
 
@@ -345,5 +353,5 @@ def floor_mb(cfg, dtype_bytes: int, cache_tokens: int) -> dict:
 
 __all__ = [
     "AmdSmiBackend", "NvmlBackend", "TorchCudaBackend", "RssBackend", "pick_backend", "physical_index",
-    "VramSampler", "write_samples_csv", "read_samples_csv", "summarize", "floor_mb",
+    "VramSampler", "write_samples_csv", "read_samples_csv", "summarize", "summary", "floor_mb",
 ]

@@ -341,7 +341,7 @@ def test_summarize_above_floor():
              "prefill": {"max_allocated_mb": 20000.0, "max_reserved_mb": 20800.0}}
     v = summarize(s, peaks, FLOOR)
     assert list(v) == ["backend", "fallback_reason", "device_info", "sampling_period_sec", "samples_count",
-                       "peak_vram_mb", "peak_timestamp_offset_sec", "allocator_peaks", "floor", "below_floor",
+                       "peak_vram_mb", "peak_timestamp_offset_sec", "allocator_peaks", "floor", "floor_applies", "below_floor",
                        "below_floor_figures", "phases"]
     assert v["backend"] == "nvml" and v["device_info"] == "Fake GPU" and v["fallback_reason"] is None
     assert v["samples_count"] == 5 and v["sampling_period_sec"] == 3600
