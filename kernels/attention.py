@@ -140,22 +140,27 @@ def _prefill_rows(q, K, V, kv_row, p, p_max, qk_scale,
     hi = p_max + 1
     full_end = (tl.min(p, 0) + 1) // BLOCK_KV * BLOCK_KV  # blocks below it are whole for every row
     for b_lo in range(0, full_end, BLOCK_KV):
-        if (b_lo % SPLIT_KV == 0) & (b_lo > 0):
-            m, l, acc = _merge(m, l, acc, m_s, l_s, acc_s, b_lo - SPLIT_KV <= p)
-            m_s = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-            l_s = tl.zeros((BLOCK_M,), tl.float32)
-            acc_s = tl.zeros((BLOCK_M, HEAD_D), tl.float32)
+        m, l, acc, m_s, l_s, acc_s = _split_boundary(m, l, acc, m_s, l_s, acc_s, p, b_lo, BLOCK_M, SPLIT_KV, HEAD_D)
         m_s, l_s, acc_s = _block_update(q, K, V, kv_row, p, b_lo, hi, m_s, l_s, acc_s, qk_scale, False,
                                         BLOCK_KV, HEAD_D, TMA)
     for b_lo in range(full_end, hi, BLOCK_KV):
-        if (b_lo % SPLIT_KV == 0) & (b_lo > 0):
-            m, l, acc = _merge(m, l, acc, m_s, l_s, acc_s, b_lo - SPLIT_KV <= p)
-            m_s = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-            l_s = tl.zeros((BLOCK_M,), tl.float32)
-            acc_s = tl.zeros((BLOCK_M, HEAD_D), tl.float32)
+        m, l, acc, m_s, l_s, acc_s = _split_boundary(m, l, acc, m_s, l_s, acc_s, p, b_lo, BLOCK_M, SPLIT_KV, HEAD_D)
         m_s, l_s, acc_s = _block_update(q, K, V, kv_row, p, b_lo, hi, m_s, l_s, acc_s, qk_scale, True,
                                         BLOCK_KV, HEAD_D, TMA)
     return _merge(m, l, acc, m_s, l_s, acc_s, p_max // SPLIT_KV * SPLIT_KV <= p)
+
+
+@triton.jit
+def _split_boundary(m, l, acc, m_s, l_s, acc_s, p, b_lo,
+                    BLOCK_M: tl.constexpr, SPLIT_KV: tl.constexpr, HEAD_D: tl.constexpr):
+    """Where block b_lo begins a new split: fold the finished split's partial into the running state (rows
+    that reached it), then start the new split's partial empty."""
+    if (b_lo % SPLIT_KV == 0) & (b_lo > 0):
+        m, l, acc = _merge(m, l, acc, m_s, l_s, acc_s, b_lo - SPLIT_KV <= p)
+        m_s = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        l_s = tl.zeros((BLOCK_M,), tl.float32)
+        acc_s = tl.zeros((BLOCK_M, HEAD_D), tl.float32)
+    return m, l, acc, m_s, l_s, acc_s
 
 
 # T is not specialised: every chunk length runs the same prefill binary.
