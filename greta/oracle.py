@@ -118,13 +118,15 @@ def hf_logits(model: str, tokens: torch.Tensor, dtype: torch.dtype, device="cpu"
     return out
 
 
-def greta_logits(cfg: ModelConfig, w: dict, tokens: torch.Tensor, steps: int, positions: list[int], *,
+def greta_logits(cfg: ModelConfig, w: dict, tokens: torch.Tensor, steps: int, positions: list[int] | None = None, *,
                  kv_aligned: int = 1, chunk: int = 64, kv_block: int = 64,
                  backend: str = "torch") -> tuple[torch.Tensor, torch.Tensor]:
-    """(prefill logits [len(positions), V], decode logits [steps, V] at the last `steps` positions)."""
+    """(prefill logits [len(positions), V] (default: every position), decode logits [steps, V] at the last
+    `steps` positions)."""
     from .model import Llama
 
     T = tokens.numel()
+    positions = list(range(T)) if positions is None else positions
     tokens = tokens.to(w["embed"].device)
     kw = dict(max_tokens=T, kv_aligned=kv_aligned, chunk=chunk, kv_block=kv_block, backend=backend)
     pre = Llama(cfg, w, **kw).prefill(tokens, keep=positions).cpu()
