@@ -1,0 +1,83 @@
+"""Experiment: a persistent TMA GEMM (one program per SM walks output tiles in grouped order, so W tiles stay in
+L2 and the epilogue of one tile overlaps the next tile's loads). Each tile's K loop is the batch-invariant one
+of kernels/gemm.py (acc = dot(x_blk, w_blk, acc) over BLOCK_K blocks in order); rows are checked
+bit-identical to the decode tile's. Timed at M=2048 (the prefill chunk) on the Llama-3-8B layer shapes, beside
+the current prefill tile and cuBLAS in the same run.
+
+    python bench/try_gemm_persistent.py
+"""
+import torch
+import triton
+import triton.language as tl
+from triton.testing import do_bench
+
+from greta.config import PRESETS
+from greta.kernels import gemm as G
+
+
+@triton.jit
+def _persistent_kernel(x_desc, w_desc, y_desc, M, N, K, NUM_SMS: tl.constexpr, GROUP_M: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WS: tl.constexpr):
+    n_m = tl.cdiv(M, BLOCK_M)
+    n_n = tl.cdiv(N, BLOCK_N)
+    n_tiles = n_m * n_n
+    per_group = GROUP_M * n_n
+    for tile in tl.range(tl.program_id(0), n_tiles, NUM_SMS, flatten=True, warp_specialize=WS):
+        group = tile // per_group
+        first_m = group * GROUP_M
+        size_m = tl.minimum(n_m - first_m, GROUP_M)
+        pid_m = first_m + (tile % per_group) % size_m
+        pid_n = (tile % per_group) // size_m
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            x = x_desc.load([pid_m * BLOCK_M, k0])
+            w = w_desc.load([pid_n * BLOCK_N, k0])
+            acc = tl.dot(x, w.T, acc)
+        y_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc.to(y_desc.dtype))
+
+
+def persistent_matmul(x, w, bm, bn, nw, ns, group_m, ws, bk=G.BLOCK_K):
+    from triton.tools.tensor_descriptor import TensorDescriptor as TD
+
+    M, K = x.shape
+    N = w.shape[0]
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    grid = (min(sms, triton.cdiv(M, bm) * triton.cdiv(N, bn)),)
+    _persistent_kernel[grid](TD.from_tensor(x, [bm, bk]), TD.from_tensor(w, [bn, bk]), TD.from_tensor(y, [bm, bn]),
+                             M, N, K, NUM_SMS=sms, GROUP_M=group_m, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, WS=ws,
+                             num_warps=nw, num_stages=ns, enable_fp_fusion=False)
+    return y
+
+
+def main():
+    c = PRESETS["llama3-8b"]
+    h, I = c.hidden_size, c.intermediate_size
+    shapes = [(6144, h), (h, h), (2 * I, h), (h, I)]
+    ws_ = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for n, k in shapes]
+    M = 2048
+    xs = {k: torch.randn(M, k, device="cuda", dtype=torch.bfloat16) for k in (h, I)}
+    fl = 2 * M * sum(n * k for n, k in shapes)
+
+    def rate(f):
+        t = sum(do_bench(lambda: f(xs[w.shape[1]], w), return_mode="median") for w in ws_)
+        return f"{t:.3f} ms per layer ({fl / t / 1e9:.0f} TFLOP/s)"
+
+    print(f"{torch.cuda.get_device_name()}, M={M}", flush=True)
+    print(f"current prefill tile {G.PREFILL}: {rate(G.matmul)}", flush=True)
+    print(f"cuBLAS: {rate(lambda x, w: x @ w.T)}", flush=True)
+    for cfg in [(128, 128, 8, 3, 8, False), (128, 128, 8, 4, 8, False), (128, 256, 8, 3, 8, False),
+                (128, 128, 8, 3, 8, True), (128, 256, 8, 3, 8, True), (128, 128, 8, 3, 16, False),
+                (128, 256, 8, 2, 8, False), (256, 128, 8, 3, 8, False)]:
+        try:
+            f = lambda x, w: persistent_matmul(x, w, *cfg)  # noqa: E731
+            r = rate(f)
+            same = all(torch.equal(f(xs[w.shape[1]], w)[i:i + 1], G.matmul(xs[w.shape[1]][i:i + 1], w))
+                       for w in ws_ for i in (0, 77, 2047))
+            print(f"persistent (bm, bn, warps, stages, group_m, ws)={cfg}: {r}; rows == decode tile: {same}", flush=True)
+        except Exception as e:  # noqa: BLE001
+            print(f"persistent {cfg}: failed {type(e).__name__}: {' '.join(str(e).split())[:200]}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
