@@ -66,15 +66,17 @@ def main():
     print(f"{torch.cuda.get_device_name()}, M={M}", flush=True)
     print(f"current prefill tile {G.PREFILL}: {rate(G.matmul)}", flush=True)
     print(f"cuBLAS: {rate(lambda x, w: x @ w.T)}", flush=True)
-    for cfg in [(128, 128, 8, 3, 8, False), (128, 128, 8, 4, 8, False), (128, 256, 8, 3, 8, False),
-                (128, 128, 8, 3, 8, True), (128, 256, 8, 3, 8, True), (128, 128, 8, 3, 16, False),
-                (128, 256, 8, 2, 8, False), (256, 128, 8, 3, 8, False)]:
+    # (bm, bn, warps, stages, group_m, warp_specialize, BLOCK_K); BLOCK_K 64 issues the same k16 MMA chain as 128
+    # in the same order, so its rows may well match the decode tile's (BLOCK_K 128): the check says
+    for cfg in [(128, 128, 8, 3, 8, False, 128), (128, 128, 8, 4, 8, False, 64), (128, 128, 8, 5, 8, False, 64),
+                (128, 256, 8, 3, 8, False, 64), (128, 256, 8, 4, 8, False, 64), (128, 256, 8, 3, 8, True, 64),
+                (128, 128, 8, 4, 8, True, 64), (256, 128, 8, 3, 8, False, 64), (128, 256, 8, 3, 16, False, 64)]:
         try:
             f = lambda x, w: persistent_matmul(x, w, *cfg)  # noqa: E731
             r = rate(f)
             same = all(torch.equal(f(xs[w.shape[1]], w)[i:i + 1], G.matmul(xs[w.shape[1]][i:i + 1], w))
                        for w in ws_ for i in (0, 77, 2047))
-            print(f"persistent (bm, bn, warps, stages, group_m, ws)={cfg}: {r}; rows == decode tile: {same}", flush=True)
+            print(f"persistent (bm, bn, warps, stages, group_m, ws, bk)={cfg}: {r}; rows == decode tile: {same}", flush=True)
         except Exception as e:  # noqa: BLE001
             print(f"persistent {cfg}: failed {type(e).__name__}: {' '.join(str(e).split())[:200]}", flush=True)
 
