@@ -4,7 +4,8 @@ of kernels/gemm.py (acc = dot(x_blk, w_blk, acc) over BLOCK_K blocks in order); 
 bit-identical to the decode tile's. Timed at M=2048 (the prefill chunk) on the Llama-3-8B layer shapes, beside
 the current prefill tile and cuBLAS in the same run.
 
-    python bench/try_gemm_persistent.py
+    python bench/try_gemm_persistent.py            # prefill tiles at M=2048
+    python bench/try_gemm_persistent.py --decode   # decode tiles at BLOCK_K 64 against the persistent prefill tile
 """
 import torch
 import triton
@@ -81,5 +82,35 @@ def main():
             print(f"persistent {cfg}: failed {type(e).__name__}: {' '.join(str(e).split())[:200]}", flush=True)
 
 
+def decode_bk64():
+    """Decode tiles (M=1) at BLOCK_K 64, so both tiles share it (the CPU interpreter, and any GPU, then sum the
+    same blocks): time per layer and rows == the persistent prefill tile's at BLOCK_K 64."""
+    c = PRESETS["llama3-8b"]
+    h, I = c.hidden_size, c.intermediate_size
+    shapes = [(6144, h), (h, h), (2 * I, h), (h, I)]
+    ws_ = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for n, k in shapes]
+    lm = torch.randn(c.vocab_size, h, device="cuda", dtype=torch.bfloat16) * 0.02
+    xs = {k: torch.randn(2048, k, device="cuda", dtype=torch.bfloat16) for k in (h, I)}
+    by = 2 * sum(n * k for n, k in shapes)
+    ref = [persistent_matmul(xs[w.shape[1]], w, 128, 256, 8, 3, 8, False, 64) for w in ws_]
+    default = G.DECODE
+    for bk, tile in [(128, default), (64, (64, 32, 4, 4)), (64, (64, 32, 4, 6)), (64, (64, 32, 4, 8)),
+                     (64, (64, 64, 4, 4)), (64, (64, 64, 4, 6)), (64, (64, 64, 4, 8)), (64, (64, 16, 4, 8)),
+                     (64, (64, 32, 4, 10)), (64, (64, 128, 4, 6))]:
+        G.DECODE = tile
+        try:
+            t = sum(do_bench(lambda: G.matmul(xs[w.shape[1]][:1], w, block_k=bk), return_mode="median") for w in ws_)
+            tl_ = do_bench(lambda: G.matmul(xs[h][:1], lm, block_k=bk), return_mode="median")
+            same = all(torch.equal(G.matmul(xs[w.shape[1]][j:j + 1], w, block_k=bk), r[j:j + 1])
+                       for w, r in zip(ws_, ref) for j in (0, 77, 2047))
+            print(f"decode BLOCK_K {bk} tile {tile}: {t:.3f} ms per layer ({by / t / 1e6:.0f} GB/s), lm_head {tl_:.3f} ms; "
+                  f"rows == persistent prefill (BLOCK_K 64): {same}", flush=True)
+        except Exception as e:  # noqa: BLE001
+            print(f"decode {bk} {tile}: failed {type(e).__name__}: {' '.join(str(e).split())[:200]}", flush=True)
+    G.DECODE = default
+
+
 if __name__ == "__main__":
-    main()
+    import sys
+
+    decode_bk64() if "--decode" in sys.argv else main()
