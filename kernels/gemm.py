@@ -4,20 +4,25 @@ A row's result is its K loop: acc = 0; for each BLOCK_K block in order, acc = do
 fp32, on the same MMA instruction (Hopper: wgmma m64nNk16, so BLOCK_M >= 64 and 4 warps per warpgroup).
 That loop is fixed for every M: one BLOCK_K, one order, no split-K. The M and N tile sizes only decide
 which rows and columns share a program, not how an element is summed. So decode (M <= 64) uses a narrow
-tile that launches ~4x more programs (weights stream faster at M=1), and prefill a wide one; both share
-BLOCK_K and the MMA. That the two give the same bits is not assumed: tests/test_kernels_gpu.py::test_matmul
-and bench/check_gemm_tiles.py compare them row by row on the GPU (bit-identical on H200, 2026-11-26).
+tile that launches many programs (weights stream faster at M=1), and prefill a wide one walked by one
+persistent program per SM with TMA loads; both share BLOCK_K and the MMA. That the two give the same bits is
+not assumed: tests/test_kernels_gpu.py::test_matmul and bench/try_gemm_persistent.py compare them row by row
+on the GPU (bit-identical on H100, 2026-11-26).
 """
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-BLOCK_K = 128                     # the one reduction step; shared by both tiles
-PREFILL = (128, 128, 8, 3)        # BLOCK_M, BLOCK_N, num_warps, num_stages for M > DECODE_M (TMA loads)
-DECODE = (64, 32, 4, 4)           # for M <= DECODE_M
+BLOCK_K = 64                      # the one reduction step; shared by both tiles
+PREFILL = (128, 256, 8, 3)        # BLOCK_M, BLOCK_N, num_warps, num_stages for M > DECODE_M
+GROUP_M = 8                       # prefill: row tiles walked together, so their W tiles are reused from L2
+DECODE = (64, 32, 4, 8)           # for M <= DECODE_M
 DECODE_M = 64
-# H100/H200, 2026-11-26: prefill tile with TMA loads 600 TFLOP/s at M=1024 (pointer loads 509, cuBLAS 713);
-# decode tile 0.178 ms per layer at M=1 (vs 0.304 ms with the prefill tile). bench/try_gemm_tma.py.
+# H100, 2026-11-26, M=2048 on the Llama-3-8B layer shapes (bench/try_gemm_persistent.py): persistent TMA
+# prefill 710 TFLOP/s (v0.6's (128, 128) tile, BLOCK_K 128: 611; cuBLAS 714 in the same run); decode tile
+# 0.213 ms per layer at M=1 (v0.6: 0.216).
 
 
 # M is not specialised, so M=1 (decode) and M>1 (prefill) run the same binary.
@@ -45,17 +50,29 @@ def _matmul_kernel(X, W, Y, M, N, K,
 
 
 @triton.jit
-def _matmul_tma_kernel(x_desc, w_desc, y_desc, K,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The same K loop as _matmul_kernel, with tiles brought in by the TMA engine (out of bounds reads 0)."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        x = x_desc.load([pid_m * BLOCK_M, k0])
-        w = w_desc.load([pid_n * BLOCK_N, k0])
-        acc = tl.dot(x, w.T, acc)
-    y_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc.to(y_desc.dtype))
+def _matmul_persistent_kernel(x_desc, w_desc, y_desc, M, N, K, NUM_SMS: tl.constexpr, GROUP_M: tl.constexpr,
+                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The same K loop as _matmul_kernel per output tile, tiles brought in by the TMA engine (out of bounds
+    reads 0); one program per SM walks the tiles, GROUP_M row tiles at a time."""
+    n_m = tl.cdiv(M, BLOCK_M)
+    n_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * n_n
+    for tile in tl.range(tl.program_id(0), n_m * n_n, NUM_SMS, flatten=True):
+        first_m = tile // per_group * GROUP_M
+        size_m = tl.minimum(n_m - first_m, GROUP_M)
+        pid_m = first_m + (tile % per_group) % size_m
+        pid_n = (tile % per_group) // size_m
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            x = x_desc.load([pid_m * BLOCK_M, k0])
+            w = w_desc.load([pid_n * BLOCK_N, k0])
+            acc = tl.dot(x, w.T, acc)
+        y_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc.to(y_desc.dtype))
+
+
+@functools.cache
+def _sm_count(device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _tma_ok(*ts) -> bool:
@@ -80,9 +97,11 @@ def matmul(x, w, *, block_m=None, block_n=None, block_k=BLOCK_K):
     if M > DECODE_M and block_m is None and _tma_ok(x, w, y):
         from triton.tools.tensor_descriptor import TensorDescriptor as TD
 
-        _matmul_tma_kernel[grid](TD.from_tensor(x, [bm, block_k]), TD.from_tensor(w, [bn, block_k]),
-                                 TD.from_tensor(y, [bm, bn]), K, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=block_k,
-                                 num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=False)
+        sms = _sm_count(x.device)
+        _matmul_persistent_kernel[(min(sms, grid[0] * grid[1]),)](
+            TD.from_tensor(x, [bm, block_k]), TD.from_tensor(w, [bn, block_k]), TD.from_tensor(y, [bm, bn]),
+            M, N, K, NUM_SMS=sms, GROUP_M=GROUP_M, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=block_k,
+            num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=False)
         return y
     _matmul_kernel[grid](x, w, y, M, N, K,
                          x.stride(0), x.stride(1), w.stride(0), w.stride(1), y.stride(0), y.stride(1),
