@@ -1,11 +1,13 @@
-"""Attention sweep (GPU), Llama-3-8B shapes, BLOCK_KV 64: SPLIT_KV, the prefill launch (BLOCK_M, warps,
+"""Attention sweep (GPU), Llama-3-8B shapes: BLOCK_KV, SPLIT_KV, the prefill launch (BLOCK_M, warps,
 stages, TMA loads of K/V) and decode's num_stages.
 
 Each prefill launch must give rows bit-identical to the decode launch (pointer loads, BLOCK_M 64, 4 warps)
 with the same BLOCK_KV and SPLIT_KV: checked at several positions of the last 32k chunk. Then whole-model
 prefill and decode at 32k (kv_aligned=1, chunk 2048): the current settings and the fastest bit-identical ones.
 
-    python bench/sweep_attention.py
+    python bench/sweep_attention.py                      # BLOCK_KV 64, the splits and launches below
+    python bench/sweep_attention.py --block-kv 64 128    # BLOCK_KV (part of a row's definition: both paths
+                                                         # use it), SPLIT_KV 1024 and 2048
 """
 from __future__ import annotations
 
@@ -92,6 +94,17 @@ def model_runs(best):
 
 
 if __name__ == "__main__":
+    if "--block-kv" in sys.argv:
+        SPLITS = [1024, 2048]
+        PREFILL = [(64, 4, 3, True), (128, 8, 3, True), (64, 4, 2, True), (128, 8, 2, True)]
+        DECODE_STAGES = [2, 3]
+        found = []
+        for bkv in [int(x) for x in sys.argv[sys.argv.index("--block-kv") + 1:]]:
+            A.BLOCK_KV = bkv
+            print(f"== BLOCK_KV {bkv}", flush=True)
+            found.append((bkv, sweep()))
+        print("fastest bit-identical per BLOCK_KV:", found, flush=True)
+        sys.exit(0)
     b = sweep()
     print("fastest bit-identical:", b, flush=True)
     model_runs(b)
