@@ -6,6 +6,7 @@ the current prefill tile and cuBLAS in the same run.
 
     python bench/try_gemm_persistent.py            # prefill tiles at M=2048
     python bench/try_gemm_persistent.py --decode   # decode tiles at BLOCK_K 64 against the persistent prefill tile
+    python bench/try_gemm_persistent.py --decode-shapes   # decode tiles shape by shape
 """
 import torch
 import triton
@@ -110,7 +111,35 @@ def decode_bk64():
     G.DECODE = default
 
 
+def decode_per_shape():
+    """Decode tiles (M=1, BLOCK_K 64) shape by shape: the N tile may differ per shape without changing a bit."""
+    c = PRESETS["llama3-8b"]
+    h, I = c.hidden_size, c.intermediate_size
+    shapes = {"qkv": (6144, h), "o": (h, h), "gate_up": (2 * I, h), "down": (h, I), "lm_head": (c.vocab_size, h)}
+    default = G.DECODE
+    for name, (n, k) in shapes.items():
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        ref = G.matmul(x, w)
+        out = []
+        for tile in [(64, 16, 4, 8), (64, 16, 4, 12), (64, 32, 4, 8), (64, 32, 4, 12), (64, 64, 4, 8), (64, 128, 4, 4),
+                     (64, 32, 8, 8), (64, 64, 8, 6)]:
+            G.DECODE = tile
+            try:
+                t = do_bench(lambda: G.matmul(x, w), return_mode="median")
+                out.append(f"{tile[1:]} {2 * n * k / t / 1e6:.0f}{'' if torch.equal(G.matmul(x, w), ref) else ' (bits differ!)'}")
+            except Exception as e:  # noqa: BLE001
+                out.append(f"{tile[1:]} failed {type(e).__name__}")
+        G.DECODE = default
+        print(f"{name} {n}x{k}: GB/s by (BLOCK_N, warps, stages): " + "; ".join(out), flush=True)
+
+
 if __name__ == "__main__":
     import sys
 
-    decode_bk64() if "--decode" in sys.argv else main()
+    if "--decode" in sys.argv:
+        decode_bk64()
+    elif "--decode-shapes" in sys.argv:
+        decode_per_shape()
+    else:
+        main()
