@@ -167,6 +167,20 @@ def wrong_rope(cfg: ModelConfig) -> tuple[ModelConfig, str]:
     return dataclasses.replace(cfg, rope_theta=cfg.rope_theta * 1.01), "rope_theta x 1.01"
 
 
+def check_fits(cfg: ModelConfig, device: str):
+    """One line before any work: transformers' fp32 run holds the model in fp32 on the device, and
+    from_pretrained builds it in host RAM first."""
+    from .params import device_memory
+
+    need = 4 * cfg.param_count()
+    for where in dict.fromkeys(["cpu", str(device)]):
+        have = device_memory(where)
+        if need > have:
+            raise ValueError(f"the oracle needs about {need / 2**30:.3g} GiB on {where} for transformers' fp32 run of a "
+                             f"{cfg.param_count() / 1e9:.3g}B-parameter model, but {where} has {have / 2**30:.3g} GiB: "
+                             "use a bigger machine (or a smaller model)")
+
+
 def _within(res: dict, tol: dict) -> bool:
     return all(res[p]["rel"] <= res[p]["limit_rel"] and res[p]["top1_agreement_decisive"] >= tol["top1"]
                for p in ("prefill", "decode"))
@@ -190,6 +204,7 @@ def compare(model: str, ctx: int = 128, dtype: str = "float32", device: str = "c
     if positions is not None and positions < 1:
         raise ValueError(f"oracle positions must be >= 1 (got {positions})")
     true_cfg = load_config(model)
+    check_fits(true_cfg, device)
     cfg = cfg or true_cfg
     tokens = synthetic_prompt(ctx, cfg.vocab_size, seed)
     pos = compared_positions(ctx, steps, positions)
@@ -382,6 +397,7 @@ def plot(body: dict, path):
 def preset_checkpoint(preset: str, out_dir, seed: int, dtype: str, device: str, quiet: bool = True) -> dict:
     """Save a transformers-made random checkpoint of a preset's shape (real models can't be downloaded here)."""
     cfg = PRESETS[preset]
+    check_fits(cfg, device)
     # std 1/sqrt(hidden): attention scores q.k/sqrt(d) of about unit spread, so positions (RoPE) matter. With
     # transformers' default 0.02 a small preset's attention is flat and even a dropped rope scaling passes in
     # bf16; much larger, and bf16 noise in peaked softmaxes exceeds the tolerance (measured on tiny shapes).

@@ -286,11 +286,18 @@ def validate(p: dict) -> None:
     _check_fits(p)
 
 
-def _check_fits(p: dict) -> None:
-    """Refuse a run whose weights plus KV cache alone exceed the device's total memory."""
+def device_memory(device: str) -> int:
+    """Total bytes of a device: the host's RAM for cpu, the card's memory for cuda[:i]."""
     import psutil
     import torch
 
+    if device == "cpu":
+        return psutil.virtual_memory().total
+    return torch.cuda.get_device_properties(int(device[5:] or 0)).total_memory
+
+
+def _check_fits(p: dict) -> None:
+    """Refuse a run whose weights plus KV cache alone exceed the device's total memory."""
     from .config import load_config
 
     try:
@@ -300,10 +307,7 @@ def _check_fits(p: dict) -> None:
     cache = -(-(p["ctx"] + p["gen"] + p["prefill_chunk"]) // p["kv_block"]) * p["kv_block"]  # as model.KVCache pads it
     b = dtype_bytes(p["dtype"])
     need = cfg.param_count() * b + cfg.kv_bytes_per_token(b) * cache
-    if p["device"] == "cpu":
-        have = psutil.virtual_memory().total
-    else:
-        have = torch.cuda.get_device_properties(int(p["device"][5:] or 0)).total_memory
+    have = device_memory(p["device"])
     if need > have:
         sizes = ", ".join(f"{k}={_show(p[k], 24)}" for k in ("ctx", "gen", "prefill_chunk", "kv_block"))
         raise ParamError(f"params {sizes}: weights + KV cache need {need / 2**30:.3g} GiB but {p['device']} has "

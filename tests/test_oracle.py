@@ -186,3 +186,17 @@ def test_cli_oracle_bad_out_root_is_one_line(ckpt, tmp_path, capsys):
     assert main(["oracle", "--model", str(ckpt("gqa4")), "--ctx", "32", "-o", str(blocker / "sub")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("greta: error:") and "\n" not in err and "-o" in err
+
+
+def test_a_model_too_big_for_the_device_is_one_line(capsys, tmp_path):
+    """llama3-8b in fp32 (32 GB) on this CPU-only machine: refused before any checkpoint is made."""
+    import psutil
+
+    from greta.__main__ import main
+
+    if psutil.virtual_memory().total > 40 * 2**30:
+        pytest.skip("this host could hold an 8B model in fp32")
+    assert main(["oracle", "--model", "llama3-8b", "--checkpoint-dir", str(tmp_path / "ck")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("greta: error: the oracle needs about") and "\n" not in err
+    assert not (tmp_path / "ck").exists()
