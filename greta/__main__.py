@@ -28,6 +28,12 @@ class _UsageError(Exception):
     pass
 
 
+def _fail(msg) -> int:
+    """One `greta: error:` line on stderr; the exit code of bad input."""
+    print(f"greta: error: {msg}", file=sys.stderr)
+    return 2
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one `greta: error:` line and exit code 2, like a bad param."""
 
@@ -56,8 +62,7 @@ def _oracle_cmd(args) -> int:
                       kv_block=args.kv_block, backend=args.backend, positions=args.positions,
                       control=args.control, quiet=args.quiet)
     except (OracleMissing, ValueError, FileNotFoundError, RecordError) as e:
-        print(f"greta: error: {e}", file=sys.stderr)
-        return 2
+        return _fail(e)
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -118,8 +123,7 @@ def main(argv=None) -> int:
     try:
         args = ap.parse_args(argv)
     except _UsageError as e:
-        print(f"greta: error: {e}", file=sys.stderr)
-        return 2
+        return _fail(e)
     if args.cmd == "sweep":
         return _sweep_cmd(args)
     if args.cmd == "legacy":
@@ -165,9 +169,8 @@ def main(argv=None) -> int:
             raise ParamError(f"-o {args.out_root!r} is not a folder; records go under a folder, e.g. -o outputs")
         overrides = parse_overrides(args.param)
         params = load_params(args.file, overrides)
-    except (_UsageError, ParamError) as e:
-        print(f"greta: error: {e}", file=sys.stderr)
-        return 2
+    except ParamError as e:
+        return _fail(e)
     from .probe import ProbeInterrupted
     from .record import RecordError
 
@@ -181,8 +184,7 @@ def main(argv=None) -> int:
 
             run_dir = run_audit(args.file, overrides, out_root=args.out_root)
     except RecordError as e:
-        print(f"greta: error: {e}", file=sys.stderr)
-        return 2
+        return _fail(e)
     except ProbeInterrupted as e:
         print(f"greta: INTERRUPTED by {e.how}; record: {e.run_dir}", file=sys.stderr)
         return 130
@@ -203,14 +205,12 @@ def _sweep_cmd(args) -> int:
     from .sweep import VERDICT, SweepError, run_sweep
 
     if not args.file and not args.resume:
-        print("greta: error: sweep needs -f <matrix.yaml> (e.g. params/b3_76.yaml) or --resume <sweep dir>", file=sys.stderr)
-        return 2
+        return _fail("sweep needs -f <matrix.yaml> (e.g. params/b3_76.yaml) or --resume <sweep dir>")
     try:
         sweep_dir = run_sweep(args.file, parse_overrides(args.param), out_root=args.out_root, sweep_dir=args.resume,
                               progress=not args.quiet)
     except (ParamError, SweepError, RecordError) as e:
-        print(f"greta: error: {e}", file=sys.stderr)
-        return 2
+        return _fail(e)
     except ProbeInterrupted as e:
         print(f"greta: sweep INTERRUPTED by {e.how} in {e.run_dir}; resume with --resume {Path(e.run_dir).parent.parent}",
               file=sys.stderr)

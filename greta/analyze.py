@@ -48,12 +48,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .metrics import compare, equivalence_verdict
+from .metrics import FAULT_VERDICTS, compare, equivalence_verdict
 
 __all__ = ["STATUSES", "FAULT_VERDICTS", "analyze_run", "report_md", "metrics_for_plots"]
 
 STATUSES = ("OK", "INCOMPLETE", "SPAN_MISMATCH", "MISSING_LOGITS")  # least to most severe
-FAULT_VERDICTS = ("FAIL_OOM", "FAIL_TIMEOUT", "FAIL_ERROR", "INTERRUPTED")
 METRIC_KEYS = ("span", "vocab", "max_abs_diff", "p99_abs_diff", "top1_agreement", "bit_exact", "per_position")
 
 
@@ -78,11 +77,10 @@ class _Findings:
         self.reasons.append(_line(reason))
 
 
-def _read_json_obj(path: Path, f: _Findings, required: bool = True):
+def _read_json_obj(path: Path, f: _Findings):
     """A JSON object (dict) from ``path``, or None with a finding."""
     if not path.is_file():
-        if required:
-            f.add("INCOMPLETE", f"{path.name} missing")
+        f.add("INCOMPLETE", f"{path.name} missing")
         return None
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
@@ -339,10 +337,9 @@ def metrics_for_plots(report: dict, run_dir) -> tuple[dict | None, str]:
         if status == "OK":
             return report["metrics"], "_Recomputed from logits.npz; they equal metrics.json._"
         return report["metrics"], f"**Recomputed from logits.npz** (status {status}: see the reasons above)."
-    try:
-        stored = json.loads((Path(run_dir) / "metrics.json").read_text(encoding="utf-8"))
-    except Exception:  # noqa: BLE001
-        stored = None
+    from .plots import _read_obj_opt  # matplotlib: only for the callers that plot
+
+    stored = _read_obj_opt(Path(run_dir) / "metrics.json")
     if _usable_metrics(stored):
         return stored, f"**⚠ From metrics.json as stored, not verified against the logits** (status {status})."
     if report.get("stored_verdict") in FAULT_VERDICTS and stored is None:

@@ -122,6 +122,11 @@ class ModelConfig:
         return d
 
 
+def kv_capacity(tokens: int, block: int) -> int:
+    """Positions a KV cache for `tokens` positions holds: tokens rounded up to a whole number of blocks."""
+    return -(-tokens // block) * block
+
+
 # rope_scaling types Greta computes, with the keys each needs (as transformers' Llama reads them).
 # A scaling dict without "rope_type" is llama3 (the presets' form); other types keep their "rope_type".
 ROPE_TYPES = {
@@ -231,9 +236,4 @@ def inv_freq(cfg: ModelConfig, seq_len: int | None = None) -> list[float]:
     return out
 
 
-def llama3_inv_freq(cfg: ModelConfig) -> list[float]:
-    """Rotary inverse frequencies with llama3 scaling (as in HF's _compute_llama3_parameters)."""
-    return inv_freq(cfg)
-
-
-__all__ = ["ModelConfig", "PRESETS", "load_config", "inv_freq", "llama3_inv_freq", "parse_rope_scaling"]
+__all__ = ["ModelConfig", "PRESETS", "load_config", "inv_freq", "kv_capacity", "parse_rope_scaling"]

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from .config import ModelConfig
+from .weights import CheckpointError, Spelling, assemble, check_tensors, expected_tensors, tensor_names
 
 
 class GGUFError(ValueError):
@@ -150,55 +151,37 @@ def permute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
+GGUF_SPELLING = Spelling(
+    {"embed": "token_embd.weight", "norm": "output_norm.weight", "lm_head": "output.weight"},
+    "blk.{}.",
+    {"attn_norm": "attn_norm.weight", "mlp_norm": "ffn_norm.weight", "q": "attn_q.weight", "k": "attn_k.weight",
+     "v": "attn_v.weight", "o": "attn_output.weight", "gate": "ffn_gate.weight", "up": "ffn_up.weight",
+     "down": "ffn_down.weight"},
+)
+
+
 def gguf_names(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """GGUF tensor name -> logical (row-major) shape for a Llama of this config."""
-    h, v, lin = cfg.hidden_size, cfg.vocab_size, cfg.linear_shapes()
-    out: dict[str, tuple[int, ...]] = {"token_embd.weight": (v, h), "output_norm.weight": (h,)}
-    if not cfg.tie_embeddings:
-        out["output.weight"] = (v, h)
-    for i in range(cfg.n_layers):
-        p = f"blk.{i}."
-        out.update({p + "attn_norm.weight": (h,), p + "ffn_norm.weight": (h,),
-                    p + "attn_q.weight": lin["q_proj"], p + "attn_k.weight": lin["k_proj"],
-                    p + "attn_v.weight": lin["v_proj"], p + "attn_output.weight": lin["o_proj"],
-                    p + "ffn_gate.weight": lin["gate_proj"], p + "ffn_up.weight": lin["up_proj"],
-                    p + "ffn_down.weight": lin["down_proj"]})
-    return out
+    return expected_tensors(cfg, GGUF_SPELLING)
 
 
 def load_gguf(path, cfg: ModelConfig, dtype: torch.dtype, device) -> dict[str, torch.Tensor]:
     """Greta's weight dict from a Llama GGUF file; names and shapes checked first, each error one line."""
     r = _reader(path)
     tensors = {t.name: t for t in r.tensors}
-    want = gguf_names(cfg)
-    missing = [k for k in want if k not in tensors]
-    if missing:
-        raise GGUFError(f"GGUF file {path} lacks tensor(s) {', '.join(missing[:3])}" + (f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""))
-    extra = sorted(k for k in tensors if k not in want and k != "rope_freqs.weight")
-    if extra:
-        raise GGUFError(f"GGUF file {path} has unexpected tensor(s) {', '.join(extra[:3])} for a llama of its metadata")
-    for k, shape in want.items():
-        got = tuple(int(x) for x in reversed(tensors[k].shape.tolist()))
-        if got != shape:
-            raise GGUFError(f"GGUF file {path}: tensor {k} has shape {list(got)}, its metadata implies {list(shape)}")
+    try:
+        check_tensors(path, gguf_names(cfg), tensors, lambda k: tuple(int(x) for x in reversed(tensors[k].shape.tolist())),
+                      lambda k: k == "rope_freqs.weight", what="GGUF file", source="its metadata",
+                      model="a llama of its metadata")
+    except CheckpointError as e:
+        raise GGUFError(str(e)) from None
+    names = tensor_names(cfg, GGUF_SPELLING)
 
-    def get(k):
-        return _tensor(tensors[k], dtype, device)
+    def get(role: str) -> torch.Tensor:
+        t = _tensor(tensors[names[role]], dtype, device)
+        part = role.partition(".")[2]
+        if part in ("q", "k"):  # permuted by llama.cpp's converter
+            t = unpermute_rope_rows(t, cfg.n_heads if part == "q" else cfg.n_kv_heads)
+        return t
 
-    w = {"embed": get("token_embd.weight"), "norm": get("output_norm.weight")}
-    if not cfg.tie_embeddings:
-        w["lm_head"] = get("output.weight")
-    for i in range(cfg.n_layers):
-        p = f"blk.{i}."
-        q = unpermute_rope_rows(get(p + "attn_q.weight"), cfg.n_heads)
-        k = unpermute_rope_rows(get(p + "attn_k.weight"), cfg.n_kv_heads)
-        w[f"{i}.wqkv"] = torch.cat([q, k, get(p + "attn_v.weight")])
-        del q, k
-        w[f"{i}.wo"] = get(p + "attn_output.weight")
-        w[f"{i}.w13"] = torch.cat([get(p + "ffn_gate.weight"), get(p + "ffn_up.weight")])
-        w[f"{i}.w2"] = get(p + "ffn_down.weight")
-        w[f"{i}.attn_norm"] = get(p + "attn_norm.weight")
-        w[f"{i}.mlp_norm"] = get(p + "ffn_norm.weight")
-    if cfg.tie_embeddings:
-        w["lm_head"] = w["embed"]
-    return w
+    return assemble(cfg, get)

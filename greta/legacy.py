@@ -35,6 +35,7 @@ directory names, prefill vs decode, steps vs span, vocab sizes), with one-line `
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
 import re
 import sys
@@ -43,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .analyze import _err, _line
 from .metrics import compare, equivalence_verdict
 from .params import DEFAULTS
 from .record import _f
@@ -58,18 +60,15 @@ class _Bad(Exception):
         self.status = status
 
 
-def _line(s) -> str:
-    s = " ".join(str(s).split())
-    return s if len(s) <= 300 else s[:297] + "..."
-
-
 def find_points(runs_dir) -> list[dict]:
     """Trace points under runs_dir: [{layout, path, kv_aligned, seed, ctx (b3_77 only)}], sorted."""
     root = Path(runs_dir)
     if (root / "runs").is_dir():
         root = root / "runs"
     found = []
-    for d in sorted(p for p in root.glob("*/*") if p.is_dir()) + sorted(p for p in root.glob("*/*/*") if p.is_dir()):
+    for d in itertools.chain(root.glob("*/*"), root.glob("*/*/*")):
+        if not d.is_dir():
+            continue
         rel = d.relative_to(root).as_posix()
         for layout, rx in LAYOUTS.items():
             m = rx.match(rel)
@@ -77,7 +76,8 @@ def find_points(runs_dir) -> list[dict]:
                 pt = {"layout": layout, "path": str(d), "kv_aligned": int(m[1]), "seed": int(m[2]),
                       "ctx": int(m[3]) if layout == "b3_77" else None}
                 found.append(pt)
-    return sorted(found, key=lambda p: (p["layout"], p["ctx"] or 0, p["kv_aligned"], p["seed"]))
+    # the path breaks ties (kv_aligned_1 and kv_aligned_01 are one point twice), so the order never follows the disk's
+    return sorted(found, key=lambda p: (p["layout"], p["ctx"] or 0, p["kv_aligned"], p["seed"], p["path"]))
 
 
 def _metadata(d: Path) -> dict:
@@ -168,7 +168,7 @@ def read_point(pt: dict, thresholds: dict | None = None) -> dict:
     except _Bad as e:
         row["status"], row["reasons"] = e.status, [_line(e)]
     except Exception as e:  # noqa: BLE001 - a trace we did not foresee is a reason, never a traceback
-        row["status"], row["reasons"] = "CORRUPT", [_line(f"{type(e).__name__}: {e}")]
+        row["status"], row["reasons"] = "CORRUPT", [_err(e)]
     return row
 
 

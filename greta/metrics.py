@@ -3,7 +3,14 @@ from __future__ import annotations
 
 import numpy as np
 
-VERDICTS = ("PASS_EQUIV", "FAIL_EQUIV", "EXPECTED_DRIFT", "FAIL_OOM", "FAIL_TIMEOUT", "FAIL_ERROR", "INTERRUPTED")
+# The verdict groups, defined once (verify, analyze, probe and notebooks derive theirs from these).
+EQUIV_VERDICTS = ("PASS_EQUIV", "FAIL_EQUIV", "EXPECTED_DRIFT")  # the reference phase ran: judged from the logits
+FAULT_VERDICTS = ("FAIL_OOM", "FAIL_TIMEOUT", "FAIL_ERROR", "INTERRUPTED")  # a phase did not finish
+VERDICTS = EQUIV_VERDICTS + FAULT_VERDICTS
+# The status a failed phase ends with (perf.json) -> the record's verdict.
+FAIL = {"timeout": "FAIL_TIMEOUT", "oom": "FAIL_OOM", "crash": "FAIL_ERROR", "error": "FAIL_ERROR",
+        "interrupted": "INTERRUPTED"}
+assert set(FAIL.values()) == set(FAULT_VERDICTS)
 
 
 def compare(decode: np.ndarray, reference: np.ndarray, tokens: list[int], positions: list[int],

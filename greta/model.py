@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .config import ModelConfig, inv_freq
+from .config import ModelConfig, inv_freq, kv_capacity
 
 PERTURBATIONS = ("none", "rope_offset", "kv_off_by_one")
 
@@ -33,7 +33,7 @@ class KVCache:
     """K and V for every layer: [n_layers, n_kv_heads, capacity, head_dim], capacity a multiple of block."""
 
     def __init__(self, cfg: ModelConfig, tokens: int, block: int, dtype: torch.dtype, device):
-        self.capacity = math.ceil(tokens / block) * block
+        self.capacity = kv_capacity(tokens, block)
         shape = (cfg.n_layers, cfg.n_kv_heads, self.capacity, cfg.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)

@@ -135,10 +135,10 @@ def run_audit(params_file, overrides: dict, out_root="outputs") -> Path:
         print(f"greta: run_b3_77.ipynb failed: {_one_line(err)} (kept: {out})", file=sys.stderr)
     if not (run_dir / "verdict.json").is_file():
         if interrupted:
-            verdict, how = "INTERRUPTED", f"the audit was interrupted by {interrupted}"
+            status, how = "interrupted", f"the audit was interrupted by {interrupted}"
         else:
-            verdict, how = "FAIL_ERROR", f"the notebook kernel died ({_one_line(err) if err else 'no error reported'})"
-        _fault_record(run_dir, params, verdict, how)
+            status, how = "crash", f"the notebook kernel died ({_one_line(err) if err else 'no error reported'})"
+        _fault_record(run_dir, params, status, how)
     if out.is_file():
         try:
             to_html(out)
@@ -152,24 +152,27 @@ def run_audit(params_file, overrides: dict, out_root="outputs") -> Path:
     return run_dir
 
 
-def _fault_record(run_dir: Path, params: dict, verdict: str, how: str):
+def _fault_record(run_dir: Path, params: dict, status: str, how: str):
     """The record of a run whose probe process died before writing its own: what it had checkpointed
     (perf.json, vram_samples.csv), the phase it was in, a verdict, a vram.json and report.md, and a
-    banner on the partial notebook (papermill marks the unrun cells as if they had completed)."""
+    banner on the partial notebook (papermill marks the unrun cells as if they had completed).
+    status: the failed phase's status, "crash" (verdict FAIL_ERROR) or "interrupted" (INTERRUPTED)."""
     import json
 
     from . import vram
     from .config import load_config
-    from .params import PHASES, dtype_bytes
-    from .record import atomic_write_text
+    from .metrics import FAIL
+    from .params import PHASES
+    from .record import Record, atomic_write_text, verdict_record
 
+    verdict = FAIL[status]
+    rec = Record(run_dir, params)  # writes files only: Record.create would run the preflight and start afresh
     if not (run_dir / "params.json").is_file():  # died before the probe made its record
         from .record import git_state, versions
 
-        atomic_write_text(run_dir / "params.json", json.dumps(params, indent=2) + "\n")
-        atomic_write_text(run_dir / "metadata.json", json.dumps(
-            {"run_id": run_dir.name, "probe": params["probe"], **git_state(), "versions": versions(),
-             "seed": params["seed"], "model": params["model"]}, indent=2) + "\n")
+        rec.write_json("params.json", params)
+        rec.write_json("metadata.json", {"run_id": run_dir.name, "probe": params["probe"], **git_state(),
+                                         "versions": versions(), "seed": params["seed"], "model": params["model"]})
     perf_path = run_dir / "perf.json"
     perf = json.loads(perf_path.read_text()) if perf_path.is_file() else {}
     perf = {ph: perf.get(ph, {"status": "not_run"}) for ph in PHASES}
@@ -177,23 +180,23 @@ def _fault_record(run_dir: Path, params: dict, verdict: str, how: str):
     failed = running[0] if running else None
     reason = f"{how}" + (f" during {failed}" if failed else " before the probe started")
     if failed:
-        perf[failed].update({"status": "crash" if verdict == "FAIL_ERROR" else "interrupted", "error": reason})
-    atomic_write_text(perf_path, json.dumps(perf, indent=2) + "\n")
+        perf[failed].update({"status": status, "error": reason})
+    rec.write_json("perf.json", perf)
     csv_path = run_dir / "vram_samples.csv"
-    samples = vram.read_samples_csv(csv_path) if csv_path.is_file() else []
-    if not csv_path.is_file():
-        vram.write_samples_csv(csv_path, [])
+    if csv_path.is_file():
+        samples = vram.read_samples_csv(csv_path)
+    else:
+        samples = []
+        vram.write_samples_csv(csv_path, samples)
     try:
-        floor = vram.floor_mb(load_config(params["model"]), dtype_bytes(params["dtype"]), params["ctx"] + params["gen"])
+        floor = vram.floor_for(params, load_config(params["model"]))
     except Exception:  # noqa: BLE001 - an unreadable model config leaves the floor unknown
         floor = {"weights_mb": None, "kv_cache_mb": None, "total_mb": None}
     vs = vram.summary(samples, {}, floor, loaded=perf["load"].get("status") == "ok", period_s=params["sampling_period_s"],
                       fallback_reason="the probe process died before writing vram.json; figures from its samples")
     peak = vs["peak_vram_mb"]
-    atomic_write_text(run_dir / "vram.json", json.dumps(vs, indent=2) + "\n")
-    atomic_write_text(run_dir / "verdict.json", json.dumps(
-        {"verdict": verdict, "reason": reason, "failed_phase": failed, "bit_exact": None,
-         "kv_aligned": params["kv_aligned"], "perturb": params["perturb"], "tokens": None}, indent=2) + "\n")
+    rec.write_json("vram.json", vs)
+    rec.write_json("verdict.json", verdict_record(params, verdict, reason, failed))
     rows = "\n".join(f"| {ph} | {perf[ph].get('status')} | {perf[ph].get('wall_s', '')} |" for ph in PHASES)
     atomic_write_text(run_dir / "report.md", f"# B3.77 — {verdict}\n\n{reason}.\n\n| Phase | Status | Wall (s) |\n"
                       f"|---|---|---|\n{rows}\n\nVRAM samples up to the fault: {len(samples)} (peak {peak} MB; "

@@ -25,8 +25,9 @@ from pathlib import Path
 import torch
 
 from .config import PRESETS, ModelConfig, load_config
+from .worker import DTYPES as _TORCH_DTYPES
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = {k: _TORCH_DTYPES[k] for k in ("float32", "bfloat16")}  # the oracle's dtypes (no float16)
 
 # Every path is held against transformers in fp32 (the "anchor"; the checkpoint's weights upcast), and
 # rel = max |Δlogit| / max |anchor logit| over the compared positions.
@@ -181,9 +182,13 @@ def check_fits(cfg: ModelConfig, device: str):
                              "use a bigger machine (or a smaller model)")
 
 
+def _path_ok(r: dict, tol: dict) -> bool:
+    """One path's result ({rel, limit_rel, top1_agreement_decisive, ...}) within tolerance."""
+    return r["rel"] <= r["limit_rel"] and r["top1_agreement_decisive"] >= tol["top1"]
+
+
 def _within(res: dict, tol: dict) -> bool:
-    return all(res[p]["rel"] <= res[p]["limit_rel"] and res[p]["top1_agreement_decisive"] >= tol["top1"]
-               for p in ("prefill", "decode"))
+    return all(_path_ok(res[p], tol) for p in ("prefill", "decode"))
 
 
 def compare(model: str, ctx: int = 128, dtype: str = "float32", device: str = "cpu", *, seed: int = 0,
@@ -346,7 +351,7 @@ def report_md(body: dict) -> str:
         for p in ("prefill", "decode"):
             r = r0[p]
             lim = r.get("limit_rel")
-            ok = "" if lim is None else ("yes" if r["rel"] <= lim and r["top1_agreement_decisive"] >= body["tolerance"]["top1"] else "**no**")
+            ok = "" if lim is None else ("yes" if _path_ok(r, body["tolerance"]) else "**no**")
             dec = "" if lim is None else f"{r['top1_agreement_decisive']:.4f} / {r['decisive_positions']}"
             same = r.get("vs_transformers_bf16", {}).get("max_abs_diff")
             out.append(f"| {label} | {p} | {r['positions']} | {r['max_abs_diff']:.4g} | {r['rel']:.3g} | "

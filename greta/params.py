@@ -298,13 +298,13 @@ def device_memory(device: str) -> int:
 
 def _check_fits(p: dict) -> None:
     """Refuse a run whose weights plus KV cache alone exceed the device's total memory."""
-    from .config import load_config
+    from .config import kv_capacity, load_config
 
     try:
         cfg = load_config(p["model"])
     except Exception as e:  # a checkpoint's config.json that isn't a Llama config
         raise ParamError(f"param model={_show(p['model'])}: cannot read its config.json ({_show(str(e), 80)})") from None
-    cache = -(-(p["ctx"] + p["gen"] + p["prefill_chunk"]) // p["kv_block"]) * p["kv_block"]  # as model.KVCache pads it
+    cache = kv_capacity(p["ctx"] + p["gen"] + p["prefill_chunk"], p["kv_block"])  # as model.KVCache holds it
     b = dtype_bytes(p["dtype"])
     need = cfg.param_count() * b + cfg.kv_bytes_per_token(b) * cache
     have = device_memory(p["device"])
@@ -340,8 +340,12 @@ def _check_model(model: str) -> None:
     d = Path(model)
     if not _is_file(d / "config.json"):
         raise ParamError(f"param model={_show(model)} is neither a preset ({', '.join(PRESETS)}), a checkpoint directory with config.json, nor a .gguf file")
-    if not any(d.glob("*.safetensors")):
-        raise ParamError(f"param model={_show(model)}: checkpoint directory has config.json but no *.safetensors")
+    from .weights import CheckpointError, checkpoint_files
+
+    try:
+        checkpoint_files(d)
+    except CheckpointError as e:
+        raise ParamError(f"param model={_show(model)}: {e}") from None
 
 
 def _check_device(device: str, dtype: str) -> None:

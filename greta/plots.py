@@ -171,11 +171,11 @@ def _phases(vram: dict, samples: list[dict]) -> list[dict]:
     return [{"name": k, "start_s": min(v), "end_s": max(v)} for k, v in spans.items()]
 
 
-def _save(fig: Figure, path: str | Path | None) -> None:
+def _save(fig: Figure, path: str | Path | None, dpi: int = 120) -> None:
     if path is not None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120)
+        fig.savefig(path, dpi=dpi)
 
 
 _mb_formatter = FuncFormatter(lambda v, _pos: f"{v:,.0f}")

@@ -18,13 +18,9 @@ import numpy as np
 
 from . import record, vram
 from .config import ModelConfig, load_config
-from .metrics import compare, equivalence_verdict
-from .params import dtype_bytes
+from .metrics import FAIL, compare, equivalence_verdict
+from .params import PHASES
 from .worker import main as worker_main
-
-PHASES = ("ceilings", "load", "prefill", "decode", "reference")
-FAIL = {"timeout": "FAIL_TIMEOUT", "oom": "FAIL_OOM", "crash": "FAIL_ERROR", "error": "FAIL_ERROR",
-        "interrupted": "INTERRUPTED"}
 
 
 class ProbeInterrupted(KeyboardInterrupt):
@@ -41,6 +37,12 @@ class _Term(KeyboardInterrupt):
 
 def _on_term(signum, frame):
     raise _Term()
+
+
+def _interrupted(e: KeyboardInterrupt, phase: str) -> tuple[str, dict]:
+    """(how, payload) for an interrupt during phase: how is "SIGTERM" or "SIGINT (Ctrl-C)"."""
+    how = "SIGTERM" if isinstance(e, _Term) else "SIGINT (Ctrl-C)"
+    return how, {"error": f"interrupted by {how} during {phase}; worker killed"}
 
 
 class _Bars:
@@ -138,8 +140,8 @@ def run_probe(params: dict, out_root="outputs", run_dir=None, progress: bool = T
             try:
                 status, payload = _wait(proc, parent, phase, timeout, bars)
             except KeyboardInterrupt as e:
-                interrupted = "SIGTERM" if isinstance(e, _Term) else "SIGINT (Ctrl-C)"
-                status, payload = "interrupted", {"error": f"interrupted by {interrupted} during {phase}; worker killed"}
+                interrupted, payload = _interrupted(e, phase)
+                status = "interrupted"
             bars.close()
             perf[phase] = {"status": status, "timeout_s": timeout, "runner_wall_s": time.monotonic() - t0}
             if status != "ok":
@@ -152,8 +154,8 @@ def run_probe(params: dict, out_root="outputs", run_dir=None, progress: bool = T
                 perf[phase]["allocator"] = payload.pop("allocator")
             results[phase] = payload
     except KeyboardInterrupt as e:  # between phases
-        interrupted = "SIGTERM" if isinstance(e, _Term) else "SIGINT (Ctrl-C)"
-        failure = ("INTERRUPTED", phase, {"error": f"interrupted by {interrupted} during {phase}; worker killed"})
+        interrupted, payload = _interrupted(e, phase)
+        failure = (FAIL["interrupted"], phase, payload)
         if perf[phase]["status"] == "running":
             perf[phase]["status"] = "interrupted"
     finally:
@@ -194,7 +196,7 @@ def _finish(rec, params, perf, results, sampler, failure):
     cfg = load.get("config")
     allocator = {ph: perf[ph]["allocator"] for ph in PHASES if "allocator" in perf[ph]}
     model_cfg = ModelConfig(**cfg) if cfg else load_config(params["model"])
-    floor = vram.floor_mb(model_cfg, dtype_bytes(params["dtype"]), params["ctx"] + params["gen"])
+    floor = vram.floor_for(params, model_cfg)
     vram_summary = vram.summarize(sampler, allocator, floor, loaded=perf["load"].get("status") == "ok")
     metrics = None
     if "reference" in results:
@@ -211,7 +213,5 @@ def _finish(rec, params, perf, results, sampler, failure):
     tokens = (results.get("reference") or results.get("decode") or results.get("prefill") or {}).get("tokens")
     perf["roofline"] = record.roofline(params, cfg, perf, results.get("ceilings"))
     rec.finish(load=load, perf=perf, metrics=metrics, vram_summary=vram_summary, samples=sampler.samples,
-               verdict={"verdict": verdict, "reason": reason, "failed_phase": failed_phase,
-                        "bit_exact": metrics["bit_exact"] if metrics else None, "kv_aligned": params["kv_aligned"],
-                        "perturb": params["perturb"], "tokens": tokens})
+               verdict=record.verdict_record(params, verdict, reason, failed_phase, metrics, tokens))
 

@@ -122,6 +122,18 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def record_files(run_dir) -> dict[str, Path]:
+    """The files a manifest covers, by path relative to run_dir (posix), sorted: every file under run_dir
+    except manifest.json itself and hidden files (e.g. the .tmp of an atomic write)."""
+    d = Path(run_dir)
+    files = {}
+    for p in sorted(d.rglob("*")):
+        rel = p.relative_to(d).as_posix()
+        if p.is_file() and rel != MANIFEST and not p.name.startswith("."):
+            files[rel] = p
+    return files
+
+
 def seal(run_dir, params: dict | None = None) -> Path:
     """Write manifest.json last and atomically: the sha256 and size of every other file of the record,
     the params, versions, git commit and dirty flag. Re-sealing (after the notebooks add their files)
@@ -129,11 +141,7 @@ def seal(run_dir, params: dict | None = None) -> Path:
     d = Path(run_dir)
     if params is None:
         params = json.loads((d / "params.json").read_text())
-    files = {}
-    for p in sorted(d.rglob("*")):
-        rel = p.relative_to(d).as_posix()
-        if p.is_file() and rel != MANIFEST and not p.name.startswith("."):
-            files[rel] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+    files = {rel: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for rel, p in record_files(d).items()}
     manifest = {"format": 1, "run_id": d.name, "sealed_utc": _now(), "params": params, **git_state(),
                 "versions": versions(), "files": files}
     atomic_write_text(d / MANIFEST, json.dumps(manifest, indent=2, default=_jsonable) + "\n")
@@ -195,6 +203,16 @@ class Record:
         self.write_json("verdict.json", verdict)
         atomic_write_text(self.path / "report.md", render_report(self.params, self.meta, perf, metrics, vram_summary, verdict))
         seal(self.path, self.params)
+
+
+def verdict_record(params: dict, verdict: str, reason: str, failed_phase: str | None = None,
+                   metrics: dict | None = None, tokens=None) -> dict:
+    """The verdict.json dict (docs/RECORD.md): the verdict, its reason, the phase that failed (None when the
+    run finished), bit_exact from the metrics (None without them), the run's kv_aligned and perturb, and
+    the generated tokens (None when no phase produced any)."""
+    return {"verdict": verdict, "reason": reason, "failed_phase": failed_phase,
+            "bit_exact": metrics["bit_exact"] if metrics else None, "kv_aligned": params["kv_aligned"],
+            "perturb": params["perturb"], "tokens": tokens}
 
 
 def _jsonable(x):

@@ -45,7 +45,7 @@ from pathlib import Path
 
 import yaml
 
-from .params import DEFAULTS, ParamError, load_params, resolve
+from .params import DEFAULTS, ParamError, _coerce, _flat, _flat_defaults, _read_yaml, load_params
 
 __all__ = ["AXES", "SweepError", "load_matrix", "points", "point_name", "point_complete", "run_sweep",
            "read_config", "matrix_from_config"]
@@ -58,10 +58,6 @@ LOG = "sweep_log.jsonl"
 
 class SweepError(ValueError):
     """A sweep cannot start or resume (matrix differs from config.json, not a sweep dir); one line."""
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def _axis_values(key: str, value, source: str) -> list:
@@ -84,100 +80,69 @@ def load_matrix(path=None, overrides: dict | None = None) -> dict:
     Returns ``{"file", "axes": {ctx, kv_aligned, seed, dtype: [values]}, "base": {flat params},
     "point_overrides": [...], "params": {point name: validated params}}``. Raises ParamError (one line).
     """
-    data: dict = {}
-    if path:
-        p = resolve(path)
-        if not p.is_file():
-            raise ParamError(f"matrix file {path} not found; pass one of {sorted(str(x) for x in Path('params').glob('*.yaml'))}")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ParamError(f"matrix file {path} is not valid YAML ({' '.join(str(e).split())[:120]})") from None
-        if not isinstance(data, dict):
-            raise ParamError(f"matrix file {path} must be a mapping of key: value")
+    data = _read_yaml(path) if path else {}  # the params file reader: duplicate keys, BOM, ... refused
     m = matrix_from_data(data, str(path) if path else "defaults", overrides)
     m["file"] = str(path) if path else None
     return m
 
 
 def matrix_from_data(data: dict, source: str, overrides: dict | None = None) -> dict:
-    """load_matrix's validation, on a mapping already read (a matrix file's, or config.json's)."""
+    """load_matrix's validation, on a mapping already read (a matrix file's, or config.json's).
+
+    Axis values and ``when`` values are coerced to the params' types once, up front (``-p seed=3`` is the
+    int 3, ``256.0`` is 256), so duplicates are caught and ``when`` matches what the points run with."""
     data = copy.deepcopy(data)
     point_overrides = data.pop("point_overrides", None) or []
-    known = _flatten(DEFAULTS)
+    known = _flat_defaults()
     axes = {k: [DEFAULTS[k]] for k in AXES}
     base: dict = {}
     for src, layer in ((source, data), ("override", dict(overrides or {}))):
-        for key, value in layer.items():
+        for key, value in _flat(layer, src).items():
             if key in AXES:
-                axes[key] = _axis_values(key, value, src)
-            elif isinstance(value, dict):
-                for k2, v2 in _flatten(value, f"{key}.").items():
-                    if k2 not in known:
-                        raise ParamError(f"unknown param {k2!r} (from {src}); known: {', '.join(sorted(known))}")
-                    base[k2] = v2
+                axes[key] = [_coerce_axis(key, v, f"matrix axis {key} (from {src})") for v in _axis_values(key, value, src)]
+            elif key not in known:
+                raise ParamError(f"unknown param {key!r} (from {src}); known: {', '.join(sorted(known))}, point_overrides")
             else:
-                if key not in known:
-                    raise ParamError(f"unknown param {key!r} (from {src}); known: {', '.join(sorted(known))}, point_overrides")
                 base[key] = value
+    if any(len(set(vals)) != len(vals) for vals in axes.values()):
+        raise ParamError(f"matrix {source} has duplicate axis values: {axes}")
     if not isinstance(point_overrides, list) or not all(
             isinstance(o, dict) and set(o) == {"when", "set"} and isinstance(o["when"], dict)
             and isinstance(o["set"], dict) for o in point_overrides):
         raise ParamError(f"point_overrides (from {source}) must be a list of {{when: {{axis: value}}, set: {{param: value}}}}")
+    rules = []  # (when, set) with when's values coerced and set flattened
     for o in point_overrides:
         bad = [k for k in o["when"] if k not in AXES]
         if bad:
             raise ParamError(f"point_overrides: when-key {bad[0]!r} is not an axis ({', '.join(AXES)})")
-        bad = [k for k in _flatten(o["set"]) if k in AXES]
+        sets = _flat(o["set"], "point_overrides")
+        bad = [k for k in sets if k in AXES]
         if bad:
             raise ParamError(f"point_overrides: cannot set the axis {bad[0]!r}; change the axis list instead")
+        when = {k: _coerce_axis(k, v, f"point_overrides: when {k}") for k, v in o["when"].items()}
+        rules.append((when, sets))
     params: dict = {}
     for combo in _combos(axes):
         name = point_name(combo)
         over = dict(base)
-        for o in point_overrides:
-            if all(combo[k] == _coerce_like(combo[k], v) for k, v in o["when"].items()):
-                over.update(_flatten(o["set"]))
+        for when, sets in rules:
+            if all(combo[k] == v for k, v in when.items()):
+                over.update(sets)
         over.update(combo)
         try:
             params[name] = load_params(None, over)
         except ParamError as e:
             raise ParamError(f"matrix {source}, point {name}: {e}") from None
-        # the axis values as load_params coerced them ("256" from a CLI override becomes 256)
-    if len(params) != len(_combos(axes)):
-        raise ParamError(f"matrix {source} has duplicate axis values: {axes}")
-    axes = {k: _dedupe([p[k] for p in params.values()]) for k in AXES}
-    params = {point_name({k: p[k] for k in AXES}): p for p in params.values()}
     return {"file": None, "axes": axes, "base": base, "point_overrides": point_overrides,
             "params": params}
 
 
-def _dedupe(vals: list) -> list:
-    out = []
-    for v in vals:
-        if v not in out:
-            out.append(v)
-    return out
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    """{'timeouts': {'decode': 5}} -> {'timeouts.decode': 5}: matrix keys as dotted params keys."""
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def _coerce_like(have, v):
-    if isinstance(have, int) and isinstance(v, str):
-        try:
-            return int(v)
-        except ValueError:
-            return v
-    return v
+def _coerce_axis(key: str, value, where: str):
+    """An axis value as load_params will type it ("3" from a CLI override is 3, 256.0 is 256)."""
+    try:
+        return _coerce(key, value, DEFAULTS[key])
+    except ParamError as e:
+        raise ParamError(f"{where}: {e}") from None
 
 
 def _combos(axes: dict) -> list[dict]:
@@ -230,8 +195,7 @@ def point_complete(point_dir, allow_missing_logits: bool = False) -> tuple[bool,
         return False, ["no record"]
     reasons = verify(d, allow_missing_large=allow_missing_logits)
     if not reasons:
-        v = json.loads((d / "verdict.json").read_text()).get("verdict")
-        if v == "INTERRUPTED":
+        if json.loads((d / "verdict.json").read_text()).get("verdict") == "INTERRUPTED":
             reasons = ["the run was interrupted"]
     return not reasons, reasons
 
@@ -243,6 +207,8 @@ def _sweep_id(matrix: dict) -> str:
 
 
 def _log(sweep_dir: Path, **entry):
+    from .record import _now
+
     with open(sweep_dir / LOG, "a", encoding="utf-8") as f:
         f.write(json.dumps({"t_utc": _now(), **entry}) + "\n")
 
@@ -270,7 +236,7 @@ def run_sweep(matrix_file=None, overrides: dict | None = None, out_root="outputs
     INTERRUPTED; a resume reruns it). With ``report``, the aggregate report is executed and
     sweep_verdict.json written at the end (greta.sweep_report.finish).
     """
-    from .record import RecordError, atomic_write_text, git_state, preflight
+    from .record import RecordError, _now, atomic_write_text, git_state, preflight
     from .probe import run_probe
 
     if sweep_dir is not None:

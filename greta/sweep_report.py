@@ -20,15 +20,15 @@ from __future__ import annotations
 import json
 import math
 import sys
-from datetime import datetime, timezone
 from pathlib import Path
 
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
-from .plots import _FAIL_COLOR as FAIL_COLOR, _num, _read_obj_opt as _json
-from .record import _f
+from .params import DEFAULTS
+from .plots import VERDICT_COLORS, _FAIL_COLOR as FAIL_COLOR, _log_floor, _num, _read_obj_opt as _json, _save
+from .record import _f, _now
 from .sweep import VERDICT, point_complete, points, read_config
 
 __all__ = ["collect", "guardrail", "results_table_md", "timing_table_md", "guardrail_md", "plot_vram_vs_ctx",
@@ -36,6 +36,9 @@ __all__ = ["collect", "guardrail", "results_table_md", "timing_table_md", "guard
            "threshold", "matrix_md"]
 
 PASS = "PASS_EQUIV"
+THRESHOLD = DEFAULTS["thresholds"]["max_abs_diff"]  # the default max |Δlogit| guardrail (5e-3)
+ZERO_COLOR = VERDICT_COLORS[PASS]  # the bit-exact line
+DPI = 110
 KV_COLORS = {1: "#1f77b4", 0: "#ff7f0e"}
 PLOTS = ("sweep_vram.png", "sweep_time.png", "sweep_diff.png", "sweep_drift.png")
 
@@ -58,7 +61,7 @@ def collect(sweep_dir, allow_missing_logits: bool = False) -> list[dict]:
         rf = perf.get("roofline") or {}
         per = [r.get("max_abs_diff") for r in m.get("per_position", []) if isinstance(r, dict)]
         row.update({
-            "verdict": v.get("verdict") if row["exists"] else None,
+            "verdict": v.get("verdict"),  # None without a record: there is no verdict.json to read
             "reason": v.get("reason"), "failed_phase": v.get("failed_phase"), "bit_exact": v.get("bit_exact"),
             "max_abs_diff": _num(m.get("max_abs_diff")), "p99_abs_diff": _num(m.get("p99_abs_diff")),
             "top1_agreement": _num(m.get("top1_agreement")), "per_position_max_abs_diff": [_num(x) for x in per],
@@ -136,7 +139,7 @@ def timing_table_md(rows: list[dict]) -> str:
     return "\n".join(L)
 
 
-def threshold(rows: list[dict], default: float = 5e-3) -> float:
+def threshold(rows: list[dict], default: float = THRESHOLD) -> float:
     """The max |Δlogit| threshold the points were judged with (params.json), else the seed's 5e-3."""
     return next((r["threshold"] for r in rows if r.get("threshold") is not None), default)
 
@@ -220,13 +223,6 @@ def _mark_failures(ax, rows, value_key):
                         textcoords="offset points", xytext=(8, 4 + 12 * k), color=FAIL_COLOR, fontsize=8)
 
 
-def _save(fig, path):
-    if path is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=110)
-    return fig
-
-
 def _fail_legend(handles):
     return handles + [Line2D([], [], color=FAIL_COLOR, marker="x", ls="", ms=10, mew=2.5, label="failed / not run")]
 
@@ -279,7 +275,8 @@ def plot_vram_vs_ctx(rows: list[dict], path=None) -> Figure:
     ax.set_ylim(bottom=0)
     ax.set_title("Peak memory vs context: every measured peak must sit on or above the floor")
     ax.legend(handles=_fail_legend(handles), loc="best", fontsize=9)
-    return _save(fig, path)
+    _save(fig, path, dpi=DPI)
+    return fig
 
 
 def plot_time_vs_ctx(rows: list[dict], path=None) -> Figure:
@@ -310,20 +307,16 @@ def plot_time_vs_ctx(rows: list[dict], path=None) -> Figure:
         ax.legend(handles=_fail_legend(handles), fontsize=8, loc="best")
     fig.suptitle("Timing against the roofline (floor = FLOPs / measured matmul rate; bytes / measured copy bandwidth)",
                  fontsize=10)
-    return _save(fig, path)
+    _save(fig, path, dpi=DPI)
+    return fig
 
 
-def _log_floor(values, thresholds=()):
-    pos = [v for v in list(values) + list(thresholds) if v is not None and v > 0]
-    return 10 ** (math.floor(math.log10(min(pos))) - 1) if pos else 1e-6
-
-
-def plot_diff_vs_ctx(rows: list[dict], path=None, threshold: float = 5e-3) -> Figure:
+def plot_diff_vs_ctx(rows: list[dict], path=None, threshold: float = THRESHOLD) -> Figure:
     """Max |Δlogit| (decode vs prefill reference) vs ctx, one series per kv_aligned value; a bit-exact
     point (0) sits on a marked line below every positive value; the guardrail threshold is drawn."""
     fig = Figure(figsize=(9, 5.5), layout="constrained")
     ax = fig.add_subplot()
-    zero = _log_floor([r["max_abs_diff"] for r in rows], [threshold])
+    zero = _log_floor([r["max_abs_diff"] for r in rows if r["max_abs_diff"] is not None], {"max_abs_diff": threshold})
     handles = []
     for label, rs, st in _series(rows):
         pts = [(r["ctx"], r["max_abs_diff"] if r["max_abs_diff"] > 0 else zero) for r in rs if r["max_abs_diff"] is not None]
@@ -332,8 +325,8 @@ def plot_diff_vs_ctx(rows: list[dict], path=None, threshold: float = 5e-3) -> Fi
             handles.append(h)
     ax.axhline(threshold, color=FAIL_COLOR, ls="--", lw=1.2)
     handles.append(Line2D([], [], color=FAIL_COLOR, ls="--", label=f"guardrail max |Δ| ≤ {threshold:g} (kv_aligned=1)"))
-    ax.axhline(zero, color="#2e7d32", ls=":", lw=1.2)
-    handles.append(Line2D([], [], color="#2e7d32", ls=":", label="0 — bit-exact (drawn here on the log axis)"))
+    ax.axhline(zero, color=ZERO_COLOR, ls=":", lw=1.2)
+    handles.append(Line2D([], [], color=ZERO_COLOR, ls=":", label="0 — bit-exact (drawn here on the log axis)"))
     _mark_failures(ax, [r for r in rows if r["max_abs_diff"] is None], "max_abs_diff")
     _ctx_axis(ax, rows)
     ax.set_yscale("log")
@@ -341,16 +334,17 @@ def plot_diff_vs_ctx(rows: list[dict], path=None, threshold: float = 5e-3) -> Fi
     ax.set_ylabel("max |Δlogit| over the span (log)")
     ax.set_title("Decode vs prefill: largest logit difference per point")
     ax.legend(handles=_fail_legend(handles), fontsize=9, loc="best")
-    return _save(fig, path)
+    _save(fig, path, dpi=DPI)
+    return fig
 
 
-def plot_drift(rows: list[dict], path=None, threshold: float = 5e-3) -> Figure:
+def plot_drift(rows: list[dict], path=None, threshold: float = THRESHOLD) -> Figure:
     """Per-step max |Δlogit| over the compared span, one panel per kv_aligned value, one line per point."""
     kvs = sorted({int(r["kv_aligned"]) for r in rows}, reverse=True) or [1]
     fig = Figure(figsize=(6.5 * len(kvs), 5), layout="constrained")
     axes = fig.subplots(1, len(kvs), squeeze=False)[0]
     allv = [v for r in rows for v in r["per_position_max_abs_diff"] if v is not None]
-    zero = _log_floor(allv, [threshold])
+    zero = _log_floor(allv, {"max_abs_diff": threshold})
     ctxs = sorted({r["ctx"] for r in rows})
     from matplotlib import colormaps
 
@@ -366,7 +360,7 @@ def plot_drift(rows: list[dict], path=None, threshold: float = 5e-3) -> Figure:
                     label=f"ctx {r['ctx']:,}" + (f" seed {r['seed']}" if len({x['seed'] for x in rows}) > 1 else "")
                     + (f" {r['dtype']}" if len({x['dtype'] for x in rows}) > 1 else ""))
             drawn += 1
-        ax.axhline(zero, color="#2e7d32", ls=":", lw=1.2, label="0 — bit-exact")
+        ax.axhline(zero, color=ZERO_COLOR, ls=":", lw=1.2, label="0 — bit-exact")
         if kv == 1:
             ax.axhline(threshold, color=FAIL_COLOR, ls="--", lw=1.2, label=f"guardrail {threshold:g}")
         ax.set_yscale("log")
@@ -377,7 +371,8 @@ def plot_drift(rows: list[dict], path=None, threshold: float = 5e-3) -> Figure:
         ax.set_title(f"kv_aligned={kv}: drift over the span" + ("" if drawn else " — no logits (every point failed)"))
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8, loc="best")
-    return _save(fig, path)
+    _save(fig, path, dpi=DPI)
+    return fig
 
 
 # ----------------------------------------------------------------------------- export
@@ -410,13 +405,14 @@ def finish(sweep_dir, progress: bool = True, timeout_s: float | None = 600) -> d
     cfg = read_config(sweep_dir)
     rows = collect(sweep_dir)
     verdict, reasons = guardrail(rows, cfg)
-    out = {"verdict": verdict, "reasons": reasons, "sweep_id": cfg.get("sweep_id"), "computed_utc":
-           datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    out = {"verdict": verdict, "reasons": reasons, "sweep_id": cfg.get("sweep_id"), "computed_utc": _now(),
            "points": {r["name"]: {"verdict": r["verdict"], "complete": r["complete"]} for r in rows},
            "report_notebook": None, "report_html": None, "report_error": None}
     nb = sweep_dir / "sweep_report.ipynb"
     try:
-        err = execute_notebook(notebook_path("sweep_report.ipynb"), nb, {"sweep_dir": str(sweep_dir)}, timeout_s=timeout_s)
+        # the rows (plain JSON values) go in as a parameter: the notebook does not verify every point again
+        err = execute_notebook(notebook_path("sweep_report.ipynb"), nb, {"sweep_dir": str(sweep_dir), "rows": rows},
+                               timeout_s=timeout_s)
     except Exception as e:  # noqa: BLE001 - notebooks/ missing: the verdict still stands
         err = e
     if err is not None:

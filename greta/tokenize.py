@@ -62,7 +62,7 @@ def ids_sha256(ids: torch.Tensor) -> str:
 def make_prompt_from_params(p: dict, vocab: int) -> tuple[torch.Tensor, dict]:
     """The probe's prompt ids [ctx] and what the record says about them."""
     from .params import resolve
-    from .prompt import file_prompt, synthetic_prompt
+    from .prompt import make_prompt, synthetic_prompt
 
     ctx, spec, text_file = p["ctx"], p["prompt"], p.get("prompt_file", "")
     info: dict = {}
@@ -79,11 +79,8 @@ def make_prompt_from_params(p: dict, vocab: int) -> tuple[torch.Tensor, dict]:
             info = {"prompt_source": "text+tokenizer", "prompt_text": what, "tokenizer": str(tok),
                     "prompt_text_tokens": n_text,
                     "prompt_fit": "truncated" if n_text > ctx else ("padded by repeating the text" if n_text < ctx else "exact")}
-    elif spec == "synthetic":
-        ids = synthetic_prompt(ctx, vocab, p["seed"])
-        info = {"prompt_source": "synthetic"}
     else:
-        ids = file_prompt(spec, ctx, vocab)
-        info = {"prompt_source": "token file", "prompt_file": spec}
+        ids = make_prompt(spec, ctx, vocab, p["seed"])
+        info = {"prompt_source": "synthetic"} if spec == "synthetic" else {"prompt_source": "token file", "prompt_file": spec}
     info.update(prompt_tokens=int(ids.numel()), prompt_ids_sha256=ids_sha256(ids))
     return ids, info

@@ -18,13 +18,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .metrics import equivalence_verdict
+from .metrics import EQUIV_VERDICTS, FAIL, FAULT_VERDICTS, equivalence_verdict
 from .params import PHASES
-from .record import MANIFEST, sha256_file
+from .record import MANIFEST, record_files, sha256_file
 
 BASE = ("params.json", "metadata.json", "perf.json", "vram.json", "vram_samples.csv", "verdict.json", "report.md")
-FAULT_STATUS = {"FAIL_TIMEOUT": {"timeout"}, "FAIL_OOM": {"oom"}, "FAIL_ERROR": {"error", "crash"},
-                "INTERRUPTED": {"interrupted"}}
+# verdict -> the perf.json statuses its failed phase may end with (the inverse of metrics.FAIL)
+FAULT_STATUS = {v: {s for s, w in FAIL.items() if w == v} for v in FAULT_VERDICTS}
 LARGE = ("logits.npz",)  # listed in the manifest but kept out of git
 
 
@@ -51,9 +51,8 @@ def _check_manifest(d: Path, allow_missing_large: bool) -> tuple[dict | None, li
                     errors.append(f"{name} is listed in the manifest but missing")
             elif sha256_file(p) != entry.get("sha256"):
                 errors.append(f"{name} changed after the record was sealed (sha256 differs from the manifest)")
-        for p in sorted(d.rglob("*")):
-            rel = p.relative_to(d).as_posix()
-            if p.is_file() and rel != MANIFEST and not p.name.startswith(".") and rel not in listed:
+        for rel in record_files(d):
+            if rel not in listed:
                 errors.append(f"{rel} is not in the manifest (added after sealing)")
     return man, errors
 
@@ -113,8 +112,8 @@ def verify(run_dir, allow_missing_large: bool = False) -> list[str]:
                 errors.append(f"metadata.json {key}={meta.get(key)!r} but params.json {key}={params.get(key)!r}")
         if meta.get("run_id") not in (None, d.name):
             errors.append(f"metadata.json run_id {meta.get('run_id')!r} is not the directory name {d.name!r}")
-    for name in BASE:
-        if not (d / name).is_file() and f"{name} is missing" not in errors:
+    for name in BASE:  # the JSON members were read above, which reported any that is missing
+        if not name.endswith(".json") and not (d / name).is_file():
             errors.append(f"{name} is missing")
     v = (verdict or {}).get("verdict")
     if perf is not None and verdict is not None:
@@ -131,7 +130,7 @@ def verify(run_dir, allow_missing_large: bool = False) -> list[str]:
         loaded = perf is None or perf.get("load", {}).get("status") == "ok"  # else weights + KV never existed
         if loaded and floor is not None and peak is not None and peak < floor:
             errors.append(f"sampled VRAM peak {peak} MB is below the analytic floor {floor} MB")
-    if v in ("PASS_EQUIV", "FAIL_EQUIV", "EXPECTED_DRIFT") and params is not None:
+    if v in EQUIV_VERDICTS and params is not None:
         metrics = _json(d, "metrics.json", errors)
         if metrics is not None:
             try:
@@ -169,7 +168,7 @@ def _check_phases(perf: dict, verdict: dict) -> list[str]:
             errors.append(f"phases before {failed} did not all finish: {status[:i]}")
         if any(s != "not_run" for s in status[i + 1:]):
             errors.append(f"phases after the failed {failed} have results: {status[i + 1:]}")
-    elif v in ("PASS_EQUIV", "FAIL_EQUIV", "EXPECTED_DRIFT"):
+    elif v in EQUIV_VERDICTS:
         if any(s != "ok" for s in status):
             errors.append(f"{v} but not every phase finished: {dict(zip(PHASES, status))}")
     else:

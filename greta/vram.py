@@ -351,7 +351,14 @@ def floor_mb(cfg, dtype_bytes: int, cache_tokens: int) -> dict:
     return {"weights_mb": round(weights, 1), "kv_cache_mb": round(kv, 1), "total_mb": round(weights + kv, 1)}
 
 
+def floor_for(params: dict, cfg) -> dict:
+    """floor_mb for a probe run: the model cfg in params["dtype"], with a cache of ctx + gen positions."""
+    from .params import dtype_bytes
+
+    return floor_mb(cfg, dtype_bytes(params["dtype"]), params["ctx"] + params["gen"])
+
+
 __all__ = [
     "AmdSmiBackend", "NvmlBackend", "TorchCudaBackend", "RssBackend", "pick_backend", "physical_index",
-    "VramSampler", "write_samples_csv", "read_samples_csv", "summarize", "summary", "floor_mb",
+    "VramSampler", "write_samples_csv", "read_samples_csv", "summarize", "summary", "floor_mb", "floor_for",
 ]

@@ -12,6 +12,7 @@ import json
 import math
 import zlib
 from pathlib import Path
+from typing import Callable, Collection, NamedTuple
 
 import torch
 
@@ -57,17 +58,74 @@ def synthetic_hash(cfg: ModelConfig, seed: int) -> str:
 
 
 # --- HF checkpoints -------------------------------------------------------------------------
-def _hf_names(cfg: ModelConfig) -> dict[str, str]:
-    n = {"embed": "model.embed_tokens.weight", "norm": "model.norm.weight"}
+# Each file format spells the same tensors its own way. Roles: embed, norm, lm_head (untied configs only),
+# and per layer i "{i}.<part>" for each of LAYER_PARTS, in the order the formats list them.
+LAYER_PARTS = ("attn_norm", "mlp_norm", "q", "k", "v", "o", "gate", "up", "down")
+
+
+class Spelling(NamedTuple):
+    top: dict[str, str]    # embed, norm, lm_head -> tensor name
+    layer: str             # per-layer prefix, formatted with the layer index
+    parts: dict[str, str]  # LAYER_PARTS -> tensor name after the prefix
+
+
+HF_SPELLING = Spelling(
+    {"embed": "model.embed_tokens.weight", "norm": "model.norm.weight", "lm_head": "lm_head.weight"},
+    "model.layers.{}.",
+    {"attn_norm": "input_layernorm.weight", "mlp_norm": "post_attention_layernorm.weight",
+     **{x: f"self_attn.{x}_proj.weight" for x in "qkvo"}, **{x: f"mlp.{x}_proj.weight" for x in ("gate", "up", "down")}},
+)
+
+
+def _role_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """role -> shape of every tensor a Llama of this config holds."""
+    h, v, lin = cfg.hidden_size, cfg.vocab_size, cfg.linear_shapes()
+    out: dict[str, tuple[int, ...]] = {"embed": (v, h), "norm": (h,)}
     if not cfg.tie_embeddings:
-        n["lm_head"] = "lm_head.weight"
+        out["lm_head"] = (v, h)
+    part = {"attn_norm": (h,), "mlp_norm": (h,), **{x: lin[f"{x}_proj"] for x in ("q", "k", "v", "o", "gate", "up", "down")}}
     for i in range(cfg.n_layers):
-        p = f"model.layers.{i}."
-        n[f"{i}.attn_norm"] = p + "input_layernorm.weight"
-        n[f"{i}.mlp_norm"] = p + "post_attention_layernorm.weight"
-        n[f"{i}.wo"] = p + "self_attn.o_proj.weight"
-        n[f"{i}.w2"] = p + "mlp.down_proj.weight"
-    return n
+        out.update({f"{i}.{x}": part[x] for x in LAYER_PARTS})
+    return out
+
+
+def tensor_names(cfg: ModelConfig, spelling: Spelling = HF_SPELLING) -> dict[str, str]:
+    """role -> the tensor's name in a file of that spelling, for every tensor a Llama of this config holds."""
+    out = {}
+    for role in _role_shapes(cfg):
+        i, _, part = role.partition(".")
+        out[role] = spelling.layer.format(i) + spelling.parts[part] if part else spelling.top[role]
+    return out
+
+
+def assemble(cfg: ModelConfig, get: Callable[[str], torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Greta's weight dict from get(role), fusing q;k;v and gate;up layer by layer; a tied lm_head is embed."""
+    w = {"embed": get("embed"), "norm": get("norm")}
+    if not cfg.tie_embeddings:
+        w["lm_head"] = get("lm_head")
+    for i in range(cfg.n_layers):
+        p = f"{i}."
+        w[p + "attn_norm"], w[p + "mlp_norm"] = get(p + "attn_norm"), get(p + "mlp_norm")
+        w[p + "wqkv"] = torch.cat([get(p + x) for x in "qkv"])
+        w[p + "wo"] = get(p + "o")
+        w[p + "w13"] = torch.cat([get(p + "gate"), get(p + "up")])
+        w[p + "w2"] = get(p + "down")
+    if cfg.tie_embeddings:
+        w["lm_head"] = w["embed"]
+    return w
+
+
+def disassemble(cfg: ModelConfig, w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """role -> tensor: assemble's inverse (wqkv and w13 split back into their parts)."""
+    out = {r: w[r] for r in _role_shapes(cfg) if "." not in r}  # embed, norm, an untied lm_head
+    kv = cfg.n_kv_heads * cfg.head_dim
+    for i in range(cfg.n_layers):
+        p = f"{i}."
+        out.update({p + "attn_norm": w[p + "attn_norm"], p + "mlp_norm": w[p + "mlp_norm"], p + "o": w[p + "wo"],
+                    p + "down": w[p + "w2"]})
+        out.update(zip((p + x for x in "qkv"), w[p + "wqkv"].split([cfg.n_heads * cfg.head_dim, kv, kv])))
+        out.update(zip((p + "gate", p + "up"), w[p + "w13"].chunk(2)))
+    return out
 
 
 class CheckpointError(ValueError):
@@ -89,22 +147,35 @@ class CheckpointTensorMissing(CheckpointError, KeyError):
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """HF tensor name -> shape, for every tensor a Llama checkpoint of this config must hold."""
-    h, v = cfg.hidden_size, cfg.vocab_size
-    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,)}
-    if not cfg.tie_embeddings:
-        out["lm_head.weight"] = (v, h)
-    lin = cfg.linear_shapes()
-    for i in range(cfg.n_layers):
-        p = f"model.layers.{i}."
-        out[p + "input_layernorm.weight"] = (h,)
-        out[p + "post_attention_layernorm.weight"] = (h,)
-        for x in ("q", "k", "v", "o"):
-            out[p + f"self_attn.{x}_proj.weight"] = lin[f"{x}_proj"]
-        for x in ("gate", "up", "down"):
-            out[p + f"mlp.{x}_proj.weight"] = lin[f"{x}_proj"]
-    return out
+def expected_tensors(cfg: ModelConfig, spelling: Spelling = HF_SPELLING) -> dict[str, tuple[int, ...]]:
+    """Tensor name (as spelling writes it; default HF's) -> shape, for every tensor a Llama checkpoint of this
+    config must hold."""
+    shapes = _role_shapes(cfg)
+    return {name: shapes[role] for role, name in tensor_names(cfg, spelling).items()}
+
+
+def _some(names: list[str]) -> str:
+    """The first three names, and how many more."""
+    return ", ".join(names[:3]) + (f" (and {len(names) - 3} more)" if len(names) > 3 else "")
+
+
+def check_tensors(path, want: dict[str, tuple[int, ...]], have: Collection[str],
+                  shape_of: Callable[[str], tuple[int, ...]], ignore: Callable[[str], bool] = lambda k: False, *,
+                  what: str = "checkpoint", source: str = "config.json",
+                  model: str = "a LlamaForCausalLM of this config.json") -> None:
+    """A file's tensor names (have; shape_of(name) gives one's shape) against want (name -> shape), before any
+    data is read; names as the file spells them. Raises CheckpointTensorMissing naming missing tensors, else
+    CheckpointError naming unexpected ones (but those ignore(name) accepts), else the first misshapen one."""
+    missing = [k for k in want if k not in have]
+    if missing:
+        raise CheckpointTensorMissing(f"{what} {path} lacks tensor(s) {_some(missing)}")
+    extra = sorted(k for k in have if k not in want and not ignore(k))
+    if extra:
+        raise CheckpointError(f"{what} {path} has unexpected tensor(s) {_some(extra)} for {model}")
+    for k, shape in want.items():
+        got = tuple(shape_of(k))
+        if got != shape:
+            raise CheckpointError(f"{what} {path}: tensor {k} has shape {list(got)}, {source} implies {list(shape)}")
 
 
 def _safe_open(f: Path, device: str, stack):
@@ -153,7 +224,6 @@ def load_checkpoint(path, cfg: ModelConfig, dtype: torch.dtype, device) -> dict[
     from contextlib import ExitStack
 
     files = checkpoint_files(path)
-    want = expected_tensors(cfg)
     dev = str(device)
     with ExitStack() as stack:
         where: dict[str, object] = {}
@@ -161,22 +231,12 @@ def load_checkpoint(path, cfg: ModelConfig, dtype: torch.dtype, device) -> dict[
             sf = _safe_open(f, dev, stack)
             for k in sf.keys():
                 where[k] = (sf, f)
-        missing = [k for k in want if k not in where]
-        if missing:
-            more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
-            raise CheckpointTensorMissing(f"checkpoint {path} lacks tensor(s) {', '.join(missing[:3])}{more}")
-        extra = [k for k in where if k not in want and not k.endswith(_IGNORED_SUFFIXES)
-                 and not (cfg.tie_embeddings and k == "lm_head.weight")]
-        if extra:
-            more = f" (and {len(extra) - 3} more)" if len(extra) > 3 else ""
-            raise CheckpointError(f"checkpoint {path} has unexpected tensor(s) {', '.join(sorted(extra)[:3])}{more} "
-                                  "for a LlamaForCausalLM of this config.json")
-        for k, shape in want.items():
-            got = tuple(where[k][0].get_slice(k).get_shape())
-            if got != shape:
-                raise CheckpointError(f"checkpoint {path}: tensor {k} has shape {list(got)}, config.json implies {list(shape)}")
+        check_tensors(path, expected_tensors(cfg), where, lambda k: where[k][0].get_slice(k).get_shape(),
+                      lambda k: k.endswith(_IGNORED_SUFFIXES) or (cfg.tie_embeddings and k == "lm_head.weight"))
+        names = tensor_names(cfg)
 
-        def get(k: str) -> torch.Tensor:
+        def get(role: str) -> torch.Tensor:
+            k = names[role]
             sf, f = where[k]
             try:
                 t = sf.get_tensor(k)
@@ -185,14 +245,7 @@ def load_checkpoint(path, cfg: ModelConfig, dtype: torch.dtype, device) -> dict[
                                       f"({' '.join(str(e).split())[:160]})") from None
             return t.to(dtype)
 
-        w = {ours: get(theirs) for ours, theirs in _hf_names(cfg).items()}
-        for i in range(cfg.n_layers):
-            p = f"model.layers.{i}."
-            w[f"{i}.wqkv"] = torch.cat([get(p + f"self_attn.{x}_proj.weight") for x in "qkv"])
-            w[f"{i}.w13"] = torch.cat([get(p + f"mlp.{x}_proj.weight") for x in ("gate", "up")])
-    if cfg.tie_embeddings:
-        w["lm_head"] = w["embed"]
-    return w
+        return assemble(cfg, get)
 
 
 def save_checkpoint(w: dict[str, torch.Tensor], cfg: ModelConfig, path) -> Path:
@@ -202,23 +255,17 @@ def save_checkpoint(w: dict[str, torch.Tensor], cfg: ModelConfig, path) -> Path:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(cfg.to_hf(), indent=2))
-    out = {theirs: w[ours].contiguous().cpu() for ours, theirs in _hf_names(cfg).items()}
-    d, q = cfg.head_dim, cfg.n_heads * cfg.head_dim
-    kv = cfg.n_kv_heads * d
-    for i in range(cfg.n_layers):
-        p = f"model.layers.{i}."
-        for name, t in zip("qkv", w[f"{i}.wqkv"].split([q, kv, kv])):
-            out[p + f"self_attn.{name}_proj.weight"] = t.contiguous().cpu()
-        for name, t in zip(("gate", "up"), w[f"{i}.w13"].chunk(2)):
-            out[p + f"mlp.{name}_proj.weight"] = t.contiguous().cpu()
+    names = tensor_names(cfg)
+    out = {names[role]: t.contiguous().cpu() for role, t in disassemble(cfg, w).items()}
     save_file(out, str(path / "model.safetensors"))
     return path
 
 
 def checkpoint_hash(path) -> str:
-    """sha256 over config.json and every safetensors file's bytes; of a .gguf file, over its bytes."""
+    """sha256 over config.json and the checkpoint's safetensors files' bytes (checkpoint_files); of a .gguf
+    file, over its bytes."""
     h = hashlib.sha256()
-    files = [Path(path)] if Path(path).is_file() else [Path(path) / "config.json", *sorted(Path(path).glob("*.safetensors"))]
+    files = [Path(path)] if Path(path).is_file() else [Path(path) / "config.json", *checkpoint_files(path)]
     for f in files:
         h.update(f.name.encode())
         with open(f, "rb") as fh:

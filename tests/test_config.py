@@ -7,7 +7,8 @@ import math
 
 import pytest
 
-from greta.config import PRESETS, ModelConfig, llama3_inv_freq, load_config
+from greta.config import PRESETS, ModelConfig, load_config
+from greta.config import inv_freq as llama3_inv_freq
 
 # Llama-3-8B's config.json as published (the fields greta reads), for from_hf.
 LLAMA3_8B_HF = {

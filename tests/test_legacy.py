@@ -134,3 +134,12 @@ def test_find_points_ignores_other_folders(tmp_path):
     (tmp_path / "runs" / "kv_x" / "seed_0").mkdir(parents=True)
     (tmp_path / "runs" / "notes" / "seed_0" / "ctx_1").mkdir(parents=True)
     assert find_points(tmp_path) == []
+
+
+def test_find_points_orders_ties_by_path(tmp_path):
+    """Two directories naming the same point (kv_aligned_1, kv_aligned_01) come in path order, not disk order."""
+    for kv in ("1", "01", "0"):
+        (tmp_path / "runs" / f"kv_aligned_{kv}" / "seed_0").mkdir(parents=True)
+    pts = find_points(tmp_path)
+    assert [Path(p["path"]).parent.name for p in pts] == ["kv_aligned_0", "kv_aligned_01", "kv_aligned_1"]
+    assert [p["kv_aligned"] for p in pts] == [0, 1, 1]

@@ -334,3 +334,58 @@ def test_sweep_notebook_runs_a_sweep(tmp_path):
     assert len(list((verdict.parent / "points").iterdir())) == 2
     text = json.dumps([c.get("outputs", []) for c in nb.cells])
     assert "PASS_GUARDRAIL" in text
+
+
+# ------------------------------------------------------------------------ axis coercion, matrix file reading
+def _matrix_file(tmp_path, text):
+    f = tmp_path / "m.yaml"
+    f.write_text("model: tiny\ndevice: cpu\ngen: 8\nspan: 4\n" + text)
+    return f
+
+
+def test_point_overrides_match_axis_values_given_as_cli_strings(tmp_path):
+    """-p seed=3 is the int 3 before point_overrides are matched (when: {seed: 3} applies)."""
+    f = _matrix_file(tmp_path, "ctx: [256]\npoint_overrides:\n  - when: {seed: 3, ctx: 256}\n    set: {gen: 16}\n")
+    m = load_matrix(f, {"seed": "3"})
+    assert m["axes"]["seed"] == [3] and list(m["params"]) == ["ctx256-kv1-seed3-bfloat16"]
+    assert m["params"]["ctx256-kv1-seed3-bfloat16"]["gen"] == 16
+    m = load_matrix(f, {"seed": "4", "ctx": "[256.0]"})
+    assert m["axes"]["ctx"] == [256] and m["params"]["ctx256-kv1-seed4-bfloat16"]["gen"] == 8
+
+
+@pytest.mark.parametrize("text,override", [
+    ("ctx: [256, 256.0]\n", {}),
+    ("ctx: [256]\n", {"seed": "[3, '3']"}),
+])
+def test_axis_values_equal_after_coercion_are_duplicates(tmp_path, text, override):
+    with pytest.raises(ParamError) as e:
+        load_matrix(_matrix_file(tmp_path, text), override)
+    assert "duplicate axis values" in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("text,match", [
+    ("ctx: [256]\nctx: [512]\n", "duplicate key 'ctx'"),
+    ("ctx: [256]\npoint_overrides:\n  - when: {ctx: [256]}\n    set: {gen: 16}\n", "point_overrides: when ctx"),
+    ("ctx: [256]\ntimeouts: 5\n", "timeouts=5"),
+])
+def test_load_matrix_refuses_more_in_one_line(tmp_path, text, match):
+    with pytest.raises(ParamError) as e:
+        load_matrix(_matrix_file(tmp_path, text), {})
+    assert match in str(e.value) and "\n" not in str(e.value)
+
+
+def test_finish_passes_its_rows_to_the_report_notebook(cpu_sweep):
+    """The report notebook gets finish's rows as a parameter: each point is verified once per finish."""
+    _, d, _ = cpu_sweep
+    nb = nbformat.read(d / "sweep_report.ipynb", as_version=4)
+    (injected,) = [c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", [])]
+    ns: dict = {}
+    exec(injected.source, ns)
+    assert [r["name"] for r in ns["rows"]] == read_config(d)["points"]
+    assert all(r["complete"] and r["verdict"] for r in ns["rows"])
+    assert ns["rows"] == sr.collect(d.resolve())  # the parameter carries the rows whole
+    src = nbformat.read(REPO / "notebooks" / "sweep_report.ipynb", as_version=4)
+    (params,) = [c for c in src.cells if "parameters" in c.metadata.get("tags", [])]
+    ns = {}
+    exec(params.source, ns)
+    assert ns["rows"] is None and ns["allow_missing_logits"] is False
