@@ -21,11 +21,11 @@ from pathlib import Path
 
 import torch
 
-from greta.config import PRESETS
-from greta.model import Llama
-from greta.prompt import synthetic_prompt
-from greta.weights import synthetic
-from greta.worker import measure_ceilings
+from greta.engine.config import PRESETS
+from greta.engine.model import Llama
+from greta.engine.prompt import synthetic_prompt
+from greta.engine.weights import synthetic
+from greta.probe.worker import measure_ceilings
 
 GIB = 2**30
 

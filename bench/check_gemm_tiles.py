@@ -6,7 +6,7 @@ If so, decode (M=1) may use a small-M tile with many more programs and stay bit-
 import torch
 from triton.testing import do_bench
 
-from greta.config import PRESETS
+from greta.engine.config import PRESETS
 from greta.kernels import gemm as G
 
 PAIRS = [((128, 128, 64, 8, 3), (64, 64, 64, 4, 4)), ((128, 128, 128, 8, 3), (64, 64, 128, 4, 4)),

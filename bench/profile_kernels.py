@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from triton.testing import do_bench
 
 from greta import kernels as K
-from greta.config import PRESETS
+from greta.engine.config import PRESETS
 
 
 def main():

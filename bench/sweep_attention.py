@@ -16,7 +16,7 @@ import sys
 import torch
 from triton.testing import do_bench
 
-from greta.config import PRESETS
+from greta.engine.config import PRESETS
 from greta.kernels import attention as A
 
 SPLITS = [512, 1024, 2048, 4096]
@@ -70,9 +70,9 @@ def model_runs(best):
     sys.path.insert(0, "bench")
     from bench_b3_77 import time_engine
 
-    from greta.model import Llama
-    from greta.prompt import synthetic_prompt
-    from greta.weights import synthetic
+    from greta.engine.model import Llama
+    from greta.engine.prompt import synthetic_prompt
+    from greta.engine.weights import synthetic
 
     cfg = PRESETS["llama3-8b"]
     dev = torch.device("cuda", 0)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from triton.testing import do_bench
 
-from greta.config import PRESETS
+from greta.engine.config import PRESETS
 from greta.kernels import gemm as G
 
 # decode tiles (M <= 64); the prefill tile stays as in kernels/gemm.py, so BLOCK_K is fixed

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 from triton.testing import do_bench
 
-from greta.config import PRESETS
+from greta.engine.config import PRESETS
 from greta.kernels import gemm as G
 
 

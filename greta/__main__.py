@@ -45,9 +45,9 @@ def _oracle_cmd(args) -> int:
     import shutil
     import tempfile
 
-    from .config import PRESETS
-    from .oracle import OracleMissing, compare, format_result, preset_checkpoint, write_record
-    from .record import RecordError, preflight
+    from greta.engine.config import PRESETS
+    from greta.checks.oracle import OracleMissing, compare, format_result, preset_checkpoint, write_record
+    from greta.record.store import RecordError, preflight
 
     model, made, tmp = args.model, None, None
     try:
@@ -127,7 +127,7 @@ def main(argv=None) -> int:
     if args.cmd == "sweep":
         return _sweep_cmd(args)
     if args.cmd == "legacy":
-        from .legacy import main as legacy_main
+        from greta.checks.legacy import main as legacy_main
 
         return legacy_main(args.runs_dir, as_json=args.json)
     if args.cmd == "oracle":
@@ -135,7 +135,7 @@ def main(argv=None) -> int:
     if args.cmd == "analyze":
         import json
 
-        from .analyze import analyze_run
+        from greta.checks.analyze import analyze_run
 
         rep = analyze_run(args.run_dir)
         if args.json:
@@ -146,7 +146,7 @@ def main(argv=None) -> int:
                 print(f"  - {r}")
         return 0 if rep["status"] == "OK" else 1
     if args.cmd == "verify":
-        from .verify import verify
+        from greta.checks.verify import verify
 
         bad = 0
         for d in args.run_dir:
@@ -157,7 +157,7 @@ def main(argv=None) -> int:
             bad += bool(reasons)
         return 1 if bad else 0
 
-    from .params import ParamError, load_params, parse_overrides
+    from greta.record.params import ParamError, load_params, parse_overrides
 
     try:
         try:
@@ -171,16 +171,16 @@ def main(argv=None) -> int:
         params = load_params(args.file, overrides)
     except ParamError as e:
         return _fail(e)
-    from .probe import ProbeInterrupted
-    from .record import RecordError
+    from greta.probe.runner import ProbeInterrupted
+    from greta.record.store import RecordError
 
     try:
         if args.cmd == "probe":
-            from .probe import run_probe
+            from greta.probe.runner import run_probe
 
             run_dir = run_probe(params, out_root=args.out_root, progress=not args.quiet)
         else:
-            from .notebooks import run_audit
+            from greta.reports.notebooks import run_audit
 
             run_dir = run_audit(args.file, overrides, out_root=args.out_root)
     except RecordError as e:
@@ -199,10 +199,10 @@ def main(argv=None) -> int:
 def _sweep_cmd(args) -> int:
     import json
 
-    from .params import ParamError, parse_overrides
-    from .probe import ProbeInterrupted
-    from .record import RecordError
-    from .sweep import VERDICT, SweepError, run_sweep
+    from greta.record.params import ParamError, parse_overrides
+    from greta.probe.runner import ProbeInterrupted
+    from greta.record.store import RecordError
+    from greta.sweeps.sweep import VERDICT, SweepError, run_sweep
 
     if not args.file and not args.resume:
         return _fail("sweep needs -f <matrix.yaml> (e.g. params/b3_76.yaml) or --resume <sweep dir>")

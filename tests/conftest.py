@@ -24,7 +24,7 @@ def repo_root() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_cfg():
-    from greta.config import PRESETS
+    from greta.engine.config import PRESETS
 
     return PRESETS["tiny"]
 
@@ -34,7 +34,7 @@ def tiny_weights(tiny_cfg):
     """tiny_weights(dtype=torch.bfloat16, seed=0) -> synthetic CPU weights (cached per session; do not mutate)."""
     import torch
 
-    from greta.weights import synthetic
+    from greta.engine.weights import synthetic
 
     cache: dict = {}
 
@@ -50,7 +50,7 @@ def tiny_weights(tiny_cfg):
 @pytest.fixture(scope="session")
 def small_params():
     """small_params(**overrides) -> validated params: params/cpu_default.yaml + SMALL_PROBE + overrides."""
-    from greta.params import load_params
+    from greta.record.params import load_params
 
     def make(**overrides):
         return load_params(CPU_PARAMS, {**SMALL_PROBE, **overrides})
@@ -85,7 +85,7 @@ def hf_checkpoint(tmp_path_factory):
     '40KB'; seeded by the name unless seed is given). Cached per session by name: don't modify the
     directory (copy it first)."""
     pytest.importorskip("transformers")
-    from greta.oracle import make_checkpoint
+    from greta.checks.oracle import make_checkpoint
 
     made: dict = {}
 

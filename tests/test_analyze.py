@@ -1,4 +1,4 @@
-"""greta.analyze.analyze_run on real tiny CPU records, corrupted on purpose: it names the fault and never raises."""
+"""greta.checks.analyze.analyze_run on real tiny CPU records, corrupted on purpose: it names the fault and never raises."""
 from __future__ import annotations
 
 import json
@@ -9,9 +9,9 @@ import nbformat
 import numpy as np
 import pytest
 
-from greta.analyze import STATUSES, analyze_run, metrics_for_plots, report_md
-from greta.metrics import compare, equivalence_verdict
-from greta.probe import run_probe
+from greta.checks.analyze import STATUSES, analyze_run, metrics_for_plots, report_md
+from greta.record.metrics import compare, equivalence_verdict
+from greta.probe.runner import run_probe
 
 
 @pytest.fixture(scope="module")
@@ -242,7 +242,7 @@ def test_fault_record(records, tmp_path):
 
 # --- the notebook -------------------------------------------------------------------------------------------
 def _execute_equivalence_notebook(run_dir: Path, out: Path) -> tuple[list, str]:
-    from greta.notebooks import NOTEBOOK_DIR, execute_notebook
+    from greta.reports.notebooks import NOTEBOOK_DIR, execute_notebook
 
     err = execute_notebook(NOTEBOOK_DIR / "equivalence_analysis.ipynb", out, {"run_dir": str(run_dir)}, timeout_s=120)
     assert err is None, err

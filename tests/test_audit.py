@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from greta.verify import verify
+from greta.checks.verify import verify
 
 NOTEBOOKS = ("run_b3_77", "vram_plot", "equivalence_analysis")
 SMALL = ["-p", "ctx=512", "-p", "gen=8", "-p", "span=4", "-p", "prefill_chunk=128", "-p", "kv_block=128"]

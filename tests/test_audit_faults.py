@@ -4,7 +4,7 @@ import time
 
 import nbformat
 
-from greta import notebooks
+from greta.reports import notebooks
 
 CPU_PARAMS = notebooks.REPO_ROOT / "params" / "cpu_default.yaml"
 
@@ -27,9 +27,9 @@ def test_a_real_kernel_death_mid_probe(tmp_path):
     marks the rest of the notebook as run. The record still says what happened, with what was measured."""
     import psutil
 
-    from greta.params import PHASES
-    from greta.verify import verify
-    from greta.vram import read_samples_csv
+    from greta.record.params import PHASES
+    from greta.checks.verify import verify
+    from greta.probe.vram import read_samples_csv
 
     from conftest import SMALL_PROBE
 

@@ -9,8 +9,8 @@ import shutil
 import pytest
 import torch
 
-from greta.config import ModelConfig, inv_freq, load_config
-from greta.weights import CheckpointError, checkpoint_files, load_checkpoint
+from greta.engine.config import ModelConfig, inv_freq, load_config
+from greta.engine.weights import CheckpointError, checkpoint_files, load_checkpoint
 
 
 def copy(src, dst):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from greta.verify import verify
+from greta.checks.verify import verify
 
 OUT = Path(__file__).resolve().parent.parent / "outputs"
 SEALED = sorted(p.parent for p in OUT.rglob("manifest.json"))
@@ -35,8 +35,8 @@ def test_unsealed_records_are_the_pre_manifest_ones():
 
 
 def test_committed_sweep_guardrail_follows_from_its_points():
-    from greta.sweep import read_config
-    from greta.sweep_report import collect, guardrail
+    from greta.sweeps.sweep import read_config
+    from greta.sweeps.report import collect, guardrail
 
     for sweep in sorted(OUT.glob("*/*-sweep/*")):
         stored = json.loads((sweep / "sweep_verdict.json").read_text())

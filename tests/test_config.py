@@ -1,4 +1,4 @@
-"""greta.config: presets' sizes, HF config round trips, load_config, llama3 RoPE scaling."""
+"""greta.engine.config: presets' sizes, HF config round trips, load_config, llama3 RoPE scaling."""
 from __future__ import annotations
 
 import dataclasses
@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from greta.config import PRESETS, ModelConfig, load_config
-from greta.config import inv_freq as llama3_inv_freq
+from greta.engine.config import PRESETS, ModelConfig, load_config
+from greta.engine.config import inv_freq as llama3_inv_freq
 
 # Llama-3-8B's config.json as published (the fields greta reads), for from_hf.
 LLAMA3_8B_HF = {

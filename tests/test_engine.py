@@ -1,4 +1,4 @@
-"""greta.model.Llama on the tiny preset (synthetic weights, CPU): decode vs. prefill, negative controls,
+"""greta.engine.model.Llama on the tiny preset (synthetic weights, CPU): decode vs. prefill, negative controls,
 weights (synthetic and checkpoint) and prompts.
 
 The reference in these tests is always a *separate* Llama instance with its own KV cache, so nothing the
@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from greta.config import load_config
-from greta.model import Llama
-from greta.prompt import file_prompt, make_prompt, synthetic_prompt
-from greta.weights import checkpoint_hash, load_checkpoint, save_checkpoint, synthetic, synthetic_hash
+from greta.engine.config import load_config
+from greta.engine.model import Llama
+from greta.engine.prompt import file_prompt, make_prompt, synthetic_prompt
+from greta.engine.weights import checkpoint_hash, load_checkpoint, save_checkpoint, synthetic, synthetic_hash
 
 
 def decode_and_reference(cfg, w, ctx, steps, *, kv_aligned, chunk, kv_block, perturb="none", seed=0):

@@ -12,11 +12,11 @@ import torch
 pytest.importorskip("triton")
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
-from greta.config import PRESETS  # noqa: E402
+from greta.engine.config import PRESETS  # noqa: E402
 from greta.kernels import gemm  # noqa: E402
-from greta.model import Llama  # noqa: E402
-from greta.params import ParamError, load_params  # noqa: E402
-from greta.weights import synthetic  # noqa: E402
+from greta.engine.model import Llama  # noqa: E402
+from greta.record.params import ParamError, load_params  # noqa: E402
+from greta.engine.weights import synthetic  # noqa: E402
 
 if not isinstance(gemm._matmul_kernel, InterpretedFunction):
     pytest.skip("greta.kernels was imported before TRITON_INTERPRET=1", allow_module_level=True)

@@ -1,4 +1,4 @@
-"""Fuzzing greta.params and the CLI with hypothesis.
+"""Fuzzing greta.record.params and the CLI with hypothesis.
 
 Every override is drawn together with a label the test decides by construction: good (in a range the
 loader must accept) or bad (wrong type, negative, zero, huge, NaN/inf, unknown key, missing path, ...).
@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from greta.__main__ import main
-from greta.params import DEFAULTS, FAULT_KINDS, PHASES, ParamError, load_params, parse_overrides, validate
+from greta.record.params import DEFAULTS, FAULT_KINDS, PHASES, ParamError, load_params, parse_overrides, validate
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CPU_PARAMS = REPO_ROOT / "params" / "cpu_default.yaml"
@@ -50,7 +50,7 @@ assert set(STR_KEYS) >= {"model", "prompt", "device", "fault"}
 PROMPT_IDS = Path(tempfile.mkdtemp(prefix="greta-fuzz-")) / "ids.txt"
 PROMPT_IDS.write_text(" ".join(str(i % 50) for i in range(8192)))
 
-# --- the spec, written out here rather than read from greta.params ------------------------------------
+# --- the spec, written out here rather than read from greta.record.params ------------------------------------
 CPUS = os.cpu_count() or 1
 GOOD_INT = {"ctx": (1, 8192), "gen": (16, 64), "span": (1, 16), "kv_aligned": (0, 1), "seed": (0, 2**32 - 1),
             "prefill_chunk": (1, 4096), "kv_block": (1, 4096), "threads": (0, CPUS)}
@@ -269,7 +269,7 @@ def run_cli(args: list[str], out_root: str | None = None):
         probe = mock.Mock(return_value=run_dir)
         audit = mock.Mock(return_value=run_dir)
         so, se = io.StringIO(), io.StringIO()
-        with mock.patch("greta.probe.run_probe", probe), mock.patch("greta.notebooks.run_audit", audit), \
+        with mock.patch("greta.probe.runner.run_probe", probe), mock.patch("greta.reports.notebooks.run_audit", audit), \
                 contextlib.redirect_stdout(so), contextlib.redirect_stderr(se):
             rc = main([*args, "-o", str(out) if out_root is None else out_root])
         return rc, so.getvalue(), se.getvalue(), out.exists(), probe.call_args_list + audit.call_args_list

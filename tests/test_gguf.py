@@ -1,4 +1,4 @@
-"""greta.gguf: Llama GGUF files written by the tests themselves (gguf.GGUFWriter), their metadata mapped to a
+"""greta.engine.gguf: Llama GGUF files written by the tests themselves (gguf.GGUFWriter), their metadata mapped to a
 ModelConfig, F32/F16/BF16 tensors loaded and Q8_0/Q4_K dequantized (checked against gguf.quants, the gguf
 package's own numpy code), q/k rows un-permuted, and logits held against transformers on the source model."""
 from __future__ import annotations
@@ -12,11 +12,11 @@ import torch
 gguf = pytest.importorskip("gguf")
 from gguf import GGMLQuantizationType as Q  # noqa: E402
 
-from greta.config import load_config  # noqa: E402
-from greta.gguf import (GGUFError, dequant_q4_k, dequant_q8_0, gguf_config, load_gguf,  # noqa: E402
+from greta.engine.config import load_config  # noqa: E402
+from greta.engine.gguf import (GGUFError, dequant_q4_k, dequant_q8_0, gguf_config, load_gguf,  # noqa: E402
                         permute_rope_rows, unpermute_rope_rows)
-from greta.oracle import agreement, greta_logits, hf_logits  # noqa: E402
-from greta.prompt import synthetic_prompt  # noqa: E402
+from greta.checks.oracle import agreement, greta_logits, hf_logits  # noqa: E402
+from greta.engine.prompt import synthetic_prompt  # noqa: E402
 
 
 # --- a Q4_K packer for the tests (the gguf package only dequantizes Q4_K) ---------------------------------
@@ -100,7 +100,7 @@ def write_gguf(path, hf_dir, kind=Q.F32, *, rope_freqs=True, drop=(), arch="llam
     norms in F32, 2-D weights as kind, llama3 scaling as a rope_freqs tensor."""
     from safetensors.torch import load_file
 
-    from greta.config import inv_freq
+    from greta.engine.config import inv_freq
 
     cfg = load_config(str(hf_dir))
     sd = {}

@@ -17,11 +17,11 @@ import numpy as np
 import psutil
 import pytest
 
-from greta import record
+from greta.record import store as record
 from greta.__main__ import main as cli
-from greta.probe import run_probe
-from greta.record import seal
-from greta.verify import verify
+from greta.probe.runner import run_probe
+from greta.record.store import seal
+from greta.checks.verify import verify
 
 from conftest import CPU_PARAMS, SMALL_PROBE
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from greta.__main__ import main
-from greta.legacy import find_points, read_runs, table_md
+from greta.checks.legacy import find_points, read_runs, table_md
 
 VOCAB = 64
 

@@ -1,4 +1,4 @@
-"""greta.metrics: compare() on hand-made logits, and the verdict exactly at its thresholds."""
+"""greta.record.metrics: compare() on hand-made logits, and the verdict exactly at its thresholds."""
 from __future__ import annotations
 
 import math
@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from greta.metrics import VERDICTS, compare, equivalence_verdict
+from greta.record.metrics import VERDICTS, compare, equivalence_verdict
 
 TH = {"max_abs_diff": 5e-3, "p99_abs_diff": 1e-3, "top1_agreement": 0.999}
 

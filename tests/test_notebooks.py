@@ -14,8 +14,8 @@ import nbformat
 import pytest
 from matplotlib.figure import Figure
 
-from greta import plots
-from greta.notebooks import NOTEBOOK_DIR, execute_analysis, to_html
+from greta.reports import plots
+from greta.reports.notebooks import NOTEBOOK_DIR, execute_analysis, to_html
 
 NOTEBOOKS = ["run_b3_77.ipynb", "vram_plot.ipynb", "equivalence_analysis.ipynb"]
 ANALYSIS = ["vram_plot.ipynb", "equivalence_analysis.ipynb"]
@@ -357,7 +357,7 @@ def test_to_html_rerenders(tmp_path):
 
 
 def test_missing_notebook_dir_is_one_clear_line(tmp_path, monkeypatch):
-    import greta.notebooks as gn
+    import greta.reports.notebooks as gn
 
     monkeypatch.setattr(gn, "NOTEBOOK_DIR", tmp_path / "nowhere")
     with pytest.raises(gn.NotebooksMissing) as e:

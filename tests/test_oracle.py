@@ -11,8 +11,8 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from greta.config import load_config  # noqa: E402
-from greta.oracle import TOLERANCES, OracleMissing, compare, format_result  # noqa: E402
+from greta.engine.config import load_config  # noqa: E402
+from greta.checks.oracle import TOLERANCES, OracleMissing, compare, format_result  # noqa: E402
 
 LLAMA3 = {"rope_theta": 500000.0, "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}
@@ -116,7 +116,7 @@ def test_missing_transformers_is_one_line(ckpt, monkeypatch):
 
 # --- a subset of positions, the built-in control, and the record (greta oracle -o) --------------------------
 def test_position_subset_matches_the_full_comparison(ckpt):
-    from greta.oracle import compared_positions
+    from greta.checks.oracle import compared_positions
 
     d = str(ckpt("llama3"))
     full = compare(d, ctx=CTX, dtype="float32")
@@ -131,7 +131,7 @@ def test_position_subset_matches_the_full_comparison(ckpt):
 
 @pytest.mark.parametrize("name,change", [("llama3", "rope_scaling dropped"), ("gqa4", "rope_theta x 1.01")])
 def test_builtin_control_fails(ckpt, name, change):
-    from greta.oracle import verdict
+    from greta.checks.oracle import verdict
 
     res = compare(str(ckpt(name)), ctx=CTX, dtype="float32", control=True)
     assert res["control"]["change"] == change and not res["control"]["ok"]
@@ -145,7 +145,7 @@ def test_cli_oracle_on_a_preset_writes_a_sealed_record(tmp_path, capsys, monkeyp
     import json
 
     from greta.__main__ import main
-    from greta.record import MANIFEST
+    from greta.record.store import MANIFEST
 
     ck = tmp_path / "ck"
     argv = ["oracle", "--model", "tiny", "--ctx", "1100", "--positions", "40", "--control", "--quiet",
@@ -163,8 +163,8 @@ def test_cli_oracle_on_a_preset_writes_a_sealed_record(tmp_path, capsys, monkeyp
     assert "PASS_ORACLE" in (rec / "report.md").read_text()
     assert (ck / "config.json").is_file()  # kept: --checkpoint-dir was given
     # greta verify: the record verifies; a Greta rel pushed past its limit (even resealed) does not
-    from greta.record import seal
-    from greta.verify import verify
+    from greta.record.store import seal
+    from greta.checks.verify import verify
 
     assert verify(rec) == [] and main(["verify", str(rec)]) == 0
     body["prefill"]["rel"] = 2 * body["prefill"]["limit_rel"]

@@ -53,7 +53,7 @@ def project_deps(pyproject) -> set[str]:
 def test_greta_imports_are_declared(repo_root, pyproject, project_deps):
     optional = {norm(d) for extra in pyproject["project"].get("optional-dependencies", {}).values() for d in extra}
     imported = set()
-    for f in sorted((repo_root / "greta").glob("*.py")):
+    for f in sorted((repo_root / "greta").rglob("*.py")):
         for node in ast.walk(ast.parse(f.read_text(), filename=str(f))):
             if isinstance(node, ast.Import):
                 imported |= {a.name.split(".")[0] for a in node.names}

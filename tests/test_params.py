@@ -1,4 +1,4 @@
-"""greta.params: defaults <- YAML file <- overrides, coercion, and one-line refusals naming the key."""
+"""greta.record.params: defaults <- YAML file <- overrides, coercion, and one-line refusals naming the key."""
 from __future__ import annotations
 
 import copy
@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from greta.params import DEFAULTS, ParamError, load_params, parse_overrides
+from greta.record.params import DEFAULTS, ParamError, load_params, parse_overrides
 
 CPU = "params/cpu_default.yaml"
 
@@ -216,7 +216,7 @@ def test_checkpoint_dir_without_safetensors(tmp_path):
 
 
 def test_checkpoint_dir_with_safetensors_is_accepted(tmp_path, tiny_cfg, tiny_weights):
-    from greta.weights import save_checkpoint
+    from greta.engine.weights import save_checkpoint
 
     d = save_checkpoint(tiny_weights(), tiny_cfg, tmp_path / "ckpt")
     assert load_params(None, {"model": str(d)})["model"] == str(d)

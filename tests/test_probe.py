@@ -1,4 +1,4 @@
-"""greta.probe.run_probe end to end on the CPU (tiny preset, small context): the record of a passing run,
+"""greta.probe.runner.run_probe end to end on the CPU (tiny preset, small context): the record of a passing run,
 the drift and negative-control verdicts, injected faults (hang, OOM, crash, error) and never-overwritten
 records. Each probe run starts a spawned worker process (a few seconds), so each configuration runs once
 per module and the tests share its record.
@@ -16,12 +16,12 @@ import numpy as np
 import psutil
 import pytest
 
-from greta.metrics import compare
-from greta.params import PHASES
-from greta.probe import run_probe
-from greta.record import seal
-from greta.verify import verify
-from greta.vram import CSV_COLUMNS, read_samples_csv
+from greta.record.metrics import compare
+from greta.record.params import PHASES
+from greta.probe.runner import run_probe
+from greta.record.store import seal
+from greta.checks.verify import verify
+from greta.probe.vram import CSV_COLUMNS, read_samples_csv
 
 HEADER = "| Context | KV | Peak VRAM (MB) | Max Logits Diff | Top-1 Agreement | Verdict |"
 

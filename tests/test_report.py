@@ -1,12 +1,12 @@
-"""greta.record.render_report / results_row on hand-made inputs (no probe run): the seed's results table,
+"""greta.record.store.render_report / results_row on hand-made inputs (no probe run): the seed's results table,
 failure reports, and the below-the-floor VRAM warning."""
 from __future__ import annotations
 
 import pytest
 
-from greta import vram
-from greta.params import PHASES, load_params
-from greta.record import render_report, results_row
+from greta.probe import vram
+from greta.record.params import PHASES, load_params
+from greta.record.store import render_report, results_row
 
 HEADER = "| Context | KV | Peak VRAM (MB) | Max Logits Diff | Top-1 Agreement | Verdict |"
 
@@ -81,7 +81,7 @@ def table_row(text: str) -> list[str]:
 
 
 def test_results_table_of_a_passing_run(gpu_params):
-    from greta.config import PRESETS
+    from greta.engine.config import PRESETS
 
     vs = summary(21000.0, PRESETS["llama3-8b"], gpu_params)
     assert not vs["below_floor"]
@@ -107,7 +107,7 @@ def test_results_row_of_a_failed_run_has_dashes():
 
 def test_below_floor_vram_is_flagged(gpu_params):
     """The seed report's situation: a 17,095 MB peak for Llama-3-8B bf16 weights plus a 32k KV cache."""
-    from greta.config import PRESETS
+    from greta.engine.config import PRESETS
 
     vs = summary(17095.0, PRESETS["llama3-8b"], gpu_params)
     assert vs["below_floor"] is True
@@ -121,7 +121,7 @@ def test_below_floor_vram_is_flagged(gpu_params):
 
 
 def test_allocator_peak_below_floor_is_flagged(gpu_params):
-    from greta.config import PRESETS
+    from greta.engine.config import PRESETS
 
     alloc = {"prefill": {"max_allocated_mb": 100.0, "max_reserved_mb": 200.0}}
     vs = summary(30000.0, PRESETS["llama3-8b"], gpu_params, allocator=alloc)
@@ -132,7 +132,7 @@ def test_allocator_peak_below_floor_is_flagged(gpu_params):
 
 
 def test_failure_report(gpu_params):
-    from greta.config import PRESETS
+    from greta.engine.config import PRESETS
 
     vs = summary(21000.0, PRESETS["llama3-8b"], gpu_params)
     perf = perf_ok()

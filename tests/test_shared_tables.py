@@ -9,7 +9,14 @@ import sys
 
 import pytest
 
-from greta import analyze, metrics, notebooks, params, probe, record, verify, vram
+from greta.checks import analyze
+from greta.record import metrics
+from greta.reports import notebooks
+from greta.record import params
+from greta.probe import runner as probe
+from greta.record import store as record
+from greta.checks import verify
+from greta.probe import vram
 
 from conftest import CPU_PARAMS
 
@@ -30,7 +37,7 @@ def test_fault_status_is_the_inverse_of_fail():
 
 
 def test_verify_does_not_import_torch():
-    code = "import sys, greta.verify, greta.metrics, greta.analyze; print('torch' in sys.modules)"
+    code = "import sys, greta.checks.verify, greta.record.metrics, greta.checks.analyze; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
 

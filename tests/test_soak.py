@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from greta.probe import run_probe
+from greta.probe.runner import run_probe
 
 from conftest import CPU_PARAMS, SMALL_PROBE
 
@@ -50,8 +50,8 @@ def test_soak_in_one_process(small_params, tmp_path):
 
 RUN_ONE = """
 import resource, sys
-from greta.params import load_params
-from greta.probe import run_probe
+from greta.record.params import load_params
+from greta.probe.runner import run_probe
 params = load_params(sys.argv[1], {k: v for k, v in (a.split("=", 1) for a in sys.argv[3:])})
 d = run_probe(params, out_root=sys.argv[2], progress=False)
 print(d, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)

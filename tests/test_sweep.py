@@ -11,9 +11,9 @@ import nbformat
 import pytest
 
 from greta.__main__ import main
-from greta.params import ParamError
-from greta.sweep import SweepError, load_matrix, point_complete, points, read_config, run_sweep
-from greta import sweep_report as sr
+from greta.record.params import ParamError
+from greta.sweeps.sweep import SweepError, load_matrix, point_complete, points, read_config, run_sweep
+from greta.sweeps import report as sr
 
 REPO = Path(__file__).resolve().parent.parent
 CPU_SWEEP = REPO / "params" / "cpu_sweep.yaml"
@@ -152,7 +152,7 @@ def test_failing_point_is_a_result(tmp_path, capsys):
 
 
 def test_a_point_that_raises_does_not_stop_the_sweep(tmp_path, monkeypatch):
-    import greta.probe
+    import greta.probe.runner
 
     calls = []
 
@@ -160,7 +160,7 @@ def test_a_point_that_raises_does_not_stop_the_sweep(tmp_path, monkeypatch):
         calls.append(params["ctx"])
         raise RuntimeError("synthetic failure\nsecond line")
 
-    monkeypatch.setattr(greta.probe, "run_probe", boom)
+    monkeypatch.setattr(greta.probe.runner, "run_probe", boom)
     d = run_sweep(CPU_SWEEP, {}, out_root=tmp_path, progress=False, report=False)
     assert calls == [256, 256, 512, 512]
     log = [json.loads(x) for x in (d / "sweep_log.jsonl").read_text().splitlines()]
@@ -319,7 +319,7 @@ def test_sweep_report_opens_standalone_in_chromium(cpu_sweep, tmp_path):
 @pytest.mark.slow
 def test_sweep_notebook_runs_a_sweep(tmp_path):
     """notebooks/sweep.ipynb under papermill: the same sweep as the CLI, its verdict shown in the notebook."""
-    from greta.notebooks import execute_notebook
+    from greta.reports.notebooks import execute_notebook
 
     out = tmp_path / "sweep.ipynb"
     err = execute_notebook(REPO / "notebooks" / "sweep.ipynb", out,

@@ -1,4 +1,4 @@
-"""Text prompts (greta.tokenize): a tiny `tokenizers` WordLevel tokenizer saved as tokenizer.json, the
+"""Text prompts (greta.engine.tokenize): a tiny `tokenizers` WordLevel tokenizer saved as tokenizer.json, the
 'hello ' x ctx prompt and prompt_file texts truncated or padded to ctx, the synthetic fallback without a
 tokenizer, the record's prompt metadata, and the params that select them."""
 from __future__ import annotations
@@ -10,8 +10,8 @@ import torch
 
 pytest.importorskip("tokenizers")
 
-from greta.params import ParamError, load_params  # noqa: E402
-from greta.tokenize import ids_sha256, make_prompt_from_params, tokenize_to_ctx  # noqa: E402
+from greta.record.params import ParamError, load_params  # noqa: E402
+from greta.engine.tokenize import ids_sha256, make_prompt_from_params, tokenize_to_ctx  # noqa: E402
 
 VOCAB = {"[UNK]": 0, "<s>": 1, "hello": 2, "world": 3, "the": 4, "cat": 5}
 
@@ -60,7 +60,7 @@ def test_tokenizer_param_and_gguf_neighbour(tmp_path):
 
 
 def test_without_tokenizer_the_synthetic_ids_are_used_and_said(tmp_path):
-    from greta.prompt import synthetic_prompt
+    from greta.engine.prompt import synthetic_prompt
 
     ids, info = make_prompt_from_params(params(tmp_path, ctx=50, prompt="hello", seed=3), vocab=100)
     assert torch.equal(ids, synthetic_prompt(50, 100, 3))
@@ -110,8 +110,8 @@ def test_params_refuse_missing_text_prompt_files(key, value):
 
 # --- end to end: the record says what the prompt was ----------------------------------------------------------
 def test_probe_record_carries_prompt_metadata(tmp_path, small_params, tiny_cfg, tiny_weights):
-    from greta.probe import run_probe
-    from greta.weights import save_checkpoint
+    from greta.probe.runner import run_probe
+    from greta.engine.weights import save_checkpoint
 
     d = save_checkpoint(tiny_weights(), tiny_cfg, tmp_path / "ckpt")
     write_tokenizer(d)

@@ -1,4 +1,4 @@
-"""greta.vram: backends with fake vendor modules, fallbacks, the sampler, artifacts. No GPU needed."""
+"""greta.probe.vram: backends with fake vendor modules, fallbacks, the sampler, artifacts. No GPU needed."""
 import json
 import os
 import subprocess
@@ -9,8 +9,8 @@ import types
 import psutil
 import pytest
 
-from greta.config import PRESETS
-from greta.vram import (
+from greta.engine.config import PRESETS
+from greta.probe.vram import (
     AmdSmiBackend, NvmlBackend, RssBackend, TorchCudaBackend, VramSampler, floor_mb, physical_index,
     pick_backend, read_samples_csv, summarize, write_samples_csv,
 )

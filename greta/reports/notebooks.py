@@ -1,7 +1,7 @@
 """Execute the analysis notebooks of a run directory and render them to HTML.
 
 The notebooks themselves (``notebooks/*.ipynb``) are thin: they read one run
-directory (docs/RECORD.md) and call :mod:`greta.plots`. They ship with the
+directory (docs/RECORD.md) and call :mod:`greta.reports.plots`. They ship with the
 repository checkout, not inside the installed package.
 """
 
@@ -13,8 +13,7 @@ from pathlib import Path
 __all__ = ["NOTEBOOK_DIR", "REPO_ROOT", "ANALYSIS_NOTEBOOKS", "NotebooksMissing",
            "notebook_path", "execute_notebook", "execute_analysis", "to_html"]
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-NOTEBOOK_DIR = REPO_ROOT / "notebooks"
+from greta.paths import NOTEBOOK_DIR, REPO_ROOT
 ANALYSIS_NOTEBOOKS = ("vram_plot.ipynb", "equivalence_analysis.ipynb")
 KERNEL = "python3"
 
@@ -115,8 +114,8 @@ def run_audit(params_file, overrides: dict, out_root="outputs") -> Path:
     """
     from datetime import datetime, timezone
 
-    from .params import load_params, resolve
-    from .record import preflight, run_id, seal
+    from greta.record.params import load_params, resolve
+    from greta.record.store import preflight, run_id, seal
 
     params = load_params(params_file, overrides)  # bad input stops here, in one line
     preflight(out_root, params)
@@ -146,7 +145,7 @@ def run_audit(params_file, overrides: dict, out_root="outputs") -> Path:
             print(f"greta: rendering {out.name} to HTML failed: {_one_line(exc)}", file=sys.stderr)
     seal(run_dir, params)
     if interrupted:
-        from .probe import ProbeInterrupted
+        from greta.probe.runner import ProbeInterrupted
 
         raise ProbeInterrupted(run_dir, interrupted)
     return run_dir
@@ -159,16 +158,16 @@ def _fault_record(run_dir: Path, params: dict, status: str, how: str):
     status: the failed phase's status, "crash" (verdict FAIL_ERROR) or "interrupted" (INTERRUPTED)."""
     import json
 
-    from . import vram
-    from .config import load_config
-    from .metrics import FAIL
-    from .params import PHASES
-    from .record import Record, atomic_write_text, verdict_record
+    from greta.probe import vram
+    from greta.engine.config import load_config
+    from greta.record.metrics import FAIL
+    from greta.record.params import PHASES
+    from greta.record.store import Record, atomic_write_text, verdict_record
 
     verdict = FAIL[status]
     rec = Record(run_dir, params)  # writes files only: Record.create would run the preflight and start afresh
     if not (run_dir / "params.json").is_file():  # died before the probe made its record
-        from .record import git_state, versions
+        from greta.record.store import git_state, versions
 
         rec.write_json("params.json", params)
         rec.write_json("metadata.json", {"run_id": run_dir.name, "probe": params["probe"], **git_state(),

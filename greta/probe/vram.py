@@ -274,7 +274,7 @@ def _fmt(x, digits: int) -> str:
 
 def write_samples_csv(path, samples: list[dict]):
     """Written atomically (record.atomic_write_text), so the CSV is whole or absent."""
-    from .record import atomic_write_text  # record imports this module
+    from greta.record.store import atomic_write_text  # record imports this module
 
     buf = io.StringIO(newline="")
     w = csv.writer(buf)
@@ -353,7 +353,7 @@ def floor_mb(cfg, dtype_bytes: int, cache_tokens: int) -> dict:
 
 def floor_for(params: dict, cfg) -> dict:
     """floor_mb for a probe run: the model cfg in params["dtype"], with a cache of ctx + gen positions."""
-    from .params import dtype_bytes
+    from greta.record.params import dtype_bytes
 
     return floor_mb(cfg, dtype_bytes(params["dtype"]), params["ctx"] + params["gen"])
 

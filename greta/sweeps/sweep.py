@@ -10,8 +10,8 @@ by all points. An optional ``point_overrides`` list sets params on some points o
       - when: {ctx: 16384}                     # axis values the point must have
         set: {timeouts: {prefill: 1200}}       # params for those points
 
-Every point's params are validated through :func:`greta.params.load_params` before anything runs, so a
-bad matrix stops in one line (:class:`~greta.params.ParamError`).
+Every point's params are validated through :func:`greta.record.params.load_params` before anything runs, so a
+bad matrix stops in one line (:class:`~greta.record.params.ParamError`).
 
 Layout (docs/RECORD.md)::
 
@@ -25,7 +25,7 @@ Layout (docs/RECORD.md)::
         sweep_verdict.json   PASS_GUARDRAIL | FAIL_GUARDRAIL | INCOMPLETE, with reasons
 
 A point is **complete** when its record verifies strictly
-(``greta.verify.verify(dir, allow_missing_large=False) == []``: sealed manifest, hashes, phases, logits
+(``greta.checks.verify.verify(dir, allow_missing_large=False) == []``: sealed manifest, hashes, phases, logits
 re-checked) and its verdict is not INTERRUPTED. A fault verdict (FAIL_OOM at the largest ctx, FAIL_TIMEOUT,
 ...) is a complete result: the sweep carries on to the next point, and a resume does not rerun it.
 
@@ -45,7 +45,7 @@ from pathlib import Path
 
 import yaml
 
-from .params import DEFAULTS, ParamError, _coerce, _flat, _flat_defaults, _read_yaml, load_params
+from greta.record.params import DEFAULTS, ParamError, _coerce, _flat, _flat_defaults, _read_yaml, load_params
 
 __all__ = ["AXES", "SweepError", "load_matrix", "points", "point_name", "point_complete", "run_sweep",
            "read_config", "matrix_from_config"]
@@ -188,7 +188,7 @@ def matrix_from_config(cfg: dict, overrides: dict | None = None) -> dict:
 def point_complete(point_dir, allow_missing_logits: bool = False) -> tuple[bool, list[str]]:
     """(complete, reasons): the record verifies and is not INTERRUPTED (see the module doc). Strict by
     default; allow_missing_logits accepts a point committed to git without its logits.npz."""
-    from .verify import verify
+    from greta.checks.verify import verify
 
     d = Path(point_dir)
     if not d.is_dir():
@@ -207,7 +207,7 @@ def _sweep_id(matrix: dict) -> str:
 
 
 def _log(sweep_dir: Path, **entry):
-    from .record import _now
+    from greta.record.store import _now
 
     with open(sweep_dir / LOG, "a", encoding="utf-8") as f:
         f.write(json.dumps({"t_utc": _now(), **entry}) + "\n")
@@ -234,10 +234,10 @@ def run_sweep(matrix_file=None, overrides: dict | None = None, out_root="outputs
     Without ``matrix_file`` a resume takes the matrix from the sweep's config.json. A point that fails
     is a result; the sweep goes on. Ctrl-C / SIGTERM stops the sweep (the point's record says
     INTERRUPTED; a resume reruns it). With ``report``, the aggregate report is executed and
-    sweep_verdict.json written at the end (greta.sweep_report.finish).
+    sweep_verdict.json written at the end (greta.sweeps.report.finish).
     """
-    from .record import RecordError, _now, atomic_write_text, git_state, preflight
-    from .probe import run_probe
+    from greta.record.store import RecordError, _now, atomic_write_text, git_state, preflight
+    from greta.probe.runner import run_probe
 
     if sweep_dir is not None:
         sweep_dir = Path(sweep_dir)
@@ -291,7 +291,7 @@ def run_sweep(matrix_file=None, overrides: dict | None = None, out_root="outputs
         _say(progress, f"[{i}/{len(todo)}] {name}: {verdict}")
         _log(sweep_dir, point=name, action="ran", verdict=verdict, reason=reason)
     if report:
-        from .sweep_report import finish
+        from greta.sweeps.report import finish
 
         finish(sweep_dir, progress=progress)
     return sweep_dir

@@ -16,7 +16,7 @@ from typing import Callable, Collection, NamedTuple
 
 import torch
 
-from .config import ModelConfig
+from greta.engine.config import ModelConfig
 
 
 def synthetic(cfg: ModelConfig, seed: int, dtype: torch.dtype, device) -> dict[str, torch.Tensor]:

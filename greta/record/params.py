@@ -12,6 +12,8 @@ from pathlib import Path
 
 import yaml
 
+from greta.paths import REPO_ROOT
+
 PHASES = ("ceilings", "load", "prefill", "decode", "reference")
 FAULT_KINDS = ("hang", "oom", "crash", "kill", "error", "kernel_death")
 
@@ -137,7 +139,7 @@ def resolve(path) -> Path:
     p = Path(path)
     if p.is_absolute() or _exists(p):
         return p
-    repo = Path(__file__).resolve().parent.parent / p
+    repo = REPO_ROOT / p
     return repo if _exists(repo) else p
 
 
@@ -265,7 +267,7 @@ def validate(p: dict) -> None:
     if p["prompt"] not in ("synthetic", "hello"):
         if not _is_file(Path(p["prompt"])):
             raise ParamError(f"param prompt={_show(p['prompt'])}: not 'synthetic' or 'hello' and no such token-id file")
-        from .prompt import read_ids
+        from greta.engine.prompt import read_ids
 
         try:
             n = read_ids(p["prompt"]).size
@@ -298,7 +300,7 @@ def device_memory(device: str) -> int:
 
 def _check_fits(p: dict) -> None:
     """Refuse a run whose weights plus KV cache alone exceed the device's total memory."""
-    from .config import kv_capacity, load_config
+    from greta.engine.config import kv_capacity, load_config
 
     try:
         cfg = load_config(p["model"])
@@ -329,7 +331,7 @@ def _check_triton(device: str, dtype: str) -> None:
 
 
 def _check_model(model: str) -> None:
-    from .config import PRESETS
+    from greta.engine.config import PRESETS
 
     if model in PRESETS:
         return
@@ -340,7 +342,7 @@ def _check_model(model: str) -> None:
     d = Path(model)
     if not _is_file(d / "config.json"):
         raise ParamError(f"param model={_show(model)} is neither a preset ({', '.join(PRESETS)}), a checkpoint directory with config.json, nor a .gguf file")
-    from .weights import CheckpointError, checkpoint_files
+    from greta.engine.weights import CheckpointError, checkpoint_files
 
     try:
         checkpoint_files(d)

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from .config import PRESETS, ModelConfig, load_config
-from .worker import DTYPES as _TORCH_DTYPES
+from greta.engine.config import PRESETS, ModelConfig, load_config
+from greta.probe.worker import DTYPES as _TORCH_DTYPES
 
 DTYPES = {k: _TORCH_DTYPES[k] for k in ("float32", "bfloat16")}  # the oracle's dtypes (no float16)
 
@@ -124,7 +124,7 @@ def greta_logits(cfg: ModelConfig, w: dict, tokens: torch.Tensor, steps: int, po
                  backend: str = "torch") -> tuple[torch.Tensor, torch.Tensor]:
     """(prefill logits [len(positions), V] (default: every position), decode logits [steps, V] at the last
     `steps` positions)."""
-    from .model import Llama
+    from greta.engine.model import Llama
 
     T = tokens.numel()
     positions = list(range(T)) if positions is None else positions
@@ -171,7 +171,7 @@ def wrong_rope(cfg: ModelConfig) -> tuple[ModelConfig, str]:
 def check_fits(cfg: ModelConfig, device: str):
     """One line before any work: transformers' fp32 run holds the model in fp32 on the device, and
     from_pretrained builds it in host RAM first."""
-    from .params import device_memory
+    from greta.record.params import device_memory
 
     need = 4 * cfg.param_count()
     for where in dict.fromkeys(["cpu", str(device)]):
@@ -199,8 +199,8 @@ def compare(model: str, ctx: int = 128, dtype: str = "float32", device: str = "c
     positions (None: all). control: also run the wrong-RoPE negative control. cfg overrides the config Greta
     runs with (the tests' negative controls); oracle reuses transformers' logits ({dtype: tensor}, the
     result's "oracle_logits") from an earlier call."""
-    from .prompt import synthetic_prompt
-    from .weights import load_checkpoint
+    from greta.engine.prompt import synthetic_prompt
+    from greta.engine.weights import load_checkpoint
 
     if dtype not in DTYPES:
         raise ValueError(f"oracle dtype {dtype!r}: use one of {', '.join(DTYPES)}")
@@ -315,7 +315,7 @@ def write_record(res: dict, out_root, argv: dict, checkpoint: dict | None = None
     import platform
     import secrets
 
-    from .record import atomic_write_text, git_state, seal, versions
+    from greta.record.store import atomic_write_text, git_state, seal, versions
 
     now = datetime.now(timezone.utc)
     name = Path(str(argv["model"])).name or "model"

@@ -1,8 +1,8 @@
 """Text prompts through a checkpoint's tokenizer.json (the `tokenizers` library: pip install greta[models]).
 
 The probe's prompt is one of:
-  synthetic          ctx seeded uniform ids (greta.prompt);
-  a token-id file    the prompt param names it (greta.prompt);
+  synthetic          ctx seeded uniform ids (greta.engine.prompt);
+  a token-id file    the prompt param names it (greta.engine.prompt);
   text               prompt_file (a UTF-8 text file), or prompt=hello: the original engine's 'hello ' x ctx.
 Text is tokenized with tokenizer.json (the tokenizer param, else the one beside the model: in the checkpoint
 directory, or in the .gguf file's folder) with the tokenizer's own special tokens (e.g. Llama-3's BOS), then
@@ -61,8 +61,8 @@ def ids_sha256(ids: torch.Tensor) -> str:
 
 def make_prompt_from_params(p: dict, vocab: int) -> tuple[torch.Tensor, dict]:
     """The probe's prompt ids [ctx] and what the record says about them."""
-    from .params import resolve
-    from .prompt import make_prompt, synthetic_prompt
+    from greta.record.params import resolve
+    from greta.engine.prompt import make_prompt, synthetic_prompt
 
     ctx, spec, text_file = p["ctx"], p["prompt"], p.get("prompt_file", "")
     info: dict = {}

@@ -8,7 +8,7 @@ Checks (each failure is one line of the returned list; an empty list means the r
   artifacts   the files every record has, plus metrics.json and logits.npz when the reference phase ran
   vram        no measured peak (sampled or allocator) is below the analytic weights + KV floor
   verdict     the stated verdict is the one the stored metrics give under the stored thresholds
-  logits      when logits.npz is there, greta.analyze recomputes the metrics and verdict from it and
+  logits      when logits.npz is there, greta.checks.analyze recomputes the metrics and verdict from it and
               they must equal the stored ones
 An oracle record (oracle.json, from `greta oracle -o`) gets the manifest check and its own: the limits follow
 from the stated tolerance and the verdict from the stored numbers.
@@ -18,9 +18,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .metrics import EQUIV_VERDICTS, FAIL, FAULT_VERDICTS, equivalence_verdict
-from .params import PHASES
-from .record import MANIFEST, record_files, sha256_file
+from greta.record.metrics import EQUIV_VERDICTS, FAIL, FAULT_VERDICTS, equivalence_verdict
+from greta.record.params import PHASES
+from greta.record.store import MANIFEST, record_files, sha256_file
 
 BASE = ("params.json", "metadata.json", "perf.json", "vram.json", "vram_samples.csv", "verdict.json", "report.md")
 # verdict -> the perf.json statuses its failed phase may end with (the inverse of metrics.FAIL)
@@ -59,7 +59,7 @@ def _check_manifest(d: Path, allow_missing_large: bool) -> tuple[dict | None, li
 
 def _check_oracle(d: Path, man: dict | None) -> list[str]:
     """An oracle record (greta oracle -o): its verdict and limits follow from its stored numbers."""
-    from .oracle import TOLERANCES, _within, verdict
+    from greta.checks.oracle import TOLERANCES, _within, verdict
 
     errors: list[str] = []
     params, body = _json(d, "params.json", errors), _json(d, "oracle.json", errors)
@@ -143,7 +143,7 @@ def verify(run_dir, allow_missing_large: bool = False) -> list[str]:
             if verdict.get("bit_exact") != metrics.get("bit_exact"):
                 errors.append("verdict.json bit_exact differs from metrics.json")
     if (d / "logits.npz").is_file():
-        from .analyze import analyze_run
+        from greta.checks.analyze import analyze_run
 
         rep = analyze_run(d)
         if rep["status"] != "OK":

@@ -26,10 +26,10 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
-from .params import DEFAULTS
-from .plots import VERDICT_COLORS, _FAIL_COLOR as FAIL_COLOR, _log_floor, _num, _read_obj_opt as _json, _save
-from .record import _f, _now
-from .sweep import VERDICT, point_complete, points, read_config
+from greta.record.params import DEFAULTS
+from greta.reports.plots import VERDICT_COLORS, _FAIL_COLOR as FAIL_COLOR, _log_floor, _num, _read_obj_opt as _json, _save
+from greta.record.store import _f, _now
+from greta.sweeps.sweep import VERDICT, point_complete, points, read_config
 
 __all__ = ["collect", "guardrail", "results_table_md", "timing_table_md", "guardrail_md", "plot_vram_vs_ctx",
            "plot_time_vs_ctx", "plot_diff_vs_ctx", "plot_drift", "export_html", "finish", "PLOTS",
@@ -229,9 +229,9 @@ def _fail_legend(handles):
 
 def _analytic_floor(rows, ctxs):
     """(dtype, [ctx], [floor MB]) per dtype, from the model config: weights + KV for ctx + gen tokens."""
-    from .config import load_config
-    from .params import dtype_bytes
-    from .vram import floor_mb
+    from greta.engine.config import load_config
+    from greta.record.params import dtype_bytes
+    from greta.probe.vram import floor_mb
 
     out = []
     for dtype in sorted({r["dtype"] for r in rows}):
@@ -389,7 +389,7 @@ def export_html(ipynb_path, out=None) -> Path:
     body, _ = exporter.from_filename(str(ipynb_path))
     body = re.sub(r"<script[^>]*\bsrc=\"https?://[^\"]*\"[^>]*>\s*</script>", "", body)
     out = Path(out) if out else ipynb_path.with_suffix(".html")
-    from .record import atomic_write_text
+    from greta.record.store import atomic_write_text
 
     atomic_write_text(out, body)
     return out
@@ -398,8 +398,8 @@ def export_html(ipynb_path, out=None) -> Path:
 def finish(sweep_dir, progress: bool = True, timeout_s: float | None = 600) -> dict:
     """Execute notebooks/sweep_report.ipynb into the sweep dir, export sweep_report.html, write
     sweep_verdict.json (computed here, not by the notebook, so it exists even if the notebook fails)."""
-    from .notebooks import _one_line, execute_notebook, notebook_path
-    from .record import atomic_write_text
+    from greta.reports.notebooks import _one_line, execute_notebook, notebook_path
+    from greta.record.store import atomic_write_text
 
     sweep_dir = Path(sweep_dir).resolve()
     cfg = read_config(sweep_dir)

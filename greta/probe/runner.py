@@ -16,11 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
-from . import record, vram
-from .config import ModelConfig, load_config
-from .metrics import FAIL, compare, equivalence_verdict
-from .params import PHASES
-from .worker import main as worker_main
+from greta.record import store as record
+from greta.probe import vram
+from greta.engine.config import ModelConfig, load_config
+from greta.record.metrics import FAIL, compare, equivalence_verdict
+from greta.record.params import PHASES
+from greta.probe.worker import main as worker_main
 
 
 class ProbeInterrupted(KeyboardInterrupt):

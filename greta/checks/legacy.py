@@ -27,7 +27,7 @@ File contents (what Greta reads; other keys are ignored):
     for those positions (Greta's *reference*), ``decode/`` the decode path's (Greta's *decode*).
 
 Each trace point becomes Greta's analysis inputs (float32 ``decode``/``reference`` arrays ``[span, vocab]``,
-tokens, positions), then :func:`greta.metrics.compare` and :func:`greta.metrics.equivalence_verdict` with the
+tokens, positions), then :func:`greta.record.metrics.compare` and :func:`greta.record.metrics.equivalence_verdict` with the
 default thresholds. Nothing here raises for a bad trace: a row's ``status`` is ``OK``, ``MISSING`` (a file is
 absent), ``CORRUPT`` (unreadable gzip/JSON, missing or non-numeric fields) or ``MISMATCH`` (metadata vs
 directory names, prefill vs decode, steps vs span, vocab sizes), with one-line ``reasons``.
@@ -44,10 +44,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .analyze import _err, _line
-from .metrics import compare, equivalence_verdict
-from .params import DEFAULTS
-from .record import _f
+from greta.checks.analyze import _err, _line
+from greta.record.metrics import compare, equivalence_verdict
+from greta.record.params import DEFAULTS
+from greta.record.store import _f
 
 __all__ = ["find_points", "read_point", "read_runs", "table_md", "main"]
 

@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .config import ModelConfig, inv_freq, kv_capacity
+from greta.engine.config import ModelConfig, inv_freq, kv_capacity
 
 PERTURBATIONS = ("none", "rope_offset", "kv_off_by_one")
 
@@ -79,7 +79,7 @@ class Llama:
             raise ValueError(f"backend must be torch or triton, got {backend!r}")
         self.kernels = None
         if backend == "triton" and kv_aligned:
-            from . import kernels  # the Triton kernels (top-level kernels/ folder)
+            from greta import kernels  # the Triton kernels (top-level kernels/ folder)
 
             if kv_block % kernels.BLOCK_KV:
                 raise ValueError(f"kv_block={kv_block} must be a multiple of the kernels' BLOCK_KV={kernels.BLOCK_KV}")

@@ -187,7 +187,7 @@ def load_config(model: str) -> ModelConfig:
         return PRESETS[model]
     p = Path(model)
     if p.suffix == ".gguf" and p.is_file():
-        from .gguf import gguf_config
+        from greta.engine.gguf import gguf_config
 
         return gguf_config(p)
     if (p / "config.json").is_file():

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import ModelConfig
-from .weights import CheckpointError, Spelling, assemble, check_tensors, expected_tensors, tensor_names
+from greta.engine.config import ModelConfig
+from greta.engine.weights import CheckpointError, Spelling, assemble, check_tensors, expected_tensors, tensor_names
 
 
 class GGUFError(ValueError):

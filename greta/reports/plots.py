@@ -405,7 +405,7 @@ def plot_equivalence(run_dir: str | Path, path: str | Path | None = None,
     """Per-step |Δlogit| (log y) and cosine, decode vs reference, titled by the verdict.
 
     Reads ``metrics.json`` (unless ``metrics`` is given, e.g. recomputed by
-    :func:`greta.analyze.analyze_run`), ``verdict.json`` and (for thresholds) ``params.json``.
+    :func:`greta.checks.analyze.analyze_run`), ``verdict.json`` and (for thresholds) ``params.json``.
     Zeros cannot be drawn on a log axis: they are drawn on a floor line a decade
     under the smallest datum, labelled "0 (bit-exact)".
     """

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
-from . import vram
-from .config import ModelConfig
-from .params import dtype_bytes
+from greta.probe import vram
+from greta.engine.config import ModelConfig
+from greta.record.params import dtype_bytes
 
-REPO = Path(__file__).resolve().parent.parent
+from greta.paths import REPO_ROOT as REPO
 
 
 def _now() -> str:

@@ -133,10 +133,10 @@ class Job:
 
     # --- phases ---------------------------------------------------------------
     def load(self) -> dict:
-        from .config import PRESETS, load_config
-        from .model import Llama
-        from .tokenize import make_prompt_from_params
-        from .weights import checkpoint_hash, load_checkpoint, synthetic, synthetic_hash
+        from greta.engine.config import PRESETS, load_config
+        from greta.engine.model import Llama
+        from greta.engine.tokenize import make_prompt_from_params
+        from greta.engine.weights import checkpoint_hash, load_checkpoint, synthetic, synthetic_hash
 
         p = self.p
         cfg = load_config(p["model"])
@@ -144,7 +144,7 @@ class Job:
             w = synthetic(cfg, p["seed"], self.dtype, self.device)
             source, model_hash = "synthetic", synthetic_hash(cfg, p["seed"])
         elif p["model"].endswith(".gguf"):
-            from .gguf import load_gguf
+            from greta.engine.gguf import load_gguf
 
             w = load_gguf(p["model"], cfg, self.dtype, self.device)
             source, model_hash = "gguf", checkpoint_hash(p["model"])

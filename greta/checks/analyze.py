@@ -1,8 +1,8 @@
 """Re-check one run directory (docs/RECORD.md) from its logits: never raises, whatever the input.
 
 :func:`analyze_run` reads ``params.json``, ``logits.npz``, ``metrics.json`` and ``verdict.json``,
-recomputes the metrics with :func:`greta.metrics.compare` and the verdict with
-:func:`greta.metrics.equivalence_verdict`, and compares them with what the record stored.
+recomputes the metrics with :func:`greta.record.metrics.compare` and the verdict with
+:func:`greta.record.metrics.equivalence_verdict`, and compares them with what the record stored.
 
 Status (the most severe finding wins, in this order):
 
@@ -48,7 +48,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .metrics import FAULT_VERDICTS, compare, equivalence_verdict
+from greta.record.metrics import FAULT_VERDICTS, compare, equivalence_verdict
 
 __all__ = ["STATUSES", "FAULT_VERDICTS", "analyze_run", "report_md", "metrics_for_plots"]
 
@@ -272,7 +272,8 @@ def _analyze(run_dir, out: dict, f: _Findings) -> None:
     if stored is not None:
         diff = _metrics_diff(stored, metrics)
         if diff:
-            f.add("INCOMPLETE", "metrics.json disagrees with the metrics recomputed from logits.npz: " + "; ".join(diff))
+            keys = ", ".join(d.split(" ", 1)[0] for d in diff)  # names first: the details may be cut at 300 chars
+            f.add("INCOMPLETE", f"metrics.json disagrees with the metrics recomputed from logits.npz in {keys}: " + "; ".join(diff))
 
     if params is None:
         return
@@ -337,7 +338,7 @@ def metrics_for_plots(report: dict, run_dir) -> tuple[dict | None, str]:
         if status == "OK":
             return report["metrics"], "_Recomputed from logits.npz; they equal metrics.json._"
         return report["metrics"], f"**Recomputed from logits.npz** (status {status}: see the reasons above)."
-    from .plots import _read_obj_opt  # matplotlib: only for the callers that plot
+    from greta.reports.plots import _read_obj_opt  # matplotlib: only for the callers that plot
 
     stored = _read_obj_opt(Path(run_dir) / "metrics.json")
     if _usable_metrics(stored):
