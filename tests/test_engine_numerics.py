@@ -21,7 +21,7 @@ pytest.importorskip("triton")
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 from greta.engine.config import PRESETS  # noqa: E402
-from greta.engine.model import Llama  # noqa: E402
+from greta.engine.runner import Runner  # noqa: E402
 from greta.engine.prompt import synthetic_prompt  # noqa: E402
 from greta.engine.weights import synthetic  # noqa: E402
 from greta.kernels import gemm  # noqa: E402
@@ -48,8 +48,8 @@ def run(mode: str, perturb: str) -> tuple[torch.Tensor, torch.Tensor]:
     backend, kv_aligned, dtype = MODES[mode]
     w = synthetic(CFG, 0, dtype, "cpu")
     prompt = synthetic_prompt(CTX + STEPS, CFG.vocab_size, 3)
-    m = Llama(CFG, w, max_tokens=CTX + STEPS, kv_aligned=kv_aligned, chunk=CHUNK, kv_block=KV_BLOCK,
-              perturb=perturb, backend=backend)
+    m = Runner(CFG, w, max_tokens=CTX + STEPS, kv_aligned=kv_aligned, chunk=CHUNK, kv_block=KV_BLOCK,
+               perturb=perturb, backend=backend)
     pre = m.prefill(prompt[:CTX], keep=KEEP)
     dec = torch.stack([m.decode(prompt[CTX + j], CTX + j) for j in range(STEPS)])  # teacher-forced tokens
     return pre, dec

@@ -1,10 +1,9 @@
-"""Llama-family model configuration: named presets or an HF-style config.json."""
+"""Llama-family model configuration: named presets or an HF-style config.json (which of them a model
+argument names is greta.engine.source's business)."""
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -181,25 +180,6 @@ PRESETS: dict[str, ModelConfig] = {
 }
 
 
-def load_config(model: str) -> ModelConfig:
-    """A preset name, a local HF checkpoint directory holding config.json, or a Llama .gguf file."""
-    if model in PRESETS:
-        return PRESETS[model]
-    p = Path(model)
-    if p.suffix == ".gguf" and p.is_file():
-        from greta.engine.gguf import gguf_config
-
-        return gguf_config(p)
-    if (p / "config.json").is_file():
-        try:
-            hf = json.loads((p / "config.json").read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{p / 'config.json'} is not valid JSON ({e})") from None
-        return ModelConfig.from_hf(hf, name=str(p))
-    raise ValueError(f"model {model!r} is neither a preset ({', '.join(PRESETS)}), a directory with config.json, "
-                     "nor a .gguf file")
-
-
 def inv_freq(cfg: ModelConfig, seq_len: int | None = None) -> list[float]:
     """Rotary inverse frequencies, as transformers' Llama computes them for each rope_scaling type.
 
@@ -236,4 +216,4 @@ def inv_freq(cfg: ModelConfig, seq_len: int | None = None) -> list[float]:
     return out
 
 
-__all__ = ["ModelConfig", "PRESETS", "load_config", "inv_freq", "kv_capacity", "parse_rope_scaling"]
+__all__ = ["ModelConfig", "PRESETS", "inv_freq", "kv_capacity", "parse_rope_scaling"]
