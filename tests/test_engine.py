@@ -258,3 +258,68 @@ def test_file_prompt_out_of_vocab_is_refused(tmp_path):
     txt.write_text("1 2 300")
     with pytest.raises(ValueError, match="outside"):
         file_prompt(txt, 3, 100)
+
+
+# --- the ops interface: negative controls are wrappers ---------------------------------------------------
+class _Recorder:
+    """A stand-in backend that records the positions rope and attention were given."""
+
+    def __init__(self):
+        self.seen = []
+
+    def rope(self, x, step):
+        self.seen.append(("rope", step.decode, step.pos.tolist()))
+
+    def decode_attention(self, q, kv, step):
+        self.seen.append(("decode_attention", step.pos.tolist()))
+
+    def prefill_attention(self, q, kv, step):
+        self.seen.append(("prefill_attention", step.pos.tolist()))
+
+
+@pytest.mark.parametrize("perturb,want", [
+    ("none", [("rope", False, [5, 6]), ("rope", True, [7]), ("prefill_attention", [5, 6]), ("decode_attention", [7])]),
+    ("rope_offset", [("rope", False, [5, 6]), ("rope", True, [8]), ("prefill_attention", [5, 6]),
+                     ("decode_attention", [7])]),
+    ("kv_off_by_one", [("rope", False, [5, 6]), ("rope", True, [7]), ("prefill_attention", [5, 6]),
+                       ("decode_attention", [6])]),
+])
+def test_negative_controls_move_only_decode_positions(perturb, want):
+    from greta.engine.ops import Step, with_control
+
+    inner = _Recorder()
+    ops = with_control(inner, perturb)
+    assert (ops is inner) == (perturb == "none")
+    pre = Step(torch.tensor([0, 1]), torch.tensor([5, 6]), False, [1])
+    dec = Step(torch.tensor([2]), torch.tensor([7]), True, [0])
+    ops.rope(None, pre)
+    ops.rope(None, dec)
+    ops.prefill_attention(None, None, pre)
+    ops.decode_attention(None, None, dec)
+    assert inner.seen == want
+    assert dec.pos.tolist() == [7]  # the step itself is left as it was
+
+
+# --- model sources -------------------------------------------------------------------------------------
+def test_load_model_of_each_source(tiny_cfg, tmp_path):
+    from greta.engine.source import check_model, load_model
+
+    syn = load_model("tiny", 0, torch.float32, "cpu")
+    assert syn.source == "synthetic" and syn.config is tiny_cfg and syn.model_hash == synthetic_hash(tiny_cfg, 0)
+    d = save_checkpoint(syn.weights, tiny_cfg, tmp_path / "ck")
+    check_model(str(d))
+    ck = load_model(str(d), 0, torch.float32, "cpu")
+    assert ck.source == "checkpoint" and ck.model_hash == checkpoint_hash(d)
+    assert all(torch.equal(ck.weights[k], syn.weights[k]) for k in syn.weights)
+
+
+def test_check_model_refuses_in_one_line(tmp_path):
+    from greta.engine.source import check_model
+
+    check_model("tiny")
+    (tmp_path / "config.json").write_text("{}")
+    for bad, what in [(str(tmp_path / "nope.gguf"), "no such GGUF file"), (str(tmp_path / "nothing"), "neither a preset"),
+                      (str(tmp_path), "safetensors")]:
+        with pytest.raises(ValueError) as e:
+            check_model(bad)
+        assert what in str(e.value) and "\n" not in str(e.value), str(e.value)

@@ -186,7 +186,7 @@ def inv_freq(cfg: ModelConfig, seq_len: int | None = None) -> list[float]:
     default: theta^(-i/d). linear: divided by factor. freq_factors (from GGUF): divided by each factor. llama3: the banded rescaling of
     _compute_llama3_parameters. dynamic (NTK): theta is raised to
     theta * (factor * L / max_pos - (factor - 1)) ^ (d / (d - 2)) with L = max(seq_len, max_pos), the value
-    transformers uses for one forward pass over seq_len tokens (Greta fixes L for a whole run: see model.py).
+    transformers uses for one forward pass over seq_len tokens (Greta fixes L for a whole run: runner.rope_tables).
     """
     d, s, kind = cfg.head_dim, cfg.rope_scaling, rope_type(cfg)
     theta = cfg.rope_theta

@@ -291,7 +291,7 @@ def _check_fits(p: dict) -> None:
         cfg = load_config(p["model"])
     except Exception as e:  # a checkpoint's config.json that isn't a Llama config
         raise ParamError(f"param model={_show(p['model'])}: cannot read its config.json ({_show(str(e), 80)})") from None
-    cache = kv_capacity(p["ctx"] + p["gen"] + p["prefill_chunk"], p["kv_block"])  # as model.KVCache holds it
+    cache = kv_capacity(p["ctx"] + p["gen"] + p["prefill_chunk"], p["kv_block"])  # as runner.KVCache holds it
     b = dtype_bytes(p["dtype"])
     need = cfg.param_count() * b + cfg.kv_bytes_per_token(b) * cache
     have = device_memory(p["device"])
