@@ -323,3 +323,22 @@ def test_check_model_refuses_in_one_line(tmp_path):
         with pytest.raises(ValueError) as e:
             check_model(bad)
         assert what in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_torch_backends_run_without_triton():
+    """greta[gpu] (triton) is optional: the torch backends must import and run where `import triton` fails."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['triton'] = None\n"
+            "import torch\n"
+            "from greta.engine.config import PRESETS\nfrom greta.engine.runner import Runner\n"
+            "from greta.engine.weights import synthetic\n"
+            "cfg = PRESETS['tiny']; w = synthetic(cfg, 0, torch.float32, 'cpu')\n"
+            "for kv in (0, 1):\n"
+            "    m = Runner(cfg, w, max_tokens=40, kv_aligned=kv, chunk=16, kv_block=64)\n"
+            "    assert m.prefill(torch.arange(20)).shape == (1, cfg.vocab_size)\n"
+            "    assert m.decode(torch.tensor(3), 20).shape == (cfg.vocab_size,)\n"
+            "assert sys.modules['triton'] is None\nprint('ok')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]

@@ -3,7 +3,8 @@ differently (the drift the probe is there to see).
 
 prefill: full-chunk matmuls and SDPA over the cache prefix; decode: M=1 matmuls and a plain
 softmax(q K^T) V for the one query. RMSNorm and RoPE are the kernels' torch references (greta.kernels
-*_ref): the same bits as the formulas this path always used, kept in one place.
+reference.py, importable without triton): the same bits as the formulas this path always used, kept in one
+place.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from greta.engine.ops.base import Ops, Step
-from greta.kernels import rmsnorm_ref, rope_ref
+from greta.kernels.reference import rmsnorm_ref, rope_ref
 
 
 class TorchOps(Ops):
