@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from greta.engine.config import PRESETS
-from greta.engine.model import Llama
+from greta.engine.runner import Runner
 from greta.engine.prompt import synthetic_prompt
 from greta.engine.weights import synthetic
 from greta.probe.worker import measure_ceilings
@@ -131,13 +131,13 @@ def main():
 
     # warm-up: compile the Triton kernels and initialise cuBLAS/SDPA outside the timed points
     for kv, backend in ((1, "triton"), (0, "torch")):
-        time_engine(lambda: Llama(cfg, w, max_tokens=1100, kv_aligned=kv, chunk=1024, kv_block=1024, backend=backend),
+        time_engine(lambda: Runner(cfg, w, max_tokens=1100, kv_aligned=kv, chunk=1024, kv_block=1024, backend=backend),
                     synthetic_prompt(1024, cfg.vocab_size, 1).to(dev), 3)
     for ctx in args.ctx:
         prompt = synthetic_prompt(ctx, cfg.vocab_size, 0).to(dev)
         for kv, backend in ((1, "triton"), (0, "torch")):
             try:
-                r = time_engine(lambda: Llama(cfg, w, max_tokens=ctx + args.gen, kv_aligned=kv, chunk=args.chunk,
+                r = time_engine(lambda: Runner(cfg, w, max_tokens=ctx + args.gen, kv_aligned=kv, chunk=args.chunk,
                                               kv_block=1024, backend=backend), prompt, args.gen)
                 add(f"greta-{backend}", ctx, kv, *r)
             except torch.OutOfMemoryError as e:

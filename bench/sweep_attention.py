@@ -70,7 +70,7 @@ def model_runs(best):
     sys.path.insert(0, "bench")
     from bench_b3_77 import time_engine
 
-    from greta.engine.model import Llama
+    from greta.engine.runner import Runner
     from greta.engine.prompt import synthetic_prompt
     from greta.engine.weights import synthetic
 
@@ -84,10 +84,10 @@ def model_runs(best):
         runs += [("best", best, 2048)]
     for name, s, chunk in runs:
         A.SPLIT_KV, A.PREFILL, A.NUM_STAGES = s["split"], s["launch"], s["decode_stages"]
-        time_engine(lambda: Llama(cfg, w, max_tokens=2100, kv_aligned=1, chunk=chunk, kv_block=1024,
+        time_engine(lambda: Runner(cfg, w, max_tokens=2100, kv_aligned=1, chunk=chunk, kv_block=1024,
                                   backend="triton"), prompt[:2048], 3)  # compile
         for rep in range(2):
-            pre, dec, peak = time_engine(lambda: Llama(cfg, w, max_tokens=ctx + 32, kv_aligned=1, chunk=chunk,
+            pre, dec, peak = time_engine(lambda: Runner(cfg, w, max_tokens=ctx + 32, kv_aligned=1, chunk=chunk,
                                                        kv_block=1024, backend="triton"), prompt, 32)
             print(f"model 32k {name} {s} chunk {chunk}: prefill {pre:.3f} s, decode {dec:.2f} ms/token, "
                   f"peak {peak:.2f} GiB", flush=True)

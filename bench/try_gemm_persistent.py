@@ -1,8 +1,9 @@
-"""Experiment: a persistent TMA GEMM (one program per SM walks output tiles in grouped order, so W tiles stay in
-L2 and the epilogue of one tile overlaps the next tile's loads). Each tile's K loop is the batch-invariant one
-of kernels/gemm.py (acc = dot(x_blk, w_blk, acc) over BLOCK_K blocks in order); rows are checked
-bit-identical to the decode tile's. Timed at M=2048 (the prefill chunk) on the Llama-3-8B layer shapes, beside
-the current prefill tile and cuBLAS in the same run.
+"""The shipped persistent TMA GEMM of kernels/gemm.py (`_matmul_persistent_kernel`: one program per SM walks
+output tiles in grouped order, so W tiles stay in L2 and the epilogue of one tile overlaps the next tile's
+loads), timed and checked, not a copy of it. Each tile's K loop is the batch-invariant one (acc = dot(x_blk,
+w_blk, acc) over BLOCK_K blocks in order); rows are checked bit-identical to the decode tile's. Timed at
+M=2048 (the prefill chunk) on the Llama-3-8B layer shapes: `matmul` as shipped (G.PREFILL), the same kernel
+launched with other tiles, and cuBLAS, in the same run.
 
     python bench/try_gemm_persistent.py            # prefill tiles at M=2048
     python bench/try_gemm_persistent.py --decode   # decode tiles at BLOCK_K 64 against the persistent prefill tile
@@ -10,35 +11,14 @@ the current prefill tile and cuBLAS in the same run.
 """
 import torch
 import triton
-import triton.language as tl
 from triton.testing import do_bench
 
 from greta.engine.config import PRESETS
 from greta.kernels import gemm as G
 
 
-@triton.jit
-def _persistent_kernel(x_desc, w_desc, y_desc, M, N, K, NUM_SMS: tl.constexpr, GROUP_M: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WS: tl.constexpr):
-    n_m = tl.cdiv(M, BLOCK_M)
-    n_n = tl.cdiv(N, BLOCK_N)
-    n_tiles = n_m * n_n
-    per_group = GROUP_M * n_n
-    for tile in tl.range(tl.program_id(0), n_tiles, NUM_SMS, flatten=True, warp_specialize=WS):
-        group = tile // per_group
-        first_m = group * GROUP_M
-        size_m = tl.minimum(n_m - first_m, GROUP_M)
-        pid_m = first_m + (tile % per_group) % size_m
-        pid_n = (tile % per_group) // size_m
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            x = x_desc.load([pid_m * BLOCK_M, k0])
-            w = w_desc.load([pid_n * BLOCK_N, k0])
-            acc = tl.dot(x, w.T, acc)
-        y_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc.to(y_desc.dtype))
-
-
-def persistent_matmul(x, w, bm, bn, nw, ns, group_m, ws, bk=G.BLOCK_K):
+def persistent_matmul(x, w, bm, bn, nw, ns, group_m, bk=G.BLOCK_K):
+    """The shipped kernel, launched as gemm.matmul launches it, with the tile given instead of G.PREFILL."""
     from triton.tools.tensor_descriptor import TensorDescriptor as TD
 
     M, K = x.shape
@@ -46,9 +26,10 @@ def persistent_matmul(x, w, bm, bn, nw, ns, group_m, ws, bk=G.BLOCK_K):
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count
     grid = (min(sms, triton.cdiv(M, bm) * triton.cdiv(N, bn)),)
-    _persistent_kernel[grid](TD.from_tensor(x, [bm, bk]), TD.from_tensor(w, [bn, bk]), TD.from_tensor(y, [bm, bn]),
-                             M, N, K, NUM_SMS=sms, GROUP_M=group_m, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, WS=ws,
-                             num_warps=nw, num_stages=ns, enable_fp_fusion=False)
+    G._matmul_persistent_kernel[grid](TD.from_tensor(x, [bm, bk]), TD.from_tensor(w, [bn, bk]),
+                                      TD.from_tensor(y, [bm, bn]), M, N, K, NUM_SMS=sms, GROUP_M=group_m,
+                                      BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns,
+                                      enable_fp_fusion=False)
     return y
 
 
@@ -66,19 +47,20 @@ def main():
         return f"{t:.3f} ms per layer ({fl / t / 1e9:.0f} TFLOP/s)"
 
     print(f"{torch.cuda.get_device_name()}, M={M}", flush=True)
-    print(f"current prefill tile {G.PREFILL}: {rate(G.matmul)}", flush=True)
+    same = all(torch.equal(G.matmul(xs[w.shape[1]], w)[i:i + 1], G.matmul(xs[w.shape[1]][i:i + 1], w))
+               for w in ws_ for i in (0, 77, 2047))
+    print(f"shipped matmul, prefill tile {G.PREFILL}: {rate(G.matmul)}; rows == decode tile: {same}", flush=True)
     print(f"cuBLAS: {rate(lambda x, w: x @ w.T)}", flush=True)
-    # (bm, bn, warps, stages, group_m, warp_specialize, BLOCK_K); BLOCK_K 64 issues the same k16 MMA chain as 128
-    # in the same order, so its rows may well match the decode tile's (BLOCK_K 128): the check says
-    for cfg in [(128, 128, 8, 3, 8, False, 128), (128, 128, 8, 4, 8, False, 64), (128, 128, 8, 5, 8, False, 64),
-                (128, 256, 8, 3, 8, False, 64), (128, 256, 8, 4, 8, False, 64), (128, 256, 8, 3, 8, True, 64),
-                (128, 128, 8, 4, 8, True, 64), (256, 128, 8, 3, 8, False, 64), (128, 256, 8, 3, 16, False, 64)]:
+    # the shipped kernel under other tiles (bm, bn, warps, stages, group_m, BLOCK_K); BLOCK_K 128 is not
+    # the decode tile's, so its rows need not match: the check says
+    for cfg in [(128, 128, 8, 3, 8, 128), (128, 128, 8, 4, 8, 64), (128, 128, 8, 5, 8, 64),
+                (128, 256, 8, 3, 8, 64), (128, 256, 8, 4, 8, 64), (256, 128, 8, 3, 8, 64), (128, 256, 8, 3, 16, 64)]:
         try:
             f = lambda x, w: persistent_matmul(x, w, *cfg)  # noqa: E731
             r = rate(f)
             same = all(torch.equal(f(xs[w.shape[1]], w)[i:i + 1], G.matmul(xs[w.shape[1]][i:i + 1], w))
                        for w in ws_ for i in (0, 77, 2047))
-            print(f"persistent (bm, bn, warps, stages, group_m, ws, bk)={cfg}: {r}; rows == decode tile: {same}", flush=True)
+            print(f"persistent (bm, bn, warps, stages, group_m, bk)={cfg}: {r}; rows == decode tile: {same}", flush=True)
         except Exception as e:  # noqa: BLE001
             print(f"persistent {cfg}: failed {type(e).__name__}: {' '.join(str(e).split())[:200]}", flush=True)
 
@@ -93,7 +75,7 @@ def decode_bk64():
     lm = torch.randn(c.vocab_size, h, device="cuda", dtype=torch.bfloat16) * 0.02
     xs = {k: torch.randn(2048, k, device="cuda", dtype=torch.bfloat16) for k in (h, I)}
     by = 2 * sum(n * k for n, k in shapes)
-    ref = [persistent_matmul(xs[w.shape[1]], w, 128, 256, 8, 3, 8, False, 64) for w in ws_]
+    ref = [G.matmul(xs[w.shape[1]], w) for w in ws_]  # the shipped prefill path (persistent, BLOCK_K 64)
     default = G.DECODE
     for bk, tile in [(128, default), (64, (64, 32, 4, 4)), (64, (64, 32, 4, 6)), (64, (64, 32, 4, 8)),
                      (64, (64, 64, 4, 4)), (64, (64, 64, 4, 6)), (64, (64, 64, 4, 8)), (64, (64, 16, 4, 8)),

@@ -1,9 +1,19 @@
-"""Triton kernels for Greta, imported as greta.kernels (see pyproject)."""
-from .attention import BLOCK_KV, attention_ref, decode_attention, prefill_attention
-from .gemm import matmul, matmul_ref
-from .norm import add_rmsnorm, add_rmsnorm_ref, rmsnorm, rmsnorm_ref
-from .rope import rope, rope_ref
-from .swiglu import swiglu, swiglu_ref
+"""Triton kernels for Greta, imported as greta.kernels (see pyproject), and their torch references
+(reference.py). The kernels need triton (pip install greta[gpu]); the references do not, and the torch
+backends (greta/engine/ops) use them, so on a torch-only install this package holds the references alone."""
+from .reference import add_rmsnorm_ref, attention_ref, matmul_ref, rmsnorm_ref, rope_ref, swiglu_ref
+
+try:
+    import triton  # noqa: F401
+except ImportError:  # a torch-only install: greta.engine's torch backends need no more
+    triton = None
+
+if triton is not None:
+    from .attention import BLOCK_KV, decode_attention, prefill_attention
+    from .gemm import matmul
+    from .norm import add_rmsnorm, rmsnorm
+    from .rope import rope
+    from .swiglu import swiglu
 
 __all__ = [
     "BLOCK_KV", "prefill_attention", "decode_attention", "attention_ref",

@@ -315,17 +315,3 @@ def decode_attention(q, k_cache, v_cache, pos, *, block_m=None, block_kv=None, s
     _merge_kernel[(n_heads,)](pm, pl, pacc, o, pos_t, n_splits, o.stride(1),
                               SPLIT_KV=split_kv, HEAD_D=D, num_warps=NUM_WARPS, enable_fp_fusion=False)
     return o
-
-
-def attention_ref(q, k_cache, v_cache, start):
-    """Plain torch: fp32 softmax over keys 0..p for each row p = start + t."""
-    T, n_heads, D = q.shape
-    group = n_heads // k_cache.shape[0]
-    n = start + T
-    k = k_cache[:, :n].float().repeat_interleave(group, dim=0)   # [n_heads, n, D]
-    v = v_cache[:, :n].float().repeat_interleave(group, dim=0)
-    s = torch.einsum("thd,hnd->htn", q.float(), k) / math.sqrt(D)
-    p = torch.arange(start, n, device=q.device)
-    s = s.masked_fill(torch.arange(n, device=q.device)[None, :] > p[:, None], float("-inf"))
-    o = torch.einsum("htn,hnd->thd", torch.softmax(s, dim=-1), v)
-    return o.to(q.dtype)

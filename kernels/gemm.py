@@ -108,7 +108,3 @@ def matmul(x, w, *, block_m=None, block_n=None, block_k=BLOCK_K):
                          BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=block_k,
                          num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=False)
     return y
-
-
-def matmul_ref(x, w):
-    return (x.float() @ w.float().T).to(x.dtype)

@@ -65,14 +65,3 @@ def rmsnorm(x, weight, eps, *, block=BLOCK):
 def add_rmsnorm(x, residual, weight, eps, *, block=BLOCK):
     """new_residual = x + residual (in x.dtype); returns (rmsnorm(new_residual), new_residual)."""
     return _launch(x, residual, weight, eps, block)
-
-
-def rmsnorm_ref(x, weight, eps):
-    xf = x.float()
-    xn = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-    return (xn.float() * weight.float()).to(x.dtype)
-
-
-def add_rmsnorm_ref(x, residual, weight, eps):
-    new_residual = (x.float() + residual.float()).to(x.dtype)
-    return rmsnorm_ref(new_residual, weight, eps), new_residual

@@ -43,11 +43,3 @@ def rope(x, cos, sin, positions):
                        BLOCK_H=triton.next_power_of_2(n_heads), BLOCK_D=triton.next_power_of_2(half),
                        num_warps=NUM_WARPS, enable_fp_fusion=False)
     return y
-
-
-def rope_ref(x, cos, sin, positions):
-    half = x.shape[-1] // 2
-    c = cos[positions].float()[:, None, :]
-    s = sin[positions].float()[:, None, :]
-    x1, x2 = x.float()[..., :half], x.float()[..., half:]
-    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)

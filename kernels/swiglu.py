@@ -27,7 +27,3 @@ def swiglu(gate, up, *, block=BLOCK):
     _swiglu_kernel[(M, triton.cdiv(n, block))](gate, up, y, n, gate.stride(0), up.stride(0), y.stride(0),
                                                 BLOCK=block, num_warps=NUM_WARPS, enable_fp_fusion=False)
     return y
-
-
-def swiglu_ref(gate, up):
-    return (torch.nn.functional.silu(gate.float()) * up.float()).to(gate.dtype)

@@ -9,7 +9,8 @@ import shutil
 import pytest
 import torch
 
-from greta.engine.config import ModelConfig, inv_freq, load_config
+from greta.engine.config import ModelConfig, inv_freq
+from greta.engine.source import load_config
 from greta.engine.weights import CheckpointError, checkpoint_files, load_checkpoint
 
 

@@ -7,7 +7,8 @@ import math
 
 import pytest
 
-from greta.engine.config import PRESETS, ModelConfig, load_config
+from greta.engine.config import PRESETS, ModelConfig
+from greta.engine.source import load_config
 from greta.engine.config import inv_freq as llama3_inv_freq
 
 # Llama-3-8B's config.json as published (the fields greta reads), for from_hf.

@@ -1,7 +1,7 @@
-"""greta.engine.model.Llama on the tiny preset (synthetic weights, CPU): decode vs. prefill, negative controls,
-weights (synthetic and checkpoint) and prompts.
+"""greta.engine.runner.Runner (greta.engine.model's decoder over its ops) on the tiny preset (synthetic weights,
+CPU): decode vs. prefill, negative controls, weights (synthetic and checkpoint) and prompts.
 
-The reference in these tests is always a *separate* Llama instance with its own KV cache, so nothing the
+The reference in these tests is always a *separate* Runner with its own KV cache, so nothing the
 decode path wrote can leak into it.
 """
 from __future__ import annotations
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from greta.engine.config import load_config
-from greta.engine.model import Llama
+from greta.engine.source import load_config
+from greta.engine.runner import Runner
 from greta.engine.prompt import file_prompt, make_prompt, synthetic_prompt
 from greta.engine.weights import checkpoint_hash, load_checkpoint, save_checkpoint, synthetic, synthetic_hash
 
@@ -21,7 +21,7 @@ def decode_and_reference(cfg, w, ctx, steps, *, kv_aligned, chunk, kv_block, per
     reference logits [steps, V], tokens); row 0 is the prefill's last position, rows 1.. decode steps.
     The reference is one teacher-forced prefill over prompt + generated tokens on a fresh model."""
     prompt = synthetic_prompt(ctx, cfg.vocab_size, seed)
-    m = Llama(cfg, w, max_tokens=ctx + steps, kv_aligned=kv_aligned, chunk=chunk, kv_block=kv_block, perturb=perturb)
+    m = Runner(cfg, w, max_tokens=ctx + steps, kv_aligned=kv_aligned, chunk=chunk, kv_block=kv_block, perturb=perturb)
     first = m.prefill(prompt)
     assert first.shape == (1, cfg.vocab_size) and first.dtype == torch.float32
     out, toks = [first[0]], [int(first[0].argmax())]
@@ -30,7 +30,7 @@ def decode_and_reference(cfg, w, ctx, steps, *, kv_aligned, chunk, kv_block, per
         assert logits.shape == (cfg.vocab_size,)
         out.append(logits)
         toks.append(int(logits.argmax()))
-    ref_model = Llama(cfg, w, max_tokens=ctx + steps, kv_aligned=kv_aligned, chunk=chunk, kv_block=kv_block)
+    ref_model = Runner(cfg, w, max_tokens=ctx + steps, kv_aligned=kv_aligned, chunk=chunk, kv_block=kv_block)
     seq = torch.cat([prompt, torch.tensor(toks[: steps - 1])])
     ref = ref_model.prefill(seq, keep=list(range(ctx - 1, ctx + steps - 1)))
     return torch.stack(out), ref, toks
@@ -62,7 +62,7 @@ def test_aligned_decode_is_bit_exact(tiny_cfg, tiny_weights, dtype, ctx, steps, 
 
 
 def test_aligned_prefill_must_start_on_a_tile(tiny_cfg, tiny_weights):
-    m = Llama(tiny_cfg, tiny_weights(), max_tokens=256, kv_aligned=1, chunk=64, kv_block=128)
+    m = Runner(tiny_cfg, tiny_weights(), max_tokens=256, kv_aligned=1, chunk=64, kv_block=128)
     with pytest.raises(ValueError, match="tile"):
         m.prefill(torch.zeros(10, dtype=torch.int64), start=10)
 
@@ -106,7 +106,7 @@ def test_negative_controls_stand_far_above_unaligned_drift_in_fp32(tiny_cfg, tin
 
 def test_unknown_perturbation_is_refused(tiny_cfg, tiny_weights):
     with pytest.raises(ValueError, match="perturb"):
-        Llama(tiny_cfg, tiny_weights(), max_tokens=64, kv_aligned=1, chunk=64, kv_block=64, perturb="nope")
+        Runner(tiny_cfg, tiny_weights(), max_tokens=64, kv_aligned=1, chunk=64, kv_block=64, perturb="nope")
 
 
 # --- chunking ----------------------------------------------------------------------------------------
@@ -116,7 +116,7 @@ def test_chunk_size_barely_moves_unaligned_prefill(tiny_cfg, tiny_weights):
     keep = [0, 63, 64, 150, 299]
     outs = {}
     for chunk in (37, 64, 128, 300):
-        m = Llama(tiny_cfg, w, max_tokens=300, kv_aligned=0, chunk=chunk, kv_block=128)
+        m = Runner(tiny_cfg, w, max_tokens=300, kv_aligned=0, chunk=chunk, kv_block=128)
         outs[chunk] = m.prefill(prompt, keep=keep)
         assert outs[chunk].shape == (len(keep), tiny_cfg.vocab_size)
         assert torch.isfinite(outs[chunk]).all()
@@ -129,16 +129,16 @@ def test_aligned_prefill_in_pieces_matches_one_pass(tiny_cfg, tiny_weights):
     """Prefill of a prompt in two calls (second starting on a tile) reproduces one call bit for bit."""
     w = tiny_weights()
     prompt = synthetic_prompt(200, tiny_cfg.vocab_size, 2)
-    a = Llama(tiny_cfg, w, max_tokens=200, kv_aligned=1, chunk=64, kv_block=128)
+    a = Runner(tiny_cfg, w, max_tokens=200, kv_aligned=1, chunk=64, kv_block=128)
     one = a.prefill(prompt, keep=[130, 199])
-    b = Llama(tiny_cfg, w, max_tokens=200, kv_aligned=1, chunk=64, kv_block=128)
+    b = Runner(tiny_cfg, w, max_tokens=200, kv_aligned=1, chunk=64, kv_block=128)
     b.prefill(prompt[:128])
     two = b.prefill(prompt[128:], start=128, keep=[130, 199])
     assert torch.equal(one, two)
 
 
 def test_progress_callback_reports_every_chunk(tiny_cfg, tiny_weights):
-    m = Llama(tiny_cfg, tiny_weights(), max_tokens=150, kv_aligned=0, chunk=64, kv_block=128)
+    m = Runner(tiny_cfg, tiny_weights(), max_tokens=150, kv_aligned=0, chunk=64, kv_block=128)
     seen = []
     m.prefill(synthetic_prompt(150, tiny_cfg.vocab_size, 0), progress=lambda d, t: seen.append((d, t)))
     assert seen == [(64, 150), (128, 150), (150, 150)]
@@ -171,7 +171,7 @@ def test_synthetic_weights_shapes(tiny_cfg, tiny_weights):
 
 def test_logits_finite_and_not_degenerate(tiny_cfg, tiny_weights):
     n = 384
-    m = Llama(tiny_cfg, tiny_weights(), max_tokens=n, kv_aligned=0, chunk=128, kv_block=128)
+    m = Runner(tiny_cfg, tiny_weights(), max_tokens=n, kv_aligned=0, chunk=128, kv_block=128)
     logits = m.prefill(synthetic_prompt(n, tiny_cfg.vocab_size, 0), keep=list(range(n)))
     assert logits.shape == (n, tiny_cfg.vocab_size)
     assert torch.isfinite(logits).all()
@@ -190,8 +190,8 @@ def test_checkpoint_round_trip_gives_identical_logits(tmp_path, tiny_cfg, tiny_w
         assert torch.equal(w[k], w2[k]), k
     prompt = synthetic_prompt(150, tiny_cfg.vocab_size, 3)
     keep = [10, 149]
-    a = Llama(tiny_cfg, w, max_tokens=150, kv_aligned=1, chunk=64, kv_block=128).prefill(prompt, keep=keep)
-    b = Llama(cfg2, w2, max_tokens=150, kv_aligned=1, chunk=64, kv_block=128).prefill(prompt, keep=keep)
+    a = Runner(tiny_cfg, w, max_tokens=150, kv_aligned=1, chunk=64, kv_block=128).prefill(prompt, keep=keep)
+    b = Runner(cfg2, w2, max_tokens=150, kv_aligned=1, chunk=64, kv_block=128).prefill(prompt, keep=keep)
     assert torch.equal(a, b)
 
 
@@ -258,3 +258,87 @@ def test_file_prompt_out_of_vocab_is_refused(tmp_path):
     txt.write_text("1 2 300")
     with pytest.raises(ValueError, match="outside"):
         file_prompt(txt, 3, 100)
+
+
+# --- the ops interface: negative controls are wrappers ---------------------------------------------------
+class _Recorder:
+    """A stand-in backend that records the positions rope and attention were given."""
+
+    def __init__(self):
+        self.seen = []
+
+    def rope(self, x, step):
+        self.seen.append(("rope", step.decode, step.pos.tolist()))
+
+    def decode_attention(self, q, kv, step):
+        self.seen.append(("decode_attention", step.pos.tolist()))
+
+    def prefill_attention(self, q, kv, step):
+        self.seen.append(("prefill_attention", step.pos.tolist()))
+
+
+@pytest.mark.parametrize("perturb,want", [
+    ("none", [("rope", False, [5, 6]), ("rope", True, [7]), ("prefill_attention", [5, 6]), ("decode_attention", [7])]),
+    ("rope_offset", [("rope", False, [5, 6]), ("rope", True, [8]), ("prefill_attention", [5, 6]),
+                     ("decode_attention", [7])]),
+    ("kv_off_by_one", [("rope", False, [5, 6]), ("rope", True, [7]), ("prefill_attention", [5, 6]),
+                       ("decode_attention", [6])]),
+])
+def test_negative_controls_move_only_decode_positions(perturb, want):
+    from greta.engine.ops import Step, with_control
+
+    inner = _Recorder()
+    ops = with_control(inner, perturb)
+    assert (ops is inner) == (perturb == "none")
+    pre = Step(torch.tensor([0, 1]), torch.tensor([5, 6]), False, [1])
+    dec = Step(torch.tensor([2]), torch.tensor([7]), True, [0])
+    ops.rope(None, pre)
+    ops.rope(None, dec)
+    ops.prefill_attention(None, None, pre)
+    ops.decode_attention(None, None, dec)
+    assert inner.seen == want
+    assert dec.pos.tolist() == [7]  # the step itself is left as it was
+
+
+# --- model sources -------------------------------------------------------------------------------------
+def test_load_model_of_each_source(tiny_cfg, tmp_path):
+    from greta.engine.source import check_model, load_model
+
+    syn = load_model("tiny", 0, torch.float32, "cpu")
+    assert syn.source == "synthetic" and syn.config is tiny_cfg and syn.model_hash == synthetic_hash(tiny_cfg, 0)
+    d = save_checkpoint(syn.weights, tiny_cfg, tmp_path / "ck")
+    check_model(str(d))
+    ck = load_model(str(d), 0, torch.float32, "cpu")
+    assert ck.source == "checkpoint" and ck.model_hash == checkpoint_hash(d)
+    assert all(torch.equal(ck.weights[k], syn.weights[k]) for k in syn.weights)
+
+
+def test_check_model_refuses_in_one_line(tmp_path):
+    from greta.engine.source import check_model
+
+    check_model("tiny")
+    (tmp_path / "config.json").write_text("{}")
+    for bad, what in [(str(tmp_path / "nope.gguf"), "no such GGUF file"), (str(tmp_path / "nothing"), "neither a preset"),
+                      (str(tmp_path), "safetensors")]:
+        with pytest.raises(ValueError) as e:
+            check_model(bad)
+        assert what in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_torch_backends_run_without_triton():
+    """greta[gpu] (triton) is optional: the torch backends must import and run where `import triton` fails."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['triton'] = None\n"
+            "import torch\n"
+            "from greta.engine.config import PRESETS\nfrom greta.engine.runner import Runner\n"
+            "from greta.engine.weights import synthetic\n"
+            "cfg = PRESETS['tiny']; w = synthetic(cfg, 0, torch.float32, 'cpu')\n"
+            "for kv in (0, 1):\n"
+            "    m = Runner(cfg, w, max_tokens=40, kv_aligned=kv, chunk=16, kv_block=64)\n"
+            "    assert m.prefill(torch.arange(20)).shape == (1, cfg.vocab_size)\n"
+            "    assert m.decode(torch.tensor(3), 20).shape == (cfg.vocab_size,)\n"
+            "assert sys.modules['triton'] is None\nprint('ok')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]

@@ -14,7 +14,7 @@ from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 from greta.engine.config import PRESETS  # noqa: E402
 from greta.kernels import gemm  # noqa: E402
-from greta.engine.model import Llama  # noqa: E402
+from greta.engine.runner import Runner  # noqa: E402
 from greta.record.params import ParamError, load_params  # noqa: E402
 from greta.engine.weights import synthetic  # noqa: E402
 
@@ -29,13 +29,13 @@ CTX, SPAN = 150, 3  # ctx crosses kernel blocks and the 64-row prefill chunks at
 def decode_vs_reference(backend, perturb="none"):
     w = synthetic(CFG, 0, torch.float32, "cpu")
     prompt = torch.randint(0, CFG.vocab_size, (CTX,), generator=torch.Generator().manual_seed(1))
-    m = Llama(CFG, w, max_tokens=CTX + SPAN, kv_aligned=1, chunk=64, kv_block=128, perturb=perturb, backend=backend)
+    m = Runner(CFG, w, max_tokens=CTX + SPAN, kv_aligned=1, chunk=64, kv_block=128, perturb=perturb, backend=backend)
     first = m.prefill(prompt)[0]
     toks, dec = [int(first.argmax())], [first]
     for j in range(SPAN - 1):
         dec.append(m.decode(torch.tensor(toks[-1]), CTX + j))
         toks.append(int(dec[-1].argmax()))
-    ref_model = Llama(CFG, w, max_tokens=CTX + SPAN, kv_aligned=1, chunk=64, kv_block=128, backend=backend)
+    ref_model = Runner(CFG, w, max_tokens=CTX + SPAN, kv_aligned=1, chunk=64, kv_block=128, backend=backend)
     ref = ref_model.prefill(torch.cat([prompt, torch.tensor(toks[:-1])]), keep=list(range(CTX - 1, CTX + SPAN - 1)))
     return torch.stack(dec), ref
 

@@ -12,7 +12,7 @@ import torch
 gguf = pytest.importorskip("gguf")
 from gguf import GGMLQuantizationType as Q  # noqa: E402
 
-from greta.engine.config import load_config  # noqa: E402
+from greta.engine.source import load_config  # noqa: E402
 from greta.engine.gguf import (GGUFError, dequant_q4_k, dequant_q8_0, gguf_config, load_gguf,  # noqa: E402
                         permute_rope_rows, unpermute_rope_rows)
 from greta.checks.oracle import agreement, greta_logits, hf_logits  # noqa: E402

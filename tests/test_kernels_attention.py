@@ -17,7 +17,8 @@ triton = pytest.importorskip("triton")
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 from greta.kernels import attention  # noqa: E402
-from greta.kernels.attention import attention_ref, decode_attention, prefill_attention  # noqa: E402
+from greta.kernels.attention import decode_attention, prefill_attention  # noqa: E402
+from greta.kernels.reference import attention_ref  # noqa: E402
 
 if not isinstance(attention._attn_kernel, InterpretedFunction):
     pytest.skip("greta.kernels was imported before TRITON_INTERPRET=1; run "

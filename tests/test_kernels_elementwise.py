@@ -19,9 +19,10 @@ triton = pytest.importorskip("triton")
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 from greta.kernels import norm  # noqa: E402
-from greta.kernels.norm import add_rmsnorm, add_rmsnorm_ref, rmsnorm, rmsnorm_ref  # noqa: E402
-from greta.kernels.rope import rope, rope_ref  # noqa: E402
-from greta.kernels.swiglu import swiglu, swiglu_ref  # noqa: E402
+from greta.kernels.norm import add_rmsnorm, rmsnorm  # noqa: E402
+from greta.kernels.reference import add_rmsnorm_ref, rmsnorm_ref, rope_ref, swiglu_ref  # noqa: E402
+from greta.kernels.rope import rope  # noqa: E402
+from greta.kernels.swiglu import swiglu  # noqa: E402
 
 if not isinstance(norm._rmsnorm_kernel, InterpretedFunction):
     pytest.skip("greta.kernels was imported before TRITON_INTERPRET=1; run "

@@ -17,7 +17,8 @@ triton = pytest.importorskip("triton")
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 from greta.kernels import gemm  # noqa: E402
-from greta.kernels.gemm import matmul, matmul_ref  # noqa: E402
+from greta.kernels.gemm import matmul  # noqa: E402
+from greta.kernels.reference import matmul_ref  # noqa: E402
 
 if not isinstance(gemm._matmul_kernel, InterpretedFunction):
     pytest.skip("greta.kernels was imported before TRITON_INTERPRET=1; run "

@@ -21,11 +21,13 @@ pytest.importorskip("triton")
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 from greta.kernels import attention, gemm  # noqa: E402
-from greta.kernels.attention import attention_ref, decode_attention, prefill_attention  # noqa: E402
-from greta.kernels.gemm import matmul, matmul_ref  # noqa: E402
-from greta.kernels.norm import add_rmsnorm, add_rmsnorm_ref, rmsnorm, rmsnorm_ref  # noqa: E402
-from greta.kernels.rope import rope, rope_ref  # noqa: E402
-from greta.kernels.swiglu import swiglu, swiglu_ref  # noqa: E402
+from greta.kernels.attention import decode_attention, prefill_attention  # noqa: E402
+from greta.kernels.gemm import matmul  # noqa: E402
+from greta.kernels.norm import add_rmsnorm, rmsnorm  # noqa: E402
+from greta.kernels.reference import (add_rmsnorm_ref, attention_ref, matmul_ref, rmsnorm_ref, rope_ref,  # noqa: E402
+                                     swiglu_ref)
+from greta.kernels.rope import rope  # noqa: E402
+from greta.kernels.swiglu import swiglu  # noqa: E402
 
 compiled = pytest.mark.skipif(INTERPRETED, reason="this process runs Triton interpreted")
 

@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from greta.engine.config import load_config  # noqa: E402
+from greta.engine.source import load_config  # noqa: E402
 from greta.checks.oracle import TOLERANCES, OracleMissing, compare, format_result  # noqa: E402
 
 LLAMA3 = {"rope_theta": 500000.0, "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,

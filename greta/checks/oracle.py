@@ -24,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-from greta.engine.config import PRESETS, ModelConfig, load_config
+from greta.engine.config import PRESETS, ModelConfig
+from greta.engine.source import load_config
 from greta.probe.worker import DTYPES as _TORCH_DTYPES
 
 DTYPES = {k: _TORCH_DTYPES[k] for k in ("float32", "bfloat16")}  # the oracle's dtypes (no float16)
@@ -124,14 +125,14 @@ def greta_logits(cfg: ModelConfig, w: dict, tokens: torch.Tensor, steps: int, po
                  backend: str = "torch") -> tuple[torch.Tensor, torch.Tensor]:
     """(prefill logits [len(positions), V] (default: every position), decode logits [steps, V] at the last
     `steps` positions)."""
-    from greta.engine.model import Llama
+    from greta.engine.runner import Runner
 
     T = tokens.numel()
     positions = list(range(T)) if positions is None else positions
     tokens = tokens.to(w["embed"].device)
     kw = dict(max_tokens=T, kv_aligned=kv_aligned, chunk=chunk, kv_block=kv_block, backend=backend)
-    pre = Llama(cfg, w, **kw).prefill(tokens, keep=positions).cpu()
-    m = Llama(cfg, w, **kw)
+    pre = Runner(cfg, w, **kw).prefill(tokens, keep=positions).cpu()
+    m = Runner(cfg, w, **kw)
     m.prefill(tokens[: T - steps])
     dec = torch.stack([m.decode(tokens[p], p) for p in range(T - steps, T)]).cpu()
     return pre, dec

@@ -1,10 +1,9 @@
-"""Llama-family model configuration: named presets or an HF-style config.json."""
+"""Llama-family model configuration: named presets or an HF-style config.json (which of them a model
+argument names is greta.engine.source's business)."""
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -181,32 +180,13 @@ PRESETS: dict[str, ModelConfig] = {
 }
 
 
-def load_config(model: str) -> ModelConfig:
-    """A preset name, a local HF checkpoint directory holding config.json, or a Llama .gguf file."""
-    if model in PRESETS:
-        return PRESETS[model]
-    p = Path(model)
-    if p.suffix == ".gguf" and p.is_file():
-        from greta.engine.gguf import gguf_config
-
-        return gguf_config(p)
-    if (p / "config.json").is_file():
-        try:
-            hf = json.loads((p / "config.json").read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{p / 'config.json'} is not valid JSON ({e})") from None
-        return ModelConfig.from_hf(hf, name=str(p))
-    raise ValueError(f"model {model!r} is neither a preset ({', '.join(PRESETS)}), a directory with config.json, "
-                     "nor a .gguf file")
-
-
 def inv_freq(cfg: ModelConfig, seq_len: int | None = None) -> list[float]:
     """Rotary inverse frequencies, as transformers' Llama computes them for each rope_scaling type.
 
     default: theta^(-i/d). linear: divided by factor. freq_factors (from GGUF): divided by each factor. llama3: the banded rescaling of
     _compute_llama3_parameters. dynamic (NTK): theta is raised to
     theta * (factor * L / max_pos - (factor - 1)) ^ (d / (d - 2)) with L = max(seq_len, max_pos), the value
-    transformers uses for one forward pass over seq_len tokens (Greta fixes L for a whole run: see model.py).
+    transformers uses for one forward pass over seq_len tokens (Greta fixes L for a whole run: runner.rope_tables).
     """
     d, s, kind = cfg.head_dim, cfg.rope_scaling, rope_type(cfg)
     theta = cfg.rope_theta
@@ -236,4 +216,4 @@ def inv_freq(cfg: ModelConfig, seq_len: int | None = None) -> list[float]:
     return out
 
 
-__all__ = ["ModelConfig", "PRESETS", "load_config", "inv_freq", "kv_capacity", "parse_rope_scaling"]
+__all__ = ["ModelConfig", "PRESETS", "inv_freq", "kv_capacity", "parse_rope_scaling"]

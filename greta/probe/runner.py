@@ -18,7 +18,8 @@ import numpy as np
 
 from greta.record import store as record
 from greta.probe import vram
-from greta.engine.config import ModelConfig, load_config
+from greta.engine.config import ModelConfig
+from greta.engine.source import load_config
 from greta.record.metrics import FAIL, compare, equivalence_verdict
 from greta.record.params import PHASES
 from greta.probe.worker import main as worker_main

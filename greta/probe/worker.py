@@ -133,30 +133,19 @@ class Job:
 
     # --- phases ---------------------------------------------------------------
     def load(self) -> dict:
-        from greta.engine.config import PRESETS, load_config
-        from greta.engine.model import Llama
+        from greta.engine.runner import Runner
+        from greta.engine.source import load_model
         from greta.engine.tokenize import make_prompt_from_params
-        from greta.engine.weights import checkpoint_hash, load_checkpoint, synthetic, synthetic_hash
 
         p = self.p
-        cfg = load_config(p["model"])
-        if p["model"] in PRESETS:  # a preset wins over a same-named folder, as in load_config
-            w = synthetic(cfg, p["seed"], self.dtype, self.device)
-            source, model_hash = "synthetic", synthetic_hash(cfg, p["seed"])
-        elif p["model"].endswith(".gguf"):
-            from greta.engine.gguf import load_gguf
-
-            w = load_gguf(p["model"], cfg, self.dtype, self.device)
-            source, model_hash = "gguf", checkpoint_hash(p["model"])
-        else:
-            w = load_checkpoint(p["model"], cfg, self.dtype, self.device)
-            source, model_hash = "checkpoint", checkpoint_hash(p["model"])
+        m = load_model(p["model"], p["seed"], self.dtype, self.device)
+        cfg, w, source, model_hash = m.config, m.weights, m.source, m.model_hash
         self.cfg = cfg
         prompt, prompt_info = make_prompt_from_params(p, cfg.vocab_size)
         self.prompt = prompt.to(self.device)
-        self.model = Llama(cfg, w, max_tokens=p["ctx"] + p["gen"], kv_aligned=p["kv_aligned"],
-                           chunk=p["prefill_chunk"], kv_block=p["kv_block"], perturb=p["perturb"],
-                           backend=p["backend"])
+        self.model = Runner(cfg, w, max_tokens=p["ctx"] + p["gen"], kv_aligned=p["kv_aligned"],
+                            chunk=p["prefill_chunk"], kv_block=p["kv_block"], perturb=p["perturb"],
+                            backend=p["backend"])
         warmup_s = self._warmup() if self.device.type == "cuda" else 0.0
         weight_bytes = sum(t.nbytes for k, t in w.items() if not (k == "lm_head" and cfg.tie_embeddings))
         return {"config": cfg.to_dict(), "weights_source": source, "model_hash": model_hash,

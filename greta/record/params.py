@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from greta.paths import REPO_ROOT
+from greta.paths import resolve
 
 PHASES = ("ceilings", "load", "prefill", "decode", "reference")
 FAULT_KINDS = ("hang", "oom", "crash", "kill", "error", "kernel_death")
@@ -134,15 +134,6 @@ def _flat_defaults() -> dict:
     return _flat(DEFAULTS, "defaults")
 
 
-def resolve(path) -> Path:
-    """A relative path as given, else relative to the repository checkout (for notebooks run elsewhere)."""
-    p = Path(path)
-    if p.is_absolute() or _exists(p):
-        return p
-    repo = REPO_ROOT / p
-    return repo if _exists(repo) else p
-
-
 def parse_overrides(items: list[str]) -> dict:
     """['ctx=32768', 'timeouts.decode=5'] -> {'ctx': '32768', ...}"""
     out = {}
@@ -175,13 +166,6 @@ def _is_file(p: Path) -> bool:
     try:
         return p.is_file()
     except (OSError, ValueError):  # name too long, embedded NUL, ...
-        return False
-
-
-def _exists(p: Path) -> bool:
-    try:
-        return p.exists()
-    except (OSError, ValueError):
         return False
 
 
@@ -300,13 +284,14 @@ def device_memory(device: str) -> int:
 
 def _check_fits(p: dict) -> None:
     """Refuse a run whose weights plus KV cache alone exceed the device's total memory."""
-    from greta.engine.config import kv_capacity, load_config
+    from greta.engine.config import kv_capacity
+    from greta.engine.source import load_config
 
     try:
         cfg = load_config(p["model"])
     except Exception as e:  # a checkpoint's config.json that isn't a Llama config
         raise ParamError(f"param model={_show(p['model'])}: cannot read its config.json ({_show(str(e), 80)})") from None
-    cache = kv_capacity(p["ctx"] + p["gen"] + p["prefill_chunk"], p["kv_block"])  # as model.KVCache holds it
+    cache = kv_capacity(p["ctx"] + p["gen"] + p["prefill_chunk"], p["kv_block"])  # as runner.KVCache holds it
     b = dtype_bytes(p["dtype"])
     need = cfg.param_count() * b + cfg.kv_bytes_per_token(b) * cache
     have = device_memory(p["device"])
@@ -331,23 +316,12 @@ def _check_triton(device: str, dtype: str) -> None:
 
 
 def _check_model(model: str) -> None:
-    from greta.engine.config import PRESETS
-
-    if model in PRESETS:
-        return
-    if model.endswith(".gguf"):
-        if not Path(model).is_file():
-            raise ParamError(f"param model={model!r}: no such GGUF file")
-        return
-    d = Path(model)
-    if not _is_file(d / "config.json"):
-        raise ParamError(f"param model={_show(model)} is neither a preset ({', '.join(PRESETS)}), a checkpoint directory with config.json, nor a .gguf file")
-    from greta.engine.weights import CheckpointError, checkpoint_files
+    from greta.engine.source import check_model
 
     try:
-        checkpoint_files(d)
-    except CheckpointError as e:
-        raise ParamError(f"param model={_show(model)}: {e}") from None
+        check_model(model)
+    except ValueError as e:  # ModelSourceError (its reason), CheckpointError: one line naming the fault
+        raise ParamError(f"param model={_show(model)}: {getattr(e, 'reason', e)}") from None
 
 
 def _check_device(device: str, dtype: str) -> None:

@@ -159,7 +159,7 @@ def _fault_record(run_dir: Path, params: dict, status: str, how: str):
     import json
 
     from greta.probe import vram
-    from greta.engine.config import load_config
+    from greta.engine.source import load_config
     from greta.record.metrics import FAIL
     from greta.record.params import PHASES
     from greta.record.store import Record, atomic_write_text, verdict_record

@@ -229,7 +229,7 @@ def _fail_legend(handles):
 
 def _analytic_floor(rows, ctxs):
     """(dtype, [ctx], [floor MB]) per dtype, from the model config: weights + KV for ctx + gen tokens."""
-    from greta.engine.config import load_config
+    from greta.engine.source import load_config
     from greta.record.params import dtype_bytes
     from greta.probe.vram import floor_mb
 

@@ -1,0 +1,29 @@
+"""Backends of the decoder's ops (see base.Ops): plain torch (kv_aligned=0), tiled torch and Triton
+(kv_aligned=1), and the negative controls that wrap any of them."""
+from __future__ import annotations
+
+from greta.engine.ops.base import Ops, OpsWrapper, Step
+from greta.engine.ops.controls import PERTURBATIONS, with_control
+
+BACKENDS = ("torch", "triton")
+
+
+def make_ops(backend: str, kv_aligned: bool, cos, sin, *, chunk: int, kv_block: int) -> Ops:
+    """The backend for a run. backend=triton runs the kernels only where they are needed (kv_aligned=1);
+    kv_aligned=0 is the torch fast path whichever backend is named."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be torch or triton, got {backend!r}")
+    if not kv_aligned:
+        from greta.engine.ops.torch_ops import TorchOps
+
+        return TorchOps(cos, sin)
+    if backend == "triton":
+        from greta.engine.ops.triton_ops import TritonOps
+
+        return TritonOps(cos, sin, kv_block)
+    from greta.engine.ops.tiled_torch import TiledTorchOps
+
+    return TiledTorchOps(cos, sin, chunk, kv_block)
+
+
+__all__ = ["BACKENDS", "Ops", "OpsWrapper", "PERTURBATIONS", "Step", "make_ops", "with_control"]

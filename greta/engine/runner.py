@@ -1,0 +1,123 @@
+"""Runs the decoder (model.forward) over a preallocated KV cache: prefill in chunks, decode one token, and
+on CUDA with the Triton backend, the decode step captured once and replayed from a CUDA/HIP graph.
+
+prefill(tokens, start): many positions at once, chunked so activations stay bounded.
+decode(token, pos):     one position, reading everything before it from the KV cache.
+
+The two kv_aligned modes (the probe's) are the choice of ops backend (greta/engine/ops):
+  kv_aligned=0  the fastest torch op per path (SDPA and full-chunk matmuls in prefill; M=1 matmuls and a
+                plain softmax(q K^T) V in decode): the paths round differently, so drift is expected.
+  kv_aligned=1  a row's arithmetic must not depend on how many rows run with it: the Triton kernels
+                (batch-invariant by construction) or tiled torch (one fixed row tile, position-aligned KV
+                blocks), so decode reproduces prefill bit for bit.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from greta.engine.config import ModelConfig, inv_freq, kv_capacity
+from greta.engine.model import forward
+from greta.engine.ops import make_ops, with_control
+
+
+class KVCache:
+    """K and V for every layer: [n_layers, n_kv_heads, capacity, head_dim], capacity a multiple of block."""
+
+    def __init__(self, cfg: ModelConfig, tokens: int, block: int, dtype: torch.dtype, device):
+        self.capacity = kv_capacity(tokens, block)
+        shape = (cfg.n_layers, cfg.n_kv_heads, self.capacity, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k[i], self.v[i]
+
+    def reset(self):
+        self.k.zero_()
+        self.v.zero_()
+
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+
+def rope_tables(cfg: ModelConfig, n: int, device, seq_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [n, head_dim/2] in fp32 (angles computed in fp64). seq_len: the run's length, which only
+    dynamic (NTK) rope scaling depends on; Greta fixes it for the run (prefill and decode alike), as
+    transformers does for one forward pass over seq_len tokens."""
+    inv = torch.tensor(inv_freq(cfg, seq_len), dtype=torch.float64)
+    ang = torch.outer(torch.arange(n, dtype=torch.float64), inv)
+    return ang.cos().float().to(device), ang.sin().float().to(device)
+
+
+class Runner:
+    """A model (config + weights as a flat dict, HF names fused: wqkv, w13; see weights.py) ready to run:
+    its KV cache, rope tables and ops backend. perturb installs a negative control (ops/controls.py)."""
+
+    def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor], *, max_tokens: int,
+                 kv_aligned: bool, chunk: int, kv_block: int, perturb: str = "none", backend: str = "torch"):
+        self.cfg, self.w = cfg, weights
+        self.kv_aligned, self.chunk, self.kv_block, self.perturb = bool(kv_aligned), chunk, kv_block, perturb
+        emb = weights["embed"]
+        self.dtype, self.device = emb.dtype, emb.device
+        # room for a padded last tile, so aligned mode never writes past the end
+        self.cache = KVCache(cfg, max_tokens + chunk, kv_block, self.dtype, self.device)
+        # one row past the cache: rope_offset's decode reads position pos + 1
+        self.cos, self.sin = rope_tables(cfg, self.cache.capacity + 1, self.device, seq_len=max_tokens)
+        ops = make_ops(backend, self.kv_aligned, self.cos, self.sin, chunk=chunk, kv_block=kv_block)
+        self.graphable = backend == "triton" and self.kv_aligned and self.device.type == "cuda"
+        self.ops = with_control(ops, perturb)
+        self._graph = None
+
+    @torch.inference_mode()
+    def prefill(self, tokens: torch.Tensor, start: int = 0, keep: list[int] | None = None,
+                progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        """Ingest tokens at positions start.. in chunks of self.chunk. Returns fp32 logits [len(keep), V]
+        for the absolute positions in keep (default: the last one)."""
+        n = tokens.numel()
+        keep = [start + n - 1] if keep is None else keep
+        out = {}
+        if self.kv_aligned and start % self.chunk:
+            raise ValueError(f"aligned prefill must start on a tile boundary (start={start}, chunk={self.chunk})")
+        for c0 in range(0, n, self.chunk):
+            c1 = min(n, c0 + self.chunk)
+            pos = torch.arange(start + c0, start + c1, device=self.device)
+            rows = [p - (start + c0) for p in keep if start + c0 <= p < start + c1]
+            logits = self._forward(tokens[c0:c1], pos, rows, decode=False)
+            for r, row in zip(rows, logits):
+                out[start + c0 + r] = row
+            if progress:
+                progress(c1, n)
+        return torch.stack([out[p] for p in keep])
+
+    @torch.inference_mode()
+    def decode(self, token: torch.Tensor, pos: int) -> torch.Tensor:
+        """One token at position pos; returns fp32 logits [V]."""
+        if self.graphable:
+            return self._decode_graphed(token, pos)
+        return self._forward(token.reshape(1), torch.tensor([pos], device=self.device), [0], decode=True)[0]
+
+    def _forward(self, tokens, pos, rows, decode: bool) -> torch.Tensor:
+        return forward(self.ops, self.cfg, self.w, self.cache, self.ops.plan(tokens, pos, rows, decode))
+
+    def _decode_graphed(self, token, pos: int) -> torch.Tensor:
+        """The decode step replayed from a CUDA/HIP graph: no host sync inside the step. The first call runs
+        the step eagerly (twice, same inputs, same cache writes) on a side stream, then captures it."""
+        if self._graph is None:
+            self._tok = token.reshape(1).to(self.device, torch.int64).clone()
+            self._pos = torch.tensor([pos], device=self.device)
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self._forward(self._tok, self._pos, [0], decode=True)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._out = self._forward(self._tok, self._pos, [0], decode=True)
+            self._graph = graph
+        self._tok.copy_(token.reshape(1))
+        self._pos.fill_(pos)
+        self._graph.replay()
+        return self._out[0].clone()  # the next replay overwrites the graph's output buffer

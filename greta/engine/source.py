@@ -1,0 +1,93 @@
+"""Where a model comes from: a preset name (synthetic weights), a local HF checkpoint directory, or a Llama
+.gguf file. The one place that tells them apart; the params preflight (check_model), the config readers
+(load_config) and the worker (load_model) all ask here."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from greta.engine.config import PRESETS, ModelConfig
+
+
+class ModelSourceError(ValueError):
+    """A model argument that names no model Greta can load: one line naming it and what it should be."""
+
+    def __init__(self, model: str, reason: str):
+        super().__init__(f"model={model!r}: {reason}")
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    config: ModelConfig
+    weights: dict[str, torch.Tensor]
+    source: str      # synthetic | checkpoint | gguf (the record's weights_source)
+    model_hash: str  # synthetic_hash for a preset, checkpoint_hash of the files otherwise
+
+
+def _is_file(p: Path) -> bool:
+    try:
+        return p.is_file()
+    except (OSError, ValueError):  # name too long, embedded NUL, ...
+        return False
+
+
+def model_source(model: str) -> str:
+    """synthetic | gguf | checkpoint, from the name alone (a preset wins over a same-named folder)."""
+    if model in PRESETS:
+        return "synthetic"
+    p = Path(model)
+    if model.endswith(".gguf"):
+        if not _is_file(p):
+            raise ModelSourceError(model, "no such GGUF file")
+        return "gguf"
+    if _is_file(p / "config.json"):
+        return "checkpoint"
+    raise ModelSourceError(model, f"neither a preset ({', '.join(PRESETS)}), a checkpoint directory with "
+                           "config.json, nor a .gguf file")
+
+
+def check_model(model: str) -> None:
+    """Cheap preflight, reading no tensor: a preset, an existing .gguf file, or a directory with config.json
+    whose safetensors files are all there. Raises ValueError (one line) otherwise."""
+    if model_source(model) == "checkpoint":
+        from greta.engine.weights import checkpoint_files
+
+        checkpoint_files(model)  # CheckpointError (a ValueError) names what is missing
+
+
+def load_config(model: str) -> ModelConfig:
+    """The model's config: the preset, the GGUF file's metadata or the directory's config.json."""
+    kind = model_source(model)
+    if kind == "synthetic":
+        return PRESETS[model]
+    if kind == "gguf":
+        from greta.engine.gguf import gguf_config
+
+        return gguf_config(model)
+    p = Path(model) / "config.json"
+    try:
+        hf = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelSourceError(model, f"{p} is not valid JSON ({e})") from None
+    return ModelConfig.from_hf(hf, name=str(Path(model)))
+
+
+def load_model(model: str, seed: int, dtype: torch.dtype, device) -> LoadedModel:
+    """Config and weights on device in dtype (a preset's synthetic weights from seed), with their source and
+    hash for the record."""
+    from greta.engine import weights
+
+    cfg, kind = load_config(model), model_source(model)
+    if kind == "synthetic":
+        return LoadedModel(cfg, weights.synthetic(cfg, seed, dtype, device), kind, weights.synthetic_hash(cfg, seed))
+    if kind == "gguf":
+        from greta.engine.gguf import load_gguf
+
+        w = load_gguf(model, cfg, dtype, device)
+    else:
+        w = weights.load_checkpoint(model, cfg, dtype, device)
+    return LoadedModel(cfg, w, kind, weights.checkpoint_hash(model))

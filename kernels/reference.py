@@ -1,0 +1,49 @@
+"""The kernels' torch references: what each kernel computes, in plain torch (no triton needed, so the
+torch backends of greta/engine/ops import them on a torch-only install). The kernel tests compare against
+them; the torch backends use rmsnorm_ref and rope_ref as their RMSNorm and RoPE (the same bits as the
+formulas the engine always used), so each of those exists once."""
+import math
+
+import torch
+
+
+def rmsnorm_ref(x, weight, eps):
+    xf = x.float()
+    xn = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return (xn.float() * weight.float()).to(x.dtype)
+
+
+def add_rmsnorm_ref(x, residual, weight, eps):
+    new_residual = (x.float() + residual.float()).to(x.dtype)
+    return rmsnorm_ref(new_residual, weight, eps), new_residual
+
+
+def rope_ref(x, cos, sin, positions):
+    half = x.shape[-1] // 2
+    c = cos[positions].float()[:, None, :]
+    s = sin[positions].float()[:, None, :]
+    x1, x2 = x.float()[..., :half], x.float()[..., half:]
+    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)
+
+
+def swiglu_ref(gate, up):
+    return (torch.nn.functional.silu(gate.float()) * up.float()).to(gate.dtype)
+
+
+def matmul_ref(x, w):
+    return (x.float() @ w.float().T).to(x.dtype)
+
+
+def attention_ref(q, k_cache, v_cache, start):
+    """Plain torch: fp32 softmax over keys 0..p for each row p = start + t."""
+    T, n_heads, D = q.shape
+    group = n_heads // k_cache.shape[0]
+    n = start + T
+    k = k_cache[:, :n].float().repeat_interleave(group, dim=0)   # [n_heads, n, D]
+    v = v_cache[:, :n].float().repeat_interleave(group, dim=0)
+    s = torch.einsum("thd,hnd->htn", q.float(), k) / math.sqrt(D)
+    p = torch.arange(start, n, device=q.device)
+    s = s.masked_fill(torch.arange(n, device=q.device)[None, :] > p[:, None], float("-inf"))
+    o = torch.einsum("htn,hnd->thd", torch.softmax(s, dim=-1), v)
+    return o.to(q.dtype)
+
