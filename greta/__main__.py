@@ -157,6 +157,7 @@ def main(argv=None) -> int:
             bad += bool(reasons)
         return 1 if bad else 0
 
+    from greta.probe.preflight import preflight
     from greta.record.params import ParamError, load_params, parse_overrides
 
     try:
@@ -168,7 +169,7 @@ def main(argv=None) -> int:
         if bad_out:
             raise ParamError(f"-o {args.out_root!r} is not a folder; records go under a folder, e.g. -o outputs")
         overrides = parse_overrides(args.param)
-        params = load_params(args.file, overrides)
+        params = preflight(load_params(args.file, overrides))
     except ParamError as e:
         return _fail(e)
     from greta.probe.runner import ProbeInterrupted
