@@ -93,7 +93,7 @@ def _check_model(model: str) -> None:
         try:
             check_gguf_header(model)
         except (GGUFError, OSError) as e:
-            raise ParamError(f"param model={show(model)}: {" ".join(str(e).split())[:300]}") from None
+            raise ParamError(f"param model={show(model)}: {' '.join(str(e).split())[:300]}") from None
         return
     d = Path(model)
     if not is_file(d / "config.json"):
