@@ -23,6 +23,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from greta.probe.preflight import preflight  # pure until called: torch is imported by the checks themselves
+
 
 class _UsageError(Exception):
     pass
@@ -157,7 +159,6 @@ def main(argv=None) -> int:
             bad += bool(reasons)
         return 1 if bad else 0
 
-    from greta.probe.preflight import preflight
     from greta.record.params import ParamError, load_params, parse_overrides
 
     try:

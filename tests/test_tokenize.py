@@ -1,5 +1,5 @@
 """Text prompts (greta.engine.tokenize): a tiny `tokenizers` WordLevel tokenizer saved as tokenizer.json, the
-'hello ' x ctx prompt and prompt_file texts truncated or padded to ctx, the synthetic fallback without a
+'hello ' x ctx prompt and prompt_file texts truncated or padded to ctx, the refusal of a text prompt without a
 tokenizer, the record's prompt metadata, and the params that select them."""
 from __future__ import annotations
 

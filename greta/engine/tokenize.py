@@ -61,7 +61,7 @@ def ids_sha256(ids: torch.Tensor) -> str:
 
 def make_prompt_from_params(p: dict, vocab: int) -> tuple[torch.Tensor, dict]:
     """The probe's prompt ids [ctx] and what the record says about them."""
-    from greta.record.params import resolve
+    from greta.paths import resolve
     from greta.engine.prompt import make_prompt
 
     ctx, spec, text_file = p["ctx"], p["prompt"], p["prompt_file"]

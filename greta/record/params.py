@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from greta.paths import REPO_ROOT
+from greta.paths import resolve  # noqa: F401 - params.resolve, as callers know it
 
 PHASES = ("ceilings", "load", "prefill", "decode", "reference")
 FAULT_KINDS = ("hang", "oom", "crash", "kill", "error", "kernel_death")
@@ -328,15 +328,6 @@ def validate(p: Params) -> None:
 
 
 # --- reading: files, CLI strings, notebooks ---------------------------------------------------------------
-def resolve(path) -> Path:
-    """A relative path as given, else relative to the repository checkout (for notebooks run elsewhere)."""
-    p = Path(path)
-    if p.is_absolute() or _exists(p):
-        return p
-    repo = REPO_ROOT / p
-    return repo if _exists(repo) else p
-
-
 def parse_overrides(items: list[str]) -> dict:
     """['ctx=32768', 'timeouts.decode=5'] -> {'ctx': '32768', ...}"""
     out = {}
@@ -382,13 +373,6 @@ def is_file(p: Path) -> bool:
     try:
         return p.is_file()
     except (OSError, ValueError):  # name too long, embedded NUL, ...
-        return False
-
-
-def _exists(p: Path) -> bool:
-    try:
-        return p.exists()
-    except (OSError, ValueError):
         return False
 
 
