@@ -23,6 +23,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from greta.probe.preflight import preflight  # pure until called: torch is imported by the checks themselves
+
 
 class _UsageError(Exception):
     pass
@@ -168,7 +170,7 @@ def main(argv=None) -> int:
         if bad_out:
             raise ParamError(f"-o {args.out_root!r} is not a folder; records go under a folder, e.g. -o outputs")
         overrides = parse_overrides(args.param)
-        params = load_params(args.file, overrides)
+        params = preflight(load_params(args.file, overrides))
     except ParamError as e:
         return _fail(e)
     from greta.probe.runner import ProbeInterrupted

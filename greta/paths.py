@@ -7,7 +7,7 @@ OUTPUTS = REPO_ROOT / "outputs"
 
 
 def resolve(path) -> Path:
-    """A relative path as given, else relative to the repository checkout (for notebooks run elsewhere)."""
+    """A relative path as given where it exists, else relative to the checkout (notebooks run elsewhere)."""
     p = Path(path)
     if p.is_absolute() or _exists(p):
         return p

@@ -15,6 +15,7 @@ from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 from greta.engine.config import PRESETS  # noqa: E402
 from greta.kernels import gemm  # noqa: E402
 from greta.engine.runner import Runner  # noqa: E402
+from greta.probe.preflight import preflight  # noqa: E402
 from greta.record.params import ParamError, load_params  # noqa: E402
 from greta.engine.weights import synthetic  # noqa: E402
 
@@ -59,8 +60,8 @@ def test_triton_negative_control_fails(perturb):
 
 def test_triton_on_cpu_param_checks(monkeypatch):
     with pytest.raises(ParamError, match="dtype=float32"):
-        load_params(None, {"backend": "triton", "dtype": "bfloat16"})
-    assert load_params(None, {"backend": "triton", "dtype": "float32"})["backend"] == "triton"
+        preflight(load_params(None, {"backend": "triton", "dtype": "bfloat16"}))
+    assert preflight(load_params(None, {"backend": "triton", "dtype": "float32"}))["backend"] == "triton"
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(ParamError, match="TRITON_INTERPRET=1"):
-        load_params(None, {"backend": "triton", "dtype": "float32"})
+        preflight(load_params(None, {"backend": "triton", "dtype": "float32"}))

@@ -25,6 +25,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from greta.__main__ import main
+from greta.probe.preflight import preflight
 from greta.record.params import DEFAULTS, FAULT_KINDS, PHASES, ParamError, load_params, parse_overrides, validate
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -49,15 +50,18 @@ assert set(STR_KEYS) >= {"model", "prompt", "device", "fault"}
 # a token-id file long enough for every good ctx (GOOD_INT below)
 PROMPT_IDS = Path(tempfile.mkdtemp(prefix="greta-fuzz-")) / "ids.txt"
 PROMPT_IDS.write_text(" ".join(str(i % 50) for i in range(8192)))
+# a tokenizer.json for text prompts (preflight checks that one exists; the tiny preset has none beside it)
+FUZZ_TOKENIZER = PROMPT_IDS.parent / "tokenizer.json"
+FUZZ_TOKENIZER.write_text("{}")
 
 # --- the spec, written out here rather than read from greta.record.params ------------------------------------
 CPUS = os.cpu_count() or 1
-GOOD_INT = {"ctx": (1, 8192), "gen": (16, 64), "span": (1, 16), "kv_aligned": (0, 1), "seed": (0, 2**32 - 1),
+GOOD_INT = {"ctx": (1, 8192), "gen": (16, 64), "span": (2, 16), "kv_aligned": (0, 1), "seed": (0, 2**32 - 1),
             "prefill_chunk": (1, 4096), "kv_block": (1, 4096), "threads": (0, CPUS)}
 # the largest value each int key takes; ctx and gen beyond the bound are "obviously too big"
 INT_MAX = {"kv_aligned": 1, "seed": 2**32 - 1, "threads": CPUS, "ctx": 2**31 - 1, "gen": 2**31 - 1,
            "span": 2**31 - 1, "prefill_chunk": 2**31 - 1, "kv_block": 2**31 - 1}
-INT_MIN = {"kv_aligned": 0, "seed": 0, "threads": 0}  # others: 1
+INT_MIN = {"kv_aligned": 0, "seed": 0, "threads": 0, "span": 2}  # others: 1 (span 1 compares no decode step)
 FLOAT_RANGE = {"sampling_period_s": (1e-3, 3600.0), "thresholds.top1_agreement": (0.0, 1.0),
                "memory_fraction": (1.0, 1.0),  # on the CPU only 1.0 is valid (a cap is for GPUs)
                "thresholds.max_abs_diff": (0.0, None), "thresholds.p99_abs_diff": (0.0, None),
@@ -68,7 +72,7 @@ VALID_STR = {"probe": ["b3_77"], "model": ["tiny"], "device": ["cpu"], "backend"
              # the loader checks that a prompt file exists (its ids are read by the load phase)
              "prompt": ["synthetic", "hello", str(PROMPT_IDS)],
              # text prompts: an existing text file; a tokenizer.json file or a folder holding one ("" = beside the model)
-             "prompt_file": ["", str(REPO_ROOT / "README.md")], "tokenizer": [""]}
+             "prompt_file": ["", str(REPO_ROOT / "README.md")], "tokenizer": ["", str(FUZZ_TOKENIZER)]}
 # strings that some machine may accept, so never labelled bad
 MAYBE_VALID_STR = {"device": ["cuda"] + [f"cuda:{i}" for i in range(16)], "backend": ["triton"],
                    "model": ["llama3-8b", "llama2-7b"]}
@@ -157,7 +161,7 @@ def case(draw, need_bad: bool = False, all_good: bool = False):
     lets through isn't hidden behind another that it refuses."""
     items = {k: (v, False) for k, v, _ in draw(st.lists(item(good=True), max_size=5))}
     if all_good:
-        return items
+        return with_tokenizer(items, give=True)
     n_bad = draw(st.sampled_from([1, 1, 1, 1, 2, 3] if need_bad else [0, 1, 1, 1, 1, 1, 2, 3]))
     if n_bad and draw(st.integers(0, 7)) == 0:
         g = draw(st.integers(1, 1000))
@@ -167,6 +171,18 @@ def case(draw, need_bad: bool = False, all_good: bool = False):
     for _ in range(n_bad):
         k, v, _ = draw(item(good=False))
         items[k] = (v, True)
+    return with_tokenizer(items, give=draw(st.booleans()))
+
+
+def with_tokenizer(items: dict, give: bool) -> dict:
+    """A text prompt (prompt=hello, a prompt_file) needs a tokenizer.json: give it one, or else label the
+    text prompt bad (the tiny preset has none), unless the tokenizer is itself the bad item under test."""
+    text = [k for k, (v, bad) in items.items() if not bad and ((k == "prompt" and v == "hello") or (k == "prompt_file" and v))]
+    if text and not items.get("tokenizer", ("", False))[1] and not items.get("tokenizer", ("", False))[0]:
+        if give:
+            items["tokenizer"] = (str(FUZZ_TOKENIZER), False)
+        else:
+            items.update({k: (items[k][0], True) for k in text})
     return items
 
 
@@ -205,9 +221,9 @@ def one_line(msg: str) -> bool:
 def check_loaded(p: dict, items: dict) -> None:
     """The loader's own invariants, and the given values (coerced to the defaults' types) kept."""
     validate(p)
-    assert set(p) == set(DEFAULTS)
+    assert set(p.to_dict()) == set(DEFAULTS)
     for s, ks in SECTIONS.items():
-        assert set(p[s]) == set(ks)
+        assert set(p.to_dict()[s]) == set(ks)
     for k, (v, _) in items.items():
         sec, _, sub = k.partition(".")
         got, default = (p[sec][sub], DEFAULTS[sec][sub]) if sub else (p[k], DEFAULTS[k])
@@ -234,7 +250,7 @@ def test_load_params_refuses_bad_in_one_line_and_accepts_good(items, form):
             overrides = as_dict(items, nest=form == "nested")
         bad = bad_keys(items)
         try:
-            p = load_params(path, overrides)
+            p = preflight(load_params(path, overrides))
         except ParamError as e:
             msg = str(e)
             assert one_line(msg), repr(msg)

@@ -2,21 +2,28 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
 import torch
 import yaml
 
-from greta.record.params import DEFAULTS, ParamError, load_params, parse_overrides
+from greta.probe.preflight import preflight
+from greta.record.params import DEFAULTS, ParamError, Params, load_params, parse_overrides
 
 CPU = "params/cpu_default.yaml"
 
 
+def checked(path=None, overrides: dict | None = None) -> Params:
+    """What a probe runs with: parsed (load_params, pure), then checked against this machine (preflight)."""
+    return preflight(load_params(path, overrides))
+
+
 def refuse(overrides: dict, key: str, path=None) -> str:
-    """load_params must raise a ParamError whose message is one line and names key."""
+    """load_params + preflight must raise a ParamError whose message is one line and names key."""
     with pytest.raises(ParamError) as ei:
-        load_params(path, overrides)
+        checked(path, overrides)
     msg = str(ei.value)
     assert "\n" not in msg, msg
     assert key in msg, msg
@@ -26,18 +33,21 @@ def refuse(overrides: dict, key: str, path=None) -> str:
 # --- layering -------------------------------------------------------------------------------------
 def test_defaults_alone():
     p = load_params()
-    assert p == DEFAULTS
-    assert p is not DEFAULTS and p["timeouts"] is not DEFAULTS["timeouts"]
-    p["timeouts"]["decode"] = 1  # the caller's copy, never the module's defaults
-    assert DEFAULTS["timeouts"]["decode"] == 600
+    assert p.to_dict() == DEFAULTS
+    assert p.to_dict() is not DEFAULTS and p.to_dict()["timeouts"] is not DEFAULTS["timeouts"]
+    with pytest.raises(dataclasses.FrozenInstanceError):  # params are frozen: change them with replace()
+        p.timeouts.decode = 1
+    d = p.to_dict()
+    d["timeouts"]["decode"] = 1  # the caller's copy, never the module's defaults
+    assert DEFAULTS["timeouts"]["decode"] == 600 and p.timeouts.decode == 600
 
 
 def test_file_layer(repo_root):
     p = load_params(repo_root / CPU)
     want = yaml.safe_load((repo_root / CPU).read_text())
     for k, v in want.items():
-        assert p[k] == v, k
-    assert set(p) == set(DEFAULTS)
+        assert p.to_dict()[k] == v, k
+    assert set(p.to_dict()) == set(DEFAULTS)
 
 
 def test_relative_params_file_resolves_from_any_cwd(monkeypatch, tmp_path, repo_root):
@@ -48,14 +58,14 @@ def test_relative_params_file_resolves_from_any_cwd(monkeypatch, tmp_path, repo_
 def test_overrides_win_over_file_and_defaults():
     p = load_params(CPU, {"ctx": 1024, "timeouts.decode": 7, "kv_aligned": 0})
     assert p["ctx"] == 1024 and p["kv_aligned"] == 0
-    assert p["timeouts"] == {**DEFAULTS["timeouts"], "decode": 7}
+    assert p["timeouts"].to_dict() == {**DEFAULTS["timeouts"], "decode": 7}
     assert p["model"] == "tiny"  # from the file
 
 
 def test_papermill_style_nested_overrides_merge():
     p = load_params(CPU, {"timeouts": {"decode": 3}, "thresholds": {"top1_agreement": 0.5}})
-    assert p["timeouts"] == {**DEFAULTS["timeouts"], "decode": 3}
-    assert p["thresholds"] == {**DEFAULTS["thresholds"], "top1_agreement": 0.5}
+    assert p["timeouts"].to_dict() == {**DEFAULTS["timeouts"], "decode": 3}
+    assert p["thresholds"].to_dict() == {**DEFAULTS["thresholds"], "top1_agreement": 0.5}
 
 
 def test_string_coercion_of_cli_values():
@@ -187,7 +197,7 @@ def test_nonexistent_prompt_file(tmp_path):
 def test_existing_prompt_file_is_accepted(tmp_path):
     f = tmp_path / "ids.txt"
     f.write_text("1 2 3")
-    assert load_params(None, {"prompt": str(f), "ctx": 3})["prompt"] == str(f)
+    assert checked(None, {"prompt": str(f), "ctx": 3})["prompt"] == str(f)
 
 
 def test_prompt_file_too_short_or_not_ids(tmp_path):
@@ -201,7 +211,7 @@ def test_prompt_file_too_short_or_not_ids(tmp_path):
     np.save(g, np.array([0.5, 1.5]))
     assert "not integers" in refuse({"prompt": str(g), "ctx": 2}, "prompt")
     np.save(g, np.arange(10))
-    assert load_params(None, {"prompt": str(g), "ctx": 10})["prompt"] == str(g)
+    assert checked(None, {"prompt": str(g), "ctx": 10})["prompt"] == str(g)
 
 
 def test_model_neither_preset_nor_checkpoint(tmp_path):
@@ -219,7 +229,7 @@ def test_checkpoint_dir_with_safetensors_is_accepted(tmp_path, tiny_cfg, tiny_we
     from greta.engine.weights import save_checkpoint
 
     d = save_checkpoint(tiny_weights(), tiny_cfg, tmp_path / "ckpt")
-    assert load_params(None, {"model": str(d)})["model"] == str(d)
+    assert checked(None, {"model": str(d)})["model"] == str(d)
 
 
 def test_load_params_does_not_mutate_overrides():
@@ -291,6 +301,6 @@ def test_overlong_paths_are_refused_in_one_line():
 
 
 def test_memory_fraction_is_for_gpus():
-    assert load_params(None, {"memory_fraction": 1.0})["memory_fraction"] == 1.0
+    assert checked(None, {"memory_fraction": 1.0})["memory_fraction"] == 1.0
     assert "caps a GPU's allocator" in refuse({"memory_fraction": 0.5}, "memory_fraction")
     assert "between 0.01 and 1" in refuse({"memory_fraction": 1.5}, "memory_fraction")

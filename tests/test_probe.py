@@ -105,7 +105,7 @@ def test_pass_run_directory_layout(runs):
 def test_pass_run_params_and_metadata(runs):
     r = runs("pass")
     d = r["dir"]
-    assert rj(d, "params.json") == r["params"]
+    assert rj(d, "params.json") == r["params"].to_dict()
     meta = rj(d, "metadata.json")
     assert "commit" in meta and "dirty" in meta
     assert meta["commit"] is None or len(meta["commit"]) == 40

@@ -1,5 +1,5 @@
 """Text prompts (greta.engine.tokenize): a tiny `tokenizers` WordLevel tokenizer saved as tokenizer.json, the
-'hello ' x ctx prompt and prompt_file texts truncated or padded to ctx, the synthetic fallback without a
+'hello ' x ctx prompt and prompt_file texts truncated or padded to ctx, the refusal of a text prompt without a
 tokenizer, the record's prompt metadata, and the params that select them."""
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import torch
 
 pytest.importorskip("tokenizers")
 
+from greta.probe.preflight import preflight  # noqa: E402
 from greta.record.params import ParamError, load_params  # noqa: E402
 from greta.engine.tokenize import ids_sha256, make_prompt_from_params, tokenize_to_ctx  # noqa: E402
 
@@ -59,12 +60,11 @@ def test_tokenizer_param_and_gguf_neighbour(tmp_path):
     assert info["tokenizer"] == str(tj)
 
 
-def test_without_tokenizer_the_synthetic_ids_are_used_and_said(tmp_path):
-    from greta.engine.prompt import synthetic_prompt
-
-    ids, info = make_prompt_from_params(params(tmp_path, ctx=50, prompt="hello", seed=3), vocab=100)
-    assert torch.equal(ids, synthetic_prompt(50, 100, 3))
-    assert info["prompt_source"] == "synthetic" and "no tokenizer.json" in info["prompt_note"]
+def test_without_tokenizer_a_text_prompt_is_refused_not_replaced(tmp_path):
+    """It used to fall back to seeded synthetic ids silently; now preflight refuses it, and so does this."""
+    with pytest.raises(ValueError) as e:
+        make_prompt_from_params(params(tmp_path, ctx=50, prompt="hello", seed=3), vocab=100)
+    assert "-p tokenizer=<dir with tokenizer.json>" in str(e.value) and "\n" not in str(e.value)
 
 
 def test_synthetic_and_token_file_sources(tmp_path):
@@ -104,7 +104,7 @@ def test_params_accept_text_prompts(tmp_path):
                                        ("model", "no/such/model.gguf"), ("prompt", "helo")])
 def test_params_refuse_missing_text_prompt_files(key, value):
     with pytest.raises(ParamError) as e:
-        load_params(None, {key: value})
+        preflight(load_params(None, {key: value}))
     assert f"param {key}=" in str(e.value) and "\n" not in str(e.value)
 
 

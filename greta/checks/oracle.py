@@ -172,7 +172,7 @@ def wrong_rope(cfg: ModelConfig) -> tuple[ModelConfig, str]:
 def check_fits(cfg: ModelConfig, device: str):
     """One line before any work: transformers' fp32 run holds the model in fp32 on the device, and
     from_pretrained builds it in host RAM first."""
-    from greta.record.params import device_memory
+    from greta.probe.preflight import device_memory
 
     need = 4 * cfg.param_count()
     for where in dict.fromkeys(["cpu", str(device)]):

@@ -21,6 +21,18 @@ class GGUFError(ValueError):
     """A GGUF file Greta can't load: one line naming the file, key or tensor at fault."""
 
 
+GGUF_MAGIC = b"GGUF"
+
+
+def check_gguf_header(path) -> None:
+    """Cheap check before anything maps the file: its first 4 bytes are the GGUF magic."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head != GGUF_MAGIC:
+        raise GGUFError(f"{path} is not a GGUF file (its first 4 bytes are {head!r}, not {GGUF_MAGIC!r}); "
+                        "pass a llama.cpp .gguf file")
+
+
 def _reader(path):
     try:
         from gguf import GGUFReader

@@ -51,12 +51,18 @@ def model_source(model: str) -> str:
 
 
 def check_model(model: str) -> None:
-    """Cheap preflight, reading no tensor: a preset, an existing .gguf file, or a directory with config.json
-    whose safetensors files are all there. Raises ValueError (one line) otherwise."""
-    if model_source(model) == "checkpoint":
-        from greta.engine.weights import checkpoint_files
+    """Cheap preflight, reading no tensor: a preset; a .gguf file that starts with the GGUF magic; or a
+    directory with config.json whose safetensors files are all there, each with a header whose offsets fit
+    the file. Raises ValueError (one line) naming what is wrong."""
+    kind = model_source(model)
+    if kind == "gguf":
+        from greta.engine.gguf import check_gguf_header
 
-        checkpoint_files(model)  # CheckpointError (a ValueError) names what is missing
+        check_gguf_header(model)  # GGUFError, a ValueError
+    elif kind == "checkpoint":
+        from greta.engine.weights import check_checkpoint_headers
+
+        check_checkpoint_headers(model)  # CheckpointError (a ValueError) names the file and the problem
 
 
 def load_config(model: str) -> ModelConfig:

@@ -6,8 +6,8 @@ The probe's prompt is one of:
   text               prompt_file (a UTF-8 text file), or prompt=hello: the original engine's 'hello ' x ctx.
 Text is tokenized with tokenizer.json (the tokenizer param, else the one beside the model: in the checkpoint
 directory, or in the .gguf file's folder) with the tokenizer's own special tokens (e.g. Llama-3's BOS), then
-truncated to ctx ids, or padded to ctx by repeating the text's ids (without specials) after it. Without a
-tokenizer.json the seeded synthetic ids are used and the record says so.
+truncated to ctx ids, or padded to ctx by repeating the text's ids (without specials) after it. A text
+prompt without a tokenizer.json is refused (greta.probe.preflight, before the run; here too).
 prompt_info() describes the result for the record: source, token counts and a sha256 of the ids.
 """
 from __future__ import annotations
@@ -61,24 +61,22 @@ def ids_sha256(ids: torch.Tensor) -> str:
 
 def make_prompt_from_params(p: dict, vocab: int) -> tuple[torch.Tensor, dict]:
     """The probe's prompt ids [ctx] and what the record says about them."""
-    from greta.engine.prompt import make_prompt, synthetic_prompt
     from greta.paths import resolve
+    from greta.engine.prompt import make_prompt
 
-    ctx, spec, text_file = p["ctx"], p["prompt"], p.get("prompt_file", "")
+    ctx, spec, text_file = p["ctx"], p["prompt"], p["prompt_file"]
     info: dict = {}
     if text_file or spec == "hello":
-        tok = find_tokenizer(p["model"], p.get("tokenizer", ""))
+        tok = find_tokenizer(p["model"], p["tokenizer"])
         what = f"prompt_file {text_file}" if text_file else "'hello ' x ctx"
-        if tok is None:
-            ids = synthetic_prompt(ctx, vocab, p["seed"])
-            info = {"prompt_source": "synthetic",
-                    "prompt_note": f"text prompt ({what}) not used: no tokenizer.json for model {p['model']}; seeded synthetic ids instead"}
-        else:
-            text = resolve(text_file).read_text(encoding="utf-8") if text_file else HELLO * ctx
-            ids, n_text = tokenize_to_ctx(text, tok, ctx, vocab)
-            info = {"prompt_source": "text+tokenizer", "prompt_text": what, "tokenizer": str(tok),
-                    "prompt_text_tokens": n_text,
-                    "prompt_fit": "truncated" if n_text > ctx else ("padded by repeating the text" if n_text < ctx else "exact")}
+        if tok is None:  # preflight refuses this first; never substitute other ids for the text asked for
+            raise ValueError(f"text prompt ({what}) needs a tokenizer.json, and model {p['model']} has none beside it; "
+                             "pass -p tokenizer=<dir with tokenizer.json>")
+        text = resolve(text_file).read_text(encoding="utf-8") if text_file else HELLO * ctx
+        ids, n_text = tokenize_to_ctx(text, tok, ctx, vocab)
+        info = {"prompt_source": "text+tokenizer", "prompt_text": what, "tokenizer": str(tok),
+                "prompt_text_tokens": n_text,
+                "prompt_fit": "truncated" if n_text > ctx else ("padded by repeating the text" if n_text < ctx else "exact")}
     else:
         ids = make_prompt(spec, ctx, vocab, p["seed"])
         info = {"prompt_source": "synthetic"} if spec == "synthetic" else {"prompt_source": "token file", "prompt_file": spec}

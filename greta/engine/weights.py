@@ -213,6 +213,36 @@ def checkpoint_files(path) -> list[Path]:
     return files
 
 
+SAFETENSORS_HEADER_MAX = 100 << 20  # safetensors' own limit on the JSON header
+
+
+def check_safetensors_header(f: Path) -> None:
+    """Cheap check of a .safetensors file before loading it: the 8-byte header length, the JSON header, and
+    a file size equal to the header's end plus its largest data offset (a truncated download fails here)."""
+    size = f.stat().st_size
+    with open(f, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little") if size >= 8 else -1
+        if not 0 < n <= min(SAFETENSORS_HEADER_MAX, size - 8):
+            raise CheckpointError(f"{f} is not a safetensors file (header length {n} does not fit its {size} bytes); "
+                                  "download it again")
+        try:
+            header = json.loads(fh.read(n))
+            end = max([0] + [int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"])
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
+            raise CheckpointError(f"{f} has an unreadable safetensors header ({type(e).__name__}); download it again") from None
+    if 8 + n + end != size:
+        raise CheckpointError(f"{f} is {size} bytes but its safetensors header says {8 + n + end} "
+                              f"({'truncated' if size < 8 + n + end else 'trailing bytes'}); download it again")
+
+
+def check_checkpoint_headers(path) -> list[Path]:
+    """checkpoint_files(path), each with a sound safetensors header. Raises CheckpointError (one line)."""
+    files = checkpoint_files(path)
+    for f in files:
+        check_safetensors_header(f)
+    return files
+
+
 def load_checkpoint(path, cfg: ModelConfig, dtype: torch.dtype, device) -> dict[str, torch.Tensor]:
     """Load a local HF Llama checkpoint (config.json + model.safetensors, or shards + index.json).
 

@@ -1,47 +1,25 @@
-"""Probe params: a YAML file plus `key=value` overrides, validated before anything runs.
+"""Probe params: a YAML file plus `key=value` overrides, parsed and checked into a frozen :class:`Params`.
 
-Every problem is a ParamError with one line that names the key and the fix.
+    params = load_params("params/cpu_default.yaml", {"ctx": 512})   # pure: no torch, no machine
+    preflight(params)                                              # greta.probe.preflight: this machine
+
+Every path that takes params (a -f file, -p / -y overrides, papermill values, a sweep matrix's points) goes
+through :meth:`Params.from_layers`, so one validator decides. Every problem is a ParamError with one line that
+names the key and the fix; no message builds the full repr of a value (YAML can expand to gigabytes).
 """
 from __future__ import annotations
 
-import copy
 import math
-import os
 import re
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import yaml
 
-from greta.paths import resolve
+from greta.paths import resolve  # noqa: F401 - params.resolve, as callers know it
 
 PHASES = ("ceilings", "load", "prefill", "decode", "reference")
 FAULT_KINDS = ("hang", "oom", "crash", "kill", "error", "kernel_death")
-
-DEFAULTS: dict = {
-    "probe": "b3_77",
-    "model": "tiny",            # preset name, a local HF checkpoint directory, or a Llama .gguf file
-    "device": "cpu",            # cpu | cuda | cuda:N (ROCm devices are cuda too)
-    "backend": "torch",         # torch (reference, runs anywhere) | triton (kernels/, kv_aligned=1 only)
-    "dtype": "bfloat16",        # bfloat16 | float16 | float32
-    "ctx": 4096,
-    "gen": 64,
-    "span": 16,
-    "kv_aligned": 1,
-    "seed": 0,
-    "prompt": "synthetic",      # synthetic, hello ('hello ' x ctx, tokenized), or a file of token ids (whitespace/comma separated, or .npy)
-    "prompt_file": "",          # a UTF-8 text file to tokenize as the prompt (needs a tokenizer.json; see greta/tokenize.py)
-    "tokenizer": "",            # tokenizer.json (or its directory) for text prompts; default: the one beside the model
-    "prefill_chunk": 256,       # rows per prefill chunk; with kv_aligned=1 also the fixed row tile
-    "kv_block": 1024,           # KV block (keys) walked by aligned attention; cache is padded to it
-    "timeouts": {"ceilings": 300.0, "load": 600.0, "prefill": 600.0, "decode": 600.0, "reference": 600.0},
-    "sampling_period_s": 1.0,
-    "memory_fraction": 1.0,     # GPU: cap the worker's allocator at this fraction of the card (a real OOM on purpose)
-    "thresholds": {"max_abs_diff": 5e-3, "p99_abs_diff": 1e-3, "top1_agreement": 0.999},
-    "perturb": "none",          # negative control on the decode path: none | rope_offset | kv_off_by_one
-    "fault": "none",            # fault injection (tests): none | <hang|oom|crash|kill|error|kernel_death>:<phase>
-    "threads": 0,               # CPU threads for torch (0 = torch's default)
-}
-
 CHOICES = {
     "probe": ("b3_77",),
     "backend": ("torch", "triton"),
@@ -49,6 +27,17 @@ CHOICES = {
     "kv_aligned": (0, 1),
     "perturb": ("none", "rope_offset", "kv_off_by_one"),
 }
+SIZE_MAX = 2**31 - 1      # ctx, gen, prefill_chunk, kv_block: far past any model; keeps the fit check in float range
+SEED_MAX = 2**32 - 1      # weights.synthetic seeds torch generators with seed * 1_000_003 + crc32
+THREADS_MAX = 4096        # a bound for parsing; preflight checks it against this machine's CPUs
+TIMEOUT_MAX_S = 7 * 86400.0
+SAMPLING_MAX_S = 3600.0
+FILE_MAX_BYTES = 1 << 20  # a params or matrix file is a few hundred bytes; more is a mistake or an attack
+SHOW_LIMIT = 60
+
+
+class ParamError(ValueError):
+    """A bad param: the message is one line naming the problem and the fix."""
 
 
 def dtype_bytes(dtype: str) -> int:
@@ -56,36 +45,176 @@ def dtype_bytes(dtype: str) -> int:
     return 4 if dtype == "float32" else 2
 
 
-SECTIONS = tuple(k for k, v in DEFAULTS.items() if isinstance(v, dict))  # timeouts, thresholds
-SIZE_MAX = 2**31 - 1      # ctx, gen, prefill_chunk, kv_block: far past any model; keeps _check_fits in float range
-SEED_MAX = 2**32 - 1      # weights.synthetic seeds torch generators with seed * 1_000_003 + crc32
-TIMEOUT_MAX_S = 7 * 86400.0
-SAMPLING_MAX_S = 3600.0
-
-
-class ParamError(ValueError):
-    """A bad param: the message is one line naming the problem and the fix."""
-
-
-def _show(value, limit: int = 60) -> str:
-    """repr(value) on one line, cut to about limit characters (CLI values and YAML junk can be huge)."""
-    try:
-        r = repr(value)
-    except ValueError:  # an int too long for str() (sys.get_int_max_str_digits)
-        return f"<int of {value.bit_length()} bits>"
+# --- bounded display of values --------------------------------------------------------------------------
+def show(value, limit: int = SHOW_LIMIT) -> str:
+    """A repr of value on one line, cut to about limit characters, built without ever forming the full repr
+    (a YAML alias bomb is a list of a billion shared items; an int can have a million digits)."""
+    out: list[str] = []
+    _brief(value, out, limit + 1)
+    r = "".join(out)
     return r if len(r) <= limit else r[:limit - 3] + "..."
 
 
-def _flat(d: dict, source: str) -> dict:
-    """{'timeouts': {'decode': 5}, 'ctx': 1} -> {'timeouts.decode': 5, 'ctx': 1}. Only the sections of
-    DEFAULTS nest; any other dict stays a value (and is refused as the wrong type)."""
+def _brief(value, out: list[str], budget: int) -> int:
+    """Append pieces of value's repr to out until about budget characters are spent; return what is left."""
+    if budget <= 0:
+        return 0
+    if isinstance(value, (list, tuple, dict)):
+        items = value.items() if isinstance(value, dict) else value
+        opener, closer = ("{", "}") if isinstance(value, dict) else (("[", "]") if isinstance(value, list) else ("(", ")"))
+        out.append(opener)
+        budget -= 1
+        for i, item in enumerate(items):
+            if budget <= 0:
+                return 0
+            if i:
+                out.append(", ")
+                budget -= 2
+            if isinstance(value, dict):
+                budget = _brief(item[0], out, budget)
+                out.append(": ")
+                budget = _brief(item[1], out, budget - 2)
+            else:
+                budget = _brief(item, out, budget)
+        out.append(closer)
+        return budget - 1
+    if isinstance(value, str):
+        r = repr(value[:budget])
+    elif isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 256:
+        r = f"<int of {value.bit_length()} bits>"  # str() of it is slow, and refused past 4300 digits
+    elif isinstance(value, (int, float, bool, type(None))):
+        r = repr(value)
+    else:
+        r = f"<{type(value).__name__}>"  # an arbitrary object's repr may be unbounded
+    out.append(r)
+    return budget - len(r)
+
+
+# --- the params type ------------------------------------------------------------------------------------
+class _Section:
+    """A frozen group of float params (timeouts, thresholds)."""
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def __getitem__(self, key: str):
+        # Transitional: readers that still do params["timeouts"][phase]; remove when all read attributes.
+        if key not in self.to_dict():
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def __str__(self) -> str:  # as the dict it was (report.md prints the timeouts)
+        return str(self.to_dict())
+
+
+@dataclass(frozen=True)
+class Timeouts(_Section):
+    """Seconds each probe phase may take before its worker is killed (FAIL_TIMEOUT)."""
+    ceilings: float = 300.0
+    load: float = 600.0
+    prefill: float = 600.0
+    decode: float = 600.0
+    reference: float = 600.0
+
+    def for_phase(self, phase: str) -> float:
+        if phase not in PHASES:
+            raise KeyError(f"no timeout for phase {phase!r}; phases: {', '.join(PHASES)}")
+        return getattr(self, phase)
+
+
+@dataclass(frozen=True)
+class Thresholds(_Section):
+    """The kv_aligned=1 equivalence guardrail (inclusive)."""
+    max_abs_diff: float = 5e-3
+    p99_abs_diff: float = 1e-3
+    top1_agreement: float = 0.999
+
+
+SECTION_TYPES = {"timeouts": Timeouts, "thresholds": Thresholds}
+
+
+@dataclass(frozen=True)
+class Params:
+    """The validated params of one probe run. Constructing one validates it (ParamError, one line); build
+    one with load_params, Params.from_dict or params.replace(ctx=...), which also coerce CLI strings."""
+    probe: str = "b3_77"
+    model: str = "tiny"            # preset name, a local HF checkpoint directory, or a Llama .gguf file
+    device: str = "cpu"            # cpu | cuda | cuda:N (ROCm devices are cuda too)
+    backend: str = "torch"         # torch (reference, runs anywhere) | triton (kernels/, kv_aligned=1 only)
+    dtype: str = "bfloat16"        # bfloat16 | float16 | float32
+    ctx: int = 4096
+    gen: int = 64
+    span: int = 16                 # generated positions compared: the prefill's token, then span-1 decode steps
+    kv_aligned: int = 1
+    seed: int = 0
+    prompt: str = "synthetic"      # synthetic, hello ('hello ' x ctx, tokenized), or a file of token ids (whitespace/comma separated, or .npy)
+    prompt_file: str = ""          # a UTF-8 text file to tokenize as the prompt (needs a tokenizer.json; see greta/engine/tokenize.py)
+    tokenizer: str = ""            # tokenizer.json (or its directory) for text prompts; default: the one beside the model
+    prefill_chunk: int = 256       # rows per prefill chunk; with kv_aligned=1 also the fixed row tile
+    kv_block: int = 1024           # KV block (keys) walked by aligned attention; cache is padded to it
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    sampling_period_s: float = 1.0
+    memory_fraction: float = 1.0   # GPU: cap the worker's allocator at this fraction of the card (a real OOM on purpose)
+    thresholds: Thresholds = field(default_factory=Thresholds)
+    perturb: str = "none"          # negative control on the decode path: none | rope_offset | kv_off_by_one
+    fault: str = "none"            # fault injection (tests): none | <hang|oom|crash|kill|error|kernel_death>:<phase>
+    threads: int = 0               # CPU threads for torch (0 = torch's default)
+
+    def __post_init__(self):
+        validate(self)
+
+    def to_dict(self) -> dict:
+        """The JSON form, shaped as params.json has always been (sections nested)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "dict") -> "Params":
+        """Defaults <- data (dotted keys or nested sections; CLI strings coerced), validated."""
+        return cls.from_layers([(source, data)])
+
+    @classmethod
+    def from_layers(cls, layers: list[tuple[str, dict]]) -> "Params":
+        """Defaults <- each (source, mapping) in turn: the one parser and validator of every params path."""
+        known = _flat_defaults()
+        values = dict(known)
+        for source, data in layers:
+            if not isinstance(data, dict):
+                raise ParamError(f"params from {source} must be a mapping of key: value (got {type(data).__name__})")
+            for key, value in flatten(data, source).items():
+                if key not in known:
+                    raise ParamError(f"unknown param {show(key)} (from {source}); known: {', '.join(sorted(known))}")
+                values[key] = _coerce(key, value, known[key])
+        nested = {k: v for k, v in values.items() if "." not in k}
+        for name, section in SECTION_TYPES.items():
+            nested[name] = section(**{k.split(".", 1)[1]: v for k, v in values.items() if k.startswith(name + ".")})
+        return cls(**nested)
+
+    def replace(self, **changes) -> "Params":
+        """A copy with changes (coerced and validated like overrides; a section may be a partial mapping)."""
+        return Params.from_layers([("params", self.to_dict()), ("replace", changes)])
+
+    def __getitem__(self, key: str):
+        # Transitional: readers that still do params["ctx"]; remove when every reader uses attributes.
+        if key not in _FIELD_NAMES:
+            raise KeyError(key)
+        return getattr(self, key)
+
+
+_FIELD_NAMES = frozenset(f.name for f in fields(Params))
+SECTIONS = tuple(SECTION_TYPES)  # timeouts, thresholds
+
+
+def flatten(d: dict, source: str) -> dict:
+    """{'timeouts': {'decode': 5}, 'ctx': 1} -> {'timeouts.decode': 5, 'ctx': 1}. Only the sections nest;
+    any other dict stays a value (and is refused as the wrong type)."""
     out = {}
     for k, v in d.items():
-        k = k if isinstance(k, str) else _show(k)
+        k = k if isinstance(k, str) else show(k)
         if k in SECTIONS and isinstance(v, dict):
-            items = {f"{k}.{sk}": sv for sk, sv in v.items()}
+            items = {f"{k}.{sk if isinstance(sk, str) else show(sk)}": sv for sk, sv in v.items()}
         elif k in SECTIONS:
-            raise ParamError(f"param {k}={_show(v)} (from {source}) must be a mapping, e.g. -p {k}.{next(iter(DEFAULTS[k]))}=...")
+            first = fields(SECTION_TYPES[k])[0].name
+            raise ParamError(f"param {k}={show(v)} (from {source}) must be a mapping, e.g. -p {k}.{first}=...")
         else:
             items = {k: v}
         for fk, fv in items.items():
@@ -95,11 +224,18 @@ def _flat(d: dict, source: str) -> dict:
     return out
 
 
-def _set(d: dict, dotted: str, value):
-    *parents, last = dotted.split(".")
-    for p in parents:
-        d = d[p]
-    d[last] = value
+def coerce(key: str, value):
+    """One value brought to the type of the param key names (e.g. a matrix axis value)."""
+    return _coerce(key, value, _FLAT_DEFAULTS[key])
+
+
+def flat_keys() -> list[str]:
+    """Every param name as -p takes it (sections dotted: timeouts.decode)."""
+    return list(_flat_defaults())
+
+
+def _flat_defaults() -> dict:
+    return _FLAT_DEFAULTS
 
 
 def _coerce(key: str, value, default):
@@ -107,13 +243,9 @@ def _coerce(key: str, value, default):
     want = type(default)
     if isinstance(value, str) and want is not str:
         try:
-            value = float(value) if want is float else yaml.safe_load(value)  # YAML 1.1 reads "1e-3" as a string
+            # YAML 1.1 reads "1e-3" as a string; a long CLI string is no number worth parsing
+            value = float(value) if want is float else (load_yaml_text(value) if len(value) < 100 else value)
         except (ValueError, yaml.YAMLError):
-            pass
-    if isinstance(value, str) and want is float:
-        try:
-            value = float(value)  # "5e-3" from a YAML file
-        except ValueError:
             pass
     if want is float and isinstance(value, int) and not isinstance(value, bool):
         try:
@@ -123,30 +255,100 @@ def _coerce(key: str, value, default):
     if want is int and isinstance(value, float) and value.is_integer():
         value = int(value)
     if not isinstance(value, want) or (want is int and isinstance(value, bool)):
-        raise ParamError(f"param {key}={_show(value)} has type {type(value).__name__}; expected {want.__name__}, "
-                         f"e.g. -p {key}={_flat_defaults()[key]}")
+        raise ParamError(f"param {key}={show(value)} has type {type(value).__name__}; expected {want.__name__}, "
+                         f"e.g. -p {key}={default}")
     if want is float and not math.isfinite(value):
-        raise ParamError(f"param {key}={value} is not a finite number; e.g. -p {key}={_flat_defaults()[key]}")
+        raise ParamError(f"param {key}={value} is not a finite number; e.g. -p {key}={default}")
     return value
 
 
-def _flat_defaults() -> dict:
-    return _flat(DEFAULTS, "defaults")
+# --- validation (pure: the values alone, no files, no machine) -----------------------------------------
+def _range(p: Params, key: str, lo, hi=None, why: str = "") -> None:
+    """Refuse p's key (a dotted key reads a section) outside lo..hi, naming the key and a default to use."""
+    *sec, last = key.split(".")
+    v = getattr(getattr(p, sec[0]) if sec else p, last)
+    if v < lo or (hi is not None and v > hi):
+        g = (lambda x: f"{x:g}" if isinstance(x, float) else str(x))
+        want = f"between {g(lo)} and {g(hi)}" if hi is not None else f">= {g(lo)}"
+        raise ParamError(f"param {key}={show(v)} must be {want}{why}; e.g. -p {key}={_FLAT_DEFAULTS.get(key, lo)}")
 
 
+def _check_types(p) -> None:
+    """Every value has its field's type (a Params built directly, not through from_layers, is checked too)."""
+    for name, section in SECTION_TYPES.items():
+        sec = getattr(p, name)
+        if not isinstance(sec, section):
+            raise ParamError(f"param {name}={show(sec)} must be a {section.__name__}; build params with load_params")
+        for f in fields(sec):
+            _check_type(f"{name}.{f.name}", getattr(sec, f.name), f.default)
+    for f in fields(p):
+        if f.name not in SECTION_TYPES:
+            _check_type(f.name, getattr(p, f.name), f.default)
+
+
+def _check_type(key: str, value, default) -> None:
+    want = type(default)
+    if type(value) is not want:  # exact: a bool is no int, an int no float (from_layers coerces)
+        raise ParamError(f"param {key}={show(value)} has type {type(value).__name__}; expected {want.__name__}, "
+                         f"e.g. -p {key}={default}")
+    if want is float and not math.isfinite(value):
+        raise ParamError(f"param {key}={value} is not a finite number; e.g. -p {key}={default}")
+
+
+def validate(p: Params) -> None:
+    """The values' own rules (types, choices, ranges, combinations). Files and the machine: preflight."""
+    _check_types(p)
+    for key, allowed in CHOICES.items():
+        if getattr(p, key) not in allowed:
+            raise ParamError(f"param {key}={show(getattr(p, key))} is not one of {list(allowed)}")
+    for key in ("ctx", "gen", "prefill_chunk", "kv_block"):
+        _range(p, key, 1, SIZE_MAX)
+    if p.span < 2:  # span=1 compares only the prefill's token: no decode step, nothing to audit
+        raise ParamError(f"param span={p.span} compares no decode step (span counts the prefill's token plus "
+                         "span-1 decode steps); use -p span=2 or more")
+    if p.span > p.gen:
+        raise ParamError(f"param span={p.span} must be between 2 and gen={p.gen}; lower -p span or raise -p gen")
+    _range(p, "seed", 0, SEED_MAX)
+    _range(p, "threads", 0, THREADS_MAX, " (0 = torch's default; at most this machine's CPUs)")
+    _range(p, "sampling_period_s", 1e-3, SAMPLING_MAX_S, " seconds")
+    _range(p, "memory_fraction", 0.01, 1.0, " (of the GPU's memory)")
+    if not re.fullmatch(r"cpu|cuda(:[0-9]+)?", p.device):
+        raise ParamError(f"param device={show(p.device)}: use cpu, cuda or cuda:N (ROCm GPUs are cuda too)")
+    if p.memory_fraction < 1.0 and not p.device.startswith("cuda"):
+        raise ParamError(f"param memory_fraction={p.memory_fraction!r} caps a GPU's allocator; on "
+                         f"device={show(p.device)} leave it at 1.0")
+    for ph in PHASES:
+        _range(p, f"timeouts.{ph}", 1e-3, TIMEOUT_MAX_S, " seconds")
+    for k in p.thresholds.to_dict():
+        _range(p, f"thresholds.{k}", 0.0, 1.0 if k == "top1_agreement" else None)
+    if p.fault != "none":
+        kind, _, phase = p.fault.partition(":")
+        if kind not in FAULT_KINDS or phase not in PHASES:
+            raise ParamError(f"param fault={show(p.fault)}: write none or <{'|'.join(FAULT_KINDS)}>:<{'|'.join(PHASES)}>, e.g. hang:decode")
+
+
+# --- reading: files, CLI strings, notebooks ---------------------------------------------------------------
 def parse_overrides(items: list[str]) -> dict:
     """['ctx=32768', 'timeouts.decode=5'] -> {'ctx': '32768', ...}"""
     out = {}
     for it in items:
         if "=" not in it:
-            raise ParamError(f"override {_show(it)} is not key=value; write e.g. -p ctx=32768")
+            raise ParamError(f"override {show(it)} is not key=value; write e.g. -p ctx=32768")
         k, v = it.split("=", 1)
         out[k.strip()] = v.strip()
     return out
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that refuses a mapping with the same key twice (PyYAML silently keeps the last)."""
+class _ParamsLoader(yaml.SafeLoader):
+    """SafeLoader that refuses aliases (*name: a few hundred bytes of them expand to gigabytes, the
+    'billion laughs') before anything is built, and a mapping with the same key twice (PyYAML keeps the last)."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise ParamError(f"YAML alias *{show(event.anchor, 30)} (line {event.start_mark.line + 1}) is not "
+                             "allowed; write the value out")
+        return super().compose_node(parent, index)
 
     def construct_mapping(self, node, deep=False):
         seen = set()
@@ -158,28 +360,40 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             except TypeError:  # an unhashable key: let PyYAML report it
                 break
             if dup:
-                raise ParamError(f"duplicate key {_show(key)} (line {key_node.start_mark.line + 1}); keep one")
+                raise ParamError(f"duplicate key {show(key)} (line {key_node.start_mark.line + 1}); keep one")
         return super().construct_mapping(node, deep)
 
 
-def _is_file(p: Path) -> bool:
+def load_yaml_text(text: str):
+    """YAML text through the params loader (no aliases, no duplicate keys)."""
+    return yaml.load(text, Loader=_ParamsLoader)
+
+
+def is_file(p: Path) -> bool:
     try:
         return p.is_file()
     except (OSError, ValueError):  # name too long, embedded NUL, ...
         return False
 
 
-def _read_yaml(path) -> dict:
-    """The params file as a dict; every problem with it is a one-line ParamError naming the file."""
-    name = _show(str(path), 120)
+def _read_bounded(p: Path, name: str) -> str:
+    with open(p, "rb") as f:
+        raw = f.read(FILE_MAX_BYTES + 1)
+    if len(raw) > FILE_MAX_BYTES:
+        raise ParamError(f"params file {name} is over {FILE_MAX_BYTES >> 20} MiB; a params file is a few key: value lines")
+    return raw.decode("utf-8-sig")
+
+
+def read_params_file(path) -> dict:
+    """A params (or matrix) file as a dict; every problem with it is a one-line ParamError naming the file."""
+    name = show(str(path), 120)
     p = resolve(path)
-    if not _is_file(p):
+    if not is_file(p):
         raise ParamError(f"params file {name} not found; pass one of {sorted(str(x) for x in Path('params').glob('*.yaml'))}")
     try:
-        text = p.read_bytes().decode("utf-8-sig")
-        data = yaml.load(text, Loader=_UniqueKeyLoader)
+        data = load_yaml_text(_read_bounded(p, name))
     except ParamError as e:
-        raise ParamError(f"params file {name}: {e}") from None
+        raise ParamError(f"params file {name}: {e}") if not str(e).startswith("params file") else e from None
     except UnicodeDecodeError:
         raise ParamError(f"params file {name} is not UTF-8 text; write key: value lines") from None
     except RecursionError:
@@ -187,154 +401,46 @@ def _read_yaml(path) -> dict:
     except OSError as e:
         raise ParamError(f"params file {name} cannot be read ({e.strerror})") from None
     except (yaml.YAMLError, ValueError) as e:  # ValueError: e.g. an int longer than Python will parse
-        raise ParamError(f"params file {name} is not valid YAML ({_show(' '.join(str(e).split()), 120)})") from None
-    if data is None:  # empty, or only comments
-        return {}
+        raise ParamError(f"params file {name} is not valid YAML ({show(' '.join(str(e).split()), 120)})") from None
+    if data is None:  # empty, or only comments: surely the wrong file
+        raise ParamError(f"params file {name} holds no params (only comments or whitespace); write key: value lines, e.g. ctx: 4096")
     if not isinstance(data, dict):
         raise ParamError(f"params file {name} must be a mapping of key: value (got {type(data).__name__})")
     return data
 
 
-def load_params(path=None, overrides: dict | None = None) -> dict:
-    """Defaults <- YAML file <- overrides (dotted keys allowed), then validate. Returns a plain dict."""
-    params = copy.deepcopy(DEFAULTS)
-    known = _flat_defaults()
+def load_params(path=None, overrides: dict | None = None) -> Params:
+    """Defaults <- YAML file <- overrides (dotted keys allowed), validated. Pure: call
+    greta.probe.preflight.preflight(params) before running on this machine."""
     layers = []
     if path is not None:
-        layers.append((_show(str(path), 120), _flat(_read_yaml(path), _show(str(path), 120))))
+        layers.append((show(str(path), 120), read_params_file(path)))
     if overrides is not None and not isinstance(overrides, dict):
         raise ParamError(f"overrides must be a dict of key: value (got {type(overrides).__name__})")
-    layers.append(("override", _flat(dict(overrides or {}), "override")))
-    for source, flat in layers:
-        for key, value in flat.items():
-            if key not in known:
-                raise ParamError(f"unknown param {_show(key)} (from {source}); known: {', '.join(sorted(known))}")
-            _set(params, key, _coerce(key, value, known[key]))
-    validate(params)
-    return params
+    layers.append(("override", dict(overrides or {})))
+    return Params.from_layers(layers)
 
 
-def _range(p: dict, key: str, lo, hi=None, why: str = "") -> None:
-    """Refuse p[key] (a dotted key reads a section) outside lo..hi, naming the key and a default to use."""
-    *sec, last = key.split(".")
-    v = (p[sec[0]] if sec else p)[last]
-    if v < lo or (hi is not None and v > hi):
-        g = (lambda x: f"{x:g}" if isinstance(x, float) else str(x))
-        want = f"between {g(lo)} and {g(hi)}" if hi is not None else f">= {g(lo)}"
-        raise ParamError(f"param {key}={_show(v)} must be {want}{why}; e.g. -p {key}={_flat_defaults()[key]}")
+def params_from_notebook(params_file, overrides: dict | None = None, **named) -> Params:
+    """The run notebook's parameter cell: its file, its overrides dict, and every papermill-injected value by
+    name (None keeps the file's value). A name the probe does not know is refused like any unknown param."""
+    given = {k: v for k, v in named.items() if v is not None}
+    if overrides is not None and not isinstance(overrides, dict):
+        raise ParamError(f"notebook parameter overrides must be a dict of key: value (got {type(overrides).__name__})")
+    both = sorted(set(flatten(given, "notebook parameters")) & set(flatten(dict(overrides or {}), "overrides")))
+    if both:
+        raise ParamError(f"param {show(both[0])} is given both as a notebook parameter and in overrides; keep one")
+    layers = [(show(str(params_file), 120), read_params_file(params_file))] if params_file else []
+    layers += [("overrides", dict(overrides or {})), ("notebook parameters", given)]
+    return Params.from_layers(layers)
 
 
-def validate(p: dict) -> None:
-    for key, allowed in CHOICES.items():
-        if p[key] not in allowed:
-            raise ParamError(f"param {key}={_show(p[key])} is not one of {list(allowed)}")
-    for key in ("ctx", "gen", "prefill_chunk", "kv_block"):
-        _range(p, key, 1, SIZE_MAX)
-    if not 1 <= p["span"] <= p["gen"]:
-        raise ParamError(f"param span={_show(p['span'])} must be between 1 and gen={_show(p['gen'])}; lower -p span or raise -p gen")
-    _range(p, "seed", 0, SEED_MAX)
-    _range(p, "threads", 0, os.cpu_count() or 1, " (0 = torch's default; at most this machine's CPUs)")
-    _range(p, "sampling_period_s", 1e-3, SAMPLING_MAX_S, " seconds")
-    _range(p, "memory_fraction", 0.01, 1.0, " (of the GPU's memory)")
-    if p["memory_fraction"] < 1.0 and not p["device"].startswith("cuda"):
-        raise ParamError(f"param memory_fraction={_show(p['memory_fraction'])} caps a GPU's allocator; on "
-                         f"device={_show(p['device'])} leave it at 1.0")
-    for ph in p["timeouts"]:
-        _range(p, f"timeouts.{ph}", 1e-3, TIMEOUT_MAX_S, " seconds")
-    for k in p["thresholds"]:
-        _range(p, f"thresholds.{k}", 0.0, 1.0 if k == "top1_agreement" else None)
-    f = p["fault"]
-    if f != "none":
-        kind, _, phase = f.partition(":")
-        if kind not in FAULT_KINDS or phase not in PHASES:
-            raise ParamError(f"param fault={_show(f)}: write none or <{'|'.join(FAULT_KINDS)}>:<{'|'.join(PHASES)}>, e.g. hang:decode")
-    if p["prompt"] not in ("synthetic", "hello"):
-        if not _is_file(Path(p["prompt"])):
-            raise ParamError(f"param prompt={_show(p['prompt'])}: not 'synthetic' or 'hello' and no such token-id file")
-        from greta.engine.prompt import read_ids
-
-        try:
-            n = read_ids(p["prompt"]).size
-        except (ValueError, OSError, UnicodeDecodeError) as e:
-            raise ParamError(f"param prompt={_show(p['prompt'])} is not a token-id file ({_show(str(e).splitlines()[0] if str(e) else type(e).__name__)}): "
-                             "give integers separated by spaces, commas or newlines, or a .npy array") from None
-        if n < p["ctx"]:
-            raise ParamError(f"param prompt={_show(p['prompt'])} holds {n} token ids but ctx={p['ctx']}: "
-                             f"give a longer file or -p ctx={max(n, 1)}")
-    if p["prompt_file"] and not _is_file(resolve(p["prompt_file"])):
-        raise ParamError(f"param prompt_file={_show(p['prompt_file'])}: no such text file")
-    if p["tokenizer"] and not (_is_file(Path(p["tokenizer"])) or _is_file(Path(p["tokenizer"]) / "tokenizer.json")):
-        raise ParamError(f"param tokenizer={_show(p['tokenizer'])}: neither a tokenizer.json file nor a directory holding one")
-    _check_model(p["model"])
-    _check_device(p["device"], p["dtype"])
-    if p["backend"] == "triton":
-        _check_triton(p["device"], p["dtype"])
-    _check_fits(p)
+def _flatten_defaults() -> dict:
+    d = {}
+    for k, v in Params().to_dict().items():
+        d.update({f"{k}.{sk}": sv for sk, sv in v.items()} if isinstance(v, dict) else {k: v})
+    return d
 
 
-def device_memory(device: str) -> int:
-    """Total bytes of a device: the host's RAM for cpu, the card's memory for cuda[:i]."""
-    import psutil
-    import torch
-
-    if device == "cpu":
-        return psutil.virtual_memory().total
-    return torch.cuda.get_device_properties(int(device[5:] or 0)).total_memory
-
-
-def _check_fits(p: dict) -> None:
-    """Refuse a run whose weights plus KV cache alone exceed the device's total memory."""
-    from greta.engine.config import kv_capacity
-    from greta.engine.source import load_config
-
-    try:
-        cfg = load_config(p["model"])
-    except Exception as e:  # a checkpoint's config.json that isn't a Llama config
-        raise ParamError(f"param model={_show(p['model'])}: cannot read its config.json ({_show(str(e), 80)})") from None
-    cache = kv_capacity(p["ctx"] + p["gen"] + p["prefill_chunk"], p["kv_block"])  # as runner.KVCache holds it
-    b = dtype_bytes(p["dtype"])
-    need = cfg.param_count() * b + cfg.kv_bytes_per_token(b) * cache
-    have = device_memory(p["device"])
-    if need > have:
-        sizes = ", ".join(f"{k}={_show(p[k], 24)}" for k in ("ctx", "gen", "prefill_chunk", "kv_block"))
-        raise ParamError(f"params {sizes}: weights + KV cache need {need / 2**30:.3g} GiB but {p['device']} has "
-                         f"{have / 2**30:.3g} GiB; lower -p ctx (or gen, prefill_chunk, kv_block)")
-
-
-def _check_triton(device: str, dtype: str) -> None:
-    import os
-
-    import importlib.util
-
-    if importlib.util.find_spec("triton") is None:
-        raise ParamError("param backend=triton but triton is not installed; pip install triton, or use -p backend=torch")
-    if device == "cpu":
-        if os.environ.get("TRITON_INTERPRET") != "1":
-            raise ParamError("param backend=triton on the CPU needs TRITON_INTERPRET=1 (Triton's interpreter); or use -p backend=torch")
-        if dtype == "bfloat16":
-            raise ParamError("param backend=triton on the CPU: the interpreter computes bf16 tl.dot wrongly; use -p dtype=float32")
-
-
-def _check_model(model: str) -> None:
-    from greta.engine.source import check_model
-
-    try:
-        check_model(model)
-    except ValueError as e:  # ModelSourceError (its reason), CheckpointError: one line naming the fault
-        raise ParamError(f"param model={_show(model)}: {getattr(e, 'reason', e)}") from None
-
-
-def _check_device(device: str, dtype: str) -> None:
-    import torch
-
-    if device == "cpu":
-        return
-    if not re.fullmatch(r"cuda(:[0-9]+)?", device):
-        raise ParamError(f"param device={_show(device)}: use cpu, cuda or cuda:N (ROCm GPUs are cuda too)")
-    if not torch.cuda.is_available():
-        raise ParamError(f"param device={device!r} but no GPU is visible to torch (torch {torch.__version__}); use -p device=cpu")
-    idx = int(device[5:]) if ":" in device else 0
-    if idx >= torch.cuda.device_count():
-        raise ParamError(f"param device={device!r} but only {torch.cuda.device_count()} GPU(s) are visible")
-    if dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
-        raise ParamError(f"param dtype=bfloat16 is not supported on {torch.cuda.get_device_name(idx)}; use -p dtype=float16")
+_FLAT_DEFAULTS: dict = _flatten_defaults()
+DEFAULTS: dict = Params().to_dict()  # the JSON form of the defaults (params.json's shape); read-only by convention

@@ -216,6 +216,8 @@ def verdict_record(params: dict, verdict: str, reason: str, failed_phase: str | 
 
 
 def _jsonable(x):
+    if hasattr(x, "to_dict"):  # greta.record.params.Params (and its sections)
+        return x.to_dict()
     if isinstance(x, (np.integer,)):
         return int(x)
     if isinstance(x, (np.floating,)):

@@ -114,10 +114,11 @@ def run_audit(params_file, overrides: dict, out_root="outputs") -> Path:
     """
     from datetime import datetime, timezone
 
+    from greta.probe.preflight import preflight as preflight_params
     from greta.record.params import load_params, resolve
     from greta.record.store import preflight, run_id, seal
 
-    params = load_params(params_file, overrides)  # bad input stops here, in one line
+    params = preflight_params(load_params(params_file, overrides))  # bad input stops here, in one line
     preflight(out_root, params)
     day = datetime.now(timezone.utc).strftime("%Y-%m-%d")
     run_dir = (Path(out_root) / day / params["probe"] / run_id(params)).resolve()

@@ -2,7 +2,7 @@
 
     sweep_dir = run_sweep("params/b3_76.yaml", {"gen": 64}, out_root="outputs")
 
-A **matrix file** is a params YAML (greta/params.py) in which the axis keys ``ctx``, ``kv_aligned``,
+A **matrix file** (greta.record.matrix) is a params YAML in which the axis keys ``ctx``, ``kv_aligned``,
 ``seed`` and ``dtype`` may be lists (a scalar is a one-value axis). Every other key is a base param shared
 by all points. An optional ``point_overrides`` list sets params on some points only::
 
@@ -10,8 +10,8 @@ by all points. An optional ``point_overrides`` list sets params on some points o
       - when: {ctx: 16384}                     # axis values the point must have
         set: {timeouts: {prefill: 1200}}       # params for those points
 
-Every point's params are validated through :func:`greta.record.params.load_params` before anything runs, so a
-bad matrix stops in one line (:class:`~greta.record.params.ParamError`).
+Every point's params are validated through the one params validator and preflighted on this machine
+(greta.probe.preflight) before anything runs, so a bad matrix stops in one line (ParamError).
 
 Layout (docs/RECORD.md)::
 
@@ -35,22 +35,19 @@ A resume whose declared matrix differs from config.json is refused (:class:`Swee
 """
 from __future__ import annotations
 
-import copy
-import itertools
 import json
 import secrets
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-import yaml
 
-from greta.record.params import DEFAULTS, ParamError, _coerce, _flat, _flat_defaults, _read_yaml, load_params
+from greta.record.matrix import AXES, Matrix, combos, load_matrix, matrix_from_data, point_name
+from greta.record.params import ParamError
 
-__all__ = ["AXES", "SweepError", "load_matrix", "points", "point_name", "point_complete", "run_sweep",
+__all__ = ["AXES", "SweepError", "load_matrix", "load_checked_matrix", "points", "point_name", "point_complete", "run_sweep",
            "read_config", "matrix_from_config"]
 
-AXES = ("ctx", "kv_aligned", "seed", "dtype")  # point names and execution order follow this order
 CONFIG = "config.json"
 VERDICT = "sweep_verdict.json"
 LOG = "sweep_log.jsonl"
@@ -60,108 +57,9 @@ class SweepError(ValueError):
     """A sweep cannot start or resume (matrix differs from config.json, not a sweep dir); one line."""
 
 
-def _axis_values(key: str, value, source: str) -> list:
-    if isinstance(value, str) and value.strip().startswith("["):  # a CLI override: -p ctx=[256,512]
-        try:
-            value = yaml.safe_load(value)
-        except yaml.YAMLError:
-            raise ParamError(f"matrix axis {key}={value!r} (from {source}) is not a YAML list; write e.g. -p {key}=[256,512]") from None
-    vals = value if isinstance(value, list) else [value]
-    if not vals:
-        raise ParamError(f"matrix axis {key} (from {source}) is an empty list; give at least one value")
-    if any(isinstance(v, (list, dict)) for v in vals):
-        raise ParamError(f"matrix axis {key}={vals!r} (from {source}): values must be scalars")
-    return vals
-
-
-def load_matrix(path=None, overrides: dict | None = None) -> dict:
-    """Read and validate a matrix file plus ``key=value`` overrides (axis overrides replace the axis).
-
-    Returns ``{"file", "axes": {ctx, kv_aligned, seed, dtype: [values]}, "base": {flat params},
-    "point_overrides": [...], "params": {point name: validated params}}``. Raises ParamError (one line).
-    """
-    data = _read_yaml(path) if path else {}  # the params file reader: duplicate keys, BOM, ... refused
-    m = matrix_from_data(data, str(path) if path else "defaults", overrides)
-    m["file"] = str(path) if path else None
-    return m
-
-
-def matrix_from_data(data: dict, source: str, overrides: dict | None = None) -> dict:
-    """load_matrix's validation, on a mapping already read (a matrix file's, or config.json's).
-
-    Axis values and ``when`` values are coerced to the params' types once, up front (``-p seed=3`` is the
-    int 3, ``256.0`` is 256), so duplicates are caught and ``when`` matches what the points run with."""
-    data = copy.deepcopy(data)
-    point_overrides = data.pop("point_overrides", None) or []
-    known = _flat_defaults()
-    axes = {k: [DEFAULTS[k]] for k in AXES}
-    base: dict = {}
-    for src, layer in ((source, data), ("override", dict(overrides or {}))):
-        for key, value in _flat(layer, src).items():
-            if key in AXES:
-                axes[key] = [_coerce_axis(key, v, f"matrix axis {key} (from {src})") for v in _axis_values(key, value, src)]
-            elif key not in known:
-                raise ParamError(f"unknown param {key!r} (from {src}); known: {', '.join(sorted(known))}, point_overrides")
-            else:
-                base[key] = value
-    if any(len(set(vals)) != len(vals) for vals in axes.values()):
-        raise ParamError(f"matrix {source} has duplicate axis values: {axes}")
-    if not isinstance(point_overrides, list) or not all(
-            isinstance(o, dict) and set(o) == {"when", "set"} and isinstance(o["when"], dict)
-            and isinstance(o["set"], dict) for o in point_overrides):
-        raise ParamError(f"point_overrides (from {source}) must be a list of {{when: {{axis: value}}, set: {{param: value}}}}")
-    rules = []  # (when, set) with when's values coerced and set flattened
-    for o in point_overrides:
-        bad = [k for k in o["when"] if k not in AXES]
-        if bad:
-            raise ParamError(f"point_overrides: when-key {bad[0]!r} is not an axis ({', '.join(AXES)})")
-        sets = _flat(o["set"], "point_overrides")
-        bad = [k for k in sets if k in AXES]
-        if bad:
-            raise ParamError(f"point_overrides: cannot set the axis {bad[0]!r}; change the axis list instead")
-        when = {k: _coerce_axis(k, v, f"point_overrides: when {k}") for k, v in o["when"].items()}
-        rules.append((when, sets))
-    params: dict = {}
-    for combo in _combos(axes):
-        name = point_name(combo)
-        over = dict(base)
-        for when, sets in rules:
-            if all(combo[k] == v for k, v in when.items()):
-                over.update(sets)
-        over.update(combo)
-        try:
-            params[name] = load_params(None, over)
-        except ParamError as e:
-            raise ParamError(f"matrix {source}, point {name}: {e}") from None
-    return {"file": None, "axes": axes, "base": base, "point_overrides": point_overrides,
-            "params": params}
-
-
-def _coerce_axis(key: str, value, where: str):
-    """An axis value as load_params will type it ("3" from a CLI override is 3, 256.0 is 256)."""
-    try:
-        return _coerce(key, value, DEFAULTS[key])
-    except ParamError as e:
-        raise ParamError(f"{where}: {e}") from None
-
-
-def _combos(axes: dict) -> list[dict]:
-    """ctx-major, then kv_aligned, seed, dtype, each in declared order."""
-    return [dict(zip(AXES, vals)) for vals in itertools.product(*(axes[k] for k in AXES))]
-
-
-def point_name(point: dict) -> str:
-    return f"ctx{point['ctx']}-kv{point['kv_aligned']}-seed{point['seed']}-{point['dtype']}"
-
-
-def points(matrix: dict) -> list[dict]:
+def points(matrix) -> list[dict]:
     """The points of a matrix (or a sweep's config.json) in run order: [{ctx, kv_aligned, seed, dtype, name}]."""
-    return [{**c, "name": point_name(c)} for c in _combos(matrix["axes"])]
-
-
-def _declared(matrix: dict) -> dict:
-    """What config.json records and what a resume must match."""
-    return {"axes": matrix["axes"], "base": matrix["base"], "point_overrides": matrix["point_overrides"]}
+    return [{**c, "name": point_name(c)} for c in combos(matrix["axes"])]
 
 
 def read_config(sweep_dir) -> dict:
@@ -177,12 +75,24 @@ def read_config(sweep_dir) -> dict:
     return cfg
 
 
-def matrix_from_config(cfg: dict, overrides: dict | None = None) -> dict:
+def matrix_from_config(cfg: dict, overrides: dict | None = None) -> Matrix:
     """Re-validate the matrix a config.json declares (a resume without the matrix file)."""
     data = {**cfg["base"], **cfg["axes"], "point_overrides": cfg.get("point_overrides", [])}
-    m = matrix_from_data(data, CONFIG, overrides)
-    m["file"] = cfg.get("matrix_file")
-    return m
+    return matrix_from_data(data, CONFIG, overrides, file=cfg.get("matrix_file"))
+
+
+def load_checked_matrix(matrix_file, overrides: dict | None, cfg: dict | None = None) -> Matrix:
+    """The matrix (from its file, else from a resumed sweep's config.json), every point preflighted on this
+    machine before anything runs (a model that isn't there, a point that cannot fit)."""
+    from greta.probe.preflight import preflight
+
+    matrix = load_matrix(matrix_file, overrides) if matrix_file or cfg is None else matrix_from_config(cfg, overrides)
+    for name, params in matrix.params.items():
+        try:
+            preflight(params)
+        except ParamError as e:
+            raise ParamError(f"matrix {matrix.file or CONFIG}, point {name}: {e}") from None
+    return matrix
 
 
 def point_complete(point_dir, allow_missing_logits: bool = False) -> tuple[bool, list[str]]:
@@ -200,9 +110,9 @@ def point_complete(point_dir, allow_missing_logits: bool = False) -> tuple[bool,
     return not reasons, reasons
 
 
-def _sweep_id(matrix: dict) -> str:
-    model = Path(next(iter(matrix["params"].values()))["model"]).name or "model"
-    name = Path(matrix["file"]).stem if matrix.get("file") else "matrix"
+def _sweep_id(matrix: Matrix) -> str:
+    model = Path(matrix.points()[0].model).name or "model"
+    name = Path(matrix.file).stem if matrix.file else "matrix"
     return f"{datetime.now(timezone.utc).strftime('%H%M%S')}-{model}-{name}-{secrets.token_hex(2)}"
 
 
@@ -242,22 +152,22 @@ def run_sweep(matrix_file=None, overrides: dict | None = None, out_root="outputs
     if sweep_dir is not None:
         sweep_dir = Path(sweep_dir)
         cfg = read_config(sweep_dir)
-        matrix = load_matrix(matrix_file, overrides) if matrix_file else matrix_from_config(cfg, overrides)
-        declared = json.loads(json.dumps(_declared(matrix)))
+        matrix = load_checked_matrix(matrix_file, overrides, cfg)
+        declared = json.loads(json.dumps(matrix.declared()))
         diff = [k for k in ("axes", "base", "point_overrides") if cfg.get(k) != declared[k]]
         if diff:
             detail = "; ".join(f"{k}: config.json {cfg.get(k)} vs now {declared[k]}" for k in diff)
             raise SweepError(f"refusing to resume {sweep_dir}: the declared matrix differs ({detail[:400]}); "
                              "start a new sweep instead")
     else:
-        matrix = load_matrix(matrix_file, overrides)
-        first = next(iter(matrix["params"].values()))
+        matrix = load_checked_matrix(matrix_file, overrides)
+        first = matrix.points()[0]
         preflight(out_root, first)
         day = datetime.now(timezone.utc).strftime("%Y-%m-%d")
-        sweep_dir = Path(out_root) / day / f"{first['probe']}-sweep" / _sweep_id(matrix)
+        sweep_dir = Path(out_root) / day / f"{first.probe}-sweep" / _sweep_id(matrix)
         sweep_dir.mkdir(parents=True, exist_ok=False)
-        cfg = {"format": 1, "sweep_id": sweep_dir.name, "matrix_file": matrix["file"], "created_utc": _now(),
-               **git_state(), **_declared(matrix), "points": [p["name"] for p in points(matrix)]}
+        cfg = {"format": 1, "sweep_id": sweep_dir.name, "matrix_file": matrix.file, "created_utc": _now(),
+               **git_state(), **matrix.declared(), "points": [p["name"] for p in points(matrix)]}
         atomic_write_text(sweep_dir / CONFIG, json.dumps(cfg, indent=2, default=str) + "\n")
     pdir = sweep_dir / "points"
     pdir.mkdir(exist_ok=True)
@@ -275,7 +185,7 @@ def run_sweep(matrix_file=None, overrides: dict | None = None, out_root="outputs
             _log(sweep_dir, point=name, action="moved_aside", to=aside.name, reasons=reasons)
         _say(progress, f"[{i}/{len(todo)}] {name}: running")
         try:
-            run_probe(matrix["params"][name], run_dir=d, progress=progress)
+            run_probe(matrix.params[name], run_dir=d, progress=progress)
         except RecordError:
             raise  # an unwritable/full output folder fails every later point too
         except Exception as e:  # noqa: BLE001 - one broken point must not stop the sweep

@@ -1,0 +1,135 @@
+"""Machine checks before a probe starts its record: the files params name, and this machine.
+
+    params = preflight(load_params(path, overrides))
+
+greta.record.params decides whether params are well-formed (pure, no torch); this module decides whether
+they can run here: the prompt files and tokenizer exist, the model is a preset or a readable checkpoint
+(safetensors headers consistent with the file sizes, a .gguf with the GGUF magic), the device and backend
+are available, and weights plus KV cache fit the device. Each problem is a ParamError of one line naming
+the param and the fix, raised before anything is written.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+from greta.record.params import Params, ParamError, is_file, show, dtype_bytes, resolve
+
+
+def preflight(params: Params) -> Params:
+    """Check params against this machine; return them unchanged (so calls chain). Raises ParamError."""
+    _check_threads(params.threads)
+    _check_prompt(params)
+    _check_model(params.model)
+    _check_device(params.device, params.dtype)
+    if params.backend == "triton":
+        _check_triton(params.device, params.dtype)
+    _check_fits(params)
+    return params
+
+
+def device_memory(device: str) -> int:
+    """Total bytes of a device: the host's RAM for cpu, the card's memory for cuda[:i]."""
+    import psutil
+    import torch
+
+    if device == "cpu":
+        return psutil.virtual_memory().total
+    return torch.cuda.get_device_properties(int(device[5:] or 0)).total_memory
+
+
+def _check_threads(threads: int) -> None:
+    cpus = os.cpu_count() or 1
+    if threads > cpus:
+        raise ParamError(f"param threads={threads} must be between 0 and {cpus} (0 = torch's default; at most this "
+                         "machine's CPUs); e.g. -p threads=0")
+
+
+def _check_prompt(p: Params) -> None:
+    """The token-id file, text file and tokenizer the prompt params name exist and can be used."""
+    if p.prompt not in ("synthetic", "hello"):
+        _check_token_file(p.prompt, p.ctx)
+    if p.prompt_file and not is_file(resolve(p.prompt_file)):
+        raise ParamError(f"param prompt_file={show(p.prompt_file)}: no such text file")
+    if p.tokenizer and not (is_file(Path(p.tokenizer)) or is_file(Path(p.tokenizer) / "tokenizer.json")):
+        raise ParamError(f"param tokenizer={show(p.tokenizer)}: neither a tokenizer.json file nor a directory holding one")
+    if p.prompt_file or p.prompt == "hello":
+        from greta.engine.tokenize import find_tokenizer
+
+        if find_tokenizer(p.model, p.tokenizer) is None:  # text without a tokenizer used to become synthetic ids
+            key = f"prompt_file={show(p.prompt_file)}" if p.prompt_file else "prompt=hello"
+            raise ParamError(f"param {key} is text but model={show(p.model)} has no tokenizer.json beside it; "
+                             "pass -p tokenizer=<dir with tokenizer.json>, or use -p prompt=synthetic")
+
+
+def _check_token_file(prompt: str, ctx: int) -> None:
+    if not is_file(Path(prompt)):
+        raise ParamError(f"param prompt={show(prompt)}: not 'synthetic' or 'hello' and no such token-id file")
+    from greta.engine.prompt import read_ids
+
+    try:
+        n = read_ids(prompt).size
+    except (ValueError, OSError, UnicodeDecodeError) as e:
+        why = show(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        raise ParamError(f"param prompt={show(prompt)} is not a token-id file ({why}): "
+                         "give integers separated by spaces, commas or newlines, or a .npy array") from None
+    if n < ctx:
+        raise ParamError(f"param prompt={show(prompt)} holds {n} token ids but ctx={ctx}: "
+                         f"give a longer file or -p ctx={max(n, 1)}")
+
+
+def _check_model(model: str) -> None:
+    """The engine's own cheap check of the model source (greta.engine.source), as a ParamError."""
+    from greta.engine.source import ModelSourceError, check_model
+
+    try:
+        check_model(model)
+    except ModelSourceError as e:
+        raise ParamError(f"param {' '.join(str(e).split())[:300]}") from None
+    except (ValueError, OSError) as e:
+        raise ParamError(f"param model={show(model)}: {' '.join(str(e).split())[:300]}") from None
+
+
+def _check_device(device: str, dtype: str) -> None:
+    import torch
+
+    if device == "cpu":
+        return
+    if not torch.cuda.is_available():
+        raise ParamError(f"param device={device!r} but no GPU is visible to torch (torch {torch.__version__}); use -p device=cpu")
+    idx = int(device[5:]) if ":" in device else 0
+    if idx >= torch.cuda.device_count():
+        raise ParamError(f"param device={device!r} but only {torch.cuda.device_count()} GPU(s) are visible")
+    if dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
+        raise ParamError(f"param dtype=bfloat16 is not supported on {torch.cuda.get_device_name(idx)}; use -p dtype=float16")
+
+
+def _check_triton(device: str, dtype: str) -> None:
+    if importlib.util.find_spec("triton") is None:
+        raise ParamError("param backend=triton but triton is not installed; pip install triton, or use -p backend=torch")
+    if device == "cpu":
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            raise ParamError("param backend=triton on the CPU needs TRITON_INTERPRET=1 (Triton's interpreter); or use -p backend=torch")
+        if dtype == "bfloat16":
+            raise ParamError("param backend=triton on the CPU: the interpreter computes bf16 tl.dot wrongly; use -p dtype=float32")
+
+
+def _check_fits(p: Params) -> None:
+    """Refuse a run whose weights plus KV cache alone exceed the device's total memory."""
+    from greta.engine.config import kv_capacity
+    from greta.engine.source import load_config
+
+    try:
+        cfg = load_config(p.model)
+    except Exception as e:  # noqa: BLE001 - a config.json that isn't a Llama config, GGUF metadata gguf can't read
+        what = "GGUF metadata" if p.model.endswith(".gguf") else "config.json"
+        raise ParamError(f"param model={show(p.model)}: cannot read its {what} ({' '.join(str(e).split())[:80]})") from None
+    cache = kv_capacity(p.ctx + p.gen + p.prefill_chunk, p.kv_block)  # as runner.KVCache holds it
+    b = dtype_bytes(p.dtype)
+    need = cfg.param_count() * b + cfg.kv_bytes_per_token(b) * cache
+    have = device_memory(p.device)
+    if need > have:
+        sizes = ", ".join(f"{k}={getattr(p, k)}" for k in ("ctx", "gen", "prefill_chunk", "kv_block"))
+        raise ParamError(f"params {sizes}: weights + KV cache need {need / 2**30:.3g} GiB but {p.device} has "
+                         f"{have / 2**30:.3g} GiB; lower -p ctx (or gen, prefill_chunk, kv_block)")

@@ -1,0 +1,142 @@
+"""A sweep's declared matrix: axes (ctx x kv_aligned x seed x dtype), base params, point_overrides.
+
+A **matrix file** is a params YAML in which the axis keys may be lists (a scalar is a one-value axis);
+every other key is a base param shared by all points; ``point_overrides`` sets params on some points only::
+
+    point_overrides:
+      - when: {ctx: 16384}                     # axis values the point must have
+        set: {timeouts: {prefill: 1200}}       # params for those points
+
+Parsing is pure (no torch, no machine): every point's params are built through the one params validator
+(:meth:`greta.record.params.Params.from_layers`), so a bad matrix stops in one line (ParamError).
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+from dataclasses import dataclass
+
+from greta.record.params import (DEFAULTS, Params, ParamError, coerce, flat_keys, flatten, load_yaml_text,
+                                 read_params_file, show)
+
+AXES = ("ctx", "kv_aligned", "seed", "dtype")  # point names and execution order follow this order
+
+
+@dataclass(frozen=True)
+class Matrix:
+    """The declared matrix. axes: {axis: [values]} (coerced to the params' types); base: the shared params
+    as declared (flat keys); point_overrides: the declared rules; params: {point name: Params}."""
+    file: str | None
+    axes: dict
+    base: dict
+    point_overrides: list
+    params: dict
+
+    def points(self) -> list[Params]:
+        """Every point's params, in run order (ctx-major, then kv_aligned, seed, dtype)."""
+        return list(self.params.values())
+
+    def declared(self) -> dict:
+        """What config.json records and what a resume must match."""
+        return {"axes": self.axes, "base": self.base, "point_overrides": self.point_overrides}
+
+    def __getitem__(self, key: str):
+        # Transitional: readers that still do matrix["axes"]; remove when every reader uses attributes.
+        if key not in ("file", "axes", "base", "point_overrides", "params"):
+            raise KeyError(key)
+        return getattr(self, key)
+
+
+def point_name(point) -> str:
+    return f"ctx{point['ctx']}-kv{point['kv_aligned']}-seed{point['seed']}-{point['dtype']}"
+
+
+def combos(axes: dict) -> list[dict]:
+    """ctx-major, then kv_aligned, seed, dtype, each in declared order."""
+    return [dict(zip(AXES, vals)) for vals in itertools.product(*(axes[k] for k in AXES))]
+
+
+def load_matrix(path=None, overrides: dict | None = None) -> Matrix:
+    """Read and validate a matrix file plus ``key=value`` overrides (axis overrides replace the axis)."""
+    data = read_params_file(path) if path else {}  # the params file reader: aliases, duplicate keys, BOM... refused
+    return matrix_from_data(data, str(path) if path else "defaults", overrides, file=str(path) if path else None)
+
+
+def matrix_from_data(data: dict, source: str, overrides: dict | None = None, file: str | None = None) -> Matrix:
+    """A matrix from a mapping already read (a matrix file's, or config.json's) plus overrides.
+
+    Axis values and ``when`` values are coerced to the params' types once, up front (``-p seed=3`` is the
+    int 3, ``256.0`` is 256), so duplicates are caught and ``when`` matches what the points run with."""
+    data = copy.deepcopy(data)
+    point_overrides = data.pop("point_overrides", None) or []
+    axes, base = _axes_and_base(data, source, overrides)
+    rules = _rules(point_overrides, source)
+    params: dict = {}
+    for combo in combos(axes):
+        name = point_name(combo)
+        layers = [(f"matrix {source}", base)]
+        layers += [("point_overrides", sets) for when, sets in rules if all(combo[k] == v for k, v in when.items())]
+        try:
+            params[name] = Params.from_layers(layers + [("axes", combo)])
+        except ParamError as e:
+            raise ParamError(f"matrix {source}, point {name}: {e}") from None
+    return Matrix(file=file, axes=axes, base=base, point_overrides=point_overrides, params=params)
+
+
+def _axes_and_base(data: dict, source: str, overrides: dict | None) -> tuple[dict, dict]:
+    known = set(flat_keys())
+    axes = {k: [DEFAULTS[k]] for k in AXES}
+    base: dict = {}
+    for src, layer in ((source, data), ("override", dict(overrides or {}))):
+        for key, value in flatten(layer, src).items():
+            if key in AXES:
+                axes[key] = [_coerce_axis(key, v, f"matrix axis {key} (from {src})") for v in _axis_values(key, value, src)]
+            elif key not in known:
+                raise ParamError(f"unknown param {show(key)} (from {src}); known: {', '.join(sorted(known))}, point_overrides")
+            else:
+                base[key] = value
+    if any(len(set(vals)) != len(vals) for vals in axes.values()):
+        raise ParamError(f"matrix {source} has duplicate axis values: {show(axes, 200)}")
+    return axes, base
+
+
+def _rules(point_overrides, source: str) -> list[tuple[dict, dict]]:
+    """(when, set) pairs with when's values coerced and set flattened."""
+    if not isinstance(point_overrides, list) or not all(
+            isinstance(o, dict) and set(o) == {"when", "set"} and isinstance(o["when"], dict)
+            and isinstance(o["set"], dict) for o in point_overrides):
+        raise ParamError(f"point_overrides (from {source}) must be a list of {{when: {{axis: value}}, set: {{param: value}}}}")
+    rules = []
+    for o in point_overrides:
+        bad = [k for k in o["when"] if k not in AXES]
+        if bad:
+            raise ParamError(f"point_overrides: when-key {show(bad[0])} is not an axis ({', '.join(AXES)})")
+        sets = flatten(o["set"], "point_overrides")
+        bad = [k for k in sets if k in AXES]
+        if bad:
+            raise ParamError(f"point_overrides: cannot set the axis {show(bad[0])}; change the axis list instead")
+        when = {k: _coerce_axis(k, v, f"point_overrides: when {k}") for k, v in o["when"].items()}
+        rules.append((when, sets))
+    return rules
+
+
+def _axis_values(key: str, value, source: str) -> list:
+    if isinstance(value, str) and value.strip().startswith("["):  # a CLI override: -p ctx=[256,512]
+        try:
+            value = load_yaml_text(value)
+        except Exception:  # noqa: BLE001 - YAMLError, or the loader's refusal of aliases
+            raise ParamError(f"matrix axis {key}={show(value)} (from {source}) is not a YAML list; write e.g. -p {key}=[256,512]") from None
+    vals = value if isinstance(value, list) else [value]
+    if not vals:
+        raise ParamError(f"matrix axis {key} (from {source}) is an empty list; give at least one value")
+    if any(isinstance(v, (list, dict)) for v in vals):
+        raise ParamError(f"matrix axis {key}={show(vals)} (from {source}): values must be scalars")
+    return vals
+
+
+def _coerce_axis(key: str, value, where: str):
+    """An axis value as the params will type it ("3" from a CLI override is 3, 256.0 is 256)."""
+    try:
+        return coerce(key, value)
+    except ParamError as e:
+        raise ParamError(f"{where}: {e}") from None
