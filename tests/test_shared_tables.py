@@ -100,7 +100,7 @@ def test_fault_record_of_an_interrupted_phase(tmp_path, small_params):
     for name in ("params.json", "metadata.json", "perf.json", "vram.json", "verdict.json"):  # same format as before
         text = (run_dir / name).read_text()
         assert text == json.dumps(json.loads(text), indent=2) + "\n"
-    assert json.loads((run_dir / "params.json").read_text()) == p
+    assert json.loads((run_dir / "params.json").read_text()) == p.to_dict()
     assert (run_dir / "vram_samples.csv").is_file() and vram.read_samples_csv(run_dir / "vram_samples.csv") == []
     assert "# B3.77 — INTERRUPTED" in (run_dir / "report.md").read_text()
     vs = json.loads((run_dir / "vram.json").read_text())
@@ -108,7 +108,7 @@ def test_fault_record_of_an_interrupted_phase(tmp_path, small_params):
 
 
 def test_fault_record_without_a_readable_model_config(tmp_path, small_params):
-    p = {**small_params(), "model": str(tmp_path / "no-such-model")}
+    p = small_params().replace(model=str(tmp_path / "no-such-model"))  # parses: the model is preflight's check
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     notebooks._fault_record(run_dir, p, "crash", "the notebook kernel died (x)")

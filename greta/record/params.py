@@ -175,7 +175,7 @@ class Params:
     @classmethod
     def from_layers(cls, layers: list[tuple[str, dict]]) -> "Params":
         """Defaults <- each (source, mapping) in turn: the one parser and validator of every params path."""
-        known = _flat_defaults()
+        known = _FLAT_DEFAULTS
         values = dict(known)
         for source, data in layers:
             if not isinstance(data, dict):
@@ -231,11 +231,7 @@ def coerce(key: str, value):
 
 def flat_keys() -> list[str]:
     """Every param name as -p takes it (sections dotted: timeouts.decode)."""
-    return list(_flat_defaults())
-
-
-def _flat_defaults() -> dict:
-    return _FLAT_DEFAULTS
+    return list(_FLAT_DEFAULTS)
 
 
 def _coerce(key: str, value, default):
