@@ -189,14 +189,16 @@ def test_the_same_probe_twice_gives_the_same_bits(good, small_params, tmp_path):
 def test_disk_full_during_the_run_leaves_no_complete_looking_record(tmp_path, capsys, monkeypatch):
     import errno
 
-    real = record.atomic_write_bytes
+    from greta.record import files
+
+    real = files.atomic_write_bytes
 
     def full(path, data):
         if Path(path).name == "verdict.json":
             raise OSError(errno.ENOSPC, "No space left on device")
         real(path, data)
 
-    monkeypatch.setattr(record, "atomic_write_bytes", full)
+    monkeypatch.setattr(files, "atomic_write_bytes", full)
     args = [x for k, v in SMALL_PROBE.items() for x in ("-p", f"{k}={v}")]
     assert cli(["probe", "-f", str(CPU_PARAMS), *args, "-o", str(tmp_path), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
