@@ -35,12 +35,14 @@ FAULT_STATUS = {v: {s for s, w in FAIL.items() if w == v} for v in FAULT_VERDICT
 LARGE = ("logits.npz",)  # listed in the manifest but kept out of git
 
 
-def _check_manifest(d: Path, rec: RecordFiles, allow_missing_large: bool) -> list[str]:
-    """Every listed file has its sha256, no file is unlisted, and with GRETA_SEAL_KEY set the HMAC matches."""
+def _check_manifest(d: Path, allow_missing_large: bool, rec: RecordFiles | None = None) -> tuple[dict | None, list[str]]:
+    """(the manifest as read, reasons): every listed file has its sha256, no file is unlisted, and with
+    GRETA_SEAL_KEY set the HMAC matches."""
+    rec = rec or read_record(d)
     errors = rec.problem_lines([MANIFEST])
     man = rec.manifest
     if man is None:
-        return errors
+        return None, errors
     for name, entry in man.files.items():
         p = d / name
         if not p.is_file():
@@ -57,7 +59,7 @@ def _check_manifest(d: Path, rec: RecordFiles, allow_missing_large: bool) -> lis
             errors.append(f"manifest.json carries no HMAC though {SEAL_KEY_ENV} is set: it was sealed without the key")
         elif seal_hmac(man.to_dict(), key) != man.hmac:
             errors.append(f"manifest.json's HMAC does not match under {SEAL_KEY_ENV}: it was resealed without the key, or edited")
-    return errors
+    return man.to_dict(), errors
 
 
 def _check_oracle(d: Path, rec: RecordFiles) -> list[str]:
@@ -148,7 +150,7 @@ def verify(run_dir, allow_missing_large: bool = False) -> list[str]:
     if not d.is_dir():
         return [f"{d} is not a directory"]
     rec = read_record(d)
-    errors = _check_manifest(d, rec, allow_missing_large)
+    errors = _check_manifest(d, allow_missing_large, rec)[1]
     if rec.oracle is not None or (d / "oracle.json").exists():
         return errors + _check_oracle(d, rec)
     errors += rec.problem_lines(["params.json", "metadata.json", "perf.json", "verdict.json", "vram.json"])

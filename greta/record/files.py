@@ -28,7 +28,12 @@ MANIFEST = "manifest.json"
 
 
 class RecordFileError(ValueError):
-    """A record file that cannot be read as its type; the message is one line naming the file."""
+    """A record file that cannot be read as its type; the message is one line naming the file. `detail`:
+    the message without the file's name (for callers that phrase the finding their own way)."""
+
+    def __init__(self, message: str, detail: str | None = None):
+        super().__init__(message)
+        self.detail = detail if detail is not None else message
 
 
 # --- writing ------------------------------------------------------------------------------------
@@ -89,7 +94,8 @@ def read_json_obj(path) -> dict:
         raise
     except (OSError, ValueError) as e:
         first = str(e).splitlines()[0] if str(e) else ""
-        raise RecordFileError(f"{path.name} is unreadable: {type(e).__name__}: {first}") from None
+        detail = f"{type(e).__name__}: {first}"
+        raise RecordFileError(f"{path.name} is unreadable: {detail}", detail) from None
     if not isinstance(obj, dict):
         raise RecordFileError(f"{path.name} is not a JSON object (got {type(obj).__name__})")
     return obj
