@@ -131,10 +131,13 @@ class RecordFile:
         if not isinstance(known["format"], int) or known["format"] > cls.FORMAT:
             raise RecordFileError(f"{cls.NAME} has format {known['format']!r}; this greta reads format <= "
                                   f"{cls.FORMAT}: update greta")
-        return cls(**known, extra={k: v for k, v in d.items() if k not in names})
+        obj = cls(**known, extra={k: v for k, v in d.items() if k not in names})
+        obj._absent = frozenset(names - set(d) - {"format"})  # an older file lacks them: written back without
+        return obj
 
     def to_dict(self) -> dict:
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        absent = getattr(self, "_absent", frozenset())
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in absent and f.name != "extra"}
         if out.get("format") == 1 and not self.ALWAYS_STATE_FORMAT:
             del out["format"]  # format 1 is the layout written before the key existed: its files lack it
         out.update(self.extra)
@@ -308,7 +311,7 @@ class Manifest(RecordFile):
 
     def to_dict(self) -> dict:
         out = super().to_dict()
-        if out["hmac"] is None:
+        if "hmac" in out and out["hmac"] is None:
             del out["hmac"]
         return out
 
