@@ -123,7 +123,7 @@ def _check_vram(rec: RecordFiles) -> list[str]:
     return errors
 
 
-def _check_judgement(d: Path, rec: RecordFiles) -> list[str]:
+def _check_judgement(rec: RecordFiles) -> list[str]:
     """The stated verdict is the one the stored metrics give under the stored thresholds."""
     v = rec.verdict.verdict if rec.verdict else None
     if v not in EQUIV_VERDICTS or rec.params is None:
@@ -165,7 +165,7 @@ def verify(run_dir, allow_missing_large: bool = False) -> list[str]:
                 if not (d / name).is_file() and not (allow_missing_large and name in LARGE):
                     errors.append(f"{name} is missing though the reference phase finished")
     errors += _check_vram(rec)
-    errors += _check_judgement(d, rec)
+    errors += _check_judgement(rec)
     if rec.verdict is not None and rec.params is not None:
         errors += check_report(d / "report.md", rec) + check_pages(d, rec.verdict.verdict)
     if (d / "logits.npz").is_file():
