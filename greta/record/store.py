@@ -99,7 +99,8 @@ def model_vocab(model: str) -> int:
 
 def expected_bytes(params) -> int:
     """Rough size of a record: logits (2 x span x vocab fp32, before compression), notebooks and plots."""
-    return 2 * params["span"] * model_vocab(params["model"]) * 4 + 16 * 2**20
+    span = params["span"]
+    return (2 * span * model_vocab(params["model"]) * 4 if span else 0) + 16 * 2**20  # span 0: a record without logits (oracle)
 
 
 def preflight(out_root, params):

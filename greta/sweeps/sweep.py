@@ -43,6 +43,7 @@ from pathlib import Path
 import yaml
 
 from greta.record.files import RecordFileError, Verdict
+from greta.sweeps import layout
 from greta.sweeps.layout import (AXES, CONFIG, LOG, VERDICT, SweepError, point_complete, point_name, points,
                                  read_config)
 from greta.record.params import DEFAULTS, ParamError, _coerce, _flat, _flat_defaults, _read_yaml, load_params
@@ -114,7 +115,7 @@ def matrix_from_data(data: dict, source: str, overrides: dict | None = None) -> 
         when = {k: _coerce_axis(k, v, f"point_overrides: when {k}") for k, v in o["when"].items()}
         rules.append((when, sets))
     params: dict = {}
-    for combo in _combos(axes):
+    for combo in layout._combos(axes):
         name = point_name(combo)
         over = dict(base)
         for when, sets in rules:
