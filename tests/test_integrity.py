@@ -189,14 +189,16 @@ def test_the_same_probe_twice_gives_the_same_bits(good, small_params, tmp_path):
 def test_disk_full_during_the_run_leaves_no_complete_looking_record(tmp_path, capsys, monkeypatch):
     import errno
 
-    real = record.atomic_write_bytes
+    from greta.record import files
+
+    real = files.atomic_write_bytes
 
     def full(path, data):
         if Path(path).name == "verdict.json":
             raise OSError(errno.ENOSPC, "No space left on device")
         real(path, data)
 
-    monkeypatch.setattr(record, "atomic_write_bytes", full)
+    monkeypatch.setattr(files, "atomic_write_bytes", full)
     args = [x for k, v in SMALL_PROBE.items() for x in ("-p", f"{k}={v}")]
     assert cli(["probe", "-f", str(CPU_PARAMS), *args, "-o", str(tmp_path), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
@@ -205,3 +207,92 @@ def test_disk_full_during_the_run_leaves_no_complete_looking_record(tmp_path, ca
     assert not (d / "manifest.json").exists() and not (d / "verdict.json").exists()
     assert "manifest.json is missing" in verify(d)
     assert not list(d.glob(".*.tmp"))
+
+
+# --- what report.md, the notebooks and the HTML pages state (issue 15 #4) -------------------------------------
+def _forge_failing_logits(d: Path):
+    """Rewrite logits.npz so the decode path disagrees, recompute metrics.json and verdict.json from it
+    honestly, and reseal: every data file is consistent, only report.md still tells the old story."""
+    from greta.record.metrics import compare, equivalence_verdict
+    from greta.record.store import verdict_record
+
+    params = json.loads((d / "params.json").read_text())
+    z = dict(np.load(d / "logits.npz"))
+    z["decode"] = z["decode"] + np.float32(3.0) * (np.arange(z["decode"].shape[1], dtype=np.float32) % 7)
+    np.savez_compressed(d / "logits.npz", **z)
+    old = json.loads((d / "metrics.json").read_text())
+    m = compare(z["decode"], z["reference"], z["tokens"].tolist(), z["positions"].tolist(),
+                [r["source"] for r in old["per_position"]])
+    v, reason = equivalence_verdict(m, params["kv_aligned"], params["thresholds"])
+    (d / "metrics.json").write_text(json.dumps(m, indent=2))
+    (d / "verdict.json").write_text(json.dumps(verdict_record(params, v, reason, None, m, z["tokens"].tolist())))
+    seal(d)
+    return v
+
+
+def test_a_forged_trace_resealed_under_an_old_report_is_rejected(copy):
+    v = _forge_failing_logits(copy)
+    assert v == "FAIL_EQUIV"
+    from greta.checks.analyze import analyze_run
+
+    assert analyze_run(copy)["status"] == "OK"  # the data files agree with each other: only the report can tell
+    reasons = verify(copy)
+    assert "report.md states the verdict PASS_EQUIV but verdict.json says FAIL_EQUIV" in reasons, reasons
+    assert any(r.startswith("report.md's results table says PASS_EQUIV") for r in reasons), reasons
+    assert any(r.startswith("report.md states bit_exact True") for r in reasons), reasons
+    assert any(r.startswith("report.md states max_abs_diff") for r in reasons), reasons
+
+
+def test_a_report_edited_after_sealing_and_resealed_is_rejected(copy):
+    text = (copy / "report.md").read_text()
+    (copy / "report.md").write_text(text.replace("Verdict: **PASS_EQUIV**", "Verdict: **FAIL_EQUIV**"))
+    assert any("report.md changed after the record was sealed" in r for r in verify(copy))
+    seal(copy)
+    assert verify(copy) == ["report.md states the verdict FAIL_EQUIV but verdict.json says PASS_EQUIV"]
+
+
+@pytest.mark.parametrize("old, new, reason", [
+    ("max_abs_diff ≤ ", "max_abs_diff ≤ 9", "report.md states the max_abs_diff threshold 9"),
+    ("Negative control (perturb): none", "Negative control (perturb): rope_offset", "report.md states perturb rope_offset"),
+    ("bit_exact: **True**", "bit_exact: **False**", "report.md states bit_exact False"),
+    ("Verdict: **PASS_EQUIV**", "Verdict: PASS_EQUIV", "report.md states no verdict"),
+])
+def test_every_stated_figure_of_the_report_is_checked(copy, old, new, reason):
+    text = (copy / "report.md").read_text()
+    assert old in text, "the report's wording changed: update greta.checks.statements"
+    (copy / "report.md").write_text(text.replace(old, new))
+    seal(copy)
+    reasons = verify(copy)
+    assert any(r.startswith(reason) for r in reasons), reasons
+
+
+def test_every_page_that_states_a_verdict_states_the_records(copy):
+    nb = {"cells": [{"cell_type": "code", "source": "print(v)", "outputs": [
+        {"output_type": "display_data", "data": {"text/markdown": ["Verdict: **PASS\\_EQUIV** — fine"]}}]}],
+        "metadata": {}, "nbformat": 4, "nbformat_minor": 5}
+    (copy / "extra_check.ipynb").write_text(json.dumps(nb))
+    (copy / "extra_check.html").write_text("<p>no verdict stated on this page</p>")
+    seal(copy)
+    assert verify(copy) == []  # the negative control: agreeing and silent pages pass
+    (copy / "extra_check.html").write_text("<p>Verdict: <strong>FAIL_EQUIV</strong> — ...</p>")
+    nb["cells"][0]["outputs"][0]["data"]["text/markdown"] = ["Verdict: **EXPECTED_DRIFT**"]
+    (copy / "extra_check.ipynb").write_text(json.dumps(nb))
+    seal(copy)
+    assert verify(copy) == ["extra_check.html states the verdict FAIL_EQUIV but verdict.json says PASS_EQUIV",
+                            "extra_check.ipynb states the verdict EXPECTED_DRIFT but verdict.json says PASS_EQUIV"]
+
+
+def test_a_keyed_seal_detects_a_reseal_without_the_key(copy, monkeypatch):
+    monkeypatch.setenv("GRETA_SEAL_KEY", "k1")
+    seal(copy)
+    assert json.loads((copy / "manifest.json").read_text())["hmac"]
+    assert verify(copy) == []
+    monkeypatch.delenv("GRETA_SEAL_KEY")
+    assert verify(copy) == []  # without the key the HMAC cannot be checked, and is not required
+    seal(copy)  # a reseal by whoever lacks the key
+    monkeypatch.setenv("GRETA_SEAL_KEY", "k1")
+    assert verify(copy) == ["manifest.json carries no HMAC though GRETA_SEAL_KEY is set: it was sealed without the key"]
+    monkeypatch.setenv("GRETA_SEAL_KEY", "other")
+    seal(copy)
+    monkeypatch.setenv("GRETA_SEAL_KEY", "k1")
+    assert any("HMAC does not match" in r for r in verify(copy))

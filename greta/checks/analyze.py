@@ -42,12 +42,12 @@ verdict of a fault record, or None), ``verdict_reason``, ``stored_verdict`` and 
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import numpy as np
 
+from greta.record.files import RecordFileError, read_json_obj, read_json_opt
 from greta.record.metrics import FAULT_VERDICTS, compare, equivalence_verdict
 
 __all__ = ["STATUSES", "FAULT_VERDICTS", "analyze_run", "report_md", "metrics_for_plots"]
@@ -78,19 +78,17 @@ class _Findings:
 
 
 def _read_json_obj(path: Path, f: _Findings):
-    """A JSON object (dict) from ``path``, or None with a finding."""
+    """A JSON object (dict) from ``path`` (through greta.record.files), or None with a finding."""
     if not path.is_file():
         f.add("INCOMPLETE", f"{path.name} missing")
         return None
     try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except Exception as exc:  # noqa: BLE001 - unreadable or invalid JSON is a finding
+        return read_json_obj(path)
+    except RecordFileError as exc:  # unreadable or invalid JSON (detail), or not an object
+        f.add("INCOMPLETE", str(exc) if "JSON object" in str(exc) else f"{path.name} unreadable: {exc.detail}")
+    except Exception as exc:  # noqa: BLE001 - e.g. a directory named like the file
         f.add("INCOMPLETE", f"{path.name} unreadable: {_err(exc)}")
-        return None
-    if not isinstance(obj, dict):
-        f.add("INCOMPLETE", f"{path.name} is not a JSON object (got {type(obj).__name__})")
-        return None
-    return obj
+    return None
 
 
 def _load_npz(path: Path, f: _Findings) -> dict | None:
@@ -205,6 +203,40 @@ def _metrics_diff(stored: dict, again: dict) -> list[str]:
     return out
 
 
+def _without_logits(run: Path, verdict_rec: dict | None, out: dict, f: _Findings) -> None:
+    """No logits.npz: a fault record is complete without them; any other record cannot be re-checked."""
+    stored_verdict = verdict_rec.get("verdict") if verdict_rec else None
+    fault = stored_verdict in FAULT_VERDICTS
+    if fault:
+        out["verdict"] = stored_verdict
+        out["verdict_reason"] = _line(verdict_rec.get("reason") or "")
+        phase = verdict_rec.get("failed_phase")
+        f.add("INCOMPLETE", f"fault record: the run ended in {stored_verdict}"
+              f"{f' in phase {phase}' if phase else ''}; no logits are expected, the record is a complete "
+              f"record of that failure: {verdict_rec.get('reason') or 'no reason given'}")
+    else:
+        f.add("MISSING_LOGITS", "logits.npz missing: the metrics and verdict cannot be recomputed")
+    if (run / "metrics.json").is_file() and fault:
+        f.add("INCOMPLETE", "metrics.json present in a fault record without logits.npz")
+
+
+def _recheck_verdict(params: dict, metrics: dict, verdict_rec: dict | None, out: dict, f: _Findings) -> None:
+    """The verdict the recomputed metrics give under params.json's thresholds, against verdict.json's."""
+    th, kv = params.get("thresholds"), params.get("kv_aligned")
+    if not isinstance(th, dict) or kv is None:
+        f.add("INCOMPLETE", "params.json lacks thresholds or kv_aligned: the verdict cannot be recomputed")
+        return
+    try:
+        verdict, reason = equivalence_verdict(metrics, kv, th)
+    except Exception as exc:  # noqa: BLE001 - e.g. a threshold key missing from an older params.json
+        f.add("INCOMPLETE", f"recomputing the verdict failed: {_err(exc)}")
+        return
+    out["verdict"], out["verdict_reason"] = verdict, reason
+    stored_verdict = verdict_rec.get("verdict") if verdict_rec else None
+    if verdict_rec is not None and stored_verdict != verdict:
+        f.add("INCOMPLETE", f"verdict.json says {stored_verdict} but the logits give {verdict} ({reason})")
+
+
 def _analyze(run_dir, out: dict, f: _Findings) -> None:
     run = Path(run_dir)
     out["run_dir"] = str(run)
@@ -219,21 +251,10 @@ def _analyze(run_dir, out: dict, f: _Findings) -> None:
     verdict_rec = _read_json_obj(run / "verdict.json", f)
     stored_verdict = verdict_rec.get("verdict") if verdict_rec else None
     out["stored_verdict"] = stored_verdict if isinstance(stored_verdict, str) else None
-    fault = stored_verdict in FAULT_VERDICTS
     npz = run / "logits.npz"
 
     if not npz.exists():
-        if fault:
-            out["verdict"] = stored_verdict
-            out["verdict_reason"] = _line(verdict_rec.get("reason") or "")
-            phase = verdict_rec.get("failed_phase")
-            f.add("INCOMPLETE", f"fault record: the run ended in {stored_verdict}"
-                  f"{f' in phase {phase}' if phase else ''}; no logits are expected, the record is a complete "
-                  f"record of that failure: {verdict_rec.get('reason') or 'no reason given'}")
-        else:
-            f.add("MISSING_LOGITS", "logits.npz missing: the metrics and verdict cannot be recomputed")
-        if (run / "metrics.json").is_file() and fault:
-            f.add("INCOMPLETE", "metrics.json present in a fault record without logits.npz")
+        _without_logits(run, verdict_rec, out, f)
         return
 
     stored = _read_json_obj(run / "metrics.json", f)
@@ -275,20 +296,8 @@ def _analyze(run_dir, out: dict, f: _Findings) -> None:
             keys = ", ".join(d.split(" ", 1)[0] for d in diff)  # names first: the details may be cut at 300 chars
             f.add("INCOMPLETE", f"metrics.json disagrees with the metrics recomputed from logits.npz in {keys}: " + "; ".join(diff))
 
-    if params is None:
-        return
-    th, kv = params.get("thresholds"), params.get("kv_aligned")
-    if not isinstance(th, dict) or kv is None:
-        f.add("INCOMPLETE", "params.json lacks thresholds or kv_aligned: the verdict cannot be recomputed")
-        return
-    try:
-        verdict, reason = equivalence_verdict(metrics, kv, th)
-    except Exception as exc:  # noqa: BLE001 - e.g. a threshold key missing from an older params.json
-        f.add("INCOMPLETE", f"recomputing the verdict failed: {_err(exc)}")
-        return
-    out["verdict"], out["verdict_reason"] = verdict, reason
-    if verdict_rec is not None and stored_verdict != verdict:
-        f.add("INCOMPLETE", f"verdict.json says {stored_verdict} but the logits give {verdict} ({reason})")
+    if params is not None:
+        _recheck_verdict(params, metrics, verdict_rec, out, f)
 
 
 def analyze_run(run_dir) -> dict:
@@ -338,9 +347,7 @@ def metrics_for_plots(report: dict, run_dir) -> tuple[dict | None, str]:
         if status == "OK":
             return report["metrics"], "_Recomputed from logits.npz; they equal metrics.json._"
         return report["metrics"], f"**Recomputed from logits.npz** (status {status}: see the reasons above)."
-    from greta.reports.plots import _read_obj_opt  # matplotlib: only for the callers that plot
-
-    stored = _read_obj_opt(Path(run_dir) / "metrics.json")
+    stored = read_json_opt(Path(run_dir) / "metrics.json")
     if _usable_metrics(stored):
         return stored, f"**⚠ From metrics.json as stored, not verified against the logits** (status {status})."
     if report.get("stored_verdict") in FAULT_VERDICTS and stored is None:

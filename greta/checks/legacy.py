@@ -45,6 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from greta.checks.analyze import _err, _line
+from greta.record.files import RecordFileError, read_json_obj
 from greta.record.metrics import compare, equivalence_verdict
 from greta.record.params import DEFAULTS
 from greta.record.store import _f
@@ -85,11 +86,9 @@ def _metadata(d: Path) -> dict:
     if not p.is_file():
         raise _Bad("MISSING", f"{p} is missing")
     try:
-        m = json.loads(p.read_text())
-    except (OSError, ValueError, UnicodeDecodeError) as e:
-        raise _Bad("CORRUPT", f"{p} is unreadable: {type(e).__name__}: {e}") from None
-    if not isinstance(m, dict):
-        raise _Bad("CORRUPT", f"{p} is not a JSON object")
+        m = read_json_obj(p)
+    except (OSError, RecordFileError) as e:  # unreadable, not JSON, or not an object
+        raise _Bad("CORRUPT", f"{p.parent}/{e}") from None
     for k in ("ctx", "kv_aligned", "seed", "span"):
         if not isinstance(m.get(k), int) or isinstance(m.get(k), bool):
             raise _Bad("CORRUPT", f"{p} lacks an integer {k!r}")

@@ -16,7 +16,6 @@ transformers is a test/oracle dependency, not a runtime one: it is imported here
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from contextlib import contextmanager, nullcontext
 from datetime import datetime, timezone
@@ -314,23 +313,21 @@ def format_result(res: dict) -> str:
 def write_record(res: dict, out_root, argv: dict, checkpoint: dict | None = None) -> Path:
     """A never-overwritten, sealed record: oracle.json (everything but the logits), oracle.png, report.md."""
     import platform
-    import secrets
 
-    from greta.record.store import atomic_write_text, git_state, seal, versions
+    from greta.record.files import atomic_write_text, write_json
+    from greta.record.rundir import allocate_run_dir
+    from greta.record.store import git_state, seal, versions
 
     now = datetime.now(timezone.utc)
-    name = Path(str(argv["model"])).name or "model"
-    d = Path(out_root) / now.strftime("%Y-%m-%d") / "oracle" / (
-        f"{now.strftime('%H%M%S')}-{name}-ctx{res['ctx']}-{res['dtype']}-{secrets.token_hex(2)}")
-    d.mkdir(parents=True)
+    d = allocate_run_dir(out_root, "oracle", [argv["model"], f"ctx{res['ctx']}", res["dtype"]], now=now)
     dev = res["device"]
     card = torch.cuda.get_device_name(torch.device(dev)) if dev.startswith("cuda") else platform.processor() or "cpu"
     body = {k: v for k, v in res.items() if k != "oracle_logits"}
     body.update({"verdict": verdict(res), "card": card, "finished_utc": now.isoformat(timespec="seconds"),
                  "checkpoint": checkpoint, "versions": {**versions(), "transformers": _transformers().__version__},
                  **git_state()})
-    atomic_write_text(d / "params.json", json.dumps(argv, indent=2) + "\n")
-    atomic_write_text(d / "oracle.json", json.dumps(body, indent=2) + "\n")
+    write_json(d / "params.json", argv)
+    write_json(d / "oracle.json", body)
     plot(body, d / "oracle.png")
     atomic_write_text(d / "report.md", report_md(body))
     seal(d, argv)

@@ -8,19 +8,26 @@ Checks (each failure is one line of the returned list; an empty list means the r
   artifacts   the files every record has, plus metrics.json and logits.npz when the reference phase ran
   vram        no measured peak (sampled or allocator) is below the analytic weights + KV floor
   verdict     the stated verdict is the one the stored metrics give under the stored thresholds
+  statements  report.md states the verdict, thresholds, perturb and key figures (max_abs_diff, bit_exact)
+              of verdict.json / params.json / metrics.json, and every executed notebook (*.ipynb) and
+              HTML page (*.html) that states a verdict states that one (greta.checks.statements)
+  seal key    with GRETA_SEAL_KEY set, manifest.json carries the HMAC of its content under that key
   logits      when logits.npz is there, greta.checks.analyze recomputes the metrics and verdict from it and
               they must equal the stored ones
+Every file is read through greta.record.files.read_record.
 An oracle record (oracle.json, from `greta oracle -o`) gets the manifest check and its own: the limits follow
 from the stated tolerance and the verdict from the stored numbers.
 """
 from __future__ import annotations
 
-import json
+import os
 from pathlib import Path
 
+from greta.checks.statements import check_pages, check_report
+from greta.record.files import MANIFEST, RecordFiles, read_record
 from greta.record.metrics import EQUIV_VERDICTS, FAIL, FAULT_VERDICTS, equivalence_verdict
 from greta.record.params import PHASES
-from greta.record.store import MANIFEST, record_files, sha256_file
+from greta.record.store import SEAL_KEY_ENV, record_files, seal_hmac, sha256_file
 
 BASE = ("params.json", "metadata.json", "perf.json", "vram.json", "vram_samples.csv", "verdict.json", "report.md")
 # verdict -> the perf.json statuses its failed phase may end with (the inverse of metrics.FAIL)
@@ -28,45 +35,43 @@ FAULT_STATUS = {v: {s for s, w in FAIL.items() if w == v} for v in FAULT_VERDICT
 LARGE = ("logits.npz",)  # listed in the manifest but kept out of git
 
 
-def _json(d: Path, name: str, errors: list):
-    try:
-        return json.loads((d / name).read_text())
-    except FileNotFoundError:
-        errors.append(f"{name} is missing")
-    except (OSError, ValueError) as e:
-        errors.append(f"{name} is unreadable: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-    return None
+def _check_manifest(d: Path, allow_missing_large: bool, rec: RecordFiles | None = None) -> tuple[dict | None, list[str]]:
+    """(the manifest as read, reasons): every listed file has its sha256, no file is unlisted, and with
+    GRETA_SEAL_KEY set the HMAC matches."""
+    rec = rec or read_record(d)
+    errors = rec.problem_lines([MANIFEST])
+    man = rec.manifest
+    if man is None:
+        return None, errors
+    for name, entry in man.files.items():
+        p = d / name
+        if not p.is_file():
+            if not (allow_missing_large and name in LARGE):
+                errors.append(f"{name} is listed in the manifest but missing")
+        elif sha256_file(p) != entry.get("sha256"):
+            errors.append(f"{name} changed after the record was sealed (sha256 differs from the manifest)")
+    for rel in record_files(d):
+        if rel not in man.files:
+            errors.append(f"{rel} is not in the manifest (added after sealing)")
+    key = os.environ.get(SEAL_KEY_ENV)
+    if key:
+        if man.hmac is None:
+            errors.append(f"manifest.json carries no HMAC though {SEAL_KEY_ENV} is set: it was sealed without the key")
+        elif seal_hmac(man.to_dict(), key) != man.hmac:
+            errors.append(f"manifest.json's HMAC does not match under {SEAL_KEY_ENV}: it was resealed without the key, or edited")
+    return man.to_dict(), errors
 
 
-def _check_manifest(d: Path, allow_missing_large: bool) -> tuple[dict | None, list[str]]:
-    """(the manifest, reasons): every listed file has its sha256 and no file is unlisted."""
-    errors: list[str] = []
-    man = _json(d, MANIFEST, errors)
-    if man is not None:
-        listed = man.get("files", {})
-        for name, entry in listed.items():
-            p = d / name
-            if not p.is_file():
-                if not (allow_missing_large and name in LARGE):
-                    errors.append(f"{name} is listed in the manifest but missing")
-            elif sha256_file(p) != entry.get("sha256"):
-                errors.append(f"{name} changed after the record was sealed (sha256 differs from the manifest)")
-        for rel in record_files(d):
-            if rel not in listed:
-                errors.append(f"{rel} is not in the manifest (added after sealing)")
-    return man, errors
-
-
-def _check_oracle(d: Path, man: dict | None) -> list[str]:
+def _check_oracle(d: Path, rec: RecordFiles) -> list[str]:
     """An oracle record (greta oracle -o): its verdict and limits follow from its stored numbers."""
     from greta.checks.oracle import TOLERANCES, _within, verdict
 
-    errors: list[str] = []
-    params, body = _json(d, "params.json", errors), _json(d, "oracle.json", errors)
+    errors = rec.problem_lines(["params.json", "oracle.json"])
+    params, body = rec.params, rec.oracle
     for name in ("report.md", "oracle.png"):
         if not (d / name).is_file():
             errors.append(f"{name} is missing")
-    if man is not None and params is not None and man.get("params") != params:
+    if rec.manifest is not None and params is not None and rec.manifest.params != params:
         errors.append("params.json differs from the params in the manifest")
     if body is None:
         return errors
@@ -89,59 +94,80 @@ def _check_oracle(d: Path, man: dict | None) -> list[str]:
     return errors
 
 
+def _check_identity(d: Path, rec: RecordFiles) -> list[str]:
+    """params.json equals the manifest's, and metadata.json names the same run, seed and model."""
+    errors = []
+    params, meta = rec.params, rec.metadata
+    if rec.manifest is not None and params is not None and rec.manifest.params != params:
+        errors.append("params.json differs from the params in the manifest")
+    if params is not None and meta is not None:
+        for key in ("seed", "model"):
+            if getattr(meta, key) != params.get(key):
+                errors.append(f"metadata.json {key}={getattr(meta, key)!r} but params.json {key}={params.get(key)!r}")
+        if meta.run_id not in (None, d.name):
+            errors.append(f"metadata.json run_id {meta.run_id!r} is not the directory name {d.name!r}")
+    return errors
+
+
+def _check_vram(rec: RecordFiles) -> list[str]:
+    vs, errors = rec.vram, []
+    if vs is None:
+        return errors
+    if vs.below_floor:
+        errors.append("a VRAM figure is below the weights + KV floor: " + "; ".join(vs.below_floor_figures))
+    floor = (vs.floor or {}).get("total_mb")
+    peak = vs.peak_vram_mb
+    loaded = rec.perf is None or rec.perf.status("load") == "ok"  # else weights + KV never existed
+    if loaded and floor is not None and peak is not None and peak < floor:
+        errors.append(f"sampled VRAM peak {peak} MB is below the analytic floor {floor} MB")
+    return errors
+
+
+def _check_judgement(rec: RecordFiles) -> list[str]:
+    """The stated verdict is the one the stored metrics give under the stored thresholds."""
+    v = rec.verdict.verdict if rec.verdict else None
+    if v not in EQUIV_VERDICTS or rec.params is None:
+        return []
+    errors = rec.problem_lines(["metrics.json"])
+    if rec.metrics is None:
+        return errors
+    try:
+        again, _ = equivalence_verdict(rec.metrics.figures(), rec.params["kv_aligned"], rec.params["thresholds"])
+    except Exception as e:  # noqa: BLE001 - a malformed metrics file is a reason, not a crash
+        errors.append(f"metrics.json cannot be judged: {type(e).__name__}: {e}")
+    else:
+        if again != v:
+            errors.append(f"verdict.json says {v}, but the stored metrics give {again}")
+    if rec.verdict.bit_exact != rec.metrics.bit_exact:
+        errors.append("verdict.json bit_exact differs from metrics.json")
+    return errors
+
+
 def verify(run_dir, allow_missing_large: bool = False) -> list[str]:
     """Reasons the record at run_dir does not verify (empty: it does). allow_missing_large: accept a
     manifest-listed logits.npz that is absent (records committed to git leave it out)."""
     d = Path(run_dir)
     if not d.is_dir():
         return [f"{d} is not a directory"]
-    man, errors = _check_manifest(d, allow_missing_large)
-    if (d / "oracle.json").is_file():
-        return errors + _check_oracle(d, man)
-
-    params = _json(d, "params.json", errors)
-    meta = _json(d, "metadata.json", errors)
-    perf = _json(d, "perf.json", errors)
-    verdict = _json(d, "verdict.json", errors)
-    vs = _json(d, "vram.json", errors)
-    if man is not None and params is not None and man.get("params") != params:
-        errors.append("params.json differs from the params in the manifest")
-    if params is not None and meta is not None:
-        for key in ("seed", "model"):
-            if meta.get(key) != params.get(key):
-                errors.append(f"metadata.json {key}={meta.get(key)!r} but params.json {key}={params.get(key)!r}")
-        if meta.get("run_id") not in (None, d.name):
-            errors.append(f"metadata.json run_id {meta.get('run_id')!r} is not the directory name {d.name!r}")
+    rec = read_record(d)
+    errors = _check_manifest(d, allow_missing_large, rec)[1]
+    if rec.oracle is not None or (d / "oracle.json").exists():
+        return errors + _check_oracle(d, rec)
+    errors += rec.problem_lines(["params.json", "metadata.json", "perf.json", "verdict.json", "vram.json"])
+    errors += _check_identity(d, rec)
     for name in BASE:  # the JSON members were read above, which reported any that is missing
         if not name.endswith(".json") and not (d / name).is_file():
             errors.append(f"{name} is missing")
-    v = (verdict or {}).get("verdict")
-    if perf is not None and verdict is not None:
-        errors += _check_phases(perf, verdict)
-        if perf.get("reference", {}).get("status") == "ok":
+    if rec.perf is not None and rec.verdict is not None:
+        errors += _check_phases(rec.perf, rec.verdict)
+        if rec.perf.status("reference") == "ok":
             for name in ("metrics.json", "logits.npz"):
                 if not (d / name).is_file() and not (allow_missing_large and name in LARGE):
                     errors.append(f"{name} is missing though the reference phase finished")
-    if vs is not None:
-        if vs.get("below_floor"):
-            errors.append("a VRAM figure is below the weights + KV floor: " + "; ".join(vs.get("below_floor_figures", [])))
-        floor = (vs.get("floor") or {}).get("total_mb")
-        peak = vs.get("peak_vram_mb")
-        loaded = perf is None or perf.get("load", {}).get("status") == "ok"  # else weights + KV never existed
-        if loaded and floor is not None and peak is not None and peak < floor:
-            errors.append(f"sampled VRAM peak {peak} MB is below the analytic floor {floor} MB")
-    if v in EQUIV_VERDICTS and params is not None:
-        metrics = _json(d, "metrics.json", errors)
-        if metrics is not None:
-            try:
-                again, _ = equivalence_verdict(metrics, params["kv_aligned"], params["thresholds"])
-            except Exception as e:  # noqa: BLE001 - a malformed metrics file is a reason, not a crash
-                errors.append(f"metrics.json cannot be judged: {type(e).__name__}: {e}")
-            else:
-                if again != v:
-                    errors.append(f"verdict.json says {v}, but the stored metrics give {again}")
-            if verdict.get("bit_exact") != metrics.get("bit_exact"):
-                errors.append("verdict.json bit_exact differs from metrics.json")
+    errors += _check_vram(rec)
+    errors += _check_judgement(rec)
+    if rec.verdict is not None and rec.params is not None:
+        errors += check_report(d / "report.md", rec) + check_pages(d, rec.verdict.verdict)
     if (d / "logits.npz").is_file():
         from greta.checks.analyze import analyze_run
 
@@ -151,13 +177,13 @@ def verify(run_dir, allow_missing_large: bool = False) -> list[str]:
     return errors
 
 
-def _check_phases(perf: dict, verdict: dict) -> list[str]:
+def _check_phases(perf, verdict) -> list[str]:
     errors = []
-    missing = [ph for ph in PHASES if ph not in perf]
+    missing = [ph for ph in PHASES if ph not in perf.phases]
     if missing:
         return [f"perf.json lacks the phases {', '.join(missing)}"]
-    status = [perf[ph].get("status") for ph in PHASES]
-    v, failed = verdict.get("verdict"), verdict.get("failed_phase")
+    status = [perf.status(ph) for ph in PHASES]
+    v, failed = verdict.verdict, verdict.failed_phase
     if v in FAULT_STATUS:
         if failed not in PHASES:
             return [f"{v} record names no failed phase"]

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from greta.record import store as record
+from greta.record.samples import floor_for, write_samples_csv
 from greta.probe import vram
 from greta.engine.config import ModelConfig
 from greta.engine.source import load_config
@@ -189,7 +190,7 @@ def run_probe(params: dict, out_root="outputs", run_dir=None, progress: bool = T
 def _checkpoint(rec, perf, sampler):
     """perf.json and the VRAM samples so far. Only a finished run gets verdict.json and manifest.json."""
     rec.write_json("perf.json", perf)
-    vram.write_samples_csv(rec.path / "vram_samples.csv", sampler.snapshot())
+    write_samples_csv(rec.path / "vram_samples.csv", sampler.snapshot())
 
 
 def _finish(rec, params, perf, results, sampler, failure):
@@ -198,7 +199,7 @@ def _finish(rec, params, perf, results, sampler, failure):
     cfg = load.get("config")
     allocator = {ph: perf[ph]["allocator"] for ph in PHASES if "allocator" in perf[ph]}
     model_cfg = ModelConfig(**cfg) if cfg else load_config(params["model"])
-    floor = vram.floor_for(params, model_cfg)
+    floor = floor_for(params, model_cfg)
     vram_summary = vram.summarize(sampler, allocator, floor, loaded=perf["load"].get("status") == "ok")
     metrics = None
     if "reference" in results:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import os
 import platform
@@ -14,11 +15,18 @@ from pathlib import Path
 
 import numpy as np
 
-from greta.probe import vram
-from greta.engine.config import ModelConfig
+from greta.engine.config import ModelConfig, load_config
+from greta.record.files import (MANIFEST, TYPES, Manifest, Metadata, Metrics, Perf, VramSummary, Verdict,
+                                atomic_write_bytes, atomic_write_text, jsonable as _jsonable, sha256_file, write_json)
 from greta.record.params import dtype_bytes
+from greta.record.rundir import allocate_run_dir, resolve_out_root
+from greta.record.samples import write_samples_csv
 
 from greta.paths import REPO_ROOT as REPO
+
+__all__ = ["MANIFEST", "RecordError", "Record", "atomic_write_bytes", "atomic_write_text", "sha256_file", "seal",
+           "seal_hmac", "SEAL_KEY_ENV", "record_files", "preflight", "expected_bytes", "git_state", "versions",
+           "verdict_record", "roofline", "render_report", "results_row", "interpret"]
 
 
 def _now() -> str:
@@ -59,47 +67,45 @@ def versions() -> dict:
     return out
 
 
-def run_id(params: dict) -> str:
-    model = Path(params["model"]).name or "model"
+def probe_name_parts(params) -> list[str]:
+    """The parts of a probe run directory's name: <model>-ctx<ctx>-kv<0|1> (greta.record.rundir adds the
+    time before and a random suffix after)."""
+    return [Path(params["model"]).name or "model", f"ctx{params['ctx']}", f"kv{params['kv_aligned']}"]
+
+
+def run_id(params) -> str:
+    """Transitional, for greta.reports.notebooks.run_audit until it calls greta.record.rundir.allocate_run_dir
+    (which also creates the directory, so two runs cannot collide): the name allocate_run_dir would give."""
     stamp = datetime.now(timezone.utc).strftime("%H%M%S")
-    return f"{stamp}-{model}-ctx{params['ctx']}-kv{params['kv_aligned']}-{secrets.token_hex(2)}"
-
-
-MANIFEST = "manifest.json"
+    return "-".join([stamp, *probe_name_parts(params), secrets.token_hex(2)])
 
 
 class RecordError(OSError):
     """The record cannot be written (unwritable or full output folder); one line, says what to do."""
 
 
-def atomic_write_bytes(path: Path, data: bytes):
-    """Write to a temp file beside path, then rename: a reader sees the old file or the new one, never half."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(3)}.tmp")
+# When the model's config cannot be read here (the run will then end in FAIL_ERROR), size the record for
+# Llama 3's vocabulary, the largest of the presets.
+FALLBACK_VOCAB = 128256
+
+
+def model_vocab(model: str) -> int:
+    """The model's vocabulary size, from its preset, config.json or .gguf header (no weights are read)."""
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+        return load_config(model).vocab_size
+    except Exception:  # noqa: BLE001 - a bad model is the run's error to record, not the size estimate's
+        return FALLBACK_VOCAB
 
 
-def atomic_write_text(path: Path, text: str):
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def expected_bytes(params: dict) -> int:
+def expected_bytes(params) -> int:
     """Rough size of a record: logits (2 x span x vocab fp32, before compression), notebooks and plots."""
-    vocab = 128256
-    return 2 * params["span"] * vocab * 4 + 16 * 2**20
+    span = params["span"]
+    return (2 * span * model_vocab(params["model"]) * 4 if span else 0) + 16 * 2**20  # span 0: a record without logits (oracle)
 
 
-def preflight(out_root, params: dict):
+def preflight(out_root, params):
     """Before a run: the output folder can be created and written, and has room for the record."""
-    root = Path(out_root)
+    root = resolve_out_root(out_root)
     try:
         root.mkdir(parents=True, exist_ok=True)
         probe = root / f".greta-write-test-{secrets.token_hex(3)}"
@@ -114,14 +120,6 @@ def preflight(out_root, params: dict):
                           f"{need / 2**20:.0f} MiB: free some space or pass -o <another folder>")
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def record_files(run_dir) -> dict[str, Path]:
     """The files a manifest covers, by path relative to run_dir (posix), sorted: every file under run_dir
     except manifest.json itself and hidden files (e.g. the .tmp of an atomic write)."""
@@ -134,35 +132,52 @@ def record_files(run_dir) -> dict[str, Path]:
     return files
 
 
-def seal(run_dir, params: dict | None = None) -> Path:
+SEAL_KEY_ENV = "GRETA_SEAL_KEY"
+
+
+def seal_hmac(manifest: dict, key: str) -> str:
+    """HMAC-SHA256 (hex) of the manifest without its hmac, as canonical JSON (sorted keys, no spaces)."""
+    body = {k: v for k, v in manifest.items() if k != "hmac"}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=_jsonable)
+    return hmac.new(key.encode("utf-8"), canonical.encode("utf-8"), hashlib.sha256).hexdigest()
+
+
+def seal(run_dir, params=None) -> Path:
     """Write manifest.json last and atomically: the sha256 and size of every other file of the record,
-    the params, versions, git commit and dirty flag. Re-sealing (after the notebooks add their files)
-    replaces it. `python -m greta verify` checks it."""
+    the params, versions, git commit and dirty flag; with GRETA_SEAL_KEY set, an HMAC of all that.
+    Re-sealing (after the notebooks add their files) replaces it. `python -m greta verify` checks it."""
     d = Path(run_dir)
     if params is None:
         params = json.loads((d / "params.json").read_text())
     files = {rel: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for rel, p in record_files(d).items()}
-    manifest = {"format": 1, "run_id": d.name, "sealed_utc": _now(), "params": params, **git_state(),
-                "versions": versions(), "files": files}
-    atomic_write_text(d / MANIFEST, json.dumps(manifest, indent=2, default=_jsonable) + "\n")
+    git = git_state()
+    man = Manifest(run_id=d.name, sealed_utc=_now(), params=params, commit=git.pop("commit"), dirty=git.pop("dirty"),
+                   versions=versions(), files=files, extra=git)
+    body = json.loads(json.dumps(man.to_dict(), default=_jsonable))  # the form verify will read back
+    if os.environ.get(SEAL_KEY_ENV):
+        body["hmac"] = seal_hmac(body, os.environ[SEAL_KEY_ENV])
+    write_json(d / MANIFEST, body)
     return d / MANIFEST
 
 
 class Record:
-    def __init__(self, path: Path, params: dict):
+    def __init__(self, path: Path, params):
         self.path, self.params = Path(path), params
         self.meta: dict = {}
 
     @classmethod
-    def create(cls, params: dict, out_root="outputs", run_dir=None) -> "Record":
-        preflight(out_root if run_dir is None else Path(run_dir).parent, params)
+    def create(cls, params, out_root="outputs", run_dir=None) -> "Record":
+        """A new record: a fresh directory from greta.record.rundir (or run_dir, which must not hold a record
+        yet: the audit creates it for its notebook first), with params.json and metadata.json written."""
         if run_dir is None:
-            day = datetime.now(timezone.utc).strftime("%Y-%m-%d")
-            run_dir = Path(out_root) / day / params["probe"] / run_id(params)
-        path = Path(run_dir)
-        if (path / "params.json").exists():
-            raise FileExistsError(f"run directory {path} already holds a record; records are never overwritten — pick a new run_dir")
-        path.mkdir(parents=True, exist_ok=True)
+            preflight(out_root, params)
+            path = allocate_run_dir(out_root, params["probe"], probe_name_parts(params))
+        else:
+            path = Path(run_dir)
+            preflight(path.parent, params)
+            if (path / "params.json").exists():
+                raise FileExistsError(f"run directory {path} already holds a record; records are never overwritten — pick a new run_dir")
+            path.mkdir(parents=True, exist_ok=True)
         rec = cls(path, params)
         rec.write_json("params.json", params)
         rec.meta = {"run_id": path.name, "probe": params["probe"], **git_state(), "host": platform.node(),
@@ -172,9 +187,10 @@ class Record:
         return rec
 
     def write_json(self, name: str, obj) -> Path:
-        p = self.path / name
-        atomic_write_text(p, json.dumps(obj, indent=2, default=_jsonable) + "\n")
-        return p
+        """A record file; one of greta.record.files' types is written through that type (with its format)."""
+        if name in TYPES and isinstance(obj, dict):
+            obj = TYPES[name].from_dict(obj)
+        return write_json(self.path / name, obj)
 
     def write_npz(self, name: str, **arrays) -> Path:
         import io
@@ -194,43 +210,28 @@ class Record:
             "kv_cache_capacity": load.get("kv_cache_capacity"),
             "prompt": load.get("prompt"),  # source (synthetic | token file | text+tokenizer), token count, ids sha256
         })
-        self.write_json("metadata.json", self.meta)
-        self.write_json("perf.json", perf)
-        if metrics is not None:
-            self.write_json("metrics.json", metrics)
-        vram.write_samples_csv(self.path / "vram_samples.csv", samples)
-        self.write_json("vram.json", vram_summary)
-        self.write_json("verdict.json", verdict)
-        atomic_write_text(self.path / "report.md", render_report(self.params, self.meta, perf, metrics, vram_summary, verdict))
+        files = {"metadata.json": Metadata.from_dict(self.meta), "perf.json": Perf.from_dict(perf),
+                 "metrics.json": Metrics.from_dict(metrics) if metrics is not None else None,
+                 "vram.json": VramSummary.from_dict(vram_summary), "verdict.json": Verdict.from_dict(verdict)}
+        for name, typed in files.items():
+            if typed is not None:
+                write_json(self.path / name, typed)
+        write_samples_csv(self.path / "vram_samples.csv", samples)
+        written = {name: typed.to_dict() if typed is not None else None for name, typed in files.items()}
+        atomic_write_text(self.path / "report.md", render_report(
+            self.params, written["metadata.json"], written["perf.json"], written["metrics.json"],
+            written["vram.json"], written["verdict.json"]))
         seal(self.path, self.params)
 
 
-def verdict_record(params: dict, verdict: str, reason: str, failed_phase: str | None = None,
+def verdict_record(params, verdict: str, reason: str, failed_phase: str | None = None,
                    metrics: dict | None = None, tokens=None) -> dict:
     """The verdict.json dict (docs/RECORD.md): the verdict, its reason, the phase that failed (None when the
     run finished), bit_exact from the metrics (None without them), the run's kv_aligned and perturb, and
     the generated tokens (None when no phase produced any)."""
-    return {"verdict": verdict, "reason": reason, "failed_phase": failed_phase,
-            "bit_exact": metrics["bit_exact"] if metrics else None, "kv_aligned": params["kv_aligned"],
-            "perturb": params["perturb"], "tokens": tokens}
-
-
-def _jsonable(x):
-    if hasattr(x, "to_dict"):  # greta.record.params.Params (and its sections)
-        return x.to_dict()
-    if isinstance(x, (np.integer,)):
-        return int(x)
-    if isinstance(x, (np.floating,)):
-        return float(x)
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    return str(x)
-
-
-def load_record(run_dir) -> dict:
-    """Every JSON file of a record, by stem (params, metadata, perf, metrics, vram, verdict)."""
-    d = Path(run_dir)
-    return {p.stem: json.loads(p.read_text()) for p in sorted(d.glob("*.json"))}
+    return Verdict(verdict=verdict, reason=reason, failed_phase=failed_phase,
+                   bit_exact=metrics["bit_exact"] if metrics else None, kv_aligned=params["kv_aligned"],
+                   perturb=params["perturb"], tokens=tokens).to_dict()
 
 
 # --- cross-checks ---------------------------------------------------------------------------

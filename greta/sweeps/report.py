@@ -27,9 +27,10 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
 from greta.record.params import DEFAULTS
-from greta.reports.plots import VERDICT_COLORS, _FAIL_COLOR as FAIL_COLOR, _log_floor, _num, _read_obj_opt as _json, _save
+from greta.reports.plots import VERDICT_COLORS, _FAIL_COLOR as FAIL_COLOR, _log_floor, _num, _save
 from greta.record.store import _f, _now
-from greta.sweeps.sweep import VERDICT, point_complete, points, read_config
+from greta.sweeps.layout import VERDICT, point_complete, points, read_config
+from greta.record.files import read_record
 
 __all__ = ["collect", "guardrail", "results_table_md", "timing_table_md", "guardrail_md", "plot_vram_vs_ctx",
            "plot_time_vs_ctx", "plot_diff_vs_ctx", "plot_drift", "export_html", "finish", "PLOTS",
@@ -53,11 +54,12 @@ def collect(sweep_dir, allow_missing_logits: bool = False) -> list[dict]:
         d = sweep_dir / "points" / pt["name"]
         row = {**pt, "dir": str(d), "exists": d.is_dir()}
         row["complete"], row["reasons"] = point_complete(d, allow_missing_logits)
-        v = _json(d / "verdict.json") or {}
-        m = _json(d / "metrics.json") or {}
-        vr = _json(d / "vram.json") or {}
-        perf = _json(d / "perf.json") or {}
-        params = _json(d / "params.json") or {}
+        rec = read_record(d)
+        v = rec.verdict.to_dict() if rec.verdict else {}
+        m = rec.metrics.to_dict() if rec.metrics else {}
+        vr = rec.vram.to_dict() if rec.vram else {}
+        perf = rec.perf.to_dict() if rec.perf else {}
+        params = rec.params or {}
         rf = perf.get("roofline") or {}
         per = [r.get("max_abs_diff") for r in m.get("per_position", []) if isinstance(r, dict)]
         row.update({
@@ -73,7 +75,7 @@ def collect(sweep_dir, allow_missing_logits: bool = False) -> list[dict]:
             "decode_floor_ms": _num((rf.get("decode") or {}).get("floor_ms_per_token")),
             "threshold": _num((params.get("thresholds") or {}).get("max_abs_diff")),
             "gen": params.get("gen"), "span": params.get("span"), "model": params.get("model"),
-            "device": (_json(d / "metadata.json") or {}).get("device_name"),
+            "device": rec.metadata.device_name if rec.metadata else None,
         })
         if row["decode_ms_per_token"] is None and row["gen"]:
             w = _num((perf.get("decode") or {}).get("wall_s"))
@@ -231,7 +233,7 @@ def _analytic_floor(rows, ctxs):
     """(dtype, [ctx], [floor MB]) per dtype, from the model config: weights + KV for ctx + gen tokens."""
     from greta.engine.source import load_config
     from greta.record.params import dtype_bytes
-    from greta.probe.vram import floor_mb
+    from greta.record.samples import floor_mb
 
     out = []
     for dtype in sorted({r["dtype"] for r in rows}):

@@ -36,44 +36,17 @@ A resume whose declared matrix differs from config.json is refused (:class:`Swee
 from __future__ import annotations
 
 import json
-import secrets
 import sys
-from datetime import datetime, timezone
 from pathlib import Path
 
 
-from greta.record.matrix import AXES, Matrix, combos, load_matrix, matrix_from_data, point_name
+from greta.record.files import RecordFileError, Verdict
+from greta.record.matrix import AXES, Matrix, load_matrix, matrix_from_data, point_name
 from greta.record.params import ParamError
+from greta.sweeps.layout import CONFIG, LOG, VERDICT, SweepError, point_complete, points, read_config
 
-__all__ = ["AXES", "SweepError", "load_matrix", "load_checked_matrix", "points", "point_name", "point_complete", "run_sweep",
+__all__ = ["AXES", "VERDICT", "SweepError", "load_matrix", "load_checked_matrix", "points", "point_name", "point_complete", "run_sweep",
            "read_config", "matrix_from_config"]
-
-CONFIG = "config.json"
-VERDICT = "sweep_verdict.json"
-LOG = "sweep_log.jsonl"
-
-
-class SweepError(ValueError):
-    """A sweep cannot start or resume (matrix differs from config.json, not a sweep dir); one line."""
-
-
-def points(matrix) -> list[dict]:
-    """The points of a matrix (or a sweep's config.json) in run order: [{ctx, kv_aligned, seed, dtype, name}]."""
-    return [{**c, "name": point_name(c)} for c in combos(matrix["axes"])]
-
-
-def read_config(sweep_dir) -> dict:
-    p = Path(sweep_dir) / CONFIG
-    try:
-        cfg = json.loads(p.read_text())
-    except FileNotFoundError:
-        raise SweepError(f"{sweep_dir} is not a sweep directory (no {CONFIG})") from None
-    except (OSError, ValueError) as e:
-        raise SweepError(f"{p} is unreadable ({type(e).__name__}); the sweep cannot be resumed") from None
-    if not isinstance(cfg, dict) or "axes" not in cfg:
-        raise SweepError(f"{p} has no declared matrix (axes)")
-    return cfg
-
 
 def matrix_from_config(cfg: dict, overrides: dict | None = None) -> Matrix:
     """Re-validate the matrix a config.json declares (a resume without the matrix file)."""
@@ -95,25 +68,10 @@ def load_checked_matrix(matrix_file, overrides: dict | None, cfg: dict | None = 
     return matrix
 
 
-def point_complete(point_dir, allow_missing_logits: bool = False) -> tuple[bool, list[str]]:
-    """(complete, reasons): the record verifies and is not INTERRUPTED (see the module doc). Strict by
-    default; allow_missing_logits accepts a point committed to git without its logits.npz."""
-    from greta.checks.verify import verify
-
-    d = Path(point_dir)
-    if not d.is_dir():
-        return False, ["no record"]
-    reasons = verify(d, allow_missing_large=allow_missing_logits)
-    if not reasons:
-        if json.loads((d / "verdict.json").read_text()).get("verdict") == "INTERRUPTED":
-            reasons = ["the run was interrupted"]
-    return not reasons, reasons
-
-
-def _sweep_id(matrix: Matrix) -> str:
+def _sweep_name_parts(matrix: Matrix) -> list[str]:
+    """<model>-<matrix file stem>: greta.record.rundir adds the time before and a random suffix after."""
     model = Path(matrix.points()[0].model).name or "model"
-    name = Path(matrix.file).stem if matrix.file else "matrix"
-    return f"{datetime.now(timezone.utc).strftime('%H%M%S')}-{model}-{name}-{secrets.token_hex(2)}"
+    return [model, Path(matrix.file).stem if matrix.file else "matrix"]
 
 
 def _log(sweep_dir: Path, **entry):
@@ -146,8 +104,9 @@ def run_sweep(matrix_file=None, overrides: dict | None = None, out_root="outputs
     INTERRUPTED; a resume reruns it). With ``report``, the aggregate report is executed and
     sweep_verdict.json written at the end (greta.sweeps.report.finish).
     """
-    from greta.record.store import RecordError, _now, atomic_write_text, git_state, preflight
     from greta.probe.runner import run_probe
+    from greta.record.rundir import allocate_run_dir
+    from greta.record.store import RecordError, _now, atomic_write_text, git_state, preflight
 
     if sweep_dir is not None:
         sweep_dir = Path(sweep_dir)
@@ -163,9 +122,7 @@ def run_sweep(matrix_file=None, overrides: dict | None = None, out_root="outputs
         matrix = load_checked_matrix(matrix_file, overrides)
         first = matrix.points()[0]
         preflight(out_root, first)
-        day = datetime.now(timezone.utc).strftime("%Y-%m-%d")
-        sweep_dir = Path(out_root) / day / f"{first.probe}-sweep" / _sweep_id(matrix)
-        sweep_dir.mkdir(parents=True, exist_ok=False)
+        sweep_dir = allocate_run_dir(out_root, f"{first.probe}-sweep", _sweep_name_parts(matrix))
         cfg = {"format": 1, "sweep_id": sweep_dir.name, "matrix_file": matrix.file, "created_utc": _now(),
                **git_state(), **matrix.declared(), "points": [p["name"] for p in points(matrix)]}
         atomic_write_text(sweep_dir / CONFIG, json.dumps(cfg, indent=2, default=str) + "\n")
@@ -194,9 +151,9 @@ def run_sweep(matrix_file=None, overrides: dict | None = None, out_root="outputs
             _log(sweep_dir, point=name, action="error", error=msg)
             continue
         try:
-            v = json.loads((d / "verdict.json").read_text())
-            verdict, reason = v.get("verdict"), v.get("reason")
-        except (OSError, ValueError):
+            v = Verdict.read(d)
+            verdict, reason = v.verdict, v.reason
+        except (OSError, RecordFileError):
             verdict, reason = None, "no verdict.json"
         _say(progress, f"[{i}/{len(todo)}] {name}: {verdict}")
         _log(sweep_dir, point=name, action="ran", verdict=verdict, reason=reason)

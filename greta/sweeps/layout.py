@@ -1,0 +1,50 @@
+"""A sweep directory's layout (docs/RECORD.md, Sweeps): its file names, the points a matrix or config.json
+declares, config.json, and whether a point's record is complete. Both the runner (greta.sweeps.sweep) and
+the report (greta.sweeps.report) read a sweep through this module, so neither imports the other's reads
+(the runner calls the report at the end of a sweep; the report never calls the runner)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from greta.record.files import RecordFileError, Verdict, read_json_obj
+from greta.record.matrix import combos, point_name
+
+CONFIG = "config.json"
+VERDICT = "sweep_verdict.json"
+LOG = "sweep_log.jsonl"
+
+
+class SweepError(ValueError):
+    """A sweep cannot start or resume (matrix differs from config.json, not a sweep dir); one line."""
+
+
+def points(matrix: dict) -> list[dict]:
+    """The points of a matrix (or a sweep's config.json) in run order: [{ctx, kv_aligned, seed, dtype, name}]."""
+    return [{**c, "name": point_name(c)} for c in combos(matrix["axes"])]
+
+
+def read_config(sweep_dir) -> dict:
+    p = Path(sweep_dir) / CONFIG
+    try:
+        cfg = read_json_obj(p)
+    except FileNotFoundError:
+        raise SweepError(f"{sweep_dir} is not a sweep directory (no {CONFIG})") from None
+    except (OSError, RecordFileError) as e:
+        raise SweepError(f"{p} is unreadable ({e}); the sweep cannot be resumed") from None
+    if "axes" not in cfg:
+        raise SweepError(f"{p} has no declared matrix (axes)")
+    return cfg
+
+
+def point_complete(point_dir, allow_missing_logits: bool = False) -> tuple[bool, list[str]]:
+    """(complete, reasons): the record verifies and is not INTERRUPTED (see greta.sweeps.sweep's doc). Strict by
+    default; allow_missing_logits accepts a point committed to git without its logits.npz."""
+    from greta.checks.verify import verify
+
+    d = Path(point_dir)
+    if not d.is_dir():
+        return False, ["no record"]
+    reasons = verify(d, allow_missing_large=allow_missing_logits)
+    if not reasons and Verdict.read(d).verdict == "INTERRUPTED":
+        reasons = ["the run was interrupted"]
+    return not reasons, reasons
