@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from greta.engine.config import ModelConfig, load_config
+from greta.engine.config import ModelConfig
+from greta.engine.source import load_config
 from greta.record.files import (MANIFEST, TYPES, Manifest, Metadata, Metrics, Perf, VramSummary, Verdict,
                                 atomic_write_bytes, atomic_write_text, jsonable as _jsonable, sha256_file, write_json)
 from greta.record.params import dtype_bytes
