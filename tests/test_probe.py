@@ -21,7 +21,7 @@ from greta.record.params import PHASES
 from greta.probe.runner import run_probe
 from greta.record.store import seal
 from greta.checks.verify import verify
-from greta.probe.vram import CSV_COLUMNS, read_samples_csv
+from greta.record.samples import CSV_COLUMNS, read_samples_csv
 
 HEADER = "| Context | KV | Peak VRAM (MB) | Max Logits Diff | Top-1 Agreement | Verdict |"
 

@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 
 from greta.engine.config import ModelConfig
-from greta.engine.source import load_config
 from greta.record.files import (MANIFEST, TYPES, Manifest, Metadata, Metrics, Perf, VramSummary, Verdict,
                                 atomic_write_bytes, atomic_write_text, jsonable as _jsonable, sha256_file, write_json)
 from greta.record.params import dtype_bytes
@@ -92,6 +91,8 @@ FALLBACK_VOCAB = 128256
 
 def model_vocab(model: str) -> int:
     """The model's vocabulary size, from its preset, config.json or .gguf header (no weights are read)."""
+    from greta.engine.source import load_config  # lazily: verify reads records without importing torch
+
     try:
         return load_config(model).vocab_size
     except Exception:  # noqa: BLE001 - a bad model is the run's error to record, not the size estimate's
