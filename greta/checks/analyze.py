@@ -49,6 +49,7 @@ from pathlib import Path
 import numpy as np
 
 from greta.record.metrics import FAULT_VERDICTS, compare, equivalence_verdict
+from greta.reports import md
 
 __all__ = ["STATUSES", "FAULT_VERDICTS", "analyze_run", "report_md", "metrics_for_plots"]
 
@@ -309,16 +310,15 @@ def report_md(report: dict) -> str:
     """The analyzer's findings as markdown: the status as a heading, one bullet per reason."""
     status = report.get("status", "?")
     mark = "✓" if status == "OK" else "⚠"
-    lines = [f"## Trace check: {mark} **{status}**", ""]
+    lines = [md.heading(2, "Trace check: ", mark, " ", md.bold(status)), ""]
     if report.get("verdict"):
-        lines += [f"Verdict from the trace: **{report['verdict']}**"
-                  + (f" (stored: {report.get('stored_verdict')})" if report.get("stored_verdict") else ""), ""]
+        stored = md.line(" (stored: ", report["stored_verdict"], ")", sep="") if report.get("stored_verdict") else ""
+        lines += [md.line("Verdict from the trace: ", md.bold(report["verdict"]), stored, sep=""), ""]
     if status != "OK":
         lines += ["The record could not be verified from its trace (reasons below). The figures that follow are "
                   "recomputed from the logits where they could be read, otherwise taken from metrics.json with a "
                   "warning, or skipped.", ""]
-    reasons = report.get("reasons") or []
-    lines += [f"- {str(x).replace('|', '/')}" for x in reasons] or ["- logits.npz, metrics.json and verdict.json agree"]
+    lines += md.bullets(report.get("reasons") or []) or ["- logits.npz, metrics.json and verdict.json agree"]
     return "\n".join(lines)
 
 
@@ -338,7 +338,7 @@ def metrics_for_plots(report: dict, run_dir) -> tuple[dict | None, str]:
         if status == "OK":
             return report["metrics"], "_Recomputed from logits.npz; they equal metrics.json._"
         return report["metrics"], f"**Recomputed from logits.npz** (status {status}: see the reasons above)."
-    from greta.reports.plots import _read_obj_opt  # matplotlib: only for the callers that plot
+    from greta.reports.run_files import read_obj_opt as _read_obj_opt
 
     stored = _read_obj_opt(Path(run_dir) / "metrics.json")
     if _usable_metrics(stored):
