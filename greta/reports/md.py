@@ -21,7 +21,7 @@ __all__ = ["Markup", "text", "code", "bold", "line", "heading", "table", "row", 
            "MAX_CHARS"]
 
 MAX_CHARS = 2000  # a value longer than this is cut: a report is read by people, and 100k of a path helps no one
-CUT_MARK = "…[cut]"
+CUT_MARK = "… ✂"  # no Markdown or HTML special in it: appended after escaping
 
 
 class Markup(str):
@@ -48,15 +48,16 @@ def _visible(ch: str) -> str:
     return f"⟨U+{ord(ch):04X}⟩" if shown_as_code_point(ch) else ch
 
 
-def _cut(s: str, limit: int) -> str:
-    return s if len(s) <= limit else s[:limit] + f"{CUT_MARK} ({len(s) - limit:,} more characters)"
+def _cut(s: str, limit: int) -> tuple[str, str]:
+    """(the first ``limit`` characters of s, the cut marker or '')."""
+    return (s, "") if len(s) <= limit else (s[:limit], f"{CUT_MARK} {len(s) - limit:,} more characters")
 
 
 def text(value: Any, limit: int = MAX_CHARS) -> Markup:
     """``value`` (any object, by str()) as Markdown text that renders as exactly its characters."""
     if isinstance(value, Markup):
         return value
-    s = _cut(str(value), limit)
+    s, cut = _cut(str(value), limit)
     out = []
     for i, ch in enumerate(s):
         if ch in _HTML:
@@ -74,7 +75,7 @@ def text(value: Any, limit: int = MAX_CHARS) -> Markup:
     escaped = "".join(out)
     if _BLOCK_START.match(escaped):
         escaped = "\\" + escaped
-    return Markup(escaped)
+    return Markup(escaped + cut)
 
 
 def code(value: Any, limit: int = MAX_CHARS) -> Markup:
