@@ -20,7 +20,7 @@ from nbconvert.filters.markdown_mistune import markdown2html_mistune
 
 from greta.checks import analyze, legacy, oracle
 from greta.reports import md
-from greta.reports.run_report import render_report
+from greta.reports.run_report import fault_report, render_report
 from greta.sweeps import report as sweep_report
 
 LONG = "L" * 100_000 + "<img src=x onerror=alert(9)>"
@@ -172,7 +172,12 @@ def _analyze_report(v: str) -> str:
     return analyze.report_md({"status": v, "verdict": v, "stored_verdict": v, "reasons": [v, v]})
 
 
-REPORTS = {"run_report": _run_report, "sweep_tables": _sweep_tables, "oracle": _oracle_report,
+def _fault_report(v: str) -> str:
+    perf = {"load": {"status": "ok", "wall_s": 1.0}, "prefill": {"status": v}}
+    return fault_report("FAIL_ERROR", v, perf, 3, 100.0, None)
+
+
+REPORTS = {"run_report": _run_report, "fault_report": _fault_report, "sweep_tables": _sweep_tables, "oracle": _oracle_report,
            "legacy": _legacy_table, "analyze": _analyze_report}
 
 
