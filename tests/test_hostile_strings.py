@@ -111,6 +111,8 @@ def _check(render, hostile: str):
     assert not hidden & set(html), f"invisible characters reached the HTML as is: {sorted(map(hex, map(ord, hidden & set(html))))}"
     for part in _visible_parts(hostile):
         assert part in text, f"text {part[:80]!r} is not visible in the rendered report"
+        # somewhere as is, not only behind a backslash (an escape that shows is a wrong escape)
+        assert re.search(r"(^|[^\\])" + re.escape(part), text), f"text {part[:80]!r} shows only behind a backslash"
     if hostile is LONG:
         assert md.CUT_MARK in text and max(map(len, re.findall("L+", html))) <= md.MAX_CHARS
 

@@ -135,7 +135,7 @@ def test_md_text_escapes_html_and_markdown():
     assert md.text("*a* [l](u) `c` a|b $x$ ~~s~~") == r"\*a\* \[l\](u) \`c\` a\|b \$x\$ \~\~s\~\~"
     assert md.text("max_abs_diff") == "max_abs_diff"  # inside a word an underscore is plain
     assert md.text("_em_") == r"\_em\_"
-    assert md.text("# h") == r"\# h" and md.text("1. x") == r"\1. x" and md.text("- x") == r"\- x"
+    assert md.text("# h") == r"\# h" and md.text("1. x") == r"1\. x" and md.text("12) x") == r"12\) x" and md.text("- x") == r"\- x"
     assert md.text("-0.5") == "-0.5"  # not a list marker
     assert md.text("http://x") == r"http\://x"
     assert md.text("a\nb\u202ec") == "a⟨U+000A⟩b⟨U+202E⟩c"

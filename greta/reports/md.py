@@ -73,8 +73,10 @@ def text(value: Any, limit: int = MAX_CHARS) -> Markup:
         else:
             out.append(_visible(ch))
     escaped = "".join(out)
-    if _BLOCK_START.match(escaped):
-        escaped = "\\" + escaped
+    block = _BLOCK_START.match(escaped)
+    if block:  # a backslash before the marker's punctuation (before a digit it would show as is)
+        at = len(block.group(1)) - 1 if block.group(1) and block.group(1)[0].isdigit() else 0
+        escaped = escaped[:at] + "\\" + escaped[at:]
     return Markup(escaped + cut)
 
 
