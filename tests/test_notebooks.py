@@ -14,7 +14,9 @@ import nbformat
 import pytest
 from matplotlib.figure import Figure
 
-from greta.reports import plots
+from greta.reports.equivalence_plot import plot_equivalence
+from greta.reports.run_tables import table_md, top1_table
+from greta.reports.vram_plot import plot_vram
 from greta.reports.notebooks import NOTEBOOK_DIR, execute_analysis, to_html
 
 NOTEBOOKS = ["run_b3_77.ipynb", "vram_plot.ipynb", "equivalence_analysis.ipynb"]
@@ -228,7 +230,7 @@ def _png_ok(path: Path) -> None:
 @pytest.mark.parametrize("maker", [make_cpu_run, make_gpu_run, make_oom_run])
 def test_plot_vram(tmp_path, maker):
     run = maker(tmp_path)
-    fig = plots.plot_vram(run, run / "vram_plot.png")
+    fig = plot_vram(run, run / "vram_plot.png")
     assert isinstance(fig, Figure)
     _png_ok(run / "vram_plot.png")
     text = fig._suptitle.get_text()
@@ -243,14 +245,14 @@ def test_plot_vram(tmp_path, maker):
 
 def test_plot_vram_single_sample_cpu(tmp_path):
     run = make_cpu_run(tmp_path, n_samples=1)
-    plots.plot_vram(run, run / "v.png")
+    plot_vram(run, run / "v.png")
     _png_ok(run / "v.png")
 
 
 @pytest.mark.parametrize("maker", [make_cpu_run, make_gpu_run, make_oom_run])
 def test_plot_equivalence(tmp_path, maker):
     run = maker(tmp_path)
-    fig = plots.plot_equivalence(run, run / "equivalence.png")
+    fig = plot_equivalence(run, run / "equivalence.png")
     _png_ok(run / "equivalence.png")
     verdict = json.loads((run / "verdict.json").read_text())["verdict"]
     assert fig._suptitle.get_text() == verdict
@@ -267,32 +269,22 @@ def test_thresholds_come_from_params(tmp_path):
     p = json.loads((run / "params.json").read_text())
     p["thresholds"] = {"max_abs_diff": 0.02, "p99_abs_diff": 0.004}
     (run / "params.json").write_text(json.dumps(p))
-    fig = plots.plot_equivalence(run)
+    fig = plot_equivalence(run)
     labels = [t.get_text() for leg in fig.legends for t in leg.get_texts()]
     assert any("threshold 0.02" in lab for lab in labels)
     assert any("threshold 0.004" in lab for lab in labels)
 
 
 def test_top1_table(tmp_path):
-    rows = plots.top1_table(make_gpu_run(tmp_path))
+    rows = top1_table(make_gpu_run(tmp_path))
     assert len(rows) == SPAN
     assert list(rows[0]) == ["step", "position", "source", "argmax_decode", "argmax_reference",
                              "agree", "max_abs_diff"]
     assert rows[0]["source"] == "prefill" and rows[0]["position"] == CTX - 1
     assert [r["step"] for r in rows if not r["agree"]] == [9, 13]
-    md = plots.table_md(rows)
+    md = table_md(rows)
     assert md.count("\n") == SPAN + 1
-    assert plots.top1_table(make_oom_run(tmp_path / "oom")) == []
-
-
-def test_results_table_md(tmp_path):
-    run = make_cpu_run(tmp_path)
-    assert plots.results_table_md(run) == ""
-    (run / "report.md").write_text(
-        "# B3.77\n\nintro\n\n| Context | KV | Verdict |\n|---|---|---|\n| 256 | 1 | PASS_EQUIV |\n\n"
-        "## Timing\n| phase | s |\n|---|---|\n| prefill | 1 |\n")
-    table = plots.results_table_md(run)
-    assert table.startswith("| Context") and table.endswith("| 256 | 1 | PASS_EQUIV |")
+    assert top1_table(make_oom_run(tmp_path / "oom")) == []
 
 
 # ----------------------------------------------------------------- papermill

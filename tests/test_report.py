@@ -1,4 +1,4 @@
-"""greta.record.store.render_report / results_row on hand-made inputs (no probe run): the seed's results table,
+"""greta.reports.run_report.render_report / results_row on hand-made inputs (no probe run): the seed's results table,
 failure reports, and the below-the-floor VRAM warning."""
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 
 from greta.probe import vram
 from greta.record.params import PHASES, load_params
-from greta.record.store import render_report, results_row
+from greta.reports.run_report import render_report, results_row
 
 HEADER = "| Context | KV | Peak VRAM (MB) | Max Logits Diff | Top-1 Agreement | Verdict |"
 

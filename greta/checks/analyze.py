@@ -49,6 +49,7 @@ import numpy as np
 
 from greta.record.files import RecordFileError, read_json_obj, read_json_opt
 from greta.record.metrics import FAULT_VERDICTS, compare, equivalence_verdict
+from greta.reports import md
 
 __all__ = ["STATUSES", "FAULT_VERDICTS", "analyze_run", "report_md", "metrics_for_plots"]
 
@@ -318,16 +319,15 @@ def report_md(report: dict) -> str:
     """The analyzer's findings as markdown: the status as a heading, one bullet per reason."""
     status = report.get("status", "?")
     mark = "✓" if status == "OK" else "⚠"
-    lines = [f"## Trace check: {mark} **{status}**", ""]
+    lines = [md.heading(2, "Trace check: ", mark, " ", md.bold(status)), ""]
     if report.get("verdict"):
-        lines += [f"Verdict from the trace: **{report['verdict']}**"
-                  + (f" (stored: {report.get('stored_verdict')})" if report.get("stored_verdict") else ""), ""]
+        stored = md.line(" (stored: ", report["stored_verdict"], ")", sep="") if report.get("stored_verdict") else ""
+        lines += [md.line("Verdict from the trace: ", md.bold(report["verdict"]), stored, sep=""), ""]
     if status != "OK":
         lines += ["The record could not be verified from its trace (reasons below). The figures that follow are "
                   "recomputed from the logits where they could be read, otherwise taken from metrics.json with a "
                   "warning, or skipped.", ""]
-    reasons = report.get("reasons") or []
-    lines += [f"- {str(x).replace('|', '/')}" for x in reasons] or ["- logits.npz, metrics.json and verdict.json agree"]
+    lines += md.bullets(report.get("reasons") or []) or ["- logits.npz, metrics.json and verdict.json agree"]
     return "\n".join(lines)
 
 

@@ -48,7 +48,7 @@ from greta.checks.analyze import _err, _line
 from greta.record.files import RecordFileError, read_json_obj
 from greta.record.metrics import compare, equivalence_verdict
 from greta.record.params import DEFAULTS
-from greta.record.store import _f
+from greta.reports import fmt, md
 
 __all__ = ["find_points", "read_point", "read_runs", "table_md", "main"]
 
@@ -177,13 +177,11 @@ def read_runs(runs_dir, thresholds: dict | None = None) -> list[dict]:
 
 def table_md(rows: list[dict]) -> str:
     """The seed's results table, one row per trace point, plus seed, layout and trace status."""
-    L = ["| Context | KV | Peak VRAM (MB) | Max Logits Diff | Top-1 Agreement | Verdict | Seed | Layout | Trace |",
-         "|---------|----|----------------|-----------------|-----------------|---------|------|--------|-------|"]
-    for r in rows:
-        L.append(f"| {_f(r['ctx'], '{}')} | {r['kv_aligned']} | {_f(r['peak_vram_mb'], '{:.0f}')} | "
-                 f"{_f(r['max_abs_diff'], '{:.6f}')} | {_f(r['top1_agreement'], '{:.4f}')} | {r['verdict'] or '—'} | "
-                 f"{r['seed']} | {r['layout']} | {r['status']} |")
-    return "\n".join(L)
+    return md.table(["Context", "KV", "Peak VRAM (MB)", "Max Logits Diff", "Top-1 Agreement", "Verdict", "Seed",
+                     "Layout", "Trace"],
+                    [[fmt.num(r["ctx"], "{}"), r["kv_aligned"], fmt.num(r["peak_vram_mb"], "{:.0f}"),
+                      fmt.num(r["max_abs_diff"], "{:.6f}"), fmt.num(r["top1_agreement"], "{:.4f}"),
+                      r["verdict"] or fmt.NONE, r["seed"], r["layout"], r["status"]] for r in rows])
 
 
 def main(runs_dir, as_json: bool = False) -> int:

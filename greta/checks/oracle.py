@@ -26,6 +26,7 @@ import torch
 from greta.engine.config import PRESETS, ModelConfig
 from greta.engine.source import load_config
 from greta.probe.worker import DTYPES as _TORCH_DTYPES
+from greta.reports import fmt, md
 
 DTYPES = {k: _TORCH_DTYPES[k] for k in ("float32", "bfloat16")}  # the oracle's dtypes (no float16)
 
@@ -334,31 +335,34 @@ def write_record(res: dict, out_root, argv: dict, checkpoint: dict | None = None
     return d
 
 
+ORACLE_COLUMNS = ["run", "path", "positions", "max |Δlogit| vs fp32", "rel", "limit", "top-1 (all)",
+                  "top-1 (decisive / n)", "vs transformers bf16: max |Δ|", "within"]
+
+
+def _report_row(label: str, p: str, r: dict, tol: dict) -> list:
+    lim = r.get("limit_rel")
+    ok = "" if lim is None else ("yes" if _path_ok(r, tol) else md.bold("no"))
+    dec = "" if lim is None else f"{r['top1_agreement_decisive']:.4f} / {r['decisive_positions']}"
+    same = r.get("vs_transformers_bf16", {}).get("max_abs_diff")
+    return [label, p, r["positions"], f"{r['max_abs_diff']:.4g}", f"{r['rel']:.3g}", fmt.num(lim, "{:.3g}", ""),
+            f"{r['top1_agreement']:.4f}", dec, fmt.num(same, "{:.4g}", ""), ok]
+
+
 def report_md(body: dict) -> str:
-    out = [f"# Oracle: {body['verdict']}", "",
-           f"Greta ({body['backend']}, kv_aligned {body['kv_aligned']}, chunk {body['chunk']}, kv_block "
-           f"{body['kv_block']}) vs transformers {body['versions'].get('transformers', '')} LlamaForCausalLM (SDPA, one "
-           f"forward pass) on `{body['model']}`, ctx {body['ctx']}, {body['dtype']}, seeded synthetic prompt "
-           f"(seed {body['seed']}), {body['card']}, {body['finished_utc']}, commit {body.get('commit')}.", "",
-           f"Every row is {_limit_text(body)}. rel = max |Δlogit| / max |fp32 logit| over the compared positions; "
-           "decisive positions: the fp32 top-1 leads by more than 2 × the limit.", "",
-           "| run | path | positions | max \\|Δlogit\\| vs fp32 | rel | limit | top-1 (all) | top-1 (decisive / n) | "
-           "vs transformers bf16: max \\|Δ\\| | within |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
-    for label, r0 in _runs(body):
-        for p in ("prefill", "decode"):
-            r = r0[p]
-            lim = r.get("limit_rel")
-            ok = "" if lim is None else ("yes" if _path_ok(r, body["tolerance"]) else "**no**")
-            dec = "" if lim is None else f"{r['top1_agreement_decisive']:.4f} / {r['decisive_positions']}"
-            same = r.get("vs_transformers_bf16", {}).get("max_abs_diff")
-            out.append(f"| {label} | {p} | {r['positions']} | {r['max_abs_diff']:.4g} | {r['rel']:.3g} | "
-                       f"{'' if lim is None else f'{lim:.3g}'} | {r['top1_agreement']:.4f} | {dec} | "
-                       f"{'' if same is None else f'{same:.4g}'} | {ok} |")
+    rows = [_report_row(label, p, r0[p], body["tolerance"]) for label, r0 in _runs(body) for p in ("prefill", "decode")]
+    out = [md.heading(1, "Oracle: ", body["verdict"]), "",
+           md.line("Greta (", body["backend"], f", kv_aligned {body['kv_aligned']}, chunk {body['chunk']}, kv_block "
+                   f"{body['kv_block']}) vs transformers ", body["versions"].get("transformers", ""),
+                   " LlamaForCausalLM (SDPA, one forward pass) on ", md.code(body["model"]), f", ctx {body['ctx']}, ",
+                   body["dtype"], f", seeded synthetic prompt (seed {body['seed']}), ", body["card"], ", ",
+                   body["finished_utc"], ", commit ", body.get("commit"), ".", sep=""), "",
+           md.line("Every row is ", _limit_text(body), ". rel = max |Δlogit| / max |fp32 logit| over the compared "
+                   "positions; decisive positions: the fp32 top-1 leads by more than 2 × the limit.", sep=""), "",
+           md.table(ORACLE_COLUMNS, rows)]
     ck = body.get("checkpoint")
     if ck:
-        out += ["", f"Checkpoint: {ck.get('source')}."]
-    out += ["", "Seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in body["seconds"].items()) + ".",
+        out += ["", md.line("Checkpoint: ", ck.get("source"), ".", sep="")]
+    out += ["", md.line("Seconds: ", ", ".join(f"{k} {v:.1f}" for k, v in body["seconds"].items()), ".", sep=""),
             "", "![max |Δlogit| per position](oracle.png)", ""]
     return "\n".join(out)
 

@@ -24,6 +24,7 @@ from greta.engine.source import load_config
 from greta.record.metrics import FAIL, compare, equivalence_verdict
 from greta.record.params import PHASES
 from greta.probe.worker import main as worker_main
+from greta.reports.run_report import render_report
 
 
 class ProbeInterrupted(KeyboardInterrupt):
@@ -215,6 +216,8 @@ def _finish(rec, params, perf, results, sampler, failure):
         reason = f"{failed_phase}: {payload.get('error', '')}"
     tokens = (results.get("reference") or results.get("decode") or results.get("prefill") or {}).get("tokens")
     perf["roofline"] = record.roofline(params, cfg, perf, results.get("ceilings"))
+    verdict_rec = record.verdict_record(params, verdict, reason, failed_phase, metrics, tokens)
+    report = render_report(params, rec.finish_meta(load), perf, metrics, vram_summary, verdict_rec)
     rec.finish(load=load, perf=perf, metrics=metrics, vram_summary=vram_summary, samples=sampler.samples,
-               verdict=record.verdict_record(params, verdict, reason, failed_phase, metrics, tokens))
+               verdict=verdict_rec, report=report)
 

@@ -1,4 +1,5 @@
-"""The audit record: one never-overwritten directory per run, and its report.md (see docs/RECORD.md)."""
+"""The audit record: one never-overwritten directory per run (see docs/RECORD.md); report.md is rendered by
+greta.reports.run_report and handed to Record.finish."""
 from __future__ import annotations
 
 import hashlib
@@ -26,7 +27,7 @@ from greta.paths import REPO_ROOT as REPO
 
 __all__ = ["MANIFEST", "RecordError", "Record", "atomic_write_bytes", "atomic_write_text", "sha256_file", "seal",
            "seal_hmac", "SEAL_KEY_ENV", "record_files", "preflight", "expected_bytes", "git_state", "versions",
-           "verdict_record", "roofline", "render_report", "results_row", "interpret"]
+           "verdict_record", "roofline"]
 
 
 def _now() -> str:
@@ -203,15 +204,10 @@ class Record:
         atomic_write_bytes(p, buf.getvalue())
         return p
 
-    def finish(self, *, load, perf, metrics, vram_summary, samples, verdict):
-        self.meta.update({
-            "finished_utc": _now(), "device_name": load.get("device_name"), "model_hash": load.get("model_hash"),
-            "weights_source": load.get("weights_source"), "param_count": load.get("param_count"),
-            "config": load.get("config"), "torch_threads": load.get("torch_threads"),
-            "weights_mb": load.get("weights_mb"), "kv_cache_mb": load.get("kv_cache_mb"),
-            "kv_cache_capacity": load.get("kv_cache_capacity"),
-            "prompt": load.get("prompt"),  # source (synthetic | token file | text+tokenizer), token count, ids sha256
-        })
+    def finish(self, *, load, perf, metrics, vram_summary, samples, verdict, report: str):
+        """Write the finished record's files through their types; ``report`` is report.md's text
+        (greta.reports.run_report renders it from the same data, after :meth:`finish_meta`)."""
+        self.finish_meta(load)
         files = {"metadata.json": Metadata.from_dict(self.meta), "perf.json": Perf.from_dict(perf),
                  "metrics.json": Metrics.from_dict(metrics) if metrics is not None else None,
                  "vram.json": VramSummary.from_dict(vram_summary), "verdict.json": Verdict.from_dict(verdict)}
@@ -219,11 +215,20 @@ class Record:
             if typed is not None:
                 write_json(self.path / name, typed)
         write_samples_csv(self.path / "vram_samples.csv", samples)
-        written = {name: typed.to_dict() if typed is not None else None for name, typed in files.items()}
-        atomic_write_text(self.path / "report.md", render_report(
-            self.params, written["metadata.json"], written["perf.json"], written["metrics.json"],
-            written["vram.json"], written["verdict.json"]))
+        atomic_write_text(self.path / "report.md", report)
         seal(self.path, self.params)
+
+    def finish_meta(self, load: dict) -> dict:
+        """metadata.json's figures from the load phase, and the finish time (kept if already set)."""
+        self.meta.update({
+            "finished_utc": self.meta.get("finished_utc") or _now(), "device_name": load.get("device_name"), "model_hash": load.get("model_hash"),
+            "weights_source": load.get("weights_source"), "param_count": load.get("param_count"),
+            "config": load.get("config"), "torch_threads": load.get("torch_threads"),
+            "weights_mb": load.get("weights_mb"), "kv_cache_mb": load.get("kv_cache_mb"),
+            "kv_cache_capacity": load.get("kv_cache_capacity"),
+            "prompt": load.get("prompt"),  # source (synthetic | token file | text+tokenizer), token count, ids sha256
+        })
+        return self.meta
 
 
 def verdict_record(params, verdict: str, reason: str, failed_phase: str | None = None,
@@ -262,150 +267,4 @@ def roofline(params: dict, cfg_dict: dict | None, perf: dict, ceilings: dict | N
         flops = cfg.prefill_flops(ctx + span - 1) + 2.0 * (span - 1) * cfg.vocab_size * cfg.hidden_size
         out["reference"] = {"flops": flops, "floor_s": flops / rate, "wall_s": perf["reference"]["wall_s"],
                             "ratio": perf["reference"]["wall_s"] / (flops / rate)}
-    return out
-
-
-# --- report.md --------------------------------------------------------------------------------
-def _f(x, fmt="{:.3f}", none="—"):
-    return none if x is None else fmt.format(x)
-
-
-def results_row(params, metrics, vram_summary, verdict) -> str:
-    diff = _f(metrics and metrics["max_abs_diff"], "{:.6f}")
-    top1 = _f(metrics and metrics["top1_agreement"], "{:.4f}")
-    peak = _f(vram_summary.get("peak_vram_mb"), "{:.0f}")
-    return f"| {params['ctx']} | {params['kv_aligned']} | {peak} | {diff} | {top1} | {verdict['verdict']} |"
-
-
-def render_report(params, meta, perf, metrics, vs, verdict) -> str:
-    dev = meta.get("device_name") or params["device"]
-    day = (meta.get("started_utc") or "")[:10]
-    model = params["model"]
-    src = meta.get("weights_source") or "?"
-    L = [f"# B3.77 — Single-point {params['ctx']} long-context probe ({dev})", ""]
-    commit = (meta.get("commit") or "unknown")[:12] + (" (dirty)" if meta.get("dirty") else "")
-    L += [f"Run `{meta['run_id']}` · started {meta.get('started_utc')} · greta {commit} · host {meta.get('host')}", ""]
-    L += ["## Objective",
-          f"Prefill a {params['ctx']}-token prompt through the batched prefill path, decode {params['gen']} tokens "
-          f"greedily through the one-token decode path, and compare the decode path's logits with the prefill "
-          f"path's (one teacher-forced batched pass) over the first {params['span']} generated tokens.", ""]
-    L += ["## Matrix",
-          f"- Model: `{model}` ({src} weights, seed {params['seed']}, {_f(meta.get('param_count'), '{:,}')} params), "
-          f"hash `{meta.get('model_hash')}`",
-          f"- Context {params['ctx']} · generation {params['gen']} · span {params['span']} · dtype {params['dtype']} · "
-          f"kv_aligned={params['kv_aligned']} · backend {params['backend']} · prefill_chunk {params['prefill_chunk']} · "
-          f"kv_block {params['kv_block']}",
-          f"- Prompt: {params['prompt']}" + (" (uniform ids from torch's CPU generator seeded with the seed)" if params['prompt'] == 'synthetic' else ""),
-          f"- Negative control (perturb): {params['perturb']} · fault injection: {params['fault']}",
-          f"- Stop conditions: OOM → FAIL_OOM at once; per-phase timeouts (s) {params['timeouts']}, enforced by killing the worker process → FAIL_TIMEOUT",
-          f"- Thresholds (kv_aligned=1): max_abs_diff ≤ {params['thresholds']['max_abs_diff']:g}, p99_abs_diff ≤ "
-          f"{params['thresholds']['p99_abs_diff']:g}, top1_agreement ≥ {params['thresholds']['top1_agreement']:g}", ""]
-    L += [f"## Results ({dev}, {day})", "",
-          "| Context | KV | Peak VRAM (MB) | Max Logits Diff | Top-1 Agreement | Verdict |",
-          "|---------|----|----------------|-----------------|-----------------|---------|",
-          results_row(params, metrics, vs, verdict), ""]
-    if metrics:
-        L += [f"- bit_exact: **{metrics['bit_exact']}** · generated tokens agree: {metrics['tokens_agree']} · "
-              f"p99 |Δ| {metrics['p99_abs_diff']:.3g} · mean |Δ| {metrics['mean_abs_diff']:.3g} · "
-              f"cosine min {metrics['cosine_min']:.8f} · first argmax mismatch: {metrics['first_argmax_mismatch']} · "
-              f"distinct reference argmaxes over the span: {metrics['distinct_argmax']}/{metrics['span']}",
-              "- Step 0 is the last prompt position (prefill phase, chunked) against the reference pass; "
-              "steps 1.. are decode steps.", ""]
-    L += [f"Verdict: **{verdict['verdict']}** — {verdict['reason']}", ""]
-    L += _timing(perf)
-    L += _vram(vs)
-    L += ["## Interpretation", *[f"- {x}" for x in interpret(params, perf, metrics, vs, verdict)], ""]
-    over = " ".join(f"-p {k}={v}" for k, v in _diff_from_file(params).items())
-    L += ["## Reproduce", "```bash", f"python -m greta probe -f <params.yaml> {over}".rstrip(),
-          "# params.json in this directory holds every value used", "```", ""]
-    L += ["## Provenance", f"- versions: {meta.get('versions')}", f"- platform: {meta.get('platform')}",
-          f"- finished: {meta.get('finished_utc')}", ""]
-    return "\n".join(L)
-
-
-def _diff_from_file(params) -> dict:
-    return {k: params[k] for k in ("model", "device", "dtype", "ctx", "gen", "span", "kv_aligned", "seed", "perturb")}
-
-
-def _timing(perf) -> list[str]:
-    rf = perf.get("roofline", {})
-    L = ["## Timing", "", "| Phase | Status | Wall (s) | Timeout (s) | Roofline floor | Wall / floor |",
-         "|---|---|---|---|---|---|"]
-    for ph in ("ceilings", "load", "prefill", "decode", "reference"):
-        p = perf.get(ph, {})
-        r = rf.get(ph, {}) if ph in ("prefill", "decode", "reference") else {}
-        floor = ""
-        if ph == "decode" and r:
-            floor = f"{r['floor_ms_per_token']:.2f} ms/token (measured {r['ms_per_token']:.2f})"
-        elif r:
-            floor = f"{r['floor_s']:.3g} s"
-        ratio = f"{r['ratio']:.1f}×" if r else ""
-        L.append(f"| {ph} | {p.get('status')} | {_f(p.get('wall_s'), '{:.2f}')} | {_f(p.get('timeout_s'), '{:g}')} | {floor} | {ratio} |")
-    c = rf.get("ceilings")
-    if c:
-        L += ["", f"Ceilings measured in this run: {c['matmul_dtype']} matmul {c['matmul_tflops']:.1f} TFLOP/s "
-              f"({c['matmul_n']}³ product), device copy {c['copy_gbps']:.0f} GB/s ({c['method']}). Prefill floor = "
-              "FLOPs / matmul rate (linears 2·P·ctx + causal attention 2·L·H·D·ctx²); decode floor = bytes per "
-              "token (weights but the embedding table, plus the KV cache at the mean position) / copy bandwidth."]
-    L.append("")
-    return L
-
-
-def _vram(vs) -> list[str]:
-    fl = vs["floor"]
-    L = ["## VRAM sampling method",
-         f"- Backend: **{vs['backend']}**" + (f" (fallback: {vs['fallback_reason']})" if vs.get("fallback_reason") else ""),
-         f"- Device info: {vs['device_info']}",
-         f"- Sampling period: {vs['sampling_period_sec']} s · samples: {vs['samples_count']} · peak: "
-         f"{_f(vs['peak_vram_mb'], '{:.0f}')} MB at t = {_f(vs['peak_timestamp_offset_sec'], '{:.1f}')} s from the start of sampling",
-         "- Note: sampled figures can miss micro-spikes between samples; the allocator peaks below are exact.",
-         "", "| Phase | Allocator max allocated (MB) | Allocator max reserved (MB) |", "|---|---|---|"]
-    for ph, a in vs.get("allocator_peaks", {}).items():
-        L.append(f"| {ph} | {_f(a.get('max_allocated_mb'), '{:.0f}')} | {_f(a.get('max_reserved_mb'), '{:.0f}')} |")
-    if not vs.get("allocator_peaks"):
-        L.append("| — | no device allocator (CPU run) | |")
-    L += ["", f"Analytic floor: weights {fl['weights_mb']:.0f} MB + KV cache {fl['kv_cache_mb']:.0f} MB "
-          f"= **{fl['total_mb']:.0f} MB**. "
-          + ("**Below the floor — these figures cannot be right:** " + "; ".join(vs["below_floor_figures"])
-             if vs["below_floor"] else "Every measured peak is at or above it."), ""]
-    return L
-
-
-def interpret(params, perf, metrics, vs, verdict) -> list[str]:
-    v = verdict["verdict"]
-    out = []
-    if metrics:
-        out.append(f"**{v} @ ctx={params['ctx']}; max diff={metrics['max_abs_diff']:.6g}; "
-                   f"top1={metrics['top1_agreement']:.4f}; bit_exact={metrics['bit_exact']}**")
-        if params["perturb"] != "none":
-            out.append(f"NEGATIVE CONTROL: the decode path was deliberately broken ({params['perturb']}); "
-                       f"this run shows what the check reports when the paths disagree.")
-        if params["kv_aligned"] and metrics["bit_exact"]:
-            out.append("Decode reproduced the prefill path bit for bit. The paths run different code (a one-token "
-                       "step reading the KV cache vs. a chunked batch), on the same tile shapes and KV block order.")
-        elif params["kv_aligned"]:
-            out.append(f"Not bit-exact: the largest difference is {metrics['max_abs_diff']:.3g}; the verdict "
-                       "applies the guardrail's tolerances.")
-        else:
-            out.append(f"kv_aligned=0: each path used its fastest ops; {metrics['max_abs_diff']:.3g} is the measured "
-                       "cost of that in logits.")
-        if metrics["distinct_argmax"] <= 1 and metrics["span"] > 1:
-            out.append("Warning: the reference argmax is the same at every position; the comparison is degenerate.")
-    else:
-        out.append(f"**{v}** in phase {verdict['failed_phase']}: {verdict['reason']}")
-        done = [ph for ph, p in perf.items() if isinstance(p, dict) and p.get("status") == "ok"]
-        out.append(f"Phases completed before the fault: {', '.join(done) or 'none'}.")
-    if vs["below_floor"]:
-        out.append("VRAM: a measured peak is below weights + KV cache, which is impossible for a correct measurement.")
-    elif vs.get("peak_vram_mb") is not None:
-        out.append(f"VRAM: sampled peak {vs['peak_vram_mb']:.0f} MB ≥ analytic floor {vs['floor']['total_mb']:.0f} MB, "
-                   f"headroom {vs['peak_vram_mb'] - vs['floor']['total_mb']:.0f} MB ({vs['backend']}).")
-    r = perf.get("roofline", {})
-    if r.get("prefill"):
-        out.append(f"Prefill took {r['prefill']['ratio']:.1f}× its roofline floor; decode {r['decode']['ratio']:.1f}× "
-                   "its bandwidth floor per token." if r.get("decode") else
-                   f"Prefill took {r['prefill']['ratio']:.1f}× its roofline floor.")
-        if params["kv_aligned"] and params["backend"] == "torch":
-            out.append(f"The torch backend's aligned mode computes a whole {params['prefill_chunk']}-row tile per "
-                       "decode step and attention in fp32: it is a reference for exactness, not for speed.")
     return out

@@ -27,10 +27,12 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
 from greta.record.params import DEFAULTS
-from greta.reports.plots import VERDICT_COLORS, _FAIL_COLOR as FAIL_COLOR, _log_floor, _num, _save
-from greta.record.store import _f, _now
-from greta.sweeps.layout import VERDICT, point_complete, points, read_config
 from greta.record.files import read_record
+from greta.record.store import _now
+from greta.reports import fmt, md
+from greta.reports.fmt import finite as _num
+from greta.reports.plot_style import FAIL_COLOR, VERDICT_COLORS, log_floor, on_log_axis, save as _save
+from greta.sweeps.layout import VERDICT, point_complete, points, read_config
 
 __all__ = ["collect", "guardrail", "results_table_md", "timing_table_md", "guardrail_md", "plot_vram_vs_ctx",
            "plot_time_vs_ctx", "plot_diff_vs_ctx", "plot_drift", "export_html", "finish", "PLOTS",
@@ -113,32 +115,31 @@ def guardrail(rows: list[dict], matrix: dict) -> tuple[str, list[str]]:
 
 
 # ----------------------------------------------------------------------------- tables
+RESULTS_COLUMNS = ["Context", "KV", "Peak VRAM (MB)", "Max Logits Diff", "Top-1 Agreement", "Verdict", "Seed", "Dtype"]
+TIMING_COLUMNS = ["Point", "Prefill (s)", "Prefill floor (s)", "Decode (ms/token)", "Decode floor (ms/token)",
+                  "VRAM floor (MB)", "bit_exact", "Record"]
+
+
+def _verdict_cell(r: dict) -> str:
+    if not r["exists"]:
+        return "not run"
+    return (r["verdict"] or fmt.NONE) + (" (record incomplete)" if not r["complete"] else "")
+
+
 def results_table_md(rows: list[dict]) -> str:
     """The seed report's table, one row per point, plus seed and dtype columns."""
-    L = ["| Context | KV | Peak VRAM (MB) | Max Logits Diff | Top-1 Agreement | Verdict | Seed | Dtype |",
-         "|---------|----|----------------|-----------------|-----------------|---------|------|-------|"]
-    for r in rows:
-        verdict = r["verdict"] or "—"
-        if r["exists"] and not r["complete"]:
-            verdict += " (record incomplete)"
-        elif not r["exists"]:
-            verdict = "not run"
-        L.append(f"| {r['ctx']} | {r['kv_aligned']} | {_f(r['peak_vram_mb'], '{:.0f}')} | "
-                 f"{_f(r['max_abs_diff'], '{:.6f}')} | {_f(r['top1_agreement'], '{:.4f}')} | {verdict} | "
-                 f"{r['seed']} | {r['dtype']} |")
-    return "\n".join(L)
+    return md.table(RESULTS_COLUMNS, [[r["ctx"], r["kv_aligned"], fmt.num(r["peak_vram_mb"], "{:.0f}"),
+                                       fmt.num(r["max_abs_diff"], "{:.6f}"), fmt.num(r["top1_agreement"], "{:.4f}"),
+                                       _verdict_cell(r), r["seed"], r["dtype"]] for r in rows])
 
 
 def timing_table_md(rows: list[dict]) -> str:
-    L = ["| Point | Prefill (s) | Prefill floor (s) | Decode (ms/token) | Decode floor (ms/token) | VRAM floor (MB) | bit_exact | Record |",
-         "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        rec = "verifies" if r["complete"] else ("; ".join(r["reasons"][:2]) or "incomplete")
-        L.append(f"| {r['name']} | {_f(r['prefill_s'], '{:.3g}')} | {_f(r['prefill_floor_s'], '{:.3g}')} | "
-                 f"{_f(r['decode_ms_per_token'], '{:.3g}')} | {_f(r['decode_floor_ms'], '{:.3g}')} | "
-                 f"{_f(r['floor_mb'], '{:.0f}')} | {r['bit_exact'] if r['bit_exact'] is not None else '—'} | "
-                 f"{rec.replace('|', '/')[:200]} |")
-    return "\n".join(L)
+    return md.table(TIMING_COLUMNS, [
+        [r["name"], fmt.num(r["prefill_s"], "{:.3g}"), fmt.num(r["prefill_floor_s"], "{:.3g}"),
+         fmt.num(r["decode_ms_per_token"], "{:.3g}"), fmt.num(r["decode_floor_ms"], "{:.3g}"),
+         fmt.num(r["floor_mb"], "{:.0f}"), fmt.num(r["bit_exact"], "{}"),
+         md.text("verifies" if r["complete"] else ("; ".join(r["reasons"][:2]) or "incomplete"), limit=200)]
+        for r in rows])
 
 
 def threshold(rows: list[dict], default: float = THRESHOLD) -> float:
@@ -152,20 +153,19 @@ def matrix_md(cfg: dict, rows: list[dict]) -> str:
     b = cfg.get("base", {})
     keep = ("model", "device", "backend", "gen", "span", "prefill_chunk", "kv_block", "perturb", "fault")
     base = ", ".join(f"{k}={b[k]}" for k in keep if k in b)
-    devices = sorted({r["device"] for r in rows if r.get("device")})
+    devices = sorted({str(r["device"]) for r in rows if r.get("device")})
     done = sum(r["complete"] for r in rows)
     commit = (cfg.get("commit") or "unknown")[:12] + (" (dirty)" if cfg.get("dirty") else "")
-    L = [f"**Sweep** `{cfg.get('sweep_id')}` · matrix file `{cfg.get('matrix_file')}` · created {cfg.get('created_utc')} "
-         f"· greta {commit}", "",
-         f"- Axes: {axes} → {len(rows)} points, {done} with a complete record",
-         f"- Base params: {base}", f"- Device(s): {', '.join(devices) or '—'}"]
-    if cfg.get("point_overrides"):
-        L.append(f"- Point overrides: {cfg['point_overrides']}")
+    L = [md.line(md.bold("Sweep"), md.code(cfg.get("sweep_id")), "· matrix file", md.code(cfg.get("matrix_file")),
+                 "· created", cfg.get("created_utc"), "· greta", commit), "",
+         *md.bullets([f"Axes: {axes} → {len(rows)} points, {done} with a complete record", f"Base params: {base}",
+                      f"Device(s): {', '.join(devices) or fmt.NONE}"]
+                     + ([f"Point overrides: {cfg['point_overrides']}"] if cfg.get("point_overrides") else []))]
     return "\n".join(L)
 
 
 def guardrail_md(verdict: str, reasons: list[str]) -> str:
-    return f"## Guardrail: {verdict}\n\n" + "\n".join(f"- {r}" for r in reasons)
+    return "\n".join([md.heading(2, "Guardrail: ", verdict), "", *md.bullets(reasons)])
 
 
 # ------------------------------------------------------------------------------ plots
@@ -318,21 +318,22 @@ def plot_diff_vs_ctx(rows: list[dict], path=None, threshold: float = THRESHOLD) 
     point (0) sits on a marked line below every positive value; the guardrail threshold is drawn."""
     fig = Figure(figsize=(9, 5.5), layout="constrained")
     ax = fig.add_subplot()
-    zero = _log_floor([r["max_abs_diff"] for r in rows if r["max_abs_diff"] is not None], {"max_abs_diff": threshold})
+    zero = log_floor([r["max_abs_diff"] for r in rows if r["max_abs_diff"] is not None], [threshold])
     handles = []
     for label, rs, st in _series(rows):
         pts = [(r["ctx"], r["max_abs_diff"] if r["max_abs_diff"] > 0 else zero) for r in rs if r["max_abs_diff"] is not None]
         if pts:
             (h,) = ax.plot(*zip(*pts), label=label, color=st["color"], marker=st["marker"], ls=st["linestyle"], ms=8)
             handles.append(h)
-    ax.axhline(threshold, color=FAIL_COLOR, ls="--", lw=1.2)
-    handles.append(Line2D([], [], color=FAIL_COLOR, ls="--", label=f"guardrail max |Δ| ≤ {threshold:g} (kv_aligned=1)"))
+    ax.axhline(on_log_axis(threshold, zero), color=FAIL_COLOR, ls="--", lw=1.2)
+    handles.append(Line2D([], [], color=FAIL_COLOR, ls="--",
+                          label=f"guardrail max |Δ| ≤ {fmt.threshold(threshold)} (kv_aligned=1)"))
     ax.axhline(zero, color=ZERO_COLOR, ls=":", lw=1.2)
     handles.append(Line2D([], [], color=ZERO_COLOR, ls=":", label="0 — bit-exact (drawn here on the log axis)"))
     _mark_failures(ax, [r for r in rows if r["max_abs_diff"] is None], "max_abs_diff")
     _ctx_axis(ax, rows)
     ax.set_yscale("log")
-    ax.set_ylim(zero / 3, max([threshold] + [r["max_abs_diff"] or 0 for r in rows]) * 5)
+    ax.set_ylim(zero / 3, max([zero * 10, threshold] + [r["max_abs_diff"] or 0 for r in rows]) * 5)
     ax.set_ylabel("max |Δlogit| over the span (log)")
     ax.set_title("Decode vs prefill: largest logit difference per point")
     ax.legend(handles=_fail_legend(handles), fontsize=9, loc="best")
@@ -346,7 +347,7 @@ def plot_drift(rows: list[dict], path=None, threshold: float = THRESHOLD) -> Fig
     fig = Figure(figsize=(6.5 * len(kvs), 5), layout="constrained")
     axes = fig.subplots(1, len(kvs), squeeze=False)[0]
     allv = [v for r in rows for v in r["per_position_max_abs_diff"] if v is not None]
-    zero = _log_floor(allv, {"max_abs_diff": threshold})
+    zero = log_floor(allv, [threshold])
     ctxs = sorted({r["ctx"] for r in rows})
     from matplotlib import colormaps
 
@@ -364,9 +365,10 @@ def plot_drift(rows: list[dict], path=None, threshold: float = THRESHOLD) -> Fig
             drawn += 1
         ax.axhline(zero, color=ZERO_COLOR, ls=":", lw=1.2, label="0 — bit-exact")
         if kv == 1:
-            ax.axhline(threshold, color=FAIL_COLOR, ls="--", lw=1.2, label=f"guardrail {threshold:g}")
+            ax.axhline(on_log_axis(threshold, zero), color=FAIL_COLOR, ls="--", lw=1.2,
+                       label=f"guardrail {fmt.threshold(threshold)}")
         ax.set_yscale("log")
-        ax.set_ylim(zero / 3, max([threshold] + allv) * 5)
+        ax.set_ylim(zero / 3, max([zero * 10, threshold] + allv) * 5)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("step over the span (0 = last prompt position, from prefill; 1.. = decode steps)")
         ax.set_ylabel("max |Δlogit| at the step (log)")

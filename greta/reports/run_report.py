@@ -1,0 +1,199 @@
+"""report.md of a probe run, rendered from the record's data (params, metadata, perf, metrics, vram summary,
+verdict) through greta.reports.md: every value from outside is escaped, none is pasted into Markdown by hand.
+
+    text = render_report(params, meta, perf, metrics, vram_summary, verdict)
+"""
+from __future__ import annotations
+
+from greta.reports import fmt, md
+from greta.reports.md import Markup
+
+__all__ = ["render_report", "results_row", "interpret", "fault_report", "RESULTS_COLUMNS"]
+
+RESULTS_COLUMNS = ["Context", "KV", "Peak VRAM (MB)", "Max Logits Diff", "Top-1 Agreement", "Verdict"]
+PHASES = ("ceilings", "load", "prefill", "decode", "reference")
+
+
+def results_row(params, metrics, vram_summary, verdict) -> str:
+    """The seed report's results row: context, KV, peak VRAM, max diff, top-1, verdict."""
+    return md.row([params["ctx"], params["kv_aligned"], fmt.num(vram_summary.get("peak_vram_mb"), "{:.0f}"),
+                   fmt.num(metrics and metrics["max_abs_diff"], "{:.6f}"),
+                   fmt.num(metrics and metrics["top1_agreement"], "{:.4f}"), verdict["verdict"]])
+
+
+def render_report(params, meta, perf, metrics, vs, verdict) -> str:
+    dev = meta.get("device_name") or params["device"]
+    day = (meta.get("started_utc") or "")[:10]
+    commit = (meta.get("commit") or "unknown")[:12] + (" (dirty)" if meta.get("dirty") else "")
+    L = [md.heading(1, "B3.77 — Single-point ", params["ctx"], " long-context probe (", dev, ")"), "",
+         md.line("Run", md.code(meta["run_id"]), "· started", meta.get("started_utc"), "· greta", commit, "· host",
+                 meta.get("host")), "",
+         "## Objective",
+         md.text(f"Prefill a {params['ctx']}-token prompt through the batched prefill path, decode {params['gen']} "
+                 f"tokens greedily through the one-token decode path, and compare the decode path's logits with the "
+                 f"prefill path's (one teacher-forced batched pass) over the first {params['span']} generated "
+                 "tokens."), ""]
+    L += _matrix(params, meta)
+    L += [md.heading(2, "Results (", dev, ", ", day, ")"), "",
+          md.table(RESULTS_COLUMNS, []), results_row(params, metrics, vs, verdict), ""]
+    if metrics:
+        L += _metrics_lines(metrics)
+    L += [md.line("Verdict:", md.bold(verdict["verdict"]), "—", verdict["reason"]), ""]
+    L += _timing(perf)
+    L += _vram(vs)
+    L += ["## Interpretation", *md.bullets(interpret(params, perf, metrics, vs, verdict)), ""]
+    over = " ".join(f"-p {k}={v}" for k, v in _diff_from_file(params).items())
+    L += ["## Reproduce", "", md.line("Command:", md.code(f"python -m greta probe -f <params.yaml> {over}".rstrip())),
+          "", "params.json in this directory holds every value used.", ""]
+    L += ["## Provenance", *md.bullets([md.line("versions:", meta.get("versions")),
+                                        md.line("platform:", meta.get("platform")),
+                                        md.line("finished:", meta.get("finished_utc"))]), ""]
+    return "\n".join(L)
+
+
+def _matrix(params, meta) -> list[str]:
+    th = params["thresholds"]
+    prompt = [md.line("Prompt: ", md.code(params["prompt"]),
+                      " (uniform ids from torch's CPU generator seeded with the seed)"
+                      if params["prompt"] == "synthetic" else "", sep="")]
+    for key in ("prompt_file", "tokenizer"):
+        if params.get(key):
+            prompt.append(md.line(key, md.code(params[key])))
+    return ["## Matrix", *md.bullets([
+        md.line("Model: ", md.code(params["model"]), " (", meta.get("weights_source") or "?", " weights, seed ",
+                params["seed"], ", ", fmt.num(meta.get("param_count"), "{:,}"), " params), hash ",
+                md.code(meta.get("model_hash")), sep=""),
+        md.text(f"Context {params['ctx']} · generation {params['gen']} · span {params['span']} · dtype "
+                f"{params['dtype']} · kv_aligned={params['kv_aligned']} · backend {params['backend']} · "
+                f"prefill_chunk {params['prefill_chunk']} · kv_block {params['kv_block']}"),
+        md.line(*prompt, sep=" · "),
+        md.line("Negative control (perturb):", params["perturb"], "· fault injection:", params["fault"]),
+        md.text(f"Stop conditions: OOM → FAIL_OOM at once; per-phase timeouts (s) {params['timeouts']}, enforced "
+                "by killing the worker process → FAIL_TIMEOUT"),
+        md.text(f"Thresholds (kv_aligned=1): max_abs_diff ≤ {fmt.threshold(th['max_abs_diff'])}, p99_abs_diff ≤ "
+                f"{fmt.threshold(th['p99_abs_diff'])}, top1_agreement ≥ {fmt.threshold(th['top1_agreement'])}")]), ""]
+
+
+def _metrics_lines(m) -> list[str]:
+    return [*md.bullets([
+        md.line("bit_exact:", md.bold(m["bit_exact"]), "· generated tokens agree:", m["tokens_agree"],
+                "· p99 |Δ|", f"{m['p99_abs_diff']:.3g}", "· mean |Δ|", f"{m['mean_abs_diff']:.3g}",
+                "· cosine min", fmt.num(m["cosine_min"], "{:.8f}"), "· first argmax mismatch:",
+                m["first_argmax_mismatch"], "· distinct reference argmaxes over the span:",
+                f"{m['distinct_argmax']}/{m['span']}"),
+        "Step 0 is the last prompt position (prefill phase, chunked) against the reference pass; steps 1.. are "
+        "decode steps."]), ""]
+
+
+def _diff_from_file(params) -> dict:
+    return {k: params[k] for k in ("model", "device", "dtype", "ctx", "gen", "span", "kv_aligned", "seed", "perturb")}
+
+
+def _timing_row(ph, p, r) -> list:
+    floor = ""
+    if ph == "decode" and r:
+        floor = f"{r['floor_ms_per_token']:.2f} ms/token (measured {r['ms_per_token']:.2f})"
+    elif r:
+        floor = f"{r['floor_s']:.3g} s"
+    return [ph, p.get("status"), fmt.num(p.get("wall_s"), "{:.2f}"), fmt.num(p.get("timeout_s"), "{:g}"), floor,
+            f"{r['ratio']:.1f}×" if r else ""]
+
+
+def _timing(perf) -> list[str]:
+    rf = perf.get("roofline", {})
+    rows = [_timing_row(ph, perf.get(ph, {}), rf.get(ph, {}) if ph in ("prefill", "decode", "reference") else {})
+            for ph in PHASES]
+    L = ["## Timing", "", md.table(["Phase", "Status", "Wall (s)", "Timeout (s)", "Roofline floor", "Wall / floor"],
+                                   rows)]
+    c = rf.get("ceilings")
+    if c:
+        L += ["", md.text(
+            f"Ceilings measured in this run: {c['matmul_dtype']} matmul {c['matmul_tflops']:.1f} TFLOP/s "
+            f"({c['matmul_n']}³ product), device copy {c['copy_gbps']:.0f} GB/s ({c['method']}). Prefill floor = "
+            "FLOPs / matmul rate (linears 2·P·ctx + causal attention 2·L·H·D·ctx²); decode floor = bytes per "
+            "token (weights but the embedding table, plus the KV cache at the mean position) / copy bandwidth.")]
+    L.append("")
+    return L
+
+
+def _vram(vs) -> list[str]:
+    fl = vs["floor"]
+    fallback = md.line(" (fallback: ", vs["fallback_reason"], ")", sep="") if vs.get("fallback_reason") else ""
+    L = ["## VRAM sampling method", *md.bullets([
+        md.line("Backend: ", md.bold(vs["backend"]), fallback, sep=""),
+        md.line("Device info:", vs["device_info"]),
+        md.line("Sampling period:", vs["sampling_period_sec"], "s · samples:", vs["samples_count"], "· peak:",
+                fmt.num(vs["peak_vram_mb"], "{:.0f}"), "MB at t =", fmt.num(vs["peak_timestamp_offset_sec"], "{:.1f}"),
+                "s from the start of sampling"),
+        "Note: sampled figures can miss micro-spikes between samples; the allocator peaks below are exact."]), ""]
+    peaks = [[ph, fmt.num(a.get("max_allocated_mb"), "{:.0f}"), fmt.num(a.get("max_reserved_mb"), "{:.0f}")]
+             for ph, a in vs.get("allocator_peaks", {}).items()] or [["—", "no device allocator (CPU run)", ""]]
+    L.append(md.table(["Phase", "Allocator max allocated (MB)", "Allocator max reserved (MB)"], peaks))
+    below = (md.line(md.bold("Below the floor — these figures cannot be right:"),
+                     md.line(*vs["below_floor_figures"], sep="; ")) if vs["below_floor"]
+             else "Every measured peak is at or above it.")
+    floor = md.line("Analytic floor: weights", fmt.num(fl["weights_mb"], "{:.0f}"), "MB + KV cache",
+                    fmt.num(fl["kv_cache_mb"], "{:.0f}"), "MB =", md.bold(fmt.num(fl["total_mb"], "{:.0f} MB")))
+    L += ["", md.line(floor, ". ", below, sep=""), ""]
+    return L
+
+
+def interpret(params, perf, metrics, vs, verdict) -> list[Markup]:
+    """The Interpretation bullets (Markup, values escaped)."""
+    out = _interpret_metrics(params, metrics, verdict) if metrics else _interpret_fault(perf, verdict)
+    if vs["below_floor"]:
+        out.append(md.text("VRAM: a measured peak is below weights + KV cache, which is impossible for a correct "
+                           "measurement."))
+    elif vs.get("peak_vram_mb") is not None:
+        out.append(md.line(f"VRAM: sampled peak {vs['peak_vram_mb']:.0f} MB ≥ analytic floor "
+                           f"{vs['floor']['total_mb']:.0f} MB, headroom "
+                           f"{vs['peak_vram_mb'] - vs['floor']['total_mb']:.0f} MB (", vs["backend"], ").", sep=""))
+    r = perf.get("roofline", {})
+    if r.get("prefill"):
+        out.append(md.text(f"Prefill took {r['prefill']['ratio']:.1f}× its roofline floor; decode "
+                           f"{r['decode']['ratio']:.1f}× its bandwidth floor per token." if r.get("decode") else
+                           f"Prefill took {r['prefill']['ratio']:.1f}× its roofline floor."))
+        if params["kv_aligned"] and params["backend"] == "torch":
+            out.append(md.text(f"The torch backend's aligned mode computes a whole {params['prefill_chunk']}-row "
+                               "tile per decode step and attention in fp32: it is a reference for exactness, not "
+                               "for speed."))
+    return out
+
+
+def _interpret_metrics(params, metrics, verdict) -> list[Markup]:
+    out = [md.bold(f"{verdict['verdict']} @ ctx={params['ctx']}; max diff={metrics['max_abs_diff']:.6g}; "
+                   f"top1={metrics['top1_agreement']:.4f}; bit_exact={metrics['bit_exact']}")]
+    if params["perturb"] != "none":
+        out.append(md.line("NEGATIVE CONTROL: the decode path was deliberately broken (", params["perturb"],
+                           "); this run shows what the check reports when the paths disagree.", sep=""))
+    if params["kv_aligned"] and metrics["bit_exact"]:
+        out.append(md.text("Decode reproduced the prefill path bit for bit. The paths run different code (a "
+                           "one-token step reading the KV cache vs. a chunked batch), on the same tile shapes and "
+                           "KV block order."))
+    elif params["kv_aligned"]:
+        out.append(md.text(f"Not bit-exact: the largest difference is {metrics['max_abs_diff']:.3g}; the verdict "
+                           "applies the guardrail's tolerances."))
+    else:
+        out.append(md.text(f"kv_aligned=0: each path used its fastest ops; {metrics['max_abs_diff']:.3g} is the "
+                           "measured cost of that in logits."))
+    if metrics["distinct_argmax"] <= 1 and metrics["span"] > 1:
+        out.append(md.text("Warning: the reference argmax is the same at every position; the comparison is "
+                           "degenerate."))
+    return out
+
+
+def _interpret_fault(perf, verdict) -> list[Markup]:
+    done = [ph for ph, p in perf.items() if isinstance(p, dict) and p.get("status") == "ok"]
+    return [md.line(md.bold(verdict["verdict"]), " in phase ", verdict["failed_phase"], ": ", verdict["reason"], sep=""),
+            md.line(f"Phases completed before the fault: {', '.join(done) or 'none'}.")]
+
+
+def fault_report(verdict: str, reason: str, perf: dict, n_samples: int, peak_mb, floor_mb) -> str:
+    """report.md of a run whose probe process died before writing its own (greta.reports.notebooks'
+    fault record): the verdict, the reason, each phase's status and the VRAM figures up to the fault."""
+    rows = [[ph, perf[ph].get("status"), fmt.num(perf[ph].get("wall_s"), "{}", none="")] for ph in perf]
+    return "\n".join([md.heading(1, "B3.77 — ", verdict), "", md.line(reason, ".", sep=""), "",
+                      md.table(["Phase", "Status", "Wall (s)"], rows), "",
+                      md.line("VRAM samples up to the fault: ", n_samples, " (peak ", fmt.mb(peak_mb), "; floor ",
+                              fmt.mb(floor_mb), "). See run_b3_77.ipynb/.html here: cells after the fault did not "
+                              "run.", sep=""), ""])
