@@ -162,9 +162,12 @@ def run_audit(params: dict, out_root=None, progress: bool = True, show_code: boo
     run_dir = allocate_run_dir(out_root_or_default(out_root), params)
     out = run_dir / RUN_NOTEBOOK
     with _Interrupts() as intr, _Progress(progress):
-        err = nbs.execute_notebook(nbs.notebook_path(RUN_NOTEBOOK), out,
-                                   dict(params_file=None, overrides=_plain(params), run_dir=str(run_dir)),
-                                   timeout_s=None)
+        try:
+            err = nbs.execute_notebook(nbs.notebook_path(RUN_NOTEBOOK), out,
+                                       dict(params_file=None, overrides=_plain(params), run_dir=str(run_dir)),
+                                       timeout_s=None)
+        except KeyboardInterrupt:  # not forwarded (e.g. the audit runs off the main thread): papermill gave up
+            err, intr.how = None, intr.how or "SIGINT (Ctrl-C)"
     complete_record(run_dir, params, err, intr.how, show_code)
     if intr.how:
         raise ProbeInterrupted(run_dir, intr.how)

@@ -234,17 +234,18 @@ def finish_from_checkpoint(run_dir, params: dict, status: str, how: str) -> Path
     if (run_dir / "params.json").is_file():
         rec = record.Record(run_dir, params)
         meta_path = run_dir / "metadata.json"
-        rec.meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        rec.meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {
+            "run_id": run_dir.name, "probe": params["probe"], **record.git_state(), "versions": record.versions(),
+            "seed": params["seed"], "model": params["model"]}
     else:
         rec = record.Record.create(params, run_dir=run_dir)
     perf_path = run_dir / "perf.json"
     saved = json.loads(perf_path.read_text()) if perf_path.is_file() else {}
     perf = {ph: saved.get(ph, {"status": "not_run"}) for ph in PHASES}
     running = [ph for ph in PHASES if perf[ph].get("status") == "running"]
-    failed = running[0] if running else None
-    reason = how + (f" during {failed}" if failed else " before the probe started")
-    if failed:
-        perf[failed].update({"status": status, "error": reason})
+    # before the probe started, the fault is charged to its first phase, which never ran: say so
+    failed, reason = (running[0], how) if running else (PHASES[0], f"{how} before the probe started")
+    perf[failed].update({"status": status, "error": reason})
     csv_path = run_dir / "vram_samples.csv"
     samples = vram.read_samples_csv(csv_path) if csv_path.is_file() else []
     sampler = vram.VramSampler(_CheckpointBackend(), period_s=params["sampling_period_s"])

@@ -96,7 +96,7 @@ def execute_notebook(src: str | Path, out: str | Path, parameters: dict,
 
 
 def is_complete(nb_path: str | Path) -> bool:
-    """Every code cell of an executed notebook ran to completion without an error output."""
+    """Every code cell of an executed notebook ran (has an execution count) and ended without an error output."""
     import nbformat
 
     nb = nbformat.read(str(nb_path), as_version=4)
@@ -104,7 +104,8 @@ def is_complete(nb_path: str | Path) -> bool:
         if cell.cell_type != "code":
             continue
         status = cell.get("metadata", {}).get("papermill", {}).get("status")
-        if status not in (None, "completed") or any(o.get("output_type") == "error" for o in cell.get("outputs", [])):
+        # papermill marks every cell "completed" when its kernel goes away; a cell that ran has an execution count
+        if cell.get("execution_count") is None or status not in (None, "completed") or any(o.get("output_type") == "error" for o in cell.get("outputs", [])):
             return False
     return True
 
