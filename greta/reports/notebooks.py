@@ -17,7 +17,7 @@ from pathlib import Path
 
 __all__ = ["NOTEBOOK_DIR", "REPO_ROOT", "ANALYSIS_NOTEBOOKS", "PROGRESS_ENV", "NotebooksMissing",
            "notebook_path", "execute_notebook", "execute_analysis", "to_html", "is_complete", "mark_unfinished",
-           "report_progress", "one_line"]
+           "report_progress", "one_line", "NoRecord", "newest_record"]
 
 from greta.paths import NOTEBOOK_DIR, REPO_ROOT
 
@@ -42,6 +42,28 @@ def notebook_path(name: str) -> Path:
     if not path.is_file():
         raise NotebooksMissing(f"{path} not found in the repository checkout")
     return path
+
+
+class NoRecord(FileNotFoundError):
+    """A notebook run with its default parameters found no record to open. In a notebook it shows as its one
+    line (IPython's _render_traceback_), which says what to set."""
+
+    def _render_traceback_(self):
+        return [f"{type(self).__name__}: {self}"]
+
+
+def newest_record(given, kind: str = "b3_77", marker: str = "params.json", param: str = "run_dir") -> Path:
+    """``given`` when it is set; else the newest record of ``kind`` (<day>/<kind>/<run-id> holding ``marker``)
+    under the checkout's outputs/, so an analysis notebook opened in Lab runs with its default parameters."""
+    from greta.paths import OUTPUTS
+
+    if given:
+        return Path(given)
+    found = sorted((p.parent for p in OUTPUTS.glob(f"*/{kind}/*/{marker}")), key=lambda d: (d.parent.parent.name, d.name))
+    if not found:
+        raise NoRecord(f"no {kind} record under {OUTPUTS}: set {param} = \"<a record directory>\" in the parameters "
+                       "cell, or make one first (python -m greta audit)")
+    return found[-1]
 
 
 def report_progress(kind: str, *fields) -> None:
@@ -207,3 +229,4 @@ def to_html(ipynb_path: str | Path, lead_md: str | None = None, show_code: bool 
     out = Path(out) if out is not None else ipynb_path.with_suffix(".html")
     out.write_text(page, encoding="utf-8")
     return out
+
