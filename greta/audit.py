@@ -151,6 +151,7 @@ class _Progress:
             key = (kind, name if kind == "phase" else "notebooks")
         if kind == "notebook":
             bar.set_postfix_str(name, refresh=False)
+        bar.total = total  # a phase starts as 0/1 until its first step says how many
         bar.n = done
         bar.refresh()
         return bar, key

@@ -79,8 +79,13 @@ class _Bars:
 
             unit = "tok" if phase == "decode" else "pos"
             self.bar, self.phase = tqdm(total=total, desc=phase, unit=unit, leave=False), phase
+        self.bar.total = total  # a phase starts as 0/1 (below) until its first real step says how many
         self.bar.n = done
         self.bar.refresh()
+
+    def start(self, phase: str):
+        """A phase began: shown at once, also those that report no steps (ceilings, load)."""
+        self.update(phase, 0, 1)
 
     def close(self):
         if self.bar is not None:
@@ -161,6 +166,7 @@ def run_probe(params: dict, out_root="outputs", run_dir=None, progress: bool = T
             sampler.set_phase(phase)
             perf[phase] = {"status": "running", "timeout_s": timeout}
             _checkpoint(rec, perf, sampler)  # what a dead parent (e.g. a notebook kernel) leaves behind
+            bars.start(phase)
             parent.send(phase)
             t0 = time.monotonic()
             try:
