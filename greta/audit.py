@@ -67,21 +67,23 @@ def run_stage(params: dict, run_dir=None, out_root=None, show_code: bool = False
 
 
 class _Interrupts:
-    """While a notebook runs: Ctrl-C / SIGTERM are passed to the kernel's process group (the kernel runs in its
-    own session, so the terminal's Ctrl-C does not reach it), where the probe or the notebook answers them; here
-    they are only noted, so no KeyboardInterrupt tears papermill down mid-write."""
+    """While a notebook runs: Ctrl-C / SIGTERM are passed on to the kernel (it runs in its own session, so the
+    terminal's Ctrl-C does not reach it), where the probe or the notebook answers them; here they are only noted,
+    so no KeyboardInterrupt tears papermill down mid-write."""
 
     def __init__(self):
-        self.how = None
+        self.how, self.finishing = None, False
 
     def _forward(self, signum, frame):
         import psutil
 
+        if self.finishing:  # completing and sealing the record takes seconds: a second Ctrl-C must not tear it
+            return
         self.how = self.how or ("SIGTERM" if signum == signal.SIGTERM else "SIGINT (Ctrl-C)")
         for child in psutil.Process().children():
             try:
                 if "ipykernel" in " ".join(child.cmdline()):
-                    os.killpg(os.getpgid(child.pid), signal.SIGINT)
+                    os.kill(child.pid, signum)  # the probe there answers SIGINT and SIGTERM with its own record
             except (psutil.Error, ProcessLookupError, PermissionError):
                 pass
 
@@ -169,7 +171,8 @@ def run_audit(params: dict, out_root=None, progress: bool = True, show_code: boo
                                        timeout_s=None)
         except KeyboardInterrupt:  # not forwarded (e.g. the audit runs off the main thread): papermill gave up
             err, intr.how = None, intr.how or "SIGINT (Ctrl-C)"
-    complete_record(run_dir, params, err, intr.how, show_code)
+        intr.finishing = True
+        complete_record(run_dir, params, err, intr.how, show_code)
     if intr.how:
         raise ProbeInterrupted(run_dir, intr.how)
     return run_dir
