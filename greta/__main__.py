@@ -77,16 +77,20 @@ def _oracle_cmd(args) -> int:
     return 0 if res["ok"] and not res.get("control", {}).get("ok") else 1
 
 
-def main(argv=None) -> int:
-    ap = _Parser(prog="greta", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="cmd", required=True)
+def _add_run_cmds(sub):
     for name in ("probe", "audit"):
         sp = sub.add_parser(name)
         sp.add_argument("-f", "--file", default="params/cpu_default.yaml", help="params YAML (default: %(default)s)")
         sp.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
                         help="override a param, e.g. -p ctx=32768 -p timeouts.decode=60 (repeatable)")
-        sp.add_argument("-o", "--out-root", default="outputs", help="records go under this folder (default: %(default)s)")
-        sp.add_argument("--quiet", action="store_true", help="no progress bars")
+        sp.add_argument("-o", "--out-root", default=None,
+                        help="records go under this folder (default: the checkout's outputs/)")
+        sp.add_argument("--quiet", action="store_true", help="no progress on the terminal")
+        if name == "audit":
+            sp.add_argument("--show-code", action="store_true", help="the HTML pages show the notebooks' code")
+
+
+def _add_check_cmds(sub):
     vp = sub.add_parser("verify")
     vp.add_argument("run_dir", nargs="+", help="record directories")
     vp.add_argument("--allow-missing-logits", action="store_true",
@@ -104,6 +108,9 @@ def main(argv=None) -> int:
     lgp = sub.add_parser("legacy")
     lgp.add_argument("runs_dir", help="the original engine's runs/ folder")
     lgp.add_argument("--json", action="store_true", help="print the rows as JSON")
+
+
+def _add_oracle_cmd(sub):
     op = sub.add_parser("oracle")
     op.add_argument("--model", required=True, help="an HF checkpoint directory (config.json + safetensors), or a "
                     "preset (llama3-8b, ...): transformers first saves a random checkpoint of that shape")
@@ -122,46 +129,66 @@ def main(argv=None) -> int:
     op.add_argument("-o", "--out-root", default=None, help="write a sealed record under this folder (oracle.json, oracle.png, report.md)")
     op.add_argument("--checkpoint-dir", default=None, help="where a preset's random checkpoint is saved (default: a temp dir, removed after)")
     op.add_argument("--quiet", action="store_true", help="no progress lines")
+
+
+def _parser() -> _Parser:
+    ap = _Parser(prog="greta", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    _add_run_cmds(sub)
+    _add_check_cmds(sub)
+    _add_oracle_cmd(sub)
+    return ap
+
+
+def main(argv=None) -> int:
     try:
-        args = ap.parse_args(argv)
+        args = _parser().parse_args(argv)
     except _UsageError as e:
         return _fail(e)
-    if args.cmd == "sweep":
-        return _sweep_cmd(args)
-    if args.cmd == "legacy":
-        from greta.checks.legacy import main as legacy_main
+    commands = {"sweep": _sweep_cmd, "legacy": _legacy_cmd, "oracle": _oracle_cmd, "analyze": _analyze_cmd,
+                "verify": _verify_cmd, "probe": _run_cmd, "audit": _run_cmd}
+    return commands[args.cmd](args)
 
-        return legacy_main(args.runs_dir, as_json=args.json)
-    if args.cmd == "oracle":
-        return _oracle_cmd(args)
-    if args.cmd == "analyze":
-        import json
 
-        from greta.checks.analyze import analyze_run
+def _legacy_cmd(args) -> int:
+    from greta.checks.legacy import main as legacy_main
 
-        rep = analyze_run(args.run_dir)
-        if args.json:
-            print(json.dumps(rep, indent=2, default=str))
-        else:
-            print(f"{rep['status']}: {args.run_dir} (verdict {rep.get('verdict')})")
-            for r in rep["reasons"]:
-                print(f"  - {r}")
-        return 0 if rep["status"] == "OK" else 1
-    if args.cmd == "verify":
-        from greta.checks.verify import verify
+    return legacy_main(args.runs_dir, as_json=args.json)
 
-        bad = 0
-        for d in args.run_dir:
-            reasons = verify(d, allow_missing_large=args.allow_missing_logits)
-            print(f"{'OK' if not reasons else 'FAIL'} {d}")
-            for r in reasons:
-                print(f"  - {r}")
-            bad += bool(reasons)
-        return 1 if bad else 0
 
+def _analyze_cmd(args) -> int:
+    import json
+
+    from greta.checks.analyze import analyze_run
+
+    rep = analyze_run(args.run_dir)
+    if args.json:
+        print(json.dumps(rep, indent=2, default=str))
+    else:
+        print(f"{rep['status']}: {args.run_dir} (verdict {rep.get('verdict')})")
+        for r in rep["reasons"]:
+            print(f"  - {r}")
+    return 0 if rep["status"] == "OK" else 1
+
+
+def _verify_cmd(args) -> int:
+    from greta.checks.verify import verify
+
+    bad = 0
+    for d in args.run_dir:
+        reasons = verify(d, allow_missing_large=args.allow_missing_logits)
+        print(f"{'OK' if not reasons else 'FAIL'} {d}")
+        for r in reasons:
+            print(f"  - {r}")
+        bad += bool(reasons)
+    return 1 if bad else 0
+
+
+def _run_params(args):
+    """The validated params of a probe/audit command line (ParamError on bad input)."""
     from greta.record.params import ParamError, load_params, parse_overrides
 
-    try:
+    if args.out_root is not None:
         try:
             out = Path(args.out_root)
             bad_out = not args.out_root or "\0" in args.out_root or (out.exists() and not out.is_dir())
@@ -169,29 +196,37 @@ def main(argv=None) -> int:
             bad_out = True
         if bad_out:
             raise ParamError(f"-o {args.out_root!r} is not a folder; records go under a folder, e.g. -o outputs")
-        overrides = parse_overrides(args.param)
-        params = preflight(load_params(args.file, overrides))
-    except ParamError as e:
-        return _fail(e)
+    return preflight(load_params(args.file, parse_overrides(args.param)))
+
+
+def _run_cmd(args) -> int:
+    """probe / audit: the verdict and the record directory on stdout; exit 0 pass, 1 other, 130 interrupted."""
+    import json
+
     from greta.probe.runner import ProbeInterrupted
+    from greta.record.params import ParamError
     from greta.record.store import RecordError
 
     try:
+        params = _run_params(args)
+    except ParamError as e:
+        return _fail(e)
+    try:
         if args.cmd == "probe":
+            from greta.audit import new_run_dir
             from greta.probe.runner import run_probe
 
-            run_dir = run_probe(params, out_root=args.out_root, progress=not args.quiet)
+            run_dir = run_probe(params, run_dir=new_run_dir(args.out_root, params),
+                                progress=not args.quiet)
         else:
-            from greta.reports.notebooks import run_audit
+            from greta.audit import run_audit
 
-            run_dir = run_audit(args.file, overrides, out_root=args.out_root)
+            run_dir = run_audit(params, out_root=args.out_root, progress=not args.quiet, show_code=args.show_code)
     except RecordError as e:
         return _fail(e)
     except ProbeInterrupted as e:
         print(f"greta: INTERRUPTED by {e.how}; record: {e.run_dir}", file=sys.stderr)
         return 130
-    import json
-
     verdict = json.loads((Path(run_dir) / "verdict.json").read_text())
     print(f"{verdict['verdict']}: {verdict['reason']}")
     print(f"record: {run_dir}")

@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from greta.checks.verify import verify
+from greta.reports import notebooks
 
 NOTEBOOKS = ("run_b3_77", "vram_plot", "equivalence_analysis")
 SMALL = ["-p", "ctx=512", "-p", "gen=8", "-p", "span=4", "-p", "prefill_chunk=128", "-p", "kv_block=128"]
@@ -77,6 +81,36 @@ def test_cli_audit_pass(tmp_path, repo_root, record_doc_files):
     assert (p["ctx"], p["gen"], p["span"], p["prefill_chunk"], p["kv_block"]) == (512, 8, 4, 128, 128)
     assert verify(d) == []
     assert greta(["verify", str(d)], cwd=repo_root).returncode == 0
+    assert_clean_stderr(r.stderr, progress=True)
+    assert_pages(d, "PASS_EQUIV")
+
+
+def assert_clean_stderr(stderr: str, progress: bool):
+    """Nothing but progress bars (prefill, decode, reference, the notebooks) reaches stderr: no kernel warnings,
+    no missing-alt warnings, no tqdm warnings, no tracebacks."""
+    for noise in ("WARNING", "Alternative text", "TqdmWarning", "Traceback", "IProgress"):
+        assert noise not in stderr, f"{noise!r} on stderr:\n{stderr[-2000:]}"
+    if progress:
+        for bar in ("prefill", "decode", "reference", "notebooks"):
+            assert f"{bar}:" in stderr, f"no {bar} progress on stderr:\n{stderr[-2000:]}"
+    else:
+        assert stderr == ""
+
+
+def assert_pages(d: Path, verdict: str):
+    """Every notebook of the record has a page: the verdict first, no code, nothing from a network, small; and
+    the stored notebooks keep at most one line of progress."""
+    for nb in d.glob("*.ipynb"):
+        page = nb.with_suffix(".html").read_text()
+        assert page.index(verdict) < page.index('<div class="cell'), f"{nb.name}: the verdict is not first"
+        assert "from greta" not in page and "import " not in page, f"{nb.name}: code shown"
+        assert not re.search(r"""(src|href)=["']?(https?:)?//""", page), f"{nb.name}: loads from a network"
+        images = sum(len(m) for m in re.findall(r"data:image/png;base64,[A-Za-z0-9+/=]+", page))
+        assert len(page) - images <= 150_000, f"{nb.name}: {len(page) - images} bytes apart from images"
+        assert "<img" not in page or 'alt="No description' not in page
+        stderr_out = [o for c in json.loads(nb.read_text())["cells"] for o in c.get("outputs", [])
+                      if o.get("name") == "stderr"]
+        assert stderr_out == [], f"{nb.name}: stderr stored in the notebook"
 
 
 @pytest.mark.slow
@@ -98,6 +132,80 @@ def test_papermill_run_notebook_directly(tmp_path, repo_root):
     for nb in NOTEBOOKS[1:]:
         assert_executed(d / f"{nb}.ipynb")
         assert (d / f"{nb}.html").is_file()
+    # the record is complete: the executed run notebook and its page inside, sealed last
+    assert_executed(d / "run_b3_77.ipynb") and (d / "run_b3_77.html").is_file()
+    assert verify(d) == []
+
+
+@pytest.mark.slow
+def test_papermill_cli_from_the_notebooks_folder(tmp_path, repo_root):
+    """`cd notebooks && papermill run_b3_77.ipynb out.ipynb -p ctx N`: the same complete, sealed record."""
+    root = tmp_path / "records"
+    r = subprocess.run([sys.executable, "-m", "papermill", "run_b3_77.ipynb", str(tmp_path / "out.ipynb"),
+                        "-p", "ctx", "256", "-p", "gen", "8", "-p", "span", "4", "-p", "prefill_chunk", "64",
+                        "-p", "kv_block", "128", "-p", "out_root", str(root)], cwd=repo_root / "notebooks",
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (d,) = record_dirs(root)
+    assert f"record: {d}" in outputs(tmp_path / "out.ipynb")[1]
+    for nb in NOTEBOOKS:
+        assert_executed(d / f"{nb}.ipynb")
+    assert_pages(d, "PASS_EQUIV")
+    assert verify(d) == []
+    assert not (repo_root / "notebooks" / "outputs").exists()
+
+
+def interrupt_audit(tmp_path, repo_root, when: str, delay: float = 0.0) -> tuple[subprocess.CompletedProcess, Path]:
+    """`greta audit --quiet` in its own session, as from a terminal; Ctrl-C (SIGINT to the whole process group)
+    once the file `when` appears in the record directory, plus delay seconds."""
+    args = [sys.executable, "-m", "greta", "audit", *SMALL, "-o", str(tmp_path), "--quiet"]
+    p = subprocess.Popen(args, cwd=repo_root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    deadline = time.monotonic() + 240
+    while not list(tmp_path.glob(f"*/b3_77/*/{when}")) and time.monotonic() < deadline and p.poll() is None:
+        time.sleep(0.05)
+    assert p.poll() is None, "the audit ended before the interrupt"
+    time.sleep(delay)
+    os.killpg(p.pid, signal.SIGINT)
+    out, err = p.communicate(timeout=240)
+    (d,) = record_dirs(tmp_path)
+    return subprocess.CompletedProcess(args, p.returncode, out, err), d
+
+
+def assert_interrupted(r: subprocess.CompletedProcess, d: Path) -> dict:
+    """Exit 130, one line on stderr, an INTERRUPTED record wherever a verdict shows, that verifies."""
+    assert r.returncode == 130, r.stderr[-3000:]
+    assert r.stderr.splitlines() == [f"greta: INTERRUPTED by SIGINT (Ctrl-C); record: {d}"], r.stderr[-3000:]
+    v = json.loads((d / "verdict.json").read_text())
+    assert v["verdict"] == "INTERRUPTED"
+    assert "INTERRUPTED" in (d / "report.md").read_text()
+    for nb in d.glob("*.ipynb"):
+        assert "INTERRUPTED" in nb.with_suffix(".html").read_text(), nb.name
+        if notebooks.is_complete(nb):
+            continue
+        first = json.loads(nb.read_text())["cells"][0]
+        assert "did not run to completion" in "".join(first["source"]), f"{nb.name}: half-run, unmarked"
+    assert verify(d) == []
+    return v
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_the_probe(tmp_path, repo_root):
+    r, d = interrupt_audit(tmp_path, repo_root, "perf.json", delay=1.0)
+    v = assert_interrupted(r, d)
+    assert v["failed_phase"] in ("ceilings", "load", "prefill", "decode", "reference")
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_the_analysis_notebooks(tmp_path, repo_root):
+    """The probe has finished (PASS_EQUIV) when Ctrl-C comes: the record still says INTERRUPTED, naming the
+    analysis notebooks, and no half-run notebook passes for a complete one."""
+    r, d = interrupt_audit(tmp_path, repo_root, "vram_plot.ipynb", delay=0.3)
+    v = assert_interrupted(r, d)
+    assert v["failed_phase"] == "analysis" and "analysis notebooks" in v["reason"]
+    assert v["probe_verdict"] == "PASS_EQUIV"
+    run_nb = d / "run_b3_77.ipynb"
+    assert not notebooks.is_complete(run_nb)  # the run notebook stopped in its analysis cell: marked
 
 
 @pytest.mark.slow
@@ -106,6 +214,7 @@ def test_cli_audit_of_a_failing_probe(tmp_path, repo_root, fault, verdict):
     r = greta(["audit", "-p", "ctx=256", "-p", "gen=8", "-p", "span=4", "-p", "prefill_chunk=64", "-p",
                "kv_block=128", "-p", f"fault={fault}", "-o", str(tmp_path), "--quiet"], cwd=repo_root)
     assert r.returncode == 1, r.stdout + r.stderr
+    assert_clean_stderr(r.stderr, progress=False)  # --quiet: nothing at all
     assert r.stdout.startswith(verdict)
     (d,) = record_dirs(tmp_path)
     v = json.loads((d / "verdict.json").read_text())

@@ -4,9 +4,16 @@ import time
 
 import nbformat
 
+from greta import audit
+from greta.record.params import load_params
 from greta.reports import notebooks
 
 CPU_PARAMS = notebooks.REPO_ROOT / "params" / "cpu_default.yaml"
+
+
+def run_audit(params_file, overrides, out_root):
+    """The audit of params_file + overrides (run_audit moved to greta.audit and takes validated params)."""
+    return audit.run_audit(load_params(params_file, overrides), out_root=out_root, progress=False)
 
 
 def test_kernel_death_before_the_probe_leaves_a_fail_error_record(tmp_path, monkeypatch):
@@ -15,7 +22,7 @@ def test_kernel_death_before_the_probe_leaves_a_fail_error_record(tmp_path, monk
         return RuntimeError("DeadKernelError: Kernel died")
 
     monkeypatch.setattr(notebooks, "execute_notebook", dead_kernel)
-    run_dir = notebooks.run_audit(CPU_PARAMS, {"ctx": 256}, out_root=tmp_path)
+    run_dir = run_audit(CPU_PARAMS, {"ctx": 256}, out_root=tmp_path)
     verdict = json.loads((run_dir / "verdict.json").read_text())
     assert verdict["verdict"] == "FAIL_ERROR" and "Kernel died" in verdict["reason"]
     assert "FAIL_ERROR" in (run_dir / "report.md").read_text()
@@ -34,7 +41,7 @@ def test_a_real_kernel_death_mid_probe(tmp_path):
     from conftest import SMALL_PROBE
 
     before = {p.pid for p in psutil.Process().children(recursive=True)}
-    run_dir = notebooks.run_audit(CPU_PARAMS, {**SMALL_PROBE, "fault": "kernel_death:decode"}, out_root=tmp_path)
+    run_dir = run_audit(CPU_PARAMS, {**SMALL_PROBE, "fault": "kernel_death:decode"}, out_root=tmp_path)
     verdict = json.loads((run_dir / "verdict.json").read_text())
     assert verdict["verdict"] == "FAIL_ERROR" and verdict["failed_phase"] == "decode"
     assert "kernel died" in verdict["reason"]

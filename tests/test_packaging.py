@@ -115,9 +115,10 @@ def test_environment_yml_matches_pyproject(repo_root, pyproject, project_deps):
     if not path.is_file():
         pytest.skip("environment.yml not present")
     listed = env_names(yaml.safe_load(path.read_text()))
-    want = project_deps | {norm(d) for d in pyproject["project"]["optional-dependencies"]["models"]}
+    extras = pyproject["project"]["optional-dependencies"]
+    want = project_deps | {norm(d) for d in extras["models"] + extras["lab"]}  # JupyterLab comes with conda too
     test_extra = {norm(d) for d in pyproject["project"]["optional-dependencies"].get("test", [])}
-    assert want - listed == set(), f"in pyproject (dependencies + models extra) but not in environment.yml: {sorted(want - listed)}"
+    assert want - listed == set(), f"in pyproject (dependencies + models and lab extras) but not in environment.yml: {sorted(want - listed)}"
     extra = listed - want - test_extra
     assert extra == set(), \
         f"in environment.yml but not in pyproject [project] dependencies, the models extra or the test extra: {sorted(extra)}"

@@ -89,34 +89,39 @@ def test_fault_record_of_an_interrupted_phase(tmp_path, small_params):
     run_dir.mkdir()
     perf = {"ceilings": {"status": "ok", "wall_s": 1.0}, "load": {"status": "running", "timeout_s": 600}}
     (run_dir / "perf.json").write_text(json.dumps(perf))
-    notebooks._fault_record(run_dir, p, "interrupted", "the audit was interrupted by SIGINT (Ctrl-C)")
+    (run_dir / "params.json").write_text(json.dumps(p, indent=2) + "\n")  # the probe made its record
+    probe.finish_from_checkpoint(run_dir, p, "interrupted", "the audit was interrupted by SIGINT (Ctrl-C)")
     v = json.loads((run_dir / "verdict.json").read_text())
-    reason = "the audit was interrupted by SIGINT (Ctrl-C) during load"
+    # the probe's own record writer: its reasons start with the failed phase
+    reason = "load: the audit was interrupted by SIGINT (Ctrl-C)"
     assert v == {"verdict": "INTERRUPTED", "reason": reason, "failed_phase": "load", "bit_exact": None,
                  "kv_aligned": p["kv_aligned"], "perturb": p["perturb"], "tokens": None}
     perf = json.loads((run_dir / "perf.json").read_text())
     assert [perf[ph]["status"] for ph in params.PHASES] == ["ok", "interrupted", "not_run", "not_run", "not_run"]
-    assert perf["load"]["error"] == reason
+    assert perf["load"]["error"] == reason.removeprefix("load: ")
     for name in ("params.json", "metadata.json", "perf.json", "vram.json", "verdict.json"):  # same format as before
         text = (run_dir / name).read_text()
         assert text == json.dumps(json.loads(text), indent=2) + "\n"
     assert json.loads((run_dir / "params.json").read_text()) == p.to_dict()
     assert (run_dir / "vram_samples.csv").is_file() and vram.read_samples_csv(run_dir / "vram_samples.csv") == []
-    assert "# B3.77 — INTERRUPTED" in (run_dir / "report.md").read_text()
+    assert "INTERRUPTED" in (run_dir / "report.md").read_text()  # the probe's own report.md
     vs = json.loads((run_dir / "vram.json").read_text())
     assert vs["floor"]["total_mb"] is not None and vs["samples_count"] == 0
 
 
-def test_fault_record_without_a_readable_model_config(tmp_path, small_params):
-    p = small_params().replace(model=str(tmp_path / "no-such-model"))  # parses: the model is preflight's check
+def test_fault_record_of_a_kernel_that_died_before_the_probe(tmp_path, small_params):
+    """No params.json, no perf.json: the record is created, and the fault charged to the first phase, which
+    never ran, with a reason saying so; it verifies."""
+    p = small_params()
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    notebooks._fault_record(run_dir, p, "crash", "the notebook kernel died (x)")
+    probe.finish_from_checkpoint(run_dir, p, "crash", "the notebook kernel died (x)")
     v = json.loads((run_dir / "verdict.json").read_text())
-    assert v["verdict"] == "FAIL_ERROR" and v["failed_phase"] is None
-    assert v["reason"] == "the notebook kernel died (x) before the probe started"
-    assert json.loads((run_dir / "vram.json").read_text())["floor"] == {
-        "weights_mb": None, "kv_cache_mb": None, "total_mb": None}
+    assert v["verdict"] == "FAIL_ERROR" and v["failed_phase"] == "ceilings"
+    assert v["reason"] == "ceilings: the notebook kernel died (x) before the probe started"
+    perf = json.loads((run_dir / "perf.json").read_text())
+    assert [perf[ph]["status"] for ph in params.PHASES] == ["crash", "not_run", "not_run", "not_run", "not_run"]
+    assert verify.verify(run_dir) == []
 
 
 def test_interrupted_audit_leaves_an_interrupted_record(tmp_path, monkeypatch):
@@ -124,9 +129,11 @@ def test_interrupted_audit_leaves_an_interrupted_record(tmp_path, monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(notebooks, "execute_notebook", interrupted)
+    from greta.audit import run_audit
+
     with pytest.raises(probe.ProbeInterrupted) as e:
-        notebooks.run_audit(CPU_PARAMS, {"ctx": 256}, out_root=tmp_path)
+        run_audit(params.load_params(CPU_PARAMS, {"ctx": 256}), out_root=tmp_path, progress=False)
     run_dir = e.value.run_dir
     v = json.loads((run_dir / "verdict.json").read_text())
-    assert v["verdict"] == "INTERRUPTED" and v["reason"].startswith("the audit was interrupted by SIGINT (Ctrl-C)")
+    assert v["verdict"] == "INTERRUPTED" and "interrupted by SIGINT (Ctrl-C)" in v["reason"]
     assert (run_dir / "manifest.json").is_file()

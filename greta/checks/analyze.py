@@ -251,6 +251,8 @@ def _analyze(run_dir, out: dict, f: _Findings) -> None:
     params = _read_json_obj(run / "params.json", f)
     verdict_rec = _read_json_obj(run / "verdict.json", f)
     stored_verdict = verdict_rec.get("verdict") if verdict_rec else None
+    if verdict_rec and stored_verdict == "INTERRUPTED" and verdict_rec.get("failed_phase") == "analysis":
+        stored_verdict = verdict_rec.get("probe_verdict")  # interrupted after the probe: its own verdict is judged
     out["stored_verdict"] = stored_verdict if isinstance(stored_verdict, str) else None
     npz = run / "logits.npz"
 

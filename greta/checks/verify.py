@@ -184,7 +184,10 @@ def _check_phases(perf, verdict) -> list[str]:
         return [f"perf.json lacks the phases {', '.join(missing)}"]
     status = [perf.status(ph) for ph in PHASES]
     v, failed = verdict.verdict, verdict.failed_phase
-    if v in FAULT_STATUS:
+    if v == "INTERRUPTED" and failed == "analysis":  # the probe finished; the analysis notebooks were interrupted
+        if any(s != "ok" for s in status):
+            errors.append(f"INTERRUPTED during analysis but not every phase finished: {dict(zip(PHASES, status))}")
+    elif v in FAULT_STATUS:
         if failed not in PHASES:
             return [f"{v} record names no failed phase"]
         i = PHASES.index(failed)

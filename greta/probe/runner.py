@@ -50,27 +50,57 @@ def _interrupted(e: KeyboardInterrupt, phase: str) -> tuple[str, dict]:
 
 
 class _Bars:
-    """One tqdm bar per phase that reports progress (tqdm.auto: a widget in notebooks, text elsewhere)."""
+    """Per-phase progress, to where someone can see it without it piling up in a notebook:
+    - a launcher tails a progress file (greta audit: PROGRESS_ENV is set): one line per update goes there;
+    - inside a notebook kernel: nothing live, one final line when the probe ends;
+    - a terminal: a text bar per phase on stderr."""
 
     def __init__(self, enabled: bool):
-        self.enabled, self.bar, self.phase = enabled, None, None
+        import os
+        import sys
+
+        from greta.reports.notebooks import PROGRESS_ENV
+
+        self.enabled, self.bar, self.phase, self.last = enabled, None, None, None
+        self.to_file = bool(os.environ.get(PROGRESS_ENV))
+        self.in_kernel = "ipykernel" in sys.modules and not self.to_file
 
     def update(self, phase: str, done: int, total: int):
         if not self.enabled:
             return
+        self.last = (phase, done, total)
+        if self.to_file:
+            from greta.reports.notebooks import report_progress
+
+            report_progress("phase", phase, done, total)
+            return
+        if self.in_kernel:
+            return
         if phase != self.phase:
             self.close()
-            from tqdm.auto import tqdm
+            from tqdm import tqdm  # text bars: tqdm.auto would want ipywidgets inside a kernel
 
             unit = "tok" if phase == "decode" else "pos"
-            self.bar, self.phase = tqdm(total=total, desc=phase, unit=unit, leave=True), phase
+            self.bar, self.phase = tqdm(total=total, desc=phase, unit=unit, leave=False), phase
+        self.bar.total = total  # a phase starts as 0/1 (below) until its first real step says how many
         self.bar.n = done
         self.bar.refresh()
+
+    def start(self, phase: str):
+        """A phase began: shown at once, also those that report no steps (ceilings, load)."""
+        self.update(phase, 0, 1)
 
     def close(self):
         if self.bar is not None:
             self.bar.close()
         self.bar, self.phase = None, None
+
+    def finish(self):
+        """The one line a notebook keeps: how far the last phase with progress got."""
+        self.close()
+        if self.enabled and self.in_kernel and self.last is not None:
+            phase, done, total = self.last
+            print(f"progress: {phase} {done}/{total}")
 
 
 def _exit_reason(code) -> str:
@@ -115,7 +145,7 @@ def run_probe(params: dict, out_root="outputs", run_dir=None, progress: bool = T
     parent, child = ctx.Pipe()
     stats = ctx.Array("d", [float("nan"), float("nan")], lock=False)
     proc = ctx.Process(target=worker_main, args=(params, child, stats), daemon=True, name="greta-probe-worker")
-    proc.start()
+    _start_ignoring_sigint(proc)
     rec.meta["worker_pid"] = proc.pid
     rec.write_json("metadata.json", rec.meta)
     backend, reason = vram.pick_backend(params["device"], proc.pid)
@@ -139,6 +169,7 @@ def run_probe(params: dict, out_root="outputs", run_dir=None, progress: bool = T
             sampler.set_phase(phase)
             perf[phase] = {"status": "running", "timeout_s": timeout}
             _checkpoint(rec, perf, sampler)  # what a dead parent (e.g. a notebook kernel) leaves behind
+            bars.start(phase)
             parent.send(phase)
             t0 = time.monotonic()
             try:
@@ -163,7 +194,7 @@ def run_probe(params: dict, out_root="outputs", run_dir=None, progress: bool = T
         if perf[phase]["status"] == "running":
             perf[phase]["status"] = "interrupted"
     finally:
-        bars.close()
+        bars.finish()
         sampler.set_phase(None)
         sampler.stop()
         if proc.is_alive():
@@ -186,6 +217,58 @@ def run_probe(params: dict, out_root="outputs", run_dir=None, progress: bool = T
     if interrupted:
         raise ProbeInterrupted(rec.path, interrupted)
     return rec.path
+
+
+def _start_ignoring_sigint(proc):
+    """Start the worker with SIGINT ignored (inherited across exec): Ctrl-C reaches the whole process group, and
+    the runner, not the worker, answers it; the worker would only add a KeyboardInterrupt traceback."""
+    if threading.current_thread() is not threading.main_thread():
+        proc.start()
+        return
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        proc.start()
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
+def finish_from_checkpoint(run_dir, params: dict, status: str, how: str) -> Path:
+    """Complete the record of a probe whose process died before finishing it (a dead notebook kernel, an audit
+    interrupted while the kernel was being torn down) with the probe's own record writer (_finish): the phases
+    and VRAM samples checkpointed up to then, the phase it was in marked with status ("crash": FAIL_ERROR,
+    "interrupted": INTERRUPTED) and a reason saying how. Creates the record first if the probe never did."""
+    import json
+
+    run_dir = Path(run_dir)
+    if (run_dir / "params.json").is_file():
+        rec = record.Record(run_dir, params)
+        meta_path = run_dir / "metadata.json"
+        rec.meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {
+            "run_id": run_dir.name, "probe": params["probe"], **record.git_state(), "versions": record.versions(),
+            "seed": params["seed"], "model": params["model"]}
+    else:
+        rec = record.Record.create(params, run_dir=run_dir)
+    perf_path = run_dir / "perf.json"
+    saved = json.loads(perf_path.read_text()) if perf_path.is_file() else {}
+    perf = {ph: saved.get(ph, {"status": "not_run"}) for ph in PHASES}
+    running = [ph for ph in PHASES if perf[ph].get("status") == "running"]
+    # before the probe started, the fault is charged to its first phase, which never ran: say so
+    failed, reason = (running[0], how) if running else (PHASES[0], f"{how} before the probe started")
+    perf[failed].update({"status": status, "error": reason})
+    csv_path = run_dir / "vram_samples.csv"
+    samples = vram.read_samples_csv(csv_path) if csv_path.is_file() else []
+    sampler = vram.VramSampler(_CheckpointBackend(), period_s=params["sampling_period_s"])
+    sampler.samples = samples
+    failure = (FAIL[status], failed, {"error": reason})
+    _finish(rec, params, perf, {}, sampler, failure)
+    return run_dir
+
+
+class _CheckpointBackend:
+    """The VRAM backend of a record finished from its checkpoint: the sampler that measured is gone."""
+    name = "checkpoint"
+    device_info = None
+    fallback_reason = "the probe process died before writing vram.json; figures from its checkpointed samples"
 
 
 def _checkpoint(rec, perf, sampler):

@@ -74,13 +74,6 @@ def probe_name_parts(params) -> list[str]:
     return [Path(params["model"]).name or "model", f"ctx{params['ctx']}", f"kv{params['kv_aligned']}"]
 
 
-def run_id(params) -> str:
-    """Transitional, for greta.reports.notebooks.run_audit until it calls greta.record.rundir.allocate_run_dir
-    (which also creates the directory, so two runs cannot collide): the name allocate_run_dir would give."""
-    stamp = datetime.now(timezone.utc).strftime("%H%M%S")
-    return "-".join([stamp, *probe_name_parts(params), secrets.token_hex(2)])
-
-
 class RecordError(OSError):
     """The record cannot be written (unwritable or full output folder); one line, says what to do."""
 

@@ -1,21 +1,31 @@
-"""Execute the analysis notebooks of a run directory and render them to HTML.
+"""Execute notebooks with papermill, quietly, and render them to self-contained HTML pages.
 
-The notebooks themselves (``notebooks/*.ipynb``) are thin: they read one run
-directory (docs/RECORD.md) and call :mod:`greta.reports.plots`. They ship with the
-repository checkout, not inside the installed package.
+The notebooks themselves (``notebooks/*.ipynb``) are thin: they read one run directory (docs/RECORD.md) and
+call :mod:`greta.reports.plots`. They ship with the repository checkout, not inside the installed package.
+The audit pipeline that strings them together is :mod:`greta.audit`.
 """
 
 from __future__ import annotations
 
+import html
+import logging
+import os
+import re
+import subprocess
 import sys
 from pathlib import Path
 
-__all__ = ["NOTEBOOK_DIR", "REPO_ROOT", "ANALYSIS_NOTEBOOKS", "NotebooksMissing",
-           "notebook_path", "execute_notebook", "execute_analysis", "to_html"]
+__all__ = ["NOTEBOOK_DIR", "REPO_ROOT", "ANALYSIS_NOTEBOOKS", "PROGRESS_ENV", "NotebooksMissing",
+           "notebook_path", "execute_notebook", "execute_analysis", "to_html", "is_complete", "mark_unfinished",
+           "report_progress", "one_line", "NoRecord", "newest_record"]
 
 from greta.paths import NOTEBOOK_DIR, REPO_ROOT
+
 ANALYSIS_NOTEBOOKS = ("vram_plot.ipynb", "equivalence_analysis.ipynb")
 KERNEL = "python3"
+# A file that the process showing progress (greta audit) tails: the probe's phases and each notebook append
+# one line per step, so the notebooks themselves store no progress bars.
+PROGRESS_ENV = "GRETA_PROGRESS_FILE"
 
 
 class NotebooksMissing(FileNotFoundError):
@@ -34,179 +44,189 @@ def notebook_path(name: str) -> Path:
     return path
 
 
-def to_html(ipynb_path: str | Path) -> Path:
-    """Render a notebook to ``<same name>.html`` beside it, images embedded."""
-    from nbconvert import HTMLExporter
+class NoRecord(FileNotFoundError):
+    """A notebook run with its default parameters found no record to open. In a notebook it shows as its one
+    line (IPython's _render_traceback_), which says what to set."""
 
-    ipynb_path = Path(ipynb_path)
-    exporter = HTMLExporter()
-    exporter.embed_images = True  # markdown-referenced images; outputs are inline already
-    body, _resources = exporter.from_filename(str(ipynb_path))
-    out = ipynb_path.with_suffix(".html")
-    out.write_text(body, encoding="utf-8")
-    return out
+    def _render_traceback_(self):
+        return [f"{type(self).__name__}: {self}"]
+
+
+def newest_record(given, kind: str = "b3_77", marker: str = "params.json", param: str = "run_dir") -> Path:
+    """``given`` when it is set; else the newest record of ``kind`` (<day>/<kind>/<run-id> holding ``marker``)
+    under the checkout's outputs/, so an analysis notebook opened in Lab runs with its default parameters."""
+    from greta.paths import OUTPUTS
+
+    if given:
+        return Path(given)
+    found = sorted((p.parent for p in OUTPUTS.glob(f"*/{kind}/*/{marker}")), key=lambda d: (d.parent.parent.name, d.name))
+    if not found:
+        raise NoRecord(f"no {kind} record under {OUTPUTS}: set {param} = \"<a record directory>\" in the parameters "
+                       "cell, or make one first (python -m greta audit)")
+    return found[-1]
+
+
+def report_progress(kind: str, *fields) -> None:
+    """Append one progress line ("<kind> <fields...>") for the process that shows progress; no-op without one."""
+    path = os.environ.get(PROGRESS_ENV)
+    if not path:
+        return
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(" ".join(str(x) for x in (kind, *fields)) + "\n")
+    except OSError:  # progress is a courtesy: never let it fail a run
+        pass
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as one line; papermill's PapermillExecutionError names the real error on its last line."""
+    text = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
+    return f"{type(exc).__name__}: {text[-1] if text else ''}"[:300]
+
+
+def _quiet_kernel_manager():
+    """A kernel manager whose kernel writes its own stderr (the TCP-without-encryption warning, shutdown noise)
+    to /dev/null: what the kernel's code prints still reaches the notebook through Jupyter's channels."""
+    from jupyter_client.manager import AsyncKernelManager
+
+    class QuietKernelManager(AsyncKernelManager):
+        async def start_kernel(self, **kw):
+            kw.setdefault("stderr", subprocess.DEVNULL)
+            kw.setdefault("stdout", subprocess.DEVNULL)
+            return await super().start_kernel(**kw)
+
+    return QuietKernelManager(kernel_name=KERNEL)
 
 
 def execute_notebook(src: str | Path, out: str | Path, parameters: dict,
                      timeout_s: float | None = 600) -> Exception | None:
-    """Run ``src`` with papermill into ``out`` (cwd: the repo root).
+    """Run ``src`` with papermill into ``out`` (cwd: the repo root), its kernel's stderr silenced.
 
-    Returns the exception instead of raising: papermill has already written the
-    partially executed notebook (with the error output) to ``out`` by then.
-    ``timeout_s`` bounds each cell, so a hung kernel cannot hang the caller.
+    Returns the exception instead of raising: papermill has already written the partially executed notebook
+    (with the error output) to ``out`` by then. ``timeout_s`` bounds each cell, so a hung kernel cannot hang
+    the caller. An interrupt (KeyboardInterrupt) is not an error of the notebook: it propagates.
     """
     import papermill as pm
 
+    logging.getLogger("papermill").setLevel(logging.ERROR)  # "Input notebook does not contain a cell with tag..."
     try:
-        pm.execute_notebook(
-            str(src), str(out),
-            parameters=parameters,
-            kernel_name=KERNEL,
-            progress_bar=False,
-            cwd=str(REPO_ROOT),
-            execution_timeout=timeout_s,
-        )
+        pm.execute_notebook(str(src), str(out), parameters=parameters, kernel_name=KERNEL, progress_bar=False,
+                            cwd=str(REPO_ROOT), execution_timeout=timeout_s, km=_quiet_kernel_manager())
     except Exception as exc:  # noqa: BLE001 - the caller must never abort on a notebook
         return exc
     return None
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    # papermill's PapermillExecutionError: the last lines name the real error
-    tail = [ln for ln in text if ln.strip()][-1:] if text else []
-    return f"{type(exc).__name__}: {tail[0] if tail else ''}"[:300]
+def is_complete(nb_path: str | Path) -> bool:
+    """Every code cell of an executed notebook ran (has an execution count) and ended without an error output."""
+    import nbformat
+
+    nb = nbformat.read(str(nb_path), as_version=4)
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        status = cell.get("metadata", {}).get("papermill", {}).get("status")
+        # papermill marks every cell "completed" when its kernel goes away; a cell that ran has an execution count
+        if cell.get("execution_count") is None or status not in (None, "completed") or any(o.get("output_type") == "error" for o in cell.get("outputs", [])):
+            return False
+    return True
+
+
+def mark_unfinished(nb_path: str | Path, verdict: str, reason: str) -> None:
+    """Put a banner on a notebook that did not run to completion (papermill marks unrun cells as if they had
+    completed after a dead kernel), so nobody reads it as a complete one."""
+    import nbformat
+
+    nb = nbformat.read(str(nb_path), as_version=4)
+    if nb.cells and "did not run to completion" in nb.cells[0].get("source", ""):
+        return
+    nb.cells.insert(0, nbformat.v4.new_markdown_cell(
+        f"# ⚠ {verdict}: {reason}\n\nThis notebook did not run to completion: the cells below the point where it "
+        "stopped did not run, whatever their execution marks say. The record's verdict.json and report.md say "
+        "what happened."))
+    nbformat.write(nb, str(nb_path))
 
 
 def execute_analysis(run_dir: str | Path, timeout_s: float | None = 600) -> list[Path]:
     """Execute the VRAM and equivalence notebooks into ``run_dir``, plus HTML of each.
 
-    A notebook that fails is still kept (papermill writes it with the error) and
-    still rendered; the failure is reported on stderr and the next notebook runs.
-    Returns the paths written: ``<nb>.ipynb`` and ``<nb>.html`` for each notebook.
-    Only a missing ``notebooks/`` folder raises (:class:`NotebooksMissing`).
+    A notebook that fails is still kept (papermill writes it with the error) and still rendered; the failure
+    is reported on stderr and the next notebook runs. Returns the paths written: ``<nb>.ipynb`` and
+    ``<nb>.html`` for each notebook. Only a missing ``notebooks/`` folder raises (:class:`NotebooksMissing`).
     """
     run_dir = Path(run_dir).resolve()  # the kernel's cwd is the repo root, not ours
     sources = [notebook_path(name) for name in ANALYSIS_NOTEBOOKS]
     written: list[Path] = []
-    for src in sources:
+    for i, src in enumerate(sources):
+        report_progress("notebook", src.name, i, len(sources))
         out = run_dir / src.name
         err = execute_notebook(src, out, dict(run_dir=str(run_dir)), timeout_s=timeout_s)
         if err is not None:
-            print(f"greta: {src.name} failed: {_one_line(err)} (kept: {out})", file=sys.stderr)
+            print(f"greta: {src.name} failed: {one_line(err)} (kept: {out})", file=sys.stderr)
         if not out.is_file():
             continue
         written.append(out)
         try:
             written.append(to_html(out))
         except Exception as exc:  # noqa: BLE001
-            print(f"greta: rendering {out.name} to HTML failed: {_one_line(exc)}",
-                  file=sys.stderr)
+            print(f"greta: rendering {out.name} to HTML failed: {one_line(exc)}", file=sys.stderr)
+    report_progress("notebook", "done", len(sources), len(sources))
     return written
 
 
-def run_audit(params_file, overrides: dict, out_root="outputs") -> Path:
-    """The main job: execute run_b3_77.ipynb into a fresh record directory and render it to HTML.
+# --- the one HTML exporter (audit, sweep and oracle pages) ---------------------------------------------------
 
-    The run notebook runs the probe and the two analysis notebooks. If its kernel dies mid-probe (or the
-    audit is interrupted), the record still gets a FAIL_ERROR (INTERRUPTED) verdict.json, the phases and
-    VRAM samples measured up to then, and a report.md saying so. The record is sealed (manifest.json) last.
-    """
-    from datetime import datetime, timezone
-
-    from greta.probe.preflight import preflight as preflight_params
-    from greta.record.params import load_params, resolve
-    from greta.record.store import preflight, run_id, seal
-
-    params = preflight_params(load_params(params_file, overrides))  # bad input stops here, in one line
-    preflight(out_root, params)
-    day = datetime.now(timezone.utc).strftime("%Y-%m-%d")
-    run_dir = (Path(out_root) / day / params["probe"] / run_id(params)).resolve()
-    run_dir.mkdir(parents=True)
-    out = run_dir / "run_b3_77.ipynb"
-    interrupted = None
-    try:
-        err = execute_notebook(notebook_path("run_b3_77.ipynb"), out,
-                               dict(params_file=str(resolve(params_file).resolve()), overrides=dict(overrides),
-                                    out_root=str(Path(out_root).resolve()), run_dir=str(run_dir)), timeout_s=None)
-    except KeyboardInterrupt:
-        err, interrupted = None, "SIGINT (Ctrl-C)"
-    if err is not None:
-        print(f"greta: run_b3_77.ipynb failed: {_one_line(err)} (kept: {out})", file=sys.stderr)
-    if not (run_dir / "verdict.json").is_file():
-        if interrupted:
-            status, how = "interrupted", f"the audit was interrupted by {interrupted}"
-        else:
-            status, how = "crash", f"the notebook kernel died ({_one_line(err) if err else 'no error reported'})"
-        _fault_record(run_dir, params, status, how)
-    if out.is_file():
-        try:
-            to_html(out)
-        except Exception as exc:  # noqa: BLE001 - the record stands without its HTML
-            print(f"greta: rendering {out.name} to HTML failed: {_one_line(exc)}", file=sys.stderr)
-    seal(run_dir, params)
-    if interrupted:
-        from greta.probe.runner import ProbeInterrupted
-
-        raise ProbeInterrupted(run_dir, interrupted)
-    return run_dir
+# Small and local on purpose: nbconvert's lab template carries 257 KiB of CSS on every page and loads
+# require.js and MathJax from a CDN; a record's pages must open offline.
+_CSS = """
+body{font:15px/1.5 system-ui,-apple-system,"Segoe UI",sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#1a1a1a}
+h1,h2,h3{line-height:1.25}table{border-collapse:collapse;margin:.6em 0}th,td{border:1px solid #ccc;padding:.25em .6em;text-align:left}
+th{background:#f3f3f3}code,pre{font:13px/1.4 ui-monospace,Menlo,Consolas,monospace}pre{background:#f7f7f7;padding:.6em;overflow-x:auto}
+img{max-width:100%;height:auto}.greta-lead{border:2px solid #444;border-radius:6px;padding:.2em 1em;margin-bottom:2em}
+.input_area pre{border-left:3px solid #9ab}.prompt{display:none}.output_stderr pre{background:#fdd}
+"""
+_DEFAULT_ALT = "No description has been provided for this image"
 
 
-def _fault_record(run_dir: Path, params: dict, status: str, how: str):
-    """The record of a run whose probe process died before writing its own: what it had checkpointed
-    (perf.json, vram_samples.csv), the phase it was in, a verdict, a vram.json and report.md, and a
-    banner on the partial notebook (papermill marks the unrun cells as if they had completed).
-    status: the failed phase's status, "crash" (verdict FAIL_ERROR) or "interrupted" (INTERRUPTED)."""
-    import json
+def _image_alts(nb) -> list[str]:
+    """Alt text for each PNG output, in page order: the notebook's title and the section the image is in."""
+    title, section, alts = "", "", []
+    for cell in nb.cells:
+        if cell.cell_type == "markdown":
+            heads = re.findall(r"^#{1,3}\s+(.+)$", cell.source, flags=re.M)
+            if heads:
+                title = title or heads[0]
+                section = heads[-1]
+        for o in cell.get("outputs", []) if cell.cell_type == "code" else []:
+            if "image/png" in o.get("data", {}):
+                alts.append(f"{section or title}: figure from {title or 'this notebook'}")
+    return alts
 
-    from greta.probe import vram
-    from greta.engine.source import load_config
-    from greta.record.metrics import FAIL
-    from greta.record.params import PHASES
-    from greta.record.store import Record, atomic_write_text, verdict_record
 
-    verdict = FAIL[status]
-    rec = Record(run_dir, params)  # writes files only: Record.create would run the preflight and start afresh
-    if not (run_dir / "params.json").is_file():  # died before the probe made its record
-        from greta.record.store import git_state, versions
+def to_html(ipynb_path: str | Path, lead_md: str | None = None, show_code: bool = False,
+            out: str | Path | None = None) -> Path:
+    """Render a notebook to ``<same name>.html`` beside it (or ``out``): one self-contained page, images
+    embedded, nothing loaded from a network. ``lead_md`` (Markdown, e.g. the record's report.md: verdict and
+    results table) goes first; the notebook's code is hidden unless ``show_code``."""
+    import nbformat
+    from nbconvert import HTMLExporter
+    from nbconvert.filters import markdown2html
 
-        rec.write_json("params.json", params)
-        rec.write_json("metadata.json", {"run_id": run_dir.name, "probe": params["probe"], **git_state(),
-                                         "versions": versions(), "seed": params["seed"], "model": params["model"]})
-    perf_path = run_dir / "perf.json"
-    perf = json.loads(perf_path.read_text()) if perf_path.is_file() else {}
-    perf = {ph: perf.get(ph, {"status": "not_run"}) for ph in PHASES}
-    running = [ph for ph in PHASES if perf[ph].get("status") == "running"]
-    failed = running[0] if running else None
-    reason = f"{how}" + (f" during {failed}" if failed else " before the probe started")
-    if failed:
-        perf[failed].update({"status": status, "error": reason})
-    rec.write_json("perf.json", perf)
-    csv_path = run_dir / "vram_samples.csv"
-    if csv_path.is_file():
-        samples = vram.read_samples_csv(csv_path)
-    else:
-        samples = []
-        vram.write_samples_csv(csv_path, samples)
-    try:
-        floor = vram.floor_for(params, load_config(params["model"]))
-    except Exception:  # noqa: BLE001 - an unreadable model config leaves the floor unknown
-        floor = {"weights_mb": None, "kv_cache_mb": None, "total_mb": None}
-    vs = vram.summary(samples, {}, floor, loaded=perf["load"].get("status") == "ok", period_s=params["sampling_period_s"],
-                      fallback_reason="the probe process died before writing vram.json; figures from its samples")
-    peak = vs["peak_vram_mb"]
-    rec.write_json("vram.json", vs)
-    rec.write_json("verdict.json", verdict_record(params, verdict, reason, failed))
-    rows = "\n".join(f"| {ph} | {perf[ph].get('status')} | {perf[ph].get('wall_s', '')} |" for ph in PHASES)
-    atomic_write_text(run_dir / "report.md", f"# B3.77 — {verdict}\n\n{reason}.\n\n| Phase | Status | Wall (s) |\n"
-                      f"|---|---|---|\n{rows}\n\nVRAM samples up to the fault: {len(samples)} (peak {peak} MB; "
-                      f"floor {floor['total_mb']} MB). See run_b3_77.ipynb/.html here: cells after the fault did not run.\n")
-    nb_path = run_dir / "run_b3_77.ipynb"
-    if nb_path.is_file():
-        import nbformat
+    ipynb_path = Path(ipynb_path)
+    nb = nbformat.read(str(ipynb_path), as_version=4)
+    exporter = HTMLExporter(template_name="basic")
+    exporter.exclude_input = not show_code
+    exporter.exclude_input_prompt = exporter.exclude_output_prompt = True
+    exporter.log.setLevel(logging.ERROR)  # its missing-alt warning: the alt text is set below
+    body, _resources = exporter.from_notebook_node(nb)
+    for alt in _image_alts(nb):
+        body = body.replace(f'alt="{_DEFAULT_ALT}"', f'alt="{html.escape(alt, quote=True)}"', 1)
+    lead = f'<section class="greta-lead">{markdown2html(lead_md)}</section>\n' if lead_md else ""
+    title = html.escape(ipynb_path.stem)
+    page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+            f'<meta name="viewport" content="width=device-width, initial-scale=1"><title>{title}</title>'
+            f"<style>{_CSS}</style></head>\n<body>\n{lead}{body}\n</body></html>\n")
+    out = Path(out) if out is not None else ipynb_path.with_suffix(".html")
+    out.write_text(page, encoding="utf-8")
+    return out
 
-        nb = nbformat.read(nb_path, as_version=4)
-        nb.cells.insert(0, nbformat.v4.new_markdown_cell(
-            f"# ⚠ {verdict}: {reason}\n\nThe cells below this point did not run to completion, whatever their "
-            "execution marks say. The record's verdict.json, perf.json and report.md say what happened."))
-        nbformat.write(nb, nb_path)

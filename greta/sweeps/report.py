@@ -381,28 +381,16 @@ def plot_drift(rows: list[dict], path=None, threshold: float = THRESHOLD) -> Fig
 
 # ----------------------------------------------------------------------------- export
 def export_html(ipynb_path, out=None) -> Path:
-    """The executed notebook as standalone HTML: no input cells or prompts (nbconvert --no-input),
-    images embedded as data URIs, no script fetched from a CDN (the report has no math or widgets)."""
-    import re
+    """The executed notebook as a standalone page: greta.reports.notebooks.to_html, the one exporter."""
+    from greta.reports.notebooks import to_html
 
-    from nbconvert import HTMLExporter
-
-    ipynb_path = Path(ipynb_path)
-    exporter = HTMLExporter(exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True)
-    exporter.embed_images = True
-    body, _ = exporter.from_filename(str(ipynb_path))
-    body = re.sub(r"<script[^>]*\bsrc=\"https?://[^\"]*\"[^>]*>\s*</script>", "", body)
-    out = Path(out) if out else ipynb_path.with_suffix(".html")
-    from greta.record.store import atomic_write_text
-
-    atomic_write_text(out, body)
-    return out
+    return to_html(ipynb_path, out=out)
 
 
 def finish(sweep_dir, progress: bool = True, timeout_s: float | None = 600) -> dict:
     """Execute notebooks/sweep_report.ipynb into the sweep dir, export sweep_report.html, write
     sweep_verdict.json (computed here, not by the notebook, so it exists even if the notebook fails)."""
-    from greta.reports.notebooks import _one_line, execute_notebook, notebook_path
+    from greta.reports.notebooks import execute_notebook, notebook_path, one_line as _one_line
     from greta.record.store import atomic_write_text
 
     sweep_dir = Path(sweep_dir).resolve()

@@ -1,0 +1,215 @@
+"""The one audit pipeline: `greta audit` and `papermill notebooks/run_b3_77.ipynb out.ipynb` both end here.
+
+    run_dir = run_audit(load_params("params/cpu_default.yaml", {"ctx": 512}))
+
+run_audit allocates a fresh record directory and executes run_b3_77.ipynb into it with papermill (the kernel
+runs the probe and the analysis notebooks: :func:`run_stage`). Papermill writes the executed notebook only when
+it ends, so the launching process completes the record: a fault record from the probe's checkpoints if the
+kernel died, INTERRUPTED if it was interrupted (the analysis notebooks included), HTML of every notebook with
+the verdict first, and the seal (manifest.json) as the very last write. Run bare, the notebook itself is the
+launcher: with no run_dir it calls run_audit, which executes the notebook again into the record.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+from greta.probe.preflight import preflight
+from greta.probe.runner import ProbeInterrupted, finish_from_checkpoint, run_probe
+from greta.record.files import Verdict, read_record
+from greta.record.params import params_from_notebook
+from greta.record.rundir import allocate_run_dir, resolve_out_root
+from greta.record.store import atomic_write_text, preflight as preflight_out_root, probe_name_parts, seal
+from greta.reports import notebooks as nbs
+from greta.reports.run_report import render_report
+
+RUN_NOTEBOOK = "run_b3_77.ipynb"
+ANALYSIS = "the analysis notebooks"
+
+
+def new_run_dir(out_root, params) -> Path:
+    """A fresh record directory for a probe or an audit (greta.record.rundir, the one allocator), after the
+    output folder proved writable with room for the record. out_root None or "outputs": the checkout's."""
+    root = resolve_out_root(out_root or "outputs").resolve()
+    preflight_out_root(root, params)
+    return allocate_run_dir(root, params["probe"], probe_name_parts(params))
+
+
+def notebook_params(params_file, overrides: dict | None, **named):
+    """The run notebook's parameters through the one validator (greta.record.params.params_from_notebook:
+    unknown names refused, None keeps the file's value), then this machine's preflight, as the CLI does."""
+    return preflight(params_from_notebook(params_file, overrides, **named))
+
+
+def run_stage(params: dict, run_dir=None, out_root=None, show_code: bool = False) -> Path:
+    """What the run notebook's kernel does. Given run_dir (by run_audit): the probe, then the analysis
+    notebooks, into it. Without (papermill run bare): the whole audit, this notebook executed again into a
+    fresh sealed record; its directory is returned either way."""
+    if run_dir is None:  # "outputs" (the default) is the checkout's folder, from notebooks/ too
+        return run_audit(params, out_root=out_root, progress=False, show_code=show_code)
+    run_probe(params, run_dir=run_dir, progress=True)
+    nbs.execute_analysis(run_dir)
+    return Path(run_dir)
+
+
+class _Interrupts:
+    """While a notebook runs: Ctrl-C / SIGTERM are passed on to the kernel (it runs in its own session, so the
+    terminal's Ctrl-C does not reach it), where the probe or the notebook answers them; here they are only noted,
+    so no KeyboardInterrupt tears papermill down mid-write."""
+
+    def __init__(self):
+        self.how, self.finishing = None, False
+
+    def _forward(self, signum, frame):
+        import psutil
+
+        if self.finishing:  # completing and sealing the record takes seconds: a second Ctrl-C must not tear it
+            return
+        self.how = self.how or ("SIGTERM" if signum == signal.SIGTERM else "SIGINT (Ctrl-C)")
+        for child in psutil.Process().children():
+            try:
+                if "ipykernel" in " ".join(child.cmdline()):
+                    os.kill(child.pid, signum)  # the probe there answers SIGINT and SIGTERM with its own record
+            except (psutil.Error, ProcessLookupError, PermissionError):
+                pass
+
+    def __enter__(self):
+        self.old = None
+        if threading.current_thread() is threading.main_thread():
+            self.old = {s: signal.signal(s, self._forward) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in (self.old or {}).items():
+            signal.signal(s, h)
+
+
+class _Progress:
+    """Live progress on the terminal (stderr) from the lines the kernel appends to a progress file."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.stop = threading.Event()
+
+    def __enter__(self):
+        self.dir = tempfile.TemporaryDirectory(prefix="greta-progress-")
+        self.path = Path(self.dir.name) / "progress"
+        self.path.touch()
+        self.old_env = os.environ.get(nbs.PROGRESS_ENV)
+        os.environ[nbs.PROGRESS_ENV] = str(self.path)  # the kernel, and the kernels it starts, inherit it
+        self.thread = threading.Thread(target=self._tail, daemon=True, name="greta-progress")
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join(5)
+        if self.old_env is None:
+            os.environ.pop(nbs.PROGRESS_ENV, None)
+        else:
+            os.environ[nbs.PROGRESS_ENV] = self.old_env
+        self.dir.cleanup()
+
+    def _tail(self):
+        bar, key = None, None
+        with open(self.path, encoding="utf-8") as f:
+            while True:
+                line = f.readline()
+                if not line:
+                    if self.stop.wait(0.2):
+                        break
+                    continue
+                bar, key = self._show(line.split(), bar, key)
+        if bar is not None:
+            bar.close()
+
+    def _show(self, fields, bar, key):
+        if not self.enabled or len(fields) < 4:
+            return bar, key
+        from tqdm import tqdm
+
+        kind, name, done, total = fields[0], fields[1], int(fields[2]), int(fields[3])
+        if kind == "notebook":
+            name, done = ("analysis notebooks", done) if name == "done" else (f"notebook {name}", done)
+        if key != (kind, name if kind == "phase" else "notebooks"):
+            if bar is not None:
+                bar.close()
+            unit = {"decode": "tok", "prefill": "pos", "reference": "pos"}.get(name, "step")
+            bar = tqdm(total=total, desc=name if kind == "phase" else "notebooks", unit=unit, file=sys.stderr)
+            key = (kind, name if kind == "phase" else "notebooks")
+        if kind == "notebook":
+            bar.set_postfix_str(name, refresh=False)
+        bar.total = total  # a phase starts as 0/1 until its first step says how many
+        bar.n = done
+        bar.refresh()
+        return bar, key
+
+
+def run_audit(params: dict, out_root=None, progress: bool = True, show_code: bool = False) -> Path:
+    """Execute run_b3_77.ipynb into a fresh record directory, complete it and seal it (the module docstring).
+    params: validated (load_params). Raises ProbeInterrupted (after sealing) if interrupted."""
+    run_dir = new_run_dir(out_root, params)
+    out = run_dir / RUN_NOTEBOOK
+    with _Interrupts() as intr, _Progress(progress):
+        try:
+            err = nbs.execute_notebook(nbs.notebook_path(RUN_NOTEBOOK), out,
+                                       dict(params_file=None, overrides=_plain(params), run_dir=str(run_dir)),
+                                       timeout_s=None)
+        except KeyboardInterrupt:  # not forwarded (e.g. the audit runs off the main thread): papermill gave up
+            err, intr.how = None, intr.how or "SIGINT (Ctrl-C)"
+        intr.finishing = True
+        complete_record(run_dir, params, err, intr.how, show_code)
+    if intr.how:
+        raise ProbeInterrupted(run_dir, intr.how)
+    return run_dir
+
+
+def _plain(params) -> dict:
+    """The params as plain JSON data for a papermill parameter (they go through load_params again there)."""
+    return json.loads(json.dumps(dict(params), default=str))
+
+
+def complete_record(run_dir: Path, params: dict, err: Exception | None, interrupted: str | None,
+                    show_code: bool = False) -> None:
+    """After the run notebook: the verdict that covers what happened, HTML of each notebook, then the seal."""
+    if err is not None and not interrupted:
+        print(f"greta: {RUN_NOTEBOOK} failed: {nbs.one_line(err)} (kept: {run_dir / RUN_NOTEBOOK})", file=sys.stderr)
+    if not (run_dir / "verdict.json").is_file():  # the kernel died (or was torn down) before the probe ended
+        status, how = (("interrupted", f"interrupted by {interrupted}") if interrupted else
+                       ("crash", f"the notebook kernel died ({nbs.one_line(err) if err else 'no error reported'})"))
+        finish_from_checkpoint(run_dir, params, status, how)
+    elif interrupted:
+        _mark_interrupted_after_probe(run_dir, params, interrupted)
+    verdict = Verdict.read(run_dir)
+    unfinished = [p for p in sorted(run_dir.glob("*.ipynb")) if not nbs.is_complete(p)]
+    for nb in unfinished:
+        nbs.mark_unfinished(nb, verdict.verdict, verdict.reason)
+    lead = (run_dir / "report.md").read_text(encoding="utf-8")
+    for nb in sorted(run_dir.glob("*.ipynb")):
+        try:
+            nbs.to_html(nb, lead_md=lead, show_code=show_code)
+        except Exception as exc:  # noqa: BLE001 - the record stands without this page
+            print(f"greta: rendering {nb.name} to HTML failed: {nbs.one_line(exc)}", file=sys.stderr)
+    seal(run_dir, params)
+
+
+def _mark_interrupted_after_probe(run_dir: Path, params: dict, how: str) -> None:
+    """The probe finished and sealed its verdict, then the analysis notebooks were interrupted: the record is
+    INTERRUPTED (failed phase "analysis"), its reason keeping the probe's verdict; report.md re-rendered."""
+    rec = read_record(run_dir)
+    v = rec.verdict.to_dict()
+    if v["verdict"] == "INTERRUPTED":
+        return
+    names = ", ".join(nbs.ANALYSIS_NOTEBOOKS)
+    v.update({"verdict": "INTERRUPTED", "failed_phase": "analysis", "probe_verdict": v["verdict"],
+              "reason": f"interrupted by {how} during {ANALYSIS} ({names}); the probe had finished: "
+                        f"{v['verdict']} ({v['reason']})"})
+    atomic_write_text(run_dir / "verdict.json", json.dumps(v, indent=2) + "\n")
+    atomic_write_text(run_dir / "report.md", render_report(
+        params, rec.metadata.to_dict(), rec.perf.to_dict(), rec.metrics.to_dict() if rec.metrics else None,
+        rec.vram.to_dict(), v))
