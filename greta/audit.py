@@ -171,7 +171,7 @@ def run_audit(params: dict, out_root=None, progress: bool = True, show_code: boo
 
 def _plain(params) -> dict:
     """The params as plain JSON data for a papermill parameter (they go through load_params again there)."""
-    return json.loads(json.dumps(dict(params), default=str))
+    return params.to_dict()
 
 
 def complete_record(run_dir: Path, params: dict, err: Exception | None, interrupted: str | None,

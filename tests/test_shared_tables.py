@@ -89,7 +89,7 @@ def test_fault_record_of_an_interrupted_phase(tmp_path, small_params):
     run_dir.mkdir()
     perf = {"ceilings": {"status": "ok", "wall_s": 1.0}, "load": {"status": "running", "timeout_s": 600}}
     (run_dir / "perf.json").write_text(json.dumps(perf))
-    (run_dir / "params.json").write_text(json.dumps(p, indent=2) + "\n")  # the probe made its record
+    (run_dir / "params.json").write_text(json.dumps(p.to_dict(), indent=2) + "\n")  # the probe made its record
     probe.finish_from_checkpoint(run_dir, p, "interrupted", "the audit was interrupted by SIGINT (Ctrl-C)")
     v = json.loads((run_dir / "verdict.json").read_text())
     # the probe's own record writer: its reasons start with the failed phase

@@ -97,7 +97,7 @@ def check_report(path: Path, rec) -> list[str]:
             errors += _check_all(text, pattern, thresholds[key],
                                  f"the {key} threshold", True, _agrees)
     errors += _check_all(text, r"Negative control \(perturb\):\s*`?([^\s·`*]+)", params.get("perturb"), "perturb", True)
-    errors += _check_all(text, r"-p perturb=(\S+)", params.get("perturb"), "perturb", False)
+    errors += _check_all(text, r"-p perturb=([^\s`]+)", params.get("perturb"), "perturb", False)
     if metrics is not None:
         errors += _check_all(text, r"bit\\?_exact(?::\s*\*\*|=)(True|False)", metrics.bit_exact, "bit_exact", True)
         errors += _check_all(text, r"(?:max diff|max\\?_abs\\?_diff)=" + NUMBER, metrics.max_abs_diff,

@@ -22,6 +22,8 @@ def results_row(params, metrics, vram_summary, verdict) -> str:
 
 
 def render_report(params, meta, perf, metrics, vs, verdict) -> str:
+    """report.md from the record's data: params as params.json holds them (a Params is taken as its dict)."""
+    params = params.to_dict() if hasattr(params, "to_dict") else params
     dev = meta.get("device_name") or params["device"]
     day = (meta.get("started_utc") or "")[:10]
     commit = (meta.get("commit") or "unknown")[:12] + (" (dirty)" if meta.get("dirty") else "")
