@@ -10,6 +10,10 @@ import torch
 def rmsnorm_ref(x, weight, eps):
     xf = x.float()
     xn = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    if weight.dtype == x.dtype:
+        # The product of two bf16 (or fp16, fp32) numbers is exact in fp32, so the multiply in x's dtype
+        # rounds once, as the fp32 product below does: the same bits with three fewer kernels.
+        return xn * weight
     return (xn.float() * weight.float()).to(x.dtype)
 
 
@@ -19,10 +23,16 @@ def add_rmsnorm_ref(x, residual, weight, eps):
 
 
 def rope_ref(x, cos, sin, positions):
+    return rope_rows_ref(x, cos[positions].float(), sin[positions].float())
+
+
+def rope_rows_ref(x, c, s):
+    """rope_ref with the tables already taken at the rows' positions: c, s [T, D/2] fp32 (a decoder gathers
+    them once per step, not once per layer)."""
     half = x.shape[-1] // 2
-    c = cos[positions].float()[:, None, :]
-    s = sin[positions].float()[:, None, :]
-    x1, x2 = x.float()[..., :half], x.float()[..., half:]
+    c, s = c[:, None, :], s[:, None, :]
+    xf = x.float()
+    x1, x2 = xf[..., :half], xf[..., half:]
     return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)
 
 

@@ -29,7 +29,9 @@ class Markup(str):
     own), never by formatting an outside value into a string."""
 
 
-_HTML = {"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;"}
+# Quotes stay as they are: with < and > escaped no tag (and so no attribute) can open, and brackets and
+# parentheses are escaped below, so a quote cannot start a link title either; report.md stays readable.
+_HTML = {"&": "&amp;", "<": "&lt;", ">": "&gt;"}
 # Inline Markdown that any position can open: backslash escapes, code, emphasis, strikethrough, links and
 # images, table cells, math ($, nbconvert's mistune has it).
 _ALWAYS = set("\\`*[]|$~")

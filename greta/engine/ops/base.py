@@ -27,13 +27,21 @@ class Step:
     rows: list[int]
     kv_rows: torch.Tensor | None = None
     _moved: dict = field(default_factory=dict, compare=False, repr=False)
+    _memo: dict = field(default_factory=dict, compare=False, repr=False)
 
     def moved(self, by: int) -> "Step":
         """The same rows at positions pos + by (the negative controls); made once per step, so a captured
         CUDA graph holds one integer add however many layers ask."""
         if by not in self._moved:
-            self._moved[by] = replace(self, pos=self.pos + by, _moved={})
+            self._moved[by] = replace(self, pos=self.pos + by, _moved={}, _memo={})
         return self._moved[by]
+
+    def once(self, key: str, make):
+        """make() computed once per step and kept with it (e.g. rope tables at the step's positions, which
+        every layer would otherwise gather again)."""
+        if key not in self._memo:
+            self._memo[key] = make()
+        return self._memo[key]
 
 
 class Ops:

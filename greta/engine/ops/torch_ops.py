@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from greta.engine.ops.base import Ops, Step
-from greta.kernels.reference import rmsnorm_ref, rope_ref
+from greta.kernels.reference import rmsnorm_ref, rope_rows_ref
 
 
 class TorchOps(Ops):
@@ -28,7 +28,8 @@ class TorchOps(Ops):
         return x @ w.T  # the library's own kernel for this shape, in the weights' dtype
 
     def rope(self, x, step: Step):
-        return rope_ref(x, self.cos, self.sin, step.pos)
+        c, s = step.once("rope_rows", lambda: (self.cos[step.pos].float(), self.sin[step.pos].float()))
+        return rope_rows_ref(x, c, s)
 
     def swiglu(self, gate, up):
         # silu rounded to the dtype, then the product (not swiglu_ref's single rounding): this path's numerics
