@@ -204,6 +204,16 @@ def _metrics_diff(stored: dict, again: dict) -> list[str]:
     return out
 
 
+def _judged_verdict(verdict_rec: dict | None):
+    """The verdict the logits are judged against: verdict.json's, or, for a run interrupted during the
+    analysis notebooks after its probe finished, the probe's own (probe_verdict)."""
+    if not verdict_rec:
+        return None
+    if verdict_rec.get("verdict") == "INTERRUPTED" and verdict_rec.get("failed_phase") == "analysis":
+        return verdict_rec.get("probe_verdict")
+    return verdict_rec.get("verdict")
+
+
 def _without_logits(run: Path, verdict_rec: dict | None, out: dict, f: _Findings) -> None:
     """No logits.npz: a fault record is complete without them; any other record cannot be re-checked."""
     stored_verdict = verdict_rec.get("verdict") if verdict_rec else None
@@ -233,7 +243,7 @@ def _recheck_verdict(params: dict, metrics: dict, verdict_rec: dict | None, out:
         f.add("INCOMPLETE", f"recomputing the verdict failed: {_err(exc)}")
         return
     out["verdict"], out["verdict_reason"] = verdict, reason
-    stored_verdict = verdict_rec.get("verdict") if verdict_rec else None
+    stored_verdict = _judged_verdict(verdict_rec)
     if verdict_rec is not None and stored_verdict != verdict:
         f.add("INCOMPLETE", f"verdict.json says {stored_verdict} but the logits give {verdict} ({reason})")
 
@@ -250,9 +260,7 @@ def _analyze(run_dir, out: dict, f: _Findings) -> None:
 
     params = _read_json_obj(run / "params.json", f)
     verdict_rec = _read_json_obj(run / "verdict.json", f)
-    stored_verdict = verdict_rec.get("verdict") if verdict_rec else None
-    if verdict_rec and stored_verdict == "INTERRUPTED" and verdict_rec.get("failed_phase") == "analysis":
-        stored_verdict = verdict_rec.get("probe_verdict")  # interrupted after the probe: its own verdict is judged
+    stored_verdict = _judged_verdict(verdict_rec)
     out["stored_verdict"] = stored_verdict if isinstance(stored_verdict, str) else None
     npz = run / "logits.npz"
 
