@@ -30,17 +30,18 @@ def render_report(params, meta, perf, metrics, vs, verdict) -> str:
     L = [md.heading(1, "B3.77 — Single-point ", params["ctx"], " long-context probe (", dev, ")"), "",
          md.line("Run", md.code(meta["run_id"]), "· started", meta.get("started_utc"), "· greta", commit, "· host",
                  meta.get("host")), "",
-         "## Objective",
-         md.text(f"Prefill a {params['ctx']}-token prompt through the batched prefill path, decode {params['gen']} "
-                 f"tokens greedily through the one-token decode path, and compare the decode path's logits with the "
-                 f"prefill path's (one teacher-forced batched pass) over the first {params['span']} generated "
-                 "tokens."), ""]
-    L += _matrix(params, meta)
-    L += [md.heading(2, "Results (", dev, ", ", day, ")"), "",
-          md.table(RESULTS_COLUMNS, []), results_row(params, metrics, vs, verdict), ""]
+         # the verdict and the results first: a reader of a shared page sees them before anything else
+         md.line("Verdict:", md.bold(verdict["verdict"]), "—", verdict["reason"]), "",
+         md.heading(2, "Results (", dev, ", ", day, ")"), "",
+         md.table(RESULTS_COLUMNS, []), results_row(params, metrics, vs, verdict), ""]
     if metrics:
         L += _metrics_lines(metrics)
-    L += [md.line("Verdict:", md.bold(verdict["verdict"]), "—", verdict["reason"]), ""]
+    L += ["## Objective",
+          md.text(f"Prefill a {params['ctx']}-token prompt through the batched prefill path, decode {params['gen']} "
+                  f"tokens greedily through the one-token decode path, and compare the decode path's logits with the "
+                  f"prefill path's (one teacher-forced batched pass) over the first {params['span']} generated "
+                  "tokens."), ""]
+    L += _matrix(params, meta)
     L += _timing(perf)
     L += _vram(vs)
     L += ["## Interpretation", *md.bullets(interpret(params, perf, metrics, vs, verdict)), ""]
