@@ -113,17 +113,17 @@ def inject(fault: str, phase: str, device: torch.device):
 class Job:
     """State carried from phase to phase."""
 
-    def __init__(self, params: dict, send):
+    def __init__(self, params, send):
         self.p, self.send = params, send
-        self.device = torch.device(params["device"])
+        self.device = torch.device(params.device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", 0)
-        self.dtype = DTYPES[params["dtype"]]
+        self.dtype = DTYPES[params.dtype]
         self._last = 0.0
-        if params["threads"]:
-            torch.set_num_threads(params["threads"])
-        if self.device.type == "cuda" and params["memory_fraction"] < 1.0:
-            torch.cuda.set_per_process_memory_fraction(params["memory_fraction"], self.device)
+        if params.threads:
+            torch.set_num_threads(params.threads)
+        if self.device.type == "cuda" and params.memory_fraction < 1.0:
+            torch.cuda.set_per_process_memory_fraction(params.memory_fraction, self.device)
 
     def progress(self, phase: str, done: int, total: int):
         now = time.monotonic()
@@ -138,14 +138,14 @@ class Job:
         from greta.engine.tokenize import make_prompt_from_params
 
         p = self.p
-        m = load_model(p["model"], p["seed"], self.dtype, self.device)
+        m = load_model(p.model, p.seed, self.dtype, self.device)
         cfg, w, source, model_hash = m.config, m.weights, m.source, m.model_hash
         self.cfg = cfg
         prompt, prompt_info = make_prompt_from_params(p, cfg.vocab_size)
         self.prompt = prompt.to(self.device)
-        self.model = Runner(cfg, w, max_tokens=p["ctx"] + p["gen"], kv_aligned=p["kv_aligned"],
-                            chunk=p["prefill_chunk"], kv_block=p["kv_block"], perturb=p["perturb"],
-                            backend=p["backend"])
+        self.model = Runner(cfg, w, max_tokens=p.ctx + p.gen, kv_aligned=p.kv_aligned,
+                            chunk=p.prefill_chunk, kv_block=p.kv_block, perturb=p.perturb,
+                            backend=p.backend)
         warmup_s = self._warmup() if self.device.type == "cuda" else 0.0
         weight_bytes = sum(t.nbytes for k, t in w.items() if not (k == "lm_head" and cfg.tie_embeddings))
         return {"config": cfg.to_dict(), "weights_source": source, "model_hash": model_hash,
@@ -158,7 +158,7 @@ class Job:
         """Compile the Triton kernels, capture the decode graph and initialise cuBLAS/SDPA outside the timed
         phases: a short prefill and one decode step, then the cache is zeroed again."""
         t0 = time.perf_counter()
-        n = min(self.p["ctx"], self.p["prefill_chunk"] + 1)
+        n = min(self.p.ctx, self.p.prefill_chunk + 1)
         tok = self.model.prefill(self.prompt[:n])[0].argmax()
         self.model.decode(tok, n)
         self.model.cache.reset()
@@ -176,21 +176,21 @@ class Job:
         return {"tokens": list(self.tokens)}
 
     def decode(self) -> dict:
-        ctx, span = self.p["ctx"], self.p["span"]
+        ctx, span = self.p.ctx, self.p.span
         kept = [self.first]
         tok = torch.tensor(self.tokens[-1], device=self.device)
-        for j in range(self.p["gen"]):
+        for j in range(self.p.gen):
             logits = self.model.decode(tok, ctx + j)
             tok = logits.argmax()
             self.tokens.append(int(tok))  # the one host sync per step: reading the sampled token
             if len(kept) < span:
                 kept.append(logits.cpu().numpy())
-            self.progress("decode", j + 1, self.p["gen"])
+            self.progress("decode", j + 1, self.p.gen)
         self.decode_logits = np.stack(kept)
         return {"tokens": list(self.tokens)}
 
     def reference(self) -> dict:
-        ctx, span = self.p["ctx"], self.p["span"]
+        ctx, span = self.p.ctx, self.p.span
         self.model.cache.reset()
         seq = torch.cat([self.prompt, torch.tensor(self.tokens[: span - 1], device=self.device)])
         keep = list(range(ctx - 1, ctx + span - 1))
@@ -226,7 +226,7 @@ def _die_with_parent():
             pass
 
 
-def main(params: dict, conn, stats):
+def main(params, conn, stats):
     """Entry point of the worker process (multiprocessing, spawn)."""
     _die_with_parent()
     try:
@@ -249,7 +249,7 @@ def main(params: dict, conn, stats):
         try:
             if job.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(job.device)
-            inject(params["fault"], phase, job.device)
+            inject(params.fault, phase, job.device)
             t0 = time.perf_counter()
             result = getattr(job, phase)()
             sync(job.device)
