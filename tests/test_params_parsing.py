@@ -252,3 +252,22 @@ def test_sweep_imports_no_private_names_from_params():
     private = [a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module == "greta.record.params"
                for a in n.names if a.name.startswith("_")]
     assert private == []
+
+
+def test_a_bad_papermill_parameter_is_one_line_in_the_notebook(tmp_path):
+    """papermill -p ctx -5: the run notebook's error output is the CLI's one line, not a stack of frames
+    (ParamError renders itself for IPython); papermill still fails the run."""
+    import json
+
+    import papermill as pm
+
+    from greta.paths import NOTEBOOK_DIR
+
+    out = tmp_path / "bad.ipynb"
+    with pytest.raises(pm.PapermillExecutionError):
+        pm.execute_notebook(str(NOTEBOOK_DIR / "run_b3_77.ipynb"), str(out), parameters={"ctx": -5},
+                            progress_bar=False, kernel_name="python3")
+    errors = [o for c in json.loads(out.read_text())["cells"] for o in c.get("outputs", [])
+              if o.get("output_type") == "error"]
+    assert [e["traceback"] for e in errors] == [["greta: error: param ctx=-5 must be between 1 and 2147483647; "
+                                                  "e.g. -p ctx=4096"]]

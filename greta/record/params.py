@@ -39,6 +39,11 @@ SHOW_LIMIT = 60
 class ParamError(ValueError):
     """A bad param: the message is one line naming the problem and the fix."""
 
+    def _render_traceback_(self) -> list[str]:
+        """IPython shows this instead of a traceback: in a notebook (and so in papermill's error) a bad param is
+        the one line the CLI prints, not a stack of frames."""
+        return [f"greta: error: {self}"]
+
 
 def dtype_bytes(dtype: str) -> int:
     """Bytes per element of a params dtype."""
