@@ -213,10 +213,10 @@ def _run_cmd(args) -> int:
         return _fail(e)
     try:
         if args.cmd == "probe":
-            from greta.audit import new_run_dir
+            from greta.record.store import new_probe_dir
             from greta.probe.runner import run_probe
 
-            run_dir = run_probe(params, run_dir=new_run_dir(args.out_root, params),
+            run_dir = run_probe(params, run_dir=new_probe_dir(args.out_root, params),
                                 progress=not args.quiet)
         else:
             from greta.audit import run_audit

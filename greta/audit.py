@@ -23,21 +23,12 @@ from greta.probe.preflight import preflight
 from greta.probe.runner import ProbeInterrupted, finish_from_checkpoint, run_probe
 from greta.record.files import Verdict, read_record
 from greta.record.params import params_from_notebook
-from greta.record.rundir import allocate_run_dir, resolve_out_root
-from greta.record.store import atomic_write_text, preflight as preflight_out_root, probe_name_parts, seal
+from greta.record.store import atomic_write_text, new_probe_dir, seal
 from greta.reports import notebooks as nbs
 from greta.reports.run_report import render_report
 
 RUN_NOTEBOOK = "run_b3_77.ipynb"
 ANALYSIS = "the analysis notebooks"
-
-
-def new_run_dir(out_root, params) -> Path:
-    """A fresh record directory for a probe or an audit (greta.record.rundir, the one allocator), after the
-    output folder proved writable with room for the record. out_root None or "outputs": the checkout's."""
-    root = resolve_out_root(out_root or "outputs").resolve()
-    preflight_out_root(root, params)
-    return allocate_run_dir(root, params["probe"], probe_name_parts(params))
 
 
 def notebook_params(params_file, overrides: dict | None, **named):
@@ -153,7 +144,7 @@ class _Progress:
 def run_audit(params: dict, out_root=None, progress: bool = True, show_code: bool = False) -> Path:
     """Execute run_b3_77.ipynb into a fresh record directory, complete it and seal it (the module docstring).
     params: validated (load_params). Raises ProbeInterrupted (after sealing) if interrupted."""
-    run_dir = new_run_dir(out_root, params)
+    run_dir = new_probe_dir(out_root, params)
     out = run_dir / RUN_NOTEBOOK
     with _Interrupts() as intr, _Progress(progress):
         try:

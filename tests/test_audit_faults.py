@@ -36,7 +36,7 @@ def test_a_real_kernel_death_mid_probe(tmp_path):
 
     from greta.record.params import PHASES
     from greta.checks.verify import verify
-    from greta.probe.vram import read_samples_csv
+    from greta.record.samples import read_samples_csv
 
     from conftest import SMALL_PROBE
 

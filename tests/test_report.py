@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from greta.probe import vram
+from greta.record.samples import floor_mb
 from greta.record.params import PHASES, load_params
 from greta.reports.run_report import render_report, results_row
 
@@ -42,7 +43,7 @@ def summary(used_mb: float, cfg, params, allocator=None) -> dict:
         s.set_phase(ph)
     s.set_phase(None)
     s.stop()
-    floor = vram.floor_mb(cfg, 2, params["ctx"] + params["gen"])
+    floor = floor_mb(cfg, 2, params["ctx"] + params["gen"])
     return vram.summarize(s, allocator or {}, floor)
 
 

@@ -16,7 +16,7 @@ from greta.record import params
 from greta.probe import runner as probe
 from greta.record import store as record
 from greta.checks import verify
-from greta.probe import vram
+from greta.record import samples as vram
 
 from conftest import CPU_PARAMS
 

@@ -11,9 +11,9 @@ import pytest
 
 from greta.engine.config import PRESETS
 from greta.probe.vram import (
-    AmdSmiBackend, NvmlBackend, RssBackend, TorchCudaBackend, VramSampler, floor_mb, physical_index,
-    pick_backend, read_samples_csv, summarize, write_samples_csv,
+    AmdSmiBackend, NvmlBackend, RssBackend, TorchCudaBackend, VramSampler, physical_index, pick_backend, summarize,
 )
+from greta.record.samples import floor_mb, read_samples_csv, write_samples_csv
 
 MB = 2**20
 

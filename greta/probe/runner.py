@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from greta.record import store as record
-from greta.record.samples import floor_for, write_samples_csv
+from greta.record.samples import floor_for, read_samples_csv, write_samples_csv
 from greta.probe import vram
 from greta.engine.config import ModelConfig
 from greta.engine.source import load_config
@@ -256,7 +256,7 @@ def finish_from_checkpoint(run_dir, params: dict, status: str, how: str) -> Path
     failed, reason = (running[0], how) if running else (PHASES[0], f"{how} before the probe started")
     perf[failed].update({"status": status, "error": reason})
     csv_path = run_dir / "vram_samples.csv"
-    samples = vram.read_samples_csv(csv_path) if csv_path.is_file() else []
+    samples = read_samples_csv(csv_path) if csv_path.is_file() else []
     sampler = vram.VramSampler(_CheckpointBackend(), period_s=params["sampling_period_s"])
     sampler.samples = samples
     failure = (FAIL[status], failed, {"error": reason})

@@ -1,5 +1,5 @@
 """Background VRAM sampler with automatic backends. What it writes (vram_samples.csv, vram.json and the
-weights + KV floor) is greta.record.samples', re-exported here for the sampler's callers.
+weights + KV floor) is greta.record.samples'.
 
 Backends (pick_backend chooses one; every backend has name, device_info, used_mb(), close()):
   amdsmi      ROCm: device-wide VRAM used, from AMD SMI
@@ -17,7 +17,7 @@ import platform
 import threading
 import time
 
-from greta.record.samples import MB, floor_for, floor_mb, read_samples_csv, summary, write_samples_csv
+from greta.record.samples import MB, summary
 
 
 def _one_line(e: BaseException) -> str:
@@ -275,5 +275,5 @@ def summarize(sampler: VramSampler, allocator_peaks: dict, floor: dict, loaded: 
 
 __all__ = [
     "AmdSmiBackend", "NvmlBackend", "TorchCudaBackend", "RssBackend", "pick_backend", "physical_index",
-    "VramSampler", "write_samples_csv", "read_samples_csv", "summarize", "summary", "floor_mb", "floor_for",
+    "VramSampler", "summarize",
 ]

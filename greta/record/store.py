@@ -74,6 +74,14 @@ def probe_name_parts(params) -> list[str]:
     return [Path(params["model"]).name or "model", f"ctx{params['ctx']}", f"kv{params['kv_aligned']}"]
 
 
+def new_probe_dir(out_root, params) -> Path:
+    """A fresh directory for a probe's record (greta.record.rundir, the one allocator), once the output folder
+    proved writable with room for it. out_root None or "outputs": the checkout's outputs/, from any directory."""
+    root = resolve_out_root(out_root or "outputs").resolve()
+    preflight(root, params)
+    return allocate_run_dir(root, params["probe"], probe_name_parts(params))
+
+
 class RecordError(OSError):
     """The record cannot be written (unwritable or full output folder); one line, says what to do."""
 
@@ -166,8 +174,7 @@ class Record:
         """A new record: a fresh directory from greta.record.rundir (or run_dir, which must not hold a record
         yet: the audit creates it for its notebook first), with params.json and metadata.json written."""
         if run_dir is None:
-            preflight(out_root, params)
-            path = allocate_run_dir(out_root, params["probe"], probe_name_parts(params))
+            path = new_probe_dir(out_root, params)
         else:
             path = Path(run_dir)
             preflight(path.parent, params)
