@@ -1,12 +1,13 @@
 """Runs the decoder (model.forward) over a preallocated KV cache: prefill in chunks, decode one token, and
-on CUDA with the Triton backend, the decode step captured once and replayed from a CUDA/HIP graph.
+on CUDA with a backend that allows it (`ops.graphable`: Triton kv_aligned=1, the kv_aligned=0 fast path),
+the decode step captured once and replayed from a CUDA/HIP graph.
 
 prefill(tokens, start): many positions at once, chunked so activations stay bounded.
 decode(token, pos):     one position, reading everything before it from the KV cache.
 
 The two kv_aligned modes (the probe's) are the choice of ops backend (greta/engine/ops):
-  kv_aligned=0  the fastest torch op per path (SDPA and full-chunk matmuls in prefill; M=1 matmuls and a
-                plain softmax(q K^T) V in decode): the paths round differently, so drift is expected.
+  kv_aligned=0  the fastest op per path (cuBLAS matmuls and SDPA in prefill; M=1 matmuls and, on CUDA,
+                flash-decoding in decode): the paths round differently, so drift is expected.
   kv_aligned=1  a row's arithmetic must not depend on how many rows run with it: the Triton kernels
                 (batch-invariant by construction) or tiled torch (one fixed row tile, position-aligned KV
                 blocks), so decode reproduces prefill bit for bit.
@@ -66,7 +67,7 @@ class Runner:
         # one row past the cache: rope_offset's decode reads position pos + 1
         self.cos, self.sin = rope_tables(cfg, self.cache.capacity + 1, self.device, seq_len=max_tokens)
         ops = make_ops(backend, self.kv_aligned, self.cos, self.sin, chunk=chunk, kv_block=kv_block)
-        self.graphable = backend == "triton" and self.kv_aligned and self.device.type == "cuda"
+        self.graphable = self.device.type == "cuda" and getattr(ops, "graphable", False)
         self.ops = with_control(ops, perturb)
         self._graph = None
 

@@ -10,10 +10,15 @@ BACKENDS = ("torch", "triton")
 
 def make_ops(backend: str, kv_aligned: bool, cos, sin, *, chunk: int, kv_block: int) -> Ops:
     """The backend for a run. backend=triton runs the kernels only where they are needed (kv_aligned=1);
-    kv_aligned=0 is the torch fast path whichever backend is named."""
+    kv_aligned=0 is the fast path whichever backend is named: CudaFastOps on CUDA (cuBLAS, SDPA,
+    flash-decoding, graphable), plain torch (TorchOps) elsewhere."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be torch or triton, got {backend!r}")
     if not kv_aligned:
+        if cos.is_cuda and _has_triton():
+            from greta.engine.ops.cuda_fast import CudaFastOps
+
+            return CudaFastOps(cos, sin)
         from greta.engine.ops.torch_ops import TorchOps
 
         return TorchOps(cos, sin)
@@ -24,6 +29,12 @@ def make_ops(backend: str, kv_aligned: bool, cos, sin, *, chunk: int, kv_block: 
     from greta.engine.ops.tiled_torch import TiledTorchOps
 
     return TiledTorchOps(cos, sin, chunk, kv_block)
+
+
+def _has_triton() -> bool:
+    from greta import kernels
+
+    return kernels.triton is not None
 
 
 __all__ = ["BACKENDS", "Ops", "OpsWrapper", "PERTURBATIONS", "Step", "make_ops", "with_control"]

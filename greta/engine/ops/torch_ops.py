@@ -1,8 +1,9 @@
-"""The kv_aligned=0 fast path in plain torch: the fastest op per path, so prefill and decode round
-differently (the drift the probe is there to see).
+"""The kv_aligned=0 path in plain torch (the CPU's; CUDA runs its subclass CudaFastOps, cuda_fast.py): the
+fastest op per path, so prefill and decode round differently (the drift the probe is there to see).
 
-prefill: full-chunk matmuls and SDPA over the cache prefix; decode: M=1 matmuls and a plain
-softmax(q K^T) V for the one query. RMSNorm and RoPE are the kernels' torch references (greta.kernels
+prefill: full-chunk matmuls and SDPA over the cache prefix (sdpa.py: GQA by the kernel, no K/V copies, no
+mask tensor); decode: M=1 matmuls and a plain softmax(q K^T) V for the one query over keys 0..pos (the
+host reads pos: free on the CPU). RMSNorm and RoPE are the kernels' torch references (greta.kernels
 reference.py, importable without triton): the same bits as the formulas this path always used, kept in one
 place.
 """
@@ -14,12 +15,14 @@ import torch
 import torch.nn.functional as F
 
 from greta.engine.ops.base import Ops, Step
+from greta.engine.ops.sdpa import Attention
 from greta.kernels.reference import rmsnorm_ref, rope_rows_ref
 
 
 class TorchOps(Ops):
     def __init__(self, cos: torch.Tensor, sin: torch.Tensor):
         self.cos, self.sin = cos, sin
+        self.attention = Attention()  # remembers which SDPA backend ran (attention.backends)
 
     def rmsnorm(self, x, w, eps):
         return rmsnorm_ref(x, w, eps)
@@ -36,16 +39,11 @@ class TorchOps(Ops):
         return F.silu(gate) * up
 
     def prefill_attention(self, q, kv, step: Step):
-        """SDPA over the cache prefix. q [T, H, D] -> [T, H, D]. K/V are expanded to all heads so SDPA can
-        pick a fused kernel that takes a mask (flash takes none; GQA narrows the choice further)."""
-        pos = step.pos
-        end = int(pos[-1]) + 1
-        g = q.shape[1] // kv[0].shape[0]
-        k = kv[0][:, :end].repeat_interleave(g, dim=0)
-        v = kv[1][:, :end].repeat_interleave(g, dim=0)
-        mask = torch.arange(end, device=q.device)[None, :] <= pos[:, None]
-        o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k[None], v[None], attn_mask=mask)
-        return o[0].transpose(0, 1)
+        """SDPA over the cache prefix (greta/engine/ops/sdpa.py: GQA by the kernel, no K/V copies, no mask
+        tensor). q [T, H, D] -> [T, H, D]."""
+        start, end = step.once("span", lambda: (int(step.pos[0]), int(step.pos[-1]) + 1))
+        k, v = kv[0][None, :, :end], kv[1][None, :, :end]
+        return self.attention(q.transpose(0, 1)[None], k, v, start)[0].transpose(0, 1)
 
     def decode_attention(self, q, kv, step: Step):
         """Plain softmax(q K^T / sqrt(D)) V for one query over keys 0..pos. q [1, H, D]."""

@@ -8,6 +8,7 @@ from greta.engine.ops.base import Ops, Step
 
 
 class TritonOps(Ops):
+    graphable = True  # the runner may capture a decode step in a CUDA graph
     def __init__(self, cos, sin, kv_block: int):
         from greta import kernels  # the Triton kernels (top-level kernels/ folder)
 

@@ -1,0 +1,109 @@
+"""kv_aligned=0's prefill attention: torch SDPA over the cache prefix, with no repeat_interleave'd K/V (GQA
+is the kernels' own) and no materialised mask.
+
+A chunk of T query rows at positions start..start+T-1 sees keys 0..start+T-1, causally (lower-right
+aligned). Torch's public `is_causal` is upper-left, and its lower-right bias (`causal_lower_right`) runs
+only the flash backend. So on CUDA a chunk is split where every backend can run it, and merged:
+
+    prefix  keys 0..start-1, every row sees all of them: no mask at all
+    diagonal  keys start..start+T-1, a square: is_causal (upper-left == lower-right when square)
+    o = (o_p · e^(lse_p - lse) + o_d · e^(lse_d - lse)),  lse = logaddexp(lse_p, lse_d)
+
+each part by the first of cuDNN, flash (FA2), memory-efficient that accepts the shapes (torch's own
+`can_use_*` checks, GQA included), called through its aten op so that it returns the log-sum-exp the
+merge needs. `Attention.backends` records which one ran for each part. Where none accepts them, or on the
+CPU, it is the public SDPA call: is_causal for the first chunk, `causal_lower_right` after it.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+ORDER = ("cudnn", "flash", "efficient")  # the order a part tries backends in (fastest first on Hopper)
+
+
+def _cudnn(q, k, v, causal):
+    return torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False)[:2]
+
+
+def _flash(q, k, v, causal):
+    return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal)[:2]
+
+
+def _efficient(q, k, v, causal):
+    return torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, causal)[:2]
+
+
+OPS = {"cudnn": _cudnn, "flash": _flash, "efficient": _efficient}
+
+
+def _accepts(name: str, q, k, v, causal: bool) -> bool:
+    """torch's own check that backend `name` runs these inputs (GQA: k, v with fewer heads than q)."""
+    from torch.backends import cuda as tc
+
+    check = {"cudnn": getattr(tc, "can_use_cudnn_attention", None), "flash": tc.can_use_flash_attention,
+             "efficient": tc.can_use_efficient_attention}[name]
+    if check is None:
+        return False
+    try:
+        return bool(check(tc.SDPAParams(q, k, v, None, 0.0, causal, True)))
+    except Exception:  # noqa: BLE001 - an older SDPAParams signature: that backend is not tried
+        return False
+
+
+def merge_lse(o1, lse1, o2, lse2):
+    """Two softmax-attention partials over disjoint key sets -> the attention over their union.
+    o [B, H, T, D], lse [B, H, T] (natural log-sum-exp of each row's scaled scores)."""
+    lse = torch.logaddexp(lse1, lse2)
+    w1 = torch.exp(lse1 - lse).unsqueeze(-1)
+    w2 = torch.exp(lse2 - lse).unsqueeze(-1)
+    return (o1.float() * w1 + o2.float() * w2).to(o1.dtype)
+
+
+class Attention:
+    """Prefill attention for one run's ops: picks a backend per part (once, on first use) and remembers it."""
+
+    def __init__(self):
+        self.backends: dict[str, str] = {}  # part ("diagonal" | "prefix") -> backend that ran it
+
+    def _part(self, part: str, q, k, v, causal: bool):
+        """(o, lse [B, H, T]) of one part by its backend, or None where no backend accepts it."""
+        if part not in self.backends:
+            ok = [n for n in ORDER if _accepts(n, q, k, v, causal)]  # none on the CPU
+            self.backends[part] = ok[0] if ok else "sdpa"
+        name = self.backends[part]
+        if name.startswith("sdpa"):
+            return None
+        try:
+            o, lse = OPS[name](q, k, v, causal)
+        except RuntimeError as e:  # accepted by torch's check, refused by the kernel: the public call from now on
+            self.backends[part] = f"sdpa ({name} failed: {' '.join(str(e).split())[:160]})"
+            return None
+        # lse: [B, H, T] (flash), [B, H, T, 1] (cuDNN) or [B, H, T rounded up] (efficient)
+        return o, lse.reshape(*q.shape[:3], -1)[..., 0] if lse.dim() == 4 else lse[..., : q.shape[2]]
+
+    def __call__(self, q, k, v, start: int):
+        """q [1, H, T, D] at positions start.., k, v [1, Hkv, start + T, D] -> o [1, H, T, D]."""
+        diag = self._part("diagonal", q, k[:, :, start:], v[:, :, start:], True)
+        if diag is not None and start == 0:
+            return diag[0]
+        prefix = self._part("prefix", q, k[:, :, :start], v[:, :, :start], False) if diag is not None else None
+        if prefix is not None:
+            return merge_lse(prefix[0], prefix[1], diag[0], diag[1])
+        return public_sdpa(q, k, v, start)
+
+
+def public_sdpa(q, k, v, start: int):
+    """The chunk in one public SDPA call: is_causal for the first chunk, a lower-right causal bias after it
+    (flash runs it on CUDA; elsewhere torch materialises the mask); on CUDA cuDNN, flash, efficient, math
+    in that order of priority."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.bias import causal_lower_right
+
+    T = q.shape[2]
+    causal = {"is_causal": True} if start == 0 else {"attn_mask": causal_lower_right(T, start + T)}
+    if not q.is_cuda:
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **causal)
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    with sdpa_kernel(order, set_priority=True):
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **causal)

@@ -1,0 +1,150 @@
+"""The kv_aligned=0 fast path on the CPU: flash-decoding (greta.kernels.flash_decode, under Triton's
+interpreter, fp32) against its torch reference; the SDPA prefill's split-and-merge (greta/engine/ops/sdpa.py)
+with a CPU backend standing in for cuDNN/flash; CudaFastOps driving the tiny model; and the CPU path
+(TorchOps) against a float64 reference. Each equivalence has a negative control that must fail it.
+"""
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before any kernel is defined
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+
+from greta.engine.ops import make_ops, sdpa  # noqa: E402
+from greta.engine.ops.controls import KvOffByOne, RopeOffset  # noqa: E402
+from greta.engine.ops.cuda_fast import CudaFastOps  # noqa: E402
+from greta.engine.ops.torch_ops import TorchOps  # noqa: E402
+from greta.engine.prompt import synthetic_prompt  # noqa: E402
+from greta.engine.runner import Runner  # noqa: E402
+from greta.kernels.flash_decode import _split_kernel, flash_decode, split_size  # noqa: E402
+from greta.kernels.reference import attention_ref  # noqa: E402
+
+INTERPRETED = isinstance(_split_kernel, InterpretedFunction)
+needs_interpreter = pytest.mark.skipif(not INTERPRETED, reason="greta.kernels was imported before TRITON_INTERPRET=1")
+
+
+def max_diff(a, b) -> float:
+    return float((a.double() - b.double()).abs().max())
+
+
+# ------------------------------------------------------------------------------ flash-decoding
+@needs_interpreter
+@pytest.mark.parametrize("H,Hkv,D,S,pos,split", [
+    (4, 1, 32, 128, 0, 128),       # one key
+    (8, 2, 16, 256, 100, 128),     # past pos in the same split, and whole splits past pos
+    (8, 8, 16, 256, 255, 64),      # MHA, the last key of the cache
+    (4, 2, 16, 64 * 70, 64 * 70 - 5, 64),  # 70 splits: the merge takes two BLOCK_S steps
+])
+def test_flash_decode_matches_reference(H, Hkv, D, S, pos, split):
+    g = torch.Generator().manual_seed(S + pos)
+    q = torch.randn(1, H, D, generator=g)
+    k, v = torch.randn(Hkv, S, D, generator=g), torch.randn(Hkv, S, D, generator=g)
+    ref = attention_ref(q, k, v, pos)
+    err = max_diff(flash_decode(q, k, v, torch.tensor([pos]), split=split), ref)
+    assert err < 1e-5
+    if pos > 0:  # negative control: the same kernel one key short is far further from the reference
+        assert max_diff(flash_decode(q, k, v, torch.tensor([pos - 1]), split=split), ref) > 100 * max(err, 1e-8)
+
+
+def test_split_size_targets_the_program_count():
+    assert split_size(34816, 8) == 256 and split_size(133120, 8) == 1024  # 32k and 128k benches: ~1000 programs
+    assert split_size(1024, 1) == 128 and split_size(10**7, 8) == 2048    # clamped both ways
+
+
+# ------------------------------------------------------------------------------ SDPA prefill
+def _cpu_flash(q, k, v, causal):
+    """A CPU stand-in for the CUDA backends: torch's CPU flash kernel, which also returns the log-sum-exp."""
+    g = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal)[:2]
+
+
+def _qkv(T, start, H=8, Hkv=2, D=16, dtype=torch.float64):
+    g = torch.Generator().manual_seed(T + start)
+    q = torch.randn(T, H, D, generator=g, dtype=dtype)
+    kc, vc = torch.randn(Hkv, start + T, D, generator=g, dtype=dtype), torch.randn(Hkv, start + T, D, generator=g, dtype=dtype)
+    return q, kc, vc
+
+
+def _run(attn, q, kc, vc, start):
+    return attn(q.transpose(0, 1)[None], kc[None], vc[None], start)[0].transpose(0, 1)
+
+
+@pytest.mark.parametrize("T,start", [(16, 0), (16, 48), (7, 100)])
+def test_public_sdpa_prefill_matches_reference(T, start):
+    """The CPU path (one public SDPA call, GQA by the kernel, no mask tensor) against the float reference."""
+    q, kc, vc = _qkv(T, start)
+    a = sdpa.Attention()
+    assert max_diff(_run(a, q, kc, vc, start), attention_ref(q, kc, vc, start)) < 1e-5  # the reference rounds to fp32
+    assert a.backends == {"diagonal": "sdpa"}  # no CUDA backend on the CPU
+
+
+@pytest.mark.parametrize("T,start", [(16, 0), (16, 48), (7, 100)])
+def test_split_and_merge_matches_reference(monkeypatch, T, start):
+    """The CUDA path's prefix + diagonal split, merged by log-sum-exp, with the CPU flash kernel as the backend."""
+    monkeypatch.setitem(sdpa.OPS, "flash", _cpu_flash)
+    monkeypatch.setattr(sdpa, "_accepts", lambda name, q, k, v, causal: name == "flash")
+    q, kc, vc = _qkv(T, start)
+    a = sdpa.Attention()
+    o = _run(a, q, kc, vc, start)
+    assert a.backends == ({"diagonal": "flash"} if start == 0 else {"diagonal": "flash", "prefix": "flash"})
+    ref = attention_ref(q, kc, vc, start)
+    assert max_diff(o, ref) < 1e-5  # the reference rounds to fp32
+    if start:  # negative control: the diagonal alone (the prefix's weight dropped) is far off
+        assert max_diff(_cpu_flash(q.transpose(0, 1)[None], kc[None, :, start:], vc[None, :, start:], True)[0][0]
+                        .transpose(0, 1), ref) > 1e-2
+
+
+def test_merge_lse_negative_control():
+    """Swapping the two partials' log-sum-exps gives a different answer (the merge uses them)."""
+    g = torch.Generator().manual_seed(1)
+    o1, o2 = torch.randn(1, 2, 3, 4, generator=g, dtype=torch.float64), torch.randn(1, 2, 3, 4, generator=g, dtype=torch.float64)
+    l1, l2 = torch.randn(1, 2, 3, generator=g, dtype=torch.float64), torch.randn(1, 2, 3, generator=g, dtype=torch.float64) + 2
+    assert max_diff(sdpa.merge_lse(o1, l1, o2, l2), sdpa.merge_lse(o1, l2, o2, l1)) > 1e-2
+    assert max_diff(sdpa.merge_lse(o1, l1, o2, l2), sdpa.merge_lse(o2, l2, o1, l1)) < 1e-12  # symmetric
+
+
+# ------------------------------------------------------------------------------ the whole model
+def test_make_ops_on_cpu_is_plain_torch(tiny_cfg):
+    cos = torch.zeros(8, tiny_cfg.head_dim // 2)
+    assert type(make_ops("triton", False, cos, cos, chunk=16, kv_block=64)) is TorchOps
+
+
+def _tiny_run(cfg, w, ops_cls, ctx=70, steps=4, wrap=None):
+    """(prefill logits at the last prompt row + teacher-forced decode logits, the same rows from one prefill)."""
+    prompt = synthetic_prompt(ctx + steps, cfg.vocab_size, 5)
+    m = Runner(cfg, w, max_tokens=ctx + steps, kv_aligned=0, chunk=16, kv_block=64)
+    m.ops = ops_cls(m.cos, m.sin) if wrap is None else wrap(ops_cls(m.cos, m.sin))
+    out = [m.prefill(prompt[:ctx])[0]] + [m.decode(prompt[ctx + j], ctx + j) for j in range(steps - 1)]
+    ref = Runner(cfg, w, max_tokens=ctx + steps, kv_aligned=0, chunk=16, kv_block=64)
+    ref.ops = ops_cls(ref.cos, ref.sin)
+    return torch.stack(out), ref.prefill(prompt[:ctx + steps - 1], keep=list(range(ctx - 1, ctx + steps - 1)))
+
+
+@needs_interpreter
+def test_cuda_fast_ops_decode_agrees_with_prefill_and_torch(tiny_cfg, tiny_weights):
+    """CudaFastOps (Triton norm/rope/swiglu, flash-decoding) on the tiny model in fp32: decode reproduces
+    prefill, and both the plain torch path; kv_off_by_one wrapped around it must break decode."""
+    w = tiny_weights(torch.float32)
+    dec, ref = _tiny_run(tiny_cfg, w, CudaFastOps)
+    assert max_diff(dec, ref) < 1e-3
+    assert max_diff(ref, _tiny_run(tiny_cfg, w, TorchOps)[1]) < 1e-3
+    bad, ref_bad = _tiny_run(tiny_cfg, w, CudaFastOps, wrap=KvOffByOne)
+    assert max_diff(bad[1:], ref_bad[1:]) > 100 * max(max_diff(dec, ref), 1e-6)
+
+
+def test_cpu_kv0_matches_a_float64_reference(tiny_cfg, tiny_weights):
+    """bf16 kv0 prefill and decode logits within bf16 tolerance (0.05) of the same model run in float64 (whose
+    RMSNorm and RoPE references compute in fp32, and whose logits come back as fp32); a control (the float64
+    run with decode's RoPE one position off) fails that tolerance."""
+    w16 = tiny_weights(torch.bfloat16)
+    w64 = {k: v.double() for k, v in w16.items()}  # the same (bf16-rounded) weights, in float64
+    dec16, ref16 = _tiny_run(tiny_cfg, w16, TorchOps)
+    dec64, ref64 = _tiny_run(tiny_cfg, w64, TorchOps)
+    assert max_diff(dec64, ref64) < 1e-5  # in float64 decode and prefill agree to the fp32 logits' rounding
+    assert 0 < max_diff(dec16, dec64) < 0.05 and 0 < max_diff(ref16, dec64) < 0.05  # measured 0.024, 0.022
+    bad64, _ = _tiny_run(tiny_cfg, w64, TorchOps, wrap=RopeOffset)
+    assert max_diff(bad64[1:], dec64[1:]) > 0.05  # measured 0.13
