@@ -87,7 +87,7 @@ def model_runs(best):
         time_engine(lambda: Runner(cfg, w, max_tokens=2100, kv_aligned=1, chunk=chunk, kv_block=1024,
                                   backend="triton"), prompt[:2048], 3)  # compile
         for rep in range(2):
-            pre, dec, peak = time_engine(lambda: Runner(cfg, w, max_tokens=ctx + 32, kv_aligned=1, chunk=chunk,
+            pre, dec, peak, _ = time_engine(lambda: Runner(cfg, w, max_tokens=ctx + 32, kv_aligned=1, chunk=chunk,
                                                        kv_block=1024, backend="triton"), prompt, 32)
             print(f"model 32k {name} {s} chunk {chunk}: prefill {pre:.3f} s, decode {dec:.2f} ms/token, "
                   f"peak {peak:.2f} GiB", flush=True)

@@ -19,7 +19,7 @@ invariant() {
 
 bench() {
     for who in new old new; do
-        if [ $who = new ]; then python3 bench/bench_b3_77.py --ctx 32768 --no-hf --out "$OUT/bench-new" 2>&1 | tail -4
+        if [ $who = new ]; then python3 bench/bench_b3_77.py --ctx 32768 --peers --out "$OUT/bench-new" 2>&1 | tail -4
         else (cd .v07 && PYTHONPATH=$PWD python3 bench/bench_b3_77.py --ctx 32768 --no-hf --out "$OUT/bench-v07" 2>&1 | tail -4); fi
     done
 }
