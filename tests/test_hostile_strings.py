@@ -147,11 +147,14 @@ def _sweep_row(v: str) -> dict:
 
 
 def _sweep_tables(v: str) -> str:
-    rows = [_sweep_row(v)]
+    # two kv pairs, two seeds: the price-of-exactness table shows seed and dtype
+    rows = [_sweep_row(v), dict(_sweep_row(v), kv_aligned=0), dict(_sweep_row(v), kv_aligned=0, seed=v),
+            dict(_sweep_row(v), seed=v)]
     cfg = {"sweep_id": v, "matrix_file": v, "created_utc": v, "commit": v, "axes": {"ctx": [v]},
            "base": {"model": v, "device": v}, "point_overrides": {v: v}}
     return "\n\n".join([sweep_report.matrix_md(cfg, rows), sweep_report.results_table_md(rows),
-                        sweep_report.timing_table_md(rows), sweep_report.guardrail_md("INCOMPLETE", [v])])
+                        sweep_report.timing_table_md(rows), sweep_report.price_of_exactness_md(rows),
+                        sweep_report.guardrail_md("INCOMPLETE", [v])])
 
 
 def _oracle_report(v: str) -> str:

@@ -391,3 +391,33 @@ def test_finish_passes_its_rows_to_the_report_notebook(cpu_sweep):
     ns = {}
     exec(params.source, ns)
     assert ns["rows"] is None and ns["allow_missing_logits"] is False
+
+
+# ------------------------------------------------------------------------ the price of exactness
+def test_price_of_exactness_in_the_real_sweep(cpu_sweep):
+    """The CI sweep has both kv modes at 256 and 512: the report shows kv1 / kv0 per phase, from the records."""
+    _, d, _ = cpu_sweep
+    rows = sr.collect(d)
+    price = sr.price_of_exactness(rows)
+    assert [p["ctx"] for p in price] == [256, 512]
+    by = {(r["ctx"], r["kv_aligned"]): r for r in rows}
+    for p in price:
+        for key in ("prefill_s", "decode_ms_per_token"):
+            a, b = by[(p["ctx"], 1)][key], by[(p["ctx"], 0)][key]
+            assert a > 0 and b > 0 and p[f"{key}_ratio"] == pytest.approx(a / b)
+    assert "Price of exactness" in (d / "sweep_report.html").read_text()
+    assert "prefill kv1/kv0" in sr.price_of_exactness_md(rows)
+
+
+def test_price_of_exactness_on_hand_made_rows():
+    rows = [_row(4096, 1), _row(4096, 0, "EXPECTED_DRIFT", diff=0.01), _row(8192, 1)]
+    rows[1]["prefill_s"], rows[1]["decode_ms_per_token"] = 0.2048, 4.0  # kv1: 0.4096 s, 8 ms
+    price = sr.price_of_exactness(rows)
+    assert price == [{"ctx": 4096, "seed": 0, "dtype": "bfloat16", "kv1_prefill_s": 0.4096, "kv0_prefill_s": 0.2048,
+                      "prefill_s_ratio": 2.0, "kv1_decode_ms_per_token": 8.0, "kv0_decode_ms_per_token": 4.0,
+                      "decode_ms_per_token_ratio": 2.0}]  # 8192 has no kv0 point: no ratio
+    assert "| 4096 | 0.41 | 0.205 | 2.00 | 8 | 4 | 2.00 |" in sr.price_of_exactness_md(rows)
+    # a failed kv0 point (no times) gives blank ratios, and a sweep of one mode says there is nothing to show
+    rows[1].update(prefill_s=None, decode_ms_per_token=None)
+    assert sr.price_of_exactness(rows)[0]["prefill_s_ratio"] is None
+    assert "no price of exactness" in sr.price_of_exactness_md([_row(4096, 1), _row(8192, 1)])

@@ -36,7 +36,7 @@ from greta.sweeps.layout import VERDICT, point_complete, points, read_config
 
 __all__ = ["collect", "guardrail", "results_table_md", "timing_table_md", "guardrail_md", "plot_vram_vs_ctx",
            "plot_time_vs_ctx", "plot_diff_vs_ctx", "plot_drift", "export_html", "finish", "PLOTS",
-           "threshold", "matrix_md"]
+           "threshold", "matrix_md", "price_of_exactness", "price_of_exactness_md"]
 
 PASS = "PASS_EQUIV"
 THRESHOLD = DEFAULTS["thresholds"]["max_abs_diff"]  # the default max |Δlogit| guardrail (5e-3)
@@ -140,6 +140,40 @@ def timing_table_md(rows: list[dict]) -> str:
          fmt.num(r["floor_mb"], "{:.0f}"), fmt.num(r["bit_exact"], "{}"),
          md.text("verifies" if r["complete"] else ("; ".join(r["reasons"][:2]) or "incomplete"), limit=200)]
         for r in rows])
+
+
+def price_of_exactness(rows: list[dict]) -> list[dict]:
+    """Where a (ctx, seed, dtype) has both a kv_aligned=1 and a kv_aligned=0 point: their prefill and decode
+    times and kv1 / kv0 per phase (None where a time is missing), ordered by ctx."""
+    pairs: dict = {}
+    for r in rows:
+        pairs.setdefault((r["ctx"], r["seed"], r["dtype"]), {})[int(r["kv_aligned"])] = r
+    out = []
+    for (ctx, seed, dtype), kv in sorted(pairs.items(), key=lambda x: (x[0][0], str(x[0][1]), str(x[0][2]))):
+        if 0 not in kv or 1 not in kv:
+            continue
+        row = {"ctx": ctx, "seed": seed, "dtype": dtype}
+        for key in ("prefill_s", "decode_ms_per_token"):
+            a, b = kv[1].get(key), kv[0].get(key)
+            row[f"kv1_{key}"], row[f"kv0_{key}"] = a, b
+            row[f"{key}_ratio"] = a / b if a is not None and b else None
+        out.append(row)
+    return out
+
+
+def price_of_exactness_md(rows: list[dict]) -> str:
+    """The price of exactness as a table: kv1 / kv0 time per phase and ctx (above 1: exactness costs)."""
+    price = price_of_exactness(rows)
+    if not price:
+        return md.text("No (ctx, seed, dtype) has both kv_aligned modes: no price of exactness to show.")
+    many = len({(p["seed"], p["dtype"]) for p in price}) > 1
+    cols = ["Context"] + (["Seed", "Dtype"] if many else []) + [
+        "kv1 prefill (s)", "kv0 prefill (s)", "prefill kv1/kv0", "kv1 decode (ms/token)", "kv0 decode (ms/token)",
+        "decode kv1/kv0"]
+    return md.table(cols, [[p["ctx"]] + ([p["seed"], p["dtype"]] if many else []) + [
+        fmt.num(p["kv1_prefill_s"], "{:.3g}"), fmt.num(p["kv0_prefill_s"], "{:.3g}"), fmt.num(p["prefill_s_ratio"], "{:.2f}"),
+        fmt.num(p["kv1_decode_ms_per_token"], "{:.3g}"), fmt.num(p["kv0_decode_ms_per_token"], "{:.3g}"),
+        fmt.num(p["decode_ms_per_token_ratio"], "{:.2f}")] for p in price])
 
 
 def threshold(rows: list[dict], default: float = THRESHOLD) -> float:
