@@ -91,11 +91,24 @@ def test_split_and_merge_matches_reference(monkeypatch, T, start):
     a = sdpa.Attention()
     o = _run(a, q, kc, vc, start)
     assert a.backends == ({"diagonal": "flash"} if start == 0 else {"diagonal": "flash", "prefix": "flash"})
+    assert (a.merge_check is None) == (start == 0) and (start == 0 or a.merge_check < 1e-5)
     ref = attention_ref(q, kc, vc, start)
     assert max_diff(o, ref) < 1e-5  # the reference rounds to fp32
     if start:  # negative control: the diagonal alone (the prefix's weight dropped) is far off
         assert max_diff(_cpu_flash(q.transpose(0, 1)[None], kc[None, :, start:], vc[None, :, start:], True)[0][0]
                         .transpose(0, 1), ref) > 1e-2
+
+
+def test_a_merge_that_disagrees_falls_back_to_the_public_call(monkeypatch):
+    """A backend whose log-sum-exp is not the natural one (here: in log2) fails the run's merge check, and
+    the chunk (and every later one) runs through the public call instead."""
+    monkeypatch.setitem(sdpa.OPS, "flash", lambda q, k, v, c: (lambda o, lse: (o, lse / 0.6931471805599453))(*_cpu_flash(q, k, v, c)))
+    monkeypatch.setattr(sdpa, "_accepts", lambda name, q, k, v, causal: name == "flash")
+    q, kc, vc = _qkv(16, 48)
+    a = sdpa.Attention()
+    assert max_diff(_run(a, q, kc, vc, 48), attention_ref(q, kc, vc, 48)) < 1e-5
+    assert a.merge_check > sdpa.MERGE_TOL and a.backends["prefix"].startswith("sdpa (merge check failed")
+    assert max_diff(_run(a, q, kc, vc, 48), attention_ref(q, kc, vc, 48)) < 1e-5
 
 
 def test_merge_lse_negative_control():

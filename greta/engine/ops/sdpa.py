@@ -11,14 +11,16 @@ only the flash backend. So on CUDA a chunk is split where every backend can run 
 
 each part by the first of cuDNN, flash (FA2), memory-efficient that accepts the shapes (torch's own
 `can_use_*` checks, GQA included), called through its aten op so that it returns the log-sum-exp the
-merge needs. `Attention.backends` records which one ran for each part. Where none accepts them, or on the
-CPU, it is the public SDPA call: is_causal for the first chunk, `causal_lower_right` after it.
+merge needs. `Attention.backends` records which one ran for each part; the first merged chunk of a run is
+checked against the public call (`merge_check`). Where no backend accepts a part, or on the CPU, it is the
+public SDPA call: is_causal for the first chunk, `causal_lower_right` after it.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+MERGE_TOL = 2e-2  # bf16: a merged chunk within this (times the output's scale) of the public call
 ORDER = ("cudnn", "flash", "efficient")  # the order a part tries backends in (fastest first on Hopper)
 
 
@@ -65,6 +67,7 @@ class Attention:
 
     def __init__(self):
         self.backends: dict[str, str] = {}  # part ("diagonal" | "prefix") -> backend that ran it
+        self.merge_check: float | None = None  # max |Δ| of the first merged chunk against the public call
 
     def _part(self, part: str, q, k, v, causal: bool):
         """(o, lse [B, H, T]) of one part by its backend, or None where no backend accepts it."""
@@ -89,8 +92,21 @@ class Attention:
             return diag[0]
         prefix = self._part("prefix", q, k[:, :, :start], v[:, :, :start], False) if diag is not None else None
         if prefix is not None:
-            return merge_lse(prefix[0], prefix[1], diag[0], diag[1])
+            o = merge_lse(prefix[0], prefix[1], diag[0], diag[1])
+            return o if self._merge_checked(o, q, k, v, start) else public_sdpa(q, k, v, start)
         return public_sdpa(q, k, v, start)
+
+    def _merge_checked(self, o, q, k, v, start: int) -> bool:
+        """Once per run, the first merged chunk against the public call (a backend whose log-sum-exp is not
+        what the merge assumes would show here): on a mismatch both parts go to the public call for good."""
+        if self.merge_check is None:
+            ref = public_sdpa(q, k, v, start)
+            self.merge_check = float((o.float() - ref.float()).abs().max())
+            if not self.merge_check <= MERGE_TOL * max(1.0, float(ref.abs().max())):
+                self.backends = {part: f"sdpa (merge check failed: max |Δ| {self.merge_check:.3g})"
+                                 for part in ("diagonal", "prefix")}
+                return False
+        return True
 
 
 def public_sdpa(q, k, v, start: int):
