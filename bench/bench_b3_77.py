@@ -137,7 +137,7 @@ def greta_points(args, cfg, dev, add, failures):
                         lambda: Runner(cfg, w, max_tokens=ctx + args.gen, kv_aligned=kv, chunk=args.chunk,
                                        kv_block=1024, backend=GRETA[kv]), prompt, args.gen)
             if r is not None:
-                add(f"greta-{GRETA[kv]}", ctx, kv, *r[:3], facts=r[3])
+                add(f"greta-kv{kv} ({r[3]['ops']})", ctx, kv, *r[:3], facts=r[3])
 
 
 def hf_points(args, cfg, dev, add, failures):

@@ -30,7 +30,7 @@ def _split_kernel(Q, K, V, PM, PL, PACC, POS, group, n_splits, qk_scale, stride_
                   BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, HEAD_D: tl.constexpr):
     hk = tl.program_id(0)
     s = tl.program_id(1)
-    pos = tl.load(POS)
+    pos = tl.load(POS).to(tl.int32)  # positions < 2**31; the loop bounds stay int32
     lo = s * SPLIT
     if lo <= pos:
         g = tl.arange(0, BLOCK_G)
@@ -67,7 +67,7 @@ def _split_kernel(Q, K, V, PM, PL, PACC, POS, group, n_splits, qk_scale, stride_
 def _merge_kernel(PM, PL, PACC, O, POS, n_splits, stride_oh,
                   SPLIT: tl.constexpr, BLOCK_S: tl.constexpr, HEAD_D: tl.constexpr):
     h = tl.program_id(0)
-    n_used = tl.load(POS) // SPLIT + 1
+    n_used = tl.load(POS).to(tl.int32) // SPLIT + 1
     d = tl.arange(0, HEAD_D)
     si = tl.arange(0, BLOCK_S)
     m = tl.full((1,), float("-inf"), tl.float32)
