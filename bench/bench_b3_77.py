@@ -98,6 +98,8 @@ def render_md(doc) -> str:
          md.text(f"Ceilings (this run): bf16 matmul {ceil['matmul_tflops']:.0f} TFLOP/s, copy {ceil['copy_gbps']:.0f} GB/s. "
                  f"Prefill chunk {doc['chunk']}; decode = median over {doc['gen']} steps. Targets (kv1): prefill ≤ 1.3× floor, "
                  "decode ≤ 1.25× floor, peak ≤ weights + KV + 1 GiB."), "",
+         *([md.bold("Incomplete: this file was written before the run ended (cut short, or still running)."), ""]
+           if not doc.get("complete", True) else []),
          md.table(["engine", "ctx", "kv_aligned", "prefill s", "× floor", "decode ms/tok", "× floor", "peak GiB",
                    "weights+KV GiB"],
                   [[p["engine"], p["ctx"], "—" if p["kv_aligned"] is None else p["kv_aligned"], _f(p["prefill_s"]),
@@ -140,8 +142,8 @@ def greta_points(args, cfg, dev, add, failures):
                 add(f"greta-kv{kv} ({r[3]['ops']})", ctx, kv, *r[:3], facts=r[3])
 
 
-def hf_points(args, cfg, dev, add, failures):
-    """The HF peers named in --peers, one random-init model for all of them."""
+def hf_points(args, cfg, dev, add, failures, save):
+    """The HF peers named in --peers, one random-init model for all of them; save() after each ctx."""
     import transformers
 
     model = hf_model(cfg)
@@ -157,6 +159,7 @@ def hf_points(args, cfg, dev, add, failures):
             r = attempt(f"hf-static ctx {ctx}", failures, time_hf_static, model, prompt, args.gen)
             if r is not None:
                 add(f"hf-transformers-{ver} (generate, StaticCache, compiled decode)", ctx, None, *r)
+        save()
     del model
     free()
 
@@ -192,26 +195,31 @@ def main():
         points.append(p)
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in p.items()}), flush=True)
 
-    greta_points(args, cfg, dev, add, failures)
-    free()  # the Greta weights went with greta_points' frame
-    attn = []
-    if "attention" in args.peers:
-        actx = args.attention_ctx if args.attention_ctx is not None else [c for c in args.ctx if c >= 32768]
-        attn = attempt("attention", failures, attention_rows, cfg, actx, args.chunk, failures) or []
-    if {"hf-eager", "hf-static"} & set(args.peers):
-        attempt("hf", failures, hf_points, args, cfg, dev, add, failures)
     now = datetime.now(timezone.utc)
     doc = {"card": card, "date": now.strftime("%Y-%m-%d"), "torch": torch.__version__, "ceilings": ceil,
-           "model": args.model, "gen": args.gen, "chunk": args.chunk, "points": points,
-           "price_of_exactness": ratios(points, "kv1", "kv0"), "kv0_vs_best_peer": ratios(points, "kv0", "peer"),
-           "attention": attn, "failures": failures}
+           "model": args.model, "gen": args.gen, "chunk": args.chunk, "args": vars(args), "complete": False,
+           "points": points, "attention": [], "failures": failures}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"bench_{doc['date']}_{card.replace(' ', '_')}_{now.strftime('%H%M%S')}"
-    stem.with_suffix(".json").write_text(json.dumps(doc, indent=2) + "\n")
-    text = render_md(doc)
-    stem.with_suffix(".md").write_text(text)
-    print(text)
+
+    def save(complete=False):  # after every section: a call cut short by its time limit keeps what ran
+        doc.update(complete=complete, price_of_exactness=ratios(points, "kv1", "kv0"),
+                   kv0_vs_best_peer=ratios(points, "kv0", "peer"))
+        stem.with_suffix(".json").write_text(json.dumps(doc, indent=2) + "\n")
+        stem.with_suffix(".md").write_text(render_md(doc))
+
+    greta_points(args, cfg, dev, add, failures)
+    free()  # the Greta weights went with greta_points' frame
+    save()
+    if "attention" in args.peers:
+        actx = args.attention_ctx if args.attention_ctx is not None else [c for c in args.ctx if c >= 32768]
+        doc["attention"] = attempt("attention", failures, attention_rows, cfg, actx, args.chunk, failures) or []
+        save()
+    if {"hf-eager", "hf-static"} & set(args.peers):
+        attempt("hf", failures, hf_points, args, cfg, dev, add, failures, save)
+    save(complete=True)
+    print(render_md(doc))
 
 
 if __name__ == "__main__":
