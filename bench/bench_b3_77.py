@@ -60,8 +60,8 @@ def time_engine(model_fn, prompt, gen):
     peak = torch.cuda.max_memory_allocated() / GIB
     attn = getattr(m.ops, "attention", None)
     facts = {"ops": type(m.ops).__name__, "decode_graph": bool(m.graphable),
-             **({"prefill_attention_backends": dict(attn.backends), "prefill_attention_merge_check": attn.merge_check}
-                if attn is not None and attn.backends else {})}
+             **({"prefill_attention_backends": dict(attn.backends), "prefill_attention_merge_check": attn.merge_check,
+                 "prefill_attention_notes": list(attn.notes)} if attn is not None and attn.backends else {})}
     del m
     free()
     return prefill_s, 1e3 * statistics.median(steps[1:]), peak, facts  # step 0 includes graph capture

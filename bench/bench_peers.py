@@ -165,6 +165,6 @@ def _attention_at(cfg, ctx, chunk, failures, rows):
                              "tflops": 4 * H * D * pairs / ms / 1e9})
                 if name == "greta-kv0":  # which backends ran, and how far from the exact kernel (bf16 drift)
                     exact = prefill_attention(q[start:], kc, vc, start)
-                    rows[-1].update(backends=dict(kv0.backends), max_abs_vs_exact=float(
+                    rows[-1].update(backends=dict(kv0.backends), notes=list(kv0.notes), max_abs_vs_exact=float(
                         (fn(start)[0].transpose(0, 1).float() - exact.float()).abs().max()))
                 print(rows[-1], flush=True)

@@ -107,8 +107,28 @@ def test_a_merge_that_disagrees_falls_back_to_the_public_call(monkeypatch):
     q, kc, vc = _qkv(16, 48)
     a = sdpa.Attention()
     assert max_diff(_run(a, q, kc, vc, 48), attention_ref(q, kc, vc, 48)) < 1e-5
-    assert a.merge_check > sdpa.MERGE_TOL and a.backends["prefix"].startswith("sdpa (merge check failed")
+    assert a.merge_check > sdpa.MERGE_TOL and a.backends == {"diagonal": "sdpa", "prefix": "sdpa"}
+    assert len(a.notes) == 1 and a.notes[0].startswith("merge check failed")
     assert max_diff(_run(a, q, kc, vc, 48), attention_ref(q, kc, vc, 48)) < 1e-5
+    assert a.backends == {"diagonal": "sdpa", "prefix": "sdpa"} and len(a.notes) == 1
+
+
+def test_a_backend_that_raises_is_dropped_for_the_run(monkeypatch):
+    calls = []
+
+    def refuse(q, k, v, c):
+        calls.append(1)
+        raise RuntimeError("cuDNN Frontend error:\n no engine")
+
+    monkeypatch.setitem(sdpa.OPS, "cudnn", refuse)
+    monkeypatch.setitem(sdpa.OPS, "flash", _cpu_flash)
+    monkeypatch.setattr(sdpa, "_accepts", lambda name, q, k, v, causal: name in ("cudnn", "flash"))
+    q, kc, vc = _qkv(16, 48)
+    a = sdpa.Attention()
+    for _ in range(2):
+        assert max_diff(_run(a, q, kc, vc, 48), attention_ref(q, kc, vc, 48)) < 1e-5
+    assert calls == [1] and a.backends == {"diagonal": "flash", "prefix": "flash"}
+    assert a.notes == ["diagonal: cudnn failed: cuDNN Frontend error: no engine"]
 
 
 def test_merge_lse_negative_control():

@@ -11,8 +11,8 @@ only the flash backend. So on CUDA a chunk is split where every backend can run 
 
 each part by the first of cuDNN, flash (FA2), memory-efficient that accepts the shapes (torch's own
 `can_use_*` checks, GQA included), called through its aten op so that it returns the log-sum-exp the
-merge needs. `Attention.backends` records which one ran for each part; the first merged chunk of a run is
-checked against the public call (`merge_check`). Where no backend accepts a part, or on the CPU, it is the
+merge needs. `Attention.backends` records which one ran each part; the first merged chunk of a run is
+checked against the public call (`merge_check`; `notes` says why a backend was dropped). Where no backend accepts a part, or on the CPU, it is the
 public SDPA call: is_causal for the first chunk, `causal_lower_right` after it.
 """
 from __future__ import annotations
@@ -63,25 +63,30 @@ def merge_lse(o1, lse1, o2, lse2):
 
 
 class Attention:
-    """Prefill attention for one run's ops: picks a backend per part (once, on first use) and remembers it."""
+    """Prefill attention for one run's ops. backends: the backend that ran each part last; notes: why a
+    backend was dropped this run (a kernel error, the merge check)."""
 
     def __init__(self):
         self.backends: dict[str, str] = {}  # part ("diagonal" | "prefix") -> backend that ran it
         self.merge_check: float | None = None  # max |Δ| of the first merged chunk against the public call
+        self.refused: set[str] = set()  # backends dropped this run
+        self.notes: list[str] = []
 
     def _part(self, part: str, q, k, v, causal: bool):
-        """(o, lse [B, H, T]) of one part by its backend, or None where no backend accepts it."""
-        if part not in self.backends:
-            ok = [n for n in ORDER if _accepts(n, q, k, v, causal)]  # none on the CPU
-            self.backends[part] = ok[0] if ok else "sdpa"
-        name = self.backends[part]
-        if name.startswith("sdpa"):
+        """(o, lse [B, H, T]) of one part by the first backend that accepts its shapes (asked on every call:
+        the checks are cheap, and a run's first chunks have other shapes than its later ones), or None."""
+        name = next((n for n in ORDER if n not in self.refused and _accepts(n, q, k, v, causal)), None)
+        if name is None:
+            self.backends[part] = "sdpa"
             return None
         try:
             o, lse = OPS[name](q, k, v, causal)
-        except RuntimeError as e:  # accepted by torch's check, refused by the kernel: the public call from now on
-            self.backends[part] = f"sdpa ({name} failed: {' '.join(str(e).split())[:160]})"
+        except RuntimeError as e:  # accepted by torch's check, refused by the kernel: not asked again this run
+            self.refused.add(name)
+            self.notes.append(f"{part}: {name} failed: {' '.join(str(e).split())[:160]}")
+            self.backends[part] = "sdpa"
             return None
+        self.backends[part] = name
         # lse: [B, H, T] (flash), [B, H, T, 1] (cuDNN) or [B, H, T rounded up] (efficient)
         return o, lse.reshape(*q.shape[:3], -1)[..., 0] if lse.dim() == 4 else lse[..., : q.shape[2]]
 
@@ -103,8 +108,9 @@ class Attention:
             ref = public_sdpa(q, k, v, start)
             self.merge_check = float((o.float() - ref.float()).abs().max())
             if not self.merge_check <= MERGE_TOL * max(1.0, float(ref.abs().max())):
-                self.backends = {part: f"sdpa (merge check failed: max |Δ| {self.merge_check:.3g})"
-                                 for part in ("diagonal", "prefix")}
+                self.refused.update(ORDER)
+                self.notes.append(f"merge check failed (max |Δ| {self.merge_check:.3g}): every part by the public call")
+                self.backends = {"diagonal": "sdpa", "prefix": "sdpa"}
                 return False
         return True
 
