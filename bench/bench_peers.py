@@ -5,8 +5,9 @@ that is not there, OOM) is recorded as one line and the bench goes on.
   hf-static   HF `generate` with past_key_values=StaticCache(config=..., max_cache_len=...), which compiles
               its own decode step; prefill = generate(max_new_tokens=1), decode = the rest of
               generate(max_new_tokens=1 + gen) per token, the cache reset between runs
-  attention   causal attention alone (32 q / 8 kv heads, d 128, bf16): torch SDPA's cuDNN and flash
-              backends, Greta's exact prefill kernel and kv0's prefill attention; TFLOP/s over visible pairs
+  attention   causal attention alone (32 q / 8 kv heads, d 128, bf16): torch SDPA's cuDNN (GQA, and with
+              K/V expanded to 32 heads in case cuDNN takes no GQA here) and flash backends, Greta's exact
+              prefill kernel and kv0's prefill attention; TFLOP/s over visible pairs
 """
 from __future__ import annotations
 
@@ -150,8 +151,10 @@ def _attention_at(cfg, ctx, chunk, failures, rows):
     kc, vc = (torch.randn(Hkv, ctx, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
     qb, kb, vb = q.transpose(0, 1)[None], kc[None], vc[None]
     kv0 = Attention()
+    ke, ve = (x.repeat_interleave(H // Hkv, dim=1) for x in (kb, vb))  # K/V copied to every query head
     kernels = {  # name -> (run from query row s, runs a chunk from s > 0)
         "sdpa-cudnn": (lambda s: _sdpa_backend(SDPBackend.CUDNN_ATTENTION)(qb, kb, vb), False),
+        "sdpa-cudnn (K/V expanded to 32 heads)": (lambda s: _sdpa_backend(SDPBackend.CUDNN_ATTENTION)(qb, ke, ve), False),
         "sdpa-flash": (lambda s: _sdpa_backend(SDPBackend.FLASH_ATTENTION)(qb, kb, vb), False),
         "greta-exact (kv1)": (lambda s: prefill_attention(q[s:], kc, vc, s), True),
         "greta-kv0": (lambda s: kv0(qb[:, :, s:], kb, vb, s), True),
