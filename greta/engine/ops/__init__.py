@@ -1,5 +1,5 @@
-"""Backends of the decoder's ops (see base.Ops): plain torch (kv_aligned=0), tiled torch and Triton
-(kv_aligned=1), and the negative controls that wrap any of them."""
+"""Backends of the decoder's ops (see base.Ops): the kv_aligned=0 fast path (CudaFastOps on CUDA, plain torch
+elsewhere), tiled torch and Triton (kv_aligned=1), and the negative controls that wrap any of them."""
 from __future__ import annotations
 
 from greta.engine.ops.base import Ops, OpsWrapper, Step
