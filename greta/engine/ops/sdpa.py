@@ -81,7 +81,8 @@ class Attention:
             return None
         try:
             o, lse = OPS[name](q, k, v, causal)
-        except RuntimeError as e:  # accepted by torch's check, refused by the kernel: not asked again this run
+        except Exception as e:  # noqa: BLE001 - accepted by torch's check, refused by the kernel (or an aten
+            # signature of another torch version): not asked again this run
             self.refused.add(name)
             self.notes.append(f"{part}: {name} failed: {' '.join(str(e).split())[:160]}")
             self.backends[part] = "sdpa"
