@@ -199,3 +199,43 @@ def test_spawn_stops_every_rank_on_timeout():
     with pytest.raises(SpawnError, match=r"rank\(s\) 0 still running after 5 s") as e:
         spawn(_hang_on_rank_0, 2, timeout_s=5)
     assert e.value.rank == 0
+
+
+# --- presets, params, floors ---------------------------------------------------------------------------
+def test_70b_presets_and_per_rank_floors():
+    from greta.engine.config import PRESETS
+    from greta.record.samples import floor_mb
+
+    c, c31 = PRESETS["llama3-70b"], PRESETS["llama3.1-70b"]
+    assert c.param_count() == c31.param_count() == 70_553_706_496
+    assert c.rope_scaling is None and c31.rope_scaling["factor"] == 8.0
+    # per rank at tp=4: the linears and lm_head split, the 1.05 G-parameter embedding replicated
+    emb, norms = c.vocab_size * c.hidden_size, (2 * c.n_layers + 1) * c.hidden_size
+    linears = c.param_count() - 2 * emb - norms
+    assert c.rank_param_count(4) == emb + emb // 4 + norms + linears // 4
+    f1, f4 = floor_mb(c, 2, 32768), floor_mb(c, 2, 32768, tp=4)
+    assert f4["kv_cache_mb"] == pytest.approx(f1["kv_cache_mb"] / 4, abs=0.1)
+    assert 35_000 < f4["weights_mb"] < 35_300 and f4["allreduce_bytes_per_token"] == 2 * 80 * 8192 * 2
+    assert c.rank_decode_bytes(32768, 1) == c.decode_bytes(32768)
+    assert c.rank_decode_bytes(32768, 4) < c.decode_bytes(32768) / 3.9
+
+
+def test_tp_param_is_checked_in_one_line():
+    from greta.record.params import ParamError, Params
+
+    assert Params(model="llama3-70b", tp=4).tp == 4
+    for bad, match in [(dict(tp=3), r"tp=3 is not one of \[1, 2, 4, 8\]"),
+                       (dict(model="tiny", tp=2), "tp=2 does not divide model tiny's 1 KV heads"),
+                       (dict(model="llama3-8b", tp=2, perturb="tp_library_reduce"), "needs -p tp=4 or 8")]:
+        with pytest.raises(ParamError, match=match) as e:
+            Params.from_dict(bad)
+        assert "\n" not in str(e.value)
+    assert Params.from_dict({"model": "llama3-8b", "tp": "4", "perturb": "tp_library_reduce"}).tp == 4
+
+
+def test_the_probe_refuses_tp_until_it_runs_one_worker_per_rank():
+    from greta.probe.preflight import preflight
+    from greta.record.params import ParamError, Params
+
+    with pytest.raises(ParamError, match="tp=4: the probe does not run tensor parallel yet"):
+        preflight(Params(model="llama3-8b", tp=4))
