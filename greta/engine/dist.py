@@ -20,6 +20,8 @@ rank_order_all_reduce (same bits).
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.distributed as dist
 
@@ -61,8 +63,10 @@ class OneShotReduce:
         from greta import kernels
 
         group = group or dist.group.WORLD
-        if hasattr(symm_mem, "enable_symm_mem_for_group"):  # needed by torch < 2.9, a no-op (deprecated) after
-            symm_mem.enable_symm_mem_for_group(group.group_name)
+        if hasattr(symm_mem, "enable_symm_mem_for_group"):  # needed by older torch; deprecated (harmless) since
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                symm_mem.enable_symm_mem_for_group(group.group_name)
         self.max_numel, self.dtype, self.sum_in_order = max_numel, dtype, kernels.sum_in_order
         self.buffer = symm_mem.empty(max_numel, dtype=dtype, device=device)
         self.handle = symm_mem.rendezvous(self.buffer, group.group_name)
