@@ -12,9 +12,9 @@ by --exact: one_shot over symmetric memory, or rank_order = all_gather + add):
                    floor: rank_decode_bytes(ctx + gen/2, tp) / this GPU's copy bandwidth (weights/tp + KV/tp;
                    nothing for communication, as the issue's goal states it)
   exact            the first --check decode steps' logits against a teacher-forced prefill of the same tokens
-                   (the same cache's positions < ctx, then positions ctx.. prefilled again from the tile
-                   boundary: what a full prefill computes): bit-identical, max |Δ|, and every rank's logits
-                   the same bits.
+                   (Runner.teacher_forced: the same cache's positions before the tile boundary, then one full
+                   chunk prefilled again, holding the fed tokens), bit-identical, max |Δ|, and every rank's
+                   logits the same bits.
 --perturb tp_library_reduce runs the negative control (library all_reduce in both paths: must not be exact
 at tp >= 3). A config that raises (OOM, a failed rank) is recorded with its one-line error; the others run.
 Writes <out>/bench_tp_<date>_<card>.json and .md.
@@ -89,9 +89,7 @@ def timed_run(cfg, w, tp, device, opts, perturb) -> dict:
         if j < check:
             dec.append(out)
         toks.append(out.argmax())
-    start = ctx - ctx % opts["chunk"]  # re-prefill from the tile boundary; positions < start are prefill's
-    seq = torch.cat([prompt[start:], torch.stack(toks[:check]).to(prompt.dtype)])
-    ref = m.prefill(seq, start=start, keep=list(range(ctx, ctx + check)))
+    ref = m.teacher_forced(prompt, toks[:check])
     dec = torch.stack(dec)
     digest = hashlib.sha256(dec.cpu().numpy().tobytes()).hexdigest()[:16]
     return {"prefill_s": prefill_s, "decode_ms": 1e3 * statistics.median(steps[1:]), "bit_exact": bool(torch.equal(dec, ref)),

@@ -6,11 +6,15 @@ paths, which gloo at 4 ranks sums in a size-dependent order, so decode (1 row) d
 a 1-row and a 64-row message even at hidden 128 (tests/test_dist.py measures the reduction alone)."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from greta.engine.config import ModelConfig
+from greta.engine.dist import library_all_reduce
 from greta.engine.launch import SpawnError, finish, init_from_env, spawn
+from greta.engine.ops.controls import TPLibraryReduce
 from greta.engine.prompt import synthetic_prompt
 from greta.engine.runner import Runner
 from greta.engine.tp import check_divides, load_shard, shard_weights, synthetic_shard
@@ -87,14 +91,25 @@ def test_gguf_loads_shard_by_shard(tmp_path):
 
 
 # --- the probe's property under tp (gloo) ----------------------------------------------------------------
+class _LibraryOverWholeTile(TPLibraryReduce):
+    """What TPOps must not do: reduce the tiled backend's whole padded tile. Decode's message is then as
+    large as prefill's, and even the library's size-dependent all_reduce looks exact."""
+
+    def linear_reduce(self, x, w, step):
+        return self.inner.reduced(self.inner.partial(x, w, step), replace(step, kv_rows=None), library_all_reduce)
+
+
 def _decode_and_prefill(tp, kv_aligned: int, perturb: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(decode logits at DECODE_POS after a CTX prefill, prefill logits at DECODE_POS), teacher-forced."""
     w = synthetic_shard(CFG, 0, torch.bfloat16, "cpu", tp.rank, tp.world) if tp else synthetic(CFG, 0, torch.bfloat16, "cpu")
     prompt = synthetic_prompt(CTX + STEPS, CFG.vocab_size, 3)
 
     def runner():
-        return Runner(CFG, w, max_tokens=CTX + STEPS, kv_aligned=kv_aligned, chunk=CHUNK, kv_block=KV_BLOCK,
-                      perturb=perturb, tp=tp)
+        m = Runner(CFG, w, max_tokens=CTX + STEPS, kv_aligned=kv_aligned, chunk=CHUNK, kv_block=KV_BLOCK,
+                   perturb="none" if perturb == "whole_tile" else perturb, tp=tp)
+        if perturb == "whole_tile":
+            m.ops = _LibraryOverWholeTile(m.ops)
+        return m
 
     m = runner()
     m.prefill(prompt[:CTX])
@@ -103,7 +118,8 @@ def _decode_and_prefill(tp, kv_aligned: int, perturb: str) -> tuple[torch.Tensor
     return dec, pre
 
 
-CASES = {"exact": (1, "none"), "library": (1, "tp_library_reduce"), "kv0": (0, "none")}
+CASES = {"exact": (1, "none"), "library": (1, "tp_library_reduce"), "kv0": (0, "none"),
+         "whole_tile": (1, "whole_tile")}
 
 
 def _rank_body(cases: list[str]) -> dict:
@@ -125,7 +141,7 @@ def tp1():
 def ranks(request) -> tuple[int, list[dict]]:
     """(world, every rank's {case: (decode, prefill)}) from one gloo group."""
     world = request.param
-    cases = ["exact", "library", "kv0"] if world == 4 else ["exact", "library"]
+    cases = ["exact", "library", "kv0", "whole_tile"] if world == 4 else ["exact", "library"]
     return world, spawn(_rank_body, world, args=(cases,), timeout_s=240)
 
 
@@ -161,6 +177,16 @@ def test_library_all_reduce_breaks_decode_at_4_ranks(ranks):
         assert diff == 0.0
     else:
         assert diff > 0.0, "gloo's all_reduce showed no size dependence: the control cannot fail"
+
+
+def test_reducing_the_padded_tile_would_hide_the_library_reduce(ranks):
+    """Why TPOps reduces only a step's real rows: over the whole padded tile, decode's message is prefill's
+    size, so the library reduce that fails above passes here. A probe built that way could not see it."""
+    world, res = ranks
+    if world != 4:
+        pytest.skip("measured at 4 ranks")
+    dec, pre = res[0]["whole_tile"]
+    assert torch.equal(dec, pre)
 
 
 def test_kv0_under_tp_runs_and_drifts_a_little(ranks):
@@ -239,3 +265,26 @@ def test_the_probe_refuses_tp_until_it_runs_one_worker_per_rank():
 
     with pytest.raises(ParamError, match="tp=4: the probe does not run tensor parallel yet"):
         preflight(Params(model="llama3-8b", tp=4))
+
+
+def test_teacher_forced_reference_equals_a_full_prefill():
+    """Runner.teacher_forced (bench_tp's and the GPU test's reference: one full tile re-prefilled from the
+    cache) gives a full prefill's logits at the fed positions, bit for bit, in kv_aligned=1."""
+    from greta.engine.config import PRESETS
+
+    cfg = PRESETS["tiny"]
+    w = synthetic(cfg, 0, torch.bfloat16, "cpu")
+    prompt = synthetic_prompt(40, cfg.vocab_size, 4)
+
+    def runner():
+        return Runner(cfg, w, max_tokens=48, kv_aligned=1, chunk=16, kv_block=32)
+
+    m = runner()
+    fed = [m.prefill(prompt)[0].argmax()]
+    for j in range(2):
+        fed.append(m.decode(fed[-1], 40 + j).argmax())
+    ref = m.teacher_forced(prompt, fed)
+    full = runner().prefill(torch.cat([prompt, torch.stack(fed)]), keep=[40, 41, 42])
+    assert torch.equal(ref, full)
+    with pytest.raises(ValueError, match="inside the tile"):
+        m.teacher_forced(prompt[:31], fed)  # positions 31..33 cross the tile boundary at 32

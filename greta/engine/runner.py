@@ -110,6 +110,22 @@ class Runner:
             return self._decode_graphed(token, pos)
         return self._forward(token.reshape(1), torch.tensor([pos], device=self.device), [0], decode=True)[0]
 
+    @torch.inference_mode()
+    def teacher_forced(self, prompt: torch.Tensor, fed: list[torch.Tensor]) -> torch.Tensor:
+        """kv_aligned=1: prefill logits at positions len(prompt).. for the tokens decode was fed there, after
+        prefill(prompt) and those decode steps, from this runner's cache: positions before the last tile
+        boundary are the first prefill's; from there ONE FULL tile is prefilled again (the rest of the prompt,
+        the fed tokens, then filler tokens to the tile's end: causal, so later rows never reach earlier ones;
+        in kv_aligned=1 no row depends on the others). A full tile, so every row-count-dependent choice (a
+        reduction's algorithm under tensor parallelism) sees prefill's size, not a short last chunk's."""
+        ctx, n, chunk = prompt.numel(), len(fed), self.chunk
+        start = ctx - ctx % chunk
+        if not self.kv_aligned or ctx + n > start + chunk:
+            raise ValueError(f"teacher_forced needs kv_aligned=1 and the {n} fed positions inside the tile after ctx {ctx}")
+        seq = torch.cat([prompt[start:], torch.stack(list(fed)).reshape(-1).to(prompt.dtype)])
+        seq = torch.cat([seq, seq[-1:].repeat(chunk - seq.numel())])
+        return self.prefill(seq, start=start, keep=list(range(ctx, ctx + n)))
+
     def _forward(self, tokens, pos, rows, decode: bool) -> torch.Tensor:
         return forward(self.ops, self.cfg, self.w, self.cache, self.ops.plan(tokens, pos, rows, decode))
 
