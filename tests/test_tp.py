@@ -6,6 +6,7 @@ paths, which gloo at 4 ranks sums in a size-dependent order, so decode (1 row) d
 a 1-row and a 64-row message even at hidden 128 (tests/test_dist.py measures the reduction alone)."""
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 
 import pytest
@@ -213,6 +214,46 @@ def _hang_on_rank_0():
     if os.environ["RANK"] == "0":
         time.sleep(600)
     return os.environ["NCCL_NVLS_ENABLE"] + os.environ["TORCH_SYMM_MEM_DISABLE_MULTICAST"]
+
+
+def _killed_in_a_collective():
+    import os
+    import signal
+
+    import torch.distributed as dist
+
+    tp, _ = init_from_env("cpu", timeout_s=60)
+    if tp.rank == 1:
+        os.kill(os.getpid(), signal.SIGKILL)  # dies while rank 0 waits for it in the all_reduce
+    dist.all_reduce(torch.ones(4))
+    return "unreachable"
+
+
+def _hung_in_a_collective():
+    import time
+
+    import torch.distributed as dist
+
+    tp, _ = init_from_env("cpu", timeout_s=3)  # the collectives' own timeout
+    if tp.rank == 0:
+        time.sleep(600)
+    dist.all_reduce(torch.ones(4))
+    return "unreachable"
+
+
+def test_a_killed_rank_is_named_and_the_others_stopped():
+    with pytest.raises(SpawnError, match=r"rank 1 died \(exit code -9\)") as e:
+        spawn(_killed_in_a_collective, 2, timeout_s=60)
+    assert e.value.rank == 1
+
+
+def test_a_hung_peer_ends_in_the_collective_timeout_not_the_spawn_timeout():
+    """Rank 0 hangs outside any collective; rank 1's all_reduce gives up after the 3 s set at init, so the
+    group fails long before spawn's 120 s (a hang cannot outlive the phase timeout)."""
+    t0 = time.monotonic()
+    with pytest.raises(SpawnError, match="rank 1 failed") as e:
+        spawn(_hung_in_a_collective, 2, timeout_s=120)
+    assert e.value.rank == 1 and time.monotonic() - t0 < 60
 
 
 def test_spawn_names_the_rank_that_failed():

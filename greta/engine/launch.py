@@ -116,7 +116,7 @@ def _collect(procs, results, deadline: float, timeout_s: float) -> dict:
             rank, ok, value = results.get(timeout=0.2)
         except queue_mod.Empty:
             dead = [r for r, p in enumerate(procs) if r not in got and p.exitcode is not None]
-            if dead and not _late_result(results, got):
+            if dead and not _late_result(procs, results, got):
                 r = dead[0]
                 raise SpawnError(r, f"rank {r} died (exit code {procs[r].exitcode}) before sending a result")
             if time.monotonic() > deadline:
@@ -125,19 +125,33 @@ def _collect(procs, results, deadline: float, timeout_s: float) -> dict:
                                  "every rank was stopped")
             continue
         if not ok:
-            raise SpawnError(rank, f"rank {rank} failed: {value}")
+            _raise_root_cause(procs, got, rank, value)
         got[rank] = pickle.loads(value)
     return got
 
 
-def _late_result(results, got: dict) -> bool:
+def _raise_root_cause(procs, got: dict, rank: int, error: str):
+    """A rank's error is often a peer's death seen through a collective ("connection reset"): if another
+    rank dies within a second, name that one (the cause), else the rank that failed."""
+    end = time.monotonic() + 1.0
+    while time.monotonic() < end:
+        # exit code 1 is _entry's own after sending an error; a signal or another code is a death
+        dead = [r for r, p in enumerate(procs) if r != rank and r not in got and p.exitcode not in (None, 0, 1)]
+        if dead:
+            r = dead[0]
+            raise SpawnError(r, f"rank {r} died (exit code {procs[r].exitcode}); rank {rank} then failed: {error[:160]}")
+        time.sleep(0.05)
+    raise SpawnError(rank, f"rank {rank} failed: {error}")
+
+
+def _late_result(procs, results, got: dict) -> bool:
     """A result that was still in the pipe when its rank's exit was seen: taken into got (True), else False."""
     try:
         rank, ok, value = results.get(timeout=1.0)
     except queue_mod.Empty:
         return False
     if not ok:
-        raise SpawnError(rank, f"rank {rank} failed: {value}")
+        _raise_root_cause(procs, got, rank, value)
     got[rank] = pickle.loads(value)
     return True
 
