@@ -329,3 +329,38 @@ def test_teacher_forced_reference_equals_a_full_prefill():
     assert torch.equal(ref, full)
     with pytest.raises(ValueError, match="inside the tile"):
         m.teacher_forced(prompt[:31], fed)  # positions 31..33 cross the tile boundary at 32
+
+
+# --- the Triton backend under tp (the interpreter, fp32: its bf16 tl.dot is wrong) -------------------------
+def _triton_rank_body(perturb: str) -> dict:
+    tp, _ = init_from_env("cpu", timeout_s=120)
+    try:
+        torch.set_num_threads(1)
+        w = synthetic_shard(CFG, 0, torch.float32, "cpu", tp.rank, tp.world)
+        prompt = synthetic_prompt(CTX, CFG.vocab_size, 3)
+
+        def runner():
+            return Runner(CFG, w, max_tokens=CTX + 2, kv_aligned=1, chunk=CHUNK, kv_block=64,
+                          backend="triton", perturb=perturb, tp=tp)
+
+        m = runner()
+        fed = [m.prefill(prompt)[0].argmax()]
+        dec = []
+        for j in range(2):
+            dec.append(m.decode(fed[-1], CTX + j))
+            fed.append(dec[-1].argmax())
+        return {"decode": torch.stack(dec), "reference": m.teacher_forced(prompt, fed[:2])}
+    finally:
+        finish()
+
+
+@pytest.mark.slow
+def test_triton_backend_under_tp4_decode_equals_prefill_and_the_control_fails():
+    """TritonOps (no padding: a decode step is one row, kv_rows None) wrapped in TPOps, at 4 ranks: exact with
+    the rank-order reduction, not with gloo's all_reduce (fp32 too is size-dependent there)."""
+    pytest.importorskip("triton")
+    interpret = {"TRITON_INTERPRET": "1"}  # in each rank before greta.kernels is first imported
+    exact = spawn(_triton_rank_body, 4, args=("none",), timeout_s=600, env=interpret)
+    assert all(torch.equal(r["decode"], r["reference"]) for r in exact)
+    library = spawn(_triton_rank_body, 4, args=("tp_library_reduce",), timeout_s=600, env=interpret)
+    assert not torch.equal(library[0]["decode"], library[0]["reference"])

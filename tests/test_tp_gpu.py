@@ -8,8 +8,6 @@ not. The model: llama3-70b's layer shapes (hidden 8192, 64 heads, 8 KV heads), 2
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -25,14 +23,12 @@ CHUNK, CTX, CHECK = 2048, 2048, 4
 ROWS = (1, 2, 7, 64, 2048)
 
 
-def _compiled_kernels():
-    """A spawned rank inherits TRITON_INTERPRET=1 when the kernel tests ran first in this pytest: drop it
-    before greta.kernels is imported, so the GPU runs compiled kernels."""
-    os.environ.pop("TRITON_INTERPRET", None)
+# A rank would inherit TRITON_INTERPRET=1 when the kernel tests ran first in this pytest: unset before the
+# interpreter starts (greta.kernels reads it on first import), so the GPU runs compiled kernels.
+COMPILED = {"TRITON_INTERPRET": None}
 
 
 def _reductions_body() -> dict:
-    _compiled_kernels()
     from greta.engine import dist as gdist
 
     tp, device = init_from_env("cuda", timeout_s=120)
@@ -52,7 +48,6 @@ def _reductions_body() -> dict:
 
 
 def _model_body(exact: str, perturb: str) -> dict:
-    _compiled_kernels()
     from greta.engine.prompt import synthetic_prompt
     from greta.engine.runner import Runner
     from greta.engine.tp import synthetic_shard
@@ -79,7 +74,7 @@ def _model_body(exact: str, perturb: str) -> dict:
 def test_one_shot_reduction_is_rank_order_bits_for_every_size(world):
     if world > GPUS:
         pytest.skip(f"needs {world} GPUs")
-    ranks = spawn(_reductions_body, world, timeout_s=300)
+    ranks = spawn(_reductions_body, world, timeout_s=300, env=COMPILED)
     for r in ranks:
         assert r["rows_invariant"] and all(r[m][0] for m in ROWS), r
     assert all(r[m][1] == ranks[0][m][1] for r in ranks for m in ROWS)  # every rank the same sums
@@ -89,7 +84,7 @@ def test_one_shot_reduction_is_rank_order_bits_for_every_size(world):
 def test_tp4_decode_equals_full_tile_prefill(exact):
     if GPUS < 4:
         pytest.skip("needs 4 GPUs")
-    ranks = spawn(_model_body, 4, args=(exact, "none"), timeout_s=400)
+    ranks = spawn(_model_body, 4, args=(exact, "none"), timeout_s=400, env=COMPILED)
     for r in ranks:
         assert r["graphed"] and r["exact"], (exact, r["max_abs_diff"])
         assert torch.equal(r["logits"], ranks[0]["logits"])
@@ -100,5 +95,5 @@ def test_tp4_nccl_all_reduce_breaks_decode():
     row of a 2048-row prefill chunk (the issue: up to 0.25 in bf16 at 4 ranks), so the check above can fail."""
     if GPUS < 4:
         pytest.skip("needs 4 GPUs")
-    ranks = spawn(_model_body, 4, args=("one_shot", "tp_library_reduce"), timeout_s=400)
+    ranks = spawn(_model_body, 4, args=("one_shot", "tp_library_reduce"), timeout_s=400, env=COMPILED)
     assert not ranks[0]["exact"] and ranks[0]["max_abs_diff"] > 0, ranks[0]["max_abs_diff"]

@@ -47,10 +47,14 @@ def free_port() -> int:
 
 
 @contextmanager
-def _environ(values: dict[str, str]):
-    """os.environ with values set, restored after (a spawned child copies the parent's at start)."""
+def _environ(values: dict[str, str | None]):
+    """os.environ with values set (None: unset), restored after (a spawned child copies the parent's at start)."""
     old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
+    for k, v in values.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
     try:
         yield
     finally:
@@ -86,12 +90,14 @@ def _stop(procs, grace_s: float = 5.0) -> None:
 
 
 def spawn(fn, world: int, args: tuple = (), *, timeout_s: float = 600.0, teardown_s: float = 30.0,
-          master_addr: str = "127.0.0.1", port: int | None = None) -> list:
+          master_addr: str = "127.0.0.1", port: int | None = None, env: dict | None = None) -> list:
     """fn(*args) in `world` processes of one host (module docstring); returns [result of rank 0, 1, ...].
-    fn and args must pickle (fn at module level). Raises SpawnError naming the first rank that fails."""
+    fn and args must pickle (fn at module level). env: more variables for every rank (None: unset), set
+    before the interpreter starts (e.g. TRITON_INTERPRET, read when greta.kernels is first imported).
+    Raises SpawnError naming the first rank that fails."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    base = {"WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": master_addr,
+    base = {**(env or {}), "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": master_addr,
             "MASTER_PORT": str(port or free_port()), **NO_MULTICAST}
     procs = []
     try:
