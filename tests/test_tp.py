@@ -67,12 +67,15 @@ def test_tp_must_divide_the_heads():
         check_divides(CFG, 8)
 
 
-def test_checkpoint_loads_shard_by_shard(tmp_path):
-    full = synthetic(CFG, 2, torch.float32, "cpu")
-    path = save_checkpoint(full, CFG, tmp_path / "ckpt")
+@pytest.mark.parametrize("tied", [False, True])
+def test_checkpoint_loads_shard_by_shard(tmp_path, tied):
+    cfg = replace(CFG, tie_embeddings=tied)
+    full = synthetic(cfg, 2, torch.float32, "cpu")
+    path = save_checkpoint(full, cfg, tmp_path / "ckpt")
     for r in range(4):
-        got = load_shard(str(path), CFG, torch.float32, "cpu", r, 4)
-        want = shard_weights(CFG, full, r, 4)
+        got = load_shard(str(path), cfg, torch.float32, "cpu", r, 4)
+        want = shard_weights(cfg, full, r, 4)
+        assert got["lm_head"].shape[0] == cfg.vocab_size // 4
         assert set(got) == set(want)
         for k in want:
             assert torch.equal(got[k], want[k]), (r, k)
@@ -364,3 +367,12 @@ def test_triton_backend_under_tp4_decode_equals_prefill_and_the_control_fails():
     assert all(torch.equal(r["decode"], r["reference"]) for r in exact)
     library = spawn(_triton_rank_body, 4, args=("tp_library_reduce",), timeout_s=600, env=interpret)
     assert not torch.equal(library[0]["decode"], library[0]["reference"])
+
+
+def test_a_tied_lm_head_is_a_vocab_slice_of_the_replicated_embedding():
+    cfg = replace(CFG, tie_embeddings=True)
+    full = synthetic(cfg, 1, torch.bfloat16, "cpu")
+    for r in range(2):
+        s = synthetic_shard(cfg, 1, torch.bfloat16, "cpu", r, 2)
+        assert torch.equal(s["embed"], full["embed"])
+        assert torch.equal(s["lm_head"], full["embed"][r * 1024:(r + 1) * 1024])

@@ -116,9 +116,10 @@ def load_shard(model: str, cfg: ModelConfig, dtype: torch.dtype, device, rank: i
 
     check_divides(cfg, world)
     if model_source(model) == "gguf":
-        from greta.engine.gguf import load_gguf
-
-        return load_gguf(model, cfg, dtype, device, slice_of=shard_slicer(rank, world))
-    from greta.engine.weights import load_checkpoint
-
-    return load_checkpoint(model, cfg, dtype, device, slice_of=shard_slicer(rank, world))
+        from greta.engine.gguf import load_gguf as load
+    else:
+        from greta.engine.weights import load_checkpoint as load
+    w = load(model, cfg, dtype, device, slice_of=shard_slicer(rank, world))
+    if cfg.tie_embeddings:  # assemble made lm_head the (replicated) embedding: keep this rank's vocab rows
+        w["lm_head"] = shard_tensor(cfg, "lm_head", w["embed"], rank, world)
+    return w
