@@ -15,6 +15,8 @@ by --exact: one_shot over symmetric memory, or rank_order = all_gather + add):
                    (Runner.teacher_forced: the same cache's positions before the tile boundary, then one full
                    chunk prefilled again, holding the fed tokens), bit-identical, max |Δ|, and every rank's
                    logits the same bits.
+--kv 1 0 adds kv_aligned=0 (the torch fast path, NCCL's all_reduce), whose decode-vs-prefill drift is
+measured against a whole second prefill (its rows depend on their chunk, so no tile shortcut).
 --perturb tp_library_reduce runs the negative control (library all_reduce in both paths: must not be exact
 at tp >= 3). A config that raises (OOM, a failed rank) is recorded with its one-line error; the others run.
 Writes <out>/bench_tp_<date>_<card>.json and .md.
@@ -52,15 +54,16 @@ def sync_all(tp):
         dist.barrier()
 
 
-def build(cfg, w, tp, opts, max_tokens, perturb="none"):
-    return Runner(cfg, w, max_tokens=max_tokens, kv_aligned=1, chunk=opts["chunk"], kv_block=opts["kv_block"],
-                  backend="triton", perturb=perturb, tp=tp)
+def build(cfg, w, tp, opts, max_tokens, kv: int, perturb="none"):
+    """kv_aligned=1: the Triton kernels, exact reductions; kv_aligned=0: the torch fast path, NCCL's all_reduce."""
+    return Runner(cfg, w, max_tokens=max_tokens, kv_aligned=kv, chunk=opts["chunk"], kv_block=opts["kv_block"],
+                  backend="triton" if kv else "torch", perturb=perturb, tp=tp)
 
 
-def warm_up(cfg, w, tp, device, opts):
+def warm_up(cfg, w, tp, device, opts, kv: int):
     """Compile the kernels and capture-free paths outside the timed run (a small cache, 2 tiles, 3 steps)."""
     n = 2 * opts["chunk"]
-    m = build(cfg, w, tp, opts, n + 8)
+    m = build(cfg, w, tp, opts, n + 8, kv)
     prompt = synthetic_prompt(n, cfg.vocab_size, 1).to(device)
     tok = m.prefill(prompt)[0].argmax()
     for j in range(3):
@@ -69,10 +72,10 @@ def warm_up(cfg, w, tp, device, opts):
     sync_all(tp)
 
 
-def timed_run(cfg, w, tp, device, opts, perturb) -> dict:
+def timed_run(cfg, w, tp, device, opts, kv: int, perturb: str) -> dict:
     """Prefill ctx, greedy decode gen steps, then the teacher-forced check of the first `check` steps."""
     ctx, gen, check = opts["ctx"], opts["gen"], opts["check"]
-    m = build(cfg, w, tp, opts, ctx + gen, perturb)
+    m = build(cfg, w, tp, opts, ctx + gen, kv, perturb)
     prompt = synthetic_prompt(ctx, cfg.vocab_size, 0).to(device)
     sync_all(tp)
     t0 = time.perf_counter()
@@ -89,7 +92,12 @@ def timed_run(cfg, w, tp, device, opts, perturb) -> dict:
         if j < check:
             dec.append(out)
         toks.append(out.argmax())
-    ref = m.teacher_forced(prompt, toks[:check])
+    if kv:
+        ref = m.teacher_forced(prompt, toks[:check])
+    else:  # kv0 rows depend on their chunk: the reference is a whole prefill again, as the probe's
+        m.cache.reset()
+        seq = torch.cat([prompt, torch.stack(toks[:check]).to(prompt.dtype)])
+        ref = m.prefill(seq, keep=list(range(ctx, ctx + check)))
     dec = torch.stack(dec)
     digest = hashlib.sha256(dec.cpu().numpy().tobytes()).hexdigest()[:16]
     return {"prefill_s": prefill_s, "decode_ms": 1e3 * statistics.median(steps[1:]), "bit_exact": bool(torch.equal(dec, ref)),
@@ -110,12 +118,15 @@ def rank_body(model: str, world: int, opts: dict) -> dict:
              else synthetic(cfg, 0, torch.bfloat16, device))
         torch.cuda.synchronize()
         load_s = time.perf_counter() - t0
-        warm_up(cfg, w, tp, device, opts)
-        torch.cuda.reset_peak_memory_stats(device)
-        res = timed_run(cfg, w, tp, device, opts, opts["perturb"])
-        res.update(ceilings=ceil, load_s=load_s, device=torch.cuda.get_device_name(device),
-                   peak_allocated_gib=torch.cuda.max_memory_allocated(device) / GIB)
-        return res
+        out = {}
+        for kv in opts["kvs"]:
+            warm_up(cfg, w, tp, device, opts, kv)
+            torch.cuda.reset_peak_memory_stats(device)
+            out[kv] = timed_run(cfg, w, tp, device, opts, kv, opts["perturb"] if kv else "none")
+            out[kv].update(ceilings=ceil, load_s=load_s, device=torch.cuda.get_device_name(device),
+                           peak_allocated_gib=torch.cuda.max_memory_allocated(device) / GIB)
+            torch.cuda.empty_cache()
+        return out
     finally:
         finish()
 
@@ -130,13 +141,23 @@ def floors(cfg, world: int, opts: dict, r: dict) -> dict:
             "decode_ratio": r["decode_ms"] / df, "weights_plus_kv_gib": weights_kv}
 
 
-def run_config(model: str, world: int, opts: dict) -> dict:
-    cfg = PRESETS[model]
-    point = {"model": model, "tp": world, "ctx": opts["ctx"], "perturb": opts["perturb"], "exact_reduction": opts["exact"]}
+def run_config(model: str, world: int, opts: dict) -> list[dict]:
+    """One point per kv_aligned mode of opts["kvs"], or one failed point."""
+    point = {"model": model, "tp": world, "ctx": opts["ctx"]}
     try:
         ranks = spawn(rank_body, world, args=(model, world, opts), timeout_s=opts["config_timeout_s"])
     except SpawnError as e:
-        return {**point, "failed": str(e)}
+        return [{**point, "kv_aligned": opts["kvs"][0], "perturb": opts["perturb"], "reduction": "—", "failed": str(e)}]
+    return [summarize(model, world, opts, kv, [r[kv] for r in ranks]) for kv in opts["kvs"]]
+
+
+def summarize(model: str, world: int, opts: dict, kv: int, ranks: list[dict]) -> dict:
+    """One point: the slowest rank's figures and ratios, exactness on every rank, every rank's own."""
+    cfg = PRESETS[model]
+    point = {"model": model, "tp": world, "ctx": opts["ctx"], "kv_aligned": kv, "perturb": opts["perturb"] if kv else "none",
+             "reduction": "—" if world == 1 else (opts["exact"] if kv else "nccl")}
+    if kv and opts["perturb"] == "tp_library_reduce" and world > 1:
+        point["reduction"] = "nccl (control)"
     per_rank = [{**r, **floors(cfg, world, opts, r)} for r in ranks]
     worst = {k: max(r[k] for r in per_rank) for k in ("prefill_s", "decode_ms", "prefill_ratio", "decode_ratio",
                                                       "peak_allocated_gib", "max_abs_diff")}
@@ -147,18 +168,18 @@ def run_config(model: str, world: int, opts: dict) -> dict:
 
 def markdown(doc: dict) -> str:
     lines = [f"# Tensor-parallel bench, {doc['device']}, {doc['date']}", "",
-             f"ctx {doc['opts']['ctx']}, kv_aligned=1 (Triton, decode from a CUDA graph), prefill chunk "
+             f"ctx {doc['opts']['ctx']}; kv 1: Triton, decode from a CUDA graph; kv 0: torch, NCCL (drift expected). Prefill chunk "
              f"{doc['opts']['chunk']}, {doc['opts']['gen']} decode steps, exact check over {doc['opts']['check']}. "
              "Floors per rank from each GPU's own ceilings measured in this run; the slowest rank's figures. "
              "Goals (issue 12, llama3-70b tp=4): decode ≤ 1.4× floor, prefill ≤ 1.5×.", "",
-             "| model | tp | reduction | perturb | prefill s | × floor | decode ms/tok | × floor | decode = prefill | "
-             "ranks identical | max abs Δ | peak GiB | weights+KV GiB |", "|" + "---|" * 13]
+             "| model | tp | kv | reduction | perturb | prefill s | × floor | decode ms/tok | × floor | decode = prefill | "
+             "ranks identical | max abs Δ | peak GiB | weights+KV GiB |", "|" + "---|" * 14]
     for p in doc["points"]:
+        head = f"| {p['model']} | {p['tp']} | {p['kv_aligned']} | {p['reduction']} | {p['perturb']} |"
         if "failed" in p:
-            lines.append(f"| {p['model']} | {p['tp']} | {p['exact_reduction']} | {p['perturb']} | failed: "
-                         f"{p['failed'].replace('|', '/')} |" + " |" * 8)
+            lines.append(f"{head} failed: {p['failed'].replace('|', '/')} |" + " |" * 8)
             continue
-        lines.append(f"| {p['model']} | {p['tp']} | {p['exact_reduction']} | {p['perturb']} | {p['prefill_s']:.3f} | "
+        lines.append(f"{head} {p['prefill_s']:.3f} | "
                      f"{p['prefill_ratio']:.2f} | {p['decode_ms']:.2f} | {p['decode_ratio']:.2f} | "
                      f"{'yes' if p['bit_exact'] else '**no**'} | {'yes' if p['ranks_identical'] else '**no**'} | "
                      f"{p['max_abs_diff']:.3g} | {p['peak_allocated_gib']:.2f} | {p['weights_plus_kv_gib']:.2f} |")
@@ -186,7 +207,9 @@ def main():
     ap.add_argument("--chunk", type=int, default=2048)
     ap.add_argument("--kv-block", type=int, default=1024)
     ap.add_argument("--exact", default="one_shot", choices=["one_shot", "rank_order"])
-    ap.add_argument("--perturb", default="none", choices=["none", "tp_library_reduce"])
+    ap.add_argument("--perturb", default="none", choices=["none", "tp_library_reduce"], help="kv_aligned=1's control")
+    ap.add_argument("--kv", type=int, nargs="+", default=[1], choices=[0, 1],
+                    help="kv_aligned modes per config (0: the torch fast path with NCCL; its drift is measured)")
     ap.add_argument("--config-timeout-s", type=float, default=420.0, help="every rank of a config is stopped after this")
     ap.add_argument("--out", default="bench/results")
     a = ap.parse_args()
@@ -194,12 +217,13 @@ def main():
         raise SystemExit("bench_tp: needs GPUs (the CPU numbers would mean nothing)")
     configs = parse_configs(a.configs)
     opts = {"ctx": a.ctx, "gen": a.gen, "check": min(a.check, a.gen), "chunk": a.chunk, "kv_block": a.kv_block,
-            "exact": a.exact, "perturb": a.perturb, "config_timeout_s": a.config_timeout_s,
+            "exact": a.exact, "perturb": a.perturb, "kvs": a.kv, "config_timeout_s": a.config_timeout_s,
             "collective_timeout_s": min(300.0, a.config_timeout_s)}
     points = []
     for model, world in configs:
-        points.append(run_config(model, world, opts))
-        print(json.dumps({k: v for k, v in points[-1].items() if k != "per_rank"}), flush=True)
+        for p in run_config(model, world, opts):
+            points.append(p)
+            print(json.dumps({k: v for k, v in p.items() if k != "per_rank"}), flush=True)
     card = torch.cuda.get_device_name(0)
     now = datetime.now(timezone.utc)
     doc = {"device": card, "date": now.isoformat(timespec="seconds"), "torch": torch.__version__, "opts": opts,
