@@ -1,7 +1,7 @@
 """Triton kernels for Greta, imported as greta.kernels (see pyproject), and their torch references
 (reference.py). The kernels need triton (pip install greta[gpu]); the references do not, and the torch
 backends (greta/engine/ops) use them, so on a torch-only install this package holds the references alone."""
-from .reference import add_rmsnorm_ref, attention_ref, matmul_ref, rmsnorm_ref, rope_ref, swiglu_ref
+from .reference import add_rmsnorm_ref, attention_ref, matmul_ref, rmsnorm_ref, rope_ref, sum_in_order_ref, swiglu_ref
 
 try:
     import triton  # noqa: F401
@@ -13,6 +13,7 @@ if triton is not None:
     from .flash_decode import flash_decode
     from .gemm import matmul
     from .norm import add_rmsnorm, rmsnorm
+    from .reduce import sum_in_order
     from .rope import rope
     from .swiglu import swiglu
 
@@ -22,4 +23,5 @@ __all__ = [
     "rmsnorm", "rmsnorm_ref", "add_rmsnorm", "add_rmsnorm_ref",
     "rope", "rope_ref",
     "swiglu", "swiglu_ref",
+    "sum_in_order", "sum_in_order_ref",
 ]

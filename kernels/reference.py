@@ -57,3 +57,11 @@ def attention_ref(q, k_cache, v_cache, start):
     o = torch.einsum("htn,hnd->thd", torch.softmax(s, dim=-1), v)
     return o.to(q.dtype)
 
+
+
+def sum_in_order_ref(buffers):
+    """buffers[0] + buffers[1] + ... in fp32, in that order, rounded once to their dtype (kernels/reduce.py)."""
+    total = buffers[0].to(torch.float32, copy=True)  # .float() of fp32 is the same tensor: += would change it
+    for b in buffers[1:]:
+        total += b.float()
+    return total.to(buffers[0].dtype)

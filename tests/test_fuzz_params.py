@@ -57,10 +57,11 @@ FUZZ_TOKENIZER.write_text("{}")
 # --- the spec, written out here rather than read from greta.record.params ------------------------------------
 CPUS = os.cpu_count() or 1
 GOOD_INT = {"ctx": (1, 8192), "gen": (16, 64), "span": (2, 16), "kv_aligned": (0, 1), "seed": (0, 2**32 - 1),
-            "prefill_chunk": (1, 4096), "kv_block": (1, 4096), "threads": (0, CPUS)}
+            "prefill_chunk": (1, 4096), "kv_block": (1, 4096), "threads": (0, CPUS),
+            "tp": (1, 1)}  # tiny has one KV head, and the probe runs tp=1 only (for now)
 # the largest value each int key takes; ctx and gen beyond the bound are "obviously too big"
 INT_MAX = {"kv_aligned": 1, "seed": 2**32 - 1, "threads": CPUS, "ctx": 2**31 - 1, "gen": 2**31 - 1,
-           "span": 2**31 - 1, "prefill_chunk": 2**31 - 1, "kv_block": 2**31 - 1}
+           "span": 2**31 - 1, "prefill_chunk": 2**31 - 1, "kv_block": 2**31 - 1, "tp": 8}
 INT_MIN = {"kv_aligned": 0, "seed": 0, "threads": 0, "span": 2}  # others: 1 (span 1 compares no decode step)
 FLOAT_RANGE = {"sampling_period_s": (1e-3, 3600.0), "thresholds.top1_agreement": (0.0, 1.0),
                "memory_fraction": (1.0, 1.0),  # on the CPU only 1.0 is valid (a cap is for GPUs)
@@ -75,7 +76,7 @@ VALID_STR = {"probe": ["b3_77"], "model": ["tiny"], "device": ["cpu"], "backend"
              "prompt_file": ["", str(REPO_ROOT / "README.md")], "tokenizer": ["", str(FUZZ_TOKENIZER)]}
 # strings that some machine may accept, so never labelled bad
 MAYBE_VALID_STR = {"device": ["cuda"] + [f"cuda:{i}" for i in range(16)], "backend": ["triton"],
-                   "model": ["llama3-8b", "llama2-7b"]}
+                   "model": ["llama3-8b", "llama2-7b"], "perturb": ["tp_library_reduce"]}
 assert set(FLOAT_RANGE) == set(FLOAT_KEYS) and set(GOOD_INT) == set(INT_KEYS) and set(VALID_STR) == set(STR_KEYS)
 
 NAN_INF = ["nan", "NaN", "NAN", ".nan", "inf", "-inf", "Infinity", "-Infinity", ".inf", "-.inf", "+inf"]

@@ -67,6 +67,29 @@ class ModelConfig:
             weights += self.vocab_size * self.hidden_size * dtype_bytes
         return float(weights + self.kv_bytes_per_token(dtype_bytes) * pos)
 
+    # --- per rank under tensor parallelism (greta.engine.tp: heads, MLP and vocab split, embed and norms not)
+    def rank_param_count(self, tp: int = 1) -> int:
+        """Parameters one of tp ranks holds: the layers' linears and lm_head split tp ways; the embedding and
+        the norms replicated (a tied lm_head is a slice of the replicated embedding)."""
+        emb = self.vocab_size * self.hidden_size
+        head = 0 if self.tie_embeddings else emb // tp
+        norms = self.n_layers * 2 * self.hidden_size + self.hidden_size
+        return emb + head + norms + self.n_layers * self.layer_linear_params() // tp
+
+    def allreduce_bytes_per_token(self, tp: int, dtype_bytes: int = 2) -> int:
+        """Bytes of partial sums each rank contributes per token: two reductions of hidden per layer (after wo
+        and w2); 0 at tp=1. The vocab-parallel logits' gather adds vocab/tp fp32 values per kept row."""
+        return 0 if tp == 1 else 2 * self.n_layers * self.hidden_size * dtype_bytes
+
+    def rank_decode_bytes(self, pos: int, tp: int = 1, dtype_bytes: int = 2) -> float:
+        """decode_bytes for one of tp ranks: its weights but the embedding table, and its KV heads to pos."""
+        if tp == 1:
+            return self.decode_bytes(pos, dtype_bytes)
+        head = self.vocab_size * self.hidden_size // tp  # lm_head's rows (tied: the embed slice it reads)
+        linears = self.n_layers * self.layer_linear_params() // tp
+        norms = self.n_layers * 2 * self.hidden_size + self.hidden_size
+        return float((head + linears + norms) * dtype_bytes + self.kv_bytes_per_token(dtype_bytes) * pos / tp)
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -169,6 +192,17 @@ PRESETS: dict[str, ModelConfig] = {
         name="llama2-7b", vocab_size=32000, hidden_size=4096, n_layers=32, n_heads=32, n_kv_heads=32,
         head_dim=128, intermediate_size=11008, rope_theta=10000.0, rope_scaling=None, rms_eps=1e-5,
         max_position_embeddings=4096,
+    ),
+    # Llama-3-70B as published: no rope scaling, trained to 8192 positions (synthetic weights run past them)
+    "llama3-70b": ModelConfig(
+        name="llama3-70b", vocab_size=128256, hidden_size=8192, n_layers=80, n_heads=64, n_kv_heads=8,
+        head_dim=128, intermediate_size=28672, rope_theta=500000.0, rope_scaling=None, rms_eps=1e-5,
+        max_position_embeddings=8192,
+    ),
+    # Llama-3.1-70B: the same shapes, llama3 rope scaling to 131072 positions (as llama3-8b's)
+    "llama3.1-70b": ModelConfig(
+        name="llama3.1-70b", vocab_size=128256, hidden_size=8192, n_layers=80, n_heads=64, n_kv_heads=8,
+        head_dim=128, intermediate_size=28672, rope_theta=500000.0, rope_scaling=LLAMA3_SCALING, rms_eps=1e-5,
     ),
     # Same family (GQA 4:1, llama3 rope scaling, SwiGLU), small enough for a 2-core CPU at ctx 32768.
     "tiny": ModelConfig(

@@ -10,11 +10,22 @@ and NCCL on the GPU both give rows that differ in their last bits between an M=1
 rank_order_all_reduce fixes the order by rank: every rank gathers all partials and adds them 0, 1, ...,
 world-1 in fp32, then rounds once to the input dtype. Each element's arithmetic is then the same for any
 message size. library_all_reduce is the fast, size-dependent one (kv_aligned=0, and the negative control).
+
+OneShotReduce is rank order's fast form on GPUs that map each other's memory (NVLink; torch's symmetric
+memory, multicast off): each rank copies its partial into its symmetric buffer, a device-side barrier, then
+one kernel (kernels/reduce.py) reads every peer's buffer and adds them 0..world-1 in fp32, rounding once, so
+it gives the same bits as rank_order_all_reduce on every rank; a second barrier before the buffer is
+reused. No host sync: it can be captured in a CUDA graph. Messages larger than its buffer fall back to
+rank_order_all_reduce (same bits).
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.distributed as dist
+
+from greta.kernels.reference import sum_in_order_ref
 
 
 def rank_order_all_reduce(x: torch.Tensor, group=None) -> torch.Tensor:
@@ -23,10 +34,7 @@ def rank_order_all_reduce(x: torch.Tensor, group=None) -> torch.Tensor:
     world = dist.get_world_size(group)
     parts = [torch.empty_like(x) for _ in range(world)]
     dist.all_gather(parts, x.contiguous(), group=group)
-    total = parts[0].float()
-    for p in parts[1:]:
-        total += p.float()
-    return total.to(x.dtype)
+    return sum_in_order_ref(parts)
 
 
 def library_all_reduce(x: torch.Tensor, group=None) -> torch.Tensor:
@@ -37,7 +45,58 @@ def library_all_reduce(x: torch.Tensor, group=None) -> torch.Tensor:
     return out
 
 
+def gather_columns(x: torch.Tensor, group=None) -> torch.Tensor:
+    """Every rank's x [rows, n] side by side, in rank order -> [rows, world * n] on every rank (the
+    vocab-parallel logits: no arithmetic, so exact)."""
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=1)
+
+
+class OneShotReduce:
+    """The exact reduction over peers' memory (module docstring). Holds one symmetric buffer of max_numel
+    elements per rank; call it like the other reductions: reduce(x, group) -> a new tensor."""
+
+    def __init__(self, max_numel: int, dtype: torch.dtype, device, group=None):
+        import torch.distributed._symmetric_memory as symm_mem
+
+        from greta import kernels
+
+        group = group or dist.group.WORLD
+        if hasattr(symm_mem, "enable_symm_mem_for_group"):  # needed by older torch; deprecated (harmless) since
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                symm_mem.enable_symm_mem_for_group(group.group_name)
+        self.max_numel, self.dtype, self.sum_in_order = max_numel, dtype, kernels.sum_in_order
+        self.buffer = symm_mem.empty(max_numel, dtype=dtype, device=device)
+        self.handle = symm_mem.rendezvous(self.buffer, group.group_name)
+        world = self.handle.world_size
+        self.peers = [self.handle.get_buffer(r, (max_numel,), dtype) for r in range(world)]
+
+    def __call__(self, x: torch.Tensor, group=None) -> torch.Tensor:
+        n = x.numel()
+        if n > self.max_numel or x.dtype != self.dtype:
+            return rank_order_all_reduce(x, group)
+        self.buffer[:n].copy_(x.reshape(-1))
+        self.handle.barrier(channel=0)  # every rank's partial is in place (release/acquire across the GPUs)
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+        self.sum_in_order([p[:n] for p in self.peers], out.view(-1))
+        self.handle.barrier(channel=0)  # every rank has read the buffers: the next call may overwrite them
+        return out
+
+
 REDUCTIONS = {"rank_order": rank_order_all_reduce, "library": library_all_reduce}
+EXACT = ("rank_order", "one_shot")
+
+
+def exact_reduction(kind: str, *, max_numel: int = 0, dtype=None, device=None, group=None):
+    """The reduction kv_aligned=1 uses: rank_order (any backend, the CPU's) or one_shot (CUDA, symmetric
+    memory; messages of up to max_numel elements of dtype, larger ones in rank order)."""
+    if kind == "rank_order":
+        return rank_order_all_reduce
+    if kind == "one_shot":
+        return OneShotReduce(max_numel, dtype, device, group)
+    raise ValueError(f"exact reduction must be one of {EXACT}, got {kind!r}")
 
 
 def size_dependence(reduce, partial: torch.Tensor, rows=(1, 2, 7, 64), group=None) -> dict[int, float]:

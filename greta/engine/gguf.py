@@ -177,8 +177,11 @@ def gguf_names(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return expected_tensors(cfg, GGUF_SPELLING)
 
 
-def load_gguf(path, cfg: ModelConfig, dtype: torch.dtype, device) -> dict[str, torch.Tensor]:
-    """Greta's weight dict from a Llama GGUF file; names and shapes checked first, each error one line."""
+def load_gguf(path, cfg: ModelConfig, dtype: torch.dtype, device, slice_of=None) -> dict[str, torch.Tensor]:
+    """Greta's weight dict from a Llama GGUF file; names and shapes checked first, each error one line.
+    slice_of(role, shape) -> an index (None: all) keeps that part of each tensor (a tensor-parallel rank's
+    shard: engine.tp). GGUF blocks quantize along rows, so a tensor is dequantized whole (one at a time, on
+    the host) and cut before it moves to the device."""
     r = _reader(path)
     tensors = {t.name: t for t in r.tensors}
     try:
@@ -190,10 +193,11 @@ def load_gguf(path, cfg: ModelConfig, dtype: torch.dtype, device) -> dict[str, t
     names = tensor_names(cfg, GGUF_SPELLING)
 
     def get(role: str) -> torch.Tensor:
-        t = _tensor(tensors[names[role]], dtype, device)
+        t = _tensor(tensors[names[role]], dtype, "cpu" if slice_of else device)
         part = role.partition(".")[2]
         if part in ("q", "k"):  # permuted by llama.cpp's converter
             t = unpermute_rope_rows(t, cfg.n_heads if part == "q" else cfg.n_kv_heads)
-        return t
+        index = slice_of(role, tuple(t.shape)) if slice_of else None
+        return (t if index is None else t[index]).to(device).contiguous()
 
     return assemble(cfg, get)

@@ -31,9 +31,9 @@ def forward(ops: Ops, cfg: ModelConfig, w: dict[str, torch.Tensor], cache, step:
         ops.write_kv(kv, k, v, step)
         attend = ops.decode_attention if step.decode else ops.prefill_attention
         a = attend(q, kv, step)
-        x = x + ops.linear_reduce(a.reshape(-1, q_cols), wo)
+        x = x + ops.linear_reduce(a.reshape(-1, q_cols), wo, step)
         h = ops.rmsnorm(x, w[f"{i}.mlp_norm"], eps)
         gu = ops.linear(h, w[f"{i}.w13"])
         inter = gu.shape[1] // 2
-        x = x + ops.linear_reduce(ops.swiglu(gu[:, :inter], gu[:, inter:]), w[f"{i}.w2"])
+        x = x + ops.linear_reduce(ops.swiglu(gu[:, :inter], gu[:, inter:]), w[f"{i}.w2"], step)
     return ops.lm_head(x, w["norm"], w["lm_head"], eps, step)

@@ -20,15 +20,17 @@ import torch
 
 from greta.engine.config import ModelConfig, inv_freq, kv_capacity
 from greta.engine.model import forward
-from greta.engine.ops import make_ops, with_control
+from greta.engine.ops import make_ops, with_control, with_tp
 
 
 class KVCache:
-    """K and V for every layer: [n_layers, n_kv_heads, capacity, head_dim], capacity a multiple of block."""
+    """K and V for every layer: [n_layers, heads, capacity, head_dim], capacity a multiple of block; heads:
+    the KV heads this process holds (all of cfg's, or a tensor-parallel rank's n_kv_heads / tp)."""
 
-    def __init__(self, cfg: ModelConfig, tokens: int, block: int, dtype: torch.dtype, device):
+    def __init__(self, cfg: ModelConfig, tokens: int, block: int, dtype: torch.dtype, device,
+                 heads: int | None = None):
         self.capacity = kv_capacity(tokens, block)
-        shape = (cfg.n_layers, cfg.n_kv_heads, self.capacity, cfg.head_dim)
+        shape = (cfg.n_layers, cfg.n_kv_heads if heads is None else heads, self.capacity, cfg.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
 
@@ -54,20 +56,30 @@ def rope_tables(cfg: ModelConfig, n: int, device, seq_len: int | None = None) ->
 
 class Runner:
     """A model (config + weights as a flat dict, HF names fused: wqkv, w13; see weights.py) ready to run:
-    its KV cache, rope tables and ops backend. perturb installs a negative control (ops/controls.py)."""
+    its KV cache, rope tables and ops backend. perturb installs a negative control (ops/controls.py).
+
+    tp: this process's engine.tp.TPGroup (None: one device). Then weights are this rank's shard
+    (engine.tp.synthetic_shard / load_shard), the cache holds its n_kv_heads / tp heads, and the ops are
+    wrapped in TPOps, which sums the row-parallel products and gathers the logits: every rank must make the
+    same calls, and every rank gets the full logits."""
 
     def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor], *, max_tokens: int,
-                 kv_aligned: bool, chunk: int, kv_block: int, perturb: str = "none", backend: str = "torch"):
-        self.cfg, self.w = cfg, weights
+                 kv_aligned: bool, chunk: int, kv_block: int, perturb: str = "none", backend: str = "torch",
+                 tp=None):
+        self.cfg, self.w, self.tp = cfg, weights, tp
         self.kv_aligned, self.chunk, self.kv_block, self.perturb = bool(kv_aligned), chunk, kv_block, perturb
         emb = weights["embed"]
         self.dtype, self.device = emb.dtype, emb.device
+        heads = cfg.n_kv_heads // (tp.world if tp else 1)
         # room for a padded last tile, so aligned mode never writes past the end
-        self.cache = KVCache(cfg, max_tokens + chunk, kv_block, self.dtype, self.device)
+        self.cache = KVCache(cfg, max_tokens + chunk, kv_block, self.dtype, self.device, heads=heads)
         # one row past the cache: rope_offset's decode reads position pos + 1
         self.cos, self.sin = rope_tables(cfg, self.cache.capacity + 1, self.device, seq_len=max_tokens)
         ops = make_ops(backend, self.kv_aligned, self.cos, self.sin, chunk=chunk, kv_block=kv_block)
         self.graphable = self.device.type == "cuda" and getattr(ops, "graphable", False)
+        if tp is not None:
+            ops = with_tp(ops, tp, self.kv_aligned, max_numel=chunk * cfg.hidden_size, dtype=self.dtype,
+                          device=self.device)
         self.ops = with_control(ops, perturb)
         self._graph = None
 
@@ -98,6 +110,22 @@ class Runner:
         if self.graphable:
             return self._decode_graphed(token, pos)
         return self._forward(token.reshape(1), torch.tensor([pos], device=self.device), [0], decode=True)[0]
+
+    @torch.inference_mode()
+    def teacher_forced(self, prompt: torch.Tensor, fed: list[torch.Tensor]) -> torch.Tensor:
+        """kv_aligned=1: prefill logits at positions len(prompt).. for the tokens decode was fed there, after
+        prefill(prompt) and those decode steps, from this runner's cache: positions before the last tile
+        boundary are the first prefill's; from there ONE FULL tile is prefilled again (the rest of the prompt,
+        the fed tokens, then filler tokens to the tile's end: causal, so later rows never reach earlier ones;
+        in kv_aligned=1 no row depends on the others). A full tile, so every row-count-dependent choice (a
+        reduction's algorithm under tensor parallelism) sees prefill's size, not a short last chunk's."""
+        ctx, n, chunk = prompt.numel(), len(fed), self.chunk
+        start = ctx - ctx % chunk
+        if not self.kv_aligned or ctx + n > start + chunk:
+            raise ValueError(f"teacher_forced needs kv_aligned=1 and the {n} fed positions inside the tile after ctx {ctx}")
+        seq = torch.cat([prompt[start:], torch.stack(list(fed)).reshape(-1).to(prompt.dtype)])
+        seq = torch.cat([seq, seq[-1:].repeat(chunk - seq.numel())])
+        return self.prefill(seq, start=start, keep=list(range(ctx, ctx + n)))
 
     def _forward(self, tokens, pos, rows, decode: bool) -> torch.Tensor:
         return forward(self.ops, self.cfg, self.w, self.cache, self.ops.plan(tokens, pos, rows, decode))

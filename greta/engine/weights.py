@@ -19,8 +19,12 @@ import torch
 from greta.engine.config import ModelConfig
 
 
-def synthetic(cfg: ModelConfig, seed: int, dtype: torch.dtype, device) -> dict[str, torch.Tensor]:
+def synthetic(cfg: ModelConfig, seed: int, dtype: torch.dtype, device,
+              transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Gaussian weights, deterministic per (seed, tensor name, device type).
+
+    transform(name, full) -> what to keep of each tensor, applied as soon as it is drawn so the full one can
+    be freed (tensor parallelism keeps this rank's shard: greta.engine.tp.synthetic_shard).
 
     Scales keep 32 layers at 32k context finite and not degenerate: inputs to each matmul have unit RMS
     (RMSNorm), so W ~ N(0, 1/fan_in) keeps outputs near unit RMS; the two projections that write the
@@ -38,17 +42,18 @@ def synthetic(cfg: ModelConfig, seed: int, dtype: torch.dtype, device) -> dict[s
         shapes[f"{i}.w2"] = ((h, cfg.intermediate_size), resid / math.sqrt(cfg.intermediate_size))
     if not cfg.tie_embeddings:
         shapes["lm_head"] = ((cfg.vocab_size, h), 1 / math.sqrt(h))
+    keep = transform or (lambda name, t: t)
     w = {}
     gen = torch.Generator(device=device)
     for name, (shape, std) in shapes.items():
         gen.manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-        w[name] = torch.randn(shape, generator=gen, dtype=dtype, device=device).mul_(std)
+        w[name] = keep(name, torch.randn(shape, generator=gen, dtype=dtype, device=device).mul_(std))
     for i in range(cfg.n_layers):
         w[f"{i}.attn_norm"] = torch.ones(h, dtype=dtype, device=device)
         w[f"{i}.mlp_norm"] = torch.ones(h, dtype=dtype, device=device)
     w["norm"] = torch.ones(h, dtype=dtype, device=device)
     if cfg.tie_embeddings:
-        w["lm_head"] = w["embed"]
+        w["lm_head"] = keep("lm_head", w["embed"])
     return w
 
 
@@ -243,13 +248,18 @@ def check_checkpoint_headers(path) -> list[Path]:
     return files
 
 
-def load_checkpoint(path, cfg: ModelConfig, dtype: torch.dtype, device) -> dict[str, torch.Tensor]:
+SliceOf = Callable[[str, tuple], "tuple[slice, ...] | None"]
+
+
+def load_checkpoint(path, cfg: ModelConfig, dtype: torch.dtype, device,
+                    slice_of: SliceOf | None = None) -> dict[str, torch.Tensor]:
     """Load a local HF Llama checkpoint (config.json + model.safetensors, or shards + index.json).
 
     Files are memory-mapped (safetensors' safe_open) and tensors are taken one at a time, converted to
     dtype on the target device and fused (q;k;v, gate;up) layer by layer, so the host never holds a second
     full copy of the weights. Names and shapes are checked against the config before any data is read:
-    missing, extra and misshapen tensors are each named in a one-line CheckpointError.
+    missing, extra and misshapen tensors are each named in a one-line CheckpointError. slice_of(role, shape)
+    -> an index (None: all) reads only that part of each tensor (a tensor-parallel rank's shard: engine.tp).
     """
     from contextlib import ExitStack
 
@@ -269,11 +279,12 @@ def load_checkpoint(path, cfg: ModelConfig, dtype: torch.dtype, device) -> dict[
             k = names[role]
             sf, f = where[k]
             try:
-                t = sf.get_tensor(k)
+                index = slice_of(role, tuple(sf.get_slice(k).get_shape())) if slice_of else None
+                t = sf.get_tensor(k) if index is None else sf.get_slice(k)[index]
             except Exception as e:  # noqa: BLE001
                 raise CheckpointError(f"safetensors file {f} is truncated or corrupted at tensor {k} "
                                       f"({' '.join(str(e).split())[:160]})") from None
-            return t.to(dtype)
+            return t.to(device=dev, dtype=dtype)  # a slice may come back on the host
 
         return assemble(cfg, get)
 

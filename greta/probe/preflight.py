@@ -19,6 +19,7 @@ from greta.record.params import Params, ParamError, is_file, show, dtype_bytes, 
 
 def preflight(params: Params) -> Params:
     """Check params against this machine; return them unchanged (so calls chain). Raises ParamError."""
+    _check_tp(params.tp)
     _check_threads(params.threads)
     _check_prompt(params)
     _check_model(params.model)
@@ -37,6 +38,14 @@ def device_memory(device: str) -> int:
     if device == "cpu":
         return psutil.virtual_memory().total
     return torch.cuda.get_device_properties(int(device[5:] or 0)).total_memory
+
+
+def _check_tp(tp: int) -> None:
+    """The probe runs one process on one device; tensor-parallel runs are the engine's and bench/bench_tp.py's
+    until the probe starts one worker per rank (refused here rather than recorded as tp=N but run on one)."""
+    if tp != 1:
+        raise ParamError(f"param tp={tp}: the probe does not run tensor parallel yet; use -p tp=1 "
+                         "(tensor-parallel runs: bench/bench_tp.py)")
 
 
 def _check_threads(threads: int) -> None:
@@ -125,11 +134,14 @@ def _check_fits(p: Params) -> None:
     except Exception as e:  # noqa: BLE001 - a config.json that isn't a Llama config, GGUF metadata gguf can't read
         what = "GGUF metadata" if p.model.endswith(".gguf") else "config.json"
         raise ParamError(f"param model={show(p.model)}: cannot read its {what} ({' '.join(str(e).split())[:80]})") from None
+    if cfg.n_kv_heads % p.tp:
+        raise ParamError(f"param tp={p.tp} does not divide model {show(p.model)}'s {cfg.n_kv_heads} KV heads; use a tp "
+                         f"that divides {cfg.n_kv_heads}")
     cache = kv_capacity(p.ctx + p.gen + p.prefill_chunk, p.kv_block)  # as runner.KVCache holds it
     b = dtype_bytes(p.dtype)
-    need = cfg.param_count() * b + cfg.kv_bytes_per_token(b) * cache
+    need = cfg.rank_param_count(p.tp) * b + cfg.kv_bytes_per_token(b) * cache // p.tp  # one rank's
     have = device_memory(p.device)
     if need > have:
-        sizes = ", ".join(f"{k}={getattr(p, k)}" for k in ("ctx", "gen", "prefill_chunk", "kv_block"))
+        sizes = ", ".join(f"{k}={getattr(p, k)}" for k in ("ctx", "gen", "prefill_chunk", "kv_block", "tp"))
         raise ParamError(f"params {sizes}: weights + KV cache need {need / 2**30:.3g} GiB but {p.device} has "
-                         f"{have / 2**30:.3g} GiB; lower -p ctx (or gen, prefill_chunk, kv_block)")
+                         f"{have / 2**30:.3g} GiB; lower -p ctx (or gen, prefill_chunk, kv_block), or raise -p tp")

@@ -25,7 +25,8 @@ CHOICES = {
     "backend": ("torch", "triton"),
     "dtype": ("bfloat16", "float16", "float32"),
     "kv_aligned": (0, 1),
-    "perturb": ("none", "rope_offset", "kv_off_by_one"),
+    "perturb": ("none", "rope_offset", "kv_off_by_one", "tp_library_reduce"),
+    "tp": (1, 2, 4, 8),
 }
 SIZE_MAX = 2**31 - 1      # ctx, gen, prefill_chunk, kv_block: far past any model; keeps the fit check in float range
 SEED_MAX = 2**32 - 1      # weights.synthetic seeds torch generators with seed * 1_000_003 + crc32
@@ -164,6 +165,7 @@ class Params:
     perturb: str = "none"          # negative control on the decode path: none | rope_offset | kv_off_by_one
     fault: str = "none"            # fault injection (tests): none | <hang|oom|crash|kill|error|kernel_death>:<phase>
     threads: int = 0               # CPU threads for torch (0 = torch's default)
+    tp: int = 1                    # tensor-parallel ranks (1, 2, 4, 8): must divide the model's KV heads
 
     def __post_init__(self):
         validate(self)
@@ -322,10 +324,25 @@ def validate(p: Params) -> None:
         _range(p, f"timeouts.{ph}", 1e-3, TIMEOUT_MAX_S, " seconds")
     for k in p.thresholds.to_dict():
         _range(p, f"thresholds.{k}", 0.0, 1.0 if k == "top1_agreement" else None)
+    _check_tp(p)
     if p.fault != "none":
         kind, _, phase = p.fault.partition(":")
         if kind not in FAULT_KINDS or phase not in PHASES:
             raise ParamError(f"param fault={show(p.fault)}: write none or <{'|'.join(FAULT_KINDS)}>:<{'|'.join(PHASES)}>, e.g. hang:decode")
+
+
+def _check_tp(p: Params) -> None:
+    """tp against a preset's heads (a checkpoint's: preflight, which reads its config), and the reduction
+    control that needs 3+ ranks to be able to fail."""
+    from greta.engine.config import PRESETS  # no torch: the presets are plain data
+
+    cfg = PRESETS.get(p.model)
+    if cfg is not None and cfg.n_kv_heads % p.tp:
+        raise ParamError(f"param tp={p.tp} does not divide model {p.model}'s {cfg.n_kv_heads} KV heads; use -p tp=1 "
+                         f"or a tp that divides {cfg.n_kv_heads}")
+    if p.perturb == "tp_library_reduce" and p.tp < 4:
+        raise ParamError(f"param perturb=tp_library_reduce needs -p tp=4 or 8 (got tp={p.tp}): with 1 or 2 ranks any "
+                         "all-reduce adds in one order, so this control could not fail")
 
 
 # --- reading: files, CLI strings, notebooks ---------------------------------------------------------------

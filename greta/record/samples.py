@@ -83,15 +83,21 @@ def summary(samples: list[dict], allocator_peaks: dict, floor: dict, *, loaded: 
     }
 
 
-def floor_mb(cfg, dtype_bytes: int, cache_tokens: int) -> dict:
-    """Least memory the run must hold: the weights plus a KV cache of cache_tokens positions."""
-    weights = cfg.param_count() * dtype_bytes / MB
-    kv = cfg.kv_bytes_per_token(dtype_bytes) * cache_tokens / MB
-    return {"weights_mb": round(weights, 1), "kv_cache_mb": round(kv, 1), "total_mb": round(weights + kv, 1)}
+def floor_mb(cfg, dtype_bytes: int, cache_tokens: int, tp: int = 1) -> dict:
+    """Least memory the run must hold (per rank under tensor parallelism tp): its weights (embedding and norms
+    replicated, the rest split tp ways) plus its KV heads' cache of cache_tokens positions."""
+    weights = cfg.rank_param_count(tp) * dtype_bytes / MB
+    kv = cfg.kv_bytes_per_token(dtype_bytes) * cache_tokens / tp / MB
+    out = {"weights_mb": round(weights, 1), "kv_cache_mb": round(kv, 1), "total_mb": round(weights + kv, 1)}
+    if tp > 1:
+        out.update(tp=tp, allreduce_bytes_per_token=cfg.allreduce_bytes_per_token(tp, dtype_bytes))
+    return out
 
 
 def floor_for(params, cfg) -> dict:
-    """floor_mb for a probe run: the model cfg in params["dtype"], with a cache of ctx + gen positions."""
+    """floor_mb for a probe run: the model cfg in params["dtype"], with a cache of ctx + gen positions, per rank
+    of params' tp (a dict of params, as old records hold them, has none: 1)."""
     from greta.record.params import dtype_bytes
 
-    return floor_mb(cfg, dtype_bytes(params["dtype"]), params["ctx"] + params["gen"])
+    tp = params.get("tp", 1) if isinstance(params, dict) else params.tp
+    return floor_mb(cfg, dtype_bytes(params["dtype"]), params["ctx"] + params["gen"], tp)

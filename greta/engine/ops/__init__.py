@@ -37,4 +37,17 @@ def _has_triton() -> bool:
     return kernels.triton is not None
 
 
-__all__ = ["BACKENDS", "Ops", "OpsWrapper", "PERTURBATIONS", "Step", "make_ops", "with_control"]
+def with_tp(ops: Ops, tp, kv_aligned: bool, *, max_numel: int, dtype, device) -> Ops:
+    """ops as one rank of the tensor-parallel group tp (engine.tp.TPGroup): kv_aligned=1 reduces with tp's
+    exact reduction (its one-shot buffer sized for max_numel elements of dtype), kv_aligned=0 with the
+    library's all_reduce."""
+    from greta.engine import dist
+    from greta.engine.ops.tp_ops import TPOps
+
+    if not kv_aligned:
+        return TPOps(ops, tp.group, dist.library_all_reduce)
+    reduce = dist.exact_reduction(tp.exact, max_numel=max_numel, dtype=dtype, device=device, group=tp.group)
+    return TPOps(ops, tp.group, reduce)
+
+
+__all__ = ["BACKENDS", "Ops", "OpsWrapper", "PERTURBATIONS", "Step", "make_ops", "with_control", "with_tp"]

@@ -62,9 +62,9 @@ class Ops:
         """x @ w.T (the column-parallel projections: wqkv, w13)."""
         raise NotImplementedError
 
-    def linear_reduce(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    def linear_reduce(self, x: torch.Tensor, w: torch.Tensor, step: Step) -> torch.Tensor:
         """x @ w.T whose result is added to the residual (wo, w2): where a tensor-parallel backend sums its
-        shards' partial products."""
+        shards' partial products (over step's real rows: ops/tp_ops.py)."""
         return self.linear(x, w)
 
     def rope(self, x: torch.Tensor, step: Step) -> torch.Tensor:

@@ -3,9 +3,14 @@ that cannot tell them from a correct run is shown to be blind. Prefill (the refe
 
 rope_offset:   decode's RoPE positions are shifted by +1.
 kv_off_by_one: decode's attention drops the newest key (each query sees keys 0..pos-1).
+tp_library_reduce: (tensor parallel, tp >= 3) the row-parallel sums of BOTH paths go through the library's
+               all_reduce (NCCL, gloo) instead of the exact rank-order reduction: the plain engine's choice,
+               whose order of additions follows the message size, so decode's one row is summed differently
+               from the same row in prefill's chunk. Prefill is not the reference here: that is the point.
 """
 from __future__ import annotations
 
+from greta.engine.dist import library_all_reduce
 from greta.engine.ops.base import Ops, OpsWrapper, Step
 
 
@@ -19,7 +24,18 @@ class KvOffByOne(OpsWrapper):
         return self.inner.decode_attention(q, kv, step.moved(-1))
 
 
-CONTROLS = {"none": None, "rope_offset": RopeOffset, "kv_off_by_one": KvOffByOne}
+class TPLibraryReduce(OpsWrapper):
+    def __init__(self, inner: Ops):
+        if not hasattr(inner, "reduced"):
+            raise ValueError("perturb=tp_library_reduce needs a tensor-parallel run (tp >= 3)")
+        super().__init__(inner)
+
+    def linear_reduce(self, x, w, step: Step):
+        return self.inner.reduced(self.inner.partial(x, w, step), step, library_all_reduce)
+
+
+CONTROLS = {"none": None, "rope_offset": RopeOffset, "kv_off_by_one": KvOffByOne,
+            "tp_library_reduce": TPLibraryReduce}
 PERTURBATIONS = tuple(CONTROLS)
 
 
