@@ -25,7 +25,7 @@ CHOICES = {
     "backend": ("torch", "triton"),
     "dtype": ("bfloat16", "float16", "float32"),
     "kv_aligned": (0, 1),
-    "perturb": ("none", "rope_offset", "kv_off_by_one"),
+    "perturb": ("none", "rope_offset", "kv_off_by_one", "batch_split_k"),
 }
 SIZE_MAX = 2**31 - 1      # ctx, gen, prefill_chunk, kv_block: far past any model; keeps the fit check in float range
 SEED_MAX = 2**32 - 1      # weights.synthetic seeds torch generators with seed * 1_000_003 + crc32
