@@ -21,7 +21,7 @@ from greta.paths import resolve  # noqa: F401 - params.resolve, as callers know 
 PHASES = ("ceilings", "load", "prefill", "decode", "reference")
 FAULT_KINDS = ("hang", "oom", "crash", "kill", "error", "kernel_death")
 CHOICES = {
-    "probe": ("b3_77",),
+    "probe": ("b3_77", "batch"),
     "backend": ("torch", "triton"),
     "dtype": ("bfloat16", "float16", "float32"),
     "kv_aligned": (0, 1),
@@ -164,6 +164,9 @@ class Params:
     perturb: str = "none"          # negative control on the decode path: none | rope_offset | kv_off_by_one
     fault: str = "none"            # fault injection (tests): none | <hang|oom|crash|kill|error|kernel_death>:<phase>
     threads: int = 0               # CPU threads for torch (0 = torch's default)
+    batch: int = 1                 # probe=batch: requests decoded together (greta/record/batch.py)
+    batch_lengths: str = ""        # probe=batch: prompt lengths, comma-separated, one per request; "": drawn seeded in [ctx/2, ctx]
+    batch_gen: str = ""            # probe=batch: decode steps per request, comma-separated; "": gen for every request
 
     def __post_init__(self):
         validate(self)
@@ -322,10 +325,44 @@ def validate(p: Params) -> None:
         _range(p, f"timeouts.{ph}", 1e-3, TIMEOUT_MAX_S, " seconds")
     for k in p.thresholds.to_dict():
         _range(p, f"thresholds.{k}", 0.0, 1.0 if k == "top1_agreement" else None)
+    _check_batch(p)
     if p.fault != "none":
         kind, _, phase = p.fault.partition(":")
         if kind not in FAULT_KINDS or phase not in PHASES:
             raise ParamError(f"param fault={show(p.fault)}: write none or <{'|'.join(FAULT_KINDS)}>:<{'|'.join(PHASES)}>, e.g. hang:decode")
+
+
+BATCH_MAX = 4096
+
+
+def int_list(key: str, text: str, n: int, lo: int, hi: int, hint: str) -> list[int]:
+    """A comma-separated list of n integers in lo..hi (a batch param), or a one-line ParamError."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise ParamError(f"param {key}={show(text)} is not integers separated by commas; e.g. -p {key}={hint}") from None
+    if len(values) != n:
+        raise ParamError(f"param {key}={show(text)} gives {len(values)} values for batch={n}; give one per request")
+    bad = [v for v in values if not lo <= v <= hi]
+    if bad:
+        raise ParamError(f"param {key}={show(text)}: {bad[0]} is not between {lo} and {hi}; e.g. -p {key}={hint}")
+    return values
+
+
+def _check_batch(p: Params) -> None:
+    """The batch probe's params: only with probe=batch, and each list one value per request within range."""
+    _range(p, "batch", 1, BATCH_MAX)
+    if p.probe != "batch":
+        for key, plain in (("batch", 1), ("batch_lengths", ""), ("batch_gen", "")):
+            if getattr(p, key) != plain:
+                raise ParamError(f"param {key}={show(getattr(p, key))} is for the batch probe; add -p probe=batch")
+        if p.perturb == "batch_split_k":
+            raise ParamError("param perturb=batch_split_k is the batch probe's control; add -p probe=batch")
+        return
+    if p.batch_lengths:
+        int_list("batch_lengths", p.batch_lengths, p.batch, 1, p.ctx, ",".join([str(p.ctx)] * p.batch))
+    if p.batch_gen:
+        int_list("batch_gen", p.batch_gen, p.batch, 1, p.gen, ",".join([str(p.gen)] * p.batch))
 
 
 # --- reading: files, CLI strings, notebooks ---------------------------------------------------------------
