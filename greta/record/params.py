@@ -172,8 +172,13 @@ class Params:
         validate(self)
 
     def to_dict(self) -> dict:
-        """The JSON form, shaped as params.json has always been (sections nested)."""
-        return asdict(self)
+        """The JSON form, shaped as params.json has always been (sections nested); the batch probe's keys
+        only in a batch probe's params, so every other probe's params.json keeps its shape."""
+        d = asdict(self)
+        if self.probe != "batch":
+            for key in BATCH_KEYS:
+                del d[key]
+        return d
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "dict") -> "Params":
@@ -209,6 +214,7 @@ class Params:
 
 
 _FIELD_NAMES = frozenset(f.name for f in fields(Params))
+BATCH_KEYS = ("batch", "batch_lengths", "batch_gen")
 SECTIONS = tuple(SECTION_TYPES)  # timeouts, thresholds
 
 
@@ -475,7 +481,7 @@ def params_from_notebook(params_file, overrides: dict | None = None, **named) ->
 
 def _flatten_defaults() -> dict:
     d = {}
-    for k, v in Params().to_dict().items():
+    for k, v in asdict(Params()).items():
         d.update({f"{k}.{sk}": sv for sk, sv in v.items()} if isinstance(v, dict) else {k: v})
     return d
 
