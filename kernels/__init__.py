@@ -10,13 +10,14 @@ except ImportError:  # a torch-only install: greta.engine's torch backends need 
 
 if triton is not None:
     from .attention import BLOCK_KV, decode_attention, prefill_attention
+    from .batch_attention import batch_decode_attention
     from .gemm import matmul
     from .norm import add_rmsnorm, rmsnorm
     from .rope import rope
     from .swiglu import swiglu
 
 __all__ = [
-    "BLOCK_KV", "prefill_attention", "decode_attention", "attention_ref",
+    "BLOCK_KV", "prefill_attention", "decode_attention", "batch_decode_attention", "attention_ref",
     "matmul", "matmul_ref",
     "rmsnorm", "rmsnorm_ref", "add_rmsnorm", "add_rmsnorm_ref",
     "rope", "rope_ref",

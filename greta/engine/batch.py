@@ -86,6 +86,8 @@ class BatchRunner:
         inner = make_ops(backend, self.kv_aligned, self.cos, self.sin, chunk=chunk, kv_block=kv_block)
         self.ops = with_control(inner, perturb)
         self.batch_ops = with_control(batch_ops(inner), perturb)
+        self.graphable = backend == "triton" and self.kv_aligned and self.device.type == "cuda"
+        self._graphs: dict[int, tuple] = {}  # rows -> (graph, tokens, positions, seqs, logits)
 
     @torch.inference_mode()
     def prefill(self, b: int, tokens: torch.Tensor, start: int = 0, keep: list[int] | None = None,
@@ -109,8 +111,36 @@ class BatchRunner:
         seq = torch.as_tensor(seqs, device=dev).reshape(-1).to(torch.int64)
         if not tok.numel() == pos.numel() == seq.numel() or seq.unique().numel() != seq.numel():
             raise ValueError("decode takes one token and one position per sequence, each sequence at most once")
-        step = self.batch_ops.plan_batch(tok, pos, seq)
-        return forward(self.batch_ops, self.cfg, self.w, self.cache, step)
+        if self.graphable:
+            return self._decode_graphed(tok, pos, seq)
+        return self._step(tok, pos, seq)
+
+    def _step(self, tok, pos, seq) -> torch.Tensor:
+        return forward(self.batch_ops, self.cfg, self.w, self.cache, self.batch_ops.plan_batch(tok, pos, seq))
+
+    def _decode_graphed(self, tok, pos, seq) -> torch.Tensor:
+        """The step replayed from a CUDA graph, one per number of rows (sequences, positions and tokens are
+        device inputs of the graph). Captured as Runner captures its decode: run twice eagerly on a side
+        stream (the same inputs, the same cache writes), then captured."""
+        n = tok.numel()
+        if n not in self._graphs:
+            ins = (tok.clone(), pos.clone(), seq.clone())
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self._step(*ins)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = self._step(*ins)
+            self._graphs[n] = (graph, *ins, out)
+        graph, g_tok, g_pos, g_seq, out = self._graphs[n]
+        g_tok.copy_(tok)
+        g_pos.copy_(pos)
+        g_seq.copy_(seq)
+        graph.replay()
+        return out.clone()  # the next replay overwrites the graph's output buffer
 
 
 # --- the three ways of computing a request's logits (the batch probe's (a), (b), (c)) ---------------------

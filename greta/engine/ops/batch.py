@@ -154,8 +154,24 @@ def _tile_step(step: Step, i: int, t: int) -> Step:
                                                 list(range(t)), seq=step.seq[i:i + t]))
 
 
-def batch_ops(inner: Ops) -> BatchOps:
-    """The batch wrapper for a backend: the tiled one for TiledTorchOps, else BatchOps."""
-    from greta.engine.ops.tiled_torch import TiledTorchOps
+class TritonBatchOps(BatchOps):
+    """Batch decode on the Triton kernels: attention of every row in one launch of the batched decode kernel
+    (kernels/batch_attention.py: per row the single-sequence decode program, on its own slab), and nothing
+    that syncs with the host, so the runner can capture the step in a CUDA graph."""
 
-    return TiledBatchOps(inner) if isinstance(inner, TiledTorchOps) else BatchOps(inner)
+    def decode_attention(self, q, kv, step: Step):
+        return self.inner.k.batch_decode_attention(q, kv[0], kv[1], step.seq, step.pos)
+
+    def lm_head(self, x, norm, head, eps, step: Step):
+        x = x[:len(step.rows)]  # rows are 0..n-1 (plan_batch): a view, no host-built index in the graph
+        return self.linear(self.rmsnorm(x, norm, eps), head).float()
+
+
+def batch_ops(inner: Ops) -> BatchOps:
+    """The batch wrapper for a backend: TiledBatchOps for tiled torch, TritonBatchOps for Triton, else BatchOps."""
+    from greta.engine.ops.tiled_torch import TiledTorchOps
+    from greta.engine.ops.triton_ops import TritonOps
+
+    if isinstance(inner, TiledTorchOps):
+        return TiledBatchOps(inner)
+    return TritonBatchOps(inner) if isinstance(inner, TritonOps) else BatchOps(inner)
