@@ -167,11 +167,36 @@ class TritonBatchOps(BatchOps):
         return self.linear(self.rmsnorm(x, norm, eps), head).float()
 
 
+class TorchBatchOps(BatchOps):
+    """Batch decode on the kv_aligned=0 torch path: each path its fastest torch op, so the rows' attention is
+    ONE scaled_dot_product_attention over the slabs up to the furthest position, each row masked to its own
+    keys 0..pos (K/V read in place when the rows are consecutive sequences, as when the whole batch is live;
+    gathered otherwise). It rounds unlike the single-row decode and the SDPA prefill: the drift measured."""
+
+    def decode_attention(self, q, kv, step: Step):
+        import torch.nn.functional as F
+
+        n, H, D = q.shape
+        seqs = [b for b, _ in seq_groups(step)]
+        end = int(step.pos.max()) + 1
+        if seqs == list(range(seqs[0], seqs[0] + n)):
+            k, v = kv[0][seqs[0]:seqs[0] + n, :, :end], kv[1][seqs[0]:seqs[0] + n, :, :end]
+        else:
+            k, v = kv[0][step.seq, :, :end], kv[1][step.seq, :, :end]
+        mask = (torch.arange(end, device=q.device)[None, :] <= step.pos[:, None])[:, None, None, :]
+        o = F.scaled_dot_product_attention(q[:, :, None, :], k, v, attn_mask=mask, enable_gqa=True)
+        return o[:, :, 0, :]
+
+
 def batch_ops(inner: Ops) -> BatchOps:
-    """The batch wrapper for a backend: TiledBatchOps for tiled torch, TritonBatchOps for Triton, else BatchOps."""
+    """The batch wrapper for a backend: TiledBatchOps for tiled torch, TritonBatchOps for Triton, TorchBatchOps
+    for the kv_aligned=0 torch path."""
     from greta.engine.ops.tiled_torch import TiledTorchOps
+    from greta.engine.ops.torch_ops import TorchOps
     from greta.engine.ops.triton_ops import TritonOps
 
     if isinstance(inner, TiledTorchOps):
         return TiledBatchOps(inner)
-    return TritonBatchOps(inner) if isinstance(inner, TritonOps) else BatchOps(inner)
+    if isinstance(inner, TritonOps):
+        return TritonBatchOps(inner)
+    return TorchBatchOps(inner) if isinstance(inner, TorchOps) else BatchOps(inner)
