@@ -145,3 +145,15 @@ def test_throughput_against_the_floor():
     assert t["full_batch"]["tokens_per_s"] == 200.0 and t["full_batch"]["floor_ms_per_step"] == 1.0
     assert t["full_batch"]["floor_tokens_per_s"] == 2000.0 and t["full_batch"]["ratio_of_floor"] == 0.1
     assert t["all_steps"]["steps"] == 3
+
+
+@pytest.mark.slow
+def test_the_batch_audit_is_a_sealed_verifying_record(tmp_path):
+    """`greta audit --batch N` executes notebooks/batch_probe.ipynb by papermill into the record, which verifies."""
+    from greta.__main__ import main
+
+    assert main(["audit", "--batch", "2", "-p", "ctx=128", "-p", "gen=4", "-p", "span=3", "-p", "prefill_chunk=32",
+                 "-p", "kv_block=64", "-o", str(tmp_path), "--quiet"]) == 0
+    (d,) = list(tmp_path.glob("*/batch/*"))
+    assert (d / "batch_probe.ipynb").is_file() and (d / "batch_probe.html").is_file()
+    assert rj(d, "verdict.json")["verdict"] == "PASS_BATCH_INVARIANT" and verify(d) == []
