@@ -157,3 +157,9 @@ def test_the_batch_audit_is_a_sealed_verifying_record(tmp_path):
     (d,) = list(tmp_path.glob("*/batch/*"))
     assert (d / "batch_probe.ipynb").is_file() and (d / "batch_probe.html").is_file()
     assert rj(d, "verdict.json")["verdict"] == "PASS_BATCH_INVARIANT" and verify(d) == []
+
+
+@pytest.mark.parametrize("name,batch", [("cpu_batch.yaml", 4), ("batch.yaml", 8)])
+def test_the_batch_params_files_load(repo_root, name, batch):
+    p = load_params(repo_root / "params" / name)
+    assert p.probe == "batch" and p.batch == batch and len(batch_plan(p)[0]) == batch
