@@ -113,13 +113,13 @@ def test_the_control_is_blind_to_a_batch_of_one(tiny_cfg, tiny_weights):
 
 def test_kv0_drift_is_measured(tiny_cfg, tiny_weights):
     """kv_aligned=0 decodes with M=rows linears and plain softmax: the batch drifts from the SDPA reference
-    (a small, finite, measured figure; nonzero on this CPU); its argmax agrees."""
+    (a small, finite, measured figure; nonzero on this CPU); its argmax agrees on the tiny model."""
     lengths, gens = CASES[3]
     results, _ = three_ways(tiny_cfg, tiny_weights(), lengths, gens, kv_aligned=0)
     drift = max(max_diff(in_batch, c) for _, in_batch, c in results)
     assert 0 < drift < 0.1
     for _, in_batch, c in results:
-        assert torch.equal(in_batch[0], c[0])  # the prefill row is the same path in both
+        assert torch.equal(in_batch.argmax(-1), c.argmax(-1))
 
 
 def test_decode_refuses_a_sequence_twice(tiny_cfg, tiny_weights):

@@ -104,7 +104,11 @@ def model_vocab(model: str) -> int:
 
 def expected_bytes(params) -> int:
     """Rough size of a record: logits (2 x span x vocab fp32, before compression), notebooks and plots."""
-    span = params["span"] * (params["batch"] if params["probe"] == "batch" else 1)  # batch: (b) per request; (a), (c) as XOR
+    try:  # batch: (b) per request; (a), (c) as XOR
+        batch = params["batch"] if params["probe"] == "batch" else 1
+    except KeyError:  # a plain dict of the size-relevant keys (and an oracle's params) names no probe
+        batch = 1
+    span = params["span"] * batch
     return (2 * span * model_vocab(params["model"]) * 4 if span else 0) + 16 * 2**20  # span 0: a record without logits (oracle)
 
 
