@@ -128,6 +128,8 @@ def test_decode_refuses_a_sequence_twice(tiny_cfg, tiny_weights):
         br.decode([1, 2], [3, 4], [0, 0])
     with pytest.raises(IndexError, match="not in a batch of 2"):
         br.cache.sequence(2)
+    with pytest.raises(IndexError, match="outside the batch of 2"):
+        br.decode([1], [3], [2])
 
 
 def test_batch_kv_bytes_is_the_cache_size(tiny_cfg):

@@ -111,6 +111,8 @@ class BatchRunner:
         seq = torch.as_tensor(seqs, device=dev).reshape(-1).to(torch.int64)
         if not tok.numel() == pos.numel() == seq.numel() or seq.unique().numel() != seq.numel():
             raise ValueError("decode takes one token and one position per sequence, each sequence at most once")
+        if int(seq.min()) < 0 or int(seq.max()) >= self.cache.n_seqs:
+            raise IndexError(f"decode names a sequence outside the batch of {self.cache.n_seqs}")
         if self.graphable:
             return self._decode_graphed(tok, pos, seq)
         return self._step(tok, pos, seq)
