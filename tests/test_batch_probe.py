@@ -5,6 +5,7 @@ per module (a spawned worker, a few seconds)."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -163,3 +164,17 @@ def test_the_batch_audit_is_a_sealed_verifying_record(tmp_path):
 def test_the_batch_params_files_load(repo_root, name, batch):
     p = load_params(repo_root / "params" / name)
     assert p.probe == "batch" and p.batch == batch and len(batch_plan(p)[0]) == batch
+
+
+def test_the_batch_report_escapes_outside_values(runs):
+    """Values from outside (model path, device name, the fault's text) reach report.md only through md."""
+    from greta.reports.batch_report import render_batch_report
+
+    d = runs("error")
+    params = {**rj(d, "params.json"), "model": "<script>x</script>|`m`"}
+    meta = {**rj(d, "metadata.json"), "device_name": "GPU | <b>bold</b>", "run_id": "r"}
+    verdict = {**rj(d, "verdict.json"), "reason": "reference: boom <img src=x> | *x*"}
+    text = render_batch_report(params, meta, rj(d, "perf.json"), None, rj(d, "vram.json"), verdict)
+    assert "<script>" not in text and "<img" not in text and "<b>" not in text
+    assert "&lt;script&gt;" in text
+    assert re.search(r"Verdict: \*\*FAIL\\?_ERROR\*\*", text)
