@@ -15,6 +15,8 @@ prefill, bit for bit.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from greta.engine.ops.base import Ops, OpsWrapper, Step
@@ -168,14 +170,13 @@ class TritonBatchOps(BatchOps):
 
 
 class TorchBatchOps(BatchOps):
-    """Batch decode on the kv_aligned=0 torch path: each path its fastest torch op, so the rows' attention is
-    ONE scaled_dot_product_attention over the slabs up to the furthest position, each row masked to its own
-    keys 0..pos (K/V read in place when the rows are consecutive sequences, as when the whole batch is live;
-    gathered otherwise). It rounds unlike the single-row decode and the SDPA prefill: the drift measured."""
+    """Batch decode on the kv_aligned=0 torch path: TorchOps' decode attention (plain softmax(q K^T / sqrt(D)) V
+    per GQA group) for all rows at once, batched over the rows' slabs up to the furthest position, each row
+    masked to its own keys 0..pos. K and V are read in place when the rows are consecutive sequences (as when
+    the whole batch is live), gathered otherwise. The batched matmuls round unlike the single-row ones and the
+    SDPA prefill: the drift the batch probe measures."""
 
     def decode_attention(self, q, kv, step: Step):
-        import torch.nn.functional as F
-
         n, H, D = q.shape
         seqs = [b for b, _ in seq_groups(step)]
         end = int(step.pos.max()) + 1
@@ -183,9 +184,10 @@ class TorchBatchOps(BatchOps):
             k, v = kv[0][seqs[0]:seqs[0] + n, :, :end], kv[1][seqs[0]:seqs[0] + n, :, :end]
         else:
             k, v = kv[0][step.seq, :, :end], kv[1][step.seq, :, :end]
-        mask = (torch.arange(end, device=q.device)[None, :] <= step.pos[:, None])[:, None, None, :]
-        o = F.scaled_dot_product_attention(q[:, :, None, :], k, v, attn_mask=mask, enable_gqa=True)
-        return o[:, :, 0, :]
+        qg = q.view(n, k.shape[1], -1, D)  # [n, Hkv, G, D]
+        s = (qg @ k.transpose(-1, -2)).float() / math.sqrt(D)  # [n, Hkv, G, end]
+        s = s.masked_fill(torch.arange(end, device=q.device) > step.pos[:, None, None, None], -math.inf)
+        return (s.softmax(-1).to(v.dtype) @ v).reshape(n, H, D)
 
 
 def batch_ops(inner: Ops) -> BatchOps:
