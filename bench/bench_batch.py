@@ -6,7 +6,7 @@ Per ctx and kv_aligned, one BatchRunner holds a KV slab for each of the largest 
 fit: the largest B that fits is used, larger ones are reported as not fitting). Every request's prompt is
 prefilled once, sequence by sequence (prefill tokens/s), then for each B the first B requests are decoded
 together for --gen greedy steps (decode ms/step: the median over the steps after the first, which includes
-the CUDA graph capture; tokens/s = B / step). The floor per step is the weights read once plus each
+the CUDA graph capture; both kv modes replay their step from CUDA graphs; tokens/s = B / step). The floor per step is the weights read once plus each
 sequence's KV up to its position, over the copy bandwidth measured at the start of this run.
 
 Exactness per point (--check requests): each checked request's logits over its first --span decode steps at

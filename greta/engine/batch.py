@@ -77,7 +77,7 @@ class BatchRunner:
                  kv_aligned: bool, chunk: int, kv_block: int, perturb: str = "none", backend: str = "torch"):
         if n_seqs < 1:
             raise ValueError(f"a batch holds at least one sequence, got n_seqs={n_seqs}")
-        self.cfg, self.w, self.chunk, self.kv_aligned = cfg, weights, chunk, bool(kv_aligned)
+        self.cfg, self.w, self.chunk, self.kv_block, self.kv_aligned = cfg, weights, chunk, kv_block, bool(kv_aligned)
         emb = weights["embed"]
         self.device = emb.device
         # room for a padded last tile per sequence, as Runner's cache has
@@ -86,8 +86,11 @@ class BatchRunner:
         inner = make_ops(backend, self.kv_aligned, self.cos, self.sin, chunk=chunk, kv_block=kv_block)
         self.ops = with_control(inner, perturb)
         self.batch_ops = with_control(batch_ops(inner), perturb)
-        self.graphable = backend == "triton" and self.kv_aligned and self.device.type == "cuda"
-        self._graphs: dict[int, tuple] = {}  # rows -> (graph, tokens, positions, seqs, logits)
+        # CUDA graphs: Triton (kv1), and the torch kv0 step unless kv_off_by_one moves its positions (the moved
+        # step would read its layout back from the device, which a capture cannot)
+        on_gpu = self.device.type == "cuda"
+        self.graphable = on_gpu and (backend == "triton" if self.kv_aligned else perturb != "kv_off_by_one")
+        self._graphs: dict[tuple, tuple] = {}  # _graph_key -> (graph, tokens, positions, seqs, logits)
 
     @torch.inference_mode()
     def prefill(self, b: int, tokens: torch.Tensor, start: int = 0, keep: list[int] | None = None,
@@ -105,44 +108,71 @@ class BatchRunner:
     def decode(self, tokens, positions, seqs) -> torch.Tensor:
         """One decode step: row r is token tokens[r] of sequence seqs[r] at position positions[r] (each
         sequence at most once). Returns fp32 logits [rows, V] in the rows' order."""
-        dev = self.device
-        tok = torch.as_tensor(tokens, device=dev).reshape(-1).to(torch.int64)
-        pos = torch.as_tensor(positions, device=dev).reshape(-1).to(torch.int64)
-        seq = torch.as_tensor(seqs, device=dev).reshape(-1).to(torch.int64)
-        if not tok.numel() == pos.numel() == seq.numel() or seq.unique().numel() != seq.numel():
+        host_pos, host_seq = _ints(positions), _ints(seqs)
+        tok = torch.as_tensor(tokens, device=self.device).reshape(-1).to(torch.int64)
+        if not tok.numel() == len(host_pos) == len(host_seq) or len(set(host_seq)) != len(host_seq):
             raise ValueError("decode takes one token and one position per sequence, each sequence at most once")
-        if int(seq.min()) < 0 or int(seq.max()) >= self.cache.n_seqs:
+        if min(host_seq) < 0 or max(host_seq) >= self.cache.n_seqs:
             raise IndexError(f"decode names a sequence outside the batch of {self.cache.n_seqs}")
+        pos = torch.tensor(host_pos, device=self.device)
+        seq = torch.tensor(host_seq, device=self.device)
+        layout = self._layout(host_pos, host_seq)
         if self.graphable:
-            return self._decode_graphed(tok, pos, seq)
-        return self._step(tok, pos, seq)
+            return self._decode_graphed(tok, pos, seq, layout)
+        return self._step(tok, pos, seq, layout)
 
-    def _step(self, tok, pos, seq) -> torch.Tensor:
-        return forward(self.batch_ops, self.cfg, self.w, self.cache, self.batch_ops.plan_batch(tok, pos, seq))
+    def _layout(self, pos: list[int], seq: list[int]) -> dict:
+        """What a step's ops would otherwise read back from the device (ops/batch.py): each sequence's rows, and
+        how far attention reads: the furthest position + 1 rounded up to a KV block (at most the capacity), so
+        a captured step serves every position of a block."""
+        end = min(self.cache.capacity, -(-(max(pos) + 1) // self.kv_block) * self.kv_block)
+        return {"seq_groups": [(b, [r]) for r, b in enumerate(seq)], "kv_end": end}
 
-    def _decode_graphed(self, tok, pos, seq) -> torch.Tensor:
-        """The step replayed from a CUDA graph, one per number of rows (sequences, positions and tokens are
-        device inputs of the graph). Captured as Runner captures its decode: run twice eagerly on a side
-        stream (the same inputs, the same cache writes), then captured."""
-        n = tok.numel()
-        if n not in self._graphs:
+    def _step(self, tok, pos, seq, layout: dict) -> torch.Tensor:
+        step = self.batch_ops.plan_batch(tok, pos, seq)
+        if getattr(self.batch_ops, "rows_as_given", False):  # the step's rows are the rows given, in order
+            for key, value in layout.items():
+                step.once(key, lambda value=value: value)
+        return forward(self.batch_ops, self.cfg, self.w, self.cache, step)
+
+    def _graph_key(self, n: int, layout: dict) -> tuple:
+        """Triton's step reads everything from the device: one graph per row count. The torch (kv0) step is
+        shaped by how far it reads and, for consecutive sequences, by which (a slice of the slabs)."""
+        if self.kv_aligned:
+            return (n,)
+        seqs = [b for b, _ in layout["seq_groups"]]
+        start = seqs[0] if seqs == list(range(seqs[0], seqs[0] + n)) else None
+        return (n, layout["kv_end"], start)
+
+    def _decode_graphed(self, tok, pos, seq, layout: dict) -> torch.Tensor:
+        """The step replayed from a CUDA graph, one per _graph_key (sequences, positions and tokens are device
+        inputs of the graph). Captured as Runner captures its decode: run twice eagerly on a side stream (the
+        same inputs, the same cache writes), then captured."""
+        key = self._graph_key(tok.numel(), layout)
+        if key not in self._graphs:
             ins = (tok.clone(), pos.clone(), seq.clone())
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 for _ in range(2):
-                    self._step(*ins)
+                    self._step(*ins, layout)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                out = self._step(*ins)
-            self._graphs[n] = (graph, *ins, out)
-        graph, g_tok, g_pos, g_seq, out = self._graphs[n]
+                out = self._step(*ins, layout)
+            self._graphs[key] = (graph, *ins, out)
+        graph, g_tok, g_pos, g_seq, out = self._graphs[key]
         g_tok.copy_(tok)
         g_pos.copy_(pos)
         g_seq.copy_(seq)
         graph.replay()
         return out.clone()  # the next replay overwrites the graph's output buffer
+
+
+def _ints(values) -> list[int]:
+    """Host integers from a list, or a tensor read back once."""
+    values = values.tolist() if isinstance(values, torch.Tensor) else values
+    return [int(v) for v in (values if isinstance(values, (list, tuple)) else [values])]
 
 
 # --- the three ways of computing a request's logits (the batch probe's (a), (b), (c)) ---------------------

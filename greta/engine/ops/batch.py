@@ -40,6 +40,8 @@ def slab(kv, b: int):
 class BatchOps(OpsWrapper):
     """A backend's ops for a batch decode step: rows of several sequences (see the module docstring)."""
 
+    rows_as_given = True  # plan_batch keeps the rows as given: a runner may preset their layout (seq_groups)
+
     def plan_batch(self, tokens: torch.Tensor, pos: torch.Tensor, seq: torch.Tensor) -> Step:
         """One decode row per sequence: tokens, pos, seq [n]; lm_head returns the rows in the given order."""
         return Step(tokens, pos, True, list(range(tokens.numel())), seq=seq)
@@ -63,8 +65,9 @@ class BatchOps(OpsWrapper):
         raise NotImplementedError("batch prefill runs sequence by sequence through the backend itself")
 
     def lm_head(self, x, norm, head, eps, step: Step):
-        """The rows' logits with ONE linear over them (M = rows)."""
-        x = x[step.rows]
+        """The rows' logits with ONE linear over them (M = rows). plan_batch's rows are 0..n-1: a view, no
+        host-built index (so the step can be captured in a CUDA graph)."""
+        x = x[:len(step.rows)]
         return self.linear(self.rmsnorm(x, norm, eps), head).float()
 
 
@@ -87,6 +90,8 @@ class TiledBatchOps(BatchOps):
     places in the tile (a row's arithmetic does not read them; blocks past its position are masked to no-ops,
     as in the single-sequence backend). Filler rows copy the tile's first real row and write no KV.
     """
+
+    rows_as_given = False  # rows are laid into tiles
 
     def plan_batch(self, tokens, pos, seq) -> Step:
         t = self.inner.chunk
@@ -164,22 +169,20 @@ class TritonBatchOps(BatchOps):
     def decode_attention(self, q, kv, step: Step):
         return self.inner.k.batch_decode_attention(q, kv[0], kv[1], step.seq, step.pos)
 
-    def lm_head(self, x, norm, head, eps, step: Step):
-        x = x[:len(step.rows)]  # rows are 0..n-1 (plan_batch): a view, no host-built index in the graph
-        return self.linear(self.rmsnorm(x, norm, eps), head).float()
-
 
 class TorchBatchOps(BatchOps):
     """Batch decode on the kv_aligned=0 torch path: TorchOps' decode attention (plain softmax(q K^T / sqrt(D)) V
     per GQA group) for all rows at once, batched over the rows' slabs up to the furthest position, each row
     masked to its own keys 0..pos. K and V are read in place when the rows are consecutive sequences (as when
     the whole batch is live), gathered otherwise. The batched matmuls round unlike the single-row ones and the
-    SDPA prefill: the drift the batch probe measures."""
+    SDPA prefill: the drift the batch probe measures. How far to read, `kv_end` (at least the furthest position
+    + 1), is the step's (greta.engine.batch sets it from the host's positions, so a captured step holds no
+    host sync); without it, it is read from the device."""
 
     def decode_attention(self, q, kv, step: Step):
         n, H, D = q.shape
         seqs = [b for b, _ in seq_groups(step)]
-        end = int(step.pos.max()) + 1
+        end = step.once("kv_end", lambda: int(step.pos.max()) + 1)
         if seqs == list(range(seqs[0], seqs[0] + n)):
             k, v = kv[0][seqs[0]:seqs[0] + n, :, :end], kv[1][seqs[0]:seqs[0] + n, :, :end]
         else:
