@@ -156,3 +156,16 @@ def test_triton_batch_of_three_is_exact():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0 and "exact" in done.stdout, done.stderr[-2000:]
+
+
+def test_the_host_layout_and_graph_keys(tiny_cfg, tiny_weights):
+    """What a captured step is keyed by: Triton's by its row count; torch kv0's also by how far attention reads
+    (the furthest position + 1, rounded up to a KV block) and which consecutive slabs it slices."""
+    br = BatchRunner(tiny_cfg, tiny_weights(), n_seqs=4, max_tokens=200, kv_aligned=0, chunk=CHUNK, kv_block=KV_BLOCK)
+    lay = br._layout([63, 10, 5], [1, 2, 3])
+    assert lay == {"seq_groups": [(1, [0]), (2, [1]), (3, [2])], "kv_end": 64}
+    assert br._layout([64], [0])["kv_end"] == 128 and br._layout([199], [0])["kv_end"] == br.cache.capacity
+    assert br._graph_key(3, lay) == (3, 64, 1)
+    assert br._graph_key(2, br._layout([1, 2], [3, 0])) == (2, 64, None)  # not consecutive: gathered
+    br.kv_aligned = True
+    assert br._graph_key(3, lay) == (3,)
