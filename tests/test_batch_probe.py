@@ -178,3 +178,13 @@ def test_the_batch_report_escapes_outside_values(runs):
     assert "<script>" not in text and "<img" not in text and "<b>" not in text
     assert "&lt;script&gt;" in text
     assert re.search(r"Verdict: \*\*FAIL\\?_ERROR\*\*", text)
+
+
+def test_the_vram_floor_counts_every_slab(runs):
+    from greta.engine.config import PRESETS
+    from greta.record.samples import floor_for
+
+    p = load_params(None, {"probe": "batch", "batch": 4, "ctx": 1000, "gen": 8, "span": 4})
+    one = floor_for(p.replace(batch=1), PRESETS["tiny"])
+    assert floor_for(p, PRESETS["tiny"])["kv_cache_mb"] == pytest.approx(4 * one["kv_cache_mb"], abs=0.2)
+    assert rj(runs("pass"), "vram.json")["floor"]["kv_cache_mb"] > 0

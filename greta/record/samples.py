@@ -91,7 +91,12 @@ def floor_mb(cfg, dtype_bytes: int, cache_tokens: int) -> dict:
 
 
 def floor_for(params, cfg) -> dict:
-    """floor_mb for a probe run: the model cfg in params["dtype"], with a cache of ctx + gen positions."""
+    """floor_mb for a probe run: the model cfg in params["dtype"], with a cache of ctx + gen positions (the
+    batch probe: one such slab per request, all preallocated)."""
     from greta.record.params import dtype_bytes
 
-    return floor_mb(cfg, dtype_bytes(params["dtype"]), params["ctx"] + params["gen"])
+    try:
+        slabs = params["batch"] if params["probe"] == "batch" else 1
+    except KeyError:  # params of a record made before the batch probe
+        slabs = 1
+    return floor_mb(cfg, dtype_bytes(params["dtype"]), (params["ctx"] + params["gen"]) * slabs)
