@@ -26,6 +26,8 @@ CONFIGS = {
     "drift": {"kv_aligned": 0},
     "error": {"fault": "error:reference"},
     "hang": {"fault": "hang:decode", "timeouts.decode": 3},
+    "oom": {"fault": "oom:prefill"},
+    "kill": {"fault": "kill:reference"},
 }
 
 
@@ -80,7 +82,8 @@ def test_the_control_differs_in_the_batch_only(runs):
         assert r["alone_vs_batch_max_abs_diff"] > 0 and not r["bit_exact"]
 
 
-@pytest.mark.parametrize("name,verdict,phase", [("error", "FAIL_ERROR", "reference"), ("hang", "FAIL_TIMEOUT", "decode")])
+@pytest.mark.parametrize("name,verdict,phase", [("error", "FAIL_ERROR", "reference"), ("hang", "FAIL_TIMEOUT", "decode"),
+                                                ("oom", "FAIL_OOM", "prefill"), ("kill", "FAIL_ERROR", "reference")])
 def test_faults_end_in_a_verifying_record(runs, name, verdict, phase):
     d = runs(name)
     v = rj(d, "verdict.json")
