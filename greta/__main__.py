@@ -86,6 +86,8 @@ def _add_run_cmds(sub):
         sp.add_argument("-o", "--out-root", default=None,
                         help="records go under this folder (default: the checkout's outputs/)")
         sp.add_argument("--quiet", action="store_true", help="no progress on the terminal")
+        sp.add_argument("--batch", type=int, default=None, metavar="N",
+                        help="the batch probe with N requests: the same as -p probe=batch -p batch=N")
         if name == "audit":
             sp.add_argument("--show-code", action="store_true", help="the HTML pages show the notebooks' code")
 
@@ -196,7 +198,10 @@ def _run_params(args):
             bad_out = True
         if bad_out:
             raise ParamError(f"-o {args.out_root!r} is not a folder; records go under a folder, e.g. -o outputs")
-    return preflight(load_params(args.file, parse_overrides(args.param)))
+    overrides = parse_overrides(args.param)
+    if args.batch is not None:
+        overrides = {"probe": "batch", "batch": args.batch, **overrides}
+    return preflight(load_params(args.file, overrides))
 
 
 def _run_cmd(args) -> int:
@@ -230,7 +235,7 @@ def _run_cmd(args) -> int:
     verdict = json.loads((Path(run_dir) / "verdict.json").read_text())
     print(f"{verdict['verdict']}: {verdict['reason']}")
     print(f"record: {run_dir}")
-    return 0 if verdict["verdict"] in ("PASS_EQUIV", "EXPECTED_DRIFT") else 1
+    return 0 if verdict["verdict"] in ("PASS_EQUIV", "EXPECTED_DRIFT", "PASS_BATCH_INVARIANT", "BATCH_DRIFT") else 1
 
 
 def _sweep_cmd(args) -> int:

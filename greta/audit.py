@@ -28,7 +28,23 @@ from greta.reports import notebooks as nbs
 from greta.reports.run_report import render_report
 
 RUN_NOTEBOOK = "run_b3_77.ipynb"
+BATCH_NOTEBOOK = "batch_probe.ipynb"  # probe=batch: the batch probe's run notebook
+BATCH_ANALYSIS = ("vram_plot.ipynb",)  # the equivalence notebook reads a B3.77 record's logits.npz
 ANALYSIS = "the analysis notebooks"
+
+
+def run_notebook(params) -> str:
+    """The run notebook of the probe params name."""
+    return BATCH_NOTEBOOK if params["probe"] == "batch" else RUN_NOTEBOOK
+
+
+def _render(params, meta, perf, metrics, vs, verdict) -> str:
+    """report.md by the probe's renderer."""
+    if params["probe"] == "batch":
+        from greta.reports.batch_report import render_batch_report
+
+        return render_batch_report(params, meta, perf, metrics, vs, verdict)
+    return render_report(params, meta, perf, metrics, vs, verdict)
 
 
 def notebook_params(params_file, overrides: dict | None, **named):
@@ -44,7 +60,7 @@ def run_stage(params: dict, run_dir=None, out_root=None, show_code: bool = False
     if run_dir is None:  # "outputs" (the default) is the checkout's folder, from notebooks/ too
         return run_audit(params, out_root=out_root, progress=False, show_code=show_code)
     run_probe(params, run_dir=run_dir, progress=True)
-    nbs.execute_analysis(run_dir)
+    nbs.execute_analysis(run_dir, names=BATCH_ANALYSIS if params["probe"] == "batch" else nbs.ANALYSIS_NOTEBOOKS)
     return Path(run_dir)
 
 
@@ -145,10 +161,10 @@ def run_audit(params: dict, out_root=None, progress: bool = True, show_code: boo
     """Execute run_b3_77.ipynb into a fresh record directory, complete it and seal it (the module docstring).
     params: validated (load_params). Raises ProbeInterrupted (after sealing) if interrupted."""
     run_dir = new_probe_dir(out_root, params)
-    out = run_dir / RUN_NOTEBOOK
+    out = run_dir / run_notebook(params)
     with _Interrupts() as intr, _Progress(progress):
         try:
-            err = nbs.execute_notebook(nbs.notebook_path(RUN_NOTEBOOK), out,
+            err = nbs.execute_notebook(nbs.notebook_path(run_notebook(params)), out,
                                        dict(params_file=None, overrides=_plain(params), run_dir=str(run_dir)),
                                        timeout_s=None)
         except KeyboardInterrupt:  # not forwarded (e.g. the audit runs off the main thread): papermill gave up
@@ -169,7 +185,7 @@ def complete_record(run_dir: Path, params: dict, err: Exception | None, interrup
                     show_code: bool = False) -> None:
     """After the run notebook: the verdict that covers what happened, HTML of each notebook, then the seal."""
     if err is not None and not interrupted:
-        print(f"greta: {RUN_NOTEBOOK} failed: {nbs.one_line(err)} (kept: {run_dir / RUN_NOTEBOOK})", file=sys.stderr)
+        print(f"greta: {run_notebook(params)} failed: {nbs.one_line(err)} (kept: {run_dir / run_notebook(params)})", file=sys.stderr)
     if not (run_dir / "verdict.json").is_file():  # the kernel died (or was torn down) before the probe ended
         status, how = (("interrupted", f"interrupted by {interrupted}") if interrupted else
                        ("crash", f"the notebook kernel died ({nbs.one_line(err) if err else 'no error reported'})"))
@@ -201,6 +217,6 @@ def _mark_interrupted_after_probe(run_dir: Path, params: dict, how: str) -> None
               "reason": f"interrupted by {how} during {ANALYSIS} ({names}); the probe had finished: "
                         f"{v['verdict']} ({v['reason']})"})
     atomic_write_text(run_dir / "verdict.json", json.dumps(v, indent=2) + "\n")
-    atomic_write_text(run_dir / "report.md", render_report(
+    atomic_write_text(run_dir / "report.md", _render(
         params, rec.metadata.to_dict(), rec.perf.to_dict(), rec.metrics.to_dict() if rec.metrics else None,
         rec.vram.to_dict(), v))

@@ -11,6 +11,7 @@ except ImportError:  # a torch-only install: greta.engine's torch backends need 
 if triton is not None:
     from .attention import BLOCK_KV, decode_attention, prefill_attention
     from .flash_decode import flash_decode
+    from .batch_attention import batch_decode_attention
     from .gemm import matmul
     from .norm import add_rmsnorm, rmsnorm
     from .reduce import sum_in_order
@@ -18,7 +19,7 @@ if triton is not None:
     from .swiglu import swiglu
 
 __all__ = [
-    "BLOCK_KV", "prefill_attention", "decode_attention", "attention_ref", "flash_decode",
+    "BLOCK_KV", "prefill_attention", "decode_attention", "batch_decode_attention", "attention_ref", "flash_decode",
     "matmul", "matmul_ref",
     "rmsnorm", "rmsnorm_ref", "add_rmsnorm", "add_rmsnorm_ref",
     "rope", "rope_ref",

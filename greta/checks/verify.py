@@ -23,16 +23,18 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from greta.checks.batch_checks import check_batch_judgement
 from greta.checks.statements import check_pages, check_report
 from greta.record.files import MANIFEST, RecordFiles, read_record
 from greta.record.metrics import EQUIV_VERDICTS, FAIL, FAULT_VERDICTS, equivalence_verdict
+from greta.record.batch import BATCH_VERDICTS, LOGITS_FILE as BATCH_LOGITS
 from greta.record.params import PHASES
 from greta.record.store import SEAL_KEY_ENV, record_files, seal_hmac, sha256_file
 
 BASE = ("params.json", "metadata.json", "perf.json", "vram.json", "vram_samples.csv", "verdict.json", "report.md")
 # verdict -> the perf.json statuses its failed phase may end with (the inverse of metrics.FAIL)
 FAULT_STATUS = {v: {s for s, w in FAIL.items() if w == v} for v in FAULT_VERDICTS}
-LARGE = ("logits.npz",)  # listed in the manifest but kept out of git
+LARGE = ("logits.npz", BATCH_LOGITS)  # listed in the manifest but kept out of git
 
 
 def _check_manifest(d: Path, allow_missing_large: bool, rec: RecordFiles | None = None) -> tuple[dict | None, list[str]]:
@@ -161,11 +163,13 @@ def verify(run_dir, allow_missing_large: bool = False) -> list[str]:
     if rec.perf is not None and rec.verdict is not None:
         errors += _check_phases(rec.perf, rec.verdict)
         if rec.perf.status("reference") == "ok":
-            for name in ("metrics.json", "logits.npz"):
+            batch = rec.params is not None and rec.params.get("probe") == "batch"
+            for name in ("metrics.json", BATCH_LOGITS if batch else "logits.npz"):
                 if not (d / name).is_file() and not (allow_missing_large and name in LARGE):
                     errors.append(f"{name} is missing though the reference phase finished")
     errors += _check_vram(rec)
     errors += _check_judgement(rec)
+    errors += check_batch_judgement(rec)
     if rec.verdict is not None and rec.params is not None:
         errors += check_report(d / "report.md", rec) + check_pages(d, rec.verdict.verdict)
     if (d / "logits.npz").is_file():
@@ -197,7 +201,7 @@ def _check_phases(perf, verdict) -> list[str]:
             errors.append(f"phases before {failed} did not all finish: {status[:i]}")
         if any(s != "not_run" for s in status[i + 1:]):
             errors.append(f"phases after the failed {failed} have results: {status[i + 1:]}")
-    elif v in EQUIV_VERDICTS:
+    elif v in EQUIV_VERDICTS or v in BATCH_VERDICTS:
         if any(s != "ok" for s in status):
             errors.append(f"{v} but not every phase finished: {dict(zip(PHASES, status))}")
     else:

@@ -88,21 +88,8 @@ class Runner:
                 progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
         """Ingest tokens at positions start.. in chunks of self.chunk. Returns fp32 logits [len(keep), V]
         for the absolute positions in keep (default: the last one)."""
-        n = tokens.numel()
-        keep = [start + n - 1] if keep is None else keep
-        out = {}
-        if self.kv_aligned and start % self.chunk:
-            raise ValueError(f"aligned prefill must start on a tile boundary (start={start}, chunk={self.chunk})")
-        for c0 in range(0, n, self.chunk):
-            c1 = min(n, c0 + self.chunk)
-            pos = torch.arange(start + c0, start + c1, device=self.device)
-            rows = [p - (start + c0) for p in keep if start + c0 <= p < start + c1]
-            logits = self._forward(tokens[c0:c1], pos, rows, decode=False)
-            for r, row in zip(rows, logits):
-                out[start + c0 + r] = row
-            if progress:
-                progress(c1, n)
-        return torch.stack([out[p] for p in keep])
+        return chunked_prefill(self._forward, tokens, start, keep, chunk=self.chunk, aligned=self.kv_aligned,
+                               device=self.device, progress=progress)
 
     @torch.inference_mode()
     def decode(self, token: torch.Tensor, pos: int) -> torch.Tensor:
@@ -150,3 +137,25 @@ class Runner:
         self._pos.fill_(pos)
         self._graph.replay()
         return self._out[0].clone()  # the next replay overwrites the graph's output buffer
+
+
+def chunked_prefill(run: Callable, tokens: torch.Tensor, start: int, keep: list[int] | None, *, chunk: int,
+                    aligned: bool, device, progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """The one prefill loop (Runner, and greta.engine.batch per sequence): tokens at positions start.. in
+    chunks of `chunk`, each through run(tokens, pos, rows, decode=False) -> logits of rows. Returns fp32
+    logits [len(keep), V] for the absolute positions in keep (default: the last one)."""
+    n = tokens.numel()
+    keep = [start + n - 1] if keep is None else keep
+    out = {}
+    if aligned and start % chunk:
+        raise ValueError(f"aligned prefill must start on a tile boundary (start={start}, chunk={chunk})")
+    for c0 in range(0, n, chunk):
+        c1 = min(n, c0 + chunk)
+        pos = torch.arange(start + c0, start + c1, device=device)
+        rows = [p - (start + c0) for p in keep if start + c0 <= p < start + c1]
+        logits = run(tokens[c0:c1], pos, rows, decode=False)
+        for r, row in zip(rows, logits):
+            out[start + c0 + r] = row
+        if progress:
+            progress(c1, n)
+    return torch.stack([out[p] for p in keep])

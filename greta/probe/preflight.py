@@ -141,7 +141,17 @@ def _check_fits(p: Params) -> None:
     b = dtype_bytes(p.dtype)
     need = cfg.rank_param_count(p.tp) * b + cfg.kv_bytes_per_token(b) * cache // p.tp  # one rank's
     have = device_memory(p.device)
+    if p.probe == "batch":
+        _check_batch_fits(p, cfg.param_count() * b, p.batch * cfg.kv_bytes_per_token(b) * cache, have)
     if need > have:
         sizes = ", ".join(f"{k}={getattr(p, k)}" for k in ("ctx", "gen", "prefill_chunk", "kv_block", "tp"))
         raise ParamError(f"params {sizes}: weights + KV cache need {need / 2**30:.3g} GiB but {p.device} has "
                          f"{have / 2**30:.3g} GiB; lower -p ctx (or gen, prefill_chunk, kv_block), or raise -p tp")
+
+
+def _check_batch_fits(p: Params, weights: int, kv: int, have: int) -> None:
+    """The batch probe's KV is a slab per request (greta.engine.batch.BatchKVCache): batch x capacity."""
+    if weights + kv > have:
+        raise ParamError(f"params batch={p.batch}, ctx={p.ctx}: weights {weights / 2**30:.3g} GiB + KV cache of "
+                         f"{p.batch} slabs {kv / 2**30:.3g} GiB do not fit the {have / 2**30:.3g} GiB of {p.device}; "
+                         "lower -p batch or -p ctx")

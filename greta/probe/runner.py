@@ -144,7 +144,8 @@ def run_probe(params: dict, out_root="outputs", run_dir=None, progress: bool = T
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
     stats = ctx.Array("d", [float("nan"), float("nan")], lock=False)
-    proc = ctx.Process(target=worker_main, args=(params, child, stats), daemon=True, name="greta-probe-worker")
+    proc = ctx.Process(target=worker_main, args=(params, child, stats, _job_class(params)), daemon=True,
+                       name="greta-probe-worker")
     _start_ignoring_sigint(proc)
     rec.meta["worker_pid"] = proc.pid
     rec.write_json("metadata.json", rec.meta)
@@ -219,6 +220,17 @@ def run_probe(params: dict, out_root="outputs", run_dir=None, progress: bool = T
     return rec.path
 
 
+def _job_class(params):
+    """The worker's phases for the probe params name: B3.77's Job, or the batch probe's."""
+    if params["probe"] == "batch":
+        from greta.probe.batch_worker import BatchJob
+
+        return BatchJob
+    from greta.probe.worker import Job
+
+    return Job
+
+
 def _start_ignoring_sigint(proc):
     """Start the worker with SIGINT ignored (inherited across exec): Ctrl-C reaches the whole process group, and
     the runner, not the worker, answers it; the worker would only add a KeyboardInterrupt traceback."""
@@ -277,14 +289,23 @@ def _checkpoint(rec, perf, sampler):
     write_samples_csv(rec.path / "vram_samples.csv", sampler.snapshot())
 
 
-def _finish(rec, params, perf, results, sampler, failure):
-    """Metrics, verdict, VRAM summary, roofline and report: everything measured up to any fault."""
-    load = results.get("load", {})
-    cfg = load.get("config")
+def vram_summary_of(params, perf, results, sampler) -> dict:
+    """The VRAM summary of a run: its samples and allocator peaks against the weights + KV floor."""
+    cfg = results.get("load", {}).get("config")
     allocator = {ph: perf[ph]["allocator"] for ph in PHASES if "allocator" in perf[ph]}
     model_cfg = ModelConfig(**cfg) if cfg else load_config(params["model"])
-    floor = floor_for(params, model_cfg)
-    vram_summary = vram.summarize(sampler, allocator, floor, loaded=perf["load"].get("status") == "ok")
+    return vram.summarize(sampler, allocator, floor_for(params, model_cfg), loaded=perf["load"].get("status") == "ok")
+
+
+def _finish(rec, params, perf, results, sampler, failure):
+    """Metrics, verdict, VRAM summary, roofline and report: everything measured up to any fault."""
+    if params["probe"] == "batch":
+        from greta.probe.batch_record import finish_batch
+
+        return finish_batch(rec, params, perf, results, vram_summary_of(params, perf, results, sampler), sampler, failure)
+    load = results.get("load", {})
+    cfg = load.get("config")
+    vram_summary = vram_summary_of(params, perf, results, sampler)
     metrics = None
     if "reference" in results:
         ref = results["reference"]

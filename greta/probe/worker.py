@@ -226,11 +226,12 @@ def _die_with_parent():
             pass
 
 
-def main(params, conn, stats):
-    """Entry point of the worker process (multiprocessing, spawn)."""
+def main(params, conn, stats, job_class=Job):
+    """Entry point of the worker process (multiprocessing, spawn); job_class holds the probe's phases (Job:
+    B3.77's; greta.probe.batch_worker.BatchJob: the batch probe's)."""
     _die_with_parent()
     try:
-        job = Job(params, conn.send)
+        job = job_class(params, conn.send)
         if job.device.type == "cuda":
             torch.cuda.set_device(job.device)
     except BaseException as e:  # noqa: BLE001 - reported as the first phase's error

@@ -20,6 +20,12 @@ from greta.record.params import (DEFAULTS, Params, ParamError, coerce, flat_keys
                                  read_params_file, show)
 
 AXES = ("ctx", "kv_aligned", "seed", "dtype")  # point names and execution order follow this order
+BATCH_AXIS = "batch"  # the batch probe's axis: an axis only where a matrix declares it (after kv_aligned)
+
+
+def axis_keys(axes) -> tuple[str, ...]:
+    """The axes of a declared matrix in execution order: AXES, with batch after kv_aligned where declared."""
+    return AXES[:2] + (BATCH_AXIS,) + AXES[2:] if BATCH_AXIS in axes else AXES
 
 
 @dataclass(frozen=True)
@@ -48,12 +54,14 @@ class Matrix:
 
 
 def point_name(point) -> str:
-    return f"ctx{point['ctx']}-kv{point['kv_aligned']}-seed{point['seed']}-{point['dtype']}"
+    batch = f"-b{point[BATCH_AXIS]}" if BATCH_AXIS in point else ""
+    return f"ctx{point['ctx']}-kv{point['kv_aligned']}{batch}-seed{point['seed']}-{point['dtype']}"
 
 
 def combos(axes: dict) -> list[dict]:
-    """ctx-major, then kv_aligned, seed, dtype, each in declared order."""
-    return [dict(zip(AXES, vals)) for vals in itertools.product(*(axes[k] for k in AXES))]
+    """ctx-major, then kv_aligned, (batch,) seed, dtype, each in declared order."""
+    keys = axis_keys(axes)
+    return [dict(zip(keys, vals)) for vals in itertools.product(*(axes[k] for k in keys))]
 
 
 def load_matrix(path=None, overrides: dict | None = None) -> Matrix:
@@ -75,7 +83,7 @@ def matrix_from_data(data: dict, source: str, overrides: dict | None = None, fil
     for combo in combos(axes):
         name = point_name(combo)
         layers = [(f"matrix {source}", base)]
-        layers += [("point_overrides", sets) for when, sets in rules if all(combo[k] == v for k, v in when.items())]
+        layers += [("point_overrides", sets) for when, sets in rules if all(combo.get(k) == v for k, v in when.items())]
         try:
             params[name] = Params.from_layers(layers + [("axes", combo)])
         except ParamError as e:
@@ -89,7 +97,7 @@ def _axes_and_base(data: dict, source: str, overrides: dict | None) -> tuple[dic
     base: dict = {}
     for src, layer in ((source, data), ("override", dict(overrides or {}))):
         for key, value in flatten(layer, src).items():
-            if key in AXES:
+            if key in AXES or key == BATCH_AXIS:
                 axes[key] = [_coerce_axis(key, v, f"matrix axis {key} (from {src})") for v in _axis_values(key, value, src)]
             elif key not in known:
                 raise ParamError(f"unknown param {show(key)} (from {src}); known: {', '.join(sorted(known))}, point_overrides")
@@ -108,11 +116,11 @@ def _rules(point_overrides, source: str) -> list[tuple[dict, dict]]:
         raise ParamError(f"point_overrides (from {source}) must be a list of {{when: {{axis: value}}, set: {{param: value}}}}")
     rules = []
     for o in point_overrides:
-        bad = [k for k in o["when"] if k not in AXES]
+        bad = [k for k in o["when"] if k not in AXES + (BATCH_AXIS,)]
         if bad:
-            raise ParamError(f"point_overrides: when-key {show(bad[0])} is not an axis ({', '.join(AXES)})")
+            raise ParamError(f"point_overrides: when-key {show(bad[0])} is not an axis ({', '.join(AXES)}, {BATCH_AXIS})")
         sets = flatten(o["set"], "point_overrides")
-        bad = [k for k in sets if k in AXES]
+        bad = [k for k in sets if k in AXES + (BATCH_AXIS,)]
         if bad:
             raise ParamError(f"point_overrides: cannot set the axis {show(bad[0])}; change the axis list instead")
         when = {k: _coerce_axis(k, v, f"point_overrides: when {k}") for k, v in o["when"].items()}

@@ -21,11 +21,11 @@ from greta.paths import resolve  # noqa: F401 - params.resolve, as callers know 
 PHASES = ("ceilings", "load", "prefill", "decode", "reference")
 FAULT_KINDS = ("hang", "oom", "crash", "kill", "error", "kernel_death")
 CHOICES = {
-    "probe": ("b3_77",),
+    "probe": ("b3_77", "batch"),
     "backend": ("torch", "triton"),
     "dtype": ("bfloat16", "float16", "float32"),
     "kv_aligned": (0, 1),
-    "perturb": ("none", "rope_offset", "kv_off_by_one", "tp_library_reduce"),
+    "perturb": ("none", "rope_offset", "kv_off_by_one", "tp_library_reduce", "batch_split_k"),
     "tp": (1, 2, 4, 8),
 }
 SIZE_MAX = 2**31 - 1      # ctx, gen, prefill_chunk, kv_block: far past any model; keeps the fit check in float range
@@ -166,13 +166,21 @@ class Params:
     fault: str = "none"            # fault injection (tests): none | <hang|oom|crash|kill|error|kernel_death>:<phase>
     threads: int = 0               # CPU threads for torch (0 = torch's default)
     tp: int = 1                    # tensor-parallel ranks (1, 2, 4, 8): must divide the model's KV heads
+    batch: int = 1                 # probe=batch: requests decoded together (greta/record/batch.py)
+    batch_lengths: str = ""        # probe=batch: prompt lengths, comma-separated, one per request; "": drawn seeded in [ctx/2, ctx]
+    batch_gen: str = ""            # probe=batch: decode steps per request, comma-separated; "": gen for every request
 
     def __post_init__(self):
         validate(self)
 
     def to_dict(self) -> dict:
-        """The JSON form, shaped as params.json has always been (sections nested)."""
-        return asdict(self)
+        """The JSON form, shaped as params.json has always been (sections nested); the batch probe's keys
+        only in a batch probe's params, so every other probe's params.json keeps its shape."""
+        d = asdict(self)
+        if self.probe != "batch":
+            for key in BATCH_KEYS:
+                del d[key]
+        return d
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "dict") -> "Params":
@@ -208,6 +216,7 @@ class Params:
 
 
 _FIELD_NAMES = frozenset(f.name for f in fields(Params))
+BATCH_KEYS = ("batch", "batch_lengths", "batch_gen")
 SECTIONS = tuple(SECTION_TYPES)  # timeouts, thresholds
 
 
@@ -325,6 +334,7 @@ def validate(p: Params) -> None:
     for k in p.thresholds.to_dict():
         _range(p, f"thresholds.{k}", 0.0, 1.0 if k == "top1_agreement" else None)
     _check_tp(p)
+    _check_batch(p)
     if p.fault != "none":
         kind, _, phase = p.fault.partition(":")
         if kind not in FAULT_KINDS or phase not in PHASES:
@@ -343,6 +353,39 @@ def _check_tp(p: Params) -> None:
     if p.perturb == "tp_library_reduce" and p.tp < 4:
         raise ParamError(f"param perturb=tp_library_reduce needs -p tp=4 or 8 (got tp={p.tp}): with 1 or 2 ranks any "
                          "all-reduce adds in one order, so this control could not fail")
+
+
+BATCH_MAX = 4096
+
+
+def int_list(key: str, text: str, n: int, lo: int, hi: int, hint: str) -> list[int]:
+    """A comma-separated list of n integers in lo..hi (a batch param), or a one-line ParamError."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise ParamError(f"param {key}={show(text)} is not integers separated by commas; e.g. -p {key}={hint}") from None
+    if len(values) != n:
+        raise ParamError(f"param {key}={show(text)} gives {len(values)} values for batch={n}; give one per request")
+    bad = [v for v in values if not lo <= v <= hi]
+    if bad:
+        raise ParamError(f"param {key}={show(text)}: {bad[0]} is not between {lo} and {hi}; e.g. -p {key}={hint}")
+    return values
+
+
+def _check_batch(p: Params) -> None:
+    """The batch probe's params: only with probe=batch, and each list one value per request within range."""
+    _range(p, "batch", 1, BATCH_MAX)
+    if p.probe != "batch":
+        for key, plain in (("batch", 1), ("batch_lengths", ""), ("batch_gen", "")):
+            if getattr(p, key) != plain:
+                raise ParamError(f"param {key}={show(getattr(p, key))} is for the batch probe; add -p probe=batch")
+        if p.perturb == "batch_split_k":
+            raise ParamError("param perturb=batch_split_k is the batch probe's control; add -p probe=batch")
+        return
+    if p.batch_lengths:
+        int_list("batch_lengths", p.batch_lengths, p.batch, 1, p.ctx, ",".join([str(p.ctx)] * p.batch))
+    if p.batch_gen:
+        int_list("batch_gen", p.batch_gen, p.batch, 1, p.gen, ",".join([str(p.gen)] * p.batch))
 
 
 # --- reading: files, CLI strings, notebooks ---------------------------------------------------------------
@@ -455,7 +498,7 @@ def params_from_notebook(params_file, overrides: dict | None = None, **named) ->
 
 def _flatten_defaults() -> dict:
     d = {}
-    for k, v in Params().to_dict().items():
+    for k, v in asdict(Params()).items():
         d.update({f"{k}.{sk}": sv for sk, sv in v.items()} if isinstance(v, dict) else {k: v})
     return d
 

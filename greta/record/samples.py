@@ -95,9 +95,11 @@ def floor_mb(cfg, dtype_bytes: int, cache_tokens: int, tp: int = 1) -> dict:
 
 
 def floor_for(params, cfg) -> dict:
-    """floor_mb for a probe run: the model cfg in params["dtype"], with a cache of ctx + gen positions, per rank
-    of params' tp (a dict of params, as old records hold them, has none: 1)."""
+    """floor_mb for a probe run: the model cfg in params["dtype"], with a cache of ctx + gen positions (the batch
+    probe: one such slab per request, all preallocated), per rank of params' tp. A dict of params as an old
+    record holds them may lack probe, batch or tp (made before those existed): one slab, tp 1."""
     from greta.record.params import dtype_bytes
 
-    tp = params.get("tp", 1) if isinstance(params, dict) else params.tp
-    return floor_mb(cfg, dtype_bytes(params["dtype"]), params["ctx"] + params["gen"], tp)
+    get = params.get if isinstance(params, dict) else lambda k, d=None: getattr(params, k, d)
+    slabs = get("batch", 1) if get("probe") == "batch" else 1
+    return floor_mb(cfg, dtype_bytes(params["dtype"]), (params["ctx"] + params["gen"]) * slabs, get("tp", 1))

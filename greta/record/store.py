@@ -71,7 +71,8 @@ def versions() -> dict:
 def probe_name_parts(params) -> list[str]:
     """The parts of a probe run directory's name: <model>-ctx<ctx>-kv<0|1> (greta.record.rundir adds the
     time before and a random suffix after)."""
-    return [Path(params["model"]).name or "model", f"ctx{params['ctx']}", f"kv{params['kv_aligned']}"]
+    parts = [Path(params["model"]).name or "model", f"ctx{params['ctx']}", f"kv{params['kv_aligned']}"]
+    return parts + [f"b{params['batch']}"] if params["probe"] == "batch" else parts
 
 
 def new_probe_dir(out_root, params) -> Path:
@@ -103,7 +104,11 @@ def model_vocab(model: str) -> int:
 
 def expected_bytes(params) -> int:
     """Rough size of a record: logits (2 x span x vocab fp32, before compression), notebooks and plots."""
-    span = params["span"]
+    try:  # batch: (b) per request; (a), (c) as XOR
+        batch = params["batch"] if params["probe"] == "batch" else 1
+    except KeyError:  # a plain dict of the size-relevant keys (and an oracle's params) names no probe
+        batch = 1
+    span = params["span"] * batch
     return (2 * span * model_vocab(params["model"]) * 4 if span else 0) + 16 * 2**20  # span 0: a record without logits (oracle)
 
 

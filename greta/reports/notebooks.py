@@ -147,15 +147,16 @@ def mark_unfinished(nb_path: str | Path, verdict: str, reason: str) -> None:
     nbformat.write(nb, str(nb_path))
 
 
-def execute_analysis(run_dir: str | Path, timeout_s: float | None = 600) -> list[Path]:
-    """Execute the VRAM and equivalence notebooks into ``run_dir``, plus HTML of each.
+def execute_analysis(run_dir: str | Path, timeout_s: float | None = 600,
+                     names: tuple[str, ...] = ANALYSIS_NOTEBOOKS) -> list[Path]:
+    """Execute the VRAM and equivalence notebooks (or those `names` lists) into ``run_dir``, plus HTML of each.
 
     A notebook that fails is still kept (papermill writes it with the error) and still rendered; the failure
     is reported on stderr and the next notebook runs. Returns the paths written: ``<nb>.ipynb`` and
     ``<nb>.html`` for each notebook. Only a missing ``notebooks/`` folder raises (:class:`NotebooksMissing`).
     """
     run_dir = Path(run_dir).resolve()  # the kernel's cwd is the repo root, not ours
-    sources = [notebook_path(name) for name in ANALYSIS_NOTEBOOKS]
+    sources = [notebook_path(name) for name in names]
     written: list[Path] = []
     for i, src in enumerate(sources):
         report_progress("notebook", src.name, i, len(sources))

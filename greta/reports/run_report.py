@@ -200,3 +200,6 @@ def fault_report(verdict: str, reason: str, perf: dict, n_samples: int, peak_mb,
                       md.line("VRAM samples up to the fault: ", n_samples, " (peak ", fmt.mb(peak_mb), "; floor ",
                               fmt.mb(floor_mb), "). See run_b3_77.ipynb/.html here: cells after the fault did not "
                               "run.", sep=""), ""])
+
+
+vram_section = _vram  # the VRAM section as every probe's report has it (reports/batch_report.py too)

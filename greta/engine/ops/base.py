@@ -20,12 +20,15 @@ class Step:
     decode:      the one-token decode path (attention then calls decode_attention).
     rows:        rows whose logits lm_head returns, in order.
     kv_rows:     rows whose K/V are written to the cache (None: all of them; padding rows are not).
+    seq:         [T] the sequence each row belongs to, an index into a batch's KV slabs (None: one sequence,
+                 the cache is one layer's (k, v); see greta/engine/batch.py and ops/batch.py).
     """
     tokens: torch.Tensor
     pos: torch.Tensor
     decode: bool
     rows: list[int]
     kv_rows: torch.Tensor | None = None
+    seq: torch.Tensor | None = None
     _moved: dict = field(default_factory=dict, compare=False, repr=False)
     _memo: dict = field(default_factory=dict, compare=False, repr=False)
 

@@ -1,0 +1,47 @@
+"""greta verify's checks of a batch probe record (greta/record/batch.py): its verdict is the one its stored
+metrics give, and metrics.json is what batch_logits.npz gives when recomputed."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from greta.record.batch import BATCH_VERDICTS, LOGITS_FILE, batch_verdict, metrics_from_logits
+
+FIGURES = ("max_abs_diff", "bit_exact", "finite", "worst_request", "inexact_requests")
+
+
+def check_batch_judgement(rec) -> list[str]:
+    """The stated verdict against metrics.json, and metrics.json against batch_logits.npz."""
+    v = rec.verdict.verdict if rec.verdict else None
+    if v not in BATCH_VERDICTS or rec.params is None:
+        return []
+    if rec.metrics is None:
+        return rec.problem_lines(["metrics.json"]) or ["metrics.json is missing though the reference phase finished"]
+    m = rec.metrics.figures()
+    errors = []
+    try:
+        again, _ = batch_verdict(m, rec.params["kv_aligned"])
+    except Exception as e:  # noqa: BLE001 - a malformed metrics file is a reason, not a crash
+        return [f"metrics.json cannot be judged as a batch record: {type(e).__name__}: {e}"]
+    if again != v:
+        errors.append(f"verdict.json says {v}, but the stored metrics give {again}")
+    if rec.verdict.bit_exact != m.get("bit_exact"):
+        errors.append("verdict.json bit_exact differs from metrics.json")
+    return errors + _check_logits(Path(rec.run_dir), m)
+
+
+def _check_logits(d: Path, m: dict) -> list[str]:
+    path = d / LOGITS_FILE
+    if not path.is_file():
+        return []  # its absence is the artifacts check's (a committed record may leave it out)
+    import numpy as np
+
+    try:
+        with np.load(path) as z:
+            arrays = {k: z[k] for k in z.files}
+        again = metrics_from_logits(arrays, arrays["lengths"].tolist(), arrays["gens"].tolist())
+    except Exception as e:  # noqa: BLE001
+        return [f"{LOGITS_FILE} cannot be read back: {type(e).__name__}: {e}"]
+    bad = [k for k in FIGURES if again[k] != m.get(k)]
+    if again["per_request"] != m.get("per_request"):
+        bad.append("per_request")
+    return [f"metrics.json {k} is not what {LOGITS_FILE} gives" for k in bad]

@@ -1,0 +1,193 @@
+"""The batch probe (probe=batch) end to end on the CPU, tiny preset: a passing kv_aligned=1 record that
+verifies, the batch-dependent control's FAIL_BATCH_INVARIANT, kv_aligned=0's BATCH_DRIFT, a fault's FAIL_*
+record, verify catching a rewritten figure, and the params and preflight checks. Each configuration runs once
+per module (a spawned worker, a few seconds)."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from greta.checks.verify import verify
+from greta.probe.preflight import preflight
+from greta.probe.runner import run_probe
+from greta.record.batch import LOGITS_FILE, batch_plan, metrics_from_logits, throughput
+from greta.record.params import ParamError, load_params
+from greta.record.store import seal
+
+BATCH = {"probe": "batch", "ctx": 128, "gen": 6, "span": 4, "prefill_chunk": 32, "kv_block": 64,
+         "sampling_period_s": 0.2, "batch": 3, "batch_gen": "2,6,4"}
+CONFIGS = {
+    "pass": {},
+    "control": {"perturb": "batch_split_k"},
+    "drift": {"kv_aligned": 0},
+    "error": {"fault": "error:reference"},
+    "hang": {"fault": "hang:decode", "timeouts.decode": 3},
+    "oom": {"fault": "oom:prefill"},
+    "kill": {"fault": "kill:reference"},
+}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, small_params):
+    root = tmp_path_factory.mktemp("batch-records")
+    done: dict = {}
+
+    def get(name: str) -> Path:
+        if name not in done:
+            done[name] = Path(run_probe(small_params(**BATCH, **CONFIGS[name]), out_root=root, progress=False))
+        return done[name]
+
+    return get
+
+
+def rj(d: Path, name: str):
+    return json.loads((d / name).read_text())
+
+
+@pytest.mark.parametrize("name,verdict", [("pass", "PASS_BATCH_INVARIANT"), ("control", "FAIL_BATCH_INVARIANT"),
+                                          ("drift", "BATCH_DRIFT")])
+def test_verdicts_and_records_verify(runs, name, verdict):
+    d = runs(name)
+    v, m = rj(d, "verdict.json"), rj(d, "metrics.json")
+    assert v["verdict"] == verdict, v["reason"]
+    assert verify(d) == []
+    assert len(m["per_request"]) == 3 and m["requests"] == 3
+    assert [r["decode_steps"] for r in m["per_request"]] == [2, 6, 4]
+    assert [r["compared_rows"] for r in m["per_request"]] == [3, 4, 4]  # span 4, at most 1 + gen
+    assert (m["max_abs_diff"] == 0) == (verdict == "PASS_BATCH_INVARIANT")
+    assert f"Verdict: **{verdict}**" in (d / "report.md").read_text()
+
+
+def test_the_passing_record_holds_logits_and_throughput(runs):
+    d = runs("pass")
+    with np.load(d / LOGITS_FILE) as z:
+        arrays = {k: z[k] for k in z.files}
+    assert not arrays["alone_xor"].any() and not arrays["reference_xor"].any()  # bit-identical
+    assert arrays["batch"].shape == (11, 2048)
+    again = metrics_from_logits(arrays, arrays["lengths"].tolist(), arrays["gens"].tolist())
+    assert again == {k: v for k, v in rj(d, "metrics.json").items() if k in again}
+    rf = rj(d, "perf.json")["roofline"]
+    assert rf["available"] and rf["full_batch"]["rows"] == 3 and rf["full_batch"]["steps"] == 2
+    assert rf["prefill_tokens"] == sum(r["prompt_tokens"] for r in rj(d, "metrics.json")["per_request"])
+    assert 0 < rf["full_batch"]["floor_ms_per_step"] and rf["prefill_tokens_per_s"] > 0
+
+
+def test_the_control_differs_in_the_batch_only(runs):
+    m = rj(runs("control"), "metrics.json")
+    for r in m["per_request"]:
+        assert r["alone_vs_batch_max_abs_diff"] > 0 and not r["bit_exact"]
+
+
+@pytest.mark.parametrize("name,verdict,phase", [("error", "FAIL_ERROR", "reference"), ("hang", "FAIL_TIMEOUT", "decode"),
+                                                ("oom", "FAIL_OOM", "prefill"), ("kill", "FAIL_ERROR", "reference")])
+def test_faults_end_in_a_verifying_record(runs, name, verdict, phase):
+    d = runs(name)
+    v = rj(d, "verdict.json")
+    assert (v["verdict"], v["failed_phase"]) == (verdict, phase)
+    assert verify(d) == []
+
+
+def test_verify_catches_a_rewritten_figure(runs, tmp_path):
+    import shutil
+
+    d = tmp_path / "tampered"
+    shutil.copytree(runs("control"), d)
+    m = rj(d, "metrics.json")
+    m["per_request"][1]["alone_vs_batch_max_abs_diff"] = 0.0
+    (d / "metrics.json").write_text(json.dumps(m))
+    seal(d)
+    assert any("per_request" in e for e in verify(d))
+    v = rj(d, "verdict.json")
+    v["verdict"] = "PASS_BATCH_INVARIANT"
+    (d / "verdict.json").write_text(json.dumps(v))
+    seal(d)
+    assert any("stored metrics give FAIL_BATCH_INVARIANT" in e for e in verify(d))
+
+
+def test_lengths_are_drawn_with_the_seed():
+    p = load_params(None, {"probe": "batch", "batch": 5, "ctx": 1000, "gen": 8, "span": 4})
+    lengths, gens = batch_plan(p)
+    assert lengths == batch_plan(p)[0] and all(500 <= n <= 1000 for n in lengths) and len(set(lengths)) > 1
+    assert gens == [8] * 5 and batch_plan(p.replace(seed=1))[0] != lengths
+    assert batch_plan(p.replace(batch_lengths="1,2,3,4,1000"))[0] == [1, 2, 3, 4, 1000]
+
+
+@pytest.mark.parametrize("over,match", [
+    ({"batch": 2}, "add -p probe=batch"),
+    ({"perturb": "batch_split_k"}, "batch probe's control"),
+    ({"probe": "batch", "batch": 0}, "batch=0 must be between 1"),
+    ({"probe": "batch", "batch": 2, "batch_lengths": "5"}, "gives 1 values for batch=2"),
+    ({"probe": "batch", "batch": 2, "batch_lengths": "5,x"}, "not integers separated by commas"),
+    ({"probe": "batch", "batch": 2, "batch_gen": "5,65"}, "65 is not between 1 and 64"),
+])
+def test_bad_batch_params_are_one_line(over, match):
+    with pytest.raises(ParamError, match=match) as e:
+        load_params(None, over)
+    assert "\n" not in str(e.value)
+
+
+def test_preflight_refuses_a_batch_whose_kv_cannot_fit():
+    with pytest.raises(ParamError, match="KV cache of 4096 slabs") as e:
+        preflight(load_params(None, {"probe": "batch", "batch": 4096, "model": "llama3-8b", "ctx": 32768}))
+    assert "\n" not in str(e.value) and "lower -p batch" in str(e.value)
+
+
+def test_b3_77_params_keep_their_shape():
+    assert "batch" not in load_params(None, {}).to_dict()
+    assert load_params(None, {"probe": "batch"}).to_dict()["batch"] == 1
+
+
+def test_throughput_against_the_floor():
+    steps = [{"rows": 2, "ms": 10.0, "floor_bytes": 1e9}, {"rows": 2, "ms": 10.0, "floor_bytes": 1e9},
+             {"rows": 1, "ms": 5.0, "floor_bytes": 5e8}]
+    t = throughput(2.0, 100, steps, copy_gbps=1000.0)
+    assert t["prefill_tokens_per_s"] == 50.0
+    assert t["full_batch"]["tokens_per_s"] == 200.0 and t["full_batch"]["floor_ms_per_step"] == 1.0
+    assert t["full_batch"]["floor_tokens_per_s"] == 2000.0 and t["full_batch"]["ratio_of_floor"] == 0.1
+    assert t["all_steps"]["steps"] == 3
+
+
+@pytest.mark.slow
+def test_the_batch_audit_is_a_sealed_verifying_record(tmp_path):
+    """`greta audit --batch N` executes notebooks/batch_probe.ipynb by papermill into the record, which verifies."""
+    from greta.__main__ import main
+
+    assert main(["audit", "--batch", "2", "-p", "ctx=128", "-p", "gen=4", "-p", "span=3", "-p", "prefill_chunk=32",
+                 "-p", "kv_block=64", "-o", str(tmp_path), "--quiet"]) == 0
+    (d,) = list(tmp_path.glob("*/batch/*"))
+    assert (d / "batch_probe.ipynb").is_file() and (d / "batch_probe.html").is_file()
+    assert rj(d, "verdict.json")["verdict"] == "PASS_BATCH_INVARIANT" and verify(d) == []
+
+
+@pytest.mark.parametrize("name,batch", [("cpu_batch.yaml", 4), ("batch.yaml", 8)])
+def test_the_batch_params_files_load(repo_root, name, batch):
+    p = load_params(repo_root / "params" / name)
+    assert p.probe == "batch" and p.batch == batch and len(batch_plan(p)[0]) == batch
+
+
+def test_the_batch_report_escapes_outside_values(runs):
+    """Values from outside (model path, device name, the fault's text) reach report.md only through md."""
+    from greta.reports.batch_report import render_batch_report
+
+    d = runs("error")
+    params = {**rj(d, "params.json"), "model": "<script>x</script>|`m`"}
+    meta = {**rj(d, "metadata.json"), "device_name": "GPU | <b>bold</b>", "run_id": "r"}
+    verdict = {**rj(d, "verdict.json"), "reason": "reference: boom <img src=x> | *x*"}
+    text = render_batch_report(params, meta, rj(d, "perf.json"), None, rj(d, "vram.json"), verdict)
+    assert "<script>" not in text and "<img" not in text and "<b>" not in text
+    assert "&lt;script&gt;" in text
+    assert re.search(r"Verdict: \*\*FAIL\\?_ERROR\*\*", text)
+
+
+def test_the_vram_floor_counts_every_slab(runs):
+    from greta.engine.config import PRESETS
+    from greta.record.samples import floor_for
+
+    p = load_params(None, {"probe": "batch", "batch": 4, "ctx": 1000, "gen": 8, "span": 4})
+    one = floor_for(p.replace(batch=1), PRESETS["tiny"])
+    assert floor_for(p, PRESETS["tiny"])["kv_cache_mb"] == pytest.approx(4 * one["kv_cache_mb"], abs=0.2)
+    assert rj(runs("pass"), "vram.json")["floor"]["kv_cache_mb"] > 0
