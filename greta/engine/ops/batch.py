@@ -128,8 +128,10 @@ class TiledBatchOps(BatchOps):
     def linear(self, x, w):
         return self._tiles(lambda xt: self.inner.linear(xt, w), x)
 
-    def linear_reduce(self, x, w):
-        return self._tiles(lambda xt: self.inner.linear_reduce(xt, w), x)
+    def linear_reduce(self, x, w, step: Step):
+        t = self.inner.chunk
+        return self._tiles(lambda xt, i: self.inner.linear_reduce(xt, w, _tile_step(step, int(i[0]), t)), x,
+                           torch.arange(x.shape[0]))
 
     def swiglu(self, gate, up):
         return self._tiles(self.inner.swiglu, gate, up)
