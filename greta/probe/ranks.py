@@ -114,7 +114,7 @@ class Workers:
             now = time.monotonic()
             if failures:
                 first_failure = first_failure or now
-                if len(done) + len(failures) == self.world or now - first_failure > GRACE_S:
+                if len(done) + len(failures) == self.world or now - first_failure > GRACE_S or now > deadline:
                     self.kill()
                     return (*self._root_cause(phase, failures, done), None)
             if now > deadline:
@@ -160,7 +160,7 @@ class Workers:
             silent = [q for q in range(self.world) if q not in done and q not in failures]
             if silent:
                 names = ", ".join(map(str, silent))
-                return "timeout", {"error": f"{phase}: rank(s) {names} did not answer; rank {r}'s collective timed out "
+                return "timeout", {"error": f"rank(s) {names} did not answer; rank {r}'s collective timed out "
                                             f"waiting for them ({payload['error'][:160]}); every rank killed",
                                    "ranks_running": silent}
         payload = dict(payload)
@@ -177,7 +177,7 @@ class Workers:
         digests = {r: d.get("logits_sha256") for r, d in done.items()}
         differ = [r for r in range(1, self.world) if digests[r] != digests[0]]
         if differ:
-            return "error", {"error": f"{phase}: the logits of rank(s) {', '.join(map(str, differ))} differ from rank "
+            return "error", {"error": f"the logits of rank(s) {', '.join(map(str, differ))} differ from rank "
                                       "0's (sha256): the ranks did not compute the same model"}, None
         ranks = [{"rank": r, "wall_s": d.get("wall_s"), "max_rss_mb": d.get("max_rss_mb"),
                   **({"allocator": d["allocator"]} if "allocator" in d else {})} for r, d in sorted(done.items())]
