@@ -178,3 +178,44 @@ def test_the_batch_probe_still_refuses_tp():
     p = load_params("params/cpu_default.yaml", {**TP_PROBE, "tp": 2, "probe": "batch"})
     with pytest.raises(ParamError, match="batch probe does not run tensor parallel"):
         preflight(p)
+
+
+# --- what report.md, the VRAM notebook's table and the plot show --------------------------------------------
+def test_report_shows_the_tp_degree_and_every_rank(runs):
+    d = runs("tp4")["dir"]
+    report = (d / "report.md").read_text()
+    assert "Tensor parallel: **tp=4**" in report and "-p tp=4" in report
+    assert "Analytic floor per rank (tp=4)" in report
+    table = report[report.index("### Per rank"):]
+    for r, pid in enumerate(rj(d, "metadata.json")["worker_pids"]):
+        assert f"| {r} | rss | CPU" in table and f"pid {pid}" in table
+    tp1 = (runs("tp2")["dir"] / "report.md").read_text()
+    assert "tp=2" in tp1
+
+
+def test_per_rank_figures_from_outside_are_escaped():
+    from greta.reports.run_report import _rank_table
+
+    hostile = "a|b <script>x</script> *bold*"
+    vs = {"ranks": [{"rank": 0, "backend": "nvml", "device_info": hostile, "peak_vram_mb": 10.0,
+                     "allocator_peaks": {"decode": {"max_allocated_mb": 9.0}}, "floor_applies": True,
+                     "below_floor": False}]}
+    text = "\n".join(_rank_table(vs))
+    assert "<script>" not in text and "a\\|b" in text and "\\*bold\\*" in text
+    row = [ln for ln in text.splitlines() if ln.startswith("| 0 |")][0]
+    assert row.replace("\\|", "").count("|") == 7  # six cells: the hostile | did not add one
+
+
+def test_vram_notebook_table_and_plot_have_every_rank(runs, tmp_path):
+    from greta.reports.run_tables import vram_summary_md
+    from greta.reports.vram_plot import plot_vram, vram_series
+
+    d = runs("tp4")["dir"]
+    md_text = vram_summary_md(d)
+    assert "tp=4" in md_text and all(f"rank {r}" in md_text for r in range(4))
+    data = vram_series(d)
+    assert sorted(data.ranks) == [0, 1, 2, 3] and all(len(ys) > 0 for _, ys in data.ranks.values())
+    fig = plot_vram(d, tmp_path / "v.png")
+    labels = [h.get_label() for h in fig.legends[0].legend_handles]
+    assert sum(lbl.startswith("rank ") for lbl in labels) == 3  # ranks 1..3 beside rank 0's main line
+    assert "tp=4" in fig._suptitle.get_text()
