@@ -217,5 +217,38 @@ def test_vram_notebook_table_and_plot_have_every_rank(runs, tmp_path):
     assert sorted(data.ranks) == [0, 1, 2, 3] and all(len(ys) > 0 for _, ys in data.ranks.values())
     fig = plot_vram(d, tmp_path / "v.png")
     labels = [h.get_label() for h in fig.legends[0].legend_handles]
-    assert sum(lbl.startswith("rank ") for lbl in labels) == 3  # ranks 1..3 beside rank 0's main line
+    assert [lbl.split(":")[0] for lbl in labels if lbl.startswith("rank ")] == [f"rank {r}" for r in range(4)]
     assert "tp=4" in fig._suptitle.get_text()
+
+
+def test_an_interrupt_is_interrupted_and_kills_every_rank(tmp_path):
+    """Ctrl-C while rank 1 hangs in decode (and rank 0 waits for it in a collective): INTERRUPTED, the record
+    verifies, every rank is gone."""
+    import signal
+
+    import psutil
+
+    args = [f"-p{k}={v}" for k, v in TP_PROBE.items()]
+    proc = subprocess.Popen([sys.executable, "-m", "greta", "probe", "-f", "params/cpu_default.yaml", *args,
+                             "-p", "tp=2", "-p", "fault=hang:decode@1", "-o", str(tmp_path), "--quiet"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline, perf, found = time.monotonic() + 120, None, []
+    while time.monotonic() < deadline:  # until the ranks are in decode
+        found = list(tmp_path.glob("*/*/*/perf.json"))
+        if found:
+            perf = json.loads(found[0].read_text())
+            if perf["decode"]["status"] == "running":
+                break
+        time.sleep(0.2)
+    assert perf and perf["decode"]["status"] == "running"
+    ranks = psutil.Process(proc.pid).children(recursive=True)
+    assert len([p for p in ranks if "spawn_main" in " ".join(p.cmdline())]) >= 2
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    d = found[0].parent
+    v = rj(d, "verdict.json")
+    assert v["verdict"] == "INTERRUPTED" and v["failed_phase"] == "decode"
+    assert verify(d) == []
+    psutil.wait_procs(ranks, timeout=10)
+    assert not [p for p in ranks if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]

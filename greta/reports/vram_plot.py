@@ -138,7 +138,8 @@ def _draw_lines(ax, d: VramPlotData) -> tuple[list, list[float]]:
     for key, label, style in SERIES:
         if key in d.series:
             xs, ys = d.series[key]
-            (h,) = ax.plot(xs, ys, label=label or d.device_label, marker="o" if few else None, ms=4 if few else 0,
+            label = label or (f"rank 0: {d.device_label}" if d.ranks else d.device_label)
+            (h,) = ax.plot(xs, ys, label=label, marker="o" if few else None, ms=4 if few else 0,
                            **style)
             handles.append(h)
             all_y += ys
@@ -151,7 +152,7 @@ def _draw_lines(ax, d: VramPlotData) -> tuple[list, list[float]]:
         parts = (f"weights {d.weights_mb:,.0f} + KV {d.kv_cache_mb:,.0f} = "
                  if d.weights_mb is not None and d.kv_cache_mb is not None else "")
         handles.append(ax.axhline(d.floor_mb, color=FAIL_COLOR, ls="--", lw=1.6, zorder=2,
-                                  label=f"analytic floor: {parts}{d.floor_mb:,.0f} MB"))
+                                  label=f"analytic floor{' per rank' if d.ranks else ''}: {parts}{d.floor_mb:,.0f} MB"))
         all_y.append(d.floor_mb)
     by_name = {p.name: p for p in d.phases}
     for i, (name, v) in enumerate(d.allocator_peaks.items()):
@@ -218,7 +219,7 @@ def _titles(fig, ax, d: VramPlotData) -> None:
     per = f"{d.period_s:g} s period" if d.period_s is not None else "period n/a"
     what = "Process memory (RSS)" if d.device_label == "process RSS" else "VRAM"
     s = "" if d.n_samples == 1 else "s"
-    tp = f", tp={len(d.ranks)}: rank 0 solid, one line per rank, floor per rank" if d.ranks else ""
+    tp = f", tp={len(d.ranks)}" if d.ranks else ""  # the legend names each rank's line
     title = f"{what} — {d.device}   [{d.backend or '?'}, {per}, {d.n_samples} sample{s}{tp}]"
     if d.below_floor:
         fig.suptitle(title + "\n⚠ measured peak is BELOW the analytic weights+KV floor", fontsize=12.5,
