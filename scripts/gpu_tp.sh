@@ -8,6 +8,10 @@
 #   rope       the same with perturb=rope_offset: FAIL_EQUIV
 #   kv0        the same with kv_aligned=0 (cuBLAS/SDPA, NCCL all_reduce): EXPECTED_DRIFT
 #   tp8b       llama3-8b at 32k, tp=2 and tp=4, kv1 (params/b3_77.yaml): PASS_EQUIV bit-exact
+#   faults     llama3-8b at 4k, tp=2, NCCL: a killed rank (FAIL_ERROR "rank 1 died with signal 9"), a hung rank
+#              (FAIL_TIMEOUT naming rank 1; on NCCL the watchdog may instead abort rank 0 when its collective
+#              times out: then FAIL_ERROR "rank 0 died with signal 6" -- the stage shows which), an OOM on rank 1
+#              (FAIL_OOM "rank 1: ..."); none may leave a process behind
 # On the device, from the repo root: source scripts/device_setup.sh && bash scripts/gpu_tp.sh STAGE...
 # Records go to /tmp/rec-tp and come back verified as $OUT/records-STAGE.tgz (logits left out); each stage
 # also lists the processes left behind (there must be none).
@@ -31,6 +35,13 @@ kv0() { run python3 -m greta audit -f $P70 -p kv_aligned=0 -o $R --quiet; }
 tp8b() {
     run python3 -m greta audit -f params/b3_77.yaml -p tp=2 -o $R --quiet
     run python3 -m greta audit -f params/b3_77.yaml -p tp=4 -o $R --quiet
+}
+
+faults() {
+    local F="-f params/b3_77.yaml -p tp=2 -p ctx=4096 -o $R --quiet"
+    run python3 -m greta probe $F -p fault=kill:decode@1
+    run python3 -m greta probe $F -p fault=hang:decode@1 -p timeouts.decode=90
+    run python3 -m greta probe $F -p fault=oom:prefill@1
 }
 
 summary() {  # verdict, bit_exact, every rank's peak against the per-rank floor, for each record of this stage
