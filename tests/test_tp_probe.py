@@ -72,6 +72,7 @@ def test_tp_probe_is_bit_exact_and_verifies(runs, name, tp):
     assert r["children_after"] == []
     meta = rj(d, "metadata.json")
     assert len(meta["worker_pids"]) == tp and meta["worker_pid"] == meta["worker_pids"][0]
+    assert meta["tp"] == {"world": tp, "exact": "rank_order"}
     assert meta["config"]["n_kv_heads"] == 4
 
 

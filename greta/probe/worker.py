@@ -202,7 +202,10 @@ class Job:
         from greta.engine.tp import load_shard, synthetic_shard
 
         p = self.p
-        self.tp, _ = init_from_env(self.device.type, collective_timeout_s(p))
+        # the exact reduction (kv_aligned=1): on CUDA the one-shot over symmetric memory (graph-capturable, the
+        # same bits as rank order), elsewhere all_gather + rank-order add (docs/TP.md)
+        exact = "one_shot" if self.device.type == "cuda" else "rank_order"
+        self.tp, _ = init_from_env(self.device.type, collective_timeout_s(p), exact=exact)
         cfg, kind = load_config(p.model), model_source(p.model)
         if kind == "synthetic":
             w = synthetic_shard(cfg, p.seed, self.dtype, self.device, self.tp.rank, self.tp.world)

@@ -235,6 +235,8 @@ class Record:
             "kv_cache_capacity": load.get("kv_cache_capacity"),
             "prompt": load.get("prompt"),  # source (synthetic | token file | text+tokenizer), token count, ids sha256
         })
+        if load.get("tp"):  # tensor parallel: world size and the exact reduction (a tp=1 record has no key)
+            self.meta["tp"] = load["tp"]
         return self.meta
 
 
