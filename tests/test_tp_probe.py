@@ -253,3 +253,24 @@ def test_an_interrupt_is_interrupted_and_kills_every_rank(tmp_path):
     assert verify(d) == []
     psutil.wait_procs(ranks, timeout=10)
     assert not [p for p in ranks if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+def _stuck_in_teardown(conn):
+    """A rank that takes "exit" and then never leaves (as destroy_process_group hung in the issue's scout)."""
+    conn.recv()
+    time.sleep(600)
+
+
+def test_a_rank_stuck_in_teardown_is_killed():
+    import multiprocessing as mp
+
+    from greta.probe.ranks import Workers
+
+    ctx = mp.get_context("spawn")
+    pipes = [ctx.Pipe() for _ in range(2)]
+    procs = [ctx.Process(target=_stuck_in_teardown, args=(child,), daemon=True) for _, child in pipes]
+    for p in procs:
+        p.start()
+    t0 = time.monotonic()
+    Workers(procs, [parent for parent, _ in pipes], [None, None], ["cpu", "cpu"]).stop(graceful=True, teardown_s=1.0)
+    assert all(p.exitcode == -9 for p in procs) and time.monotonic() - t0 < 15

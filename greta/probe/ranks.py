@@ -183,9 +183,10 @@ class Workers:
                   **({"allocator": d["allocator"]} if "allocator" in d else {})} for r, d in sorted(done.items())]
         return "ok", done[0], ranks
 
-    def stop(self, graceful: bool) -> None:
+    def stop(self, graceful: bool, teardown_s: float = TEARDOWN_S) -> None:
         """graceful: ask every live rank to leave ("exit": it leaves its group and returns) and wait up to
-        TEARDOWN_S; then, or at once, kill every process still alive and reap them all."""
+        teardown_s; then, or at once, kill every process still alive (one hung in destroy_process_group
+        included) and reap them all."""
         if graceful:
             for conn, p in zip(self.conns, self.procs):
                 if p.is_alive():
@@ -193,7 +194,7 @@ class Workers:
                         conn.send("exit")
                     except OSError:
                         pass
-            end = time.monotonic() + TEARDOWN_S
+            end = time.monotonic() + teardown_s
             for p in self.procs:
                 p.join(max(0.0, end - time.monotonic()))
         self.kill()
