@@ -274,3 +274,21 @@ def test_a_rank_stuck_in_teardown_is_killed():
     t0 = time.monotonic()
     Workers(procs, [parent for parent, _ in pipes], [None, None], ["cpu", "cpu"]).stop(graceful=True, teardown_s=1.0)
     assert all(p.exitcode == -9 for p in procs) and time.monotonic() - t0 < 15
+
+
+def test_the_root_cause_rule_names_the_cause_not_the_peer_that_saw_it():
+    """A rank's error seen through a collective gives way to a peer's death, an OOM or an error; a collective
+    timeout alone makes the ranks that never answered the hung ones (FAIL_TIMEOUT)."""
+    from greta.probe.ranks import Workers
+
+    w = Workers([None] * 4, [None] * 4, [None] * 4, ["cpu"] * 4)
+    lost = ("error", {"error": "RuntimeError: Connection reset by peer"})
+    waited = ("error", {"error": "RuntimeError: gloo Timed out waiting", "collective_timeout": True})
+    dead = ("crash", {"error": "rank 3 died with signal 9 (SIGKILL) during decode", "rank": 3})
+    oom = ("oom", {"error": "OutOfMemoryError: boom"})
+    assert w._root_cause("decode", {0: lost, 3: dead}, {}) == dead
+    status, payload = w._root_cause("decode", {0: waited, 2: oom}, {})
+    assert status == "oom" and payload["rank"] == 2 and payload["error"] == "rank 2: OutOfMemoryError: boom"
+    assert w._root_cause("decode", {1: lost, 0: waited}, {})[1]["error"].startswith("rank 1: RuntimeError")
+    status, payload = w._root_cause("decode", {0: waited}, {1: {}})
+    assert status == "timeout" and payload["ranks_running"] == [2, 3] and "rank(s) 2, 3 did not answer" in payload["error"]

@@ -153,9 +153,13 @@ class Workers:
         collective that timed out waiting for a peer (then the peers that never answered hung: a timeout)."""
         if self.world == 1:
             return failures[0]
-        order = {"crash": 0, "oom": 1, "error": 2}
-        ranked = sorted(failures.items(), key=lambda kv: (order[kv[1][0]] + (kv[1][1].get("collective_timeout") is True), kv[0]))
-        r, (status, payload) = ranked[0]
+        order = {"crash": 0, "oom": 1, "error": 2}  # an error of a collective that timed out: 3, the last
+
+        def rank_key(item):
+            r, (status, payload) = item
+            return order[status] + bool(payload.get("collective_timeout")), r
+
+        r, (status, payload) = min(failures.items(), key=rank_key)
         if status == "error" and payload.get("collective_timeout"):
             silent = [q for q in range(self.world) if q not in done and q not in failures]
             if silent:

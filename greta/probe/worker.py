@@ -333,8 +333,9 @@ def main(params, conn, stats, job_class=Job):
             conn.send(("done", phase, result))
         except BaseException as e:  # noqa: BLE001 - everything is reported, nothing is lost
             kind = "oom" if is_oom(e) else "error"
-            info = {"error": one_line(e), "traceback": traceback.format_exc()[-4000:],
-                    "collective_timeout": is_collective_timeout(e)}
+            info = {"error": one_line(e), "traceback": traceback.format_exc()[-4000:]}
+            if is_collective_timeout(e):  # the runner looks for the peer that never came (greta.probe.ranks)
+                info["collective_timeout"] = True
             try:
                 info["memory"] = memory_figures(job.device)
             except Exception:  # noqa: BLE001
