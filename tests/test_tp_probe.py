@@ -292,3 +292,22 @@ def test_the_root_cause_rule_names_the_cause_not_the_peer_that_saw_it():
     assert w._root_cause("decode", {1: lost, 0: waited}, {})[1]["error"].startswith("rank 1: RuntimeError")
     status, payload = w._root_cause("decode", {0: waited}, {1: {}})
     assert status == "timeout" and payload["ranks_running"] == [2, 3] and "rank(s) 2, 3 did not answer" in payload["error"]
+
+
+def test_a_checkpoint_loads_shard_by_shard_under_the_probe(tmp_path):
+    """model=<checkpoint dir> at tp=2: each rank loads its shard (tp.load_shard), the record names the files'
+    hash, and decode reproduces prefill bit for bit."""
+    import torch
+
+    from greta.engine.config import PRESETS
+    from greta.engine.weights import checkpoint_hash, save_checkpoint, synthetic
+
+    cfg = PRESETS["tiny-tp"]
+    path = save_checkpoint(synthetic(cfg, 1, torch.bfloat16, "cpu"), cfg, tmp_path / "ckpt")
+    params = preflight(load_params("params/cpu_default.yaml", {**TP_PROBE, "model": str(path), "tp": 2}))
+    d = Path(run_probe(params, out_root=tmp_path / "out", progress=False))
+    v = rj(d, "verdict.json")
+    assert (v["verdict"], v["bit_exact"]) == ("PASS_EQUIV", True), v["reason"]
+    meta = rj(d, "metadata.json")
+    assert meta["weights_source"] == "checkpoint" and meta["model_hash"] == checkpoint_hash(str(path))
+    assert verify(d) == [] and spawned_children() == []
