@@ -58,7 +58,7 @@ FUZZ_TOKENIZER.write_text("{}")
 CPUS = os.cpu_count() or 1
 GOOD_INT = {"ctx": (1, 8192), "gen": (16, 64), "span": (2, 16), "kv_aligned": (0, 1), "seed": (0, 2**32 - 1),
             "prefill_chunk": (1, 4096), "kv_block": (1, 4096), "threads": (0, CPUS),
-            "tp": (1, 1)}  # tiny has one KV head, and the probe runs tp=1 only (for now)
+            "tp": (1, 1)}  # tiny has one KV head (tp > 1: tests/test_tp_probe.py, the tiny-tp preset)
 # the largest value each int key takes; ctx and gen beyond the bound are "obviously too big"
 INT_MAX = {"kv_aligned": 1, "seed": 2**32 - 1, "threads": CPUS, "ctx": 2**31 - 1, "gen": 2**31 - 1,
            "span": 2**31 - 1, "prefill_chunk": 2**31 - 1, "kv_block": 2**31 - 1, "tp": 8}

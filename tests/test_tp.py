@@ -340,12 +340,15 @@ def test_tp_param_is_checked_in_one_line():
     assert Params.from_dict({"model": "llama3-8b", "tp": "4", "perturb": "tp_library_reduce"}).tp == 4
 
 
-def test_the_probe_refuses_tp_until_it_runs_one_worker_per_rank():
+def test_the_probe_refuses_a_tp_with_fewer_gpus_than_ranks(monkeypatch):
+    """The probe runs tp > 1 (tests/test_tp_probe.py), rank r on cuda:r: a host with fewer GPUs is one line."""
     from greta.probe.preflight import preflight
     from greta.record.params import ParamError, Params
 
-    with pytest.raises(ParamError, match="tp=4: the probe does not run tensor parallel yet"):
-        preflight(Params(model="llama3-8b", tp=4))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ParamError, match=r"param tp=4 needs 4 GPUs \(rank r on cuda:r\) but 2 are visible"):
+        preflight(Params(model="llama3-8b", device="cuda", tp=4))
 
 
 def test_teacher_forced_reference_equals_a_full_prefill():

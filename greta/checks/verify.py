@@ -122,6 +122,16 @@ def _check_vram(rec: RecordFiles) -> list[str]:
     loaded = rec.perf is None or rec.perf.status("load") == "ok"  # else weights + KV never existed
     if loaded and floor is not None and peak is not None and peak < floor:
         errors.append(f"sampled VRAM peak {peak} MB is below the analytic floor {floor} MB")
+    for r in vs.extra.get("ranks") or []:  # tensor parallel: every rank against its own (per-rank) floor
+        if not isinstance(r, dict):
+            errors.append("vram.json ranks holds an entry that is not an object")
+            continue
+        if r.get("below_floor"):
+            errors.append(f"rank {r.get('rank')}: a VRAM figure is below the weights + KV floor: "
+                          + "; ".join(map(str, r.get("below_floor_figures") or [])))
+        rpeak = r.get("peak_vram_mb")
+        if loaded and floor is not None and isinstance(rpeak, (int, float)) and rpeak < floor:
+            errors.append(f"rank {r.get('rank')}: sampled VRAM peak {rpeak} MB is below the analytic floor {floor} MB")
     return errors
 
 

@@ -211,6 +211,12 @@ PRESETS: dict[str, ModelConfig] = {
         rope_scaling={"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 1024},
         rms_eps=1e-5,
     ),
+    # tiny's family with 8 heads and 4 KV heads, so tensor parallelism can split them 2 or 4 ways (the CPU
+    # tests of the probe under tp: tests/test_tp_probe.py; the engine's: tests/test_tp.py)
+    "tiny-tp": ModelConfig(
+        name="tiny-tp", vocab_size=2048, hidden_size=128, n_layers=2, n_heads=8, n_kv_heads=4,
+        head_dim=16, intermediate_size=384, rope_theta=500000.0, rms_eps=1e-5,
+    ),
 }
 
 

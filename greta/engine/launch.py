@@ -47,7 +47,7 @@ def free_port() -> int:
 
 
 @contextmanager
-def _environ(values: dict[str, str | None]):
+def environ(values: dict[str, str | None]):
     """os.environ with values set (None: unset), restored after (a spawned child copies the parent's at start)."""
     old = {k: os.environ.get(k) for k in values}
     for k, v in values.items():
@@ -89,6 +89,13 @@ def _stop(procs, grace_s: float = 5.0) -> None:
             p.join()
 
 
+def rank_environ(rank: int, world: int, port: int, master_addr: str = "127.0.0.1", env: dict | None = None) -> dict:
+    """The environment of rank `rank` of a one-host group, as torchrun sets it, with NVLink multicast off (and
+    env's extra variables; None unsets): set it around Process.start (environ) so the child starts with it."""
+    return {**(env or {}), "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": master_addr,
+            "MASTER_PORT": str(port), **NO_MULTICAST, "RANK": str(rank), "LOCAL_RANK": str(rank)}
+
+
 def spawn(fn, world: int, args: tuple = (), *, timeout_s: float = 600.0, teardown_s: float = 30.0,
           master_addr: str = "127.0.0.1", port: int | None = None, env: dict | None = None) -> list:
     """fn(*args) in `world` processes of one host (module docstring); returns [result of rank 0, 1, ...].
@@ -97,12 +104,11 @@ def spawn(fn, world: int, args: tuple = (), *, timeout_s: float = 600.0, teardow
     Raises SpawnError naming the first rank that fails."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    base = {**(env or {}), "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": master_addr,
-            "MASTER_PORT": str(port or free_port()), **NO_MULTICAST}
+    port = port or free_port()
     procs = []
     try:
         for r in range(world):
-            with _environ({**base, "RANK": str(r), "LOCAL_RANK": str(r)}):
+            with environ(rank_environ(r, world, port, master_addr, env)):
                 p = ctx.Process(target=_entry, args=(fn, args, results), name=f"greta-rank{r}")
                 p.start()
             procs.append(p)

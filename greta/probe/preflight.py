@@ -19,7 +19,7 @@ from greta.record.params import Params, ParamError, is_file, show, dtype_bytes, 
 
 def preflight(params: Params) -> Params:
     """Check params against this machine; return them unchanged (so calls chain). Raises ParamError."""
-    _check_tp(params.tp)
+    _check_tp(params)
     _check_threads(params.threads)
     _check_prompt(params)
     _check_model(params.model)
@@ -40,12 +40,20 @@ def device_memory(device: str) -> int:
     return torch.cuda.get_device_properties(int(device[5:] or 0)).total_memory
 
 
-def _check_tp(tp: int) -> None:
-    """The probe runs one process on one device; tensor-parallel runs are the engine's and bench/bench_tp.py's
-    until the probe starts one worker per rank (refused here rather than recorded as tp=N but run on one)."""
-    if tp != 1:
-        raise ParamError(f"param tp={tp}: the probe does not run tensor parallel yet; use -p tp=1 "
-                         "(tensor-parallel runs: bench/bench_tp.py)")
+def _check_tp(p: Params) -> None:
+    """B3.77's probe runs tp > 1 as one worker per rank (greta.probe.ranks); the batch probe runs one process on
+    one device (refused here rather than recorded as tp=N but run on one). On CUDA, rank r needs cuda:r."""
+    if p.tp == 1:
+        return
+    if p.probe == "batch":
+        raise ParamError(f"param tp={p.tp}: the batch probe does not run tensor parallel; use -p tp=1 with -p probe=batch")
+    if p.device == "cuda":
+        import torch
+
+        have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if have < p.tp:
+            raise ParamError(f"param tp={p.tp} needs {p.tp} GPUs (rank r on cuda:r) but {have} are visible; "
+                             f"lower -p tp or run on a machine with {p.tp} GPUs")
 
 
 def _check_threads(threads: int) -> None:

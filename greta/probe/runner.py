@@ -7,8 +7,6 @@ model loads), load (model, KV cache, prompt), prefill, decode, reference. A prob
 """
 from __future__ import annotations
 
-import math
-import multiprocessing as mp
 import signal
 import threading
 import time
@@ -17,13 +15,14 @@ from pathlib import Path
 import numpy as np
 
 from greta.record import store as record
-from greta.record.samples import floor_for, read_samples_csv, write_samples_csv
+from greta.record.samples import (RANK_SAMPLES_CSV, floor_for, read_samples_csv, write_rank_samples_csv,
+                                  write_samples_csv)
 from greta.probe import vram
 from greta.engine.config import ModelConfig
 from greta.engine.source import load_config
 from greta.record.metrics import FAIL, compare, equivalence_verdict
 from greta.record.params import PHASES
-from greta.probe.worker import main as worker_main
+from greta.probe.ranks import Workers
 from greta.reports.run_report import render_report
 
 
@@ -103,92 +102,27 @@ class _Bars:
             print(f"progress: {phase} {done}/{total}")
 
 
-def _exit_reason(code) -> str:
-    """'signal 9 (SIGKILL)' for a process killed by a signal, else 'exit code N'."""
-    if code is not None and code < 0:
-        try:
-            return f"signal {-code} ({signal.Signals(-code).name})"
-        except ValueError:
-            return f"signal {-code}"
-    return f"exit code {code}"
-
-
-def _wait(proc, conn, phase: str, timeout: float, bars: _Bars):
-    """Wait for one phase. Returns (status, payload): status ok | oom | error | timeout | crash."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if conn.poll(0.2):
-            try:
-                kind, _, *rest = conn.recv()
-            except (EOFError, OSError):
-                kind, rest = None, []
-            if kind == "progress":
-                bars.update(phase, *rest)
-                continue
-            if kind == "done":
-                return "ok", rest[0]
-            if kind in ("oom", "error"):
-                return kind, rest[0]
-        if not proc.is_alive():
-            why = _exit_reason(proc.exitcode)
-            return "crash", {"error": f"worker process died with {why} during {phase} (a kernel crash, or the host OOM killer)"}
-        if time.monotonic() > deadline:
-            proc.kill()
-            proc.join(10)
-            return "timeout", {"error": f"{phase} exceeded its {timeout:g} s timeout; worker killed"}
-
-
 def run_probe(params: dict, out_root="outputs", run_dir=None, progress: bool = True) -> Path:
-    """Run the probe described by validated params; write and return its record directory."""
+    """Run the probe described by validated params; write and return its record directory. tp > 1: one worker
+    per rank (greta.probe.ranks), each rank's VRAM sampled on its own device (RSS of its process on the CPU)."""
     rec = record.Record.create(params, out_root=out_root, run_dir=run_dir)
-    ctx = mp.get_context("spawn")
-    parent, child = ctx.Pipe()
-    stats = ctx.Array("d", [float("nan"), float("nan")], lock=False)
-    proc = ctx.Process(target=worker_main, args=(params, child, stats, _job_class(params)), daemon=True,
-                       name="greta-probe-worker")
-    _start_ignoring_sigint(proc)
-    rec.meta["worker_pid"] = proc.pid
+    workers = Workers.start(params, _job_class(params))
+    rec.meta["worker_pid"] = workers.pids[0]
+    if workers.world > 1:
+        rec.meta["worker_pids"] = workers.pids
     rec.write_json("metadata.json", rec.meta)
-    backend, reason = vram.pick_backend(params["device"], proc.pid)
-    backend.fallback_reason = reason
-    def allocator_now():  # the worker publishes its allocator's figures here (NaN on the CPU)
-        return None if math.isnan(stats[0]) else (stats[0], stats[1])
-
-    sampler = vram.VramSampler(backend, period_s=params["sampling_period_s"], alloc_source=allocator_now)
-    sampler.start()
+    samplers = _start_samplers(params, workers)
     bars = _Bars(progress)
     perf = {ph: {"status": "not_run"} for ph in PHASES}
     results: dict = {}
-    failure = None
-    phase = PHASES[0]
-    interrupted = None
+    failure, interrupted, phase = None, None, PHASES[0]
     main_thread = threading.current_thread() is threading.main_thread()
     old_term = signal.signal(signal.SIGTERM, _on_term) if main_thread else None
     try:
         for phase in PHASES:
-            timeout = params["timeouts"][phase]
-            sampler.set_phase(phase)
-            perf[phase] = {"status": "running", "timeout_s": timeout}
-            _checkpoint(rec, perf, sampler)  # what a dead parent (e.g. a notebook kernel) leaves behind
-            bars.start(phase)
-            parent.send(phase)
-            t0 = time.monotonic()
-            try:
-                status, payload = _wait(proc, parent, phase, timeout, bars)
-            except KeyboardInterrupt as e:
-                interrupted, payload = _interrupted(e, phase)
-                status = "interrupted"
-            bars.close()
-            perf[phase] = {"status": status, "timeout_s": timeout, "runner_wall_s": time.monotonic() - t0}
-            if status != "ok":
-                perf[phase].update({k: v for k, v in payload.items() if k != "traceback"})
-                failure = (FAIL[status], phase, payload)
+            failure, interrupted = _run_phase(phase, params, workers, samplers, bars, rec, perf, results)
+            if failure is not None:
                 break
-            perf[phase]["wall_s"] = payload.pop("wall_s")
-            perf[phase]["max_rss_mb"] = payload.pop("max_rss_mb", None)
-            if "allocator" in payload:
-                perf[phase]["allocator"] = payload.pop("allocator")
-            results[phase] = payload
     except KeyboardInterrupt as e:  # between phases
         interrupted, payload = _interrupted(e, phase)
         failure = (FAIL["interrupted"], phase, payload)
@@ -196,28 +130,65 @@ def run_probe(params: dict, out_root="outputs", run_dir=None, progress: bool = T
             perf[phase]["status"] = "interrupted"
     finally:
         bars.finish()
-        sampler.set_phase(None)
-        sampler.stop()
-        if proc.is_alive():
-            if interrupted is None:
-                try:
-                    parent.send("exit")
-                except OSError:
-                    pass
-                proc.join(5)
-            if proc.is_alive():
-                proc.kill()
-                proc.join(5)
+        for s in samplers:
+            s.set_phase(None)
+            s.stop()
+        workers.stop(graceful=failure is None and interrupted is None)
         if main_thread:
             signal.signal(signal.SIGTERM, old_term)
         try:
-            _finish(rec, params, perf, results, sampler, failure)
+            _finish(rec, params, perf, results, samplers[0], failure, rank_samplers=samplers)
         except OSError as e:  # e.g. the disk filled up: no manifest.json, so the record is not complete
             raise record.RecordError(f"could not finish the record in {rec.path} ({e.strerror or e}); it has no "
                                      "manifest.json, so it does not pass as complete: free space and rerun") from None
     if interrupted:
         raise ProbeInterrupted(rec.path, interrupted)
     return rec.path
+
+
+def _start_samplers(params, workers) -> list:
+    """One VRAM sampler per rank: its device's NVML/amdsmi figures (RSS of its process on the CPU) and its
+    allocator's; rank 0's is the record's vram_samples.csv, as with one worker."""
+    samplers = []
+    for r, (device, pid) in enumerate(zip(workers.devices, workers.pids)):
+        backend, reason = vram.pick_backend(device, pid)
+        backend.fallback_reason = reason
+        samplers.append(vram.VramSampler(backend, period_s=params["sampling_period_s"],
+                                         alloc_source=workers.allocator_source(r)))
+    for s in samplers:
+        s.start()
+    return samplers
+
+
+def _run_phase(phase, params, workers, samplers, bars, rec, perf, results):
+    """One phase on every rank, its perf entry and result filled in. -> (failure or None, interrupted or None)."""
+    timeout = params["timeouts"][phase]
+    for s in samplers:
+        s.set_phase(phase)
+    perf[phase] = {"status": "running", "timeout_s": timeout}
+    _checkpoint(rec, perf, samplers[0])  # what a dead parent (e.g. a notebook kernel) leaves behind
+    bars.start(phase)
+    t0 = time.monotonic()
+    interrupted, ranks = None, None
+    try:
+        status, payload, ranks = workers.run_phase(phase, timeout, bars)
+    except KeyboardInterrupt as e:
+        workers.kill()
+        interrupted, payload = _interrupted(e, phase)
+        status = "interrupted"
+    bars.close()
+    perf[phase] = {"status": status, "timeout_s": timeout, "runner_wall_s": time.monotonic() - t0}
+    if status != "ok":
+        perf[phase].update({k: v for k, v in payload.items() if k != "traceback"})
+        return (FAIL[status], phase, payload), interrupted
+    perf[phase]["wall_s"] = payload.pop("wall_s")
+    perf[phase]["max_rss_mb"] = payload.pop("max_rss_mb", None)
+    if "allocator" in payload:
+        perf[phase]["allocator"] = payload.pop("allocator")
+    if ranks is not None:
+        perf[phase]["ranks"] = ranks
+    results[phase] = payload
+    return None, None
 
 
 def _job_class(params):
@@ -229,19 +200,6 @@ def _job_class(params):
     from greta.probe.worker import Job
 
     return Job
-
-
-def _start_ignoring_sigint(proc):
-    """Start the worker with SIGINT ignored (inherited across exec): Ctrl-C reaches the whole process group, and
-    the runner, not the worker, answers it; the worker would only add a KeyboardInterrupt traceback."""
-    if threading.current_thread() is not threading.main_thread():
-        proc.start()
-        return
-    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        proc.start()
-    finally:
-        signal.signal(signal.SIGINT, old)
 
 
 def finish_from_checkpoint(run_dir, params: dict, status: str, how: str) -> Path:
@@ -289,15 +247,34 @@ def _checkpoint(rec, perf, sampler):
     write_samples_csv(rec.path / "vram_samples.csv", sampler.snapshot())
 
 
-def vram_summary_of(params, perf, results, sampler) -> dict:
-    """The VRAM summary of a run: its samples and allocator peaks against the weights + KV floor."""
+def vram_summary_of(params, perf, results, sampler, rank_samplers=None) -> dict:
+    """The VRAM summary of a run: its samples and allocator peaks against the weights + KV floor (per rank
+    under tp); with more than one rank, "ranks" holds each rank's figures against that same per-rank floor,
+    and the top level stays rank 0's, as a one-worker record has it."""
     cfg = results.get("load", {}).get("config")
     allocator = {ph: perf[ph]["allocator"] for ph in PHASES if "allocator" in perf[ph]}
     model_cfg = ModelConfig(**cfg) if cfg else load_config(params["model"])
-    return vram.summarize(sampler, allocator, floor_for(params, model_cfg), loaded=perf["load"].get("status") == "ok")
+    floor, loaded = floor_for(params, model_cfg), perf["load"].get("status") == "ok"
+    out = vram.summarize(sampler, allocator, floor, loaded=loaded)
+    if rank_samplers and len(rank_samplers) > 1:
+        out["ranks"] = [rank_vram(r, s, _rank_allocator(perf, r), floor, loaded) for r, s in enumerate(rank_samplers)]
+    return out
 
 
-def _finish(rec, params, perf, results, sampler, failure):
+def _rank_allocator(perf, r: int) -> dict:
+    """Rank r's allocator peaks by phase (perf.json's per-rank figures of each finished phase)."""
+    return {ph: x["allocator"] for ph in PHASES for x in perf[ph].get("ranks", ()) if x["rank"] == r and "allocator" in x}
+
+
+def rank_vram(r: int, sampler, allocator: dict, floor: dict, loaded: bool) -> dict:
+    """One rank's entry of vram.json "ranks": its sampled peak and allocator peaks against the per-rank floor."""
+    full = vram.summarize(sampler, allocator, floor, loaded=loaded)
+    keep = ("backend", "fallback_reason", "device_info", "samples_count", "peak_vram_mb", "peak_timestamp_offset_sec",
+            "allocator_peaks", "floor_applies", "below_floor", "below_floor_figures")
+    return {"rank": r, **{k: full[k] for k in keep}}
+
+
+def _finish(rec, params, perf, results, sampler, failure, rank_samplers=None):
     """Metrics, verdict, VRAM summary, roofline and report: everything measured up to any fault."""
     if params["probe"] == "batch":
         from greta.probe.batch_record import finish_batch
@@ -305,7 +282,9 @@ def _finish(rec, params, perf, results, sampler, failure):
         return finish_batch(rec, params, perf, results, vram_summary_of(params, perf, results, sampler), sampler, failure)
     load = results.get("load", {})
     cfg = load.get("config")
-    vram_summary = vram_summary_of(params, perf, results, sampler)
+    vram_summary = vram_summary_of(params, perf, results, sampler, rank_samplers)
+    if "ranks" in vram_summary:
+        write_rank_samples_csv(rec.path / RANK_SAMPLES_CSV, [s.samples for s in rank_samplers])
     metrics = None
     if "reference" in results:
         ref = results["reference"]

@@ -28,6 +28,16 @@ def is_oom(e: BaseException) -> bool:
     return isinstance(e, RuntimeError) and ("out of memory" in msg or "can't allocate memory" in msg)
 
 
+def is_collective_timeout(e: BaseException) -> bool:
+    """A torch.distributed collective that gave up waiting for a peer (gloo: "Timed out waiting ...", NCCL's
+    watchdog: "... timeout ..."): the cause is a peer that hung or died, not this rank."""
+    import torch.distributed as dist
+
+    msg = str(e).lower()
+    backend_error = isinstance(e, getattr(dist, "DistBackendError", ())) or "gloo" in msg or "nccl" in msg
+    return backend_error and ("timed out" in msg or "timeout" in msg)
+
+
 def one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {' '.join(str(e).split())}"[:500]
 
@@ -89,11 +99,15 @@ def measure_ceilings(device: torch.device, dtype: torch.dtype) -> dict:
             "method": f"median of {reps} after 2 warm-ups; copy counts bytes read + written"}
 
 
-def inject(fault: str, phase: str, device: torch.device):
-    """Fault injection for tests of the runner: real hangs, real allocator failures, real crashes."""
-    kind, _, where = fault.partition(":")
-    if fault == "none" or where != phase:
+def inject(fault: str, phase: str, device: torch.device, rank: int = 0, tp: int = 1):
+    """Fault injection for tests of the runner: real hangs, real allocator failures, real crashes. A fault
+    without @rank strikes every rank (tp=1: the one worker); with @rank only that rank."""
+    from greta.record.params import parse_fault
+
+    spec = parse_fault(fault, tp)
+    if spec is None or spec[1] != phase or spec[2] not in (None, rank):
         return
+    kind = spec[0]
     if kind == "hang":
         while True:
             time.sleep(3600)
@@ -110,14 +124,35 @@ def inject(fault: str, phase: str, device: torch.device):
         raise RuntimeError(f"injected fault in phase {phase}")
 
 
+def collective_timeout_s(p) -> float:
+    """The collectives' own timeout under tensor parallelism: below every phase timeout from load on (the
+    phases that run collectives), so a rank stuck in a collective gives up before its phase is killed."""
+    from greta.record.params import PHASES
+
+    return 0.9 * min(p.timeouts.for_phase(ph) for ph in PHASES[1:])
+
+
+def logits_digest(*arrays: np.ndarray) -> str:
+    """sha256 of logits arrays (their bytes, in order): every rank's must be rank 0's."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
 class Job:
     """State carried from phase to phase."""
 
     def __init__(self, params, send):
         self.p, self.send = params, send
+        # tensor parallel: this process is one rank (greta.probe.ranks set torchrun's environment), on cuda:LOCAL_RANK
+        self.rank = int(os.environ.get("RANK", 0)) if params.tp > 1 else 0
         self.device = torch.device(params.device)
         if self.device.type == "cuda" and self.device.index is None:
-            self.device = torch.device("cuda", 0)
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) if params.tp > 1 else 0)
+        self.tp = None
         self.dtype = DTYPES[params.dtype]
         self._last = 0.0
         if params.threads:
@@ -138,21 +173,53 @@ class Job:
         from greta.engine.tokenize import make_prompt_from_params
 
         p = self.p
-        m = load_model(p.model, p.seed, self.dtype, self.device)
-        cfg, w, source, model_hash = m.config, m.weights, m.source, m.model_hash
+        if p.tp > 1:
+            cfg, w, source, model_hash = self._load_shard()
+        else:
+            m = load_model(p.model, p.seed, self.dtype, self.device)
+            cfg, w, source, model_hash = m.config, m.weights, m.source, m.model_hash
         self.cfg = cfg
         prompt, prompt_info = make_prompt_from_params(p, cfg.vocab_size)
         self.prompt = prompt.to(self.device)
         self.model = Runner(cfg, w, max_tokens=p.ctx + p.gen, kv_aligned=p.kv_aligned,
                             chunk=p.prefill_chunk, kv_block=p.kv_block, perturb=p.perturb,
-                            backend=p.backend)
+                            backend=p.backend, tp=self.tp)
         warmup_s = self._warmup() if self.device.type == "cuda" else 0.0
         weight_bytes = sum(t.nbytes for k, t in w.items() if not (k == "lm_head" and cfg.tie_embeddings))
         return {"config": cfg.to_dict(), "weights_source": source, "model_hash": model_hash,
                 "param_count": cfg.param_count(), "weights_mb": weight_bytes / MB,
                 "kv_cache_mb": self.model.cache.nbytes() / MB, "kv_cache_capacity": self.model.cache.capacity,
                 "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
-                "torch_threads": torch.get_num_threads(), "warmup_s": warmup_s, "prompt": prompt_info}
+                "torch_threads": torch.get_num_threads(), "warmup_s": warmup_s, "prompt": prompt_info,
+                **({"tp": {"world": self.tp.world, "exact": self.tp.exact}} if self.tp else {})}
+
+    def _load_shard(self):
+        """Tensor parallel: join the group from torchrun's environment (the collectives' timeout below the
+        phases'), then make or load only this rank's shard. -> (config, weights, source, hash)."""
+        from greta.engine import weights
+        from greta.engine.launch import init_from_env
+        from greta.engine.source import load_config, model_source
+        from greta.engine.tp import load_shard, synthetic_shard
+
+        p = self.p
+        # the exact reduction (kv_aligned=1): on CUDA the one-shot over symmetric memory (graph-capturable, the
+        # same bits as rank order), elsewhere all_gather + rank-order add (docs/TP.md)
+        exact = "one_shot" if self.device.type == "cuda" else "rank_order"
+        self.tp, _ = init_from_env(self.device.type, collective_timeout_s(p), exact=exact)
+        cfg, kind = load_config(p.model), model_source(p.model)
+        if kind == "synthetic":
+            w = synthetic_shard(cfg, p.seed, self.dtype, self.device, self.tp.rank, self.tp.world)
+            return cfg, w, kind, weights.synthetic_hash(cfg, p.seed)
+        w = load_shard(p.model, cfg, self.dtype, self.device, self.tp.rank, self.tp.world)
+        return cfg, w, kind, weights.checkpoint_hash(p.model)
+
+    def close(self):
+        """Leave the tensor-parallel group (the runner kills a rank that hangs here: the issue's scout saw
+        destroy_process_group hang)."""
+        if self.tp is not None:
+            from greta.engine.launch import finish
+
+            finish()
 
     def _warmup(self) -> float:
         """Compile the Triton kernels, capture the decode graph and initialise cuBLAS/SDPA outside the timed
@@ -195,8 +262,12 @@ class Job:
         seq = torch.cat([self.prompt, torch.tensor(self.tokens[: span - 1], device=self.device)])
         keep = list(range(ctx - 1, ctx + span - 1))
         logits = self.model.prefill(seq, keep=keep, progress=lambda d, t: self.progress("reference", d, t))
-        return {"reference_logits": logits.cpu().numpy(), "decode_logits": self.decode_logits,
-                "tokens": list(self.tokens), "positions": keep}
+        ref = logits.cpu().numpy()
+        digest = {"logits_sha256": logits_digest(self.decode_logits, ref)} if self.tp else {}
+        if self.rank:  # every rank holds the full logits; rank 0's go to the record, the others' digests are checked
+            return {**digest, "tokens": list(self.tokens)}
+        return {"reference_logits": ref, "decode_logits": self.decode_logits, "tokens": list(self.tokens),
+                "positions": keep, **digest}
 
 
 def _allocator_stats(stats, device: torch.device, stop: threading.Event):
@@ -250,7 +321,7 @@ def main(params, conn, stats, job_class=Job):
         try:
             if job.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(job.device)
-            inject(params.fault, phase, job.device)
+            inject(params.fault, phase, job.device, job.rank, params.tp)
             t0 = time.perf_counter()
             result = getattr(job, phase)()
             sync(job.device)
@@ -263,9 +334,12 @@ def main(params, conn, stats, job_class=Job):
         except BaseException as e:  # noqa: BLE001 - everything is reported, nothing is lost
             kind = "oom" if is_oom(e) else "error"
             info = {"error": one_line(e), "traceback": traceback.format_exc()[-4000:]}
+            if is_collective_timeout(e):  # the runner looks for the peer that never came (greta.probe.ranks)
+                info["collective_timeout"] = True
             try:
                 info["memory"] = memory_figures(job.device)
             except Exception:  # noqa: BLE001
                 pass
             conn.send((kind, phase, info))
     stop.set()
+    job.close()

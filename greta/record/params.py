@@ -163,7 +163,7 @@ class Params:
     memory_fraction: float = 1.0   # GPU: cap the worker's allocator at this fraction of the card (a real OOM on purpose)
     thresholds: Thresholds = field(default_factory=Thresholds)
     perturb: str = "none"          # negative control on the decode path: none | rope_offset | kv_off_by_one
-    fault: str = "none"            # fault injection (tests): none | <hang|oom|crash|kill|error|kernel_death>:<phase>
+    fault: str = "none"            # fault injection (tests): none | <hang|oom|crash|kill|error|kernel_death>:<phase>[@<rank>] (no @: every rank)
     threads: int = 0               # CPU threads for torch (0 = torch's default)
     tp: int = 1                    # tensor-parallel ranks (1, 2, 4, 8): must divide the model's KV heads
     batch: int = 1                 # probe=batch: requests decoded together (greta/record/batch.py)
@@ -335,10 +335,24 @@ def validate(p: Params) -> None:
         _range(p, f"thresholds.{k}", 0.0, 1.0 if k == "top1_agreement" else None)
     _check_tp(p)
     _check_batch(p)
-    if p.fault != "none":
-        kind, _, phase = p.fault.partition(":")
-        if kind not in FAULT_KINDS or phase not in PHASES:
-            raise ParamError(f"param fault={show(p.fault)}: write none or <{'|'.join(FAULT_KINDS)}>:<{'|'.join(PHASES)}>, e.g. hang:decode")
+    parse_fault(p.fault, p.tp)
+
+
+def parse_fault(fault: str, tp: int = 1) -> tuple[str, str, int | None] | None:
+    """A fault spec -> (kind, phase, rank): `<kind>:<phase>` strikes every rank (tp=1: the one worker),
+    `<kind>:<phase>@<rank>` only that rank of a tensor-parallel group; None for "none". ParamError (one line)."""
+    if fault == "none":
+        return None
+    spec, at, rank_text = fault.partition("@")
+    kind, _, phase = spec.partition(":")
+    if kind not in FAULT_KINDS or phase not in PHASES or (at and not rank_text.isdigit()):
+        raise ParamError(f"param fault={show(fault)}: write none or <{'|'.join(FAULT_KINDS)}>:<{'|'.join(PHASES)}>"
+                         "[@<rank>], e.g. hang:decode or kill:decode@1")
+    rank = int(rank_text) if at else None
+    if rank is not None and rank >= tp:
+        raise ParamError(f"param fault={show(fault)}: rank {rank} is not one of the tp={tp} ranks 0..{tp - 1}; "
+                         f"e.g. -p fault={spec}@{tp - 1}")
+    return kind, phase, rank
 
 
 def _check_tp(p: Params) -> None:
@@ -350,6 +364,9 @@ def _check_tp(p: Params) -> None:
     if cfg is not None and cfg.n_kv_heads % p.tp:
         raise ParamError(f"param tp={p.tp} does not divide model {p.model}'s {cfg.n_kv_heads} KV heads; use -p tp=1 "
                          f"or a tp that divides {cfg.n_kv_heads}")
+    if p.tp > 1 and p.device not in ("cpu", "cuda"):
+        raise ParamError(f"param device={show(p.device)} with tp={p.tp}: rank r runs on cuda:r (cuda:LOCAL_RANK); "
+                         "write -p device=cuda (or cpu)")
     if p.perturb == "tp_library_reduce" and p.tp < 4:
         raise ParamError(f"param perturb=tp_library_reduce needs -p tp=4 or 8 (got tp={p.tp}): with 1 or 2 ranks any "
                          "all-reduce adds in one order, so this control could not fail")

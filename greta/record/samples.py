@@ -27,6 +27,32 @@ def write_samples_csv(path, samples: list[dict]):
     atomic_write_text(path, buf.getvalue())
 
 
+RANK_SAMPLES_CSV = "vram_samples_ranks.csv"  # tp > 1: every rank's samples, a rank column first
+
+
+def write_rank_samples_csv(path, samples_by_rank: list[list[dict]]):
+    """Every rank's samples in one CSV (rank, then vram_samples.csv's columns), written atomically."""
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    w.writerow(["rank", *CSV_COLUMNS])
+    for r, samples in enumerate(samples_by_rank):
+        for s in samples:
+            w.writerow([r, _fmt(s["t_s"], 3), s["phase"] or "", _fmt(s["device_used_mb"], 1),
+                        _fmt(s["allocated_mb"], 1), _fmt(s["reserved_mb"], 1)])
+    atomic_write_text(path, buf.getvalue())
+
+
+def read_rank_samples_csv(path) -> dict[int, list[dict]]:
+    """vram_samples_ranks.csv as {rank: rows as read_samples_csv gives them}."""
+    out: dict[int, list[dict]] = {}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            d = {k: (float(row[k]) if row[k] != "" else None) for k in CSV_COLUMNS if k != "phase"}
+            d["phase"] = row["phase"] or None
+            out.setdefault(int(row["rank"]), []).append({k: d[k] for k in CSV_COLUMNS})
+    return out
+
+
 def read_samples_csv(path) -> list[dict]:
     """Rows of vram_samples.csv as dicts of floats (phase: str); empty cells become None."""
     out = []

@@ -69,9 +69,11 @@ def versions() -> dict:
 
 
 def probe_name_parts(params) -> list[str]:
-    """The parts of a probe run directory's name: <model>-ctx<ctx>-kv<0|1> (greta.record.rundir adds the
-    time before and a random suffix after)."""
+    """The parts of a probe run directory's name: <model>-ctx<ctx>-kv<0|1>[-tp<N>] (greta.record.rundir adds
+    the time before and a random suffix after)."""
     parts = [Path(params["model"]).name or "model", f"ctx{params['ctx']}", f"kv{params['kv_aligned']}"]
+    tp = params.get("tp", 1) if isinstance(params, dict) else params.tp
+    parts += [f"tp{tp}"] if tp > 1 else []
     return parts + [f"b{params['batch']}"] if params["probe"] == "batch" else parts
 
 
@@ -233,6 +235,8 @@ class Record:
             "kv_cache_capacity": load.get("kv_cache_capacity"),
             "prompt": load.get("prompt"),  # source (synthetic | token file | text+tokenizer), token count, ids sha256
         })
+        if load.get("tp"):  # tensor parallel: world size and the exact reduction (a tp=1 record has no key)
+            self.meta["tp"] = load["tp"]
         return self.meta
 
 
@@ -248,7 +252,9 @@ def verdict_record(params, verdict: str, reason: str, failed_phase: str | None =
 
 # --- cross-checks ---------------------------------------------------------------------------
 def roofline(params: dict, cfg_dict: dict | None, perf: dict, ceilings: dict | None) -> dict:
-    """Each timed phase against the floor set by the ceilings measured in this run."""
+    """Each timed phase against the floor set by the ceilings measured in this run; under tensor parallelism
+    per rank, against rank 0's ceilings: 1/tp of the FLOPs (heads, MLP and vocab split evenly) and one rank's
+    bytes (ModelConfig.rank_decode_bytes), the reductions counted as free (the issue's floor)."""
     if not cfg_dict or not ceilings:
         return {"available": False, "why": "load or ceilings phase did not finish"}
     cfg = ModelConfig(**cfg_dict)
@@ -256,20 +262,21 @@ def roofline(params: dict, cfg_dict: dict | None, perf: dict, ceilings: dict | N
     bw = ceilings["copy_gbps"] * 1e9
     nbytes = dtype_bytes(params["dtype"])
     ctx, gen, span = params["ctx"], params["gen"], params["span"]
-    out = {"available": True, "ceilings": ceilings}
+    tp = params.get("tp", 1) if isinstance(params, dict) else getattr(params, "tp", 1)
+    out = {"available": True, "ceilings": ceilings, **({"per_rank_of_tp": tp} if tp > 1 else {})}
     if perf["prefill"].get("wall_s"):
-        flops = cfg.prefill_flops(ctx)
+        flops = cfg.prefill_flops(ctx) / tp
         floor = flops / rate
         out["prefill"] = {"flops": flops, "floor_s": floor, "wall_s": perf["prefill"]["wall_s"],
                           "ratio": perf["prefill"]["wall_s"] / floor}
     if perf["decode"].get("wall_s"):
-        per_tok = cfg.decode_bytes(ctx + gen // 2, nbytes)
+        per_tok = cfg.rank_decode_bytes(ctx + gen // 2, tp, nbytes)
         floor_ms = per_tok / bw * 1e3
         ms = perf["decode"]["wall_s"] / gen * 1e3
         out["decode"] = {"bytes_per_token": per_tok, "floor_ms_per_token": floor_ms, "ms_per_token": ms,
                          "ratio": ms / floor_ms}
     if perf["reference"].get("wall_s"):
-        flops = cfg.prefill_flops(ctx + span - 1) + 2.0 * (span - 1) * cfg.vocab_size * cfg.hidden_size
+        flops = (cfg.prefill_flops(ctx + span - 1) + 2.0 * (span - 1) * cfg.vocab_size * cfg.hidden_size) / tp
         out["reference"] = {"flops": flops, "floor_s": flops / rate, "wall_s": perf["reference"]["wall_s"],
                             "ratio": perf["reference"]["wall_s"] / (flops / rate)}
     return out

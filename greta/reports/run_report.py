@@ -70,11 +70,23 @@ def _matrix(params, meta) -> list[str]:
                 f"{params['dtype']} · kv_aligned={params['kv_aligned']} · backend {params['backend']} · "
                 f"prefill_chunk {params['prefill_chunk']} · kv_block {params['kv_block']}"),
         md.line(*prompt, sep=" · "),
+        *_tp_bullet(params),
         md.line("Negative control (perturb):", params["perturb"], "· fault injection:", params["fault"]),
         md.text(f"Stop conditions: OOM → FAIL_OOM at once; per-phase timeouts (s) {params['timeouts']}, enforced "
-                "by killing the worker process → FAIL_TIMEOUT"),
+                f"by killing {'every rank' if params.get('tp', 1) > 1 else 'the worker process'} → FAIL_TIMEOUT"),
         md.text(f"Thresholds (kv_aligned=1): max_abs_diff ≤ {fmt.threshold(th['max_abs_diff'])}, p99_abs_diff ≤ "
                 f"{fmt.threshold(th['p99_abs_diff'])}, top1_agreement ≥ {fmt.threshold(th['top1_agreement'])}")]), ""]
+
+
+def _tp_bullet(params) -> list[Markup]:
+    """Tensor parallel runs: the degree and how it ran (nothing for tp=1, whose report is as it was)."""
+    tp = params.get("tp", 1)
+    if tp == 1:
+        return []
+    return [md.line("Tensor parallel: ", md.bold(f"tp={tp}"), f" — one worker process per rank (rank r on "
+                    f"{'cuda:r' if params['device'] == 'cuda' else params['device']}), each holding its shard of the "
+                    "weights and of the KV heads; rank 0's logits are recorded, every rank's logits checked equal "
+                    "(sha256)", sep="")]
 
 
 def _metrics_lines(m) -> list[str]:
@@ -89,7 +101,8 @@ def _metrics_lines(m) -> list[str]:
 
 
 def _diff_from_file(params) -> dict:
-    return {k: params[k] for k in ("model", "device", "dtype", "ctx", "gen", "span", "kv_aligned", "seed", "perturb")}
+    keys = ("model", "device", "dtype", "ctx", "gen", "span", "kv_aligned", "seed", "perturb")
+    return {k: params[k] for k in keys + (("tp",) if params.get("tp", 1) > 1 else ())}
 
 
 def _timing_row(ph, p, r) -> list:
@@ -115,6 +128,10 @@ def _timing(perf) -> list[str]:
             f"({c['matmul_n']}³ product), device copy {c['copy_gbps']:.0f} GB/s ({c['method']}). Prefill floor = "
             "FLOPs / matmul rate (linears 2·P·ctx + causal attention 2·L·H·D·ctx²); decode floor = bytes per "
             "token (weights but the embedding table, plus the KV cache at the mean position) / copy bandwidth.")]
+        if rf.get("per_rank_of_tp"):
+            L += ["", md.text(f"Tensor parallel (tp={rf['per_rank_of_tp']}): the floors are one rank's — 1/tp of the "
+                              "FLOPs, one rank's weights and KV heads — against rank 0's ceilings; the reductions "
+                              "between ranks are counted as free.")]
     L.append("")
     return L
 
@@ -135,10 +152,29 @@ def _vram(vs) -> list[str]:
     below = (md.line(md.bold("Below the floor — these figures cannot be right:"),
                      md.line(*vs["below_floor_figures"], sep="; ")) if vs["below_floor"]
              else "Every measured peak is at or above it.")
-    floor = md.line("Analytic floor: weights", fmt.num(fl["weights_mb"], "{:.0f}"), "MB + KV cache",
+    per_rank = f" per rank (tp={fl['tp']})" if fl.get("tp") else ""
+    floor = md.line(f"Analytic floor{per_rank}: weights", fmt.num(fl["weights_mb"], "{:.0f}"), "MB + KV cache",
                     fmt.num(fl["kv_cache_mb"], "{:.0f}"), "MB =", md.bold(fmt.num(fl["total_mb"], "{:.0f} MB")))
     L += ["", md.line(floor, ". ", below, sep=""), ""]
+    if vs.get("ranks"):
+        L += _rank_table(vs)
     return L
+
+
+def _rank_table(vs) -> list[str]:
+    """Tensor parallel: each rank's sampled peak and allocator peak against the per-rank floor (the figures
+    above are rank 0's)."""
+    rows = []
+    for r in vs["ranks"]:
+        allocated = [a.get("max_allocated_mb") for a in (r.get("allocator_peaks") or {}).values()]
+        allocated = [a for a in allocated if a is not None]
+        rows.append([r.get("rank"), r.get("backend"), r.get("device_info"), fmt.num(r.get("peak_vram_mb"), "{:.0f}"),
+                     fmt.num(max(allocated) if allocated else None, "{:.0f}"),
+                     "below the floor" if r.get("below_floor") else ("yes" if r.get("floor_applies") else "not held")])
+    return ["### Per rank", "", md.text("Each rank sampled on its own device (RSS of its own process on the CPU); "
+                                         "the figures above are rank 0's."), "",
+            md.table(["Rank", "Backend", "Device", "Peak sampled (MB)", "Allocator max allocated (MB)",
+                      "At or above the per-rank floor"], rows), ""]
 
 
 def interpret(params, perf, metrics, vs, verdict) -> list[Markup]:
@@ -151,6 +187,10 @@ def interpret(params, perf, metrics, vs, verdict) -> list[Markup]:
         out.append(md.line(f"VRAM: sampled peak {vs['peak_vram_mb']:.0f} MB ≥ analytic floor "
                            f"{vs['floor']['total_mb']:.0f} MB, headroom "
                            f"{vs['peak_vram_mb'] - vs['floor']['total_mb']:.0f} MB (", vs["backend"], ").", sep=""))
+    low = [str(x.get("rank")) for x in vs.get("ranks") or [] if x.get("below_floor")]
+    if low:
+        out.append(md.line("VRAM: rank(s)", ", ".join(low), "hold less than the per-rank weights + KV floor, which is "
+                           "impossible for a correct measurement."))
     r = perf.get("roofline", {})
     if r.get("prefill"):
         out.append(md.text(f"Prefill took {r['prefill']['ratio']:.1f}× its roofline floor; decode "

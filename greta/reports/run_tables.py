@@ -82,4 +82,23 @@ def vram_summary_md(run_dir: str | Path) -> str:
                               f"reserved {fmt.mb(finite(pk.get('max_reserved_mb')))}"})
     below = md.line(md.bold("⚠ TRUE"), "—", ", ".join(map(str, v.get("below_floor_figures") or [])))
     rows.append({"figure": "below_floor", "value": below if v.get("below_floor") else "false"})
+    rows += _rank_rows(v)
     return table_md(rows, ["figure", "value"])
+
+
+def _rank_rows(v: dict) -> list[dict]:
+    """Tensor parallel records: the degree, then one row per rank (the figures above are rank 0's)."""
+    ranks = [r for r in v.get("ranks") or [] if isinstance(r, dict)]
+    if not ranks:
+        return []
+    rows = [{"figure": "tensor parallel", "value": f"tp={(v.get('floor') or {}).get('tp', len(ranks))}: every rank "
+                                                   "sampled on its own device, held against the per-rank floor; "
+                                                   "the figures above are rank 0's"}]
+    for r in ranks:
+        alloc = [finite((a or {}).get("max_allocated_mb")) for a in (r.get("allocator_peaks") or {}).values()]
+        alloc = [a for a in alloc if a is not None]
+        state = "⚠ below the floor" if r.get("below_floor") else "at or above the floor"
+        rows.append({"figure": f"rank {r.get('rank')}",
+                     "value": f"peak {fmt.mb(finite(r.get('peak_vram_mb')))} · allocator max "
+                              f"{fmt.mb(max(alloc) if alloc else None)} · {state} · {r.get('device_info')}"})
+    return rows

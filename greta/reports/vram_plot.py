@@ -51,6 +51,21 @@ class VramPlotData:
     below_floor: bool
     below_floor_figures: list[str] = field(default_factory=list)
     sample_times: list[float] = field(default_factory=list)
+    ranks: dict[int, tuple[list[float], list[float]]] = field(default_factory=dict)  # tp > 1: rank -> (t, MB)
+
+
+def _rank_series(run_dir: Path) -> dict[int, tuple[list[float], list[float]]]:
+    """Each rank's sampled device figure from vram_samples_ranks.csv (tensor-parallel records; {} otherwise)."""
+    from greta.record.samples import RANK_SAMPLES_CSV, read_rank_samples_csv
+
+    path = run_dir / RANK_SAMPLES_CSV
+    if not path.is_file():
+        return {}
+    out = {}
+    for r, rows in read_rank_samples_csv(path).items():
+        pts = [(x["t_s"], x["device_used_mb"]) for x in rows if x["t_s"] is not None and x["device_used_mb"] is not None]
+        out[r] = ([t for t, _ in pts], [y for _, y in pts])
+    return out
 
 
 def _phases(vram: dict, samples: list[dict]) -> list[Phase]:
@@ -100,7 +115,7 @@ def vram_series(run_dir: str | Path) -> VramPlotData:
         peak=(peak_mb, peak_t) if peak_mb is not None and peak_t is not None else None,
         below_floor=bool(vram.get("below_floor")),
         below_floor_figures=[str(f) for f in vram.get("below_floor_figures") or []],
-        sample_times=[r["t_s"] for r in samples])
+        sample_times=[r["t_s"] for r in samples], ranks=_rank_series(run_dir))
 
 
 # ----------------------------------------------------------------------------------------------------- drawing
@@ -123,15 +138,21 @@ def _draw_lines(ax, d: VramPlotData) -> tuple[list, list[float]]:
     for key, label, style in SERIES:
         if key in d.series:
             xs, ys = d.series[key]
-            (h,) = ax.plot(xs, ys, label=label or d.device_label, marker="o" if few else None, ms=4 if few else 0,
+            label = label or (f"rank 0: {d.device_label}" if d.ranks else d.device_label)
+            (h,) = ax.plot(xs, ys, label=label, marker="o" if few else None, ms=4 if few else 0,
                            **style)
+            handles.append(h)
+            all_y += ys
+    for r, (xs, ys) in sorted(d.ranks.items()):  # tensor parallel: one thin line per other rank (rank 0 is above)
+        if r and xs:
+            (h,) = ax.plot(xs, ys, lw=1.1, ls="--", alpha=0.85, zorder=3, label=f"rank {r}: {d.device_label}")
             handles.append(h)
             all_y += ys
     if d.floor_mb is not None:  # nothing that holds the model can be below weights + KV
         parts = (f"weights {d.weights_mb:,.0f} + KV {d.kv_cache_mb:,.0f} = "
                  if d.weights_mb is not None and d.kv_cache_mb is not None else "")
         handles.append(ax.axhline(d.floor_mb, color=FAIL_COLOR, ls="--", lw=1.6, zorder=2,
-                                  label=f"analytic floor: {parts}{d.floor_mb:,.0f} MB"))
+                                  label=f"analytic floor{' per rank' if d.ranks else ''}: {parts}{d.floor_mb:,.0f} MB"))
         all_y.append(d.floor_mb)
     by_name = {p.name: p for p in d.phases}
     for i, (name, v) in enumerate(d.allocator_peaks.items()):
@@ -198,7 +219,8 @@ def _titles(fig, ax, d: VramPlotData) -> None:
     per = f"{d.period_s:g} s period" if d.period_s is not None else "period n/a"
     what = "Process memory (RSS)" if d.device_label == "process RSS" else "VRAM"
     s = "" if d.n_samples == 1 else "s"
-    title = f"{what} — {d.device}   [{d.backend or '?'}, {per}, {d.n_samples} sample{s}]"
+    tp = f", tp={len(d.ranks)}" if d.ranks else ""  # the legend names each rank's line
+    title = f"{what} — {d.device}   [{d.backend or '?'}, {per}, {d.n_samples} sample{s}{tp}]"
     if d.below_floor:
         fig.suptitle(title + "\n⚠ measured peak is BELOW the analytic weights+KV floor", fontsize=12.5,
                      color=FAIL_COLOR, fontweight="bold")
