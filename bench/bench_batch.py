@@ -6,8 +6,10 @@ Per ctx and kv_aligned, one BatchRunner holds a KV slab for each of the largest 
 fit: the largest B that fits is used, larger ones are reported as not fitting). Every request's prompt is
 prefilled once, sequence by sequence (prefill tokens/s), then for each B the first B requests are decoded
 together for --gen greedy steps (decode ms/step: the median over the steps after the first, which includes
-the CUDA graph capture; both kv modes replay their step from CUDA graphs; tokens/s = B / step). The floor per step is the weights read once plus each
-sequence's KV up to its position, over the copy bandwidth measured at the start of this run.
+the CUDA graph capture; both kv modes replay their step from CUDA graphs, one per row count: kv1 the exact
+batch decode (TritonBatchOps), kv0 batched flash-decoding (FastBatchOps); tokens/s = B / step). The floor per
+step is the weights read once plus each sequence's KV up to its position, over the copy bandwidth measured at
+the start of this run.
 
 Exactness per point (--check requests): each checked request's logits over its first --span decode steps at
 every B are compared, bit for bit, with (a) the request decoded alone (a batch of one, teacher-forced on the
@@ -110,7 +112,8 @@ def bench_point(cfg, w, ctx, kv, args, bw, weight_bytes) -> list[dict]:
         tokens = toks if B == sizes[-1] else tokens
         step_ms = statistics.median(ms[1:] or ms)
         floor_ms = statistics.median(floors) / bw * 1e3
-        points.append({"ctx": ctx, "kv_aligned": kv, "batch": B, "fits": True, "decode_ms_per_step": step_ms,
+        points.append({"ctx": ctx, "kv_aligned": kv, "batch": B, "fits": True, "batch_ops": type(br.batch_ops).__name__,
+                       "decode_graph": bool(br.graphable), "decode_ms_per_step": step_ms,
                        "decode_tokens_per_s": B / step_ms * 1e3, "floor_ms_per_step": floor_ms,
                        "floor_tokens_per_s": B / floor_ms * 1e3, "fraction_of_floor": floor_ms / step_ms,
                        "prefill_tokens_per_s": prefill_tps, "first_step_ms": ms[0]})
@@ -137,6 +140,8 @@ def markdown(doc) -> str:
         L.append(f"| {p['ctx']} | {p['kv_aligned']} | {p['batch']} | {p['decode_ms_per_step']:.2f} | "
                  f"{p['decode_tokens_per_s']:.0f} | {p['floor_tokens_per_s']:.0f} | {100 * p['fraction_of_floor']:.0f}% | "
                  f"{p['prefill_tokens_per_s']:.0f} | {p['exact']} | {p['max_abs_diff']:.3g} |")
+    ran = sorted({(p["kv_aligned"], p["batch_ops"], p["decode_graph"]) for p in doc["points"] if p["fits"]})
+    L += ["", "Decode steps: " + ", ".join(f"kv{kv} {ops}" + (" (CUDA graphs)" if g else " (eager)") for kv, ops, g in ran)]
     price = _price(doc["points"])
     if price:
         L += ["", "Price of exactness (kv1 ms/step ÷ kv0 ms/step): " + ", ".join(f"ctx {c} B {b}: {r:.2f}" for (c, b), r in price.items())]

@@ -58,6 +58,12 @@ def attention_ref(q, k_cache, v_cache, start):
     return o.to(q.dtype)
 
 
+def batch_decode_ref(q, k_slabs, v_slabs, seq, pos):
+    """A batch decode step: row i of q [n, heads, D] over slab seq[i] of k_slabs, v_slabs [n_seqs, n_kv, S, D],
+    keys 0..pos[i], each row by attention_ref (reads the ids back on the host: a reference, not a fast path)."""
+    rows = zip(seq.tolist(), pos.tolist())
+    return torch.cat([attention_ref(q[i:i + 1], k_slabs[b], v_slabs[b], p) for i, (b, p) in enumerate(rows)])
+
 
 def sum_in_order_ref(buffers):
     """buffers[0] + buffers[1] + ... in fp32, in that order, rounded once to their dtype (kernels/reduce.py)."""

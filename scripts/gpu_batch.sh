@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The batch probe's GPU work (issue 14), in stages that each fit one device call (10 minutes):
 #   tests     the batched decode kernel == decode_attention per row (bf16, 8B head shapes) and the engine's graphed
-#             Triton batch == alone == reference (tests/test_batch_gpu.py), plus the existing GPU kernel tests
-#   bench4k   bench/bench_batch.py: B 1..32 at 4k, kv1 (Triton, graphed) and kv0 (torch): tokens/s vs floor, exactness
+#             Triton batch == alone == reference; kv0's batched flash-decoding vs its reference and the graphed
+#             kv0 batch == eager, near the reference (tests/test_batch_gpu.py), plus the existing GPU kernel tests
+#   bench4k   bench/bench_batch.py: B 1..32 at 4k, kv1 (Triton, graphed) and kv0 (batched flash-decoding, graphed):
+#             tokens/s vs floor, exactness
 #   bench32k  the same at 32k (B up to what fits: 8 on an 80 GB card)
 #   sweep4k_a / sweep4k_b / sweep32k   the batch sweeps (params/batch_4k.yaml split in two calls by B, then resumed;
 #             params/batch_32k.yaml), each point a sealed record; the report with throughput and |Δ| vs B

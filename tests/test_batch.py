@@ -16,12 +16,15 @@ CHUNK, KV_BLOCK = 16, 64
 
 
 def three_ways(cfg, w, lengths, gens, *, kv_aligned=1, perturb="none", backend="torch", chunk=CHUNK,
-               kv_block=KV_BLOCK):
+               kv_block=KV_BLOCK, install=None):
     """Per request: (a) alone, (b) in the batch, (c) reference, each [gens[b] + 1, V] (row 0: the prefill's
-    last position, then every decode step), and the batch's tokens."""
+    last position, then every decode step), and the batch's tokens. install(br), if given, swaps the runner's
+    ops (a backend the CPU would not pick)."""
     prompts = [synthetic_prompt(n, cfg.vocab_size, 10 + b) for b, n in enumerate(lengths)]
     br = BatchRunner(cfg, w, n_seqs=len(lengths), max_tokens=max(lengths) + max(gens), kv_aligned=kv_aligned,
                      chunk=chunk, kv_block=kv_block, perturb=perturb, backend=backend)
+    if install:
+        install(br)
     firsts = prefill_all(br, prompts)
     tokens, kept = decode_together(br, lengths, firsts, gens, keep=max(gens))
     out = []
@@ -158,14 +161,10 @@ def test_triton_batch_of_three_is_exact():
     assert done.returncode == 0 and "exact" in done.stdout, done.stderr[-2000:]
 
 
-def test_the_host_layout_and_graph_keys(tiny_cfg, tiny_weights):
-    """What a captured step is keyed by: Triton's by its row count; torch kv0's also by how far attention reads
-    (the furthest position + 1, rounded up to a KV block) and which consecutive slabs it slices."""
+def test_the_host_layout(tiny_cfg, tiny_weights):
+    """What an eager step is handed instead of reading it back from the device: each sequence's rows and how
+    far the torch kv0 attention reads (the furthest position + 1). No CUDA graph on the CPU; on CUDA one per
+    row count (tests/test_batch_gpu.py)."""
     br = BatchRunner(tiny_cfg, tiny_weights(), n_seqs=4, max_tokens=200, kv_aligned=0, chunk=CHUNK, kv_block=KV_BLOCK)
-    lay = br._layout([63, 10, 5], [1, 2, 3])
-    assert lay == {"seq_groups": [(1, [0]), (2, [1]), (3, [2])], "kv_end": 64}
-    assert br._layout([64], [0])["kv_end"] == 128 and br._layout([199], [0])["kv_end"] == br.cache.capacity
-    assert br._graph_key(3, lay) == (3, 64, 1)
-    assert br._graph_key(2, br._layout([1, 2], [3, 0])) == (2, 64, None)  # not consecutive: gathered
-    br.kv_aligned = True
-    assert br._graph_key(3, lay) == (3,)
+    assert br._layout([63, 10, 5], [1, 2, 3]) == {"seq_groups": [(1, [0]), (2, [1]), (3, [2])], "kv_end": 64}
+    assert br._layout([64], [0])["kv_end"] == 65 and not br.graphable

@@ -1,6 +1,7 @@
 """The kv_aligned=0 fast path on the CPU: flash-decoding (greta.kernels.flash_decode, under Triton's
-interpreter, fp32) against its torch reference; the SDPA prefill's split-and-merge (greta/engine/ops/sdpa.py)
-with a CPU backend standing in for cuDNN/flash; CudaFastOps driving the tiny model; and the CPU path
+interpreter, fp32) against its torch reference, alone and batched (flash_decode_batch: rows of several
+sequences, each over its own slab); the SDPA prefill's split-and-merge (greta/engine/ops/sdpa.py)
+with a CPU backend standing in for cuDNN/flash; CudaFastOps driving the tiny model, alone and in a batch (FastBatchOps); and the CPU path
 (TorchOps) against a float64 reference. Each equivalence has a negative control that must fail it.
 """
 import os
@@ -14,13 +15,15 @@ pytest.importorskip("triton")
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 from greta.engine.ops import make_ops, sdpa  # noqa: E402
+from greta.engine.ops.batch import FastBatchOps, TorchBatchOps, batch_ops  # noqa: E402
 from greta.engine.ops.controls import KvOffByOne, RopeOffset  # noqa: E402
 from greta.engine.ops.cuda_fast import CudaFastOps  # noqa: E402
 from greta.engine.ops.torch_ops import TorchOps  # noqa: E402
+from greta.engine.batch import BatchRunner, decode_together, prefill_all  # noqa: E402
 from greta.engine.prompt import synthetic_prompt  # noqa: E402
 from greta.engine.runner import Runner  # noqa: E402
-from greta.kernels.flash_decode import _split_kernel, flash_decode, split_size  # noqa: E402
-from greta.kernels.reference import attention_ref  # noqa: E402
+from greta.kernels.flash_decode import _split_kernel, flash_decode, flash_decode_batch, split_size  # noqa: E402
+from greta.kernels.reference import attention_ref, batch_decode_ref  # noqa: E402
 
 INTERPRETED = isinstance(_split_kernel, InterpretedFunction)
 needs_interpreter = pytest.mark.skipif(not INTERPRETED, reason="greta.kernels was imported before TRITON_INTERPRET=1")
@@ -52,6 +55,55 @@ def test_flash_decode_matches_reference(H, Hkv, D, S, pos, split):
 def test_split_size_targets_the_program_count():
     assert split_size(34816, 8) == 256 and split_size(133120, 8) == 1024  # 32k and 128k benches: ~1000 programs
     assert split_size(1024, 1) == 128 and split_size(10**7, 8) == 2048    # clamped both ways
+    # a batch's rows bring their own programs: the batch bench's 4k slabs at B=32, 32k slabs at B=8
+    assert split_size(7168, 8, rows=32) == 1024 and split_size(35840, 8, rows=8) == 2048
+    assert split_size(7168, 8, rows=1) == split_size(7168, 8) == 128
+
+
+def _slabs(n_seqs, Hkv, S, D, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n_seqs, Hkv, S, D, generator=g), torch.randn(n_seqs, Hkv, S, D, generator=g)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("H,Hkv,D,split", [(8, 2, 16, 64), (4, 1, 32, 128)])
+def test_flash_decode_batch_matches_reference_per_row(H, Hkv, D, split):
+    """Rows of four sequences, one of them twice and not in order, at positions 0, split edges and the slab's
+    last key: each row is the reference over its own slab up to its own position, and bit for bit
+    flash_decode of that row alone with the same split (the same program: the batch adds a row axis). Each
+    slab is NaN past the furthest key its rows may read, so a row reading past its position would show."""
+    S = 256
+    k, v = _slabs(4, Hkv, S, D, seed=H + D)
+    seq = torch.tensor([2, 0, 3, 1, 0])
+    pos = torch.tensor([0, split - 1, split, 255, 100])
+    for b in range(4):
+        end = max(p for s, p in zip(seq.tolist(), pos.tolist()) if s == b) + 1
+        k[b, :, end:], v[b, :, end:] = float("nan"), float("nan")
+    q = torch.randn(len(seq), H, D, generator=torch.Generator().manual_seed(7))
+    o = flash_decode_batch(q, k, v, seq, pos, split=split)
+    ref = batch_decode_ref(q, k, v, seq, pos)
+    err = max_diff(o, ref)
+    assert torch.isfinite(o).all() and err < 1e-5
+    for i, (b, p) in enumerate(zip(seq.tolist(), pos.tolist())):
+        assert torch.equal(o[i], flash_decode(q[i:i + 1], k[b], v[b], torch.tensor([p]), split=split)[0]), i
+
+
+@needs_interpreter
+def test_flash_decode_batch_negative_controls():
+    """The check above can fail: a row pointed at another sequence's slab, or one key short, is far from the
+    reference; and the default split (chosen for the row count) gives the reference too."""
+    k, v = _slabs(3, 2, 256, 16, seed=5)
+    q = torch.randn(3, 8, 16, generator=torch.Generator().manual_seed(8))
+    seq, pos = torch.tensor([0, 1, 2]), torch.tensor([40, 200, 129])
+    ref = batch_decode_ref(q, k, v, seq, pos)
+    good = flash_decode_batch(q, k, v, seq, pos)
+    err = max_diff(good, ref)
+    assert err < 1e-5
+    wrong_slab = flash_decode_batch(q, k, v, torch.tensor([0, 2, 2]), pos)
+    assert max_diff(wrong_slab[1], ref[1]) > 100 * max(err, 1e-8)
+    assert torch.equal(wrong_slab[0], good[0])  # the other rows are their own
+    short = flash_decode_batch(q, k, v, seq, pos - torch.tensor([0, 0, 1]))
+    assert max_diff(short[2], ref[2]) > 100 * max(err, 1e-8)
 
 
 # ------------------------------------------------------------------------------ SDPA prefill
@@ -181,3 +233,45 @@ def test_cpu_kv0_matches_a_float64_reference(tiny_cfg, tiny_weights):
     assert 0 < max_diff(dec16, dec64) < 0.05 and 0 < max_diff(ref16, dec64) < 0.05  # measured 0.024, 0.022
     bad64, _ = _tiny_run(tiny_cfg, w64, TorchOps, wrap=RopeOffset)
     assert max_diff(bad64[1:], dec64[1:]) > 0.05  # measured 0.13
+
+
+# ------------------------------------------------------------------------------ a batch decode step
+def _install_fast(wrap=None):
+    """A BatchRunner's batch decode swapped for the CUDA fast path's (on the CPU it would pick TorchOps).
+    Prefill stays TorchOps' (the kv0 CPU path): interpreted, the fast path's prefill would take most of the
+    test's time and is test_cuda_fast_ops_decode_agrees_with_prefill_and_torch's business."""
+    def install(br):
+        fast = batch_ops(CudaFastOps(br.cos, br.sin))
+        assert type(fast) is FastBatchOps
+        br.batch_ops = fast if wrap is None else wrap(fast)
+    return install
+
+
+@needs_interpreter
+def test_fast_batch_ops_decode_agrees_with_prefill_and_torch(tiny_cfg, tiny_weights):
+    """FastBatchOps (CudaFastOps' row-wise ops, batched flash-decoding) decoding the tiny model in fp32: a
+    batch of three (uneven lengths, one sequence leaving early) agrees with each request alone (FastBatchOps
+    at one row) and with its teacher-forced prefill, and with the plain torch batch (TorchBatchOps);
+    kv_off_by_one wrapped around the batch ops must break the batch's first decode step (whose inputs are the
+    same: prefill is left alone)."""
+    from test_batch import three_ways  # tests/ is on sys.path (rootdir-relative test modules)
+
+    w = tiny_weights(torch.float32)
+    lengths, gens = [20, 35, 47], [2, 2, 1]
+    fast, tokens = three_ways(tiny_cfg, w, lengths, gens, kv_aligned=0, install=_install_fast())
+    err = max(max(max_diff(a, x), max_diff(x, c)) for a, x, c in fast)
+    assert err < 1e-3
+    torch_run, torch_tokens = three_ways(tiny_cfg, w, lengths, gens, kv_aligned=0)
+    assert torch_tokens == tokens
+    assert max(max_diff(x, tx) for (_, x, _), (_, tx, _) in zip(fast, torch_run)) < 1e-3
+    br = BatchRunner(tiny_cfg, w, n_seqs=3, max_tokens=max(lengths) + max(gens), kv_aligned=0, chunk=16, kv_block=64)
+    _install_fast(KvOffByOne)(br)
+    prompts = [synthetic_prompt(n, tiny_cfg.vocab_size, 10 + b) for b, n in enumerate(lengths)]
+    _, bad = decode_together(br, lengths, prefill_all(br, prompts), [1, 1, 1], keep=1)
+    assert min(max_diff(bad[b][0], fast[b][2][1]) for b in range(3)) > 100 * max(err, 1e-6)
+
+
+def test_batch_ops_picks_batched_flash_decoding_for_the_fast_path():
+    cos = torch.zeros(8, 4)
+    assert type(batch_ops(CudaFastOps(cos, cos))) is FastBatchOps
+    assert type(batch_ops(TorchOps(cos, cos))) is TorchBatchOps

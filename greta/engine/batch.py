@@ -86,11 +86,10 @@ class BatchRunner:
         inner = make_ops(backend, self.kv_aligned, self.cos, self.sin, chunk=chunk, kv_block=kv_block)
         self.ops = with_control(inner, perturb)
         self.batch_ops = with_control(batch_ops(inner), perturb)
-        # CUDA graphs: Triton (kv1), and the torch kv0 step unless kv_off_by_one moves its positions (the moved
-        # step would read its layout back from the device, which a capture cannot)
-        on_gpu = self.device.type == "cuda"
-        self.graphable = on_gpu and (backend == "triton" if self.kv_aligned else perturb != "kv_off_by_one")
-        self._graphs: dict[tuple, tuple] = {}  # _graph_key -> (graph, tokens, positions, seqs, logits)
+        # CUDA graphs where the backend's step reads nothing back on the host: Triton (kv1), the kv0 fast path
+        # (batched flash-decoding), under any control (they move positions on the device or split linears)
+        self.graphable = self.device.type == "cuda" and getattr(inner, "graphable", False)
+        self._graphs: dict[int, tuple] = {}  # rows -> (graph, tokens, positions, seqs, logits)
 
     @torch.inference_mode()
     def prefill(self, b: int, tokens: torch.Tensor, start: int = 0, keep: list[int] | None = None,
@@ -116,50 +115,41 @@ class BatchRunner:
             raise IndexError(f"decode names a sequence outside the batch of {self.cache.n_seqs}")
         pos = torch.tensor(host_pos, device=self.device)
         seq = torch.tensor(host_seq, device=self.device)
-        layout = self._layout(host_pos, host_seq)
         if self.graphable:
-            return self._decode_graphed(tok, pos, seq, layout)
-        return self._step(tok, pos, seq, layout)
+            return self._decode_graphed(tok, pos, seq)
+        return self._step(tok, pos, seq, self._layout(host_pos, host_seq))
 
     def _layout(self, pos: list[int], seq: list[int]) -> dict:
-        """What a step's ops would otherwise read back from the device (ops/batch.py): each sequence's rows, and
-        how far attention reads: the furthest position + 1 rounded up to a KV block (at most the capacity), so
-        a captured step serves every position of a block."""
-        end = min(self.cache.capacity, -(-(max(pos) + 1) // self.kv_block) * self.kv_block)
-        return {"seq_groups": [(b, [r]) for r, b in enumerate(seq)], "kv_end": end}
+        """What the eager batch ops (ops/batch.py BatchOps, TorchBatchOps) would otherwise read back from the
+        device: each sequence's rows, and how far attention reads (the furthest position + 1). The graphable
+        ones read neither: their attention takes the sequence ids and positions as device tensors."""
+        return {"seq_groups": [(b, [r]) for r, b in enumerate(seq)], "kv_end": max(pos) + 1}
 
-    def _step(self, tok, pos, seq, layout: dict) -> torch.Tensor:
+    def _step(self, tok, pos, seq, layout: dict | None) -> torch.Tensor:
+        """One step's forward. layout: what an eager step's ops would otherwise read back (_layout); None for a
+        step to be captured, which must read nothing back (a captured layout would be the first step's)."""
         step = self.batch_ops.plan_batch(tok, pos, seq)
-        if getattr(self.batch_ops, "rows_as_given", False):  # the step's rows are the rows given, in order
+        if layout and getattr(self.batch_ops, "rows_as_given", False):  # the step's rows are the rows given
             for key, value in layout.items():
                 step.once(key, lambda value=value: value)
         return forward(self.batch_ops, self.cfg, self.w, self.cache, step)
 
-    def _graph_key(self, n: int, layout: dict) -> tuple:
-        """Triton's step reads everything from the device: one graph per row count. The torch (kv0) step is
-        shaped by how far it reads and, for consecutive sequences, by which (a slice of the slabs)."""
-        if self.kv_aligned:
-            return (n,)
-        seqs = [b for b, _ in layout["seq_groups"]]
-        start = seqs[0] if seqs == list(range(seqs[0], seqs[0] + n)) else None
-        return (n, layout["kv_end"], start)
-
-    def _decode_graphed(self, tok, pos, seq, layout: dict) -> torch.Tensor:
-        """The step replayed from a CUDA graph, one per _graph_key (sequences, positions and tokens are device
+    def _decode_graphed(self, tok, pos, seq) -> torch.Tensor:
+        """The step replayed from a CUDA graph, one per row count (sequences, positions and tokens are device
         inputs of the graph). Captured as Runner captures its decode: run twice eagerly on a side stream (the
         same inputs, the same cache writes), then captured."""
-        key = self._graph_key(tok.numel(), layout)
+        key = tok.numel()
         if key not in self._graphs:
             ins = (tok.clone(), pos.clone(), seq.clone())
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 for _ in range(2):
-                    self._step(*ins, layout)
+                    self._step(*ins, None)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                out = self._step(*ins, layout)
+                out = self._step(*ins, None)
             self._graphs[key] = (graph, *ins, out)
         graph, g_tok, g_pos, g_seq, out = self._graphs[key]
         g_tok.copy_(tok)

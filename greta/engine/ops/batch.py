@@ -12,6 +12,9 @@ prefill, bit for bit.
                  TritonOps, whose GEMM is batch-invariant in M: its K loop is the same for every M).
   TiledBatchOps  the tiled torch backend (kv_aligned=1 on torch): its invariance is a row at a fixed place in
                  a fixed-shape tile, so rows are laid into tiles (see its docstring).
+  TritonBatchOps, FastBatchOps  attention of every row in one kernel launch over the slabs (kv_aligned=1:
+                 the exact batch decode; kv_aligned=0 on CUDA: batched flash-decoding), graphable.
+  TorchBatchOps  the kv_aligned=0 torch path (the CPU): plain softmax(q K^T) V batched over the slabs.
 """
 from __future__ import annotations
 
@@ -172,14 +175,26 @@ class TritonBatchOps(BatchOps):
         return self.inner.k.batch_decode_attention(q, kv[0], kv[1], step.seq, step.pos)
 
 
+class FastBatchOps(BatchOps):
+    """Batch decode on the kv_aligned=0 CUDA fast path (CudaFastOps): every row's attention in one batched
+    flash-decoding launch, each row over its own slab up to its own position (kernels/flash_decode.py
+    flash_decode_batch, the single-sequence flash_decode's program with a row axis); the row-wise ops are
+    CudaFastOps' (cuBLAS linears of M = rows, Triton RMSNorm/RoPE/SwiGLU). Positions and sequence ids stay on
+    the device, so the runner captures the step in a CUDA graph, one per row count."""
+
+    def decode_attention(self, q, kv, step: Step):
+        return self.inner.k.flash_decode_batch(q, kv[0], kv[1], step.seq, step.pos)
+
+
 class TorchBatchOps(BatchOps):
     """Batch decode on the kv_aligned=0 torch path: TorchOps' decode attention (plain softmax(q K^T / sqrt(D)) V
     per GQA group) for all rows at once, batched over the rows' slabs up to the furthest position, each row
     masked to its own keys 0..pos. K and V are read in place when the rows are consecutive sequences (as when
     the whole batch is live), gathered otherwise. The batched matmuls round unlike the single-row ones and the
     SDPA prefill: the drift the batch probe measures. How far to read, `kv_end` (at least the furthest position
-    + 1), is the step's (greta.engine.batch sets it from the host's positions, so a captured step holds no
-    host sync); without it, it is read from the device."""
+    + 1), is the step's (greta.engine.batch sets it from the host's positions, so the step reads nothing back);
+    without it, it is read from the device. On CUDA the kv_aligned=0 path is FastBatchOps; this one runs
+    where CudaFastOps does not (the CPU, or CUDA without triton), never from a CUDA graph."""
 
     def decode_attention(self, q, kv, step: Step):
         n, H, D = q.shape
@@ -196,8 +211,9 @@ class TorchBatchOps(BatchOps):
 
 
 def batch_ops(inner: Ops) -> BatchOps:
-    """The batch wrapper for a backend: TiledBatchOps for tiled torch, TritonBatchOps for Triton, TorchBatchOps
-    for the kv_aligned=0 torch path."""
+    """The batch wrapper for a backend: TiledBatchOps for tiled torch, TritonBatchOps for Triton, FastBatchOps
+    for the kv_aligned=0 CUDA fast path, TorchBatchOps for the kv_aligned=0 torch path."""
+    from greta.engine.ops.cuda_fast import CudaFastOps
     from greta.engine.ops.tiled_torch import TiledTorchOps
     from greta.engine.ops.torch_ops import TorchOps
     from greta.engine.ops.triton_ops import TritonOps
@@ -206,4 +222,6 @@ def batch_ops(inner: Ops) -> BatchOps:
         return TiledBatchOps(inner)
     if isinstance(inner, TritonOps):
         return TritonBatchOps(inner)
+    if isinstance(inner, CudaFastOps):  # before TorchOps: CudaFastOps is one
+        return FastBatchOps(inner)
     return TorchBatchOps(inner) if isinstance(inner, TorchOps) else BatchOps(inner)
