@@ -16,7 +16,7 @@ SEALED = sorted(p.parent for p in OUT.rglob("manifest.json"))
 
 def test_there_are_sealed_gpu_records():
     kinds = {p.relative_to(OUT).parts[1] for p in SEALED}
-    assert {"b3_77", "oracle", "b3_77-sweep"} <= kinds, kinds
+    assert {"b3_77", "oracle", "batch", "batch-sweep"} <= kinds, kinds  # a probe, the oracle, a batch probe, a sweep
 
 
 @pytest.mark.parametrize("run_dir", SEALED, ids=lambda p: str(p.relative_to(OUT)))
