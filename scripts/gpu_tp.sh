@@ -40,7 +40,7 @@ tp8b() {
 faults() {
     local F="-f params/b3_77.yaml -p tp=2 -p ctx=4096 -o $R --quiet"
     run python3 -m greta probe $F -p fault=kill:decode@1
-    run python3 -m greta probe $F -p fault=hang:decode@1 -p timeouts.decode=90
+    run python3 -m greta probe $F -p fault=hang:decode@1 -p timeouts.decode=25
     run python3 -m greta probe $F -p fault=oom:prefill@1
 }
 
