@@ -5,7 +5,16 @@ fast on a 2-core CI machine.
 """
 from __future__ import annotations
 
+import os
 import re
+
+# On a machine without a GPU the Triton kernels can only run under Triton's interpreter, and TRITON_INTERPRET is
+# read once, when greta.kernels is first imported. Each kernel test module sets it at its own import, but pytest
+# imports every module at collection, so a module collected earlier that imports greta.kernels (through the
+# engine) would leave the kernels compiled-mode and every interpreter test skipped. Setting it here, before any
+# test module, makes the CPU suite run them in any order. A GPU machine keeps compiled kernels.
+if not any(os.path.exists(dev) for dev in ("/dev/nvidia0", "/dev/nvidiactl", "/dev/kfd")):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 from pathlib import Path
 
 import pytest
