@@ -200,7 +200,7 @@ def run_parallel(matrix, sweep_dir: Path, todo, total: int, ids: list[str], prog
                 queue.pop(0)
                 running.append(_start(sweep_dir, number, pt["name"], group))
                 say(progress, f"[{number}/{total}] {pt['name']}: running on {_where(group, matrix, pt['name'])}")
-                log_entry(sweep_dir, point=pt["name"], action="started", gpus=group)
+                log_entry(sweep_dir, point=pt["name"], action="started", gpus=group, pid=running[-1].proc.pid)
             if record_error is not None and not running:
                 break
             time.sleep(0.2)
