@@ -21,6 +21,7 @@ Layout (docs/RECORD.md)::
         points/<point>/      one probe record per point, e.g. points/ctx4096-kv1-seed0-bfloat16/
         points/<point>.incomplete-<k>/   an incomplete record moved aside on resume (never deleted)
         sweep_log.jsonl      one line per point attempt: skipped / ran (verdict) / error
+        point_logs/<point>.log   a parallel sweep's (--gpus N) point process output
         sweep_report.ipynb, sweep_report.html, *.png   the aggregate report (notebooks/sweep_report.ipynb)
         sweep_verdict.json   PASS_GUARDRAIL | FAIL_GUARDRAIL | INCOMPLETE, with reasons
 
@@ -32,6 +33,10 @@ re-checked) and its verdict is not INTERRUPTED. A fault verdict (FAIL_OOM at the
 Resume: pass the existing sweep directory. Complete points are skipped; an incomplete point directory (a
 killed run, a damaged record) is moved aside to ``points/<name>.incomplete-<k>/`` and the point is rerun.
 A resume whose declared matrix differs from config.json is refused (:class:`SweepError`, one line).
+
+Concurrency: ``run_sweep(..., gpus=N)`` (``greta sweep --gpus N``) runs the points concurrently, each in its own
+process on its own group of ``tp`` of N GPUs (greta.sweeps.parallel); the records, resume and guardrail rules
+are the same.
 """
 from __future__ import annotations
 
