@@ -185,6 +185,25 @@ def test_interrupted_sweep_leaves_interrupted_records_and_resumes(tmp_path, sig)
     assert sr.guardrail(sr.collect(d), read_config(d))[0] == "PASS_GUARDRAIL"
 
 
+@pytest.mark.slow
+def test_a_point_process_that_dies_gets_a_fail_error_record(tmp_path):
+    """SIGKILL to one point's process (not the sweep): the sweep kills what is left of its session (the probe's
+    worker), completes its record from the checkpoint as FAIL_ERROR naming the signal, and runs the rest."""
+    proc = _start_cli(tmp_path)
+    d, started = _wait_for_two_running_points(tmp_path)
+    victim = started[1]
+    assert victim["point"] == NAMES[1]  # kv_aligned=1: its failure fails the guardrail
+    os.kill(victim["pid"], signal.SIGKILL)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1 and out.startswith("FAIL_GUARDRAIL"), out + err
+    v = json.loads((d / "points" / victim["point"] / "verdict.json").read_text())
+    assert v["verdict"] == "FAIL_ERROR" and "signal 9 (SIGKILL)" in v["reason"], v
+    assert all(point_complete(d / "points" / n)[0] for n in NAMES)
+    assert _session_processes([e["pid"] for e in _log(d) if e["action"] == "started"]) == []
+    errors = [e for e in _log(d) if e["action"] == "error"]
+    assert errors == [] and sum(e["action"] == "ran" for e in _log(d)) == 4
+
+
 def test_a_failing_point_does_not_stop_the_others(tmp_path):
     """kv_aligned=1's worker is killed in decode: FAIL_ERROR, a complete record; the kv0 point runs beside it."""
     m = tmp_path / "m.yaml"

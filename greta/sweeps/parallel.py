@@ -168,7 +168,11 @@ def _ended(matrix, sweep_dir: Path, p: _Point, total: int, progress: bool, how: 
     d = sweep_dir / "points" / p.name
     if rc not in (EXIT_BAD_INPUT, EXIT_RECORD) and (how or rc != 0) and not (d / "manifest.json").is_file():
         status, why = ("interrupted", how) if how else ("crash", f"the point's process ended with {exit_reason(rc)}")
-        finish_from_checkpoint(d, matrix.params[p.name], status, why)
+        try:
+            finish_from_checkpoint(d, matrix.params[p.name], status, why)
+        except Exception as e:  # noqa: BLE001 - logged as the point's error below; the other points go on
+            with open(sweep_dir / POINT_LOGS / f"{p.name}.log", "a", encoding="utf-8") as f:
+                f.write(f"\nthe sweep could not complete the record: {type(e).__name__}: {e}\n")
     where, wall = _where(p.group, matrix, p.name), time.monotonic() - p.t0
     verdict, reason = verdict_of(d)
     if rc in (EXIT_BAD_INPUT, EXIT_RECORD) or verdict is None:
