@@ -244,6 +244,10 @@ def test_pool_ids_on_gpus(monkeypatch):
     assert parallel.pool_ids(cuda, 4) == ["0", "1", "2", "3"] and parallel.pool_ids(cuda, 2) == ["0", "1"]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
     assert parallel.pool_ids(cuda, 3) == ["4", "5", "6"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-8d1c,GPU-77aa")
+    with pytest.raises(ParamError, match="list the GPUs by index"):
+        parallel.pool_ids(cuda, 2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
     for matrix, gpus, match in ((cuda, 5, "--gpus 5 but this machine shows 4 GPU(s)"),
                                 (load_matrix(CPU_SWEEP, {"device": "cuda:1"}), 2, "with device=cuda:1")):
         with pytest.raises(ParamError) as e:

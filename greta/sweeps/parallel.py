@@ -62,6 +62,10 @@ def pool_ids(matrix, gpus) -> list[str]:
     if "cuda" not in devices:
         return [str(i) for i in range(gpus)]
     visible = _visible_gpus()
+    named = [v for v in visible if not v.isdigit()]
+    if named:
+        raise ParamError(f"--gpus {gpus} with CUDA_VISIBLE_DEVICES naming {named[0]!r}: the points' VRAM samplers map "
+                         "a group back to physical GPUs by index; list the GPUs by index (e.g. 0,1,2,3)")
     if gpus > len(visible):
         raise ParamError(f"--gpus {gpus} but this machine shows {len(visible)} GPU(s); use --gpus {len(visible) or 1}"
                          " or fewer")
