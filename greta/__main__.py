@@ -7,7 +7,8 @@
   analyze recompute a record's metrics and verdict from its logits (OK, INCOMPLETE, MISSING_LOGITS,
          SPAN_MISMATCH, with reasons)
   sweep  run every point of a matrix file (lists for ctx, kv_aligned, seed, dtype) as its own record, then
-         the aggregate report (sweep_report.html) and sweep_verdict.json; --resume DIR skips complete points.
+         the aggregate report (sweep_report.html) and sweep_verdict.json; --resume DIR skips complete points;
+         --gpus N runs N points at a time, each on its own group of tp GPUs.
          Exit 0 on PASS_GUARDRAIL, 1 on FAIL_GUARDRAIL / INCOMPLETE, 2 on bad input
   legacy print the results table of the original engine's traces (runs/kv_aligned_<K>/seed_<S>/... or
          runs/kv_<K>/seed_<S>/ctx_<N>/...), re-analyzed with Greta's metrics and verdicts
@@ -107,6 +108,9 @@ def _add_check_cmds(sub):
     swp.add_argument("-o", "--out-root", default="outputs", help="sweeps go under this folder (default: %(default)s)")
     swp.add_argument("--resume", metavar="SWEEP_DIR", default=None, help="resume this sweep: complete points are skipped")
     swp.add_argument("--quiet", action="store_true", help="no progress bars")
+    swp.add_argument("--gpus", type=int, default=None, metavar="N",
+                     help="run points concurrently, each in its own process on its own group of tp of N GPUs "
+                          "(slots with device=cpu); default: one after another")
     lgp = sub.add_parser("legacy")
     lgp.add_argument("runs_dir", help="the original engine's runs/ folder")
     lgp.add_argument("--json", action="store_true", help="print the rows as JSON")
@@ -250,7 +254,7 @@ def _sweep_cmd(args) -> int:
         return _fail("sweep needs -f <matrix.yaml> (e.g. params/b3_76.yaml) or --resume <sweep dir>")
     try:
         sweep_dir = run_sweep(args.file, parse_overrides(args.param), out_root=args.out_root, sweep_dir=args.resume,
-                              progress=not args.quiet)
+                              progress=not args.quiet, gpus=args.gpus)
     except (ParamError, SweepError, RecordError) as e:
         return _fail(e)
     except ProbeInterrupted as e:

@@ -4,6 +4,8 @@ the report (greta.sweeps.report) read a sweep through this module, so neither im
 (the runner calls the report at the end of a sweep; the report never calls the runner)."""
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 
 from greta.record.files import RecordFileError, Verdict, read_json_obj
@@ -48,3 +50,26 @@ def point_complete(point_dir, allow_missing_logits: bool = False) -> tuple[bool,
     if not reasons and Verdict.read(d).verdict == "INTERRUPTED":
         reasons = ["the run was interrupted"]
     return not reasons, reasons
+
+
+def log_entry(sweep_dir: Path, **entry) -> None:
+    """One line of sweep_log.jsonl. Only the sweep's own process writes the log (a parallel sweep's points
+    report to it), so lines never interleave."""
+    from greta.record.store import _now
+
+    with open(Path(sweep_dir) / LOG, "a", encoding="utf-8") as f:
+        f.write(json.dumps({"t_utc": _now(), **entry}) + "\n")
+
+
+def say(progress: bool, msg: str) -> None:
+    if progress:
+        print(f"greta sweep: {msg}", file=sys.stderr, flush=True)
+
+
+def verdict_of(point_dir: Path) -> tuple[str | None, str | None]:
+    """(verdict, reason) of a point's record, (None, "no verdict.json") without one."""
+    try:
+        v = Verdict.read(point_dir)
+        return v.verdict, v.reason
+    except (OSError, RecordFileError):
+        return None, "no verdict.json"

@@ -21,6 +21,7 @@ Layout (docs/RECORD.md)::
         points/<point>/      one probe record per point, e.g. points/ctx4096-kv1-seed0-bfloat16/
         points/<point>.incomplete-<k>/   an incomplete record moved aside on resume (never deleted)
         sweep_log.jsonl      one line per point attempt: skipped / ran (verdict) / error
+        point_logs/<point>.log   a parallel sweep's (--gpus N) point process output
         sweep_report.ipynb, sweep_report.html, *.png   the aggregate report (notebooks/sweep_report.ipynb)
         sweep_verdict.json   PASS_GUARDRAIL | FAIL_GUARDRAIL | INCOMPLETE, with reasons
 
@@ -32,18 +33,20 @@ re-checked) and its verdict is not INTERRUPTED. A fault verdict (FAIL_OOM at the
 Resume: pass the existing sweep directory. Complete points are skipped; an incomplete point directory (a
 killed run, a damaged record) is moved aside to ``points/<name>.incomplete-<k>/`` and the point is rerun.
 A resume whose declared matrix differs from config.json is refused (:class:`SweepError`, one line).
+
+Concurrency: ``run_sweep(..., gpus=N)`` (``greta sweep --gpus N``) runs the points concurrently, each in its own
+process on its own group of ``tp`` of N GPUs (greta.sweeps.parallel); the records, resume and guardrail rules
+are the same.
 """
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
-
-from greta.record.files import RecordFileError, Verdict
 from greta.record.matrix import AXES, Matrix, load_matrix, matrix_from_data, point_name
 from greta.record.params import ParamError
-from greta.sweeps.layout import CONFIG, LOG, VERDICT, SweepError, point_complete, points, read_config
+from greta.sweeps.layout import (CONFIG, VERDICT, SweepError, log_entry, point_complete, points, read_config, say,
+                                 verdict_of)
 
 __all__ = ["AXES", "VERDICT", "SweepError", "load_matrix", "load_checked_matrix", "points", "point_name", "point_complete", "run_sweep",
            "read_config", "matrix_from_config"]
@@ -74,18 +77,6 @@ def _sweep_name_parts(matrix: Matrix) -> list[str]:
     return [model, Path(matrix.file).stem if matrix.file else "matrix"]
 
 
-def _log(sweep_dir: Path, **entry):
-    from greta.record.store import _now
-
-    with open(sweep_dir / LOG, "a", encoding="utf-8") as f:
-        f.write(json.dumps({"t_utc": _now(), **entry}) + "\n")
-
-
-def _say(progress: bool, msg: str):
-    if progress:
-        print(f"greta sweep: {msg}", file=sys.stderr, flush=True)
-
-
 def _move_aside(d: Path) -> Path:
     k = 1
     while (d.parent / f"{d.name}.incomplete-{k}").exists():
@@ -96,17 +87,37 @@ def _move_aside(d: Path) -> Path:
 
 
 def run_sweep(matrix_file=None, overrides: dict | None = None, out_root="outputs", sweep_dir=None,
-              progress: bool = True, report: bool = True) -> Path:
+              progress: bool = True, report: bool = True, gpus: int | None = None) -> Path:
     """Run (or resume, with ``sweep_dir``) every point of the matrix; return the sweep directory.
 
     Without ``matrix_file`` a resume takes the matrix from the sweep's config.json. A point that fails
     is a result; the sweep goes on. Ctrl-C / SIGTERM stops the sweep (the point's record says
     INTERRUPTED; a resume reruns it). With ``report``, the aggregate report is executed and
     sweep_verdict.json written at the end (greta.sweeps.report.finish).
+
+    ``gpus`` None: the points run one after another in this process. ``gpus`` N: they run concurrently, each
+    in its own process on its own group of ``tp`` of N GPUs (slots on the CPU): greta.sweeps.parallel.
     """
-    from greta.probe.runner import run_probe
+    matrix, sweep_dir, group_ids = _open_sweep(matrix_file, overrides, out_root, sweep_dir, gpus)
+    todo, total = _pending(matrix, sweep_dir, progress)
+    if gpus is None:
+        _run_serial(matrix, sweep_dir, todo, total, progress)
+    else:
+        from greta.sweeps.parallel import run_parallel
+
+        run_parallel(matrix, sweep_dir, todo, total, group_ids, progress)
+    if report:
+        from greta.sweeps.report import finish
+
+        finish(sweep_dir, progress=progress)
+    return sweep_dir
+
+
+def _open_sweep(matrix_file, overrides, out_root, sweep_dir, gpus) -> tuple[Matrix, Path, list[str] | None]:
+    """(matrix, sweep dir, GPU ids of the pool or None): a resumed sweep's, checked against its config.json, or
+    a new one, its config.json written. Every check (the matrix, --gpus) runs before a new directory exists."""
     from greta.record.rundir import allocate_run_dir
-    from greta.record.store import RecordError, _now, atomic_write_text, git_state, preflight
+    from greta.record.store import _now, atomic_write_text, git_state, preflight
 
     if sweep_dir is not None:
         sweep_dir = Path(sweep_dir)
@@ -118,47 +129,65 @@ def run_sweep(matrix_file=None, overrides: dict | None = None, out_root="outputs
             detail = "; ".join(f"{k}: config.json {cfg.get(k)} vs now {declared[k]}" for k in diff)
             raise SweepError(f"refusing to resume {sweep_dir}: the declared matrix differs ({detail[:400]}); "
                              "start a new sweep instead")
-    else:
-        matrix = load_checked_matrix(matrix_file, overrides)
-        first = matrix.points()[0]
-        preflight(out_root, first)
-        sweep_dir = allocate_run_dir(out_root, f"{first.probe}-sweep", _sweep_name_parts(matrix))
-        cfg = {"format": 1, "sweep_id": sweep_dir.name, "matrix_file": matrix.file, "created_utc": _now(),
-               **git_state(), **matrix.declared(), "points": [p["name"] for p in points(matrix)]}
-        atomic_write_text(sweep_dir / CONFIG, json.dumps(cfg, indent=2, default=str) + "\n")
+        return matrix, sweep_dir, _gpu_pool(matrix, gpus)
+    matrix = load_checked_matrix(matrix_file, overrides)
+    group_ids = _gpu_pool(matrix, gpus)
+    first = matrix.points()[0]
+    preflight(out_root, first)
+    sweep_dir = allocate_run_dir(out_root, f"{first.probe}-sweep", _sweep_name_parts(matrix))
+    cfg = {"format": 1, "sweep_id": sweep_dir.name, "matrix_file": matrix.file, "created_utc": _now(),
+           **git_state(), **matrix.declared(), "points": [p["name"] for p in points(matrix)]}
+    atomic_write_text(sweep_dir / CONFIG, json.dumps(cfg, indent=2, default=str) + "\n")
+    return matrix, sweep_dir, group_ids
+
+
+def _gpu_pool(matrix: Matrix, gpus) -> list[str] | None:
+    if gpus is None:
+        return None
+    from greta.sweeps.parallel import pool_ids
+
+    return pool_ids(matrix, gpus)
+
+
+def _pending(matrix: Matrix, sweep_dir: Path, progress: bool) -> tuple[list[tuple[int, dict]], int]:
+    """([(number, point)] still to run, number of points): complete points are skipped, an incomplete point
+    directory is moved aside (resume); both are logged."""
     pdir = sweep_dir / "points"
     pdir.mkdir(exist_ok=True)
-    todo = points(matrix)
-    for i, pt in enumerate(todo, 1):
+    every = points(matrix)
+    todo = []
+    for i, pt in enumerate(every, 1):
         name, d = pt["name"], pdir / pt["name"]
         if d.exists():
             ok, reasons = point_complete(d)
             if ok:
-                _say(progress, f"[{i}/{len(todo)}] {name}: complete, skipped")
-                _log(sweep_dir, point=name, action="skipped")
+                say(progress, f"[{i}/{len(every)}] {name}: complete, skipped")
+                log_entry(sweep_dir, point=name, action="skipped")
                 continue
             aside = _move_aside(d)
-            _say(progress, f"[{i}/{len(todo)}] {name}: incomplete ({reasons[0]}); moved to {aside.name}, rerunning")
-            _log(sweep_dir, point=name, action="moved_aside", to=aside.name, reasons=reasons)
-        _say(progress, f"[{i}/{len(todo)}] {name}: running")
+            say(progress, f"[{i}/{len(every)}] {name}: incomplete ({reasons[0]}); moved to {aside.name}, rerunning")
+            log_entry(sweep_dir, point=name, action="moved_aside", to=aside.name, reasons=reasons)
+        todo.append((i, pt))
+    return todo, len(every)
+
+
+def _run_serial(matrix: Matrix, sweep_dir: Path, todo, total: int, progress: bool) -> None:
+    """Each point in this process, one after another (an interrupt stops the sweep: ProbeInterrupted)."""
+    from greta.probe.runner import run_probe
+    from greta.record.store import RecordError
+
+    for i, pt in todo:
+        name, d = pt["name"], sweep_dir / "points" / pt["name"]
+        say(progress, f"[{i}/{total}] {name}: running")
         try:
             run_probe(matrix.params[name], run_dir=d, progress=progress)
         except RecordError:
             raise  # an unwritable/full output folder fails every later point too
         except Exception as e:  # noqa: BLE001 - one broken point must not stop the sweep
             msg = " ".join(f"{type(e).__name__}: {e}".split())[:300]
-            _say(progress, f"[{i}/{len(todo)}] {name}: error: {msg}")
-            _log(sweep_dir, point=name, action="error", error=msg)
+            say(progress, f"[{i}/{total}] {name}: error: {msg}")
+            log_entry(sweep_dir, point=name, action="error", error=msg)
             continue
-        try:
-            v = Verdict.read(d)
-            verdict, reason = v.verdict, v.reason
-        except (OSError, RecordFileError):
-            verdict, reason = None, "no verdict.json"
-        _say(progress, f"[{i}/{len(todo)}] {name}: {verdict}")
-        _log(sweep_dir, point=name, action="ran", verdict=verdict, reason=reason)
-    if report:
-        from greta.sweeps.report import finish
-
-        finish(sweep_dir, progress=progress)
-    return sweep_dir
+        verdict, reason = verdict_of(d)
+        say(progress, f"[{i}/{total}] {name}: {verdict}")
+        log_entry(sweep_dir, point=name, action="ran", verdict=verdict, reason=reason)
