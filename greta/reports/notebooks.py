@@ -53,15 +53,16 @@ class NoRecord(FileNotFoundError):
 
 
 def newest_record(given, kind: str = "b3_77", marker: str = "params.json", param: str = "run_dir") -> Path:
-    """``given`` when it is set; else the newest record of ``kind`` (<day>/<kind>/<run-id> holding ``marker``)
+    """``given`` when it is set; else the newest record of ``kind`` (<day>/<kind>/<run-id> holding ``marker``;
+    kind may be a glob such as "*-sweep")
     under the checkout's outputs/, so an analysis notebook opened in Lab runs with its default parameters."""
     from greta.paths import OUTPUTS
 
     if given:
         return Path(given)
     found = sorted((p.parent for p in OUTPUTS.glob(f"*/{kind}/*/{marker}")), key=lambda d: (d.parent.parent.name, d.name))
-    if not found:
-        raise NoRecord(f"no {kind} record under {OUTPUTS}: set {param} = \"<a record directory>\" in the parameters "
+    if not found:  # kind may be a glob ("*-sweep": a sweep of any probe)
+        raise NoRecord(f"no {kind.replace('*-', '')} record under {OUTPUTS}: set {param} = \"<a record directory>\" in the parameters "
                        "cell, or make one first (python -m greta audit)")
     return found[-1]
 
