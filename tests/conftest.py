@@ -106,3 +106,21 @@ def hf_checkpoint(tmp_path_factory):
         return made[name]
 
     return make
+
+
+def wait_for_phase(out_root: Path, phase: str, timeout_s: float = 120.0) -> dict | None:
+    """Poll the first probe record under out_root until its perf.json says phase is running (a test about to
+    interrupt or kill a probe mid-phase); -> that perf.json, or the last one read (None: none written) at the
+    timeout."""
+    import json
+    import time
+
+    deadline, perf = time.monotonic() + timeout_s, None
+    while time.monotonic() < deadline:
+        found = list(out_root.glob("*/*/*/perf.json"))
+        if found:
+            perf = json.loads(found[0].read_text())
+            if perf[phase]["status"] == "running":
+                break
+        time.sleep(0.2)
+    return perf

@@ -10,7 +10,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,7 @@ from greta.probe.runner import run_probe
 from greta.record.store import seal
 from greta.checks.verify import verify
 
-from conftest import CPU_PARAMS, SMALL_PROBE
+from conftest import CPU_PARAMS, SMALL_PROBE, wait_for_phase
 
 
 @pytest.fixture(scope="module")
@@ -131,15 +130,7 @@ def test_interrupt_leaves_an_interrupted_record_and_no_orphan(tmp_path, sig, how
     proc = subprocess.Popen([sys.executable, "-m", "greta", "probe", "-f", str(CPU_PARAMS), *args,
                              "-p", "fault=hang:decode", "-o", str(tmp_path), "--quiet"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    perf = None
-    while time.monotonic() < deadline:  # wait until the worker hangs in decode
-        found = list(tmp_path.glob("*/*/*/perf.json"))
-        if found:
-            perf = json.loads(found[0].read_text())
-            if perf["decode"]["status"] == "running":
-                break
-        time.sleep(0.2)
+    perf = wait_for_phase(tmp_path, "decode")  # until the worker hangs in decode
     assert perf and perf["decode"]["status"] == "running"
     workers = psutil.Process(proc.pid).children(recursive=True)
     assert workers
@@ -147,7 +138,7 @@ def test_interrupt_leaves_an_interrupted_record_and_no_orphan(tmp_path, sig, how
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert err.strip().splitlines()[-1].startswith(f"greta: INTERRUPTED by {how}; record: ")
-    d = found[0].parent
+    d = next(tmp_path.glob("*/*/*/perf.json")).parent
     v = json.loads((d / "verdict.json").read_text())
     assert v["verdict"] == "INTERRUPTED" and v["failed_phase"] == "decode" and how in v["reason"]
     assert json.loads((d / "perf.json").read_text())["decode"]["status"] == "interrupted"

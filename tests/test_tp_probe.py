@@ -23,6 +23,7 @@ from greta.probe.runner import run_probe
 from greta.record.params import ParamError, PHASES, load_params
 from greta.record.samples import read_rank_samples_csv
 from greta.record.store import seal
+from conftest import wait_for_phase
 from tests.test_probe import spawned_children
 
 TP_PROBE = {"model": "tiny-tp", "ctx": 125, "gen": 6, "span": 4, "prefill_chunk": 64, "kv_block": 32,
@@ -233,21 +234,14 @@ def test_an_interrupt_is_interrupted_and_kills_every_rank(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "greta", "probe", "-f", "params/cpu_default.yaml", *args,
                              "-p", "tp=2", "-p", "fault=hang:decode@1", "-o", str(tmp_path), "--quiet"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline, perf, found = time.monotonic() + 120, None, []
-    while time.monotonic() < deadline:  # until the ranks are in decode
-        found = list(tmp_path.glob("*/*/*/perf.json"))
-        if found:
-            perf = json.loads(found[0].read_text())
-            if perf["decode"]["status"] == "running":
-                break
-        time.sleep(0.2)
+    perf = wait_for_phase(tmp_path, "decode")  # until the ranks are in decode
     assert perf and perf["decode"]["status"] == "running"
     ranks = psutil.Process(proc.pid).children(recursive=True)
     assert len([p for p in ranks if "spawn_main" in " ".join(p.cmdline())]) >= 2
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
-    d = found[0].parent
+    d = next(tmp_path.glob("*/*/*/perf.json")).parent
     v = rj(d, "verdict.json")
     assert v["verdict"] == "INTERRUPTED" and v["failed_phase"] == "decode"
     assert verify(d) == []
