@@ -8,6 +8,7 @@ launched with other tiles, and cuBLAS, in the same run.
     python bench/try_gemm_persistent.py            # prefill tiles at M=2048
     python bench/try_gemm_persistent.py --decode   # decode tiles at BLOCK_K 64 against the persistent prefill tile
     python bench/try_gemm_persistent.py --decode-shapes   # decode tiles shape by shape
+    python bench/try_gemm_persistent.py --decode-tma      # M=1 through the TMA kernel, BLOCK_K up to 256
 """
 import torch
 import triton
@@ -116,10 +117,54 @@ def decode_per_shape():
         print(f"{name} {n}x{k}: GB/s by (BLOCK_N, warps, stages): " + "; ".join(out), flush=True)
 
 
+def decode_tma():
+    """M=1 through the persistent TMA kernel with decode tiles (BLOCK_M 64, so one wgmma shape) and BLOCK_K up to
+    256 (wgmma chains the same k16 steps, so the bits should not move: checked against the prefill rows), shape
+    by shape, beside the shipped decode tile and cuBLAS; GB/s = the weight's bytes / time."""
+    c = PRESETS["llama3-8b"]
+    h, I = c.hidden_size, c.intermediate_size
+    shapes = {"qkv": (6144, h), "o": (h, h), "gate_up": (2 * I, h), "down": (h, I), "lm_head": (c.vocab_size, h)}
+    tiles = [(bn, bk, ns) for bn, bk, ns in [(16, 128, 8), (16, 256, 4), (16, 256, 6), (32, 128, 6), (32, 128, 8),
+                                             (32, 256, 3), (32, 256, 4), (64, 128, 4), (64, 256, 3), (16, 512, 3)]]
+    totals = {}
+    for name, (n, k) in shapes.items():
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+        xs = torch.randn(2048, k, device="cuda", dtype=torch.bfloat16)
+        ref = G.matmul(xs, w)  # prefill rows (persistent, BLOCK_K 64)
+        x = xs[:1].clone()
+        gbs = lambda t: 2 * n * k / t / 1e6  # noqa: E731
+        row = {"shipped": do_bench(lambda: G.matmul(x, w), return_mode="median"),
+               "cublas": do_bench(lambda: x @ w.T, return_mode="median")}
+        out = [f"shipped {gbs(row['shipped']):.0f}", f"cuBLAS {gbs(row['cublas']):.0f}"]
+        for bn, bk, ns in tiles:
+            try:
+                f = lambda: persistent_matmul(x, w, 64, bn, 4, ns, 1, bk)  # noqa: E731
+                t = do_bench(f, return_mode="median")
+                row[(bn, bk, ns)] = t
+                out.append(f"{(bn, bk, ns)} {gbs(t):.0f}{'' if torch.equal(f(), ref[:1]) else ' (bits differ!)'}")
+            except Exception as e:  # noqa: BLE001
+                out.append(f"{(bn, bk, ns)} failed {type(e).__name__}: {' '.join(str(e).split())[:80]}")
+        for key, t in row.items():
+            totals.setdefault(key, {})[name] = t
+        print(f"{name} {n}x{k}: GB/s: " + "; ".join(out), flush=True)
+    layer = [nm for nm in shapes if nm != "lm_head"]
+    by = 2 * sum(shapes[nm][0] * shapes[nm][1] for nm in layer)
+    for key, per in totals.items():
+        if all(nm in per for nm in layer):
+            t = sum(per[nm] for nm in layer)
+            print(f"{key}: {t:.4f} ms per layer ({by / t / 1e6:.0f} GB/s); best per shape below", flush=True)
+    best = {nm: min((per[nm], key) for key, per in totals.items() if nm in per and key != "cublas")
+            for nm in shapes}
+    t = sum(best[nm][0] for nm in layer)
+    print(f"best tile per shape: {best}; {t:.4f} ms per layer ({by / t / 1e6:.0f} GB/s)", flush=True)
+
+
 if __name__ == "__main__":
     import sys
 
-    if "--decode" in sys.argv:
+    if "--decode-tma" in sys.argv:
+        decode_tma()
+    elif "--decode" in sys.argv:
         decode_bk64()
     elif "--decode-shapes" in sys.argv:
         decode_per_shape()
