@@ -26,7 +26,6 @@ pipelines deeper and loads K/V by TMA on sm_90+ (PREFILL below).
 See docs/KERNELS.md for why the bits agree.
 """
 import math
-import os
 
 import torch
 import triton
@@ -46,22 +45,6 @@ PREFILL = (64, 4, 3, True)
 # splits in one loop: 474 TFLOP/s at 1024, where decode has 8x more programs than at 4096 (0.118 ms per
 # layer at 32k, 0.088 at 4k).
 LOG2E = 1.4426950408889634
-# SWEEP (temporary): variants chosen per process by bench/try_attention_variants.py
-_V = os.environ.get("GRETA_ATTN_VARIANT", "")
-FMA_EXP = tl.constexpr("fma" in _V)
-WS = tl.constexpr("ws" in _V)
-SPILL = tl.constexpr("spill" in _V)
-LPT = tl.constexpr("lpt" in _V)
-if "bkv128" in _V:
-    BLOCK_KV = 128
-if "s2048" in _V:
-    SPLIT_KV = 2048
-if "m128" in _V:
-    PREFILL = (128, 8, 3, True)
-if "st4" in _V:
-    PREFILL = (PREFILL[0], PREFILL[1], 4, True)
-if "st2" in _V:
-    PREFILL = (PREFILL[0], PREFILL[1], 2, True)
 
 
 @triton.jit
@@ -87,19 +70,12 @@ def _block_update(q, K, V, kv_row, p, b_lo, hi, m, l, acc, qk_scale, EDGE: tl.co
             kt = tl.load(k_base + j[None, :].to(tl.int64) * HEAD_D + d[:, None], mask=(j < hi)[None, :], other=0.0)
         else:
             kt = tl.load(k_base + j[None, :].to(tl.int64) * HEAD_D + d[:, None])
-    s = tl.dot(q, kt)
+    s = tl.dot(q, kt) * qk_scale
     if EDGE:
         s = tl.where(j[None, :] <= p[:, None], s, float("-inf"))
-    if FMA_EXP:
-        # max(s) * scale == max(s * scale) bit for bit (rounding is monotone, scale > 0); the exponent is one
-        # fma per score instead of a multiply and a subtract, each rounded.
-        m_new = tl.maximum(m, tl.max(s, 1) * qk_scale)
-        pr = tl.exp2(tl.fma(s, qk_scale, -m_new[:, None]))
-    else:
-        s = s * qk_scale
-        m_new = tl.maximum(m, tl.max(s, 1))
-        pr = tl.exp2(s - m_new[:, None])
+    m_new = tl.maximum(m, tl.max(s, 1))
     alpha = tl.exp2(m - m_new)
+    pr = tl.exp2(s - m_new[:, None])
     l_new = l * alpha + tl.sum(pr, 1)
     if not TMA:
         v_base = V + kv_row * HEAD_D
@@ -163,7 +139,7 @@ def _prefill_rows(q, K, V, kv_row, p, p_max, qk_scale,
     acc_s = tl.zeros((BLOCK_M, HEAD_D), tl.float32)
     hi = p_max + 1
     full_end = (tl.min(p, 0) + 1) // BLOCK_KV * BLOCK_KV  # blocks below it are whole for every row
-    for b_lo in tl.range(0, full_end, BLOCK_KV, warp_specialize=WS):
+    for b_lo in range(0, full_end, BLOCK_KV):
         m, l, acc, m_s, l_s, acc_s = _split_boundary(m, l, acc, m_s, l_s, acc_s, p, b_lo, BLOCK_M, SPLIT_KV, HEAD_D)
         m_s, l_s, acc_s = _block_update(q, K, V, kv_row, p, b_lo, hi, m_s, l_s, acc_s, qk_scale, False,
                                         BLOCK_KV, HEAD_D, TMA)
@@ -171,63 +147,6 @@ def _prefill_rows(q, K, V, kv_row, p, p_max, qk_scale,
         m, l, acc, m_s, l_s, acc_s = _split_boundary(m, l, acc, m_s, l_s, acc_s, p, b_lo, BLOCK_M, SPLIT_KV, HEAD_D)
         m_s, l_s, acc_s = _block_update(q, K, V, kv_row, p, b_lo, hi, m_s, l_s, acc_s, qk_scale, True,
                                         BLOCK_KV, HEAD_D, TMA)
-    return _merge(m, l, acc, m_s, l_s, acc_s, p_max // SPLIT_KV * SPLIT_KV <= p)
-
-
-@triton.jit
-def _state_io(PM, PL, PACC, prog, m, l, acc, LOAD: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_D: tl.constexpr):
-    r = tl.arange(0, BLOCK_M)
-    d = tl.arange(0, HEAD_D)
-    base = prog.to(tl.int64) * BLOCK_M
-    if LOAD:
-        return (tl.load(PM + base + r), tl.load(PL + base + r),
-                tl.load(PACC + (base + r)[:, None] * HEAD_D + d[None, :]))
-    tl.store(PM + base + r, m)
-    tl.store(PL + base + r, l)
-    tl.store(PACC + (base + r)[:, None] * HEAD_D + d[None, :], acc)
-    return m, l, acc
-
-
-@triton.jit
-def _spill_boundary(PM, PL, PACC, prog, m_s, l_s, acc_s, p, b_lo,
-                    BLOCK_M: tl.constexpr, SPLIT_KV: tl.constexpr, HEAD_D: tl.constexpr):
-    """_split_boundary with the running state in a global (L2) scratch instead of registers."""
-    if (b_lo % SPLIT_KV == 0) & (b_lo > 0):
-        m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-        l = tl.zeros((BLOCK_M,), tl.float32)
-        acc = tl.zeros((BLOCK_M, HEAD_D), tl.float32)
-        if b_lo > SPLIT_KV:
-            m, l, acc = _state_io(PM, PL, PACC, prog, m, l, acc, True, BLOCK_M, HEAD_D)
-        m, l, acc = _merge(m, l, acc, m_s, l_s, acc_s, b_lo - SPLIT_KV <= p)
-        _state_io(PM, PL, PACC, prog, m, l, acc, False, BLOCK_M, HEAD_D)
-        m_s = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-        l_s = tl.zeros((BLOCK_M,), tl.float32)
-        acc_s = tl.zeros((BLOCK_M, HEAD_D), tl.float32)
-    return m_s, l_s, acc_s
-
-
-@triton.jit
-def _prefill_rows_spill(q, K, V, kv_row, p, p_max, qk_scale, PM, PL, PACC, prog,
-                        BLOCK_M: tl.constexpr, BLOCK_KV: tl.constexpr, SPLIT_KV: tl.constexpr,
-                        HEAD_D: tl.constexpr, TMA: tl.constexpr):
-    m_s = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    l_s = tl.zeros((BLOCK_M,), tl.float32)
-    acc_s = tl.zeros((BLOCK_M, HEAD_D), tl.float32)
-    hi = p_max + 1
-    full_end = (tl.min(p, 0) + 1) // BLOCK_KV * BLOCK_KV
-    for b_lo in tl.range(0, full_end, BLOCK_KV, warp_specialize=WS):
-        m_s, l_s, acc_s = _spill_boundary(PM, PL, PACC, prog, m_s, l_s, acc_s, p, b_lo, BLOCK_M, SPLIT_KV, HEAD_D)
-        m_s, l_s, acc_s = _block_update(q, K, V, kv_row, p, b_lo, hi, m_s, l_s, acc_s, qk_scale, False,
-                                        BLOCK_KV, HEAD_D, TMA)
-    for b_lo in range(full_end, hi, BLOCK_KV):
-        m_s, l_s, acc_s = _spill_boundary(PM, PL, PACC, prog, m_s, l_s, acc_s, p, b_lo, BLOCK_M, SPLIT_KV, HEAD_D)
-        m_s, l_s, acc_s = _block_update(q, K, V, kv_row, p, b_lo, hi, m_s, l_s, acc_s, qk_scale, True,
-                                        BLOCK_KV, HEAD_D, TMA)
-    m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    l = tl.zeros((BLOCK_M,), tl.float32)
-    acc = tl.zeros((BLOCK_M, HEAD_D), tl.float32)
-    if p_max >= SPLIT_KV:
-        m, l, acc = _state_io(PM, PL, PACC, prog, m, l, acc, True, BLOCK_M, HEAD_D)
     return _merge(m, l, acc, m_s, l_s, acc_s, p_max // SPLIT_KV * SPLIT_KV <= p)
 
 
@@ -255,12 +174,8 @@ def _attn_kernel(Q, K, V, O, PM, PL, PACC, START, T, group, n_splits, qk_scale,
     # program reads its K/V split once for the whole GQA group, and writes the raw split partial. A row's
     # arithmetic (its dot row, its row max/sum, its masks) is the same either way; only which rows share a
     # tile differs.
-    if DECODE or not LPT:
-        pid_m = tl.program_id(0)
-        hp = tl.program_id(1)
-    else:  # heads on axis 0, tiles on axis 1 from the last (the most keys) down: the longest programs start first
-        hp = tl.program_id(0)
-        pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
+    pid_m = tl.program_id(0)
+    hp = tl.program_id(1)
     pid_s = tl.program_id(2)
     start = tl.load(START)
     r = tl.arange(0, BLOCK_M)
@@ -290,12 +205,7 @@ def _attn_kernel(Q, K, V, O, PM, PL, PACC, START, T, group, n_splits, qk_scale,
             tl.store(PL + w, l_s, mask=row_ok)
             tl.store(PACC + w[:, None] * HEAD_D + d[None, :], acc_s, mask=row_ok[:, None])
     else:
-        if SPILL:
-            prog = pid_m * 64 + hp
-            m, l, acc = _prefill_rows_spill(q, K, V, kv_row, p, p_max, qk_scale, PM, PL, PACC, prog,
-                                            BLOCK_M, BLOCK_KV, SPLIT_KV, HEAD_D, TMA)
-        else:
-            m, l, acc = _prefill_rows(q, K, V, kv_row, p, p_max, qk_scale, BLOCK_M, BLOCK_KV, SPLIT_KV, HEAD_D, TMA)
+        m, l, acc = _prefill_rows(q, K, V, kv_row, p, p_max, qk_scale, BLOCK_M, BLOCK_KV, SPLIT_KV, HEAD_D, TMA)
         o = acc / l[:, None]
         tl.store(O + t[:, None] * stride_ot + hp * stride_oh + d[None, :], o.to(O.dtype.element_ty),
                  mask=row_ok[:, None])
@@ -376,13 +286,7 @@ def prefill_attention(q, k_cache, v_cache, start, *, block_m=None, block_kv=None
     start_t = torch.tensor([start], dtype=torch.int64, device=q.device)
     n_tiles = triton.cdiv(start + T, block_m) - start // block_m
     dummy = torch.empty(1, dtype=torch.float32, device=q.device)
-    parts = (dummy, dummy, dummy)
-    if SPILL:
-        n_prog = n_tiles * n_heads * block_m
-        parts = (torch.empty(n_prog, dtype=torch.float32, device=q.device),
-                 torch.empty(n_prog, dtype=torch.float32, device=q.device),
-                 torch.empty(n_prog * D, dtype=torch.float32, device=q.device))
-    _launch(q, k_cache, v_cache, o, parts, start_t, T, (n_heads, n_tiles, 1) if LPT else (n_tiles, n_heads, 1), False,
+    _launch(q, k_cache, v_cache, o, (dummy, dummy, dummy), start_t, T, (n_tiles, n_heads, 1), False,
             block_m, block_kv, split_kv, num_warps, num_stages, tma)
     return o
 
