@@ -370,14 +370,14 @@ def report_md(body: dict) -> str:
 def plot(body: dict, path):
     """max |Δlogit| vs transformers fp32 per compared position: Greta's paths, transformers' own bf16, the
     control, and the prefill limit."""
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from greta.reports.plot_style import save
 
     pos = body["compared_positions"]
     dec_pos = pos[-body["steps"]:]
-    fig, ax = plt.subplots(figsize=(9, 4.2))
+    fig = Figure(figsize=(9, 4.2))
+    ax = fig.subplots()
     if "transformers_bf16" in body:
         ax.plot(pos, body["transformers_bf16"]["prefill"]["max_abs_diff_per_position"], "x", ms=3, color="grey",
                 label="transformers bf16 (its own error)")
@@ -397,8 +397,7 @@ def plot(body: dict, path):
     ax.set_title(f"Oracle {body['verdict']}: {Path(body['model']).name}, ctx {body['ctx']}, {body['dtype']}, {body['card']}")
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path, dpi=110)
 
 
 def preset_checkpoint(preset: str, out_dir, seed: int, dtype: str, device: str, quiet: bool = True) -> dict:
