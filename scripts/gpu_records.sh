@@ -3,6 +3,8 @@
 #   bash scripts/gpu_records.sh faults   kernel tests, a real allocator OOM, the 32k audit twice  (~3 min)
 #   bash scripts/gpu_records.sh oracle   Greta vs transformers (bf16 and fp32) on a random llama3-8b checkpoint at 32k (~4 min)
 #   bash scripts/gpu_records.sh sweep    params/b3_77_sweep.yaml: ctx 4096..131072 x kv_aligned 0/1 (~7 min)
+#   bash scripts/gpu_records.sh set32k   the 32k set: kv_aligned=1 (PASS_EQUIV), 0 (EXPECTED_DRIFT), the rope_offset control (FAIL_EQUIV)
+#   bash scripts/gpu_records.sh set131k  the same set at 131072 (two calls: set131k_a = kv1, set131k_b = kv0 + control)
 # On the device, from the repo root: source scripts/device_setup.sh && bash scripts/gpu_records.sh STAGE...
 # Records go to /tmp/rec and come back as $OUT/records-STAGE.tgz (logits left out), verified first.
 set -u
@@ -36,6 +38,20 @@ oracle() {
     run python3 -m greta oracle --model llama3-8b --ctx 32768 --dtype bfloat16 --device cuda --backend triton \
         --chunk 2048 --kv-block 1024 --steps 16 --positions 512 --control -o $R
 }
+
+set_at() {  # ctx, then the modes: kv1 kv0 control
+    local ctx=$1; shift
+    for mode in "$@"; do
+        case $mode in
+            kv1) run python3 -m greta audit -f params/b3_77.yaml -p ctx=$ctx -o $R --quiet ;;
+            kv0) run python3 -m greta audit -f params/b3_77.yaml -p ctx=$ctx -p kv_aligned=0 -o $R --quiet ;;
+            control) run python3 -m greta audit -f params/b3_77.yaml -p ctx=$ctx -p perturb=rope_offset -o $R --quiet ;;
+        esac
+    done
+}
+set32k() { set_at 32768 kv1 kv0 control; }
+set131k_a() { set_at 131072 kv1; }
+set131k_b() { set_at 131072 kv0 control; }
 
 sweep() {
     run python3 -m greta sweep -f params/b3_77_sweep.yaml -o $R --quiet
