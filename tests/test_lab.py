@@ -128,9 +128,14 @@ def sources(name: str, out: Path) -> list[str]:
     return cells
 
 
+def _snapshot(folder: Path) -> dict:
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}
+
+
 def test_every_notebook_runs_in_a_real_jupyter_server(tmp_path):
     import asyncio
 
+    committed = _snapshot(ROOT / "outputs")  # the notebooks' defaults open the newest committed records
     server = Server(ROOT)
     try:
         assert server.api("GET", "/api/kernelspecs")["kernelspecs"], "the server lists no kernel"
@@ -146,6 +151,7 @@ def test_every_notebook_runs_in_a_real_jupyter_server(tmp_path):
             assert "image/png" in shown or name == "sweep.ipynb", f"{name}: no figure shown"
         assert list((tmp_path / "records").glob("*/b3_77/*/manifest.json")), "the run notebook sealed no record"
         assert server.api("GET", "/api/kernels") == [], "kernels left running"
+        assert _snapshot(ROOT / "outputs") == committed, "viewing a record changed files under outputs/"
     finally:
         server.stop()
     assert server.proc.poll() is not None

@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 from greta.reports.equivalence_plot import plot_equivalence
 from greta.reports.run_tables import table_md, top1_table
 from greta.reports.vram_plot import plot_vram
-from greta.reports.notebooks import NOTEBOOK_DIR, execute_analysis, to_html
+from greta.reports.notebooks import NOTEBOOK_DIR, execute_analysis, figure_path, to_html
 
 NOTEBOOKS = ["run_b3_77.ipynb", "vram_plot.ipynb", "equivalence_analysis.ipynb"]
 ANALYSIS = ["vram_plot.ipynb", "equivalence_analysis.ipynb"]
@@ -208,7 +208,7 @@ def test_parameters_cells_declare_run_dir():
         (cell,) = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
         ns: dict = {}
         exec(cell.source, ns)
-        assert ns["run_dir"] == ""
+        assert ns["run_dir"] == "" and ns["into_record"] is False  # opened by hand: only look
     nb = nbformat.read(NOTEBOOK_DIR / "run_b3_77.ipynb", as_version=4)
     (cell,) = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
     ns = {}
@@ -217,6 +217,14 @@ def test_parameters_cells_declare_run_dir():
                 "seed", "perturb", "fault", "out_root", "run_dir"):
         assert key in ns, key
     assert ns["run_dir"] is None and ns["out_root"] == "outputs"
+
+
+def test_figures_go_into_a_record_only_for_the_pipeline(tmp_path):
+    rec = tmp_path / "run"
+    rec.mkdir()
+    assert figure_path(rec, "vram_plot.png", True) == rec / "vram_plot.png"
+    elsewhere = figure_path(rec, "vram_plot.png", False)
+    assert elsewhere.parent.is_dir() and rec not in elsewhere.parents and list(rec.iterdir()) == []
 
 
 # ------------------------------------------------------------------------ plots

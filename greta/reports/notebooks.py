@@ -17,7 +17,7 @@ from pathlib import Path
 
 __all__ = ["NOTEBOOK_DIR", "REPO_ROOT", "ANALYSIS_NOTEBOOKS", "PROGRESS_ENV", "NotebooksMissing",
            "notebook_path", "execute_notebook", "execute_analysis", "to_html", "is_complete", "mark_unfinished",
-           "report_progress", "one_line", "NoRecord", "newest_record"]
+           "report_progress", "one_line", "NoRecord", "newest_record", "figure_path"]
 
 from greta.paths import NOTEBOOK_DIR, REPO_ROOT
 
@@ -65,6 +65,20 @@ def newest_record(given, kind: str = "b3_77", marker: str = "params.json", param
         raise NoRecord(f"no {kind.replace('*-', '')} record under {OUTPUTS}: set {param} = \"<a record directory>\" in the parameters "
                        "cell, or make one first (python -m greta audit)")
     return found[-1]
+
+
+def figure_path(record_dir, name: str, into_record: bool) -> Path:
+    """Where a notebook saves figure ``name`` of a record. The pipelines that make a record (audit, sweep)
+    run its notebooks with ``into_record=True``: the figure is one of the record's files. Opened by a person
+    (JupyterLab, papermill by hand) a notebook only looks, so the figure goes to a scratch folder: a sealed
+    record must never change because someone viewed it."""
+    if into_record:
+        return Path(record_dir) / name
+    import tempfile
+
+    scratch = Path(tempfile.gettempdir()) / f"greta-figures-{os.getpid()}" / Path(record_dir).name
+    scratch.mkdir(parents=True, exist_ok=True)
+    return scratch / name
 
 
 def report_progress(kind: str, *fields) -> None:
@@ -162,7 +176,7 @@ def execute_analysis(run_dir: str | Path, timeout_s: float | None = 600,
     for i, src in enumerate(sources):
         report_progress("notebook", src.name, i, len(sources))
         out = run_dir / src.name
-        err = execute_notebook(src, out, dict(run_dir=str(run_dir)), timeout_s=timeout_s)
+        err = execute_notebook(src, out, dict(run_dir=str(run_dir), into_record=True), timeout_s=timeout_s)
         if err is not None:
             print(f"greta: {src.name} failed: {one_line(err)} (kept: {out})", file=sys.stderr)
         if not out.is_file():

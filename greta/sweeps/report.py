@@ -447,8 +447,8 @@ def finish(sweep_dir, progress: bool = True, timeout_s: float | None = 600) -> d
     nb = sweep_dir / "sweep_report.ipynb"
     try:
         # the rows (plain JSON values) go in as a parameter: the notebook does not verify every point again
-        err = execute_notebook(notebook_path("sweep_report.ipynb"), nb, {"sweep_dir": str(sweep_dir), "rows": rows},
-                               timeout_s=timeout_s)
+        params = {"sweep_dir": str(sweep_dir), "rows": rows, "into_record": True}
+        err = execute_notebook(notebook_path("sweep_report.ipynb"), nb, params, timeout_s=timeout_s)
     except Exception as e:  # noqa: BLE001 - notebooks/ missing: the verdict still stands
         err = e
     if err is not None:
