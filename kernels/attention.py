@@ -266,12 +266,14 @@ def _launch(q, k_cache, v_cache, o, parts, start_t, T, grid, decode, block_m, bl
                        num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=False)
 
 
-def prefill_attention(q, k_cache, v_cache, start, *, block_m=None, block_kv=None, split_kv=None):
+def prefill_attention(q, k_cache, v_cache, start, *, start_t=None, block_m=None, block_kv=None, split_kv=None):
     """q [T, n_heads, D] at positions start..start+T-1 -> o [T, n_heads, D].
 
-    The cache must hold keys/values for positions 0..start+T-1. The block_*
-    and split_kv overrides exist for tests; decode must use the same block_kv
-    and split_kv. An explicit block_m runs the decode launch (pointer loads).
+    The cache must hold keys/values for positions 0..start+T-1. start_t: start already on q's device (a
+    1-element int64 tensor, e.g. a view of the step's positions); without it start is copied there, and a
+    copy from pageable host memory holds the host until the stream reaches it, which idled an H100 for
+    0.24 ms before every launch (bench/profile_prefill.py). The block_* and split_kv overrides exist for
+    tests; decode must use the same block_kv and split_kv. An explicit block_m runs the decode launch.
     """
     block_kv, split_kv = block_kv or BLOCK_KV, split_kv or SPLIT_KV
     if block_m is None:
@@ -283,7 +285,8 @@ def prefill_attention(q, k_cache, v_cache, start, *, block_m=None, block_kv=None
     o = torch.empty((T, n_heads, D), dtype=q.dtype, device=q.device)
     if T == 0:
         return o
-    start_t = torch.tensor([start], dtype=torch.int64, device=q.device)
+    if start_t is None:
+        start_t = torch.tensor([start], dtype=torch.int64, device=q.device)
     n_tiles = triton.cdiv(start + T, block_m) - start // block_m
     dummy = torch.empty(1, dtype=torch.float32, device=q.device)
     _launch(q, k_cache, v_cache, o, (dummy, dummy, dummy), start_t, T, (n_tiles, n_heads, 1), False,

@@ -29,7 +29,10 @@ class TritonOps(Ops):
         return self.k.swiglu(gate, up)
 
     def prefill_attention(self, q, kv, step: Step):
-        return self.k.prefill_attention(q, kv[0], kv[1], int(step.pos[0]))
+        # the chunk's first position: read back to the host once per step (the grid needs it), and handed to
+        # the kernel as a view of the positions already on the device (no copy per layer: bench/profile_prefill.py)
+        start = step.once("start", lambda: int(step.pos[0]))
+        return self.k.prefill_attention(q, kv[0], kv[1], start, start_t=step.pos[:1])
 
     def decode_attention(self, q, kv, step: Step):
         return self.k.decode_attention(q, kv[0], kv[1], step.pos)
