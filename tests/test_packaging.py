@@ -16,7 +16,7 @@ except ImportError:  # Python 3.10
     tomllib = pytest.importorskip("tomli")
 
 # import name -> distribution name, where they differ
-IMPORT_TO_DIST = {"yaml": "pyyaml", "pynvml": "nvidia-ml-py", "IPython": "ipykernel"}
+IMPORT_TO_DIST = {"yaml": "pyyaml", "pynvml": "nvidia-ml-py", "IPython": "ipykernel", "PIL": "pillow"}
 # imported only inside try/except ImportError, for GPU backends (extras or a vendor install), real-model
 # formats (the models extra) and the oracle (the test extra)
 OPTIONAL_IMPORTS = {"triton", "pynvml", "amdsmi", "gguf", "tokenizers", "transformers"}
