@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from greta.checks.analyze import analyze_run
 from greta.checks.verify import verify
 from greta.probe.preflight import preflight
 from greta.probe.runner import run_probe
@@ -106,6 +107,29 @@ def test_verify_catches_a_rewritten_figure(runs, tmp_path):
     (d / "verdict.json").write_text(json.dumps(v))
     seal(d)
     assert any("stored metrics give FAIL_BATCH_INVARIANT" in e for e in verify(d))
+
+
+@pytest.mark.parametrize("name,verdict", [("pass", "PASS_BATCH_INVARIANT"), ("control", "FAIL_BATCH_INVARIANT")])
+def test_analyze_recomputes_a_batch_record(runs, name, verdict):
+    rep = analyze_run(runs(name))
+    assert rep["status"] == "OK", rep["reasons"]
+    assert rep["verdict"] == rep["stored_verdict"] == verdict
+    assert rep["metrics"]["per_request"] == rj(runs(name), "metrics.json")["per_request"]
+
+
+def test_analyze_flags_a_batch_record_its_logits_do_not_back(runs, tmp_path):
+    import shutil
+
+    d = tmp_path / "tampered"
+    shutil.copytree(runs("control"), d)
+    v = rj(d, "verdict.json")
+    v["verdict"] = "PASS_BATCH_INVARIANT"
+    (d / "verdict.json").write_text(json.dumps(v))
+    rep = analyze_run(d)
+    assert rep["status"] == "INCOMPLETE" and any("recomputed metrics give FAIL_BATCH_INVARIANT" in r for r in rep["reasons"])
+    (d / "batch_logits.npz").unlink()
+    rep = analyze_run(d)
+    assert rep["status"] == "MISSING_LOGITS" and "batch_logits.npz missing" in rep["reasons"][0]
 
 
 def test_lengths_are_drawn_with_the_seed():

@@ -28,6 +28,10 @@ Status (the most severe finding wins, in this order):
     the logits are readable and consistent, and the recomputed metrics and verdict equal the
     stored ones.
 
+A batch probe record (``params.json`` probe ``batch``) is re-checked the same way from
+``batch_logits.npz``: its per-request metrics and batch verdict against ``metrics.json`` and
+``verdict.json``.
+
 NaN/Inf logits are **not** a status of their own: a record whose logits hold non-finite values
 and whose stored metrics/verdict say so (FAIL_EQUIV, "non-finite logits", as the probe writes
 it) is ``OK`` with ``verdict`` FAIL_EQUIV. The trace is complete and the analyzer reproduced its
@@ -214,8 +218,8 @@ def _judged_verdict(verdict_rec: dict | None):
     return verdict_rec.get("verdict")
 
 
-def _without_logits(run: Path, verdict_rec: dict | None, out: dict, f: _Findings) -> None:
-    """No logits.npz: a fault record is complete without them; any other record cannot be re-checked."""
+def _without_logits(run: Path, verdict_rec: dict | None, out: dict, f: _Findings, name: str = "logits.npz") -> None:
+    """No logits file: a fault record is complete without it; any other record cannot be re-checked."""
     stored_verdict = verdict_rec.get("verdict") if verdict_rec else None
     fault = stored_verdict in FAULT_VERDICTS
     if fault:
@@ -226,9 +230,9 @@ def _without_logits(run: Path, verdict_rec: dict | None, out: dict, f: _Findings
               f"{f' in phase {phase}' if phase else ''}; no logits are expected, the record is a complete "
               f"record of that failure: {verdict_rec.get('reason') or 'no reason given'}")
     else:
-        f.add("MISSING_LOGITS", "logits.npz missing: the metrics and verdict cannot be recomputed")
+        f.add("MISSING_LOGITS", f"{name} missing: the metrics and verdict cannot be recomputed")
     if (run / "metrics.json").is_file() and fault:
-        f.add("INCOMPLETE", "metrics.json present in a fault record without logits.npz")
+        f.add("INCOMPLETE", f"metrics.json present in a fault record without {name}")
 
 
 def _recheck_verdict(params: dict, metrics: dict, verdict_rec: dict | None, out: dict, f: _Findings) -> None:
@@ -262,6 +266,9 @@ def _analyze(run_dir, out: dict, f: _Findings) -> None:
     verdict_rec = _read_json_obj(run / "verdict.json", f)
     stored_verdict = _judged_verdict(verdict_rec)
     out["stored_verdict"] = stored_verdict if isinstance(stored_verdict, str) else None
+    if isinstance(params, dict) and params.get("probe") == "batch":
+        _analyze_batch(run, params, verdict_rec, out, f)
+        return
     npz = run / "logits.npz"
 
     if not npz.exists():
@@ -309,6 +316,33 @@ def _analyze(run_dir, out: dict, f: _Findings) -> None:
 
     if params is not None:
         _recheck_verdict(params, metrics, verdict_rec, out, f)
+
+
+def _analyze_batch(run: Path, params: dict, verdict_rec: dict | None, out: dict, f: _Findings) -> None:
+    """A batch probe record (greta/record/batch.py): the per-request metrics and the verdict recomputed from
+    batch_logits.npz, against metrics.json and verdict.json (the same figures greta verify holds)."""
+    from greta.checks.batch_checks import FIGURES
+    from greta.record.batch import LOGITS_FILE, batch_verdict, metrics_from_logits
+
+    npz = run / LOGITS_FILE
+    if not npz.exists():
+        _without_logits(run, verdict_rec, out, f, name=LOGITS_FILE)
+        return
+    try:
+        with np.load(npz, allow_pickle=False) as z:
+            arrays = {k: np.asarray(z[k]) for k in z.files}
+        metrics = metrics_from_logits(arrays, arrays["lengths"].tolist(), arrays["gens"].tolist())
+        verdict, reason = batch_verdict(metrics, params.get("kv_aligned"))
+    except Exception as exc:  # noqa: BLE001 - truncated, corrupt or lacking an array
+        f.add("MISSING_LOGITS", f"{LOGITS_FILE} cannot be read back: {_err(exc)}")
+        return
+    out.update(metrics=metrics, verdict=verdict, verdict_reason=_line(reason))
+    stored = _read_json_obj(run / "metrics.json", f)
+    bad = [k for k in (*FIGURES, "per_request") if stored is not None and stored.get(k) != metrics[k]]
+    if bad:
+        f.add("INCOMPLETE", f"metrics.json disagrees with the metrics recomputed from {LOGITS_FILE} in {', '.join(bad)}")
+    if out["stored_verdict"] != verdict:
+        f.add("INCOMPLETE", f"verdict.json says {out['stored_verdict']}, the recomputed metrics give {verdict}")
 
 
 def analyze_run(run_dir) -> dict:
