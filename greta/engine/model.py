@@ -18,11 +18,11 @@ def forward(ops: Ops, cfg: ModelConfig, w: dict[str, torch.Tensor], cache, step:
     """One call's rows through the decoder -> fp32 logits [len(step.rows), V]. cache.layer(i) -> (k, v)."""
     D, eps = cfg.head_dim, cfg.rms_eps
     x = ops.embed(w["embed"], step)
+    h = ops.rmsnorm(x, w["0.attn_norm"], eps)
     for i in range(cfg.n_layers):
         qkv_w, wo = w[f"{i}.wqkv"], w[f"{i}.wo"]
         q_cols = wo.shape[1]                     # H * D
         kv_cols = (qkv_w.shape[0] - q_cols) // 2  # Hkv * D
-        h = ops.rmsnorm(x, w[f"{i}.attn_norm"], eps)
         qkv = ops.linear(h, qkv_w)
         q = ops.rope(qkv[:, :q_cols].view(-1, q_cols // D, D), step)
         k = ops.rope(qkv[:, q_cols:q_cols + kv_cols].view(-1, kv_cols // D, D), step)
@@ -31,9 +31,12 @@ def forward(ops: Ops, cfg: ModelConfig, w: dict[str, torch.Tensor], cache, step:
         ops.write_kv(kv, k, v, step)
         attend = ops.decode_attention if step.decode else ops.prefill_attention
         a = attend(q, kv, step)
-        x = x + ops.linear_reduce(a.reshape(-1, q_cols), wo, step)
-        h = ops.rmsnorm(x, w[f"{i}.mlp_norm"], eps)
+        h, x = ops.add_rmsnorm(x, ops.linear_reduce(a.reshape(-1, q_cols), wo, step), w[f"{i}.mlp_norm"], eps)
         gu = ops.linear(h, w[f"{i}.w13"])
         inter = gu.shape[1] // 2
-        x = x + ops.linear_reduce(ops.swiglu(gu[:, :inter], gu[:, inter:]), w[f"{i}.w2"], step)
+        d = ops.linear_reduce(ops.swiglu(gu[:, :inter], gu[:, inter:]), w[f"{i}.w2"], step)
+        if i + 1 < cfg.n_layers:  # the residual add and the next layer's norm, fused where the backend can
+            h, x = ops.add_rmsnorm(x, d, w[f"{i + 1}.attn_norm"], eps)
+        else:
+            x = x + d
     return ops.lm_head(x, w["norm"], w["lm_head"], eps, step)

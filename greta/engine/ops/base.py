@@ -61,6 +61,12 @@ class Ops:
     def rmsnorm(self, x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
         raise NotImplementedError
 
+    def add_rmsnorm(self, x: torch.Tensor, d: torch.Tensor, w: torch.Tensor, eps: float):
+        """The residual add and the next norm: (rmsnorm(x + d), x + d). A backend may fuse the two into one
+        kernel that rounds the sum as the add does (one launch fewer, the same bits)."""
+        x = x + d
+        return self.rmsnorm(x, w, eps), x
+
     def linear(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """x @ w.T (the column-parallel projections: wqkv, w13)."""
         raise NotImplementedError

@@ -26,6 +26,9 @@ class CudaFastOps(TorchOps):
     def rmsnorm(self, x, w, eps):
         return self.k.rmsnorm(x, w, eps)
 
+    def add_rmsnorm(self, x, d, w, eps):
+        return self.k.add_rmsnorm(d, x, w, eps)  # rounds fp32(d) + fp32(x) to x.dtype, as x + d does
+
     def rope(self, x, step: Step):
         return self.k.rope(x, self.cos, self.sin, step.pos)
 

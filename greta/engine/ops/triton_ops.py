@@ -19,6 +19,9 @@ class TritonOps(Ops):
     def rmsnorm(self, x, w, eps):
         return self.k.rmsnorm(x, w, eps)
 
+    def add_rmsnorm(self, x, d, w, eps):
+        return self.k.add_rmsnorm(d, x, w, eps)  # rounds fp32(d) + fp32(x) to x.dtype, as x + d does
+
     def linear(self, x, w):
         return self.k.matmul(x, w)
 
