@@ -321,24 +321,22 @@ def _analyze(run_dir, out: dict, f: _Findings) -> None:
 def _analyze_batch(run: Path, params: dict, verdict_rec: dict | None, out: dict, f: _Findings) -> None:
     """A batch probe record (greta/record/batch.py): the per-request metrics and the verdict recomputed from
     batch_logits.npz, against metrics.json and verdict.json (the same figures greta verify holds)."""
-    from greta.checks.batch_checks import FIGURES
-    from greta.record.batch import LOGITS_FILE, batch_verdict, metrics_from_logits
+    from greta.checks.batch_checks import differing, metrics_again
+    from greta.record.batch import LOGITS_FILE, batch_verdict
 
     npz = run / LOGITS_FILE
     if not npz.exists():
         _without_logits(run, verdict_rec, out, f, name=LOGITS_FILE)
         return
     try:
-        with np.load(npz, allow_pickle=False) as z:
-            arrays = {k: np.asarray(z[k]) for k in z.files}
-        metrics = metrics_from_logits(arrays, arrays["lengths"].tolist(), arrays["gens"].tolist())
+        metrics = metrics_again(npz)
         verdict, reason = batch_verdict(metrics, params.get("kv_aligned"))
     except Exception as exc:  # noqa: BLE001 - truncated, corrupt or lacking an array
         f.add("MISSING_LOGITS", f"{LOGITS_FILE} cannot be read back: {_err(exc)}")
         return
     out.update(metrics=metrics, verdict=verdict, verdict_reason=_line(reason))
     stored = _read_json_obj(run / "metrics.json", f)
-    bad = [k for k in (*FIGURES, "per_request") if stored is not None and stored.get(k) != metrics[k]]
+    bad = differing(metrics, stored) if stored is not None else []
     if bad:
         f.add("INCOMPLETE", f"metrics.json disagrees with the metrics recomputed from {LOGITS_FILE} in {', '.join(bad)}")
     if out["stored_verdict"] != verdict:

@@ -29,19 +29,26 @@ def check_batch_judgement(rec) -> list[str]:
     return errors + _check_logits(Path(rec.run_dir), m)
 
 
+def metrics_again(path: Path) -> dict:
+    """The batch metrics recomputed from a batch_logits.npz (raises if it cannot be read back)."""
+    import numpy as np
+
+    with np.load(path, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    return metrics_from_logits(arrays, arrays["lengths"].tolist(), arrays["gens"].tolist())
+
+
+def differing(again: dict, stored: dict) -> list[str]:
+    """The figures (and the per-request table) where stored metrics are not the recomputed ones."""
+    return [k for k in (*FIGURES, "per_request") if again[k] != stored.get(k)]
+
+
 def _check_logits(d: Path, m: dict) -> list[str]:
     path = d / LOGITS_FILE
     if not path.is_file():
         return []  # its absence is the artifacts check's (a committed record may leave it out)
-    import numpy as np
-
     try:
-        with np.load(path) as z:
-            arrays = {k: z[k] for k in z.files}
-        again = metrics_from_logits(arrays, arrays["lengths"].tolist(), arrays["gens"].tolist())
+        again = metrics_again(path)
     except Exception as e:  # noqa: BLE001
         return [f"{LOGITS_FILE} cannot be read back: {type(e).__name__}: {e}"]
-    bad = [k for k in FIGURES if again[k] != m.get(k)]
-    if again["per_request"] != m.get("per_request"):
-        bad.append("per_request")
-    return [f"metrics.json {k} is not what {LOGITS_FILE} gives" for k in bad]
+    return [f"metrics.json {k} is not what {LOGITS_FILE} gives" for k in differing(again, m)]

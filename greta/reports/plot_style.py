@@ -46,13 +46,17 @@ def save(fig: Figure, path: str | Path | None, dpi: int = 120) -> None:
     if path is not None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=dpi)
-        _to_palette(path)
+        _save_palette(fig, path, dpi)
 
 
-def _to_palette(path: Path) -> None:
+def _save_palette(fig: Figure, path: Path, dpi: int) -> None:
+    import io
+
     from PIL import Image
 
-    with Image.open(path) as im:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    buf.seek(0)
+    with Image.open(buf) as im:
         pal = im.convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
-    pal.save(path, optimize=True)
+    pal.save(path, format="PNG", optimize=True)
