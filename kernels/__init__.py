@@ -31,6 +31,12 @@ else:
         triton = None
 
     if triton is not None:
+        import os as _os
+
+        if _os.environ.get("TRITON_INTERPRET") == "1":  # the CPU stands in for the GPU: tl.dot in a fixed order
+            from .interpreter import install as _install_fixed_order_dot
+
+            _install_fixed_order_dot()
         from .attention import BLOCK_KV, decode_attention, prefill_attention
         from .flash_decode import flash_decode, flash_decode_batch
         from .batch_attention import batch_decode_attention
