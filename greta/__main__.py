@@ -26,6 +26,10 @@ from pathlib import Path
 
 from greta.probe.preflight import preflight  # pure until called: torch is imported by the checks themselves
 
+# probe/audit without -f: the README's first command, and the batch probe's CPU file with --batch N
+DEFAULT_PARAMS = "params/cpu_default.yaml"
+DEFAULT_BATCH_PARAMS = "params/cpu_batch.yaml"
+
 
 class _UsageError(Exception):
     pass
@@ -81,14 +85,16 @@ def _oracle_cmd(args) -> int:
 def _add_run_cmds(sub):
     for name in ("probe", "audit"):
         sp = sub.add_parser(name)
-        sp.add_argument("-f", "--file", default="params/cpu_default.yaml", help="params YAML (default: %(default)s)")
+        sp.add_argument("-f", "--file", default=None,
+                        help=f"params YAML (default: {DEFAULT_PARAMS}, with --batch {DEFAULT_BATCH_PARAMS})")
         sp.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
                         help="override a param, e.g. -p ctx=32768 -p timeouts.decode=60 (repeatable)")
         sp.add_argument("-o", "--out-root", default=None,
                         help="records go under this folder (default: the checkout's outputs/)")
         sp.add_argument("--quiet", action="store_true", help="no progress on the terminal")
         sp.add_argument("--batch", type=int, default=None, metavar="N",
-                        help="the batch probe with N requests: the same as -p probe=batch -p batch=N")
+                        help=f"the batch probe with N requests: the same as -p probe=batch -p batch=N "
+                             f"(on {DEFAULT_BATCH_PARAMS} unless -f says otherwise)")
         if name == "audit":
             sp.add_argument("--show-code", action="store_true", help="the HTML pages show the notebooks' code")
 
@@ -205,7 +211,14 @@ def _run_params(args):
     overrides = parse_overrides(args.param)
     if args.batch is not None:
         overrides = {"probe": "batch", "batch": args.batch, **overrides}
-    return preflight(load_params(args.file, overrides))
+    return preflight(load_params(params_file(args), overrides))
+
+
+def params_file(args) -> str:
+    """-f, else the CPU default of the probe asked for: the batch one with --batch, B3.77's otherwise."""
+    if args.file is not None:
+        return args.file
+    return DEFAULT_BATCH_PARAMS if args.batch is not None else DEFAULT_PARAMS
 
 
 def _run_cmd(args) -> int:

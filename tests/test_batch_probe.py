@@ -181,10 +181,34 @@ def test_the_batch_audit_is_a_sealed_verifying_record(tmp_path):
     from greta.__main__ import main
 
     assert main(["audit", "--batch", "2", "-p", "ctx=128", "-p", "gen=4", "-p", "span=3", "-p", "prefill_chunk=32",
-                 "-p", "kv_block=64", "-o", str(tmp_path), "--quiet"]) == 0
+                 "-p", "kv_block=64", "-p", "batch_gen=", "-o", str(tmp_path), "--quiet"]) == 0
     (d,) = list(tmp_path.glob("*/batch/*"))
     assert (d / "batch_probe.ipynb").is_file() and (d / "batch_probe.html").is_file()
     assert rj(d, "verdict.json")["verdict"] == "PASS_BATCH_INVARIANT" and verify(d) == []
+
+
+@pytest.mark.parametrize("argv,file", [
+    (["audit", "--batch", "4"], "params/cpu_batch.yaml"),  # the README's and the notebook's `greta audit --batch 4`
+    (["probe", "--batch", "4"], "params/cpu_batch.yaml"),
+    (["audit"], "params/cpu_default.yaml"),
+    (["audit", "--batch", "8", "-f", "params/batch.yaml"], "params/batch.yaml"),
+])
+def test_batch_without_a_file_runs_the_cpu_batch_file(argv, file):
+    """`--batch N` without -f takes the batch probe's CPU file, not B3.77's, whose ctx and gen it would run."""
+    from greta.__main__ import _parser, params_file
+
+    assert params_file(_parser().parse_args(argv)) == file
+
+
+def test_batch_4_is_the_cpu_batch_file_itself(repo_root):
+    """`--batch 4` on the default file changes nothing of it; another N is refused in one line: the file's
+    per-request decode steps are for 4 requests."""
+    from greta.__main__ import _parser, params_file
+
+    file = params_file(_parser().parse_args(["audit", "--batch", "4"]))
+    assert load_params(repo_root / file, {"probe": "batch", "batch": 4}) == load_params(repo_root / file)
+    with pytest.raises(ParamError, match="batch_gen=.* gives 4 values for batch=8"):
+        load_params(repo_root / file, {"probe": "batch", "batch": 8})
 
 
 @pytest.mark.parametrize("name,batch", [("cpu_batch.yaml", 4), ("batch.yaml", 8)])

@@ -109,6 +109,7 @@ async def run_cells(server: Server, kernel_id: str, sources: list[str], timeout_
 SMALL = 'ctx = 256\ngen = 8\nspan = 4\nprefill_chunk = 64\nkv_block = 128\nout_root = r"{out}"\n'
 NOTEBOOKS = {  # name -> the cell injected after the parameters cell (as papermill would), or None
     "run_b3_77.ipynb": SMALL,
+    "batch_probe.ipynb": SMALL + 'batch_gen = "8,2,8,5"\n',  # cpu_batch.yaml's 4 requests, within gen 8
     "vram_plot.ipynb": None,
     "equivalence_analysis.ipynb": None,
     "sweep.ipynb": 'out_root = r"{out}"\n',
@@ -150,6 +151,7 @@ def test_every_notebook_runs_in_a_real_jupyter_server(tmp_path):
             shown = json.dumps(outs)
             assert "image/png" in shown or name == "sweep.ipynb", f"{name}: no figure shown"
         assert list((tmp_path / "records").glob("*/b3_77/*/manifest.json")), "the run notebook sealed no record"
+        assert list((tmp_path / "records").glob("*/batch/*/manifest.json")), "the batch notebook sealed no record"
         assert server.api("GET", "/api/kernels") == [], "kernels left running"
         assert _snapshot(ROOT / "outputs") == committed, "viewing a record changed files under outputs/"
     finally:
