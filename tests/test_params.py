@@ -120,7 +120,7 @@ def test_unknown_key_in_file(tmp_path):
 
 
 @pytest.mark.parametrize("key,value", [("ctx", "abc"), ("ctx", 1.5), ("sampling_period_s", "fast"),
-                                       ("dtype", 16), ("timeouts.decode", "soon"), ("ctx", None)])
+                                       ("dtype", 16.0), ("dtype", True), ("timeouts.decode", "soon"), ("ctx", None)])
 def test_wrong_type(key, value):
     msg = refuse({key: value}, key)
     assert "expected" in msg

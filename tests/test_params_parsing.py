@@ -276,3 +276,57 @@ def test_a_bad_papermill_parameter_is_one_line_in_the_notebook(tmp_path):
               if o.get("output_type") == "error"]
     assert [e["traceback"] for e in errors] == [["greta: error: param ctx=-5 must be between 1 and 2147483647; "
                                                   "e.g. -p ctx=4096"]]
+
+
+# --- values: YAML 1.2 core scalars, the same from the CLI, a params file and papermill ------------------------
+# (text given, the value it gives, or None: refused). YAML 1.1 read 0256 and 010 as octal, 1:00 as 60 and 0b1
+# as 1, and refused 08 and 1e3 as strings.
+YAML12_CASES = [("ctx", "0256", 256), ("seed", "010", 10), ("ctx", "1:00", None), ("kv_aligned", "0b1", None),
+                ("gen", "08", 8), ("ctx", "1e3", 1000), ("ctx", "1.5e3", 1500), ("ctx", "1.5", None),
+                ("ctx", "0x100", 256), ("ctx", "0o400", 256), ("kv_aligned", "yes", None), ("ctx", "+512", 512),
+                ("thresholds.max_abs_diff", "1e-3", 1e-3), ("sampling_period_s", ".5", 0.5),
+                ("sampling_period_s", ".inf", None), ("seed", "1_000", None), ("batch_lengths", "300", "300")]
+BASE = {"span": 4, "probe": "batch"}  # gen 8 with span 4; the batch probe for batch_lengths
+
+
+def _value(p: Params, key: str):
+    return p.thresholds.max_abs_diff if key == "thresholds.max_abs_diff" else getattr(p, key)
+
+
+def _read(how: str, key: str, text: str, tmp_path: Path):
+    """Params from `key` given as `text` the way `how` reads it."""
+    from papermill.cli import _resolve_type  # what papermill's CLI does to a -p value before the notebook sees it
+
+    from greta.record.params import parse_overrides
+
+    if how == "cli":
+        return load_params(None, {**BASE, **parse_overrides([f"{key}={text}"])})
+    if how == "file":
+        f = tmp_path / "p.yaml"
+        section, _, sub = key.rpartition(".")
+        f.write_text(f"{section}: {{{sub}: {text}}}\n" if section else f"{key}: {text}\n")
+        return load_params(f, BASE)
+    if "." in key:  # papermill sets whole names: a section as a mapping (-y)
+        section, sub = key.split(".")
+        return params_from_notebook(None, BASE, **{section: {sub: _resolve_type(text)}})
+    return params_from_notebook(None, BASE, **{key: _resolve_type(text)})
+
+
+@pytest.mark.parametrize("key,text,want", YAML12_CASES)
+@pytest.mark.parametrize("how", ["cli", "file", "papermill"])
+def test_values_are_yaml_1_2_core_scalars_from_every_source(how, key, text, want, tmp_path):
+    if how == "papermill" and text == "1_000":
+        pytest.skip("papermill's own int() reads 1_000 as 1000 before the notebook sees it (docs: papermill -r)")
+    if want is None:
+        msg = one_line_error(_read, how, key, text, tmp_path)
+        assert key.split(".")[-1] in msg and "-p " in msg, msg
+    else:
+        got = _value(_read(how, key, text, tmp_path), key)
+        assert got == want and type(got) is type(want), (how, got)
+
+
+def test_papermill_raw_text_is_read_as_the_cli_reads_it():
+    """papermill -r hands the text over unconverted: the notebook then reads it as the CLI does."""
+    assert params_from_notebook(None, BASE, ctx="0256").ctx == 256
+    assert "seed" in one_line_error(params_from_notebook, None, BASE, seed="1_000")
+    assert params_from_notebook(None, BASE, batch_lengths=300).batch_lengths == "300"

@@ -4,7 +4,10 @@
     preflight(params)                                              # greta.probe.preflight: this machine
 
 Every path that takes params (a -f file, -p / -y overrides, papermill values, a sweep matrix's points) goes
-through :meth:`Params.from_layers`, so one validator decides. Every problem is a ParamError with one line that
+through :meth:`Params.from_layers`, so one validator decides. Values are YAML 1.2 core scalars wherever they
+come from (greta.record.yaml_core: `0256` is 256, `1e3` is 1000.0 and an int param takes it, `1:00`, `0b1` and
+`1_000` are strings, refused for a number); papermill converts a `-p` value itself first (Python's int() and
+float()), which agrees on every scalar but `1_000` and non-ASCII digits: `papermill -r` hands over the text. Every problem is a ParamError with one line that
 names the key and the fix; no message builds the full repr of a value (YAML can expand to gigabytes).
 """
 from __future__ import annotations
@@ -17,6 +20,7 @@ from pathlib import Path
 import yaml
 
 from greta.paths import resolve  # noqa: F401 - params.resolve, as callers know it
+from greta.record.yaml_core import CoreSchemaLoader
 
 PHASES = ("ceilings", "load", "prefill", "decode", "reference")
 FAULT_KINDS = ("hang", "oom", "crash", "kill", "error", "kernel_death")
@@ -251,14 +255,18 @@ def flat_keys() -> list[str]:
 
 
 def _coerce(key: str, value, default):
-    """Bring a value (from YAML, a CLI string or papermill) to the default's type."""
+    """Bring a value (from YAML, a CLI string or papermill) to the default's type. A string for a number is
+    read as a YAML 1.2 core scalar, as a params file's value is (yaml_core: 0256 is 256, 1e3 is 1000.0,
+    1:00 and 0b1 stay strings); an integral float is taken for an int; a string param keeps a CLI string
+    as written and takes an int as its digits (papermill hands `-p batch_lengths 4096` over as 4096)."""
     want = type(default)
-    if isinstance(value, str) and want is not str:
+    if isinstance(value, str) and want is not str and len(value) < 100:  # a longer string is no number
         try:
-            # YAML 1.1 reads "1e-3" as a string; a long CLI string is no number worth parsing
-            value = float(value) if want is float else (load_yaml_text(value) if len(value) < 100 else value)
+            value = load_yaml_text(value)
         except (ValueError, yaml.YAMLError):
             pass
+    if want is str and type(value) is int:
+        value = str(value) if value.bit_length() <= 256 else value  # past that: refused below, shown short
     if want is float and isinstance(value, int) and not isinstance(value, bool):
         try:
             value = float(value)
@@ -417,8 +425,8 @@ def parse_overrides(items: list[str]) -> dict:
     return out
 
 
-class _ParamsLoader(yaml.SafeLoader):
-    """SafeLoader that refuses aliases (*name: a few hundred bytes of them expand to gigabytes, the
+class _ParamsLoader(CoreSchemaLoader):
+    """The YAML 1.2 core schema's loader (yaml_core) that refuses aliases (*name: a few hundred bytes of them expand to gigabytes, the
     'billion laughs') before anything is built, and a mapping with the same key twice (PyYAML keeps the last)."""
 
     def compose_node(self, parent, index):
@@ -443,7 +451,7 @@ class _ParamsLoader(yaml.SafeLoader):
 
 
 def load_yaml_text(text: str):
-    """YAML text through the params loader (no aliases, no duplicate keys)."""
+    """YAML text through the params loader: YAML 1.2 core scalars, no aliases, no duplicate keys."""
     return yaml.load(text, Loader=_ParamsLoader)
 
 
