@@ -249,9 +249,10 @@ def _run_cmd(args) -> int:
     except ProbeInterrupted as e:
         print(f"greta: INTERRUPTED by {e.how}; record: {e.run_dir}", file=sys.stderr)
         return 130
+    from greta.audit import closing_lines
+
     verdict = json.loads((Path(run_dir) / "verdict.json").read_text())
-    print(f"{verdict['verdict']}: {verdict['reason']}")
-    print(f"record: {run_dir}")
+    print("\n".join(closing_lines(run_dir)))
     return 0 if verdict["verdict"] in ("PASS_EQUIV", "EXPECTED_DRIFT", "PASS_BATCH_INVARIANT", "BATCH_DRIFT") else 1
 
 

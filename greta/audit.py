@@ -22,9 +22,10 @@ from pathlib import Path
 from greta.probe.preflight import preflight
 from greta.probe.runner import ProbeInterrupted, finish_from_checkpoint, run_probe
 from greta.record.files import Verdict, read_record
-from greta.record.params import params_from_notebook
+from greta.record.params import ParamError, params_from_notebook
 from greta.record.store import atomic_write_text, new_probe_dir, seal
 from greta.reports import notebooks as nbs
+from greta.reports.notebook_params import papermill_syntax
 from greta.reports.run_report import render_report
 
 RUN_NOTEBOOK = "run_b3_77.ipynb"
@@ -49,19 +50,56 @@ def _render(params, meta, perf, metrics, vs, verdict) -> str:
 
 def notebook_params(params_file, overrides: dict | None, **named):
     """The run notebook's parameters through the one validator (greta.record.params.params_from_notebook:
-    unknown names refused, None keeps the file's value), then this machine's preflight, as the CLI does."""
-    return preflight(params_from_notebook(params_file, overrides, **named))
+    unknown names refused, None keeps the file's value), then this machine's preflight, as the CLI does; a
+    refusal's hint in papermill's syntax (`-p ctx 4096`), the notebook's way of taking params."""
+    try:
+        return preflight(params_from_notebook(params_file, overrides, **named))
+    except ParamError as e:
+        raise ParamError(papermill_syntax(str(e))) from None
 
 
 def run_stage(params: dict, run_dir=None, out_root=None, show_code: bool = False) -> Path:
     """What the run notebook's kernel does. Given run_dir (by run_audit): the probe, then the analysis
     notebooks, into it. Without (papermill run bare): the whole audit, this notebook executed again into a
-    fresh sealed record; its directory is returned either way."""
+    fresh sealed record, ending on papermill's terminal as `greta audit` ends; its directory is returned
+    either way."""
     if run_dir is None:  # "outputs" (the default) is the checkout's folder, from notebooks/ too
-        return run_audit(params, out_root=out_root, progress=False, show_code=show_code)
+        try:
+            done = run_audit(params, out_root=out_root, progress=False, show_code=show_code)
+        except ProbeInterrupted as e:
+            to_terminal(f"greta: INTERRUPTED by {e.how}; record: {e.run_dir}")
+            raise
+        to_terminal(*closing_lines(done))
+        return done
     run_probe(params, run_dir=run_dir, progress=True)
     nbs.execute_analysis(run_dir, names=BATCH_ANALYSIS if params["probe"] == "batch" else nbs.ANALYSIS_NOTEBOOKS)
     return Path(run_dir)
+
+
+def closing_lines(run_dir) -> tuple[str, str]:
+    """How a run ends on the terminal (greta audit / probe, bare papermill): its verdict, then its record."""
+    v = Verdict.read(Path(run_dir))
+    return f"{_printable(v.verdict)}: {_printable(v.reason)}", f"record: {_printable(str(run_dir))}"
+
+
+def _printable(text: str) -> str:
+    """text with control characters escaped (a reason can quote an error message; a terminal obeys escapes)."""
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
+
+
+def to_terminal(*lines: str) -> None:
+    """Write lines to the standard output of the process that started this kernel: the terminal of
+    `papermill ...` (ipykernel sends sys.stdout to the notebook; its fileno() is the original standard output,
+    which it keeps; without that, sys.__stdout__ is it). On a terminal the lines start on a line of their own,
+    below papermill's progress bar. Outside a kernel it is plain standard output."""
+    for stream in (sys.stdout, sys.__stdout__):
+        try:
+            fd = stream.fileno()
+            lead = "\n" if os.isatty(fd) else ""
+            os.write(fd, (lead + "".join(line + "\n" for line in lines)).encode("utf-8", "replace"))
+            return
+        except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation: no file behind this stream
+            continue
 
 
 class _Interrupts:

@@ -148,6 +148,8 @@ def test_papermill_cli_from_the_notebooks_folder(tmp_path, repo_root):
     assert r.returncode == 0, r.stderr[-3000:]
     (d,) = record_dirs(root)
     assert f"record: {d}" in outputs(tmp_path / "out.ipynb")[1]
+    v = json.loads((d / "verdict.json").read_text())  # papermill's terminal ends as `greta audit` does
+    assert r.stdout.splitlines()[-2:] == [f"{v['verdict']}: {v['reason']}", f"record: {d}"], r.stdout
     for nb in NOTEBOOKS:
         assert_executed(d / f"{nb}.ipynb")
     assert_pages(d, "PASS_EQUIV")

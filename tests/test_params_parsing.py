@@ -260,8 +260,8 @@ def test_sweep_imports_no_private_names_from_params():
 
 
 def test_a_bad_papermill_parameter_is_one_line_in_the_notebook(tmp_path):
-    """papermill -p ctx -5: the run notebook's error output is the CLI's one line, not a stack of frames
-    (ParamError renders itself for IPython); papermill still fails the run."""
+    """papermill -p ctx -5: the run notebook's error output is one line as the CLI's, not a stack of frames
+    (ParamError renders itself for IPython), its hint in papermill's syntax; papermill still fails the run."""
     import json
 
     import papermill as pm
@@ -275,7 +275,7 @@ def test_a_bad_papermill_parameter_is_one_line_in_the_notebook(tmp_path):
     errors = [o for c in json.loads(out.read_text())["cells"] for o in c.get("outputs", [])
               if o.get("output_type") == "error"]
     assert [e["traceback"] for e in errors] == [["greta: error: param ctx=-5 must be between 1 and 2147483647; "
-                                                  "e.g. -p ctx=4096"]]
+                                                  "e.g. -p ctx 4096"]]  # papermill's syntax, not the CLI's
 
 
 # --- values: YAML 1.2 core scalars, the same from the CLI, a params file and papermill ------------------------
