@@ -174,22 +174,26 @@ class _Progress:
             bar.close()
 
     def _show(self, fields, bar, key):
+        """One progress line: "phase <name> <done> <total> <unit> [<how it ended>]" (greta.probe.runner) or
+        "notebook <name | done> <done> <total>" (greta.reports.notebooks)."""
         if not self.enabled or len(fields) < 4:
             return bar, key
         from tqdm import tqdm
 
         kind, name, done, total = fields[0], fields[1], int(fields[2]), int(fields[3])
+        unit = fields[4] if kind == "phase" and len(fields) > 4 else "notebook"
+        status = fields[5] if kind == "phase" and len(fields) > 5 else None
         if kind == "notebook":
-            name, done = ("analysis notebooks", done) if name == "done" else (f"notebook {name}", done)
+            name = "analysis notebooks" if name == "done" else f"notebook {name}"
         if key != (kind, name if kind == "phase" else "notebooks"):
             if bar is not None:
                 bar.close()
-            unit = {"decode": "tok", "prefill": "pos", "reference": "pos"}.get(name, "step")
-            bar = tqdm(total=total, desc=name if kind == "phase" else "notebooks", unit=unit, file=sys.stderr)
+            bar = tqdm(total=total, desc=name if kind == "phase" else "notebooks", file=sys.stderr)
             key = (kind, name if kind == "phase" else "notebooks")
-        if kind == "notebook":
-            bar.set_postfix_str(name, refresh=False)
-        bar.total = total  # a phase starts as 0/1 until its first step says how many
+        if kind == "notebook" or status:
+            bar.set_postfix_str(status or name, refresh=False)
+        bar.unit = unit
+        bar.total = total  # a phase starts as 0/1 until its first step says how many; it ends at 100% or says how
         bar.n = done
         bar.refresh()
         return bar, key

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 
 # On a machine without a GPU the Triton kernels can only run under Triton's interpreter, and TRITON_INTERPRET is
 # read once, when greta.kernels is first imported. Each kernel test module sets it at its own import, but pytest
@@ -18,6 +19,56 @@ if not any(os.path.exists(dev) for dev in ("/dev/nvidia0", "/dev/nvidiactl", "/d
 from pathlib import Path
 
 import pytest
+
+# --- nothing left behind ------------------------------------------------------------------------------------
+# The suite must leave no file outside pytest's tmp_path: no kernel connection file (it holds the kernel's HMAC
+# key), no figure folder, no fuzz file, no Triton cache in ~/.triton. Watching /tmp for new names would not be
+# reliable: other processes on the machine write there at the same time, and under xdist (-n 2) each worker
+# ends on its own schedule. So the controlling process points TMPDIR (and TRITON_CACHE_DIR) at folders of its
+# own under pytest's basetemp before any test process starts: xdist's workers are started after
+# pytest_configure and inherit the environment, as does every subprocess a test starts (greta audit, papermill,
+# notebook kernels, nested pytest runs). Once every worker has exited (after xdist's own sessionfinish), the
+# controller fails the session if anything but pytest's own basetemp folders (a nested pytest run's) is left in
+# that TMPDIR, naming each.
+SESSION_TMP_ENV = "GRETA_TEST_SESSION_TMPDIR"
+
+
+@pytest.hookimpl(trylast=True)  # after pytest's tmpdir plugin has made config._tmp_path_factory
+def pytest_configure(config):
+    if hasattr(config, "workerinput"):  # an xdist worker: the controller set the environment it inherited
+        return
+    import tempfile
+
+    base = config._tmp_path_factory.getbasetemp()
+    tmp, triton_cache = base / "tmpdir", base / "triton-cache"
+    tmp.mkdir(exist_ok=True)
+    os.environ["TMPDIR"] = os.environ[SESSION_TMP_ENV] = str(tmp)
+    os.environ["TRITON_CACHE_DIR"] = str(triton_cache)
+    tempfile.tempdir = str(tmp)  # this process read TMPDIR already (pytest's basetemp)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_sessionfinish(session, exitstatus):
+    result = yield  # xdist's own sessionfinish (it waits for every worker to exit) has run by now
+    tmp = os.environ.get(SESSION_TMP_ENV)
+    if hasattr(session.config, "workerinput") or not tmp or not os.path.isdir(tmp):
+        return result
+    left = sorted(p for p in Path(tmp).iterdir() if not p.name.startswith("pytest-of-"))
+    if left:
+        lines = [f"the test session left {len(left)} file(s) in its TMPDIR {tmp} (a test or the code it runs "
+                 "does not clean up):", *(f"  {p.name}" for p in left)]
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.ensure_newline()
+        for line in lines:
+            if reporter is not None:
+                reporter.write_line(line, red=True)
+            else:
+                print(line, file=sys.stderr)
+        if session.exitstatus == pytest.ExitCode.OK:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    return result
+
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CPU_PARAMS = REPO_ROOT / "params" / "cpu_default.yaml"

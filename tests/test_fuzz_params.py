@@ -16,10 +16,12 @@ import io
 import json
 import math
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from unittest import mock
 
+import pytest
 import yaml
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
@@ -47,12 +49,22 @@ STR_KEYS = [k for k in KNOWN if k not in INT_KEYS and k not in FLOAT_KEYS]
 assert set(INT_KEYS) >= {"ctx", "gen", "span", "seed", "threads"} and "timeouts.decode" in FLOAT_KEYS
 assert set(STR_KEYS) >= {"model", "prompt", "device", "fault"}
 
-# a token-id file long enough for every good ctx (GOOD_INT below)
-PROMPT_IDS = Path(tempfile.mkdtemp(prefix="greta-fuzz-")) / "ids.txt"
-PROMPT_IDS.write_text(" ".join(str(i % 50) for i in range(8192)))
-# a tokenizer.json for text prompts (preflight checks that one exists; the tiny preset has none beside it)
-FUZZ_TOKENIZER = PROMPT_IDS.parent / "tokenizer.json"
-FUZZ_TOKENIZER.write_text("{}")
+# A token-id file long enough for every good ctx (GOOD_INT below), and a tokenizer.json for text prompts
+# (preflight checks that one exists; the tiny preset has none beside it). The strategies name their paths, so
+# the paths are fixed at import; the files exist only while this module's tests run (fuzz_files), so nothing
+# is left behind, also by a process that imports this module and runs none of its tests.
+FUZZ_DIR = Path(tempfile.gettempdir()) / f"greta-fuzz-{os.getpid()}"
+PROMPT_IDS = FUZZ_DIR / "ids.txt"
+FUZZ_TOKENIZER = FUZZ_DIR / "tokenizer.json"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fuzz_files():
+    FUZZ_DIR.mkdir(exist_ok=True)
+    PROMPT_IDS.write_text(" ".join(str(i % 50) for i in range(8192)))
+    FUZZ_TOKENIZER.write_text("{}")
+    yield
+    shutil.rmtree(FUZZ_DIR, ignore_errors=True)
 
 # --- the spec, written out here rather than read from greta.record.params ------------------------------------
 CPUS = os.cpu_count() or 1

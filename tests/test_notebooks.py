@@ -8,6 +8,9 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import nbformat
@@ -220,11 +223,20 @@ def test_parameters_cells_declare_run_dir():
 
 
 def test_figures_go_into_a_record_only_for_the_pipeline(tmp_path):
-    rec = tmp_path / "run"
+    """A notebook opened by hand saves its figure to a scratch folder of its process (never into the record),
+    and the folder is gone when the process exits."""
+    rec, scratch_root = tmp_path / "run", tmp_path / "tmp"
     rec.mkdir()
+    scratch_root.mkdir()
     assert figure_path(rec, "vram_plot.png", True) == rec / "vram_plot.png"
-    elsewhere = figure_path(rec, "vram_plot.png", False)
-    assert elsewhere.parent.is_dir() and rec not in elsewhere.parents and list(rec.iterdir()) == []
+    code = ("import sys; from pathlib import Path; from greta.reports.notebooks import figure_path; "
+            "p = figure_path(sys.argv[1], 'vram_plot.png', False); p.write_bytes(b'png'); "
+            "assert p.parent.is_dir() and Path(sys.argv[1]) not in p.parents; print(p)")
+    r = subprocess.run([sys.executable, "-c", code, str(rec)], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "TMPDIR": str(scratch_root)})
+    assert r.returncode == 0, r.stderr
+    assert Path(r.stdout.strip()).is_relative_to(scratch_root) and list(rec.iterdir()) == []
+    assert list(scratch_root.iterdir()) == []  # removed at exit
 
 
 # ------------------------------------------------------------------------ plots

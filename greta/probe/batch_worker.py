@@ -76,7 +76,7 @@ class BatchJob(Job):
         from greta.engine.batch import prefill_all
 
         self.model.cache.reset()
-        self.firsts = prefill_all(self.model, self.prompts, progress=lambda d, t: self.progress("prefill", d, t))
+        self.firsts = prefill_all(self.model, self.prompts, progress=lambda d, t: self.progress("prefill", d, t, "seq"))
         return {"tokens": [int(f.argmax()) for f in self.firsts], "prefill_tokens": sum(self.lengths)}
 
     def decode(self) -> dict:
@@ -92,7 +92,7 @@ class BatchJob(Job):
             steps.append({"rows": rows, "ms": (now - last[0]) * 1e3,
                           "floor_bytes": step_floor_bytes(self.weight_bytes, kvb, live)})
             last[0] = now
-            self.progress("decode", j + 1, total)
+            self.progress("decode", j + 1, total, "step")
 
         keep = compared_steps(self.p.span, max(self.gens))
         self.tokens, kept = decode_together(self.model, self.lengths, self.firsts, self.gens, keep, on_step)
@@ -109,6 +109,6 @@ class BatchJob(Job):
             a = decode_alone(self.model, b, n, self.tokens[b], k)
             alone.append(np.stack([self.firsts[b].cpu().numpy()] + [x.cpu().numpy() for x in a]))
             refs.append(reference(self.model, b, self.prompts[b], self.tokens[b], k).cpu().numpy())
-            self.progress("reference", b + 1, self.p.batch)
+            self.progress("reference", b + 1, self.p.batch, "seq")
         return {"alone": alone, "in_batch": self.in_batch, "reference": refs, "tokens": self.tokens,
                 "lengths": self.lengths, "gens": self.gens}

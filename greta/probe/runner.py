@@ -52,7 +52,9 @@ class _Bars:
     """Per-phase progress, to where someone can see it without it piling up in a notebook:
     - a launcher tails a progress file (greta audit: PROGRESS_ENV is set): one line per update goes there;
     - inside a notebook kernel: nothing live, one final line when the probe ends;
-    - a terminal: a text bar per phase on stderr."""
+    - a terminal: a text bar per phase on stderr.
+    Every bar ends at 100% when its phase succeeds (a phase that reports no steps, such as ceilings or load,
+    counts as one step: itself), or at what it counted, followed by how the phase ended."""
 
     def __init__(self, enabled: bool):
         import os
@@ -64,14 +66,14 @@ class _Bars:
         self.to_file = bool(os.environ.get(PROGRESS_ENV))
         self.in_kernel = "ipykernel" in sys.modules and not self.to_file
 
-    def update(self, phase: str, done: int, total: int):
+    def update(self, phase: str, done: int, total: int, unit: str = "phase", status: str | None = None):
         if not self.enabled:
             return
-        self.last = (phase, done, total)
+        self.last = (phase, done, total, unit)
         if self.to_file:
             from greta.reports.notebooks import report_progress
 
-            report_progress("phase", phase, done, total)
+            report_progress("phase", phase, done, total, unit, *([status] if status else []))
             return
         if self.in_kernel:
             return
@@ -79,15 +81,28 @@ class _Bars:
             self.close()
             from tqdm import tqdm  # text bars: tqdm.auto would want ipywidgets inside a kernel
 
-            unit = "tok" if phase == "decode" else "pos"
-            self.bar, self.phase = tqdm(total=total, desc=phase, unit=unit, leave=False), phase
+            self.bar, self.phase = tqdm(total=total, desc=phase, leave=False), phase
+        self.bar.unit = unit
         self.bar.total = total  # a phase starts as 0/1 (below) until its first real step says how many
         self.bar.n = done
+        if status:
+            self.bar.set_postfix_str(status, refresh=False)
         self.bar.refresh()
 
     def start(self, phase: str):
         """A phase began: shown at once, also those that report no steps (ceilings, load)."""
         self.update(phase, 0, 1)
+
+    def end(self, phase: str, status: str):
+        """The phase ended with status (ok | oom | error | timeout | crash | interrupted): its bar to 100% when
+        ok, else left at what it counted, saying how it ended."""
+        if self.enabled and self.last is not None and self.last[0] == phase:
+            _, done, total, unit = self.last
+            if status == "ok":
+                self.update(phase, total, total, unit)
+            else:
+                self.update(phase, done, total, unit, status)
+        self.close()
 
     def close(self):
         if self.bar is not None:
@@ -98,7 +113,7 @@ class _Bars:
         """The one line a notebook keeps: how far the last phase with progress got."""
         self.close()
         if self.enabled and self.in_kernel and self.last is not None:
-            phase, done, total = self.last
+            phase, done, total, _ = self.last
             print(f"progress: {phase} {done}/{total}")
 
 
@@ -176,7 +191,7 @@ def _run_phase(phase, params, workers, samplers, bars, rec, perf, results):
         workers.kill()
         interrupted, payload = _interrupted(e, phase)
         status = "interrupted"
-    bars.close()
+    bars.end(phase, status)
     perf[phase] = {"status": status, "timeout_s": timeout, "runner_wall_s": time.monotonic() - t0}
     if status != "ok":
         perf[phase].update({k: v for k, v in payload.items() if k != "traceback"})

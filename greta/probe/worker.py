@@ -2,7 +2,7 @@
 
 It lives in its own process so the runner can kill it when a phase hangs inside a kernel, and so an OOM
 or a crash leaves the runner (and the notebook kernel) alive to write the record.
-Messages to the runner: ("progress", phase, done, total), ("done", phase, result),
+Messages to the runner: ("progress", phase, done, total, unit), ("done", phase, result),
 ("oom" | "error", phase, info).
 """
 from __future__ import annotations
@@ -160,11 +160,12 @@ class Job:
         if self.device.type == "cuda" and params.memory_fraction < 1.0:
             torch.cuda.set_per_process_memory_fraction(params.memory_fraction, self.device)
 
-    def progress(self, phase: str, done: int, total: int):
+    def progress(self, phase: str, done: int, total: int, unit: str):
+        """done of total units (what a phase counts: "pos" of a prefill, "tok" of decode...) of phase."""
         now = time.monotonic()
         if done == total or now - self._last > 0.25:
             self._last = now
-            self.send(("progress", phase, done, total))
+            self.send(("progress", phase, done, total, unit))
 
     # --- phases ---------------------------------------------------------------
     def load(self) -> dict:
@@ -237,7 +238,7 @@ class Job:
 
     def prefill(self) -> dict:
         self.model.cache.reset()
-        logits = self.model.prefill(self.prompt, progress=lambda d, t: self.progress("prefill", d, t))
+        logits = self.model.prefill(self.prompt, progress=lambda d, t: self.progress("prefill", d, t, "pos"))
         self.first = logits[0].cpu().numpy()
         self.tokens = [int(logits[0].argmax())]
         return {"tokens": list(self.tokens)}
@@ -252,7 +253,7 @@ class Job:
             self.tokens.append(int(tok))  # the one host sync per step: reading the sampled token
             if len(kept) < span:
                 kept.append(logits.cpu().numpy())
-            self.progress("decode", j + 1, self.p.gen)
+            self.progress("decode", j + 1, self.p.gen, "tok")
         self.decode_logits = np.stack(kept)
         return {"tokens": list(self.tokens)}
 
@@ -261,7 +262,7 @@ class Job:
         self.model.cache.reset()
         seq = torch.cat([self.prompt, torch.tensor(self.tokens[: span - 1], device=self.device)])
         keep = list(range(ctx - 1, ctx + span - 1))
-        logits = self.model.prefill(seq, keep=keep, progress=lambda d, t: self.progress("reference", d, t))
+        logits = self.model.prefill(seq, keep=keep, progress=lambda d, t: self.progress("reference", d, t, "pos"))
         ref = logits.cpu().numpy()
         digest = {"logits_sha256": logits_digest(self.decode_logits, ref)} if self.tp else {}
         if self.rank:  # every rank holds the full logits; rank 0's go to the record, the others' digests are checked

@@ -7,12 +7,16 @@ The audit pipeline that strings them together is :mod:`greta.audit`.
 
 from __future__ import annotations
 
+import functools
 import html
 import logging
 import os
 import re
+import signal
 import subprocess
 import sys
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 __all__ = ["NOTEBOOK_DIR", "REPO_ROOT", "ANALYSIS_NOTEBOOKS", "PROGRESS_ENV", "NotebooksMissing",
@@ -70,15 +74,26 @@ def newest_record(given, kind: str = "b3_77", marker: str = "params.json", param
 def figure_path(record_dir, name: str, into_record: bool) -> Path:
     """Where a notebook saves figure ``name`` of a record. The pipelines that make a record (audit, sweep)
     run its notebooks with ``into_record=True``: the figure is one of the record's files. Opened by a person
-    (JupyterLab, papermill by hand) a notebook only looks, so the figure goes to a scratch folder: a sealed
-    record must never change because someone viewed it."""
+    (JupyterLab, papermill by hand) a notebook only looks, so the figure goes to a scratch folder of this
+    process, removed when it exits (the notebook embeds the image it shows): a sealed record must never change
+    because someone viewed it."""
     if into_record:
         return Path(record_dir) / name
-    import tempfile
-
-    scratch = Path(tempfile.gettempdir()) / f"greta-figures-{os.getpid()}" / Path(record_dir).name
+    scratch = _scratch_folder() / Path(record_dir).name
     scratch.mkdir(parents=True, exist_ok=True)
     return scratch / name
+
+
+@functools.lru_cache(maxsize=None)
+def _scratch_folder() -> Path:
+    """This process's folder for figures nobody keeps (figure_path), removed at exit."""
+    import atexit
+    import shutil
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix=f"greta-figures-{os.getpid()}-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
 
 
 def report_progress(kind: str, *fields) -> None:
@@ -99,23 +114,77 @@ def one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[-1] if text else ''}"[:300]
 
 
-def _quiet_kernel_manager():
-    """A kernel manager whose kernel writes its own stderr (the TCP-without-encryption warning, shutdown noise)
-    to /dev/null: what the kernel's code prints still reaches the notebook through Jupyter's channels."""
+def _kernel_manager():
+    """A kernel manager for one notebook run that leaves nothing behind (:meth:`stop`), its kernel's own stderr
+    (the TCP-without-encryption warning, shutdown noise) sent to /dev/null: what the kernel's code prints still
+    reaches the notebook through Jupyter's channels."""
     from jupyter_client.manager import AsyncKernelManager
+    from jupyter_core.utils import run_sync
 
-    class QuietKernelManager(AsyncKernelManager):
+    class OneRunKernelManager(AsyncKernelManager):
+        def __init__(self, **kw):
+            super().__init__(**kw)
+            self._gate, self._stopped, self._settled = threading.Lock(), False, threading.Event()
+            self._settled.set()
+
         async def start_kernel(self, **kw):
+            with self._gate:
+                if self._stopped:
+                    raise RuntimeError("the notebook run was stopped before its kernel started")
+                self._settled.clear()
             kw.setdefault("stderr", subprocess.DEVNULL)
             kw.setdefault("stdout", subprocess.DEVNULL)
-            return await super().start_kernel(**kw)
+            try:
+                return await super().start_kernel(**kw)
+            finally:
+                self._settled.set()
 
-    return QuietKernelManager(kernel_name=KERNEL)
+        def stop(self, now: bool) -> None:
+            """Shut the kernel down and remove its connection file (it holds the kernel's HMAC key, in $TMPDIR).
+            papermill does neither for a manager it was handed, nor for one interrupted while its kernel was
+            starting. Inside a notebook kernel (the analysis notebooks of an audit) papermill's coroutines run
+            on a thread of their own, so an interrupted start goes on there: wait for it to settle first, and
+            let no start begin after this. ``now``: kill the kernel rather than ask it to exit."""
+            with self._gate:
+                self._stopped = True
+            self._settled.wait(60)
+            try:
+                if self.has_kernel:
+                    run_sync(self.shutdown_kernel)(now=now)
+            finally:
+                self.cleanup_connection_file()
+
+    return OneRunKernelManager(kernel_name=KERNEL)
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM while a notebook ran in a process that had no handler of its own for it."""
+
+
+@contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM raises _Terminated (a KeyboardInterrupt) while a notebook runs, where it would otherwise kill this
+    process outright (a notebook kernel running the analysis notebooks: an audit forwards its SIGTERM there):
+    papermill then shuts the notebook's kernel down and removes its connection file on the way out, as on
+    Ctrl-C. A process that handles SIGTERM itself (greta audit forwards it) keeps its handler."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise _Terminated("SIGTERM")
+
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def execute_notebook(src: str | Path, out: str | Path, parameters: dict,
                      timeout_s: float | None = 600) -> Exception | None:
-    """Run ``src`` with papermill into ``out`` (cwd: the repo root), its kernel's stderr silenced.
+    """Run ``src`` with papermill into ``out`` (cwd: the repo root), its kernel's stderr silenced; the kernel is
+    shut down and its connection file removed when the notebook ends, however it ends.
 
     Returns the exception instead of raising: papermill has already written the partially executed notebook
     (with the error output) to ``out`` by then. ``timeout_s`` bounds each cell, so a hung kernel cannot hang
@@ -124,11 +193,17 @@ def execute_notebook(src: str | Path, out: str | Path, parameters: dict,
     import papermill as pm
 
     logging.getLogger("papermill").setLevel(logging.ERROR)  # "Input notebook does not contain a cell with tag..."
+    km, interrupted = _kernel_manager(), True
     try:
-        pm.execute_notebook(str(src), str(out), parameters=parameters, kernel_name=KERNEL, progress_bar=False,
-                            cwd=str(REPO_ROOT), execution_timeout=timeout_s, km=_quiet_kernel_manager())
+        with _sigterm_as_interrupt():
+            pm.execute_notebook(str(src), str(out), parameters=parameters, kernel_name=KERNEL, progress_bar=False,
+                                cwd=str(REPO_ROOT), execution_timeout=timeout_s, km=km)
+        interrupted = False
     except Exception as exc:  # noqa: BLE001 - the caller must never abort on a notebook
+        interrupted = False
         return exc
+    finally:
+        km.stop(now=interrupted)  # a kernel that ran to its end (or to an error) exits by itself, running its atexit
     return None
 
 
