@@ -22,14 +22,16 @@ import pytest
 
 # --- nothing left behind ------------------------------------------------------------------------------------
 # The suite must leave no file outside pytest's tmp_path: no kernel connection file (it holds the kernel's HMAC
-# key), no figure folder, no fuzz file, no Triton cache in ~/.triton. Watching /tmp for new names would not be
-# reliable: other processes on the machine write there at the same time, and under xdist (-n 2) each worker
-# ends on its own schedule. So the controlling process points TMPDIR (and TRITON_CACHE_DIR) at folders of its
-# own under pytest's basetemp before any test process starts: xdist's workers are started after
-# pytest_configure and inherit the environment, as does every subprocess a test starts (greta audit, papermill,
-# notebook kernels, nested pytest runs). Once every worker has exited (after xdist's own sessionfinish), the
-# controller fails the session if anything but pytest's own basetemp folders (a nested pytest run's) is left in
-# that TMPDIR, naming each.
+# key), no figure folder, no fuzz file, no compiler cache (Triton's in ~/.triton; TorchInductor's, which any
+# import of torch._dynamo makes in $TMPDIR). Watching /tmp for new names would not be reliable: other processes
+# on the machine write there at the same time, and under xdist (-n 2) each worker ends on its own schedule. So
+# the controlling process points TMPDIR and both caches at folders of its own under pytest's basetemp before
+# any test runs: xdist starts its workers after pytest_configure, so they inherit that environment, as does
+# every subprocess a test starts (greta audit, papermill, notebook kernels, nested pytest runs). At the end,
+# once xdist has shut every worker down (their exit handlers have run), the controller fails the session if
+# anything but pytest's own basetemp folders (a nested pytest run's) is left in that TMPDIR, naming each. (In a
+# run without xdist the tests share the controller's process, whose exit handlers run after the check: a test
+# there must clean up before it ends, not at exit.)
 SESSION_TMP_ENV = "GRETA_TEST_SESSION_TMPDIR"
 
 
@@ -40,10 +42,11 @@ def pytest_configure(config):
     import tempfile
 
     base = config._tmp_path_factory.getbasetemp()
-    tmp, triton_cache = base / "tmpdir", base / "triton-cache"
+    tmp = base / "tmpdir"
     tmp.mkdir(exist_ok=True)
     os.environ["TMPDIR"] = os.environ[SESSION_TMP_ENV] = str(tmp)
-    os.environ["TRITON_CACHE_DIR"] = str(triton_cache)
+    os.environ["TRITON_CACHE_DIR"] = str(base / "triton-cache")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(base / "torchinductor-cache")
     tempfile.tempdir = str(tmp)  # this process read TMPDIR already (pytest's basetemp)
 
 

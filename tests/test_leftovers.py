@@ -34,6 +34,46 @@ def fresh_tmpdir(tmp_path: Path) -> Path:
     return d
 
 
+# --- the suite's own check (tests/conftest.py) ----------------------------------------------------------
+LEAKY_TESTS = """
+import tempfile
+
+def test_tidy(tmp_path):
+    (tmp_path / "kept").write_text("pytest's tmp_path is allowed")
+    with tempfile.TemporaryDirectory():
+        pass
+
+def test_leaks():
+    tempfile.mkstemp(prefix="leaked-", suffix=".json")
+
+def test_cleans_up_at_exit():  # under xdist: in a worker, whose exit comes before the check
+    import atexit, shutil
+    atexit.register(shutil.rmtree, tempfile.mkdtemp(prefix="until-exit-"))
+"""
+
+
+@pytest.mark.parametrize("workers", [["-k", "not at_exit"], ["-n", "2"]], ids=["one-process", "xdist"])
+def test_the_session_fails_when_a_test_leaves_a_file_in_tmpdir(tmp_path, repo_root, workers):
+    """A session of this suite's conftest.py: a test that leaves a file in $TMPDIR (in an xdist worker too)
+    fails the session, which names that file and only it (under xdist: checked after the workers' exit
+    handlers ran); the same session without it passes (in one process: that part does not depend on xdist)."""
+    (tmp_path / "conftest.py").write_text((repo_root / "tests" / "conftest.py").read_text())
+    (tmp_path / "test_it.py").write_text(LEAKY_TESTS)
+
+    def session(*args):
+        return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--basetemp",
+                               str(tmp_path / "basetemp"), *workers, *args], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=120)
+
+    r = session()
+    assert r.returncode == 1 and "passed" in r.stdout and "failed" not in r.stdout, r.stdout[-2000:]
+    assert re.search(r"left 1 file\(s\) in its TMPDIR .*\n\s+leaked-\w+\.json\n", r.stdout), r.stdout[-2000:]
+    if "-n" in workers:
+        return
+    r = session("-k", "tidy")
+    assert r.returncode == 0 and "left" not in r.stdout, r.stdout[-2000:]
+
+
 # --- kernels --------------------------------------------------------------------------------------------
 @pytest.fixture
 def one_cell_notebook(tmp_path) -> Path:
