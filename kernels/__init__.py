@@ -23,7 +23,7 @@ if __name__ == "kernels":
     _spec.loader.exec_module(_installed)
 else:
     from .reference import (add_rmsnorm_ref, attention_ref, batch_decode_ref, matmul_ref, rmsnorm_ref, rope_ref,
-                            sum_in_order_ref, swiglu_ref)
+                            sum_in_order_ref, swiglu_ref, tree_sum_ref, matmul_tree_ref)
 
     try:
         import triton  # noqa: F401
@@ -40,7 +40,7 @@ else:
         from .attention import BLOCK_KV, decode_attention, prefill_attention
         from .flash_decode import flash_decode, flash_decode_batch
         from .batch_attention import batch_decode_attention
-        from .gemm import matmul
+        from .gemm import matmul, matmul_tree
         from .norm import add_rmsnorm, rmsnorm
         from .reduce import sum_in_order
         from .rope import rope
@@ -49,7 +49,7 @@ else:
     __all__ = [
         "BLOCK_KV", "prefill_attention", "decode_attention", "batch_decode_attention", "attention_ref", "batch_decode_ref",
         "flash_decode", "flash_decode_batch",
-        "matmul", "matmul_ref",
+        "matmul", "matmul_ref", "matmul_tree", "matmul_tree_ref", "tree_sum_ref",
         "rmsnorm", "rmsnorm_ref", "add_rmsnorm", "add_rmsnorm_ref",
         "rope", "rope_ref",
         "swiglu", "swiglu_ref",

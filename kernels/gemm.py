@@ -108,3 +108,110 @@ def matmul(x, w, *, block_m=None, block_n=None, block_k=BLOCK_K):
                          BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=block_k,
                          num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=False)
     return y
+
+
+# --- the segment tree (docs/TP.md): the row-parallel linears' K order, the same at every tensor-parallel degree
+MAX_SEGMENTS = 32                 # the tree's pending nodes are held in registers: t0..t4 below
+TREE = (64, 64, 4, 3)             # BLOCK_M, BLOCK_N, num_warps, num_stages for every M (its price is the GPU issue's)
+
+
+@triton.jit
+def _segment_dot(x_ptr, w_ptr, rm, rn, M, N, K_SEG, stride_xk, stride_wk,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One segment's partial: its K_SEG columns in BLOCK_K steps, in fp32 (_matmul_kernel's loop)."""
+    rk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K_SEG, BLOCK_K):
+        k_ok = rk + k0 < K_SEG
+        x = tl.load(x_ptr + (rk + k0)[None, :] * stride_xk, mask=(rm[:, None] < M) & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptr + (rk + k0)[:, None] * stride_wk, mask=k_ok[:, None] & (rn[None, :] < N), other=0.0)
+        acc = tl.dot(x, w, acc)
+    return acc
+
+
+@triton.jit(do_not_specialize=["M"])
+def _matmul_tree_kernel(X, W, Y, M, N, K_SEG,
+                        stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
+                        SEGMENTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr):
+    """y = x @ w.T with K in SEGMENTS segments of K_SEG, each an fp32 partial, added as reference.py's
+    tree_sum_ref does (neighbours in pairs, an odd last node carried up), rounded once at the store. The
+    tree is walked as a binary counter: segment s completes the subtrees its trailing one bits name (t0 holds
+    a pending single segment, t1 a pair, t2 four, t3 eight, t4 sixteen); the nodes still pending at the end are added
+    smallest first, which is the carried-up order. Every branch is decided at compile time (s, SEGMENTS)."""
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    x_base = X + rm[:, None].to(tl.int64) * stride_xm
+    w_base = W + rn[None, :].to(tl.int64) * stride_wn
+    t0 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    t1, t2, t3, t4 = t0, t0, t0, t0
+    node = t0
+    for s in tl.static_range(SEGMENTS):
+        node = _segment_dot(x_base + s * K_SEG * stride_xk, w_base + s * K_SEG * stride_wk, rm, rn, M, N, K_SEG,
+                            stride_xk, stride_wk, BLOCK_M, BLOCK_N, BLOCK_K)
+        if s % 2 == 0:
+            t0 = node
+        else:
+            node = t0 + node
+            if s // 2 % 2 == 0:
+                t1 = node
+            else:
+                node = t1 + node
+                if s // 4 % 2 == 0:
+                    t2 = node
+                else:
+                    node = t2 + node
+                    if s // 8 % 2 == 0:
+                        t3 = node
+                    else:
+                        node = t3 + node
+                        if s // 16 % 2 == 0:
+                            t4 = node
+                        else:
+                            node = t4 + node
+    # pending nodes (the one bits of SEGMENTS), smallest first; SEGMENTS = 2^k leaves the whole tree in node
+    if SEGMENTS % 2 == 1:
+        node = t0
+    if SEGMENTS // 2 % 2 == 1:
+        if SEGMENTS % 2 == 0:
+            node = t1
+        else:
+            node = t1 + node
+    if SEGMENTS // 4 % 2 == 1:
+        if SEGMENTS % 4 == 0:
+            node = t2
+        else:
+            node = t2 + node
+    if SEGMENTS // 8 % 2 == 1:
+        if SEGMENTS % 8 == 0:
+            node = t3
+        else:
+            node = t3 + node
+    if SEGMENTS // 16 % 2 == 1:
+        if SEGMENTS % 16 == 0:
+            node = t4
+        else:
+            node = t4 + node
+    y_ptr = Y + rm[:, None].to(tl.int64) * stride_ym + rn[None, :] * stride_yn
+    tl.store(y_ptr, node.to(Y.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+def matmul_tree(x, w, segments: int, *, out_dtype=None, block_m=None, block_n=None, block_k=BLOCK_K):
+    """y = x @ w.T (x [M, K], w [N, K]) in the segment tree's order: K in `segments` equal segments, each an
+    fp32 partial, added as a fixed binary tree in fp32 and rounded once to out_dtype (default x.dtype;
+    float32: the unrounded subtree a tensor-parallel rank sends). The bits of a row do not depend on M."""
+    assert x.dim() == 2 and w.dim() == 2 and x.shape[1] == w.shape[1], (x.shape, w.shape)
+    assert x.dtype == w.dtype, (x.dtype, w.dtype)
+    M, K = x.shape
+    N = w.shape[0]
+    if not 1 <= segments <= MAX_SEGMENTS or K % segments:
+        raise ValueError(f"matmul_tree: K={K} must split into segments={segments} equal parts (1..{MAX_SEGMENTS})")
+    bm, bn, num_warps, num_stages = TREE
+    bm, bn = block_m or bm, block_n or bn
+    y = torch.empty((M, N), dtype=out_dtype or x.dtype, device=x.device)
+    grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
+    _matmul_tree_kernel[grid](x, w, y, M, N, K // segments,
+                              x.stride(0), x.stride(1), w.stride(0), w.stride(1), y.stride(0), y.stride(1),
+                              SEGMENTS=segments, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=block_k,
+                              num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=False)
+    return y

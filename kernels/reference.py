@@ -71,3 +71,47 @@ def sum_in_order_ref(buffers):
     for b in buffers[1:]:
         total += b.float()
     return total.to(buffers[0].dtype)
+
+
+def tree_sum_ref(parts, dtype=None):
+    """The fixed segment tree of the row-parallel linears (docs/TP.md): parts (a list, left to right) added
+    in fp32 as a binary tree, neighbours in pairs, level by level, an odd last node carried up unchanged;
+    rounded once to dtype (default: parts[0]'s). A run of 2^k consecutive parts starting at a multiple of
+    2^k is one subtree, so tp ranks holding S/tp segments each (S/tp a power of two) compute subtrees, and
+    the same function over the ranks' fp32 results completes the same tree."""
+    nodes = [p.float() for p in parts]
+    while len(nodes) > 1:
+        pairs = [nodes[i] + nodes[i + 1] for i in range(0, len(nodes) - 1, 2)]
+        nodes = pairs + nodes[len(pairs) * 2:]  # an odd last node goes up as it is
+    return nodes[0].to(dtype or parts[0].dtype, copy=True)
+
+
+def pairwise_dot_ref(x, w):
+    """x [M, k] @ w [N, k].T in fp32 the way the Triton interpreter's tl.dot adds (kernels/interpreter.py):
+    each product rounded to fp32, then one pairwise tree over k (halves added in place, an odd last term
+    carried up)."""
+    terms = x.float()[:, None, :] * w.float()[None, :, :]  # [M, N, k]
+    while terms.shape[2] > 1:
+        half = terms.shape[2] // 2
+        paired = terms[:, :, :half] + terms[:, :, half:2 * half]
+        terms = torch.cat([paired, terms[:, :, 2 * half:]], dim=2)
+    return terms[:, :, 0]
+
+
+def matmul_tree_ref(x, w, segments, block_k, dtype=None):
+    """kernels/gemm.py matmul_tree's arithmetic under the interpreter: K cut into `segments` equal segments;
+    each segment's partial an fp32 K loop over block_k blocks (the last one zero-padded, as the kernel's
+    masked loads read 0), each block by the interpreter's tl.dot (pairwise_dot_ref); the segments' partials
+    added by tree_sum_ref in fp32 and rounded once to dtype (default x's)."""
+    M, K = x.shape
+    seg = K // segments
+    pad = -seg % block_k
+    parts = []
+    for s in range(segments):
+        xs = torch.nn.functional.pad(x[:, s * seg:(s + 1) * seg].float(), (0, pad))
+        ws = torch.nn.functional.pad(w[:, s * seg:(s + 1) * seg].float(), (0, pad))
+        acc = torch.zeros(M, w.shape[0])
+        for k0 in range(0, seg + pad, block_k):
+            acc = acc + pairwise_dot_ref(xs[:, k0:k0 + block_k], ws[:, k0:k0 + block_k])
+        parts.append(acc)
+    return tree_sum_ref(parts, dtype or x.dtype)

@@ -100,7 +100,8 @@ class _LibraryOverWholeTile(TPLibraryReduce):
     large as prefill's, and even the library's size-dependent all_reduce looks exact."""
 
     def linear_reduce(self, x, w, step):
-        return self.inner.reduced(self.inner.partial(x, w, step), replace(step, kv_rows=None), library_all_reduce)
+        return self.inner.reduced(self.inner.partial(x, w, step), replace(step, kv_rows=None), library_all_reduce,
+                                  x.dtype)
 
 
 def _decode_and_prefill(tp, kv_aligned: int, perturb: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -144,6 +144,28 @@ class ModelConfig:
         return d
 
 
+def tree_segments(cfg: ModelConfig) -> int:
+    """S, the segment count of the tp-invariant mode's tree (docs/TP.md) for this model: 8 times the odd part
+    of its KV heads, so every tp the heads allow holds whole subtrees (Llama-3, 8 KV heads: 8, tp 1, 2, 4, 8;
+    3 KV heads, as SmolLM2's: 24, tp 1 and 3)."""
+    odd = cfg.n_kv_heads
+    while odd % 2 == 0:
+        odd //= 2
+    return 8 * odd
+
+
+def check_tree(cfg: ModelConfig, segments: int, tp: int = 1) -> None:
+    """Refuse (one line) a segment tree that wo's and w2's K do not split into, or one whose subtrees tp
+    ranks cannot each hold (S/tp must be a power of two: a rank's segments are then one subtree)."""
+    ks = {"n_heads*head_dim": cfg.n_heads * cfg.head_dim, "intermediate_size": cfg.intermediate_size}
+    bad = [f"{k}={v}" for k, v in ks.items() if segments < 1 or v % segments]
+    per_rank = segments // tp if tp and segments % tp == 0 else 0
+    if bad or (tp > 1 and (per_rank < 1 or per_rank & (per_rank - 1))):
+        why = f"{', '.join(bad)} of model {cfg.name} must split into S={segments} equal segments" if bad else \
+            f"S={segments} must be tp={tp} times a power of two, so each rank holds one subtree"
+        raise ValueError(f"tp-invariant tree: {why}; pick S (tree_segments) accordingly or -p tp_invariant=0")
+
+
 def kv_capacity(tokens: int, block: int) -> int:
     """Positions a KV cache for `tokens` positions holds: tokens rounded up to a whole number of blocks."""
     return -(-tokens // block) * block
@@ -256,4 +278,4 @@ def inv_freq(cfg: ModelConfig, seq_len: int | None = None) -> list[float]:
     return out
 
 
-__all__ = ["ModelConfig", "PRESETS", "inv_freq", "kv_capacity", "parse_rope_scaling"]
+__all__ = ["ModelConfig", "PRESETS", "check_tree", "inv_freq", "kv_capacity", "parse_rope_scaling", "tree_segments"]

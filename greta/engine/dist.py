@@ -10,6 +10,8 @@ and NCCL on the GPU both give rows that differ in their last bits between an M=1
 rank_order_all_reduce fixes the order by rank: every rank gathers all partials and adds them 0, 1, ...,
 world-1 in fp32, then rounds once to the input dtype. Each element's arithmetic is then the same for any
 message size. library_all_reduce is the fast, size-dependent one (kv_aligned=0, and the negative control).
+tree_all_reduce completes the segment tree of the tp-invariant mode (docs/TP.md): the ranks' fp32 subtrees
+gathered and added as the one fixed tree, so tp = 1, 2, 4, 8 give the same bits.
 
 OneShotReduce is rank order's fast form on GPUs that map each other's memory (NVLink; torch's symmetric
 memory, multicast off): each rank copies its partial into its symmetric buffer, a device-side barrier, then
@@ -25,7 +27,7 @@ import warnings
 import torch
 import torch.distributed as dist
 
-from greta.kernels.reference import sum_in_order_ref
+from greta.kernels.reference import sum_in_order_ref, tree_sum_ref
 
 
 def rank_order_all_reduce(x: torch.Tensor, group=None) -> torch.Tensor:
@@ -35,6 +37,16 @@ def rank_order_all_reduce(x: torch.Tensor, group=None) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(world)]
     dist.all_gather(parts, x.contiguous(), group=group)
     return sum_in_order_ref(parts)
+
+
+def tree_all_reduce(x: torch.Tensor, group=None) -> torch.Tensor:
+    """The segment tree's top (docs/TP.md): every rank's x (its subtree, fp32 in the tree mode) gathered and
+    added as tree_sum_ref does, in fp32, in x's dtype. Rank order's additions for 2 ranks; from 4 ranks
+    (r0 + r1) + (r2 + r3), the tree that one GEMM over all of K walks at tp=1."""
+    world = dist.get_world_size(group)
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return tree_sum_ref(parts)
 
 
 def library_all_reduce(x: torch.Tensor, group=None) -> torch.Tensor:
@@ -85,7 +97,7 @@ class OneShotReduce:
         return out
 
 
-REDUCTIONS = {"rank_order": rank_order_all_reduce, "library": library_all_reduce}
+REDUCTIONS = {"rank_order": rank_order_all_reduce, "tree": tree_all_reduce, "library": library_all_reduce}
 EXACT = ("rank_order", "one_shot")
 
 

@@ -18,9 +18,9 @@ from typing import Callable
 
 import torch
 
-from greta.engine.config import ModelConfig, inv_freq, kv_capacity
+from greta.engine.config import ModelConfig, check_tree, inv_freq, kv_capacity
 from greta.engine.model import forward
-from greta.engine.ops import make_ops, with_control, with_tp
+from greta.engine.ops import make_ops, with_control, with_tp, with_tree
 
 
 class KVCache:
@@ -61,11 +61,15 @@ class Runner:
     tp: this process's engine.tp.TPGroup (None: one device). Then weights are this rank's shard
     (engine.tp.synthetic_shard / load_shard), the cache holds its n_kv_heads / tp heads, and the ops are
     wrapped in TPOps, which sums the row-parallel products and gathers the logits: every rank must make the
-    same calls, and every rank gets the full logits."""
+    same calls, and every rank gets the full logits.
+
+    tree_segments: S > 0 is the tp-invariant mode (docs/TP.md, kv_aligned=1): wo and w2 sum their K as the
+    fixed tree of S segments (config.tree_segments(cfg) is the model's S), so tp = 1, 2, 4, 8 give the same
+    bits where S allows them; 0 (the default) keeps the plain per-rank K order."""
 
     def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor], *, max_tokens: int,
                  kv_aligned: bool, chunk: int, kv_block: int, perturb: str = "none", backend: str = "torch",
-                 tp=None):
+                 tp=None, tree_segments: int = 0):
         self.cfg, self.w, self.tp = cfg, weights, tp
         self.kv_aligned, self.chunk, self.kv_block, self.perturb = bool(kv_aligned), chunk, kv_block, perturb
         emb = weights["embed"]
@@ -75,11 +79,19 @@ class Runner:
         self.cache = KVCache(cfg, max_tokens + chunk, kv_block, self.dtype, self.device, heads=heads)
         # one row past the cache: rope_offset's decode reads position pos + 1
         self.cos, self.sin = rope_tables(cfg, self.cache.capacity + 1, self.device, seq_len=max_tokens)
-        ops = make_ops(backend, self.kv_aligned, self.cos, self.sin, chunk=chunk, kv_block=kv_block)
+        ops = make_ops(backend, self.kv_aligned, self.cos, self.sin, chunk=chunk, kv_block=kv_block,
+                       tp_invariant=bool(tree_segments))
         self.graphable = self.device.type == "cuda" and getattr(ops, "graphable", False)
+        self.tree_segments = tree_segments
+        if tree_segments:
+            if not self.kv_aligned:
+                raise ValueError("the tp-invariant tree (tree_segments > 0) needs kv_aligned=1")
+            check_tree(cfg, tree_segments, tp.world if tp else 1)
         if tp is not None:
             ops = with_tp(ops, tp, self.kv_aligned, max_numel=chunk * cfg.hidden_size, dtype=self.dtype,
-                          device=self.device)
+                          device=self.device, segments=tree_segments // tp.world)
+        elif tree_segments:
+            ops = with_tree(ops, tree_segments)
         self.ops = with_control(ops, perturb)
         self._graph = None
 

@@ -145,6 +145,13 @@ def _check_fits(p: Params) -> None:
     if cfg.n_kv_heads % p.tp:
         raise ParamError(f"param tp={p.tp} does not divide model {show(p.model)}'s {cfg.n_kv_heads} KV heads; use a tp "
                          f"that divides {cfg.n_kv_heads}")
+    if p.tp_invariant:
+        from greta.engine.config import check_tree, tree_segments
+
+        try:
+            check_tree(cfg, tree_segments(cfg), p.tp)
+        except ValueError as e:
+            raise ParamError(f"param tp_invariant=1 with model {show(p.model)}: {e}") from None
     cache = kv_capacity(p.ctx + p.gen + p.prefill_chunk, p.kv_block)  # as runner.KVCache holds it
     b = dtype_bytes(p.dtype)
     need = cfg.rank_param_count(p.tp) * b + cfg.kv_bytes_per_token(b) * cache // p.tp  # one rank's

@@ -169,6 +169,7 @@ class Job:
 
     # --- phases ---------------------------------------------------------------
     def load(self) -> dict:
+        from greta.engine.config import tree_segments
         from greta.engine.runner import Runner
         from greta.engine.source import load_model
         from greta.engine.tokenize import make_prompt_from_params
@@ -184,7 +185,7 @@ class Job:
         self.prompt = prompt.to(self.device)
         self.model = Runner(cfg, w, max_tokens=p.ctx + p.gen, kv_aligned=p.kv_aligned,
                             chunk=p.prefill_chunk, kv_block=p.kv_block, perturb=p.perturb,
-                            backend=p.backend, tp=self.tp)
+                            backend=p.backend, tp=self.tp, tree_segments=tree_segments(cfg) if p.tp_invariant else 0)
         warmup_s = self._warmup() if self.device.type == "cuda" else 0.0
         weight_bytes = sum(t.nbytes for k, t in w.items() if not (k == "lm_head" and cfg.tie_embeddings))
         return {"config": cfg.to_dict(), "weights_source": source, "model_hash": model_hash,
@@ -192,7 +193,9 @@ class Job:
                 "kv_cache_mb": self.model.cache.nbytes() / MB, "kv_cache_capacity": self.model.cache.capacity,
                 "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
                 "torch_threads": torch.get_num_threads(), "warmup_s": warmup_s, "prompt": prompt_info,
-                **({"tp": {"world": self.tp.world, "exact": self.tp.exact}} if self.tp else {})}
+                **({"tp": {"world": self.tp.world, "exact": "tree" if p.tp_invariant else self.tp.exact}}
+                   if self.tp else {}),
+                **({"tree_segments": self.model.tree_segments} if p.tp_invariant else {})}
 
     def _load_shard(self):
         """Tensor parallel: join the group from torchrun's environment (the collectives' timeout below the

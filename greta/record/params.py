@@ -31,6 +31,7 @@ CHOICES = {
     "kv_aligned": (0, 1),
     "perturb": ("none", "rope_offset", "kv_off_by_one", "tp_library_reduce", "batch_split_k"),
     "tp": (1, 2, 4, 8),
+    "tp_invariant": (0, 1),
 }
 SIZE_MAX = 2**31 - 1      # ctx, gen, prefill_chunk, kv_block: far past any model; keeps the fit check in float range
 SEED_MAX = 2**32 - 1      # weights.synthetic seeds torch generators with seed * 1_000_003 + crc32
@@ -170,6 +171,7 @@ class Params:
     fault: str = "none"            # fault injection (tests): none | <hang|oom|crash|kill|error|kernel_death>:<phase>[@<rank>] (no @: every rank)
     threads: int = 0               # CPU threads for torch (0 = torch's default)
     tp: int = 1                    # tensor-parallel ranks (1, 2, 4, 8): must divide the model's KV heads
+    tp_invariant: int = 0          # 1: wo/w2 sum K in a fixed segment tree: the same bits at every tp (docs/TP.md)
     batch: int = 1                 # probe=batch: requests decoded together (greta/record/batch.py)
     batch_lengths: str = ""        # probe=batch: prompt lengths, comma-separated, one per request; "": drawn seeded in [ctx/2, ctx]
     batch_gen: str = ""            # probe=batch: decode steps per request, comma-separated; "": gen for every request
@@ -375,6 +377,9 @@ def _check_tp(p: Params) -> None:
     if p.tp > 1 and p.device not in ("cpu", "cuda"):
         raise ParamError(f"param device={show(p.device)} with tp={p.tp}: rank r runs on cuda:r (cuda:LOCAL_RANK); "
                          "write -p device=cuda (or cpu)")
+    if p.tp_invariant and (not p.kv_aligned or p.probe != "b3_77"):
+        raise ParamError("param tp_invariant=1 needs kv_aligned=1 and probe=b3_77 (the tree is an exact mode); "
+                         "use -p tp_invariant=0")
     if p.perturb == "tp_library_reduce" and p.tp < 4:
         raise ParamError(f"param perturb=tp_library_reduce needs -p tp=4 or 8 (got tp={p.tp}): with 1 or 2 ranks any "
                          "all-reduce adds in one order, so this control could not fail")

@@ -76,6 +76,12 @@ class Ops:
         shards' partial products (over step's real rows: ops/tp_ops.py)."""
         return self.linear(x, w)
 
+    def tree_linear(self, x: torch.Tensor, w: torch.Tensor, segments: int, dtype: torch.dtype) -> torch.Tensor:
+        """x @ w.T in the segment tree's K order (docs/TP.md): w's K in `segments` equal segments, each an fp32
+        partial, added by kernels/reference.py's tree_sum_ref in fp32, rounded once to dtype (float32: the
+        unrounded subtree a tensor-parallel rank sends). Only the kv_aligned=1 backends have it."""
+        raise NotImplementedError(f"{type(self).__name__} has no segment-tree linear (kv_aligned=1 backends only)")
+
     def rope(self, x: torch.Tensor, step: Step) -> torch.Tensor:
         """Rotary embedding of x [T, heads, D] at step.pos."""
         raise NotImplementedError

@@ -35,7 +35,7 @@ class TPLibraryReduce(OpsWrapper):
         super().__init__(inner)
 
     def linear_reduce(self, x, w, step: Step):
-        return self.inner.reduced(self.inner.partial(x, w, step), step, library_all_reduce)
+        return self.inner.reduced(self.inner.partial(x, w, step), step, library_all_reduce, x.dtype)
 
 
 class BatchSplitK(OpsWrapper):

@@ -14,12 +14,36 @@ import torch
 
 from greta.engine.ops.base import Step
 from greta.engine.ops.torch_ops import TorchOps
+from greta.kernels.reference import tree_sum_ref
+
+
+LANES = 64      # the widest SIMD body of torch's CPU elementwise loops: two 512-bit vectors of bf16
+SERIAL = 16384  # elements per piece: below at::parallel_for's grain (32768), so one thread runs a piece
+
+
+def by_whole_vectors(fn, x: torch.Tensor) -> torch.Tensor:
+    """fn (elementwise) of x, computed on flat pieces of x padded to whole vectors (module docstring); on a
+    GPU, where every element runs the same code, fn(x)."""
+    if not x.is_cpu:
+        return fn(x)
+    flat = x.reshape(-1)
+    n = flat.numel()
+    padded = torch.nn.functional.pad(flat, (0, -n % LANES))
+    return torch.cat([fn(piece) for piece in padded.split(SERIAL)])[:n].view(x.shape)
 
 
 class TiledTorchOps(TorchOps):
-    def __init__(self, cos: torch.Tensor, sin: torch.Tensor, chunk: int, kv_block: int):
+    def __init__(self, cos: torch.Tensor, sin: torch.Tensor, chunk: int, kv_block: int, whole_vectors: bool = False):
         super().__init__(cos, sin)
-        self.chunk, self.kv_block = chunk, kv_block
+        self.chunk, self.kv_block, self.whole_vectors = chunk, kv_block, whole_vectors
+
+    def swiglu(self, gate, up):
+        if self.whole_vectors:
+            return by_whole_vectors(torch.nn.functional.silu, gate) * up
+        return super().swiglu(gate, up)
+
+    def _exp(self, x):
+        return by_whole_vectors(torch.exp, x) if self.whole_vectors else torch.exp(x)
 
     def plan(self, tokens, pos, rows, decode) -> Step:
         """Pad to one full tile; the valid rows sit where prefill would put them, filler rows are copies of
@@ -35,6 +59,14 @@ class TiledTorchOps(TorchOps):
         tile_tok[idx] = tokens
         tile_pos[idx] = pos
         return Step(tile_tok, tile_pos, decode, [offs[r] for r in rows], kv_rows=idx)
+
+    def tree_linear(self, x, w, segments, dtype):
+        """Each segment's partial by one fp32 matmul of contiguous copies: the same shapes, strides and so the
+        same kernel (and K order) whichever rank holds the segment; then the tree, rounded once."""
+        seg = w.shape[1] // segments
+        parts = [x[:, s * seg:(s + 1) * seg].float().contiguous() @ w[:, s * seg:(s + 1) * seg].float().contiguous().T
+                 for s in range(segments)]
+        return tree_sum_ref(parts, dtype)
 
     def prefill_attention(self, q, kv, step: Step):
         return self._blocked_attention(q, kv, step.pos)
@@ -68,8 +100,8 @@ class TiledTorchOps(TorchOps):
             kpos = torch.arange(b0, b0 + B, device=q.device)
             s = s.masked_fill(kpos[None, None, :] > qpos[None, :, None], -math.inf)
             m_new = torch.maximum(m, s.amax(-1))
-            alpha = torch.exp(m - m_new)
-            p = torch.exp(s - m_new[..., None])
+            alpha = self._exp(m - m_new)
+            p = self._exp(s - m_new[..., None])
             l = l * alpha + p.sum(-1)
             acc = acc * alpha[..., None] + p @ vb
             m = m_new

@@ -25,6 +25,9 @@ class TritonOps(Ops):
     def linear(self, x, w):
         return self.k.matmul(x, w)
 
+    def tree_linear(self, x, w, segments, dtype):
+        return self.k.matmul_tree(x, w, segments, out_dtype=dtype)  # the tree inside one kernel, rounded at the store
+
     def rope(self, x, step: Step):
         return self.k.rope(x, self.cos, self.sin, step.pos)
 
