@@ -196,3 +196,19 @@ def test_the_runner_refuses_the_tree_without_kv_aligned():
     w = synthetic(PRESETS["tiny"], 0, torch.float32, "cpu")
     with pytest.raises(ValueError, match="needs kv_aligned=1"):
         Runner(PRESETS["tiny"], w, max_tokens=8, kv_aligned=0, chunk=16, kv_block=32, tree_segments=8)
+
+
+@pytest.mark.slow
+def test_the_triton_backend_gives_tp1s_bits_at_tp2_and_tp4():
+    """TritonOps in the tree mode (the interpreter, fp32: its bf16 cast truncates): tp=1's one tree kernel per
+    row-parallel linear and tp=2 and 4's subtree kernels + the tree's top give the same bits; the plain order
+    does not."""
+    pytest.importorskip("triton")
+    env = {"TRITON_INTERPRET": "1"}  # in each rank before greta.kernels is first imported
+    cases = [replace(case(PRESETS["tiny-tp"], "float32", s), ctx=9, steps=2, kv_block=64, backend="triton")
+             for s in (8, 0)]
+    logits = {w: degree_logits(cases, w, timeout_s=600, env=env) for w in (1, 2, 4)}
+    tree, plain = (compare_degrees(c, (1, 2, 4), logits={w: logits[w][i] for w in (1, 2, 4)})
+                   for i, c in enumerate(cases))
+    assert tree["bit_identical"], tree["degrees"]
+    assert not plain["bit_identical"]
