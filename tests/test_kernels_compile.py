@@ -100,6 +100,19 @@ def test_gemm_compiles(tile):
 
 
 @compiled
+@pytest.mark.parametrize("segments", [8, 6])
+def test_gemm_tree_compiles(segments):
+    g = fresh("gemm")
+    bm, bn, nw, ns = g.TREE
+    ptx = compile_ptx(g._matmul_tree_kernel, {"X": "*bf16", "W": "*bf16", "Y": "*fp32",
+                                              **ints("M", "N", "K_SEG", "stride_xm", "stride_xk", "stride_wn",
+                                                     "stride_wk", "stride_ym", "stride_yn")},
+                      dict(SEGMENTS=segments, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=g.BLOCK_K),
+                      num_warps=nw, num_stages=ns, enable_fp_fusion=False)
+    assert "mma" in ptx
+
+
+@compiled
 def test_elementwise_compile():
     n, r, s = fresh("norm"), fresh("rope"), fresh("swiglu")
     for has_res in (False, True):
