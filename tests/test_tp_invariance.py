@@ -212,3 +212,26 @@ def test_the_triton_backend_gives_tp1s_bits_at_tp2_and_tp4():
                    for i, c in enumerate(cases))
     assert tree["bit_identical"], tree["degrees"]
     assert not plain["bit_identical"]
+
+
+# --- the probe states the mode in its record ----------------------------------------------------------------
+def test_a_probe_record_in_the_tree_mode_passes_verifies_and_states_s(tmp_path):
+    """-p tp_invariant=1 reaches every rank's Runner: a tp=2 B3.77 record is PASS_EQUIV bit-exact, verifies,
+    and says so (params.json tp_invariant, metadata.json tree_segments and the reduction)."""
+    import json
+    from pathlib import Path
+
+    from greta.checks.verify import verify
+    from greta.probe.preflight import preflight
+    from greta.probe.runner import run_probe
+    from greta.record.params import load_params
+    from tests.test_tp_probe import TP_PROBE
+
+    params = preflight(load_params("params/cpu_default.yaml", {**TP_PROBE, "tp": 2, "tp_invariant": 1}))
+    d = Path(run_probe(params, out_root=tmp_path, progress=False))
+    verdict = json.loads((d / "verdict.json").read_text())
+    assert (verdict["verdict"], verdict["bit_exact"]) == ("PASS_EQUIV", True), verdict["reason"]
+    meta = json.loads((d / "metadata.json").read_text())
+    assert meta["tree_segments"] == 8 and meta["tp"] == {"world": 2, "exact": "tree"}
+    assert json.loads((d / "params.json").read_text())["tp_invariant"] == 1
+    assert verify(d) == []

@@ -237,6 +237,8 @@ class Record:
         })
         if load.get("tp"):  # tensor parallel: world size and the exact reduction (a tp=1 record has no key)
             self.meta["tp"] = load["tp"]
+        if load.get("tree_segments"):  # tp_invariant=1: S, the segment tree the run's wo/w2 summed K in
+            self.meta["tree_segments"] = load["tree_segments"]
         return self.meta
 
 
