@@ -70,11 +70,13 @@ def fuzz_files():
 CPUS = os.cpu_count() or 1
 GOOD_INT = {"ctx": (1, 8192), "gen": (16, 64), "span": (2, 16), "kv_aligned": (0, 1), "seed": (0, 2**32 - 1),
             "prefill_chunk": (1, 4096), "kv_block": (1, 4096), "threads": (0, CPUS),
-            "tp": (1, 1)}  # tiny has one KV head (tp > 1: tests/test_tp_probe.py, the tiny-tp preset)
+            "tp": (1, 1),  # tiny has one KV head (tp > 1: tests/test_tp_probe.py, the tiny-tp preset)
+            "tp_invariant": (0, 0)}  # 1 needs kv_aligned=1, drawn independently here (tests/test_tp_invariance.py)
 # the largest value each int key takes; ctx and gen beyond the bound are "obviously too big"
-INT_MAX = {"kv_aligned": 1, "seed": 2**32 - 1, "threads": CPUS, "ctx": 2**31 - 1, "gen": 2**31 - 1,
-           "span": 2**31 - 1, "prefill_chunk": 2**31 - 1, "kv_block": 2**31 - 1, "tp": 8}
-INT_MIN = {"kv_aligned": 0, "seed": 0, "threads": 0, "span": 2}  # others: 1 (span 1 compares no decode step)
+INT_MAX = {"kv_aligned": 1, "tp_invariant": 1, "seed": 2**32 - 1, "threads": CPUS, "ctx": 2**31 - 1,
+           "gen": 2**31 - 1, "span": 2**31 - 1, "prefill_chunk": 2**31 - 1, "kv_block": 2**31 - 1, "tp": 8}
+# others: 1 (span 1 compares no decode step)
+INT_MIN = {"kv_aligned": 0, "tp_invariant": 0, "seed": 0, "threads": 0, "span": 2}
 FLOAT_RANGE = {"sampling_period_s": (1e-3, 3600.0), "thresholds.top1_agreement": (0.0, 1.0),
                "memory_fraction": (1.0, 1.0),  # on the CPU only 1.0 is valid (a cap is for GPUs)
                "thresholds.max_abs_diff": (0.0, None), "thresholds.p99_abs_diff": (0.0, None),
