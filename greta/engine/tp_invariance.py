@@ -19,8 +19,6 @@ import torch
 
 from greta.engine.config import ModelConfig
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
 
 @dataclass(frozen=True)
 class DegreeCase:
@@ -48,7 +46,7 @@ def run_case(case: DegreeCase, tp=None) -> tuple[torch.Tensor, torch.Tensor]:
     from greta.engine.tp import synthetic_shard
     from greta.engine.weights import synthetic
 
-    dtype = DTYPES[case.dtype]
+    dtype = getattr(torch, case.dtype)  # bfloat16 | float16 | float32, as params spell them
     w = synthetic_shard(case.cfg, case.seed, dtype, "cpu", tp.rank, tp.world) if tp else \
         synthetic(case.cfg, case.seed, dtype, "cpu")
     prompt = synthetic_prompt(case.ctx + case.steps, case.cfg.vocab_size, case.prompt_seed)
