@@ -55,6 +55,7 @@ from greta.record.files import RecordFileError, read_member_json
 from greta.record.members import MemberError, is_member_file, member_kind, open_npz
 from greta.record.metrics import FAULT_VERDICTS, compare, equivalence_verdict
 from greta.reports import md
+from greta.terminal import brief
 
 __all__ = ["STATUSES", "FAULT_VERDICTS", "analyze_run", "report_md", "metrics_for_plots"]
 
@@ -63,9 +64,8 @@ METRIC_KEYS = ("span", "vocab", "max_abs_diff", "p99_abs_diff", "top1_agreement"
 
 
 def _line(x) -> str:
-    """One line, at most 300 characters."""
-    s = " ".join(str(x).split())
-    return s if len(s) <= 300 else s[:297] + "..."
+    """One line, at most about 300 characters (greta.terminal.brief: long words shortened first)."""
+    return brief(x)
 
 
 def _err(exc: BaseException) -> str:
