@@ -52,6 +52,7 @@ from pathlib import Path
 import numpy as np
 
 from greta.record.files import RecordFileError, read_member_json
+from greta.record.fingerprints import problems as fingerprint_problems
 from greta.record.members import MemberError, is_member_file, member_kind, open_npz
 from greta.record.metrics import FAULT_VERDICTS, compare, equivalence_verdict
 from greta.reports import md
@@ -236,8 +237,24 @@ def _without_logits(run: Path, verdict_rec: dict | None, out: dict, f: _Findings
               f"record of that failure: {verdict_rec.get('reason') or 'no reason given'}")
     else:
         f.add("MISSING_LOGITS", f"{name} missing: the metrics and verdict cannot be recomputed")
+        _check_fingerprints(run, f)
     if is_member_file(run, "metrics.json") and fault:
         f.add("INCOMPLETE", f"metrics.json present in a fault record without {name}")
+
+
+def _check_fingerprints(run: Path, f: _Findings) -> None:
+    """Without the logits: metrics.json's bit_exact and top-1 agreement against its stored fingerprints."""
+    try:
+        stored = read_member_json(run, "metrics.json")
+    except (OSError, RecordFileError):
+        return  # MISSING_LOGITS already says nothing can be recomputed
+    if not any(isinstance(r, dict) and "fingerprint" in r for r in stored.get("per_position") or []):
+        return
+    bad = fingerprint_problems(stored)
+    for reason in bad:
+        f.add("INCOMPLETE", reason)
+    if not bad:
+        f.add("OK", "metrics.json's fingerprints agree with its bit_exact and top-1 agreement (the logits are absent)")
 
 
 def _recheck_verdict(params: dict, metrics: dict, verdict_rec: dict | None, out: dict, f: _Findings) -> None:

@@ -10,6 +10,8 @@ Checks (each failure is one line of the returned list; an empty list means the r
   artifacts   the files every record has, plus metrics.json and logits.npz when the reference phase ran
   vram        no measured peak (sampled or allocator) is below the analytic weights + KV floor
   verdict     the stated verdict is the one the stored metrics give under the stored thresholds
+  fingerprints  metrics.json's bit_exact holds exactly when every position's logits hashes are equal, and
+              the top-1 ids give its argmaxes and top1_agreement (greta.record.fingerprints; without logits.npz)
   statements  report.md states the verdict, thresholds, perturb and key figures (max_abs_diff, bit_exact)
               of verdict.json / params.json / metrics.json, and every executed notebook (*.ipynb) and
               HTML page (*.html) that states a verdict states that one (greta.checks.statements)
@@ -30,6 +32,7 @@ from pathlib import Path, PurePosixPath
 from greta.checks.batch_checks import check_batch_judgement
 from greta.checks.statements import check_pages, check_report
 from greta.record.files import MANIFEST, RecordFiles, read_record
+from greta.record.fingerprints import problems as fingerprint_problems
 from greta.record.members import MemberError, entries, is_member_file, member_kind, name_problem, open_member
 from greta.record.metrics import EQUIV_VERDICTS, FAIL, FAULT_VERDICTS, equivalence_verdict
 from greta.record.batch import BATCH_VERDICTS, LOGITS_FILE as BATCH_LOGITS
@@ -245,6 +248,7 @@ def verify(run_dir, allow_missing_large: bool = False) -> list[str]:
                     errors.append(f"{name} is missing though the reference phase finished")
     errors += _check_vram(rec)
     errors += _check_judgement(rec)
+    errors += fingerprint_problems(rec.metrics.figures()) if rec.metrics is not None else []
     errors += check_batch_judgement(rec)
     if rec.verdict is not None and rec.params is not None:
         errors += check_report(d, rec) + check_pages(d, rec.verdict.verdict)
