@@ -33,7 +33,8 @@ from greta.checks.batch_checks import check_batch_judgement
 from greta.checks.statements import check_pages, check_report
 from greta.record.files import MANIFEST, RecordFiles, read_record
 from greta.record.fingerprints import problems as fingerprint_problems
-from greta.record.members import MemberError, entries, is_member_file, member_kind, name_problem, open_member
+from greta.record.members import (NOT_REGULAR, MemberError, entries, is_member_file, member_kind, name_problem,
+                                  open_member)
 from greta.record.metrics import EQUIV_VERDICTS, FAIL, FAULT_VERDICTS, equivalence_verdict
 from greta.record.batch import BATCH_VERDICTS, LOGITS_FILE as BATCH_LOGITS
 from greta.record.params import PHASES
@@ -43,6 +44,7 @@ BASE = ("params.json", "metadata.json", "perf.json", "vram.json", "vram_samples.
 # verdict -> the perf.json statuses its failed phase may end with (the inverse of metrics.FAIL)
 FAULT_STATUS = {v: {s for s, w in FAIL.items() if w == v} for v in FAULT_VERDICTS}
 LARGE = ("logits.npz", BATCH_LOGITS)  # listed in the manifest but kept out of git
+UNLISTED_SHOWN = 20  # unlisted entries named one by one; past that, a count
 
 
 def _check_manifest(d: Path, allow_missing_large: bool, rec: RecordFiles | None = None) -> tuple[dict | None, list[str]]:
@@ -120,8 +122,12 @@ def _check_unlisted(d: Path, files: dict) -> list[str]:
         if any(rel.startswith(r + "/") for r in reported):
             continue
         reported.append(rel)
+        if len(reported) > UNLISTED_SHOWN:
+            continue
         errors.append(f"{rel} is not in the manifest (added after sealing)" if kind == "file" else
                       f"{rel} is a {kind} not in the manifest: a record holds only the files its manifest lists")
+    if len(reported) > UNLISTED_SHOWN:
+        errors.append(f"... and {len(reported) - UNLISTED_SHOWN} more entries not in the manifest")
     return errors
 
 
@@ -130,7 +136,7 @@ def _artifact_problem(d: Path, name: str) -> str | None:
     kind = member_kind(d, name)
     if kind == "file":
         return None
-    return f"{name} is missing" if kind is None else f"{name} is a {kind}, not a regular file"
+    return f"{name} is missing" if kind is None else f"{name} is a {kind}, {NOT_REGULAR}"
 
 
 def _check_oracle(d: Path, rec: RecordFiles) -> list[str]:
@@ -258,7 +264,7 @@ def verify(run_dir, allow_missing_large: bool = False) -> list[str]:
         rep = analyze_run(d)
         if rep["status"] != "OK":
             errors += [f"logits: {rep['status']}: {r}" for r in rep["reasons"]]
-    return errors
+    return list(dict.fromkeys(errors))  # a file that is a FIFO is named once, not by each check that met it
 
 
 def _check_phases(perf, verdict) -> list[str]:

@@ -27,6 +27,7 @@ CAPS = {".json": 64 * MiB, ".md": 16 * MiB, ".csv": 256 * MiB, ".jsonl": 256 * M
         ".html": 256 * MiB, ".png": 64 * MiB, ".npz": 16 * GiB}
 DEFAULT_CAP = 64 * MiB
 NPZ_UNPACKED_CAP = 32 * GiB  # what an .npz may declare its arrays to unpack to (a zip bomb is refused before)
+NOT_REGULAR = "not a regular file: a record holds only regular files"
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
 
@@ -118,7 +119,7 @@ def _open_fd(run_dir, name: str, cap: int) -> tuple[int, int]:
     try:
         mode = os.stat(last, dir_fd=fd_dir, follow_symlinks=False).st_mode
         if not stat.S_ISREG(mode):  # checked before opening: a FIFO or device is never opened at all
-            raise MemberError(name, f"is a {kind_of(mode)}, not a regular file: a record holds only regular files")
+            raise MemberError(name, f"is a {kind_of(mode)}, {NOT_REGULAR}")
         try:
             fd = os.open(last, _FILE_FLAGS, dir_fd=fd_dir)
         except OSError as e:
