@@ -126,6 +126,19 @@ def test_sweep_lines_are_escaped(tmp_path, monkeypatch, capsys):
     assert len(lines) == 3 and lines[1].startswith("sweep: ") and lines[2].startswith("report: ")
 
 
+@pytest.mark.slow
+def test_the_audit_notebooks_print_outside_text_escaped(tmp_path, capsys):
+    out = tmp_path / ("out" + HOSTILE.replace("\n", ""))
+    assert cli(["audit", "-p", "model=tiny", "-o", str(out), *PROBE]) == 0, capsys.readouterr().err
+    (rec,) = [p.parent for p in out.rglob("manifest.json")]
+    assert verify(rec) == []
+    nb = json.loads((rec / "run_b3_77.ipynb").read_text())
+    stdout = "".join("".join(o.get("text", "")) for c in nb["cells"] for o in c.get("outputs", []) if o.get("name") == "stdout")
+    assert f"record: {shown(rec)}" in stdout and not RAW.search(stdout), repr(stdout)
+    html = (rec / "run_b3_77.html").read_text()
+    assert "ansi-red-fg" not in html and "\u202e" not in html and "\x1b" not in html
+
+
 def _unshown_prints(tree) -> list[int]:
     """Line numbers of print(...) calls with an argument that is neither a constant nor shown(...)."""
     bad = []
