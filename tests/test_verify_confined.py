@@ -172,6 +172,16 @@ def test_entries_added_after_sealing_are_refused(rec, make):
     assert len([r for r in reasons if "not in the manifest" in r]) == 1, "one line per unlisted entry, not its contents"
 
 
+def test_a_deep_tree_is_listed_not_followed_to_the_bottom(rec):
+    d = rec / "deep"
+    for i in range(members.MAX_DEPTH + 40):  # deeper than the walk enters: it must neither recurse nor crash
+        d = d / "d"
+    d.mkdir(parents=True)
+    (d / "x.txt").write_text("x")
+    assert [r for r in verify(rec) if "not in the manifest" in r] == [
+        "deep is a directory not in the manifest: a record holds only the files its manifest lists"]
+
+
 def test_many_unlisted_entries_are_counted_past_twenty(rec):
     for i in range(30):
         (rec / f".junk{i:02d}").write_text("x")
@@ -223,7 +233,7 @@ def test_analyze_refuses_a_symlinked_logits_file(rec, tmp_path):
 
 @pytest.mark.parametrize("name,why", [("/etc/passwd", "absolute"), ("../x", "leaves"), ("a/../b", "leaves"),
                                       ("./a", "leaves"), ("a//b", "leaves"), ("a\0b", "NUL"), ("", "not a file name"),
-                                      (7, "not a file name")])
+                                      (7, "not a file name"), ("a/" * 3000, "longer than a path")])
 def test_name_problem(name, why):
     assert why in members.name_problem(name)
 

@@ -39,6 +39,7 @@ from greta.record.metrics import EQUIV_VERDICTS, FAIL, FAULT_VERDICTS, equivalen
 from greta.record.batch import BATCH_VERDICTS, LOGITS_FILE as BATCH_LOGITS
 from greta.record.params import PHASES
 from greta.record.store import SEAL_KEY_ENV, seal_hmac
+from greta.terminal import echo
 
 BASE = ("params.json", "metadata.json", "perf.json", "vram.json", "vram_samples.csv", "verdict.json", "report.md")
 # verdict -> the perf.json statuses its failed phase may end with (the inverse of metrics.FAIL)
@@ -73,7 +74,7 @@ def _check_listed(d: Path, name, entry, allow_missing_large: bool) -> list[str]:
     """One manifest entry: a plain name inside the record, a regular file of the stated bytes and sha256."""
     why = name_problem(name)
     if why or name == MANIFEST:
-        return [f"manifest.json lists {name!r}, which {why or 'is the manifest itself'}: a manifest names "
+        return [f"manifest.json lists {echo(name)}, which {why or 'is the manifest itself'}: a manifest names "
                 "only files inside its record"]
     if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str) and type(entry.get("bytes")) is int):
         return [f"manifest.json's entry for {name} is not {{\"sha256\": <hex>, \"bytes\": <int>}}"]

@@ -19,13 +19,15 @@ import os
 import stat
 import zipfile
 from contextlib import contextmanager
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 
 MiB, GiB = 2**20, 2**30
 # bytes per file kind (by suffix): generous for what greta writes, small enough that no read can exhaust memory
 CAPS = {".json": 64 * MiB, ".md": 16 * MiB, ".csv": 256 * MiB, ".jsonl": 256 * MiB, ".ipynb": 256 * MiB,
         ".html": 256 * MiB, ".png": 64 * MiB, ".npz": 16 * GiB}
 DEFAULT_CAP = 64 * MiB
+PATH_MAX = 4096
+MAX_DEPTH = 32  # directory levels entries() enters (a record has one; a hostile tree cannot exhaust the stack)
 NPZ_UNPACKED_CAP = 32 * GiB  # what an .npz may declare its arrays to unpack to (a zip bomb is refused before)
 NOT_REGULAR = "not a regular file: a record holds only regular files"
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
@@ -51,6 +53,8 @@ def name_problem(name) -> str | None:
         return "is not a file name"
     if "\0" in name:
         return "holds a NUL character"
+    if len(name.encode("utf-8", "surrogatepass")) > PATH_MAX:
+        return f"is longer than a path may be ({PATH_MAX} bytes)"
     if name.startswith("/"):
         return "is an absolute path, outside the record"
     if any(part in ("", ".", "..") for part in name.split("/")):
@@ -141,12 +145,6 @@ def open_member(run_dir, name: str, cap: int | None = None):
     return os.fdopen(fd, "rb")
 
 
-def member_size(run_dir, name: str) -> int:
-    fd, size = _open_fd(run_dir, name, cap_for(name))
-    os.close(fd)
-    return size
-
-
 def read_member(run_dir, name: str, cap: int | None = None) -> bytes:
     """The bytes of the regular file name inside run_dir, at most its cap (a file that grows past it while
     read is refused too)."""
@@ -156,10 +154,6 @@ def read_member(run_dir, name: str, cap: int | None = None) -> bytes:
     if len(data) > cap:
         raise MemberError(name, f"grew past the {cap} bytes a {PurePosixPath(name).suffix or 'plain'} file may have")
     return data
-
-
-def read_member_text(run_dir, name: str) -> str:
-    return read_member(run_dir, name).decode("utf-8", errors="replace")
 
 
 @contextmanager
@@ -188,19 +182,35 @@ def load_npz(run_dir, name: str) -> dict:
 
 
 def entries(run_dir) -> dict[str, str]:
-    """Every entry under run_dir by relative posix path -> its kind, recursively, without following symlinks
-    (a symlinked directory is listed as a symlink, not entered); dot-files included."""
+    """Every entry under run_dir by relative posix path -> its kind, recursively, dot-files included. Each
+    directory is entered through its parent's descriptor with O_NOFOLLOW, so a symlinked directory is listed
+    as a symlink and never entered, even if swapped in while listed; below MAX_DEPTH levels a directory is
+    listed but not entered."""
     out: dict[str, str] = {}
 
-    def walk(d: Path, prefix: str):
-        with os.scandir(d) as it:
+    def walk(fd: int, prefix: str, depth: int):
+        with os.scandir(fd) as it:
             items = sorted(it, key=lambda e: e.name)
         for e in items:
             rel = prefix + e.name
-            kind = kind_of(e.stat(follow_symlinks=False).st_mode)
-            out[rel] = kind
-            if kind == "directory":
-                walk(Path(e.path), rel + "/")
+            try:
+                out[rel] = kind_of(e.stat(follow_symlinks=False).st_mode)
+            except FileNotFoundError:
+                continue  # gone since listed
+            if out[rel] != "directory" or depth >= MAX_DEPTH:
+                continue
+            try:
+                sub = os.open(e.name, _DIR_FLAGS, dir_fd=fd)
+            except OSError:
+                continue  # unreadable or swapped for a symlink: listed, not entered
+            try:
+                walk(sub, rel + "/", depth + 1)
+            finally:
+                os.close(sub)
 
-    walk(Path(run_dir), "")
+    root = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        walk(root, "", 1)
+    finally:
+        os.close(root)
     return out
