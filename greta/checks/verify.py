@@ -114,15 +114,14 @@ def _check_unlisted(d: Path, files: dict) -> list[str]:
     does not list; a directory is listed when a listed file lies under it. One line per unlisted entry, none
     for what lies under an unlisted directory."""
     listed = set(files) | {MANIFEST}
-    dirs = {str(PurePosixPath(n).parent) for n in files if isinstance(n, str)}
-    dirs = {p for n in dirs if n != "." for p in [n, *map(str, PurePosixPath(n).parents)] if p != "."}
-    errors, reported = [], []
+    dirs = {str(p) for n in files if isinstance(n, str) for p in PurePosixPath(n).parents if str(p) != "."}
+    errors, reported = [], set()
     for rel, kind in entries(d).items():
         if rel in listed or (kind == "directory" and rel in dirs):
             continue  # a listed name that is not a regular file is _check_listed's
-        if any(rel.startswith(r + "/") for r in reported):
-            continue
-        reported.append(rel)
+        if any(str(p) in reported for p in PurePosixPath(rel).parents):
+            continue  # inside an unlisted directory, which was named
+        reported.add(rel)
         if len(reported) > UNLISTED_SHOWN:
             continue
         errors.append(f"{rel} is not in the manifest (added after sealing)" if kind == "file" else
