@@ -7,9 +7,11 @@ recomputes the metrics with :func:`greta.record.metrics.compare` and the verdict
 Status (the most severe finding wins, in this order):
 
 ``MISSING_LOGITS``
-    ``decode``/``reference`` logits cannot be read: ``logits.npz`` is absent, truncated or
-    corrupt (zip/zlib error), lacks one of those arrays, or holds a non-numeric array under that
-    name. Nothing can be recomputed.
+    ``decode``/``reference`` logits cannot be read: ``logits.npz`` is absent, not a regular file
+    (a symlink, FIFO or device: refused unopened), over its size cap, truncated or corrupt
+    (zip/zlib error), lacks one of those arrays, or holds a non-numeric array under that name.
+    Nothing can be recomputed; when metrics.json carries fingerprints (greta.record.fingerprints),
+    its bit_exact and top-1 agreement are still held against them (a disagreement is a reason).
 ``SPAN_MISMATCH``
     the logits are there but their shapes do not fit together: ``decode`` vs ``reference``,
     either vs ``params["span"]`` or ``metrics.json``'s span/vocab, ``positions``/``tokens`` too
@@ -27,6 +29,9 @@ Status (the most severe finding wins, in this order):
 ``OK``
     the logits are readable and consistent, and the recomputed metrics and verdict equal the
     stored ones.
+
+Every file is read through greta.record.members, the safe reader greta verify uses: inside the run
+directory, no symlink followed, regular files only, a size cap per kind, never blocking.
 
 A batch probe record (``params.json`` probe ``batch``) is re-checked the same way from
 ``batch_logits.npz``: its per-request metrics and batch verdict against ``metrics.json`` and
