@@ -118,13 +118,16 @@ def test_manifest_entries_outside_the_record_are_refused(rec, outside):
     assert any(r.startswith(f"manifest.json lists {outside!r}, which ") for r in reasons), reasons
 
 
-def test_an_outside_entry_is_never_opened(rec, tmp_path):
-    # a FIFO outside the record, listed by a relative path: opening it would block, so a prompt FAIL
-    # shows verify never opened it
+@pytest.mark.parametrize("absolute", [False, True])
+def test_an_outside_entry_is_never_opened(rec, tmp_path, absolute):
+    # a FIFO outside the record, listed by a relative or an absolute path: opening it would block, so a
+    # prompt FAIL shows verify never opened it
     os.mkfifo(tmp_path / "trap")
-    edit_manifest(rec, lambda files: files.__setitem__("../../trap", {"sha256": "0" * 64, "bytes": 0}))
+    name = str(tmp_path / "trap") if absolute else "../../trap"
+    edit_manifest(rec, lambda files: files.__setitem__(name, {"sha256": "0" * 64, "bytes": 0}))
     rc, out = cli("verify", rec)
-    assert rc == 1 and "manifest.json lists '../../trap', which leaves the record directory" in out, out
+    why = "is an absolute path, outside the record" if absolute else "leaves the record directory"
+    assert rc == 1 and f"manifest.json lists {name!r}, which {why}" in out, out
 
 
 def test_a_symlinked_member_with_the_right_content_is_refused(rec, tmp_path):
