@@ -7,6 +7,7 @@ again is unchanged; a format newer than this greta reads is refused in one line)
 back. params.json is greta.record.params' own type; oracle.json is read as a plain dict.
 
     rec = read_record(run_dir)          # every file typed; rec.problems: one line per unreadable file
+    read_member_json(run_dir, name)     # one JSON file of a record, through greta.record.members' safe reader
     rec.verdict.verdict, rec.metrics.max_abs_diff, rec.manifest.files
 
 Writing is atomic (a temp file renamed over the target), so no file is ever half-written.
