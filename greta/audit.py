@@ -80,12 +80,7 @@ def run_stage(params: dict, run_dir=None, out_root=None, show_code: bool = False
 def closing_lines(run_dir) -> tuple[str, str]:
     """How a run ends on the terminal (greta audit / probe, bare papermill): its verdict, then its record."""
     v = Verdict.read(Path(run_dir))
-    return f"{_printable(v.verdict)}: {_printable(v.reason)}", f"record: {_printable(str(run_dir))}"
-
-
-def _printable(text: str) -> str:
-    """text with control characters escaped (a reason can quote an error message; a terminal obeys escapes)."""
-    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
+    return shown(f"{v.verdict}: {v.reason}"), shown(f"record: {run_dir}")  # a reason can quote outside text
 
 
 def to_terminal(*lines: str) -> None:
