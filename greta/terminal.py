@@ -34,7 +34,7 @@ def shown(text, lines: bool = False) -> str:
     return "".join(ch if ch.isprintable() else _escape(ch) for ch in s)
 
 
-def echo(value, limit: int = 2 * KEEP + 20) -> str:
+def echo(value, limit: int = 120) -> str:
     """A value echoed in a message: its repr, shortened in the middle past `limit` characters."""
     r = repr(value) if isinstance(value, str) else str(value)
     return _middle(r, limit)
@@ -43,7 +43,7 @@ def echo(value, limit: int = 2 * KEEP + 20) -> str:
 def _middle(word: str, limit: int) -> str:
     if len(word) <= limit:
         return word
-    keep = max(4, min(KEEP, (limit - 20) // 2))
+    keep = max(4, (limit - 20) // 2)
     return f"{word[:keep]}...({len(word)} chars)...{word[-keep:]}"
 
 

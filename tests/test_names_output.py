@@ -214,4 +214,5 @@ def test_brief_shortens_the_longest_words_first():
     assert line.endswith(reason) and len(line) <= 300
     assert brief("short message") == "short message"
     assert len(brief(" ".join(["word"] * 200))) <= 300  # many short words: the tail is cut
-    assert echo("p" * 1000).startswith("'ppp") and "(1002 chars)" in echo("p" * 1000)
+    assert echo("p" * 1000).startswith("'ppp") and "(1002 chars)" in echo("p" * 1000) and len(echo("p" * 1000)) <= 120
+    assert echo("/a/short/path") == "'/a/short/path'"

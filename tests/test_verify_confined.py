@@ -22,6 +22,7 @@ from greta.probe.runner import run_probe
 from greta.record import members
 from greta.record.files import read_record
 from greta.record.store import seal
+from greta.terminal import echo
 
 from conftest import REPO_ROOT
 
@@ -127,7 +128,7 @@ def test_an_outside_entry_is_never_opened(rec, tmp_path, absolute):
     edit_manifest(rec, lambda files: files.__setitem__(name, {"sha256": "0" * 64, "bytes": 0}))
     rc, out = cli("verify", rec)
     why = "is an absolute path, outside the record" if absolute else "leaves the record directory"
-    assert rc == 1 and f"manifest.json lists {name!r}, which {why}" in out, out
+    assert rc == 1 and f"manifest.json lists {echo(name)}, which {why}" in out, out
 
 
 def test_a_symlinked_member_with_the_right_content_is_refused(rec, tmp_path):
