@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 
 from greta.probe.preflight import preflight  # pure until called: torch is imported by the checks themselves
+from greta.terminal import echo, shown
 
 # probe/audit without -f: the README's first command, and the batch probe's CPU file with --batch N
 DEFAULT_PARAMS = "params/cpu_default.yaml"
@@ -37,7 +38,7 @@ class _UsageError(Exception):
 
 def _fail(msg) -> int:
     """One `greta: error:` line on stderr; the exit code of bad input."""
-    print(f"greta: error: {msg}", file=sys.stderr)
+    print(shown(f"greta: error: {msg}"), file=sys.stderr)
     return 2
 
 
@@ -59,6 +60,7 @@ def _oracle_cmd(args) -> int:
     model, made, tmp = args.model, None, None
     try:
         if args.out_root:
+            _check_out_root(args.out_root)
             preflight(args.out_root, {"span": 0})  # writable, with room (an oracle record is under 1 MB)
         if args.model in PRESETS:
             model = args.checkpoint_dir or tempfile.mkdtemp(prefix=f"greta-{args.model}-")
@@ -75,10 +77,10 @@ def _oracle_cmd(args) -> int:
             shutil.rmtree(tmp, ignore_errors=True)
     if made:
         res["model"] = args.model
-    print(format_result(res))
+    print(shown(format_result(res), lines=True))
     if args.out_root:
         d = write_record(res, args.out_root, {k: v for k, v in vars(args).items() if k != "cmd"}, made)
-        print(f"record: {d}")
+        print(shown(f"record: {d}"))
     return 0 if res["ok"] and not res.get("control", {}).get("ok") else 1
 
 
@@ -175,11 +177,11 @@ def _analyze_cmd(args) -> int:
 
     rep = analyze_run(args.run_dir)
     if args.json:
-        print(json.dumps(rep, indent=2, default=str))
+        print(shown(json.dumps(rep, indent=2, default=str), lines=True))
     else:
-        print(f"{rep['status']}: {args.run_dir} (verdict {rep.get('verdict')})")
+        print(shown(f"{rep['status']}: {args.run_dir} (verdict {rep.get('verdict')})"))
         for r in rep["reasons"]:
-            print(f"  - {r}")
+            print(shown(f"  - {r}"))
     return 0 if rep["status"] == "OK" else 1
 
 
@@ -189,11 +191,23 @@ def _verify_cmd(args) -> int:
     bad = 0
     for d in args.run_dir:
         reasons = verify(d, allow_missing_large=args.allow_missing_logits)
-        print(f"{'OK' if not reasons else 'FAIL'} {d}")
+        print(shown(f"{'OK' if not reasons else 'FAIL'} {d}"))
         for r in reasons:
-            print(f"  - {r}")
+            print(shown(f"  - {r}"))
         bad += bool(reasons)
     return 1 if bad else 0
+
+
+def _check_out_root(out_root, error=ValueError) -> None:
+    """-o must not lie inside an existing record (records are never nested): one line naming both."""
+    from greta.record.rundir import enclosing_record, nested_message, resolve_out_root
+
+    try:
+        outer = enclosing_record(resolve_out_root(out_root))
+    except (OSError, ValueError):  # a name too long, a NUL: the folder checks say so
+        return
+    if outer is not None:
+        raise error(nested_message(out_root, outer))
 
 
 def _run_params(args):
@@ -207,7 +221,8 @@ def _run_params(args):
         except OSError:  # e.g. a name too long for the filesystem
             bad_out = True
         if bad_out:
-            raise ParamError(f"-o {args.out_root!r} is not a folder; records go under a folder, e.g. -o outputs")
+            raise ParamError(f"-o {echo(args.out_root)} is not a folder; records go under a folder, e.g. -o outputs")
+        _check_out_root(args.out_root, ParamError)
     overrides = parse_overrides(args.param)
     if args.batch is not None:
         overrides = {"probe": "batch", "batch": args.batch, **overrides}
@@ -247,12 +262,12 @@ def _run_cmd(args) -> int:
     except RecordError as e:
         return _fail(e)
     except ProbeInterrupted as e:
-        print(f"greta: INTERRUPTED by {e.how}; record: {e.run_dir}", file=sys.stderr)
+        print(shown(f"greta: INTERRUPTED by {e.how}; record: {e.run_dir}"), file=sys.stderr)
         return 130
     from greta.audit import closing_lines
 
     verdict = json.loads((Path(run_dir) / "verdict.json").read_text())
-    print("\n".join(closing_lines(run_dir)))
+    print(shown("\n".join(closing_lines(run_dir)), lines=True))
     return 0 if verdict["verdict"] in ("PASS_EQUIV", "EXPECTED_DRIFT", "PASS_BATCH_INVARIANT", "BATCH_DRIFT") else 1
 
 
@@ -267,19 +282,21 @@ def _sweep_cmd(args) -> int:
     if not args.file and not args.resume:
         return _fail("sweep needs -f <matrix.yaml> (e.g. params/b3_76.yaml) or --resume <sweep dir>")
     try:
+        if not args.resume:
+            _check_out_root(args.out_root, ParamError)
         sweep_dir = run_sweep(args.file, parse_overrides(args.param), out_root=args.out_root, sweep_dir=args.resume,
                               progress=not args.quiet, gpus=args.gpus)
     except (ParamError, SweepError, RecordError) as e:
         return _fail(e)
     except ProbeInterrupted as e:
-        print(f"greta: sweep INTERRUPTED by {e.how} in {e.run_dir}; resume with --resume {Path(e.run_dir).parent.parent}",
-              file=sys.stderr)
+        print(shown(f"greta: sweep INTERRUPTED by {e.how} in {e.run_dir}; resume with --resume "
+                    f"{Path(e.run_dir).parent.parent}"), file=sys.stderr)
         return 130
     v = json.loads((Path(sweep_dir) / VERDICT).read_text())
-    print(f"{v['verdict']}: " + " | ".join(v["reasons"]))
-    print(f"sweep: {sweep_dir}")
+    print(shown(f"{v['verdict']}: " + " | ".join(v["reasons"])))
+    print(shown(f"sweep: {sweep_dir}"))
     if v.get("report_html"):
-        print(f"report: {Path(sweep_dir) / v['report_html']}")
+        print(shown(f"report: {Path(sweep_dir) / v['report_html']}"))
     return 0 if v["verdict"] == "PASS_GUARDRAIL" else 1
 
 

@@ -27,6 +27,7 @@ from greta.record.store import atomic_write_text, new_probe_dir, seal
 from greta.reports import notebooks as nbs
 from greta.reports.notebook_params import papermill_syntax
 from greta.reports.run_report import render_report
+from greta.terminal import shown
 
 RUN_NOTEBOOK = "run_b3_77.ipynb"
 BATCH_NOTEBOOK = "batch_probe.ipynb"  # probe=batch: the batch probe's run notebook
@@ -79,12 +80,7 @@ def run_stage(params: dict, run_dir=None, out_root=None, show_code: bool = False
 def closing_lines(run_dir) -> tuple[str, str]:
     """How a run ends on the terminal (greta audit / probe, bare papermill): its verdict, then its record."""
     v = Verdict.read(Path(run_dir))
-    return f"{_printable(v.verdict)}: {_printable(v.reason)}", f"record: {_printable(str(run_dir))}"
-
-
-def _printable(text: str) -> str:
-    """text with control characters escaped (a reason can quote an error message; a terminal obeys escapes)."""
-    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
+    return shown(f"{v.verdict}: {v.reason}"), shown(f"record: {run_dir}")  # a reason can quote outside text
 
 
 def to_terminal(*lines: str) -> None:
@@ -227,7 +223,8 @@ def complete_record(run_dir: Path, params: dict, err: Exception | None, interrup
                     show_code: bool = False) -> None:
     """After the run notebook: the verdict that covers what happened, HTML of each notebook, then the seal."""
     if err is not None and not interrupted:
-        print(f"greta: {run_notebook(params)} failed: {nbs.one_line(err)} (kept: {run_dir / run_notebook(params)})", file=sys.stderr)
+        print(shown(f"greta: {run_notebook(params)} failed: {nbs.one_line(err)} (kept: {run_dir / run_notebook(params)})"),
+              file=sys.stderr)
     if not (run_dir / "verdict.json").is_file():  # the kernel died (or was torn down) before the probe ended
         status, how = (("interrupted", f"interrupted by {interrupted}") if interrupted else
                        ("crash", f"the notebook kernel died ({nbs.one_line(err) if err else 'no error reported'})"))
@@ -243,7 +240,7 @@ def complete_record(run_dir: Path, params: dict, err: Exception | None, interrup
         try:
             nbs.to_html(nb, lead_md=lead, show_code=show_code)
         except Exception as exc:  # noqa: BLE001 - the record stands without this page
-            print(f"greta: rendering {nb.name} to HTML failed: {nbs.one_line(exc)}", file=sys.stderr)
+            print(shown(f"greta: rendering {nb.name} to HTML failed: {nbs.one_line(exc)}"), file=sys.stderr)
     seal(run_dir, params)
 
 

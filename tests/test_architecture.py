@@ -8,7 +8,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 # lowest first; a module may import its own layer and the layers before it, never a later one
 # reports renders data it is given (Markdown, plots, HTML): the probe, checks and sweeps call it, never the reverse
-LAYERS = ["paths", "kernels", "engine", "record", "reports", "probe", "checks", "sweeps", "audit", "cli"]
+LAYERS = ["paths", "terminal", "kernels", "engine", "record", "reports", "probe", "checks", "sweeps", "audit", "cli"]
 MAX_FUNCTION_LINES = 80
 
 

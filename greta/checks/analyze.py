@@ -7,9 +7,11 @@ recomputes the metrics with :func:`greta.record.metrics.compare` and the verdict
 Status (the most severe finding wins, in this order):
 
 ``MISSING_LOGITS``
-    ``decode``/``reference`` logits cannot be read: ``logits.npz`` is absent, truncated or
-    corrupt (zip/zlib error), lacks one of those arrays, or holds a non-numeric array under that
-    name. Nothing can be recomputed.
+    ``decode``/``reference`` logits cannot be read: ``logits.npz`` is absent, not a regular file
+    (a symlink, FIFO or device: refused unopened), over its size cap, truncated or corrupt
+    (zip/zlib error), lacks one of those arrays, or holds a non-numeric array under that name.
+    Nothing can be recomputed; when metrics.json carries fingerprints (greta.record.fingerprints),
+    its bit_exact and top-1 agreement are still held against them (a disagreement is a reason).
 ``SPAN_MISMATCH``
     the logits are there but their shapes do not fit together: ``decode`` vs ``reference``,
     either vs ``params["span"]`` or ``metrics.json``'s span/vocab, ``positions``/``tokens`` too
@@ -27,6 +29,9 @@ Status (the most severe finding wins, in this order):
 ``OK``
     the logits are readable and consistent, and the recomputed metrics and verdict equal the
     stored ones.
+
+Every file is read through greta.record.members, the safe reader greta verify uses: inside the run
+directory, no symlink followed, regular files only, a size cap per kind, never blocking.
 
 A batch probe record (``params.json`` probe ``batch``) is re-checked the same way from
 ``batch_logits.npz``: its per-request metrics and batch verdict against ``metrics.json`` and
@@ -51,9 +56,12 @@ from pathlib import Path
 
 import numpy as np
 
-from greta.record.files import RecordFileError, read_json_obj, read_json_opt
+from greta.record.files import RecordFileError, read_member_json
+from greta.record.fingerprints import problems as fingerprint_problems
+from greta.record.members import MemberError, is_member_file, member_kind, open_npz
 from greta.record.metrics import FAULT_VERDICTS, compare, equivalence_verdict
 from greta.reports import md
+from greta.terminal import brief
 
 __all__ = ["STATUSES", "FAULT_VERDICTS", "analyze_run", "report_md", "metrics_for_plots"]
 
@@ -62,9 +70,8 @@ METRIC_KEYS = ("span", "vocab", "max_abs_diff", "p99_abs_diff", "top1_agreement"
 
 
 def _line(x) -> str:
-    """One line, at most 300 characters."""
-    s = " ".join(str(x).split())
-    return s if len(s) <= 300 else s[:297] + "..."
+    """One line, at most about 300 characters (greta.terminal.brief: long words shortened first)."""
+    return brief(x)
 
 
 def _err(exc: BaseException) -> str:
@@ -82,24 +89,25 @@ class _Findings:
         self.reasons.append(_line(reason))
 
 
-def _read_json_obj(path: Path, f: _Findings):
-    """A JSON object (dict) from ``path`` (through greta.record.files), or None with a finding."""
-    if not path.is_file():
-        f.add("INCOMPLETE", f"{path.name} missing")
-        return None
+def _read_json_obj(run: Path, name: str, f: _Findings):
+    """A JSON object (dict) from the record member ``name`` (through greta.record.files and its safe reader),
+    or None with a finding."""
     try:
-        return read_json_obj(path)
-    except RecordFileError as exc:  # unreadable or invalid JSON (detail), or not an object
-        f.add("INCOMPLETE", str(exc) if "JSON object" in str(exc) else f"{path.name} unreadable: {exc.detail}")
-    except Exception as exc:  # noqa: BLE001 - e.g. a directory named like the file
-        f.add("INCOMPLETE", f"{path.name} unreadable: {_err(exc)}")
+        return read_member_json(run, name)
+    except FileNotFoundError:
+        f.add("INCOMPLETE", f"{name} missing")
+    except RecordFileError as exc:  # unreadable, not a regular file, invalid JSON (detail), or not an object
+        f.add("INCOMPLETE", str(exc) if "JSON object" in str(exc) else f"{name} unreadable: {exc.detail}")
+    except Exception as exc:  # noqa: BLE001
+        f.add("INCOMPLETE", f"{name} unreadable: {_err(exc)}")
     return None
 
 
-def _load_npz(path: Path, f: _Findings) -> dict | None:
-    """The arrays of logits.npz, read eagerly (a truncated member fails here, not later)."""
+def _load_npz(run: Path, f: _Findings) -> dict | None:
+    """The arrays of logits.npz, read eagerly (a truncated member fails here, not later), through the
+    record's safe reader (a FIFO, symlink or oversized file is refused, never opened or read)."""
     try:
-        with np.load(path, allow_pickle=False) as z:
+        with open_npz(run, "logits.npz") as z:
             names = list(z.files)
             arrays = {}
             for name in names:
@@ -108,7 +116,10 @@ def _load_npz(path: Path, f: _Findings) -> dict | None:
                 except Exception as exc:  # noqa: BLE001
                     f.add("MISSING_LOGITS" if name in ("decode", "reference") else "INCOMPLETE",
                           f"logits.npz array '{name}' unreadable: {_err(exc)}")
-    except Exception as exc:  # noqa: BLE001 - zip errors, a non-npz file, a directory...
+    except MemberError as exc:
+        f.add("MISSING_LOGITS", f"logits.npz cannot be read: {exc.detail}")
+        return None
+    except Exception as exc:  # noqa: BLE001 - zip errors, a non-npz file...
         f.add("MISSING_LOGITS", f"logits.npz unreadable (truncated or corrupt?): {_err(exc)}")
         return None
     lacking = [n for n in ("decode", "reference") if n not in names]
@@ -231,8 +242,24 @@ def _without_logits(run: Path, verdict_rec: dict | None, out: dict, f: _Findings
               f"record of that failure: {verdict_rec.get('reason') or 'no reason given'}")
     else:
         f.add("MISSING_LOGITS", f"{name} missing: the metrics and verdict cannot be recomputed")
-    if (run / "metrics.json").is_file() and fault:
+        _check_fingerprints(run, f)
+    if is_member_file(run, "metrics.json") and fault:
         f.add("INCOMPLETE", f"metrics.json present in a fault record without {name}")
+
+
+def _check_fingerprints(run: Path, f: _Findings) -> None:
+    """Without the logits: metrics.json's bit_exact and top-1 agreement against its stored fingerprints."""
+    try:
+        stored = read_member_json(run, "metrics.json")
+    except (OSError, RecordFileError):
+        return  # MISSING_LOGITS already says nothing can be recomputed
+    if not any(isinstance(r, dict) and "fingerprint" in r for r in stored.get("per_position") or []):
+        return
+    bad = fingerprint_problems(stored)
+    for reason in bad:
+        f.add("INCOMPLETE", reason)
+    if not bad:
+        f.add("OK", "metrics.json's fingerprints agree with its bit_exact and top-1 agreement (the logits are absent)")
 
 
 def _recheck_verdict(params: dict, metrics: dict, verdict_rec: dict | None, out: dict, f: _Findings) -> None:
@@ -262,26 +289,24 @@ def _analyze(run_dir, out: dict, f: _Findings) -> None:
         f.add("INCOMPLETE", f"run directory {run} is not a directory")
         return
 
-    params = _read_json_obj(run / "params.json", f)
-    verdict_rec = _read_json_obj(run / "verdict.json", f)
+    params = _read_json_obj(run, "params.json", f)
+    verdict_rec = _read_json_obj(run, "verdict.json", f)
     stored_verdict = _judged_verdict(verdict_rec)
     out["stored_verdict"] = stored_verdict if isinstance(stored_verdict, str) else None
     if isinstance(params, dict) and params.get("probe") == "batch":
         _analyze_batch(run, params, verdict_rec, out, f)
         return
-    npz = run / "logits.npz"
-
-    if not npz.exists():
+    if member_kind(run, "logits.npz") is None:
         _without_logits(run, verdict_rec, out, f)
         return
 
-    stored = _read_json_obj(run / "metrics.json", f)
+    stored = _read_json_obj(run, "metrics.json", f)
     if stored is not None:
         lacking = [k for k in METRIC_KEYS if k not in stored]
         if lacking:
             f.add("INCOMPLETE", f"metrics.json lacks key(s) {', '.join(lacking)}")
 
-    arrays = _load_npz(npz, f)
+    arrays = _load_npz(run, f)
     if not arrays or "decode" not in arrays or "reference" not in arrays:
         return
     if not _check_shapes(arrays, params, stored, f) or "tokens" not in arrays or "positions" not in arrays:
@@ -324,18 +349,17 @@ def _analyze_batch(run: Path, params: dict, verdict_rec: dict | None, out: dict,
     from greta.checks.batch_checks import differing, metrics_again
     from greta.record.batch import LOGITS_FILE, batch_verdict
 
-    npz = run / LOGITS_FILE
-    if not npz.exists():
+    if member_kind(run, LOGITS_FILE) is None:
         _without_logits(run, verdict_rec, out, f, name=LOGITS_FILE)
         return
     try:
-        metrics = metrics_again(npz)
+        metrics = metrics_again(run)
         verdict, reason = batch_verdict(metrics, params.get("kv_aligned"))
     except Exception as exc:  # noqa: BLE001 - truncated, corrupt or lacking an array
         f.add("MISSING_LOGITS", f"{LOGITS_FILE} cannot be read back: {_err(exc)}")
         return
     out.update(metrics=metrics, verdict=verdict, verdict_reason=_line(reason))
-    stored = _read_json_obj(run / "metrics.json", f)
+    stored = _read_json_obj(run, "metrics.json", f)
     bad = differing(metrics, stored) if stored is not None else []
     if bad:
         f.add("INCOMPLETE", f"metrics.json disagrees with the metrics recomputed from {LOGITS_FILE} in {', '.join(bad)}")
@@ -389,7 +413,10 @@ def metrics_for_plots(report: dict, run_dir) -> tuple[dict | None, str]:
         if status == "OK":
             return report["metrics"], "_Recomputed from logits.npz; they equal metrics.json._"
         return report["metrics"], f"**Recomputed from logits.npz** (status {status}: see the reasons above)."
-    stored = read_json_opt(Path(run_dir) / "metrics.json")
+    try:
+        stored = read_member_json(run_dir, "metrics.json")
+    except (OSError, RecordFileError):
+        stored = None
     if _usable_metrics(stored):
         return stored, f"**⚠ From metrics.json as stored, not verified against the logits** (status {status})."
     if report.get("stored_verdict") in FAULT_VERDICTS and stored is None:

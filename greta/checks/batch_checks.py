@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from greta.record.members import load_npz, member_kind
 from greta.record.batch import BATCH_VERDICTS, LOGITS_FILE, batch_verdict, metrics_from_logits
 
 FIGURES = ("max_abs_diff", "bit_exact", "finite", "worst_request", "inexact_requests")
@@ -29,12 +30,10 @@ def check_batch_judgement(rec) -> list[str]:
     return errors + _check_logits(Path(rec.run_dir), m)
 
 
-def metrics_again(path: Path) -> dict:
-    """The batch metrics recomputed from a batch_logits.npz (raises if it cannot be read back)."""
-    import numpy as np
-
-    with np.load(path, allow_pickle=False) as z:
-        arrays = {k: z[k] for k in z.files}
+def metrics_again(run_dir) -> dict:
+    """The batch metrics recomputed from a record's batch_logits.npz, read through greta.record.members
+    (raises if it cannot be read back)."""
+    arrays = load_npz(run_dir, LOGITS_FILE)
     return metrics_from_logits(arrays, arrays["lengths"].tolist(), arrays["gens"].tolist())
 
 
@@ -44,11 +43,10 @@ def differing(again: dict, stored: dict) -> list[str]:
 
 
 def _check_logits(d: Path, m: dict) -> list[str]:
-    path = d / LOGITS_FILE
-    if not path.is_file():
+    if member_kind(d, LOGITS_FILE) is None:
         return []  # its absence is the artifacts check's (a committed record may leave it out)
     try:
-        again = metrics_again(path)
+        again = metrics_again(d)
     except Exception as e:  # noqa: BLE001
         return [f"{LOGITS_FILE} cannot be read back: {type(e).__name__}: {e}"]
     return [f"metrics.json {k} is not what {LOGITS_FILE} gives" for k in differing(again, m)]

@@ -49,6 +49,7 @@ from greta.record.files import RecordFileError, read_json_obj
 from greta.record.metrics import compare, equivalence_verdict
 from greta.record.params import DEFAULTS
 from greta.reports import fmt, md
+from greta.terminal import shown
 
 __all__ = ["find_points", "read_point", "read_runs", "table_md", "main"]
 
@@ -187,18 +188,18 @@ def table_md(rows: list[dict]) -> str:
 def main(runs_dir, as_json: bool = False) -> int:
     """`python -m greta legacy <runs-dir>`: 0 every trace read, 1 some unreadable, 2 no traces there."""
     if not Path(runs_dir).is_dir():
-        print(f"greta: error: {runs_dir} is not a directory", file=sys.stderr)
+        print(shown(f"greta: error: {runs_dir} is not a directory"), file=sys.stderr)
         return 2
     rows = read_runs(runs_dir)
     if not rows:
-        print(f"greta: error: no traces under {runs_dir} (expected runs/kv_aligned_<K>/seed_<S>/ or "
-              "runs/kv_<K>/seed_<S>/ctx_<N>/, each with prefill/ and decode/)", file=sys.stderr)
+        print(shown(f"greta: error: no traces under {runs_dir} (expected runs/kv_aligned_<K>/seed_<S>/ or "
+                    "runs/kv_<K>/seed_<S>/ctx_<N>/, each with prefill/ and decode/)"), file=sys.stderr)
         return 2
     if as_json:
-        print(json.dumps([{k: v for k, v in r.items() if k != "metrics"} for r in rows], indent=2))
+        print(shown(json.dumps([{k: v for k, v in r.items() if k != "metrics"} for r in rows], indent=2), lines=True))
     else:
-        print(table_md(rows))
+        print(shown(table_md(rows), lines=True))
         for r in rows:
             for reason in r["reasons"]:
-                print(f"- {r['path']}: {r['status']}: {reason}")
+                print(shown(f"- {r['path']}: {r['status']}: {reason}"))
     return 0 if all(r["status"] == "OK" for r in rows) else 1

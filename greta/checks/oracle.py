@@ -27,6 +27,7 @@ from greta.engine.config import PRESETS, ModelConfig
 from greta.engine.source import load_config
 from greta.probe.worker import DTYPES as _TORCH_DTYPES
 from greta.reports import fmt, md
+from greta.terminal import shown
 
 DTYPES = {k: _TORCH_DTYPES[k] for k in ("float32", "bfloat16")}  # the oracle's dtypes (no float16)
 
@@ -64,7 +65,7 @@ def _transformers():
 
 def _log(msg: str, quiet: bool):
     if not quiet:
-        print(f"[oracle {datetime.now().strftime('%H:%M:%S')}] {msg}", flush=True)
+        print(shown(f"[oracle {datetime.now().strftime('%H:%M:%S')}] {msg}"), flush=True)
 
 
 def make_checkpoint(hf_config: dict, out_dir, seed: int = 0, *, dtype: torch.dtype = torch.float32,

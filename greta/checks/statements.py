@@ -20,6 +20,7 @@ import json
 import re
 from pathlib import Path
 
+from greta.record.members import entries, read_member
 from greta.record.metrics import VERDICTS
 
 _TOKEN = r"([A-Za-z][A-Za-z0-9_\\]*)"
@@ -70,12 +71,12 @@ def _check_all(text: str, pattern: str, want, what: str, required: bool, agree=N
     return [f"report.md states {what} {s} but the record's data files say {want}" for s in bad]
 
 
-def check_report(path: Path, rec) -> list[str]:
+def check_report(run_dir: Path, rec) -> list[str]:
     """report.md against verdict.json, params.json and metrics.json (rec: greta.record.files.RecordFiles)."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError:
-        return []  # its absence is verify's artifacts check
+        text = read_member(run_dir, "report.md").decode("utf-8")
+    except (OSError, ValueError):
+        return []  # absent, not a regular file or not UTF-8: verify's artifacts and manifest checks say so
     v, params, metrics = rec.verdict.verdict, rec.params, rec.metrics
     n, errors = _verdict_lines(text, v, "report.md")
     if not n:
@@ -105,10 +106,10 @@ def check_report(path: Path, rec) -> list[str]:
     return errors
 
 
-def _notebook_text(path: Path) -> str:
+def _notebook_text(run_dir: Path, name: str) -> str:
     """The text of a notebook's cell outputs (stream text and every text/* representation)."""
     try:
-        nb = json.loads(path.read_text(encoding="utf-8"))
+        nb = json.loads(read_member(run_dir, name).decode("utf-8"))
     except (OSError, ValueError):
         return ""  # an unreadable notebook is the manifest's business, not a statement
     parts = []
@@ -124,14 +125,17 @@ def _notebook_text(path: Path) -> str:
 def check_pages(run_dir: Path, verdict: str) -> list[str]:
     """Every executed notebook and HTML page of the record that states a verdict states verdict.json's."""
     errors = []
-    for p in sorted(Path(run_dir).iterdir()):
-        if p.suffix == ".ipynb":
-            text = _notebook_text(p)
-        elif p.suffix == ".html":
-            text = p.read_text(encoding="utf-8", errors="replace")
-        else:
+    for name, kind in entries(run_dir).items():  # only the regular files at the top; the rest is the manifest's
+        if kind != "file" or "/" in name or Path(name).suffix not in (".ipynb", ".html"):
             continue
-        errors += _verdict_lines(text, verdict, p.name)[1]
+        if name.endswith(".ipynb"):
+            text = _notebook_text(run_dir, name)
+        else:
+            try:
+                text = read_member(run_dir, name).decode("utf-8", errors="replace")
+            except (OSError, ValueError):
+                continue  # gone or grown past its cap since listed: the manifest check says so
+        errors += _verdict_lines(text, verdict, name)[1]
     return errors
 
 

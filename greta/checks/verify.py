@@ -1,60 +1,66 @@
 """`python -m greta verify <run-dir>`: is a record complete, untampered and self-consistent?
 
 Checks (each failure is one line of the returned list; an empty list means the record verifies):
-  manifest    manifest.json is there, every file it lists has its sha256, and no file is unlisted
+  manifest    manifest.json is there; every name it lists is a plain path inside the record, a regular file
+              (no symlink, FIFO or device) of the listed bytes and sha256; no entry of any kind (dot-files,
+              directories, symlinks included) is unlisted
   params      params.json equals the manifest's params, and metadata.json agrees (run id, seed, model)
   phases      perf.json has every phase; a finished run has all of them ok; a fault record has its
               failed phase with the status its verdict names, and nothing run after it
   artifacts   the files every record has, plus metrics.json and logits.npz when the reference phase ran
   vram        no measured peak (sampled or allocator) is below the analytic weights + KV floor
   verdict     the stated verdict is the one the stored metrics give under the stored thresholds
+  fingerprints  metrics.json's bit_exact holds exactly when every position's logits hashes are equal, and
+              the top-1 ids give its argmaxes and top1_agreement (greta.record.fingerprints; without logits.npz)
   statements  report.md states the verdict, thresholds, perturb and key figures (max_abs_diff, bit_exact)
               of verdict.json / params.json / metrics.json, and every executed notebook (*.ipynb) and
               HTML page (*.html) that states a verdict states that one (greta.checks.statements)
   seal key    with GRETA_SEAL_KEY set, manifest.json carries the HMAC of its content under that key
   logits      when logits.npz is there, greta.checks.analyze recomputes the metrics and verdict from it and
               they must equal the stored ones
-Every file is read through greta.record.files.read_record.
+Every file is read through greta.record.members (the one safe reader: inside the record, never through a
+symlink, only regular files, a size cap per kind, never blocking), the JSON ones by greta.record.files.read_record.
 An oracle record (oracle.json, from `greta oracle -o`) gets the manifest check and its own: the limits follow
 from the stated tolerance and the verdict from the stored numbers.
 """
 from __future__ import annotations
 
+import hashlib
 import os
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from greta.checks.batch_checks import check_batch_judgement
 from greta.checks.statements import check_pages, check_report
 from greta.record.files import MANIFEST, RecordFiles, read_record
+from greta.record.fingerprints import problems as fingerprint_problems
+from greta.record.members import (NOT_REGULAR, MemberError, entries, is_member_file, member_kind, name_problem,
+                                  open_member)
 from greta.record.metrics import EQUIV_VERDICTS, FAIL, FAULT_VERDICTS, equivalence_verdict
 from greta.record.batch import BATCH_VERDICTS, LOGITS_FILE as BATCH_LOGITS
 from greta.record.params import PHASES
-from greta.record.store import SEAL_KEY_ENV, record_files, seal_hmac, sha256_file
+from greta.record.store import SEAL_KEY_ENV, seal_hmac
+from greta.terminal import echo
 
 BASE = ("params.json", "metadata.json", "perf.json", "vram.json", "vram_samples.csv", "verdict.json", "report.md")
 # verdict -> the perf.json statuses its failed phase may end with (the inverse of metrics.FAIL)
 FAULT_STATUS = {v: {s for s, w in FAIL.items() if w == v} for v in FAULT_VERDICTS}
 LARGE = ("logits.npz", BATCH_LOGITS)  # listed in the manifest but kept out of git
+UNLISTED_SHOWN = 20  # unlisted entries named one by one; past that, a count
 
 
 def _check_manifest(d: Path, allow_missing_large: bool, rec: RecordFiles | None = None) -> tuple[dict | None, list[str]]:
-    """(the manifest as read, reasons): every listed file has its sha256, no file is unlisted, and with
-    GRETA_SEAL_KEY set the HMAC matches."""
+    """(the manifest as read, reasons): every listed file is a regular file inside the record with its size
+    and sha256, no entry of any kind is unlisted, and with GRETA_SEAL_KEY set the HMAC matches."""
     rec = rec or read_record(d)
     errors = rec.problem_lines([MANIFEST])
     man = rec.manifest
     if man is None:
         return None, errors
+    if not isinstance(man.files, dict):
+        return None, errors + ["manifest.json's files is not an object of name -> {sha256, bytes}"]
     for name, entry in man.files.items():
-        p = d / name
-        if not p.is_file():
-            if not (allow_missing_large and name in LARGE):
-                errors.append(f"{name} is listed in the manifest but missing")
-        elif sha256_file(p) != entry.get("sha256"):
-            errors.append(f"{name} changed after the record was sealed (sha256 differs from the manifest)")
-    for rel in record_files(d):
-        if rel not in man.files:
-            errors.append(f"{rel} is not in the manifest (added after sealing)")
+        errors += _check_listed(d, name, entry, allow_missing_large)
+    errors += _check_unlisted(d, man.files)
     key = os.environ.get(SEAL_KEY_ENV)
     if key:
         if man.hmac is None:
@@ -64,6 +70,75 @@ def _check_manifest(d: Path, allow_missing_large: bool, rec: RecordFiles | None 
     return man.to_dict(), errors
 
 
+def _check_listed(d: Path, name, entry, allow_missing_large: bool) -> list[str]:
+    """One manifest entry: a plain name inside the record, a regular file of the stated bytes and sha256."""
+    why = name_problem(name)
+    if why or name == MANIFEST:
+        return [f"manifest.json lists {echo(name)}, which {why or 'is the manifest itself'}: a manifest names "
+                "only files inside its record"]
+    if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str) and type(entry.get("bytes")) is int):
+        return [f"manifest.json's entry for {name} is not {{\"sha256\": <hex>, \"bytes\": <int>}}"]
+    try:
+        with open_member(d, name) as f:
+            size = os.fstat(f.fileno()).st_size
+            if size != entry["bytes"]:
+                return [f"{name} changed after the record was sealed ({size} bytes, the manifest says {entry['bytes']})"]
+            digest = _sha256(f, size)
+    except FileNotFoundError:
+        if allow_missing_large and name in LARGE:
+            return []
+        return [f"{name} is listed in the manifest but missing"]
+    except MemberError as e:
+        return [str(e)]
+    except OSError as e:
+        return [f"{name} cannot be read: {e.strerror or e}"]
+    if digest != entry["sha256"]:
+        return [f"{name} changed after the record was sealed (sha256 differs from the manifest)"]
+    return []
+
+
+def _sha256(f, size: int) -> str | None:
+    """sha256 of the open file's first `size` bytes; None when it holds more or fewer (changed while read)."""
+    h, left = hashlib.sha256(), size
+    while left > 0:
+        block = f.read(min(left, 1 << 20))
+        if not block:
+            return None
+        h.update(block)
+        left -= len(block)
+    return h.hexdigest() if not f.read(1) else None
+
+
+def _check_unlisted(d: Path, files: dict) -> list[str]:
+    """Every entry of the record directory (dot-files, directories, symlinks, FIFOs... alike) that the manifest
+    does not list; a directory is listed when a listed file lies under it. One line per unlisted entry, none
+    for what lies under an unlisted directory."""
+    listed = set(files) | {MANIFEST}
+    dirs = {str(p) for n in files if isinstance(n, str) for p in PurePosixPath(n).parents if str(p) != "."}
+    errors, reported = [], set()
+    for rel, kind in entries(d).items():
+        if rel in listed or (kind == "directory" and rel in dirs):
+            continue  # a listed name that is not a regular file is _check_listed's
+        if any(str(p) in reported for p in PurePosixPath(rel).parents):
+            continue  # inside an unlisted directory, which was named
+        reported.add(rel)
+        if len(reported) > UNLISTED_SHOWN:
+            continue
+        errors.append(f"{rel} is not in the manifest (added after sealing)" if kind == "file" else
+                      f"{rel} is a {kind} not in the manifest: a record holds only the files its manifest lists")
+    if len(reported) > UNLISTED_SHOWN:
+        errors.append(f"... and {len(reported) - UNLISTED_SHOWN} more entries not in the manifest")
+    return errors
+
+
+def _artifact_problem(d: Path, name: str) -> str | None:
+    """A file every record has: missing, or not a regular file (then named by what it is)."""
+    kind = member_kind(d, name)
+    if kind == "file":
+        return None
+    return f"{name} is missing" if kind is None else f"{name} is a {kind}, {NOT_REGULAR}"
+
+
 def _check_oracle(d: Path, rec: RecordFiles) -> list[str]:
     """An oracle record (greta oracle -o): its verdict and limits follow from its stored numbers."""
     from greta.checks.oracle import TOLERANCES, _within, verdict
@@ -71,8 +146,8 @@ def _check_oracle(d: Path, rec: RecordFiles) -> list[str]:
     errors = rec.problem_lines(["params.json", "oracle.json"])
     params, body = rec.params, rec.oracle
     for name in ("report.md", "oracle.png"):
-        if not (d / name).is_file():
-            errors.append(f"{name} is missing")
+        problem = _artifact_problem(d, name)
+        errors += [problem] if problem else []
     if rec.manifest is not None and params is not None and rec.manifest.params != params:
         errors.append("params.json differs from the params in the manifest")
     if body is None:
@@ -163,32 +238,33 @@ def verify(run_dir, allow_missing_large: bool = False) -> list[str]:
         return [f"{d} is not a directory"]
     rec = read_record(d)
     errors = _check_manifest(d, allow_missing_large, rec)[1]
-    if rec.oracle is not None or (d / "oracle.json").exists():
+    if rec.oracle is not None or member_kind(d, "oracle.json") is not None:
         return errors + _check_oracle(d, rec)
     errors += rec.problem_lines(["params.json", "metadata.json", "perf.json", "verdict.json", "vram.json"])
     errors += _check_identity(d, rec)
     for name in BASE:  # the JSON members were read above, which reported any that is missing
-        if not name.endswith(".json") and not (d / name).is_file():
-            errors.append(f"{name} is missing")
+        problem = None if name.endswith(".json") else _artifact_problem(d, name)
+        errors += [problem] if problem else []
     if rec.perf is not None and rec.verdict is not None:
         errors += _check_phases(rec.perf, rec.verdict)
         if rec.perf.status("reference") == "ok":
             batch = rec.params is not None and rec.params.get("probe") == "batch"
             for name in ("metrics.json", BATCH_LOGITS if batch else "logits.npz"):
-                if not (d / name).is_file() and not (allow_missing_large and name in LARGE):
+                if not is_member_file(d, name) and not (allow_missing_large and name in LARGE):
                     errors.append(f"{name} is missing though the reference phase finished")
     errors += _check_vram(rec)
     errors += _check_judgement(rec)
+    errors += fingerprint_problems(rec.metrics.figures()) if rec.metrics is not None else []
     errors += check_batch_judgement(rec)
     if rec.verdict is not None and rec.params is not None:
-        errors += check_report(d / "report.md", rec) + check_pages(d, rec.verdict.verdict)
-    if (d / "logits.npz").is_file():
+        errors += check_report(d, rec) + check_pages(d, rec.verdict.verdict)
+    if is_member_file(d, "logits.npz"):
         from greta.checks.analyze import analyze_run
 
         rep = analyze_run(d)
         if rep["status"] != "OK":
             errors += [f"logits: {rep['status']}: {r}" for r in rep["reasons"]]
-    return errors
+    return list(dict.fromkeys(errors))  # a file that is a FIFO is named once, not by each check that met it
 
 
 def _check_phases(perf, verdict) -> list[str]:

@@ -27,6 +27,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from greta.engine.tp import TPGroup
+from greta.terminal import brief
 
 NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -72,7 +73,7 @@ def _entry(fn, args, results):
         # pickled here, by value: torch's queue would share a tensor's memory with a process about to exit
         results.put((rank, True, pickle.dumps(fn(*args))))
     except BaseException as e:  # noqa: BLE001 - the parent names the rank and the error, then stops the rest
-        results.put((rank, False, f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"))
+        results.put((rank, False, brief(f"{type(e).__name__}: {e}")))
         raise SystemExit(1) from None
 
 

@@ -10,13 +10,14 @@ from pathlib import Path
 import torch
 
 from greta.engine.config import PRESETS, ModelConfig
+from greta.terminal import echo
 
 
 class ModelSourceError(ValueError):
     """A model argument that names no model Greta can load: one line naming it and what it should be."""
 
     def __init__(self, model: str, reason: str):
-        super().__init__(f"model={model!r}: {reason}")
+        super().__init__(f"model={echo(model)}: {reason}")
         self.reason = reason
 
 

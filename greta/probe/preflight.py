@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 
 from greta.record.params import Params, ParamError, is_file, show, dtype_bytes, resolve
+from greta.terminal import brief
 
 
 def preflight(params: Params) -> Params:
@@ -103,9 +104,9 @@ def _check_model(model: str) -> None:
     try:
         check_model(model)
     except ModelSourceError as e:
-        raise ParamError(f"param {' '.join(str(e).split())[:300]}") from None
+        raise ParamError(brief(f"param {e}")) from None
     except (ValueError, OSError) as e:
-        raise ParamError(f"param model={show(model)}: {' '.join(str(e).split())[:300]}") from None
+        raise ParamError(f"param model={show(model)}: {brief(e)}") from None
 
 
 def _check_device(device: str, dtype: str) -> None:

@@ -24,6 +24,7 @@ from greta.record.metrics import FAIL, compare, equivalence_verdict
 from greta.record.params import PHASES
 from greta.probe.ranks import Workers
 from greta.reports.run_report import render_report
+from greta.terminal import shown
 
 
 class ProbeInterrupted(KeyboardInterrupt):
@@ -114,7 +115,7 @@ class _Bars:
         self.close()
         if self.enabled and self.in_kernel and self.last is not None:
             phase, done, total, _ = self.last
-            print(f"progress: {phase} {done}/{total}")
+            print(shown(f"progress: {phase} {done}/{total}"))
 
 
 def run_probe(params: dict, out_root="outputs", run_dir=None, progress: bool = True) -> Path:

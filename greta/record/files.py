@@ -7,6 +7,7 @@ again is unchanged; a format newer than this greta reads is refused in one line)
 back. params.json is greta.record.params' own type; oracle.json is read as a plain dict.
 
     rec = read_record(run_dir)          # every file typed; rec.problems: one line per unreadable file
+    read_member_json(run_dir, name)     # one JSON file of a record, through greta.record.members' safe reader
     rec.verdict.verdict, rec.metrics.max_abs_diff, rec.manifest.files
 
 Writing is atomic (a temp file renamed over the target), so no file is ever half-written.
@@ -23,6 +24,8 @@ from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
+
+from greta.record.members import MemberError, read_member
 
 MANIFEST = "manifest.json"
 
@@ -92,15 +95,41 @@ def read_json_obj(path) -> dict:
     invalid JSON or not an object."""
     path = Path(path)
     try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise
-    except (OSError, ValueError) as e:
-        first = str(e).splitlines()[0] if str(e) else ""
-        detail = f"{type(e).__name__}: {first}"
-        raise RecordFileError(f"{path.name} is unreadable: {detail}", detail) from None
+    except OSError as e:
+        raise _unreadable(path.name, e) from None
+    return _json_obj(raw, path.name)
+
+
+def read_member_json(run_dir, name: str) -> dict:
+    """The JSON object in the record member name, read through greta.record.members (inside the record, a
+    regular file, within its size cap); FileNotFoundError when absent, RecordFileError (one line) otherwise."""
+    try:
+        raw = read_member(run_dir, name)
+    except MemberError as e:
+        raise RecordFileError(str(e), e.detail) from None
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise _unreadable(name, e) from None
+    return _json_obj(raw, name)
+
+
+def _unreadable(name: str, e: Exception) -> RecordFileError:
+    first = str(e).splitlines()[0] if str(e) else ""
+    detail = f"{type(e).__name__}: {first}"
+    return RecordFileError(f"{name} is unreadable: {detail}", detail)
+
+
+def _json_obj(raw: bytes, name: str) -> dict:
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except ValueError as e:  # UnicodeDecodeError and JSONDecodeError alike
+        raise _unreadable(name, e) from None
     if not isinstance(obj, dict):
-        raise RecordFileError(f"{path.name} is not a JSON object (got {type(obj).__name__})")
+        raise RecordFileError(f"{name} is not a JSON object (got {type(obj).__name__})")
     return obj
 
 
@@ -347,13 +376,14 @@ _ATTR = {"params.json": "params", "oracle.json": "oracle", "metadata.json": "met
 
 
 def read_record(run_dir) -> RecordFiles:
-    """Every JSON file of the record at run_dir, typed. Never raises for a bad file: it is None and
-    `problems` says why in one line ("X is missing", "X is unreadable: ...", "X lacks the key(s) ...")."""
+    """Every JSON file of the record at run_dir, typed, each read through greta.record.members (never a
+    symlink, FIFO or device, never past its size cap). Never raises for a bad file: it is None and `problems`
+    says why in one line ("X is missing", "X is unreadable: ...", "X is a FIFO, not a regular file ...")."""
     d = Path(run_dir)
     rec = RecordFiles(run_dir=d)
     for name, attr in _ATTR.items():
         try:
-            obj = read_json_obj(d / name)
+            obj = read_member_json(d, name)
             value = TYPES[name].from_dict(obj) if name in TYPES else obj
         except FileNotFoundError:
             rec.problems[name] = f"{name} is missing"

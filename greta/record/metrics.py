@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from greta.record.fingerprints import fingerprint_rows
+
 # The verdict groups, defined once (verify, analyze, probe and notebooks derive theirs from these).
 EQUIV_VERDICTS = ("PASS_EQUIV", "FAIL_EQUIV", "EXPECTED_DRIFT")  # the reference phase ran: judged from the logits
 FAULT_VERDICTS = ("FAIL_OOM", "FAIL_TIMEOUT", "FAIL_ERROR", "INTERRUPTED")  # a phase did not finish
@@ -15,7 +17,8 @@ assert set(FAIL.values()) == set(FAULT_VERDICTS)
 
 def compare(decode: np.ndarray, reference: np.ndarray, tokens: list[int], positions: list[int],
             sources: list[str]) -> dict:
-    """decode, reference: float32 [span, vocab]. tokens: the generated ids (tokens[j] came from decode[j])."""
+    """decode, reference: float32 [span, vocab]. tokens: the generated ids (tokens[j] came from decode[j]).
+    Each per_position row carries the fingerprint of both its rows (greta.record.fingerprints)."""
     d = np.asarray(decode, dtype=np.float32)
     r = np.asarray(reference, dtype=np.float32)
     if d.shape != r.shape:
@@ -27,10 +30,12 @@ def compare(decode: np.ndarray, reference: np.ndarray, tokens: list[int], positi
         np.linalg.norm(d.astype(np.float64), axis=-1) * np.linalg.norm(r.astype(np.float64), axis=-1))
     agree = ad == ar
     mism = np.flatnonzero(~agree)
+    prints = fingerprint_rows(d, r, sources)
     rows = [{
         "step": j, "position": int(positions[j]), "source": sources[j],
         "max_abs_diff": float(diff[j].max()), "mean_abs_diff": float(diff[j].mean()), "cosine": float(cos[j]),
         "argmax_decode": int(ad[j]), "argmax_reference": int(ar[j]), "agree": bool(agree[j]),
+        "fingerprint": prints[j],
     } for j in range(d.shape[0])]
     return {
         "span": int(d.shape[0]), "vocab": int(d.shape[1]), "finite": finite,

@@ -20,10 +20,11 @@ from greta.engine.config import ModelConfig
 from greta.record.files import (MANIFEST, TYPES, Manifest, Metadata, Metrics, Perf, VramSummary, Verdict,
                                 atomic_write_bytes, atomic_write_text, jsonable as _jsonable, sha256_file, write_json)
 from greta.record.params import dtype_bytes
-from greta.record.rundir import allocate_run_dir, resolve_out_root
+from greta.record.rundir import allocate_run_dir, enclosing_record, nested_message, resolve_out_root
 from greta.record.samples import write_samples_csv
 
 from greta.paths import REPO_ROOT as REPO
+from greta.terminal import echo
 
 __all__ = ["MANIFEST", "RecordError", "Record", "atomic_write_bytes", "atomic_write_text", "sha256_file", "seal",
            "seal_hmac", "SEAL_KEY_ENV", "record_files", "preflight", "expected_bytes", "git_state", "versions",
@@ -115,19 +116,24 @@ def expected_bytes(params) -> int:
 
 
 def preflight(out_root, params):
-    """Before a run: the output folder can be created and written, and has room for the record."""
+    """Before a run: the output folder lies in no record, can be created and written, and has room for the
+    record."""
     root = resolve_out_root(out_root)
+    outer = enclosing_record(root)
+    if outer is not None:
+        raise RecordError(nested_message(root, outer))
     try:
         root.mkdir(parents=True, exist_ok=True)
         probe = root / f".greta-write-test-{secrets.token_hex(3)}"
         probe.write_bytes(b"ok")
         probe.unlink()
     except OSError as e:
-        raise RecordError(f"output folder {root} is not writable ({e.strerror or e}): pass -o <a writable folder>") from None
+        raise RecordError(f"output folder {echo(str(root))} is not writable ({e.strerror or e}): "
+                          "pass -o <a writable folder>") from None
     free = shutil.disk_usage(root).free
     need = 2 * expected_bytes(params)
     if free < need:
-        raise RecordError(f"output folder {root} has {free / 2**20:.0f} MiB free, a record needs about "
+        raise RecordError(f"output folder {echo(str(root))} has {free / 2**20:.0f} MiB free, a record needs about "
                           f"{need / 2**20:.0f} MiB: free some space or pass -o <another folder>")
 
 

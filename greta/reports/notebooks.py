@@ -24,6 +24,7 @@ __all__ = ["NOTEBOOK_DIR", "REPO_ROOT", "ANALYSIS_NOTEBOOKS", "PROGRESS_ENV", "N
            "report_progress", "one_line", "NoRecord", "newest_record", "figure_path"]
 
 from greta.paths import NOTEBOOK_DIR, REPO_ROOT
+from greta.terminal import brief, shown
 
 ANALYSIS_NOTEBOOKS = ("vram_plot.ipynb", "equivalence_analysis.ipynb")
 KERNEL = "python3"
@@ -111,7 +112,7 @@ def report_progress(kind: str, *fields) -> None:
 def one_line(exc: BaseException) -> str:
     """An exception as one line; papermill's PapermillExecutionError names the real error on its last line."""
     text = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
-    return f"{type(exc).__name__}: {text[-1] if text else ''}"[:300]
+    return brief(f"{type(exc).__name__}: {text[-1] if text else ''}")
 
 
 def _kernel_manager():
@@ -253,14 +254,14 @@ def execute_analysis(run_dir: str | Path, timeout_s: float | None = 600,
         out = run_dir / src.name
         err = execute_notebook(src, out, dict(run_dir=str(run_dir), into_record=True), timeout_s=timeout_s)
         if err is not None:
-            print(f"greta: {src.name} failed: {one_line(err)} (kept: {out})", file=sys.stderr)
+            print(shown(f"greta: {src.name} failed: {one_line(err)} (kept: {out})"), file=sys.stderr)
         if not out.is_file():
             continue
         written.append(out)
         try:
             written.append(to_html(out))
         except Exception as exc:  # noqa: BLE001
-            print(f"greta: rendering {out.name} to HTML failed: {one_line(exc)}", file=sys.stderr)
+            print(shown(f"greta: rendering {out.name} to HTML failed: {one_line(exc)}"), file=sys.stderr)
     report_progress("notebook", "done", len(sources), len(sources))
     return written
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from greta.record.files import RecordFileError, Verdict, read_json_obj
 from greta.record.matrix import combos, point_name
+from greta.terminal import shown
 
 CONFIG = "config.json"
 VERDICT = "sweep_verdict.json"
@@ -63,7 +64,7 @@ def log_entry(sweep_dir: Path, **entry) -> None:
 
 def say(progress: bool, msg: str) -> None:
     if progress:
-        print(f"greta sweep: {msg}", file=sys.stderr, flush=True)
+        print(shown(f"greta sweep: {msg}"), file=sys.stderr, flush=True)
 
 
 def verdict_of(point_dir: Path) -> tuple[str | None, str | None]:

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from greta.record.params import ParamError
+from greta.terminal import brief
 from greta.sweeps.layout import log_entry, say, verdict_of
 
 INTERRUPT_GRACE_S = 120.0  # how long an interrupted point may take to write its INTERRUPTED record
@@ -150,7 +151,7 @@ def _last_line(path: Path) -> str:
         lines = [x for x in path.read_text(errors="replace").splitlines() if x.strip()]
     except OSError:
         return ""
-    return " ".join(lines[-1].split())[:300] if lines else ""
+    return brief(lines[-1]) if lines else ""
 
 
 def _kill_session(p: _Point) -> None:

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from greta.sweeps.parallel import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_RECORD
+from greta.terminal import brief, shown
 
 
 def main(argv: list[str]) -> int:
@@ -33,19 +34,19 @@ def main(argv: list[str]) -> int:
             raise SweepError(f"{sweep_dir} declares no point {name!r}")
         run_probe(preflight(params), run_dir=sweep_dir / "points" / name, progress=False)
     except (ParamError, SweepError) as e:
-        print(f"greta: error: {e}", file=sys.stderr)
+        print(shown(f"greta: error: {e}"), file=sys.stderr)
         return EXIT_BAD_INPUT
     except RecordError as e:
-        print(f"greta: error: {e}", file=sys.stderr)
+        print(shown(f"greta: error: {e}"), file=sys.stderr)
         return EXIT_RECORD
     except ProbeInterrupted as e:
-        print(f"greta: INTERRUPTED by {e.how}; record: {e.run_dir}", file=sys.stderr)
+        print(shown(f"greta: INTERRUPTED by {e.how}; record: {e.run_dir}"), file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as e:  # noqa: BLE001 - the sweep logs this line as the point's error
         import traceback
 
         traceback.print_exc()
-        print(" ".join(f"{type(e).__name__}: {e}".split())[:300], file=sys.stderr)
+        print(shown(brief(f"{type(e).__name__}: {e}")), file=sys.stderr)
         return 1
     return 0
 

@@ -34,6 +34,7 @@ from greta.reports import fmt, md
 from greta.reports.fmt import finite as _num
 from greta.reports.plot_style import FAIL_COLOR, VERDICT_COLORS, log_floor, on_log_axis, save as _save
 from greta.sweeps.layout import VERDICT, point_complete, points, read_config
+from greta.terminal import brief, shown
 
 __all__ = ["collect", "guardrail", "results_table_md", "timing_table_md", "guardrail_md", "plot_vram_vs_ctx",
            "plot_time_vs_ctx", "plot_diff_vs_ctx", "plot_drift", "export_html", "finish", "PLOTS",
@@ -107,7 +108,7 @@ def guardrail(rows: list[dict], matrix: dict) -> tuple[str, list[str]]:
     reasons = []
     kv1 = [pt for pt in declared if int(pt["kv_aligned"]) == 1]
     if failing:
-        reasons += [f"kv_aligned=1 point not {_pass_name(rows)}: {f}"[:300] for f in failing]
+        reasons += [brief(f"kv_aligned=1 point not {_pass_name(rows)}: {f}") for f in failing]
     if not kv1:
         reasons.append("the matrix declares no kv_aligned=1 point: nothing for the guardrail to hold")
     if missing:
@@ -453,7 +454,7 @@ def finish(sweep_dir, progress: bool = True, timeout_s: float | None = 600) -> d
         err = e
     if err is not None:
         out["report_error"] = _one_line(err)
-        print(f"greta sweep: sweep_report.ipynb failed: {_one_line(err)}", file=sys.stderr)
+        print(shown(f"greta sweep: sweep_report.ipynb failed: {_one_line(err)}"), file=sys.stderr)
     if nb.is_file():
         out["report_notebook"] = nb.name
         try:
@@ -462,7 +463,7 @@ def finish(sweep_dir, progress: bool = True, timeout_s: float | None = 600) -> d
             out["report_error"] = out["report_error"] or _one_line(e)
     atomic_write_text(sweep_dir / VERDICT, json.dumps(out, indent=2) + "\n")
     if progress:
-        print(f"greta sweep: {verdict}: " + " | ".join(reasons), file=sys.stderr)
+        print(shown(f"greta sweep: {verdict}: " + " | ".join(reasons)), file=sys.stderr)
     return out
 
 

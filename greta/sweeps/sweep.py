@@ -45,6 +45,7 @@ from pathlib import Path
 
 from greta.record.matrix import AXES, Matrix, load_matrix, matrix_from_data, point_name
 from greta.record.params import ParamError
+from greta.terminal import brief
 from greta.sweeps.layout import (CONFIG, VERDICT, SweepError, log_entry, point_complete, points, read_config, say,
                                  verdict_of)
 
@@ -184,7 +185,7 @@ def _run_serial(matrix: Matrix, sweep_dir: Path, todo, total: int, progress: boo
         except RecordError:
             raise  # an unwritable/full output folder fails every later point too
         except Exception as e:  # noqa: BLE001 - one broken point must not stop the sweep
-            msg = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+            msg = brief(f"{type(e).__name__}: {e}")
             say(progress, f"[{i}/{total}] {name}: error: {msg}")
             log_entry(sweep_dir, point=name, action="error", error=msg)
             continue
