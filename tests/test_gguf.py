@@ -1,6 +1,6 @@
 """greta.engine.gguf: Llama GGUF files written by the tests themselves (gguf.GGUFWriter), their metadata mapped to a
-ModelConfig, F32/F16/BF16 tensors loaded and Q8_0/Q4_K dequantized (checked against gguf.quants, the gguf
-package's own numpy code), q/k rows un-permuted, and logits held against transformers on the source model."""
+ModelConfig, F32/F16/BF16 tensors loaded and block types dequantized (checked against gguf.quants, the gguf
+package's own numpy code; every block type on random blocks in tests/test_gguf_quants.py), q/k rows un-permuted, and logits held against transformers on the source model."""
 from __future__ import annotations
 
 import math
@@ -13,8 +13,8 @@ gguf = pytest.importorskip("gguf")
 from gguf import GGMLQuantizationType as Q  # noqa: E402
 
 from greta.engine.source import load_config  # noqa: E402
-from greta.engine.gguf import (GGUFError, dequant_q4_k, dequant_q8_0, gguf_config, load_gguf,  # noqa: E402
-                        permute_rope_rows, unpermute_rope_rows)
+from greta.engine.gguf import GGUFError, gguf_config, load_gguf, permute_rope_rows, unpermute_rope_rows  # noqa: E402
+from greta.engine.gguf_quants import KNOWN_TYPES, dequantize  # noqa: E402
 from greta.checks.oracle import agreement, greta_logits, hf_logits  # noqa: E402
 from greta.engine.prompt import synthetic_prompt  # noqa: E402
 
@@ -54,32 +54,10 @@ def reference(x: np.ndarray, kind) -> torch.Tensor:
 
 
 # --- dequantizers ----------------------------------------------------------------------------------
-def test_q8_0_matches_gguf_package_and_source():
-    x = np.random.default_rng(0).normal(size=(8, 256)).astype(np.float32)
-    raw = gguf.quants.quantize(x, Q.Q8_0)
-    assert raw.shape == (8, 256 // 32 * 34)
-    got = dequant_q8_0(torch.from_numpy(raw)).reshape(8, 256)
-    want = torch.from_numpy(gguf.quants.dequantize(raw, Q.Q8_0).reshape(8, 256))
-    assert torch.equal(got, want)
-    assert float((got - torch.from_numpy(x)).abs().max()) < np.abs(x).max() / 127  # within one step
-
-
-def test_q4_k_matches_gguf_package_on_random_blocks():
-    """Arbitrary bytes (every scale/min bit pattern) with finite fp16 d and dmin."""
-    rng = np.random.default_rng(1)
-    raw = rng.integers(0, 256, size=(64, 144), dtype=np.uint8)
-    raw[:, 0:2] = np.float16(rng.uniform(0.001, 0.1, 64)).view(np.uint8).reshape(64, 2)
-    raw[:, 2:4] = np.float16(rng.uniform(0.001, 0.1, 64)).view(np.uint8).reshape(64, 2)
-    got = dequant_q4_k(torch.from_numpy(raw))
-    want = torch.from_numpy(gguf.quants.dequantize(raw, Q.Q4_K).reshape(-1))
-    assert got.shape == (64 * 256,)
-    assert torch.equal(got, want)
-
-
 def test_q4_k_round_trip_of_the_test_packer():
     x = np.random.default_rng(2).normal(size=(4, 512)).astype(np.float32)
     raw = quantize_q4_k(x)
-    got = dequant_q4_k(torch.from_numpy(raw)).reshape(4, 512)
+    got = dequantize("Q4_K", torch.from_numpy(raw)).reshape(4, 512)
     assert torch.equal(got, torch.from_numpy(gguf.quants.dequantize(raw, Q.Q4_K).reshape(4, 512)))
     err = float((got - torch.from_numpy(x)).abs().max())
     assert 0 < err < 0.6  # 4-bit: a sizeable but bounded error (range ~6 sigma / 15 steps, plus 6-bit scales)
@@ -169,7 +147,7 @@ def test_gguf_config_matches_the_hf_config(tmp_path, hf_checkpoint):
     assert math.isclose(c.rms_eps, hf.rms_eps, rel_tol=1e-6)
 
 
-@pytest.mark.parametrize("kind", [Q.F32, Q.F16, Q.BF16, Q.Q8_0], ids=lambda k: k.name)
+@pytest.mark.parametrize("kind", [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1], ids=lambda k: k.name)
 def test_gguf_tensors_load_as_the_gguf_package_dequantizes_them(tmp_path, hf_checkpoint, kind):
     d = hf_checkpoint("gqa4")
     path, stored = write_gguf(tmp_path / "m.gguf", d, kind)
@@ -252,11 +230,11 @@ def test_gguf_other_architecture_is_refused_by_name(tmp_path, hf_checkpoint):
 
 
 def test_gguf_unsupported_tensor_type_is_named(tmp_path, hf_checkpoint):
-    path, _ = write_gguf(tmp_path / "m.gguf", hf_checkpoint("gqa4"), Q.Q4_0)
+    path, _ = write_gguf(tmp_path / "m.gguf", hf_checkpoint("gqa4"), Q.MXFP4)
     with pytest.raises(GGUFError) as e:
         load_gguf(path, load_config(str(path)), torch.float32, "cpu")
     msg = _one_line(e)
-    assert "Q4_0" in msg and "token_embd.weight" in msg
+    assert "MXFP4" in msg and "token_embd.weight" in msg and all(k in msg for k in KNOWN_TYPES)
 
 
 @pytest.mark.parametrize("cut", [100, 4096])  # into the last tensor's data; into the tensor table

@@ -1,7 +1,7 @@
 """Llama GGUF files (llama.cpp's format), read with the `gguf` package (pip install greta[models]).
 
 Metadata maps to a ModelConfig (gguf_config); tensors load as F32, F16 or BF16, or are dequantized from
-Q8_0 and Q4_K to the run's dtype on load (load_gguf). The file is memory-mapped and tensors are taken one
+the block types of engine.gguf_quants (Q4_0 to Q8_0, Q2_K to Q6_K) to the run's dtype on load (load_gguf). The file is memory-mapped and tensors are taken one
 at a time. llama.cpp's converter permutes the rows of attn_q and attn_k (interleaved RoPE pairs); they
 are permuted back to the HF rotate-half layout Greta uses. Llama-3.1 files carry their llama3 rope
 scaling as a `rope_freqs.weight` tensor of per-frequency divisors, used as they are.
@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from greta.engine.config import ModelConfig
+from greta.engine.gguf_quants import KNOWN_TYPES, UnknownTypeError, dequantize
 from greta.engine.weights import CheckpointError, Spelling, assemble, check_tensors, expected_tensors, tensor_names
 
 
@@ -96,54 +97,19 @@ def gguf_config(path) -> ModelConfig:
     )
 
 
-# --- dequantizers (torch; gguf.quants holds numpy references the tests compare against) --------------
-def dequant_q8_0(raw: torch.Tensor) -> torch.Tensor:
-    """Q8_0 blocks (uint8 [..., 34 * k]: fp16 scale d, then 32 int8 q) -> fp32 values d * q."""
-    b = raw.reshape(-1, 34)
-    d = b[:, :2].contiguous().view(torch.float16).float()  # [n, 1]
-    q = b[:, 2:].contiguous().view(torch.int8).float()
-    return (q * d).reshape(-1)
-
-
-def dequant_q4_k(raw: torch.Tensor) -> torch.Tensor:
-    """Q4_K super-blocks of 256 values (uint8 [..., 144 * k]): fp16 d, fp16 dmin, 12 bytes of eight 6-bit
-    scales and mins, 128 bytes of 4-bit q. Sub-block j (32 values) is d*sc[j]*q - dmin*m[j]; sub-blocks
-    2g and 2g+1 are the low and high nibbles of bytes 32g..32g+31 (ggml's dequantize_row_q4_K)."""
-    b = raw.reshape(-1, 144)
-    n = b.shape[0]
-    d = b[:, 0:2].contiguous().view(torch.float16).float()
-    dmin = b[:, 2:4].contiguous().view(torch.float16).float()
-    s = b[:, 4:16].to(torch.int32)
-    sc = torch.cat([s[:, 0:4] & 63, (s[:, 8:12] & 0xF) | ((s[:, 0:4] >> 6) << 4)], dim=1)  # [n, 8]
-    m = torch.cat([s[:, 4:8] & 63, (s[:, 8:12] >> 4) | ((s[:, 4:8] >> 6) << 4)], dim=1)
-    qs = b[:, 16:].to(torch.int32).reshape(n, 4, 32)
-    q = torch.stack([qs & 0xF, qs >> 4], dim=2).reshape(n, 8, 32).float()
-    y = (d * sc.float())[:, :, None] * q - (dmin * m.float())[:, :, None]
-    return y.reshape(-1)
-
-
 def _tensor(t, dtype: torch.dtype, device) -> torch.Tensor:
     """A ReaderTensor as a torch tensor of its logical (row-major) shape, converted to dtype on device."""
-    from gguf import GGMLQuantizationType as Q
-
     shape = tuple(int(x) for x in reversed(t.shape.tolist()))
     try:
         data = np.array(t.data, copy=True)  # one tensor leaves the memory map at a time
     except Exception as e:  # noqa: BLE001 - a short file gives short or unreadable maps
         raise GGUFError(f"GGUF tensor {t.name} cannot be read: file truncated or corrupted ({e})") from None
-    kind = t.tensor_type
-    if kind == Q.F32:
-        x = torch.from_numpy(data.view(np.float32))
-    elif kind == Q.F16:
-        x = torch.from_numpy(data.view(np.float16))
-    elif kind == Q.BF16:
-        x = torch.from_numpy(data.view(np.int16)).view(torch.bfloat16)
-    elif kind == Q.Q8_0:
-        x = dequant_q8_0(torch.from_numpy(data.view(np.uint8)))
-    elif kind == Q.Q4_K:
-        x = dequant_q4_k(torch.from_numpy(data.view(np.uint8)))
-    else:
-        raise GGUFError(f"GGUF tensor {t.name} has type {kind.name}; Greta loads F32, F16, BF16, Q8_0 and Q4_K")
+    try:
+        x = dequantize(t.tensor_type.name, torch.from_numpy(data.reshape(-1).view(np.uint8)))
+    except UnknownTypeError:
+        raise GGUFError(f"GGUF tensor {t.name} has type {t.tensor_type.name}; Greta loads {', '.join(KNOWN_TYPES)}") from None
+    except ValueError as e:
+        raise GGUFError(f"GGUF tensor {t.name}: {e}: file truncated or corrupted") from None
     if x.numel() != int(np.prod(shape)):
         raise GGUFError(f"GGUF tensor {t.name} holds {x.numel()} values, its shape {list(shape)} needs {int(np.prod(shape))}: "
                         "file truncated or corrupted")
