@@ -30,23 +30,24 @@ def _f16(b: torch.Tensor) -> torch.Tensor:
 
 
 def _shifted(b: torch.Tensor, shifts: list[int], mask: int) -> torch.Tensor:
-    """uint8 [n, g, L] -> int32 [n, g, len(shifts), L]: (b >> s) & mask for each shift s."""
-    s = torch.tensor(shifts, dtype=torch.int32).reshape(1, 1, -1, 1)
-    return (b.to(torch.int32)[:, :, None, :] >> s) & mask
+    """uint8 [n, g, L] -> uint8 [n, g, len(shifts), L]: (b >> s) & mask for each shift s. The quants stay
+    uint8 (every packed value fits); arithmetic that can go negative happens in fp32, exact on these integers."""
+    s = torch.tensor(shifts, dtype=torch.uint8).reshape(1, 1, -1, 1)
+    return (b[:, :, None, :] >> s) & mask
 
 
 def _nibbles(qs: torch.Tensor) -> torch.Tensor:
-    """A 32-value block's 16 bytes -> int32 [n, 32]: low nibbles are values 0-15, high nibbles 16-31."""
+    """A 32-value block's 16 bytes -> uint8 [n, 32]: low nibbles are values 0-15, high nibbles 16-31."""
     return _shifted(qs[:, None, :], [0, 4], 0xF).reshape(qs.shape[0], 32)
 
 
 def _bits32(qh: torch.Tensor) -> torch.Tensor:
-    """A little-endian uint32 of 4 bytes -> int32 [n, 32]: bit j of it, for value j."""
+    """A little-endian uint32 of 4 bytes -> uint8 [n, 32]: bit j of it, for value j."""
     return _shifted(qh[:, None, :], list(range(8)), 1).transpose(2, 3).reshape(qh.shape[0], 32)
 
 
 def dequant_q4_0(b: torch.Tensor) -> torch.Tensor:
-    return _f16(b[:, 0:2]) * (_nibbles(b[:, 2:18]) - 8).float()
+    return _f16(b[:, 0:2]) * (_nibbles(b[:, 2:18]).float() - 8)
 
 
 def dequant_q4_1(b: torch.Tensor) -> torch.Tensor:
@@ -55,7 +56,7 @@ def dequant_q4_1(b: torch.Tensor) -> torch.Tensor:
 
 def dequant_q5_0(b: torch.Tensor) -> torch.Tensor:
     q = _nibbles(b[:, 6:22]) | (_bits32(b[:, 2:6]) << 4)
-    return _f16(b[:, 0:2]) * (q - 16).float()
+    return _f16(b[:, 0:2]) * (q.float() - 16)
 
 
 def dequant_q5_1(b: torch.Tensor) -> torch.Tensor:
@@ -85,16 +86,16 @@ def _q3_k_scales(s: torch.Tensor) -> torch.Tensor:
     n = s.shape[0]
     lo = _shifted(s[:, None, 0:8], [0, 4], 0xF).reshape(n, 16)
     hi = _shifted(s[:, None, 8:12], [0, 2, 4, 6], 3).reshape(n, 16)
-    return (lo | (hi << 4)) - 32
+    return (lo | (hi << 4)).float() - 32
 
 
 def dequant_q3_k(b: torch.Tensor) -> torch.Tensor:
     n = b.shape[0]
-    dl = (_f16(b[:, 108:110]) * _q3_k_scales(b[:, 96:108]).float())[:, :, None]
+    dl = (_f16(b[:, 108:110]) * _q3_k_scales(b[:, 96:108]))[:, :, None]
     ql = _shifted(b[:, 32:96].reshape(n, 2, 32), [0, 2, 4, 6], 3).reshape(n, 16, 16)
     qh = _shifted(b[:, None, 0:32], list(range(8)), 1).reshape(n, 16, 16)
-    q = ql - ((qh ^ 1) << 2)  # the high bit set means no offset of -4
-    return (dl * q.float()).reshape(n, QK_K)
+    q = ql.float() - ((qh ^ 1) << 2).float()  # the high bit set means no offset of -4
+    return (dl * q).reshape(n, QK_K)
 
 
 def _k_scales_mins(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,7 +107,7 @@ def _k_scales_mins(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _k_affine(b: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """(d * scale) * q - dmin * min over eight sub-blocks of 32; q int32 [n, 8, 32]."""
+    """(d * scale) * q - dmin * min over eight sub-blocks of 32; q uint8 [n, 8, 32]."""
     n = b.shape[0]
     sc, m = _k_scales_mins(b[:, 4:16])
     dl = (_f16(b[:, 0:2]) * sc.float())[:, :, None]
@@ -135,8 +136,8 @@ def dequant_q6_k(b: torch.Tensor) -> torch.Tensor:
     dl = (_f16(b[:, 208:210]) * b[:, 192:208].contiguous().view(torch.int8).float())[:, :, None]
     ql = _shifted(b[:, 0:128].reshape(n, 2, 64), [0, 4], 0xF).reshape(n, 8, 32)
     qh = _shifted(b[:, 128:192].reshape(n, 2, 32), [0, 2, 4, 6], 3).reshape(n, 8, 32)
-    q = ((ql | (qh << 4)) - 32).reshape(n, 16, 16)
-    return (dl * q.float()).reshape(n, QK_K)
+    q = ((ql | (qh << 4)).float() - 32).reshape(n, 16, 16)
+    return (dl * q).reshape(n, QK_K)
 
 
 # GGML type name -> (values per block, bytes per block, dequantizer of uint8 [n_blocks, bytes] -> fp32 [n, values])

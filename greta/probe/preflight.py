@@ -136,12 +136,12 @@ def _check_triton(device: str, dtype: str) -> None:
 def _check_fits(p: Params) -> None:
     """Refuse a run whose weights plus KV cache alone exceed the device's total memory."""
     from greta.engine.config import kv_capacity
-    from greta.engine.source import load_config
+    from greta.engine.source import load_config, model_source
 
     try:
         cfg = load_config(p.model)
     except Exception as e:  # noqa: BLE001 - a config.json that isn't a Llama config, GGUF metadata gguf can't read
-        what = "GGUF metadata" if p.model.endswith(".gguf") else "config.json"
+        what = "GGUF metadata" if model_source(p.model) == "gguf" else "config.json"
         raise ParamError(f"param model={show(p.model)}: cannot read its {what} ({' '.join(str(e).split())[:80]})") from None
     if cfg.n_kv_heads % p.tp:
         raise ParamError(f"param tp={p.tp} does not divide model {show(p.model)}'s {cfg.n_kv_heads} KV heads; use a tp "

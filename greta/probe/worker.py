@@ -202,7 +202,7 @@ class Job:
         phases'), then make or load only this rank's shard. -> (config, weights, source, hash)."""
         from greta.engine import weights
         from greta.engine.launch import init_from_env
-        from greta.engine.source import load_config, model_source
+        from greta.engine.source import load_config, model_path, model_source
         from greta.engine.tp import load_shard, synthetic_shard
 
         p = self.p
@@ -215,7 +215,7 @@ class Job:
             w = synthetic_shard(cfg, p.seed, self.dtype, self.device, self.tp.rank, self.tp.world)
             return cfg, w, kind, weights.synthetic_hash(cfg, p.seed)
         w = load_shard(p.model, cfg, self.dtype, self.device, self.tp.rank, self.tp.world)
-        return cfg, w, kind, weights.checkpoint_hash(p.model)
+        return cfg, w, kind, weights.checkpoint_hash(model_path(p.model))
 
     def close(self):
         """Leave the tensor-parallel group (the runner kills a rank that hangs here: the issue's scout saw
