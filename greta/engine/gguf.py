@@ -35,7 +35,7 @@ def check_gguf_header(path) -> None:
                         "pass a llama.cpp .gguf file")
 
 
-def _reader(path):
+def gguf_reader(path):
     """The file's GGUFReader, shared by the config, the tensors and the tokenizer of one process: parsing
     the metadata of a real file takes seconds (SmolLM2: 5 s, its 49152 tokens and 48900 merges, ~160 MiB
     of views), so it is parsed once per version of the file (path, size, mtime), the last one kept."""
@@ -58,7 +58,7 @@ def _open_reader(path: str, size: int, mtime_ns: int):
         raise GGUFError(f"GGUF file {path} is truncated or corrupted ({type(e).__name__}: {' '.join(str(e).split())[:160]})") from None
 
 
-def _field(reader, key: str, default=None, required: bool = False):
+def gguf_field(reader, key: str, default=None, required: bool = False):
     f = reader.fields.get(key)
     if f is None:
         if required:
@@ -69,23 +69,23 @@ def _field(reader, key: str, default=None, required: bool = False):
 
 def gguf_config(path) -> ModelConfig:
     """ModelConfig from a Llama GGUF file's metadata (and its tensor list: output.weight, rope_freqs)."""
-    r = _reader(path)
-    arch = _field(r, "general.architecture", required=True)
+    r = gguf_reader(path)
+    arch = gguf_field(r, "general.architecture", required=True)
     if arch != "llama":
         raise GGUFError(f"GGUF general.architecture {arch!r} is not supported: Greta runs llama GGUF files only")
     a = "llama."
-    h = int(_field(r, a + "embedding_length", required=True))
-    n_heads = int(_field(r, a + "attention.head_count", required=True))
+    h = int(gguf_field(r, a + "embedding_length", required=True))
+    n_heads = int(gguf_field(r, a + "attention.head_count", required=True))
     names = {t.name: t for t in r.tensors}
     if "token_embd.weight" not in names:
         raise GGUFError(f"GGUF file {path} lacks tensor token_embd.weight")
-    vocab = _field(r, a + "vocab_size")
+    vocab = gguf_field(r, a + "vocab_size")
     if vocab is None:
         vocab = int(names["token_embd.weight"].shape[-1])  # GGML order: (hidden, vocab)
     scaling = None
-    kind = _field(r, a + "rope.scaling.type", "none")
+    kind = gguf_field(r, a + "rope.scaling.type", "none")
     if kind == "linear":
-        scaling = {"rope_type": "linear", "factor": float(_field(r, a + "rope.scaling.factor", required=True))}
+        scaling = {"rope_type": "linear", "factor": float(gguf_field(r, a + "rope.scaling.factor", required=True))}
     elif kind not in ("none", None):
         raise GGUFError(f"GGUF rope scaling type {kind!r} is not supported (supported: linear, and llama3 via rope_freqs)")
     if "rope_freqs.weight" in names:
@@ -95,15 +95,15 @@ def gguf_config(path) -> ModelConfig:
         scaling = {"rope_type": "freq_factors", "factors": divisors}
     return ModelConfig(
         name=str(path), vocab_size=int(vocab), hidden_size=h,
-        n_layers=int(_field(r, a + "block_count", required=True)),
-        n_heads=n_heads, n_kv_heads=int(_field(r, a + "attention.head_count_kv", n_heads)),
-        head_dim=int(_field(r, a + "attention.key_length", 0) or _field(r, a + "rope.dimension_count", 0) or h // n_heads),
-        intermediate_size=int(_field(r, a + "feed_forward_length", required=True)),
-        rope_theta=float(_field(r, a + "rope.freq_base", 10000.0)),
+        n_layers=int(gguf_field(r, a + "block_count", required=True)),
+        n_heads=n_heads, n_kv_heads=int(gguf_field(r, a + "attention.head_count_kv", n_heads)),
+        head_dim=int(gguf_field(r, a + "attention.key_length", 0) or gguf_field(r, a + "rope.dimension_count", 0) or h // n_heads),
+        intermediate_size=int(gguf_field(r, a + "feed_forward_length", required=True)),
+        rope_theta=float(gguf_field(r, a + "rope.freq_base", 10000.0)),
         rope_scaling=scaling,
-        rms_eps=float(_field(r, a + "attention.layer_norm_rms_epsilon", 1e-5)),
+        rms_eps=float(gguf_field(r, a + "attention.layer_norm_rms_epsilon", 1e-5)),
         tie_embeddings="output.weight" not in names,
-        max_position_embeddings=int(_field(r, a + "context_length", 131072)),
+        max_position_embeddings=int(gguf_field(r, a + "context_length", 131072)),
     )
 
 
@@ -158,7 +158,7 @@ def load_gguf(path, cfg: ModelConfig, dtype: torch.dtype, device, slice_of=None)
     slice_of(role, shape) -> an index (None: all) keeps that part of each tensor (a tensor-parallel rank's
     shard: engine.tp). GGUF blocks quantize along rows, so a tensor is dequantized whole (one at a time, on
     the host) and cut before it moves to the device."""
-    r = _reader(path)
+    r = gguf_reader(path)
     tensors = {t.name: t for t in r.tensors}
     try:
         check_tensors(path, gguf_names(cfg), tensors, lambda k: tuple(int(x) for x in reversed(tensors[k].shape.tolist())),

@@ -71,13 +71,15 @@ def _check_prompt(p: Params) -> None:
     if p.prompt_file and not is_file(resolve(p.prompt_file)):
         raise ParamError(f"param prompt_file={show(p.prompt_file)}: no such text file")
     if p.tokenizer and not (is_file(Path(p.tokenizer)) or is_file(Path(p.tokenizer) / "tokenizer.json")):
-        raise ParamError(f"param tokenizer={show(p.tokenizer)}: neither a tokenizer.json file nor a directory holding one")
+        raise ParamError(f"param tokenizer={show(p.tokenizer)}: neither a tokenizer.json or .gguf file nor a directory holding "
+                         "tokenizer.json")
     if p.prompt_file or p.prompt == "hello":
         from greta.engine.tokenize import find_tokenizer
 
         if find_tokenizer(p.model, p.tokenizer) is None:  # text without a tokenizer used to become synthetic ids
             key = f"prompt_file={show(p.prompt_file)}" if p.prompt_file else "prompt=hello"
-            raise ParamError(f"param {key} is text but model={show(p.model)} has no tokenizer.json beside it; "
+            raise ParamError(f"param {key} is text but model={show(p.model)} has no tokenizer.json beside it nor a .gguf "
+                             "tokenizer of its own; "
                              "pass -p tokenizer=<dir with tokenizer.json>, or use -p prompt=synthetic")
 
 
