@@ -73,9 +73,10 @@ def test_rope_row_permutation_round_trips():
 
 
 # --- writing GGUF files from a transformers checkpoint ---------------------------------------------
-def write_gguf(path, hf_dir, kind=Q.F32, *, rope_freqs=True, drop=(), arch="llama", truncate=0):
+def write_gguf(path, hf_dir, kind=Q.F32, *, rope_freqs=True, drop=(), arch="llama", truncate=0, metadata=None):
     """A llama GGUF file from an HF checkpoint, as convert_hf_to_gguf writes one: q/k rows permuted,
-    norms in F32, 2-D weights as kind, llama3 scaling as a rope_freqs tensor."""
+    norms in F32, 2-D weights as kind, llama3 scaling as a rope_freqs tensor; metadata(writer) adds more keys
+    (a tokenizer)."""
     from safetensors.torch import load_file
 
     from greta.engine.config import inv_freq
@@ -95,6 +96,8 @@ def write_gguf(path, hf_dir, kind=Q.F32, *, rope_freqs=True, drop=(), arch="llam
     w.add_layer_norm_rms_eps(cfg.rms_eps)
     w.add_rope_dimension_count(cfg.head_dim)
     w.add_vocab_size(cfg.vocab_size)
+    if metadata:
+        metadata(w)
     names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
              "lm_head.weight": "output.weight"}
     for i in range(cfg.n_layers):

@@ -95,20 +95,16 @@ SPM_CORPUS = ["the cat sat on the mat", "The cat", "  the   cat ", "日本語 an
               "<|im_start|>the<think>cat</s>", "<unk> x", "tab\tnew\nline", "", " "]
 
 
-def write_spm_gguf(path, *, pre_tokenizer_model="llama", **extra):
-    """A GGUF holding only a llama architecture stub and a SentencePiece vocabulary: <unk> <s> </s>, the 256 byte
-    pieces, a control and a user-defined token, '▁', single characters (low scores) and merged pieces."""
-    tokens = ["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256)), "<|im_start|>", "<think>", "▁", *CHARS, *PIECES]
+SPM_TOKENS = ["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256)), "<|im_start|>", "<think>", "▁", *CHARS, *PIECES]
+
+
+def add_spm_tokenizer(w, model="llama", **extra):
+    """A SentencePiece vocabulary's metadata: <unk> <s> </s>, the 256 byte pieces, a control and a user-defined
+    token, '▁', single characters (low scores) and merged pieces; extra string keys as given."""
     types = [2, 3, 3] + [6] * 256 + [3, 4] + [1] * (1 + len(CHARS) + len(PIECES))
     scores = [0.0] * 261 + [-1000.0 - i for i in range(1 + len(CHARS))] + [-1.0 - i for i in range(len(PIECES))]
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_block_count(1)
-    w.add_context_length(64)
-    w.add_embedding_length(8)
-    w.add_feed_forward_length(8)
-    w.add_head_count(2)
-    w.add_tokenizer_model(pre_tokenizer_model)
-    w.add_token_list(tokens)
+    w.add_tokenizer_model(model)
+    w.add_token_list(SPM_TOKENS)
     w.add_token_types(types)
     w.add_token_scores(scores)
     w.add_bos_token_id(1)
@@ -116,6 +112,17 @@ def write_spm_gguf(path, *, pre_tokenizer_model="llama", **extra):
     w.add_unk_token_id(0)
     for key, value in extra.items():
         w.add_string(key, value)
+
+
+def write_spm_gguf(path, *, pre_tokenizer_model="llama", **extra):
+    """A GGUF holding only a llama architecture stub and a SentencePiece vocabulary (add_spm_tokenizer)."""
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(1)
+    w.add_context_length(64)
+    w.add_embedding_length(8)
+    w.add_feed_forward_length(8)
+    w.add_head_count(2)
+    add_spm_tokenizer(w, pre_tokenizer_model, **extra)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
