@@ -13,7 +13,8 @@
   legacy print the results table of the original engine's traces (runs/kv_aligned_<K>/seed_<S>/... or
          runs/kv_<K>/seed_<S>/ctx_<N>/...), re-analyzed with Greta's metrics and verdicts
   oracle compare Greta's logits (prefill and decode paths) with transformers' LlamaForCausalLM on a
-         checkpoint directory (needs transformers: pip install greta[test]); exit 1 outside tolerance
+         checkpoint directory (needs transformers: pip install greta[test]); exit 1 outside tolerance. On a
+         .gguf file or a real model (--model smollm2): tokens, logits over a text and a greedy continuation
 
 Exit codes: 0 pass (PASS_EQUIV, EXPECTED_DRIFT; verify: the record verifies), 1 any other verdict (verify:
 the reasons it does not), 2 bad input or an unwritable output folder, 130 interrupted (record written).
@@ -49,6 +50,23 @@ class _Parser(argparse.ArgumentParser):
         raise _UsageError(f"{message} (see {self.prog} --help)")
 
 
+def _gguf_oracle_cmd(args) -> int:
+    """The oracle on a GGUF file (checks.oracle_gguf): fp32 on the CPU, printed (no record yet)."""
+    from greta.checks.oracle import OracleMissing
+    from greta.checks.oracle_gguf import compare_gguf, format_result, verdict
+
+    if args.out_root or args.dtype != "float32" or args.device != "cpu" or args.backend != "torch":
+        return _fail("the oracle on a GGUF file runs in float32 on the CPU with the torch backend and prints its "
+                     "result: drop -o, --dtype, --device and --backend")
+    try:
+        res = compare_gguf(args.model, steps=args.steps, kv_aligned=args.kv_aligned, control=args.control,
+                           quiet=args.quiet)
+    except (OracleMissing, ValueError, FileNotFoundError) as e:
+        return _fail(e)
+    print(format_result(res))
+    return 0 if verdict(res) == "PASS_ORACLE" else 1
+
+
 def _oracle_cmd(args) -> int:
     import shutil
     import tempfile
@@ -57,6 +75,10 @@ def _oracle_cmd(args) -> int:
     from greta.checks.oracle import OracleMissing, compare, format_result, preset_checkpoint, write_record
     from greta.record.store import RecordError, preflight
 
+    from greta.engine.real_models import REAL_MODELS
+
+    if args.model in REAL_MODELS or args.model.endswith(".gguf"):
+        return _gguf_oracle_cmd(args)
     model, made, tmp = args.model, None, None
     try:
         if args.out_root:
@@ -126,8 +148,9 @@ def _add_check_cmds(sub):
 
 def _add_oracle_cmd(sub):
     op = sub.add_parser("oracle")
-    op.add_argument("--model", required=True, help="an HF checkpoint directory (config.json + safetensors), or a "
-                    "preset (llama3-8b, ...): transformers first saves a random checkpoint of that shape")
+    op.add_argument("--model", required=True, help="an HF checkpoint directory (config.json + safetensors), a "
+                    "preset (llama3-8b, ...): transformers first saves a random checkpoint of that shape, or a .gguf "
+                    "file or real model (smollm2): both read the file, text prompts")
     op.add_argument("--ctx", type=int, default=128, help="prompt length (default: %(default)s)")
     op.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     op.add_argument("--device", default="cpu")

@@ -60,3 +60,13 @@ def test_smollm2_passes_the_oracle():
     assert verdict(res) == "PASS_ORACLE", format_result(res)
     assert res["positions"] >= 256 and res["prefill"]["top1_agreement"] == 1.0
     assert res["greedy"]["greta_text"].startswith("The capital of France is Paris.<|im_end|>")
+
+
+def test_cli_runs_the_gguf_oracle_and_refuses_what_it_cannot(tiny_gguf, capsys):
+    from greta.__main__ import main
+
+    assert main(["oracle", "--model", tiny_gguf, "--steps", "2", "--control", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "tokens: the same ids" in out and "greedy 32 tokens: the same" in out and "control fails, as it must" in out
+    assert main(["oracle", "--model", tiny_gguf, "--dtype", "bfloat16"]) == 2
+    assert "float32 on the CPU" in capsys.readouterr().err

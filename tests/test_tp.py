@@ -94,6 +94,23 @@ def test_gguf_loads_shard_by_shard(tmp_path):
             assert torch.equal(got[k], want[k]), (r, k)
 
 
+@pytest.mark.parametrize("kind", ["Q4_1", "Q5_1"])
+def test_quantized_gguf_shards_are_slices_of_the_whole_load(tmp_path, kind):
+    """A quantized file (blocks along rows) loads shard by shard: each rank's tensors are its slices of tp=1's."""
+    gguf = pytest.importorskip("gguf")
+    from greta.engine.gguf import load_gguf  # noqa: PLC0415
+    from tests.test_gguf import write_gguf  # noqa: PLC0415 - the GGUF tests' writer
+
+    full = synthetic(CFG, 3, torch.float32, "cpu")
+    path, _ = write_gguf(tmp_path / "m.gguf", save_checkpoint(full, CFG, tmp_path / "ckpt"), gguf.GGMLQuantizationType[kind])
+    whole = load_gguf(path, CFG, torch.float32, "cpu")
+    assert not torch.equal(whole["0.w13"], full["0.w13"])  # really quantized
+    for r in range(2):
+        got, want = load_shard(str(path), CFG, torch.float32, "cpu", r, 2), shard_weights(CFG, whole, r, 2)
+        for k in want:
+            assert torch.equal(got[k], want[k]), (r, k)
+
+
 # --- the probe's property under tp (gloo) ----------------------------------------------------------------
 class _LibraryOverWholeTile(TPLibraryReduce):
     """What TPOps must not do: reduce the tiled backend's whole padded tile. Decode's message is then as

@@ -21,6 +21,9 @@ import torch
 
 from greta.checks.oracle import OracleMissing, TOLERANCES, _log, _transformers, agreement, greta_logits, wrong_rope
 
+# Greta's tile: at kv_aligned=1 each decode step runs a whole prefill tile (its rows pad to it, so decode and
+# prefill round alike), so a small tile keeps the 32-step greedy continuation cheap on the CPU.
+CHUNK = KV_BLOCK = 16
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 PASSAGE = (
     "Paris is the capital and largest city of France. It sits on the river Seine, in the north of the country, "
@@ -82,7 +85,7 @@ def greta_greedy(cfg, w: dict, ids: torch.Tensor, n: int, kv_aligned: int = 1) -
     """Greta's greedy continuation: chunked prefill of the prompt, then n - 1 decode steps."""
     from greta.engine.runner import Runner
 
-    r = Runner(cfg, w, max_tokens=ids.numel() + n, kv_aligned=kv_aligned, chunk=64, kv_block=64, backend="torch")
+    r = Runner(cfg, w, max_tokens=ids.numel() + n, kv_aligned=kv_aligned, chunk=CHUNK, kv_block=KV_BLOCK, backend="torch")
     logits, out = r.prefill(ids)[-1], []
     for i in range(n):
         out.append(int(logits.argmax()))
@@ -96,7 +99,7 @@ def _within(r: dict) -> bool:
 
 
 def _paths(cfg, w, tokens, want, steps, kv_aligned) -> dict:
-    pre, dec = greta_logits(cfg, w, tokens, steps, kv_aligned=kv_aligned)
+    pre, dec = greta_logits(cfg, w, tokens, steps, kv_aligned=kv_aligned, chunk=CHUNK, kv_block=KV_BLOCK)
     tol = TOLERANCES["float32"]["rel"]
     out = {"prefill": agreement(pre, want, tol), "decode": agreement(dec, want[-steps:], tol)}
     out["ok"] = _within(out["prefill"]) and _within(out["decode"])
@@ -108,7 +111,7 @@ def _control(cfg, w, tokens, want, kv_aligned) -> dict:
     from greta.engine.runner import Runner
 
     wrong, what = wrong_rope(cfg)
-    r = Runner(wrong, w, max_tokens=tokens.numel(), kv_aligned=kv_aligned, chunk=64, kv_block=64, backend="torch")
+    r = Runner(wrong, w, max_tokens=tokens.numel(), kv_aligned=kv_aligned, chunk=CHUNK, kv_block=KV_BLOCK, backend="torch")
     pre = agreement(r.prefill(tokens, keep=list(range(tokens.numel()))), want, TOLERANCES["float32"]["rel"])
     return {"change": what, "prefill": pre, "ok": _within(pre)}
 
