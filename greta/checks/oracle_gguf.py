@@ -55,11 +55,11 @@ def _gguf_path(model: str) -> Path:
 
 def hf_gguf(path: Path):
     """(transformers' model in fp32, its tokenizer), both read from the GGUF file."""
+    import importlib.util
+
     tf = _transformers()
-    try:
-        import accelerate  # noqa: F401 - transformers needs it to load a GGUF file
-    except ImportError:
-        raise OracleMissing("transformers needs accelerate to load a GGUF file: pip install greta[test]") from None
+    if importlib.util.find_spec("accelerate") is None:  # transformers imports it to load a GGUF file
+        raise OracleMissing("transformers needs accelerate to load a GGUF file: pip install greta[test]")
     kw = {"gguf_file": path.name}
     model = tf.AutoModelForCausalLM.from_pretrained(str(path.parent), dtype=torch.float32, **kw).eval()
     return model, tf.AutoTokenizer.from_pretrained(str(path.parent), **kw)
