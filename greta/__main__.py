@@ -63,7 +63,7 @@ def _gguf_oracle_cmd(args) -> int:
                            quiet=args.quiet)
     except (OracleMissing, ValueError, FileNotFoundError) as e:
         return _fail(e)
-    print(format_result(res))
+    print(shown(format_result(res), lines=True))
     return 0 if verdict(res) == "PASS_ORACLE" else 1
 
 
