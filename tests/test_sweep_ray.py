@@ -81,7 +81,7 @@ def test_ray_sweep_matches_the_serial_sweep(ray_sweep, serial_sweep, cluster):
     a, b = (json.loads((d / "sweep_verdict.json").read_text()) for d in (ray_sweep, serial_sweep))
     assert (a["verdict"], a["reasons"]) == (b["verdict"], b["reasons"]) and a["verdict"] == "PASS_GUARDRAIL"
     ran = [e for e in _log(ray_sweep) if e["action"] == "ran"]
-    addresses = {nd["NodeManagerAddress"] for nd in cluster}
+    addresses = {f"{nd['NodeManagerAddress']} ({nd['NodeID'][:8]})" for nd in cluster}
     assert sorted(e["point"] for e in ran) == NAMES and all(e["node"] in addresses for e in ran), ran
     assert "node" not in json.dumps(_log(serial_sweep))  # the node is named only where Ray ran the point
 

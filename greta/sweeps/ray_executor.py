@@ -139,10 +139,12 @@ def _bundle_node(pg) -> str:
 
 
 def _node_address(node_id: str) -> str:
-    """A node's address as the cluster lists it (its id when the cluster no longer does)."""
+    """'<address> (<id>)': a node's address as the cluster lists it, and its id's first 8 digits, which tell
+    nodes of one host apart (only the id when the cluster no longer lists the node)."""
     import ray
 
-    return next((n["NodeManagerAddress"] for n in ray.nodes() if n["NodeID"] == node_id), node_id)
+    address = next((n["NodeManagerAddress"] for n in ray.nodes() if n["NodeID"] == node_id), None)
+    return f"{address} ({node_id[:8]})" if address else node_id
 
 
 def _need(params) -> tuple[str, int]:
