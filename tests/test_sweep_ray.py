@@ -8,12 +8,17 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 import shutil
+import signal
+import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 
 from greta.__main__ import main
@@ -120,3 +125,57 @@ def test_bad_executor_arguments_are_one_line(cluster, tmp_path, monkeypatch, cap
     err = capsys.readouterr().err.strip()
     assert "pip install 'greta[ray]'" in err and "\n" not in err, err
     assert list(tmp_path.iterdir()) == []  # nothing was created
+
+
+# ------------------------------------------------------------------------ a killed point and an interrupt
+def _point_processes(sweep_dir: Path) -> dict[str, psutil.Process]:
+    """The live point processes of this sweep, by point name."""
+    out = {}
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = p.info["cmdline"] or []
+        if "greta.sweeps.point" in cmd and str(sweep_dir) in cmd:
+            out[cmd[-1]] = p
+    return out
+
+
+def _wait(what, timeout_s: float = 180):
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        got = what()
+        if got:
+            return got
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what.__doc__}")
+
+
+@pytest.mark.slow
+def test_killed_point_is_fail_error_naming_the_node_and_ctrl_c_leaves_interrupted_records(cluster, tmp_path):
+    """The CLI starts its own local Ray cluster. SIGKILL to one point's process: FAIL_ERROR naming the node.
+    Then Ctrl-C to the sweep: exit 130, every started point complete or INTERRUPTED, no point process left;
+    a resume on Ray completes the sweep and keeps the FAIL_ERROR (a complete result)."""
+    proc = subprocess.Popen([sys.executable, "-m", "greta", "sweep", "-f", str(CPU_SWEEP), "-o", str(tmp_path),
+                             "--quiet", *SMALL, "--executor", "ray"], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+    def victim_running():
+        """the point process of the kv_aligned=1 ctx128 point"""
+        for d in tmp_path.glob("*/b3_77-sweep/*"):
+            if (d / "points" / NAMES[1] / "perf.json").is_file() and NAMES[1] in _point_processes(d):
+                return d, _point_processes(d)[NAMES[1]]
+    d, victim = _wait(victim_running)
+    victim.kill()
+    verdict = d / "points" / NAMES[1] / "verdict.json"
+    _wait(lambda: verdict.is_file() and [e for e in _log(d) if e["action"] in ("ran", "error")])
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130 and "sweep INTERRUPTED by SIGINT" in err, err
+    v = json.loads(verdict.read_text())
+    named = re.search(r"signal 9 \(SIGKILL\) on node \S+ \([0-9a-f]{8}\)", v["reason"])
+    assert v["verdict"] == "FAIL_ERROR" and named, v
+    _wait(lambda: not _point_processes(d), 60)
+    verdicts = {p.name: json.loads((p / "verdict.json").read_text())["verdict"] for p in (d / "points").iterdir()}
+    assert all(verify(d / "points" / n) == [] for n in verdicts), verdicts
+    assert "INTERRUPTED" in verdicts.values() or len(verdicts) < 4, verdicts  # the interrupt stopped something
+    run_sweep(None, None, sweep_dir=d, progress=False, report=False, executor="ray")
+    assert all(point_complete(d / "points" / n)[0] for n in NAMES)
+    assert json.loads(verdict.read_text())["verdict"] == "FAIL_ERROR"  # not rerun
