@@ -16,6 +16,11 @@ point that fails is a result, as in a serial sweep. Ctrl-C or SIGTERM sends the 
 point, waits for each to write its INTERRUPTED record (up to INTERRUPT_GRACE_S), then kills what is left (its
 whole session: the probe's workers too) and completes any record left unfinished from its checkpoint, so
 every point ends complete or INTERRUPTED; a resume reruns the INTERRUPTED ones.
+
+The loop (run_parallel) sees the points only through an executor: ``take``/``give`` a group, ``start`` a point,
+and a run it can ``poll``, ``wait``, ``send_signal``, ``kill`` and ask for its ``crash_reason``. LocalExecutor
+(this module: the pool above) is one; greta.sweeps.ray_executor.RayExecutor (Ray tasks) is the other
+(docs/SWEEPS.md). Every record is verified when its point ends (greta.checks.verify).
 """
 from __future__ import annotations
 
@@ -240,7 +245,7 @@ def _ended(executor, matrix, sweep_dir: Path, p: _Point, total: int, progress: b
     verdict, reason = verdict_of(d)
     damaged = _arrival_problems(d) if verdict is not None else []
     if rc in (EXIT_BAD_INPUT, EXIT_RECORD) or verdict is None or damaged:
-        msg = (f"the record failed verification on arrival: {damaged[0]}" if damaged else
+        msg = (brief(f"the record failed verification on arrival: {damaged[0]}") if damaged else
                _last_line(sweep_dir / POINT_LOGS / f"{p.name}.log") or f"exit code {rc}")
         say(progress, f"[{p.number}/{total}] {p.name}: error ({where}, {wall:.1f} s): {msg}")
         log_entry(sweep_dir, point=p.name, action="error", error=msg, gpus=p.group, started_utc=p.started_utc,

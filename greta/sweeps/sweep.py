@@ -35,8 +35,9 @@ killed run, a damaged record) is moved aside to ``points/<name>.incomplete-<k>/`
 A resume whose declared matrix differs from config.json is refused (:class:`SweepError`, one line).
 
 Concurrency: ``run_sweep(..., gpus=N)`` (``greta sweep --gpus N``) runs the points concurrently, each in its own
-process on its own group of ``tp`` of N GPUs (greta.sweeps.parallel); the records, resume and guardrail rules
-are the same.
+process on its own group of ``tp`` of N GPUs (greta.sweeps.parallel); ``executor="ray"`` (``--executor ray``)
+runs each point as a Ray task on a cluster (greta.sweeps.ray_executor, docs/SWEEPS.md). The records, resume and
+guardrail rules are the same.
 """
 from __future__ import annotations
 
