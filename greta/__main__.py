@@ -141,6 +141,12 @@ def _add_check_cmds(sub):
     swp.add_argument("--gpus", type=int, default=None, metavar="N",
                      help="run points concurrently, each in its own process on its own group of tp of N GPUs "
                           "(slots with device=cpu); default: one after another")
+    swp.add_argument("--executor", choices=("local", "ray"), default="local",
+                     help="local: this machine's processes (--gpus N); ray: each point a Ray task on a Ray cluster "
+                          "(pip install 'greta[ray]'; docs/SWEEPS.md)")
+    swp.add_argument("--address", default=None, metavar="HOST:PORT",
+                     help="with --executor ray: the running cluster to join (e.g. 10.0.0.1:6379, or auto); "
+                          "default: start a local one")
     lgp = sub.add_parser("legacy")
     lgp.add_argument("runs_dir", help="the original engine's runs/ folder")
     lgp.add_argument("--json", action="store_true", help="print the rows as JSON")
@@ -308,7 +314,8 @@ def _sweep_cmd(args) -> int:
         if not args.resume:
             _check_out_root(args.out_root, ParamError)
         sweep_dir = run_sweep(args.file, parse_overrides(args.param), out_root=args.out_root, sweep_dir=args.resume,
-                              progress=not args.quiet, gpus=args.gpus)
+                              progress=not args.quiet, gpus=args.gpus,
+                              executor=args.executor, address=args.address)
     except (ParamError, SweepError, RecordError) as e:
         return _fail(e)
     except ProbeInterrupted as e:

@@ -22,8 +22,8 @@ except ImportError:  # Python 3.10
 # import name -> distribution name, where they differ
 IMPORT_TO_DIST = {"yaml": "pyyaml", "pynvml": "nvidia-ml-py", "IPython": "ipykernel", "PIL": "pillow"}
 # imported only inside try/except ImportError, for GPU backends (extras or a vendor install), real-model
-# formats (the models extra) and the oracle (the test extra)
-OPTIONAL_IMPORTS = {"triton", "pynvml", "amdsmi", "gguf", "tokenizers", "transformers"}
+# formats (the models extra), the oracle (the test extra) and Ray sweeps (the ray extra)
+OPTIONAL_IMPORTS = {"triton", "pynvml", "amdsmi", "gguf", "tokenizers", "transformers", "ray"}
 # conda package name -> PyPI name, where they differ
 CONDA_TO_PYPI = {"pytorch": "torch"}
 

@@ -16,6 +16,11 @@ point that fails is a result, as in a serial sweep. Ctrl-C or SIGTERM sends the 
 point, waits for each to write its INTERRUPTED record (up to INTERRUPT_GRACE_S), then kills what is left (its
 whole session: the probe's workers too) and completes any record left unfinished from its checkpoint, so
 every point ends complete or INTERRUPTED; a resume reruns the INTERRUPTED ones.
+
+The loop (run_parallel) sees the points only through an executor: ``take``/``give`` a group, ``start`` a point,
+and a run it can ``poll``, ``wait``, ``send_signal``, ``kill`` and ask for its ``crash_reason``. LocalExecutor
+(this module: the pool above) is one; greta.sweeps.ray_executor.RayExecutor (Ray tasks) is the other
+(docs/SWEEPS.md). Every record is verified when its point ends (greta.checks.verify).
 """
 from __future__ import annotations
 
@@ -108,12 +113,70 @@ class Pool:
         self.free = [i for i in self.ids if i in self.free or i in group]
 
 
+class LocalRun:
+    """A point's process on this machine: what the sweep loop asks of a running point on any executor
+    (poll, wait, send_signal, kill, crash_reason; greta.sweeps.ray_executor.RayRun is the other one)."""
+
+    node = None  # a point of this machine: no node to name
+
+    def __init__(self, proc: subprocess.Popen):
+        self.proc, self.pid = proc, proc.pid
+
+    def poll(self) -> int | None:
+        return self.proc.poll()
+
+    def wait(self, timeout: float | None = None) -> int:
+        return self.proc.wait(timeout)  # subprocess.TimeoutExpired past the timeout
+
+    def send_signal(self, sig: int) -> None:
+        try:
+            self.proc.send_signal(sig)
+        except ProcessLookupError:
+            pass
+
+    def kill(self) -> None:
+        """SIGKILL to the point's session: its process and whatever of the probe's workers is left."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def crash_reason(self, rc: int) -> str:
+        from greta.probe.ranks import exit_reason
+
+        return f"the point's process ended with {exit_reason(rc)}"
+
+
+class LocalExecutor:
+    """Points as processes of this machine, one per free group of the pool's GPU ids (module docstring)."""
+
+    name = "local"
+
+    def __init__(self, ids: list[str]):
+        self.pool = Pool(ids)
+
+    def take(self, tp: int) -> list[str] | None:
+        return self.pool.take(tp)
+
+    def give(self, group: list[str]) -> None:
+        self.pool.give(group)
+
+    def start(self, sweep_dir: Path, name: str, group: list[str], tp: int) -> LocalRun:
+        return LocalRun(start_point_process(sweep_dir, name, group))
+
+    def where(self, group: list[str], device: str) -> str:
+        return ("GPU " if device == "cuda" else "slot ") + ",".join(group)
+
+    def close(self) -> None:
+        pass
+
+
 @dataclass
 class _Point:
     number: int
     name: str
     group: list[str]
-    proc: subprocess.Popen
+    proc: LocalRun
     started_utc: str
     t0: float
 
@@ -129,21 +192,26 @@ def _pdeathsig():
         pass
 
 
-def _start(sweep_dir: Path, number: int, name: str, group: list[str]) -> _Point:
-    from greta.record.store import _now
-
+def start_point_process(sweep_dir: Path, name: str, group: list[str], preexec=_pdeathsig) -> subprocess.Popen:
+    """``python -m greta.sweeps.point <sweep dir> <name>`` in a session of its own, on its GPU group, its output
+    appended to point_logs/<name>.log; preexec runs in it before exec (Linux)."""
     logs = sweep_dir / POINT_LOGS
     logs.mkdir(exist_ok=True)
     with open(logs / f"{name}.log", "ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "greta.sweeps.point", str(sweep_dir), name],
+        return subprocess.Popen([sys.executable, "-m", "greta.sweeps.point", str(sweep_dir), name],
                                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                 env=point_environ(group), start_new_session=True,
-                                preexec_fn=_pdeathsig if sys.platform == "linux" else None)
-    return _Point(number, name, group, proc, _now(), time.monotonic())
+                                preexec_fn=preexec if sys.platform == "linux" else None)
 
 
-def _where(group: list[str], matrix, name: str) -> str:
-    return ("GPU " if matrix.params[name].device == "cuda" else "slot ") + ",".join(group)
+def _start(executor, sweep_dir: Path, number: int, name: str, group: list[str], tp: int) -> _Point:
+    from greta.record.store import _now
+
+    return _Point(number, name, group, executor.start(sweep_dir, name, group, tp), _now(), time.monotonic())
+
+
+def _where(executor, group: list[str], matrix, name: str) -> str:
+    return executor.where(group, matrix.params[name].device)
 
 
 def _last_line(path: Path) -> str:
@@ -154,48 +222,54 @@ def _last_line(path: Path) -> str:
     return brief(lines[-1]) if lines else ""
 
 
-def _kill_session(p: _Point) -> None:
-    """SIGKILL to the point's session: its process and whatever of the probe's workers is left."""
-    try:
-        os.killpg(p.proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _ended(matrix, sweep_dir: Path, p: _Point, total: int, progress: bool, how: str | None = None) -> int:
-    """A point's process has ended: its record completed if it was left unfinished, the log line, the
-    progress line. Returns the process's exit code."""
-    from greta.probe.ranks import exit_reason
+def _ended(executor, matrix, sweep_dir: Path, p: _Point, total: int, progress: bool, how: str | None = None) -> int:
+    """A point's process has ended: its record completed if it was left unfinished, verified on arrival, the
+    log line, the progress line. Returns the process's exit code (None: a queued point that never started)."""
     from greta.probe.runner import finish_from_checkpoint
 
     rc = p.proc.wait()
-    _kill_session(p)
+    p.proc.kill()
     d = sweep_dir / "points" / p.name
+    if rc is None:
+        return None
     if rc not in (EXIT_BAD_INPUT, EXIT_RECORD) and (how or rc != 0) and not (d / "manifest.json").is_file():
-        status, why = ("interrupted", how) if how else ("crash", f"the point's process ended with {exit_reason(rc)}")
+        status, why = ("interrupted", how) if how else ("crash", p.proc.crash_reason(rc))
         try:
             finish_from_checkpoint(d, matrix.params[p.name], status, why)
         except Exception as e:  # noqa: BLE001 - logged as the point's error below; the other points go on
             with open(sweep_dir / POINT_LOGS / f"{p.name}.log", "a", encoding="utf-8") as f:
                 f.write(f"\nthe sweep could not complete the record: {type(e).__name__}: {e}\n")
-    where, wall = _where(p.group, matrix, p.name), time.monotonic() - p.t0
+    where, wall = _where(executor, p.group, matrix, p.name), time.monotonic() - p.t0
+    node = {"node": p.proc.node} if p.proc.node else {}
+    where += f" on node {p.proc.node}" if p.proc.node else ""
     verdict, reason = verdict_of(d)
-    if rc in (EXIT_BAD_INPUT, EXIT_RECORD) or verdict is None:
-        msg = _last_line(sweep_dir / POINT_LOGS / f"{p.name}.log") or f"exit code {rc}"
+    damaged = _arrival_problems(d) if verdict is not None else []
+    if rc in (EXIT_BAD_INPUT, EXIT_RECORD) or verdict is None or damaged:
+        msg = (brief(f"the record failed verification on arrival: {damaged[0]}") if damaged else
+               _last_line(sweep_dir / POINT_LOGS / f"{p.name}.log") or f"exit code {rc}")
         say(progress, f"[{p.number}/{total}] {p.name}: error ({where}, {wall:.1f} s): {msg}")
-        log_entry(sweep_dir, point=p.name, action="error", error=msg, gpus=p.group, started_utc=p.started_utc)
+        log_entry(sweep_dir, point=p.name, action="error", error=msg, gpus=p.group, started_utc=p.started_utc,
+                  **node)
     else:
         say(progress, f"[{p.number}/{total}] {p.name}: {verdict} ({where}, {wall:.1f} s)")
         log_entry(sweep_dir, point=p.name, action="ran", verdict=verdict, reason=reason, gpus=p.group,
-                  started_utc=p.started_utc)
+                  started_utc=p.started_utc, **node)
     return rc
 
 
-def run_parallel(matrix, sweep_dir: Path, todo, total: int, ids: list[str], progress: bool,
+def _arrival_problems(d: Path) -> list[str]:
+    """What greta.checks.verify finds wrong with a point's record as it reaches the sweep directory."""
+    from greta.checks.verify import verify
+
+    return verify(d, allow_missing_large=False)
+
+
+def run_parallel(matrix, sweep_dir: Path, todo, total: int, executor, progress: bool,
                  grace_s: float = INTERRUPT_GRACE_S) -> None:
-    """Run todo's points (number, point), as many at a time as the pool's groups allow (module docstring).
-    Raises ProbeInterrupted after an interrupt, RecordError when a point could not write its record."""
-    pool, queue, running = Pool(ids), list(todo), []
+    """Run todo's points (number, point), as many at a time as the executor's groups allow (module docstring);
+    executor: LocalExecutor, or greta.sweeps.ray_executor.RayExecutor. Raises ProbeInterrupted after an
+    interrupt, RecordError when a point could not write its record."""
+    pool, queue, running = executor, list(todo), []
     record_error = None
     main_thread = threading.current_thread() is threading.main_thread()
     old_term = signal.signal(signal.SIGTERM, _on_term) if main_thread else None
@@ -203,12 +277,14 @@ def run_parallel(matrix, sweep_dir: Path, todo, total: int, ids: list[str], prog
         while queue or running:
             while queue and record_error is None:
                 number, pt = queue[0]
-                group = pool.take(matrix.params[pt["name"]].tp)
+                tp = matrix.params[pt["name"]].tp
+                group = pool.take(tp)
                 if group is None:
                     break
                 queue.pop(0)
-                running.append(_start(sweep_dir, number, pt["name"], group))
-                say(progress, f"[{number}/{total}] {pt['name']}: running on {_where(group, matrix, pt['name'])}")
+                running.append(_start(executor, sweep_dir, number, pt["name"], group, tp))
+                where = _where(executor, group, matrix, pt["name"])
+                say(progress, f"[{number}/{total}] {pt['name']}: running on {where}")
                 log_entry(sweep_dir, point=pt["name"], action="started", gpus=group, pid=running[-1].proc.pid)
             if record_error is not None and not running:
                 break
@@ -216,11 +292,12 @@ def run_parallel(matrix, sweep_dir: Path, todo, total: int, ids: list[str], prog
             for p in [p for p in running if p.proc.poll() is not None]:
                 running.remove(p)
                 pool.give(p.group)
-                if _ended(matrix, sweep_dir, p, total, progress) == EXIT_RECORD:
+                if _ended(executor, matrix, sweep_dir, p, total, progress) == EXIT_RECORD:
                     record_error = record_error or _last_line(sweep_dir / POINT_LOGS / f"{p.name}.log")
     except KeyboardInterrupt as e:
-        _interrupt(matrix, sweep_dir, running, total, progress, e, grace_s, queue)
+        _interrupt(executor, matrix, sweep_dir, running, total, progress, e, grace_s, queue)
     finally:
+        executor.close()
         if main_thread:
             signal.signal(signal.SIGTERM, old_term)
     if record_error is not None:
@@ -229,7 +306,7 @@ def run_parallel(matrix, sweep_dir: Path, todo, total: int, ids: list[str], prog
         raise RecordError(record_error)
 
 
-def _interrupt(matrix, sweep_dir: Path, running: list, total: int, progress: bool, e: KeyboardInterrupt,
+def _interrupt(executor, matrix, sweep_dir: Path, running: list, total: int, progress: bool, e: KeyboardInterrupt,
                grace_s: float, queue: list):
     """Ctrl-C / SIGTERM: the same signal to every running point, their INTERRUPTED records awaited (grace_s),
     then every session killed and any unfinished record completed from its checkpoint."""
@@ -238,10 +315,7 @@ def _interrupt(matrix, sweep_dir: Path, running: list, total: int, progress: boo
     how, sig = ("SIGTERM", signal.SIGTERM) if isinstance(e, _Term) else ("SIGINT (Ctrl-C)", signal.SIGINT)
     say(progress, f"{how}: stopping {len(running)} running point(s)")
     for p in running:
-        try:
-            p.proc.send_signal(sig)
-        except ProcessLookupError:
-            pass
+        p.proc.send_signal(sig)
     end = time.monotonic() + grace_s
     try:
         for p in running:
@@ -249,7 +323,7 @@ def _interrupt(matrix, sweep_dir: Path, running: list, total: int, progress: boo
     except (subprocess.TimeoutExpired, KeyboardInterrupt):
         pass  # past the grace, or a second Ctrl-C: kill them now
     for p in running:
-        _kill_session(p)
-        _ended(matrix, sweep_dir, p, total, progress, how=f"the sweep was interrupted by {how}")
+        p.proc.kill()
+        _ended(executor, matrix, sweep_dir, p, total, progress, how=f"the sweep was interrupted by {how}")
     first = running[0].name if running else (queue[0][1]["name"] if queue else "-")
     raise ProbeInterrupted(sweep_dir / "points" / first, how) from None

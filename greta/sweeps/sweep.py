@@ -35,8 +35,9 @@ killed run, a damaged record) is moved aside to ``points/<name>.incomplete-<k>/`
 A resume whose declared matrix differs from config.json is refused (:class:`SweepError`, one line).
 
 Concurrency: ``run_sweep(..., gpus=N)`` (``greta sweep --gpus N``) runs the points concurrently, each in its own
-process on its own group of ``tp`` of N GPUs (greta.sweeps.parallel); the records, resume and guardrail rules
-are the same.
+process on its own group of ``tp`` of N GPUs (greta.sweeps.parallel); ``executor="ray"`` (``--executor ray``)
+runs each point as a Ray task on a cluster (greta.sweeps.ray_executor, docs/SWEEPS.md). The records, resume and
+guardrail rules are the same.
 """
 from __future__ import annotations
 
@@ -88,7 +89,8 @@ def _move_aside(d: Path) -> Path:
 
 
 def run_sweep(matrix_file=None, overrides: dict | None = None, out_root="outputs", sweep_dir=None,
-              progress: bool = True, report: bool = True, gpus: int | None = None) -> Path:
+              progress: bool = True, report: bool = True, gpus: int | None = None, executor: str = "local",
+              address: str | None = None) -> Path:
     """Run (or resume, with ``sweep_dir``) every point of the matrix; return the sweep directory.
 
     Without ``matrix_file`` a resume takes the matrix from the sweep's config.json. A point that fails
@@ -98,15 +100,17 @@ def run_sweep(matrix_file=None, overrides: dict | None = None, out_root="outputs
 
     ``gpus`` None: the points run one after another in this process. ``gpus`` N: they run concurrently, each
     in its own process on its own group of ``tp`` of N GPUs (slots on the CPU): greta.sweeps.parallel.
+    ``executor`` "ray": each point a Ray task on the cluster at ``address`` (None: a local one started here),
+    greta.sweeps.ray_executor; the same point processes, records and rules.
     """
-    matrix, sweep_dir, group_ids = _open_sweep(matrix_file, overrides, out_root, sweep_dir, gpus)
+    matrix, sweep_dir, runner = _open_sweep(matrix_file, overrides, out_root, sweep_dir, (gpus, executor, address))
     todo, total = _pending(matrix, sweep_dir, progress)
-    if gpus is None:
+    if runner is None:
         _run_serial(matrix, sweep_dir, todo, total, progress)
     else:
         from greta.sweeps.parallel import run_parallel
 
-        run_parallel(matrix, sweep_dir, todo, total, group_ids, progress)
+        run_parallel(matrix, sweep_dir, todo, total, runner, progress)
     if report:
         from greta.sweeps.report import finish
 
@@ -114,9 +118,10 @@ def run_sweep(matrix_file=None, overrides: dict | None = None, out_root="outputs
     return sweep_dir
 
 
-def _open_sweep(matrix_file, overrides, out_root, sweep_dir, gpus) -> tuple[Matrix, Path, list[str] | None]:
-    """(matrix, sweep dir, GPU ids of the pool or None): a resumed sweep's, checked against its config.json, or
-    a new one, its config.json written. Every check (the matrix, --gpus) runs before a new directory exists."""
+def _open_sweep(matrix_file, overrides, out_root, sweep_dir, how) -> tuple[Matrix, Path, object | None]:
+    """(matrix, sweep dir, the executor or None for a serial sweep): a resumed sweep's, checked against its
+    config.json, or a new one, its config.json written. Every check (the matrix, --gpus, the cluster) runs
+    before a new directory exists. how: (gpus, executor name, address)."""
     from greta.record.rundir import allocate_run_dir
     from greta.record.store import _now, atomic_write_text, git_state, preflight
 
@@ -130,24 +135,37 @@ def _open_sweep(matrix_file, overrides, out_root, sweep_dir, gpus) -> tuple[Matr
             detail = "; ".join(f"{k}: config.json {cfg.get(k)} vs now {declared[k]}" for k in diff)
             raise SweepError(f"refusing to resume {sweep_dir}: the declared matrix differs ({detail[:400]}); "
                              "start a new sweep instead")
-        return matrix, sweep_dir, _gpu_pool(matrix, gpus)
+        return matrix, sweep_dir, _executor(matrix, *how)
     matrix = load_checked_matrix(matrix_file, overrides)
-    group_ids = _gpu_pool(matrix, gpus)
+    runner = _executor(matrix, *how)
     first = matrix.points()[0]
     preflight(out_root, first)
     sweep_dir = allocate_run_dir(out_root, f"{first.probe}-sweep", _sweep_name_parts(matrix))
     cfg = {"format": 1, "sweep_id": sweep_dir.name, "matrix_file": matrix.file, "created_utc": _now(),
            **git_state(), **matrix.declared(), "points": [p["name"] for p in points(matrix)]}
     atomic_write_text(sweep_dir / CONFIG, json.dumps(cfg, indent=2, default=str) + "\n")
-    return matrix, sweep_dir, group_ids
+    return matrix, sweep_dir, runner
 
 
-def _gpu_pool(matrix: Matrix, gpus) -> list[str] | None:
+def _executor(matrix: Matrix, gpus, executor: str, address: str | None):
+    """The executor the points run on (None: one after another in this process); ParamError (one line) for a
+    bad combination or a cluster that cannot run some point."""
+    if executor == "ray":
+        if gpus is not None:
+            raise ParamError(f"--gpus {gpus} with --executor ray: the Ray cluster's resources decide how many "
+                             "points run at once; leave --gpus out")
+        from greta.sweeps.ray_executor import RayExecutor
+
+        return RayExecutor.connect(matrix, address)
+    if executor != "local":
+        raise ParamError(f"--executor {executor!r}: use local (this machine) or ray (a Ray cluster)")
+    if address is not None:
+        raise ParamError(f"--address {address!r} needs --executor ray")
     if gpus is None:
         return None
-    from greta.sweeps.parallel import pool_ids
+    from greta.sweeps.parallel import LocalExecutor, pool_ids
 
-    return pool_ids(matrix, gpus)
+    return LocalExecutor(pool_ids(matrix, gpus))
 
 
 def _pending(matrix: Matrix, sweep_dir: Path, progress: bool) -> tuple[list[tuple[int, dict]], int]:
