@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import re
 import shutil
 import signal
@@ -26,8 +27,10 @@ from greta.checks.verify import verify
 from greta.record.matrix import load_matrix
 from greta.record.params import ParamError
 from greta.sweeps import sweep as sw
+from greta.sweeps.ray_executor import LOOPBACK_ONLY
 from greta.sweeps.sweep import point_complete, run_sweep
 
+os.environ.setdefault(LOOPBACK_ONLY, "0")  # before ray is imported: the module's cluster binds to 127.0.0.1 only
 ray = pytest.importorskip("ray")
 
 REPO = Path(__file__).resolve().parent.parent
@@ -44,7 +47,9 @@ def cluster():
     temp = Path(tempfile.gettempdir()) / "ray"
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
              _node_ip_address="127.0.0.1")
-    yield ray.nodes()
+    nodes = ray.nodes()
+    assert {n["NodeManagerAddress"] for n in nodes} == {"127.0.0.1"}, "the test cluster must stay on loopback"
+    yield nodes
     ray.shutdown()
     shutil.rmtree(temp, ignore_errors=True)
 

@@ -29,6 +29,10 @@ from greta.record.params import ParamError
 from greta.sweeps.parallel import EXIT_INTERRUPTED, INTERRUPT_GRACE_S, start_point_process
 
 INSTALL = "pip install 'greta[ray]'"
+# Ray turns a local node's 127.0.0.1 into the machine's network address so that other nodes can join; with this
+# switch off (Ray's own for machines where clusters are not supported) a local cluster binds to loopback only,
+# so a sweep started without --address never listens on, or sends to, anything but 127.0.0.1.
+LOOPBACK_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
 def _die_with_worker():
@@ -178,6 +182,8 @@ class RayExecutor:
     def connect(cls, matrix, address: str | None) -> RayExecutor:
         """Join the cluster at address (None: start a local one, or use the one this process already has), and
         check that every point fits on some node before anything runs."""
+        if address is None:  # a cluster of this machine alone stays on loopback (below); read when ray is imported
+            os.environ.setdefault(LOOPBACK_ONLY, "0")
         try:
             import ray
         except ImportError:
