@@ -1,8 +1,8 @@
 """Command line: `python -m greta <command> ...` (probe, audit, verify, analyze, sweep, legacy, oracle)
 
   probe  run the probe and write its record (JSON, CSV, report.md)
-  audit  run notebooks/run_b3_77.ipynb with papermill into a fresh record directory: the probe, the
-         VRAM plot and equivalence notebooks, and an HTML rendering of each
+  audit  run the probe kind's run notebook (notebooks/run_b3_77.ipynb, batch_probe.ipynb) with papermill into
+         a fresh record directory: the probe, its analysis notebooks, and an HTML rendering of each
   verify check a record: manifest hashes, params, phases, artifacts, VRAM floor, verdict vs metrics
   analyze recompute a record's metrics and verdict from its logits (OK, INCOMPLETE, MISSING_LOGITS,
          SPAN_MISMATCH, with reasons)
@@ -269,6 +269,7 @@ def _run_cmd(args) -> int:
     """probe / audit: the verdict and the record directory on stdout; exit 0 pass, 1 other, 130 interrupted."""
     import json
 
+    from greta.probe.kinds import kind_of
     from greta.probe.runner import ProbeInterrupted
     from greta.record.params import ParamError
     from greta.record.store import RecordError
@@ -297,7 +298,7 @@ def _run_cmd(args) -> int:
 
     verdict = json.loads((Path(run_dir) / "verdict.json").read_text())
     print(shown("\n".join(closing_lines(run_dir)), lines=True))
-    return 0 if verdict["verdict"] in ("PASS_EQUIV", "EXPECTED_DRIFT", "PASS_BATCH_INVARIANT", "BATCH_DRIFT") else 1
+    return kind_of(params).exit_code(verdict["verdict"])
 
 
 def _sweep_cmd(args) -> int:

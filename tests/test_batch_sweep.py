@@ -8,7 +8,7 @@ import json
 import pytest
 
 from greta.record.matrix import load_matrix
-from greta.sweeps import batch_report as sb
+from greta.reports import sweep_batch as sb
 from greta.sweeps.report import guardrail
 
 

@@ -14,6 +14,7 @@ import importlib.util
 import os
 from pathlib import Path
 
+from greta.probe.kinds import kind_of
 from greta.record.params import Params, ParamError, is_file, show, dtype_bytes, resolve
 from greta.terminal import brief
 
@@ -42,12 +43,12 @@ def device_memory(device: str) -> int:
 
 
 def _check_tp(p: Params) -> None:
-    """B3.77's probe runs tp > 1 as one worker per rank (greta.probe.ranks); the batch probe runs one process on
-    one device (refused here rather than recorded as tp=N but run on one). On CUDA, rank r needs cuda:r."""
+    """A kind that runs tensor parallel runs tp > 1 as one worker per rank (greta.probe.ranks); one that does
+    not is refused here rather than recorded as tp=N but run on one device. On CUDA, rank r needs cuda:r."""
     if p.tp == 1:
         return
-    if p.probe == "batch":
-        raise ParamError(f"param tp={p.tp}: the batch probe does not run tensor parallel; use -p tp=1 with -p probe=batch")
+    if not kind_of(p).runs_tp:
+        raise ParamError(f"param tp={p.tp}: the {p.probe} probe does not run tensor parallel; use -p tp=1 with -p probe={p.probe}")
     if p.device == "cuda":
         import torch
 
@@ -159,17 +160,9 @@ def _check_fits(p: Params) -> None:
     b = dtype_bytes(p.dtype)
     need = cfg.rank_param_count(p.tp) * b + cfg.kv_bytes_per_token(b) * cache // p.tp  # one rank's
     have = device_memory(p.device)
-    if p.probe == "batch":
-        _check_batch_fits(p, cfg.param_count() * b, p.batch * cfg.kv_bytes_per_token(b) * cache, have)
+    kind_of(p).preflight(p, cfg, cache, have)
     if need > have:
         sizes = ", ".join(f"{k}={getattr(p, k)}" for k in ("ctx", "gen", "prefill_chunk", "kv_block", "tp"))
         raise ParamError(f"params {sizes}: weights + KV cache need {need / 2**30:.3g} GiB but {p.device} has "
                          f"{have / 2**30:.3g} GiB; lower -p ctx (or gen, prefill_chunk, kv_block), or raise -p tp")
 
-
-def _check_batch_fits(p: Params, weights: int, kv: int, have: int) -> None:
-    """The batch probe's KV is a slab per request (greta.engine.batch.BatchKVCache): batch x capacity."""
-    if weights + kv > have:
-        raise ParamError(f"params batch={p.batch}, ctx={p.ctx}: weights {weights / 2**30:.3g} GiB + KV cache of "
-                         f"{p.batch} slabs {kv / 2**30:.3g} GiB do not fit the {have / 2**30:.3g} GiB of {p.device}; "
-                         "lower -p batch or -p ctx")

@@ -21,11 +21,12 @@ import yaml
 
 from greta.paths import resolve  # noqa: F401 - params.resolve, as callers know it
 from greta.record.yaml_core import CoreSchemaLoader
+from greta.record.kinds import KIND_NAMES, SPECS, foreign_params
 
 PHASES = ("ceilings", "load", "prefill", "decode", "reference")
 FAULT_KINDS = ("hang", "oom", "crash", "kill", "error", "kernel_death")
 CHOICES = {
-    "probe": ("b3_77", "batch"),
+    "probe": KIND_NAMES,  # the probe registry (greta.record.kinds, greta.probe.kinds)
     "backend": ("torch", "triton"),
     "dtype": ("bfloat16", "float16", "float32"),
     "kv_aligned": (0, 1),
@@ -180,12 +181,11 @@ class Params:
         validate(self)
 
     def to_dict(self) -> dict:
-        """The JSON form, shaped as params.json has always been (sections nested); the batch probe's keys
-        only in a batch probe's params, so every other probe's params.json keeps its shape."""
+        """The JSON form, shaped as params.json has always been (sections nested); a probe kind's own keys
+        only in that kind's params, so every other kind's params.json keeps its shape."""
         d = asdict(self)
-        if self.probe != "batch":
-            for key in BATCH_KEYS:
-                del d[key]
+        for key in foreign_params()[self.probe]:
+            del d[key]
         return d
 
     @classmethod
@@ -222,7 +222,6 @@ class Params:
 
 
 _FIELD_NAMES = frozenset(f.name for f in fields(Params))
-BATCH_KEYS = ("batch", "batch_lengths", "batch_gen")
 SECTIONS = tuple(SECTION_TYPES)  # timeouts, thresholds
 
 
@@ -344,7 +343,7 @@ def validate(p: Params) -> None:
     for k in p.thresholds.to_dict():
         _range(p, f"thresholds.{k}", 0.0, 1.0 if k == "top1_agreement" else None)
     _check_tp(p)
-    _check_batch(p)
+    _check_kind(p)
     parse_fault(p.fault, p.tp)
 
 
@@ -402,16 +401,21 @@ def int_list(key: str, text: str, n: int, lo: int, hi: int, hint: str) -> list[i
     return values
 
 
-def _check_batch(p: Params) -> None:
-    """The batch probe's params: only with probe=batch, and each list one value per request within range."""
+def _field_default(key: str):
+    return next(f.default for f in fields(Params) if f.name == key)
+
+
+def _check_kind(p: Params) -> None:
+    """Another probe kind's params keep their defaults and its negative controls are refused (the kinds'
+    own params: greta.record.kinds); the batch lists hold one value per request within range."""
     _range(p, "batch", 1, BATCH_MAX)
-    if p.probe != "batch":
-        for key, plain in (("batch", 1), ("batch_lengths", ""), ("batch_gen", "")):
-            if getattr(p, key) != plain:
-                raise ParamError(f"param {key}={show(getattr(p, key))} is for the batch probe; add -p probe=batch")
-        if p.perturb == "batch_split_k":
-            raise ParamError("param perturb=batch_split_k is the batch probe's control; add -p probe=batch")
-        return
+    for key in foreign_params()[p.probe]:
+        if getattr(p, key) != _field_default(key):
+            owner = next(s.name for s in SPECS.values() if key in s.own_params)
+            raise ParamError(f"param {key}={show(getattr(p, key))} is for the {owner} probe; add -p probe={owner}")
+    for spec in SPECS.values():
+        if p.perturb in spec.own_perturbs and spec.name != p.probe:
+            raise ParamError(f"param perturb={p.perturb} is the {spec.name} probe's control; add -p probe={spec.name}")
     if p.batch_lengths:
         int_list("batch_lengths", p.batch_lengths, p.batch, 1, p.ctx, ",".join([str(p.ctx)] * p.batch))
     if p.batch_gen:
