@@ -3,7 +3,8 @@
   probe  run the probe and write its record (JSON, CSV, report.md)
   audit  run the probe kind's run notebook (notebooks/run_b3_77.ipynb, batch_probe.ipynb) with papermill into
          a fresh record directory: the probe, its analysis notebooks, and an HTML rendering of each
-  verify check a record: manifest hashes, params, phases, artifacts, VRAM floor, verdict vs metrics
+  verify check a record: manifest hashes, params, phases, artifacts, VRAM floor, verdict vs metrics (a sweep
+         directory: each point, the log, the aggregate)
   analyze recompute a record's metrics and verdict from its logits (OK, INCOMPLETE, MISSING_LOGITS,
          SPAN_MISMATCH, with reasons)
   sweep  run every point of a matrix file (lists for ctx, kv_aligned, seed, dtype) as its own record, then
@@ -125,7 +126,8 @@ def _add_run_cmds(sub):
 
 def _add_check_cmds(sub):
     vp = sub.add_parser("verify")
-    vp.add_argument("run_dir", nargs="+", help="record directories")
+    vp.add_argument("run_dir", nargs="+", help="record directories, or sweep directories (each point, the log, "
+                    "the aggregate)")
     vp.add_argument("--allow-missing-logits", action="store_true",
                     help="accept an absent logits.npz (records committed to git leave it out)")
     anp = sub.add_parser("analyze")
@@ -216,10 +218,12 @@ def _analyze_cmd(args) -> int:
 
 def _verify_cmd(args) -> int:
     from greta.checks.verify import verify
+    from greta.sweeps.verify import is_sweep_dir, verify_sweep
 
     bad = 0
     for d in args.run_dir:
-        reasons = verify(d, allow_missing_large=args.allow_missing_logits)
+        check = verify_sweep if is_sweep_dir(d) else verify
+        reasons = check(d, allow_missing_large=args.allow_missing_logits)
         print(shown(f"{'OK' if not reasons else 'FAIL'} {d}"))
         for r in reasons:
             print(shown(f"  - {r}"))

@@ -250,7 +250,8 @@ def verify(run_dir, allow_missing_large: bool = False) -> list[str]:
     errors += _check_judgement(rec)
     errors += fingerprint_problems(rec.metrics.figures()) if rec.metrics is not None else []
     if rec.verdict is not None and rec.params is not None:
-        errors += check_report(d, rec) + check_pages(d, rec.verdict.verdict)
+        judged_by_thresholds = kind_name(rec.params) not in KINDS or kind_of(rec.params).uses_thresholds
+        errors += check_report(d, rec, judged_by_thresholds) + check_pages(d, rec.verdict.verdict)
     if is_member_file(d, "logits.npz"):
         from greta.checks.analyze import analyze_run
 
