@@ -169,7 +169,7 @@ def _start_samplers(params, workers) -> list:
     for r, (device, pid) in enumerate(zip(workers.devices, workers.pids)):
         backend, reason = vram.pick_backend(device, pid)
         backend.fallback_reason = reason
-        samplers.append(vram.VramSampler(backend, period_s=params["sampling_period_s"],
+        samplers.append(vram.VramSampler(backend, period_s=params.sampling_period_s,
                                          alloc_source=workers.allocator_source(r)))
     for s in samplers:
         s.start()
@@ -178,7 +178,7 @@ def _start_samplers(params, workers) -> list:
 
 def _run_phase(phase, params, workers, samplers, bars, rec, perf, results):
     """One phase on every rank, its perf entry and result filled in. -> (failure or None, interrupted or None)."""
-    timeout = params["timeouts"][phase]
+    timeout = params.timeouts.for_phase(phase)
     for s in samplers:
         s.set_phase(phase)
     perf[phase] = {"status": "running", "timeout_s": timeout}
@@ -219,8 +219,8 @@ def finish_from_checkpoint(run_dir, params: dict, status: str, how: str) -> Path
         rec = record.Record(run_dir, params)
         meta_path = run_dir / "metadata.json"
         rec.meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {
-            "run_id": run_dir.name, "probe": params["probe"], **record.git_state(), "versions": record.versions(),
-            "seed": params["seed"], "model": params["model"]}
+            "run_id": run_dir.name, "probe": params.probe, **record.git_state(), "versions": record.versions(),
+            "seed": params.seed, "model": params.model}
     else:
         rec = record.Record.create(params, run_dir=run_dir)
     perf_path = run_dir / "perf.json"
@@ -232,7 +232,7 @@ def finish_from_checkpoint(run_dir, params: dict, status: str, how: str) -> Path
     perf[failed].update({"status": status, "error": reason})
     csv_path = run_dir / "vram_samples.csv"
     samples = read_samples_csv(csv_path) if csv_path.is_file() else []
-    sampler = vram.VramSampler(_CheckpointBackend(), period_s=params["sampling_period_s"])
+    sampler = vram.VramSampler(_CheckpointBackend(), period_s=params.sampling_period_s)
     sampler.samples = samples
     failure = (FAIL[status], failed, {"error": reason})
     _finish(rec, params, perf, {}, sampler, failure)
@@ -258,7 +258,7 @@ def vram_summary_of(params, perf, results, sampler, rank_samplers=None) -> dict:
     and the top level stays rank 0's, as a one-worker record has it."""
     cfg = results.get("load", {}).get("config")
     allocator = {ph: perf[ph]["allocator"] for ph in PHASES if "allocator" in perf[ph]}
-    model_cfg = ModelConfig(**cfg) if cfg else load_config(params["model"])
+    model_cfg = ModelConfig(**cfg) if cfg else load_config(params.model)
     floor, loaded = floor_for(params, model_cfg), perf["load"].get("status") == "ok"
     out = vram.summarize(sampler, allocator, floor, loaded=loaded)
     if rank_samplers and len(rank_samplers) > 1:

@@ -168,7 +168,7 @@ class Params:
     sampling_period_s: float = 1.0
     memory_fraction: float = 1.0   # GPU: cap the worker's allocator at this fraction of the card (a real OOM on purpose)
     thresholds: Thresholds = field(default_factory=Thresholds)
-    perturb: str = "none"          # negative control on the decode path: none | rope_offset | kv_off_by_one
+    perturb: str = "none"          # negative control (CHOICES["perturb"]): rope_offset, kv_off_by_one, tp_library_reduce (tp >= 4), batch_split_k (probe=batch)
     fault: str = "none"            # fault injection (tests): none | <hang|oom|crash|kill|error|kernel_death>:<phase>[@<rank>] (no @: every rank)
     threads: int = 0               # CPU threads for torch (0 = torch's default)
     tp: int = 1                    # tensor-parallel ranks (1, 2, 4, 8): must divide the model's KV heads
@@ -365,14 +365,12 @@ def parse_fault(fault: str, tp: int = 1) -> tuple[str, str, int | None] | None:
 
 
 def _check_tp(p: Params) -> None:
-    """tp against a preset's heads (a checkpoint's: preflight, which reads its config), and the reduction
-    control that needs 3+ ranks to be able to fail."""
+    """tp against a preset's sizes (a checkpoint's: preflight reads its config, then check_tp_splits), the
+    device ranks run on, and the reduction control that needs 3+ ranks to be able to fail."""
     from greta.engine.config import PRESETS  # no torch: the presets are plain data
 
-    cfg = PRESETS.get(p.model)
-    if cfg is not None and cfg.n_kv_heads % p.tp:
-        raise ParamError(f"param tp={p.tp} does not divide model {p.model}'s {cfg.n_kv_heads} KV heads; use -p tp=1 "
-                         f"or a tp that divides {cfg.n_kv_heads}")
+    if p.model in PRESETS:
+        check_tp_splits(p, PRESETS[p.model])
     if p.tp > 1 and p.device not in ("cpu", "cuda"):
         raise ParamError(f"param device={show(p.device)} with tp={p.tp}: rank r runs on cuda:r (cuda:LOCAL_RANK); "
                          "write -p device=cuda (or cpu)")
@@ -382,6 +380,18 @@ def _check_tp(p: Params) -> None:
     if p.perturb == "tp_library_reduce" and p.tp < 4:
         raise ParamError(f"param perturb=tp_library_reduce needs -p tp=4 or 8 (got tp={p.tp}): with 1 or 2 ranks any "
                          "all-reduce adds in one order, so this control could not fail")
+
+
+def check_tp_splits(p: Params, cfg) -> None:
+    """The one tp-against-the-model check (greta.engine.config.tp_indivisible, which the engine applies too):
+    a ParamError naming what tp does not divide."""
+    from greta.engine.config import PRESETS, tp_indivisible
+
+    bad = tp_indivisible(cfg, p.tp)
+    if bad:
+        name = p.model if p.model in PRESETS else show(p.model)
+        raise ParamError(f"param tp={p.tp} does not divide model {name}'s {', '.join(bad)}; use -p tp=1 or a tp that "
+                         f"divides {cfg.n_kv_heads} (and these)")
 
 
 BATCH_MAX = 4096

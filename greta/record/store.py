@@ -84,7 +84,7 @@ def new_probe_dir(out_root, params) -> Path:
     proved writable with room for it. out_root None or "outputs": the checkout's outputs/, from any directory."""
     root = resolve_out_root(out_root or "outputs").resolve()
     preflight(root, params)
-    return allocate_run_dir(root, params["probe"], probe_name_parts(params))
+    return allocate_run_dir(root, params.probe, probe_name_parts(params))
 
 
 class RecordError(OSError):
@@ -196,9 +196,9 @@ class Record:
             path.mkdir(parents=True, exist_ok=True)
         rec = cls(path, params)
         rec.write_json("params.json", params)
-        rec.meta = {"run_id": path.name, "probe": params["probe"], **git_state(), "host": platform.node(),
+        rec.meta = {"run_id": path.name, "probe": params.probe, **git_state(), "host": platform.node(),
                     "platform": platform.platform(), "argv": sys.argv, "versions": versions(),
-                    "seed": params["seed"], "model": params["model"], "started_utc": _now(), "finished_utc": None}
+                    "seed": params.seed, "model": params.model, "started_utc": _now(), "finished_utc": None}
         rec.write_json("metadata.json", rec.meta)
         return rec
 

@@ -59,7 +59,7 @@ class ProbeKind:
         """report.md from the record's data."""
         raise NotImplementedError
 
-    def preflight(self, p, cfg, cache_positions: int, have_bytes: int) -> None:
+    def preflight(self, p, cfg, have_bytes: int) -> None:
         """Its own checks against this machine (ParamError, one line); tp is checked by preflight."""
 
     # --- reading back: greta.checks ----------------------------------------------------------------------

@@ -43,12 +43,15 @@ class BatchKind(ProbeKind):
 
         return render_batch_report(params, meta, perf, metrics, vram_summary, verdict)
 
-    def preflight(self, p, cfg, cache_positions: int, have_bytes: int) -> None:
-        """Its KV is a slab per request (greta.engine.batch.BatchKVCache): batch x capacity."""
+    def preflight(self, p, cfg, have_bytes: int) -> None:
+        """Its KV is a slab per request (greta.engine.batch.BatchKVCache): batch x capacity, as the engine sizes it."""
+        from greta.engine.batch import batch_kv_bytes
+        from greta.engine.config import cache_tokens
         from greta.record.params import dtype_bytes
 
         b = dtype_bytes(p.dtype)
-        weights, kv = cfg.param_count() * b, p.batch * cfg.kv_bytes_per_token(b) * cache_positions
+        weights = cfg.param_count() * b
+        kv = batch_kv_bytes(cfg, p.batch, cache_tokens(p.ctx + p.gen, p.prefill_chunk), p.kv_block, b)
         if weights + kv > have_bytes:
             raise ParamError(f"params batch={p.batch}, ctx={p.ctx}: weights {weights / 2**30:.3g} GiB + KV cache of "
                              f"{p.batch} slabs {kv / 2**30:.3g} GiB do not fit the {have_bytes / 2**30:.3g} GiB of "
