@@ -36,7 +36,7 @@ class ProbeSpec:
 
 
 SPECS = {s.name: s for s in (
-    ProbeSpec("b3_77"),
+    ProbeSpec("b3_77", own_params=("tp_invariant",)),  # the segment-tree mode (docs/TP.md) runs B3.77's probe
     ProbeSpec("batch", own_params=("batch", "batch_lengths", "batch_gen"), own_perturbs=("batch_split_k",),
               name_tags=(("batch", "b"),)),
 )}

@@ -374,7 +374,7 @@ def _check_tp(p: Params) -> None:
     if p.tp > 1 and p.device not in ("cpu", "cuda"):
         raise ParamError(f"param device={show(p.device)} with tp={p.tp}: rank r runs on cuda:r (cuda:LOCAL_RANK); "
                          "write -p device=cuda (or cpu)")
-    if p.tp_invariant and (not p.kv_aligned or p.probe != "b3_77"):
+    if p.tp_invariant and not p.kv_aligned:  # only B3.77 takes it (its ProbeSpec's own params: _check_kind)
         raise ParamError("param tp_invariant=1 needs kv_aligned=1 and probe=b3_77 (the tree is an exact mode); "
                          "use -p tp_invariant=0")
     if p.perturb == "tp_library_reduce" and p.tp < 4:
