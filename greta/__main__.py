@@ -1,9 +1,10 @@
 """Command line: `python -m greta <command> ...` (probe, audit, verify, analyze, sweep, legacy, oracle)
 
   probe  run the probe and write its record (JSON, CSV, report.md)
-  audit  run notebooks/run_b3_77.ipynb with papermill into a fresh record directory: the probe, the
-         VRAM plot and equivalence notebooks, and an HTML rendering of each
-  verify check a record: manifest hashes, params, phases, artifacts, VRAM floor, verdict vs metrics
+  audit  run the probe kind's run notebook (notebooks/run_b3_77.ipynb, batch_probe.ipynb) with papermill into
+         a fresh record directory: the probe, its analysis notebooks, and an HTML rendering of each
+  verify check a record: manifest hashes, params, phases, artifacts, VRAM floor, verdict vs metrics (a sweep
+         directory: each point, the log, the aggregate)
   analyze recompute a record's metrics and verdict from its logits (OK, INCOMPLETE, MISSING_LOGITS,
          SPAN_MISMATCH, with reasons)
   sweep  run every point of a matrix file (lists for ctx, kv_aligned, seed, dtype) as its own record, then
@@ -125,7 +126,8 @@ def _add_run_cmds(sub):
 
 def _add_check_cmds(sub):
     vp = sub.add_parser("verify")
-    vp.add_argument("run_dir", nargs="+", help="record directories")
+    vp.add_argument("run_dir", nargs="+", help="record directories, or sweep directories (each point, the log, "
+                    "the aggregate)")
     vp.add_argument("--allow-missing-logits", action="store_true",
                     help="accept an absent logits.npz (records committed to git leave it out)")
     anp = sub.add_parser("analyze")
@@ -216,10 +218,12 @@ def _analyze_cmd(args) -> int:
 
 def _verify_cmd(args) -> int:
     from greta.checks.verify import verify
+    from greta.sweeps.verify import is_sweep_dir, verify_sweep
 
     bad = 0
     for d in args.run_dir:
-        reasons = verify(d, allow_missing_large=args.allow_missing_logits)
+        check = verify_sweep if is_sweep_dir(d) else verify
+        reasons = check(d, allow_missing_large=args.allow_missing_logits)
         print(shown(f"{'OK' if not reasons else 'FAIL'} {d}"))
         for r in reasons:
             print(shown(f"  - {r}"))
@@ -269,6 +273,7 @@ def _run_cmd(args) -> int:
     """probe / audit: the verdict and the record directory on stdout; exit 0 pass, 1 other, 130 interrupted."""
     import json
 
+    from greta.probe.kinds import kind_of
     from greta.probe.runner import ProbeInterrupted
     from greta.record.params import ParamError
     from greta.record.store import RecordError
@@ -297,7 +302,7 @@ def _run_cmd(args) -> int:
 
     verdict = json.loads((Path(run_dir) / "verdict.json").read_text())
     print(shown("\n".join(closing_lines(run_dir)), lines=True))
-    return 0 if verdict["verdict"] in ("PASS_EQUIV", "EXPECTED_DRIFT", "PASS_BATCH_INVARIANT", "BATCH_DRIFT") else 1
+    return kind_of(params).exit_code(verdict["verdict"])
 
 
 def _sweep_cmd(args) -> int:

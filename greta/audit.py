@@ -1,8 +1,9 @@
-"""The one audit pipeline: `greta audit` and `papermill notebooks/run_b3_77.ipynb out.ipynb` both end here.
+"""The one audit pipeline: `greta audit` and `papermill notebooks/run_b3_77.ipynb out.ipynb` (or any probe
+kind's run notebook, greta.probe.kinds) both end here.
 
     run_dir = run_audit(load_params("params/cpu_default.yaml", {"ctx": 512}))
 
-run_audit allocates a fresh record directory and executes run_b3_77.ipynb into it with papermill (the kernel
+run_audit allocates a fresh record directory and executes the kind's run notebook into it with papermill (the kernel
 runs the probe and the analysis notebooks: :func:`run_stage`). Papermill writes the executed notebook only when
 it ends, so the launching process completes the record: a fault record from the probe's checkpoints if the
 kernel died, INTERRUPTED if it was interrupted (the analysis notebooks included), HTML of every notebook with
@@ -19,34 +20,22 @@ import tempfile
 import threading
 from pathlib import Path
 
+from greta.probe.kinds import kind_of
 from greta.probe.preflight import preflight
 from greta.probe.runner import ProbeInterrupted, finish_from_checkpoint, run_probe
 from greta.record.files import Verdict, read_record
 from greta.record.params import ParamError, params_from_notebook
 from greta.record.store import atomic_write_text, new_probe_dir, seal
-from greta.reports import notebooks as nbs
+from greta.reports import md, notebooks as nbs
 from greta.reports.notebook_params import papermill_syntax
-from greta.reports.run_report import render_report
 from greta.terminal import shown
 
-RUN_NOTEBOOK = "run_b3_77.ipynb"
-BATCH_NOTEBOOK = "batch_probe.ipynb"  # probe=batch: the batch probe's run notebook
-BATCH_ANALYSIS = ("vram_plot.ipynb",)  # the equivalence notebook reads a B3.77 record's logits.npz
 ANALYSIS = "the analysis notebooks"
 
 
 def run_notebook(params) -> str:
-    """The run notebook of the probe params name."""
-    return BATCH_NOTEBOOK if params["probe"] == "batch" else RUN_NOTEBOOK
-
-
-def _render(params, meta, perf, metrics, vs, verdict) -> str:
-    """report.md by the probe's renderer."""
-    if params["probe"] == "batch":
-        from greta.reports.batch_report import render_batch_report
-
-        return render_batch_report(params, meta, perf, metrics, vs, verdict)
-    return render_report(params, meta, perf, metrics, vs, verdict)
+    """The run notebook of the probe kind params name."""
+    return kind_of(params).run_notebook
 
 
 def notebook_params(params_file, overrides: dict | None, **named):
@@ -73,7 +62,7 @@ def run_stage(params: dict, run_dir=None, out_root=None, show_code: bool = False
         to_terminal(*closing_lines(done))
         return done
     run_probe(params, run_dir=run_dir, progress=True)
-    nbs.execute_analysis(run_dir, names=BATCH_ANALYSIS if params["probe"] == "batch" else nbs.ANALYSIS_NOTEBOOKS)
+    nbs.execute_analysis(run_dir, names=kind_of(params).analysis_notebooks)
     return Path(run_dir)
 
 
@@ -235,13 +224,21 @@ def complete_record(run_dir: Path, params: dict, err: Exception | None, interrup
     unfinished = [p for p in sorted(run_dir.glob("*.ipynb")) if not nbs.is_complete(p)]
     for nb in unfinished:
         nbs.mark_unfinished(nb, verdict.verdict, verdict.reason)
-    lead = (run_dir / "report.md").read_text(encoding="utf-8")
+    report = (run_dir / "report.md").read_text(encoding="utf-8")
     for nb in sorted(run_dir.glob("*.ipynb")):
         try:
-            nbs.to_html(nb, lead_md=lead, show_code=show_code)
+            nbs.to_html(nb, lead_md=_lead(nb, params, report, verdict), show_code=show_code)
         except Exception as exc:  # noqa: BLE001 - the record stands without this page
             print(shown(f"greta: rendering {nb.name} to HTML failed: {nbs.one_line(exc)}"), file=sys.stderr)
     seal(run_dir, params)
+
+
+def _lead(nb: Path, params, report: str, verdict) -> str:
+    """What a page shows first: report.md, once. The run notebook shows report.md itself when it ran to the
+    end, so its page opens with the verdict alone."""
+    if nb.name == run_notebook(params) and nbs.is_complete(nb):
+        return md.line("Verdict:", md.bold(verdict.verdict), "—", verdict.reason)
+    return report
 
 
 def _mark_interrupted_after_probe(run_dir: Path, params: dict, how: str) -> None:
@@ -251,11 +248,11 @@ def _mark_interrupted_after_probe(run_dir: Path, params: dict, how: str) -> None
     v = rec.verdict.to_dict()
     if v["verdict"] == "INTERRUPTED":
         return
-    names = ", ".join(nbs.ANALYSIS_NOTEBOOKS)
+    names = ", ".join(kind_of(params).analysis_notebooks)
     v.update({"verdict": "INTERRUPTED", "failed_phase": "analysis", "probe_verdict": v["verdict"],
               "reason": f"interrupted by {how} during {ANALYSIS} ({names}); the probe had finished: "
                         f"{v['verdict']} ({v['reason']})"})
     atomic_write_text(run_dir / "verdict.json", json.dumps(v, indent=2) + "\n")
-    atomic_write_text(run_dir / "report.md", _render(
+    atomic_write_text(run_dir / "report.md", kind_of(params).render(
         params, rec.metadata.to_dict(), rec.perf.to_dict(), rec.metrics.to_dict() if rec.metrics else None,
         rec.vram.to_dict(), v))

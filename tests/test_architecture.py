@@ -3,6 +3,7 @@ import circles, no function longer than a screen."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -10,6 +11,10 @@ ROOT = Path(__file__).resolve().parent.parent
 # reports renders data it is given (Markdown, plots, HTML): the probe, checks and sweeps call it, never the reverse
 LAYERS = ["paths", "terminal", "kernels", "engine", "record", "reports", "probe", "checks", "sweeps", "audit", "cli"]
 MAX_FUNCTION_LINES = 80
+# the probe registry: the only code that may tell probe kinds apart by name (docs/ARCHITECTURE.md)
+REGISTRY = ("greta/probe/kinds/", "greta/record/kinds.py")
+KIND_NAMES = ("b3_77", "batch")
+KIND_TEST = re.compile(r"""\bprobe\b\W{0,4}\s*[!=]=|[!=]=\s*["'](?:%s)["']|["'](?:%s)["']\s*[!=]=""" % (("|".join(KIND_NAMES),) * 2))
 
 
 def _sources() -> dict[str, Path]:
@@ -103,3 +108,26 @@ def test_the_checker_sees_an_upward_import(tmp_path):
     f.write_text("from greta.probe.runner import run_probe\n")
     assert "greta.probe.runner" in _imports("greta.engine.model", f, {"greta.probe.runner", "greta.engine.model"})
     assert _layer("greta.probe.runner") > _layer("greta.engine.model")
+
+
+def _kind_tests(rel: str, text: str) -> list[str]:
+    if rel.startswith(REGISTRY):
+        return []
+    return [f"{rel}:{i} {ln.strip()}" for i, ln in enumerate(text.splitlines(), 1) if KIND_TEST.search(ln)]
+
+
+def test_only_the_registry_tells_probe_kinds_apart():
+    """No `probe == "…"` (or a kind's name compared) outside greta.probe.kinds / greta.record.kinds: a probe
+    kind's differences are its ProbeKind's, so a new kind is one module, not a string test in every file."""
+    found = [hit for p in sorted((ROOT / "greta").rglob("*.py"))
+             for hit in _kind_tests(str(p.relative_to(ROOT)), p.read_text())]
+    assert not found, "probe kinds told apart outside the registry:\n" + "\n".join(found)
+
+
+def test_the_checker_sees_a_kind_test():
+    """The rule can fail: each way of testing a kind by name is caught, outside the registry only."""
+    for line in ('if params["probe"] == "batch":', "if p.probe != 'b3_77':", 'x = r.get("probe") == "batch"',
+                 'if kind == "batch":', "'b3_77' != name"):
+        assert _kind_tests("greta/audit.py", line), line
+        assert not _kind_tests("greta/probe/kinds/batch.py", line)
+    assert not _kind_tests("greta/audit.py", 'kind = kind_of(params)  # probe kinds: greta.probe.kinds')

@@ -103,6 +103,10 @@ def assert_pages(d: Path, verdict: str):
     for nb in d.glob("*.ipynb"):
         page = nb.with_suffix(".html").read_text()
         assert page.index(verdict) < page.index('<div class="cell'), f"{nb.name}: the verdict is not first"
+        assert '<strong class="verdict verdict-' in page, f"{nb.name}: the verdict is no badge"
+        title = (d / "report.md").read_text().splitlines()[0].partition("— ")[2]  # as the page renders it
+        assert page.count(title) == 1, f"{nb.name}: report.md shown {page.count(title)} times"
+        assert str(d.parent.parent.parent) not in page, f"{nb.name}: the machine's path"
         assert "from greta" not in page and "import " not in page, f"{nb.name}: code shown"
         assert not re.search(r"""(src|href)=["']?(https?:)?//""", page), f"{nb.name}: loads from a network"
         images = sum(len(m) for m in re.findall(r"data:image/png;base64,[A-Za-z0-9+/=]+", page))

@@ -185,6 +185,13 @@ def test_the_batch_audit_is_a_sealed_verifying_record(tmp_path):
     (d,) = list(tmp_path.glob("*/batch/*"))
     assert (d / "batch_probe.ipynb").is_file() and (d / "batch_probe.html").is_file()
     assert rj(d, "verdict.json")["verdict"] == "PASS_BATCH_INVARIANT" and verify(d) == []
+    title = (d / "report.md").read_text().splitlines()[0].partition("— ")[2]  # "2 requests at ctx 128 (cpu)"
+    for page in sorted(d.glob("*.html")):  # each page right for its kind: the batch probe's figures, no B3.77 text
+        text = page.read_text()
+        assert "equivalence.png" not in text and "B3.77" not in text and str(tmp_path) not in text, page.name
+        assert text.count(title) == 1, page.name  # report.md once
+        assert '<strong class="verdict verdict-pass">PASS_BATCH_INVARIANT</strong>' in text, page.name
+        assert "Peak VRAM" not in text and " MB" not in text, page.name  # a CPU run: RSS, in MiB
 
 
 @pytest.mark.parametrize("argv,file", [

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from greta.record.matrix import load_matrix
-from greta.sweeps import batch_report as sb
+from greta.reports import sweep_batch as sb
 from greta.sweeps.report import guardrail
 
 
@@ -65,3 +65,33 @@ def test_a_cpu_batch_sweep_end_to_end(repo_root, tmp_path):
     v = json.loads((d / "sweep_verdict.json").read_text())
     assert v["verdict"] == "PASS_GUARDRAIL" and v["report_error"] is None
     assert all((d / name).is_file() for name in sb.PLOTS)
+    page = (d / "sweep_report.html").read_text()
+    assert "Batch probe sweep report" in page and "B3.77" not in page and "| B |" not in page  # an HTML table
+    assert "<th>B</th>" in page and "Price of exactness per B" in page and "Drift vs B" in page
+    assert str(tmp_path) not in page
+    _verify_sweep_and_its_controls(d)
+
+
+def _verify_sweep_and_its_controls(d):
+    """greta verify of a sweep directory checks each point, the log and the aggregate: it passes, and each
+    tampering is named."""
+    import shutil
+
+    from greta.__main__ import main
+    from greta.sweeps.verify import verify_sweep
+
+    assert verify_sweep(d) == [] and main(["verify", str(d)]) == 0
+    v = json.loads((d / "sweep_verdict.json").read_text())
+    (d / "sweep_verdict.json").write_text(json.dumps({**v, "verdict": "FAIL_GUARDRAIL"}))
+    assert any("sweep_verdict.json says FAIL_GUARDRAIL" in r for r in verify_sweep(d))
+    (d / "sweep_verdict.json").write_text(json.dumps(v))
+    log = (d / "sweep_log.jsonl").read_text()
+    (d / "sweep_log.jsonl").write_text(log.replace("PASS_BATCH_INVARIANT", "FAIL_BATCH_INVARIANT", 1))
+    assert any("sweep_log.jsonl last logged" in r for r in verify_sweep(d))
+    (d / "sweep_log.jsonl").write_text(log)
+    name = v["points"] and next(iter(v["points"]))
+    (d / "points" / name / "report.md").write_text("tampered")
+    reasons = verify_sweep(d)
+    assert any(r.startswith(f"point {name}: report.md changed after the record was sealed") for r in reasons)
+    shutil.rmtree(d / "points" / name)
+    assert f"point {name}: no record under points/" in verify_sweep(d) and main(["verify", str(d)]) == 1

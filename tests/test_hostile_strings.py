@@ -21,6 +21,7 @@ from nbconvert.filters.markdown_mistune import markdown2html_mistune
 from greta.checks import analyze, legacy, oracle
 from greta.reports import md
 from greta.reports.run_report import fault_report, render_report
+from greta.reports import sweep_b3_77, sweep_batch
 from greta.sweeps import report as sweep_report
 
 LONG = "L" * 100_000 + "<img src=x onerror=alert(9)>"
@@ -152,9 +153,10 @@ def _sweep_tables(v: str) -> str:
             dict(_sweep_row(v), seed=v)]
     cfg = {"sweep_id": v, "matrix_file": v, "created_utc": v, "commit": v, "axes": {"ctx": [v]},
            "base": {"model": v, "device": v}, "point_overrides": {v: v}}
-    return "\n\n".join([sweep_report.matrix_md(cfg, rows), sweep_report.results_table_md(rows),
-                        sweep_report.timing_table_md(rows), sweep_report.price_of_exactness_md(rows),
-                        sweep_report.guardrail_md("INCOMPLETE", [v])])
+    batch = [dict(r, batch=b) for r, b in zip(rows, (1, 1, 2, 2))]  # the batch probe's section, a B per point
+    return "\n\n".join([sweep_report.matrix_md(cfg, rows), sweep_b3_77.results_table_md(rows),
+                        sweep_b3_77.timing_table_md(rows), sweep_b3_77.price_of_exactness_md(rows),
+                        sweep_batch.table_md(batch), sweep_report.guardrail_md("INCOMPLETE", [v])])
 
 
 def _oracle_report(v: str) -> str:

@@ -23,7 +23,7 @@ from greta.record.store import seal
 from greta.checks.verify import verify
 from greta.record.samples import CSV_COLUMNS, read_samples_csv
 
-HEADER = "| Context | KV | Peak VRAM (MB) | Max Logits Diff | Top-1 Agreement | Verdict |"
+HEADER = "| Context | KV | Peak RSS (MiB) | Max Logits Diff | Top-1 Agreement | Verdict |"  # a CPU run: the process RSS
 
 CONFIGS = {
     "pass": {},

@@ -9,7 +9,7 @@ from greta.record.samples import floor_mb
 from greta.record.params import PHASES, load_params
 from greta.reports.run_report import render_report, results_row
 
-HEADER = "| Context | KV | Peak VRAM (MB) | Max Logits Diff | Top-1 Agreement | Verdict |"
+HEADER = "| Context | KV | Peak VRAM (MiB) | Max Logits Diff | Top-1 Agreement | Verdict |"
 
 
 class FakeBackend:

@@ -93,7 +93,7 @@ def test_vram_series_without_vram_json_raises(tmp_path):
 def test_vram_summary_md_flags_below_floor(tmp_path):
     text = vram_summary_md(make_gpu_run(tmp_path))
     assert "| below_floor | **⚠ TRUE** — sampled peak 17095 MB |" in text
-    assert "| floor (weights + KV) | 15,316 MB + 4,104 MB = 19,420 MB |" in text
+    assert "| floor (weights + KV) | 15,316 MiB + 4,104 MiB = 19,420 MiB |" in text
 
 
 # ------------------------------------------------------------------------------------------- equivalence data
@@ -160,7 +160,7 @@ def test_fmt():
     assert fmt.num(None) == "—" and fmt.num(1.23456, "{:.2f}") == "1.23" and fmt.num(None, "{}", none="") == ""
     assert fmt.diff(0.0) == "0 (bit-exact)" and fmt.diff(0.01234) == "0.0123" and fmt.diff(None) == "n/a"
     assert fmt.threshold(0.0) == "0" and fmt.threshold(5e-3) == "0.005"
-    assert fmt.mb(1234.5) == "1,234 MB" and fmt.mb(None) == "n/a"
+    assert fmt.mb(1234.5) == "1,234 MiB" and fmt.mb(None) == "n/a"
     assert fmt.cell(True) == "✓" and fmt.cell(False) == "**✗**" and fmt.cell(0.0, "max_abs_diff") == "0 (bit-exact)"
     assert fmt.cell(0.99999999) == "0.999999990" and fmt.cell(0.5) == "0.5"
     assert fmt.finite("nan") is None and fmt.finite("") is None and fmt.finite(True) is None and fmt.finite("2") == 2.0

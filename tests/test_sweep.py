@@ -13,6 +13,7 @@ import pytest
 from greta.__main__ import main
 from greta.record.params import ParamError
 from greta.sweeps.sweep import SweepError, load_matrix, point_complete, points, read_config, run_sweep
+from greta.reports import sweep_b3_77 as s77
 from greta.sweeps import report as sr
 
 REPO = Path(__file__).resolve().parent.parent
@@ -63,11 +64,11 @@ def test_cpu_sweep_report_html(cpu_sweep):
     nb = nbformat.read(d / "sweep_report.ipynb", as_version=4)
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     assert not errors, errors
-    for name in sr.PLOTS:
+    for name in s77.PLOTS:
         p = d / name
         assert p.is_file() and p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 10000, name
     html = (d / "sweep_report.html").read_text()
-    assert len(re.findall(r'src="data:image/png;base64,', html)) >= len(sr.PLOTS)
+    assert len(re.findall(r'src="data:image/png;base64,', html)) >= len(s77.PLOTS)
     assert not re.search(r'<img[^>]+src="(?!data:)', html)  # nothing the page has to fetch
     # no input cells: every code cell is rendered without its input, and no source text leaks
     # (the one exporter, greta.reports.notebooks.to_html: nbconvert's basic template, whose code cells are
@@ -261,20 +262,20 @@ def test_guardrail_verdicts():
 def test_results_table_and_plots_on_hand_made_rows(tmp_path):
     rows = [_row(4096, 0, "EXPECTED_DRIFT", diff=0.04), _row(4096, 1), _row(8192, 0, "FAIL_OOM"),
             _row(8192, 1, "FAIL_TIMEOUT"), _row(16384, 1, exists=False, complete=False)]
-    t = sr.results_table_md(rows).splitlines()
-    assert t[0] == "| Context | KV | Peak VRAM (MB) | Max Logits Diff | Top-1 Agreement | Verdict | Seed | Dtype |"
+    t = s77.results_table_md(rows).splitlines()
+    assert t[0] == "| Context | KV | Peak memory (MiB) | Max Logits Diff | Top-1 Agreement | Verdict | Seed | Dtype |"
     assert t[2] == "| 4096 | 0 | 20512 | 0.040000 | 1.0000 | EXPECTED_DRIFT | 0 | bfloat16 |"
     assert t[4].startswith("| 8192 | 0 | 21024 | — | — | FAIL_OOM |") and "not run" in t[6]
     assert len(t) == 2 + len(rows)
-    for fn, name in ((sr.plot_vram_vs_ctx, "v.png"), (sr.plot_time_vs_ctx, "t.png"), (sr.plot_diff_vs_ctx, "d.png"),
-                     (sr.plot_drift, "r.png")):
+    for fn, name in ((s77.plot_vram_vs_ctx, "v.png"), (s77.plot_time_vs_ctx, "t.png"), (s77.plot_diff_vs_ctx, "d.png"),
+                     (s77.plot_drift, "r.png")):
         fig = fn(rows, tmp_path / name)
         assert (tmp_path / name).stat().st_size > 10000
         ax = fig.axes[0]
-        assert ax.get_xscale() == "log" or fn is sr.plot_drift
+        assert ax.get_xscale() == "log" or fn is s77.plot_drift
         assert ax.get_xlabel() and ax.get_ylabel()
     # the analytic floor of llama3-8b is a line under the measured peaks
-    fig = sr.plot_vram_vs_ctx(rows)
+    fig = s77.plot_vram_vs_ctx(rows)
     floor = [ln for ln in fig.axes[0].lines if "floor" in (ln.get_label() or "")]
     assert floor and min(floor[0].get_ydata()) > 15000
 
@@ -398,7 +399,7 @@ def test_price_of_exactness_in_the_real_sweep(cpu_sweep):
     """The CI sweep has both kv modes at 256 and 512: the report shows kv1 / kv0 per phase, from the records."""
     _, d, _ = cpu_sweep
     rows = sr.collect(d)
-    price = sr.price_of_exactness(rows)
+    price = s77.price_of_exactness(rows)
     assert [p["ctx"] for p in price] == [256, 512]
     by = {(r["ctx"], r["kv_aligned"]): r for r in rows}
     for p in price:
@@ -406,18 +407,18 @@ def test_price_of_exactness_in_the_real_sweep(cpu_sweep):
             a, b = by[(p["ctx"], 1)][key], by[(p["ctx"], 0)][key]
             assert a > 0 and b > 0 and p[f"{key}_ratio"] == pytest.approx(a / b)
     assert "Price of exactness" in (d / "sweep_report.html").read_text()
-    assert "prefill kv1/kv0" in sr.price_of_exactness_md(rows)
+    assert "prefill kv1/kv0" in s77.price_of_exactness_md(rows)
 
 
 def test_price_of_exactness_on_hand_made_rows():
     rows = [_row(4096, 1), _row(4096, 0, "EXPECTED_DRIFT", diff=0.01), _row(8192, 1)]
     rows[1]["prefill_s"], rows[1]["decode_ms_per_token"] = 0.2048, 4.0  # kv1: 0.4096 s, 8 ms
-    price = sr.price_of_exactness(rows)
+    price = s77.price_of_exactness(rows)
     assert price == [{"ctx": 4096, "seed": 0, "dtype": "bfloat16", "kv1_prefill_s": 0.4096, "kv0_prefill_s": 0.2048,
                       "prefill_s_ratio": 2.0, "kv1_decode_ms_per_token": 8.0, "kv0_decode_ms_per_token": 4.0,
                       "decode_ms_per_token_ratio": 2.0}]  # 8192 has no kv0 point: no ratio
-    assert "| 4096 | 0.41 | 0.205 | 2.00 | 8 | 4 | 2.00 |" in sr.price_of_exactness_md(rows)
+    assert "| 4096 | 0.41 | 0.205 | 2.00 | 8 | 4 | 2.00 |" in s77.price_of_exactness_md(rows)
     # a failed kv0 point (no times) gives blank ratios, and a sweep of one mode says there is nothing to show
     rows[1].update(prefill_s=None, decode_ms_per_token=None)
-    assert sr.price_of_exactness(rows)[0]["prefill_s_ratio"] is None
-    assert "no price of exactness" in sr.price_of_exactness_md([_row(4096, 1), _row(8192, 1)])
+    assert s77.price_of_exactness(rows)[0]["prefill_s_ratio"] is None
+    assert "no price of exactness" in s77.price_of_exactness_md([_row(4096, 1), _row(8192, 1)])

@@ -350,7 +350,7 @@ def test_tp_param_is_checked_in_one_line():
 
     assert Params(model="llama3-70b", tp=4).tp == 4
     for bad, match in [(dict(tp=3), r"tp=3 is not one of \[1, 2, 4, 8\]"),
-                       (dict(model="tiny", tp=2), "tp=2 does not divide model tiny's 1 KV heads"),
+                       (dict(model="tiny", tp=2), "tp=2 does not divide model tiny's n_kv_heads=1"),
                        (dict(model="llama3-8b", tp=2, perturb="tp_library_reduce"), "needs -p tp=4 or 8")]:
         with pytest.raises(ParamError, match=match) as e:
             Params.from_dict(bad)

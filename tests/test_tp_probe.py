@@ -196,7 +196,7 @@ def test_report_shows_the_tp_degree_and_every_rank(runs):
 
 
 def test_per_rank_figures_from_outside_are_escaped():
-    from greta.reports.run_report import _rank_table
+    from greta.reports.memory_section import _rank_table
 
     hostile = "a|b <script>x</script> *bold*"
     vs = {"ranks": [{"rank": 0, "backend": "nvml", "device_info": hostile, "peak_vram_mb": 10.0,

@@ -33,9 +33,9 @@ Status (the most severe finding wins, in this order):
 Every file is read through greta.record.members, the safe reader greta verify uses: inside the run
 directory, no symlink followed, regular files only, a size cap per kind, never blocking.
 
-A batch probe record (``params.json`` probe ``batch``) is re-checked the same way from
-``batch_logits.npz``: its per-request metrics and batch verdict against ``metrics.json`` and
-``verdict.json``.
+A probe kind that recomputes its own metrics (greta.probe.kinds: ``recompute``; the batch probe's
+per-request table from ``batch_logits.npz``) is re-checked the same way: its metrics and verdict
+against ``metrics.json`` and ``verdict.json``.
 
 NaN/Inf logits are **not** a status of their own: a record whose logits hold non-finite values
 and whose stored metrics/verdict say so (FAIL_EQUIV, "non-finite logits", as the probe writes
@@ -56,6 +56,7 @@ from pathlib import Path
 
 import numpy as np
 
+from greta.probe.kinds import UnknownKind, kind_of
 from greta.record.files import RecordFileError, read_member_json
 from greta.record.fingerprints import problems as fingerprint_problems
 from greta.record.members import MemberError, is_member_file, member_kind, open_npz
@@ -293,8 +294,13 @@ def _analyze(run_dir, out: dict, f: _Findings) -> None:
     verdict_rec = _read_json_obj(run, "verdict.json", f)
     stored_verdict = _judged_verdict(verdict_rec)
     out["stored_verdict"] = stored_verdict if isinstance(stored_verdict, str) else None
-    if isinstance(params, dict) and params.get("probe") == "batch":
-        _analyze_batch(run, params, verdict_rec, out, f)
+    try:
+        kind = kind_of(params if isinstance(params, dict) else {})
+    except UnknownKind as e:
+        f.add("INCOMPLETE", f"params.json: {e}")
+        return
+    if kind.recompute is not None:
+        _analyze_recomputed(run, kind, params, verdict_rec, out, f)
         return
     if member_kind(run, "logits.npz") is None:
         _without_logits(run, verdict_rec, out, f)
@@ -343,26 +349,22 @@ def _analyze(run_dir, out: dict, f: _Findings) -> None:
         _recheck_verdict(params, metrics, verdict_rec, out, f)
 
 
-def _analyze_batch(run: Path, params: dict, verdict_rec: dict | None, out: dict, f: _Findings) -> None:
-    """A batch probe record (greta/record/batch.py): the per-request metrics and the verdict recomputed from
-    batch_logits.npz, against metrics.json and verdict.json (the same figures greta verify holds)."""
-    from greta.checks.batch_checks import differing, metrics_again
-    from greta.record.batch import LOGITS_FILE, batch_verdict
-
-    if member_kind(run, LOGITS_FILE) is None:
-        _without_logits(run, verdict_rec, out, f, name=LOGITS_FILE)
+def _analyze_recomputed(run: Path, kind, params: dict, verdict_rec: dict | None, out: dict, f: _Findings) -> None:
+    """A kind that recomputes its own metrics (e.g. the batch probe's per-request table from batch_logits.npz):
+    they and the verdict they give, against metrics.json and verdict.json (the figures greta verify holds)."""
+    if member_kind(run, kind.logits_file) is None:
+        _without_logits(run, verdict_rec, out, f, name=kind.logits_file)
         return
     try:
-        metrics = metrics_again(run)
-        verdict, reason = batch_verdict(metrics, params.get("kv_aligned"))
+        metrics, verdict, reason = kind.recompute(run, params)
     except Exception as exc:  # noqa: BLE001 - truncated, corrupt or lacking an array
-        f.add("MISSING_LOGITS", f"{LOGITS_FILE} cannot be read back: {_err(exc)}")
+        f.add("MISSING_LOGITS", f"{kind.logits_file} cannot be read back: {_err(exc)}")
         return
     out.update(metrics=metrics, verdict=verdict, verdict_reason=_line(reason))
     stored = _read_json_obj(run, "metrics.json", f)
-    bad = differing(metrics, stored) if stored is not None else []
+    bad = kind.differing(metrics, stored) if stored is not None else []
     if bad:
-        f.add("INCOMPLETE", f"metrics.json disagrees with the metrics recomputed from {LOGITS_FILE} in {', '.join(bad)}")
+        f.add("INCOMPLETE", f"metrics.json disagrees with the metrics recomputed from {kind.logits_file} in {', '.join(bad)}")
     if out["stored_verdict"] != verdict:
         f.add("INCOMPLETE", f"verdict.json says {out['stored_verdict']}, the recomputed metrics give {verdict}")
 

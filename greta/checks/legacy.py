@@ -76,7 +76,7 @@ def find_points(runs_dir) -> list[dict]:
             m = rx.match(rel)
             if m:
                 pt = {"layout": layout, "path": str(d), "kv_aligned": int(m[1]), "seed": int(m[2]),
-                      "ctx": int(m[3]) if layout == "b3_77" else None}
+                      "ctx": int(m[3]) if rx.groups >= 3 else None}  # the older layout names no ctx
                 found.append(pt)
     # the path breaks ties (kv_aligned_1 and kv_aligned_01 are one point twice), so the order never follows the disk's
     return sorted(found, key=lambda p: (p["layout"], p["ctx"] or 0, p["kv_aligned"], p["seed"], p["path"]))

@@ -6,12 +6,13 @@ report.md, notebooks and HTML pages still show the old verdict. The rules, on th
 report.md (required statements; each one found must agree):
   - every `Verdict: **X**` (and `Verdict from the trace: **X**`) names verdict.json's verdict; at least one does
   - the results table's Verdict column is that verdict, its Max Logits Diff column metrics.json's max_abs_diff
-  - `max_abs_diff ≤ T`, `p99_abs_diff ≤ T`, `top1_agreement ≥ T` are params.json's thresholds
+  - `max_abs_diff ≤ T`, `p99_abs_diff ≤ T`, `top1_agreement ≥ T` are params.json's thresholds (required where the
+    probe kind judges by them: B3.77's guardrail; the batch probe's bit-exact judgement names none)
   - `Negative control (perturb): P` (and `-p perturb=P`) is params.json's perturb
   - with metrics.json: `bit_exact: **B**` / `bit_exact=B` is its bit_exact, `max diff=D` / `max_abs_diff=D` its
     max_abs_diff (a number agrees when it is the stored one rounded to the digits printed)
 *.ipynb (the text of the cells' outputs) and *.html: every `Verdict: **X**` or `Verdict: <strong>X</strong>`
-  line names verdict.json's verdict. A page that states no verdict is not checked.
+  (a badge: `<strong class="verdict ...">X</strong>`) line names verdict.json's verdict. A page that states no verdict is not checked.
 Markdown escapes (`PASS\\_EQUIV`) are read through.
 """
 from __future__ import annotations
@@ -24,7 +25,8 @@ from greta.record.members import entries, read_member
 from greta.record.metrics import VERDICTS
 
 _TOKEN = r"([A-Za-z][A-Za-z0-9_\\]*)"
-VERDICT_LINE = re.compile(r"Verdict(?: from the trace)?:\s*(?:\*\*|<strong>|<b>)\s*" + _TOKEN)
+# <strong class="verdict ...">: a page's coloured badge (greta.reports.notebooks.verdict_badges)
+VERDICT_LINE = re.compile(r"Verdict(?: from the trace)?:\s*(?:\*\*|<strong(?:\s[^>]*)?>|<b>)\s*" + _TOKEN)
 NUMBER = r"([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)"
 THRESHOLD = {"max_abs_diff": "≤", "p99_abs_diff": "≤", "top1_agreement": "≥"}
 
@@ -71,8 +73,9 @@ def _check_all(text: str, pattern: str, want, what: str, required: bool, agree=N
     return [f"report.md states {what} {s} but the record's data files say {want}" for s in bad]
 
 
-def check_report(run_dir: Path, rec) -> list[str]:
-    """report.md against verdict.json, params.json and metrics.json (rec: greta.record.files.RecordFiles)."""
+def check_report(run_dir: Path, rec, thresholds_required: bool = True) -> list[str]:
+    """report.md against verdict.json, params.json and metrics.json (rec: greta.record.files.RecordFiles).
+    thresholds_required: the probe kind judges by params.json's thresholds, so report.md must state them."""
     try:
         text = read_member(run_dir, "report.md").decode("utf-8")
     except (OSError, ValueError):
@@ -96,7 +99,7 @@ def check_report(run_dir: Path, rec) -> list[str]:
         if key in thresholds:
             pattern = key.replace("_", r"\\?_") + rf"\s*{sign}\s*{NUMBER}"
             errors += _check_all(text, pattern, thresholds[key],
-                                 f"the {key} threshold", True, _agrees)
+                                 f"the {key} threshold", thresholds_required, _agrees)
     errors += _check_all(text, r"Negative control \(perturb\):\s*`?([^\s·`*]+)", params.get("perturb"), "perturb", True)
     errors += _check_all(text, r"-p perturb=([^\s`]+)", params.get("perturb"), "perturb", False)
     if metrics is not None:

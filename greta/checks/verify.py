@@ -29,14 +29,14 @@ import hashlib
 import os
 from pathlib import Path, PurePosixPath
 
-from greta.checks.batch_checks import check_batch_judgement
 from greta.checks.statements import check_pages, check_report
+from greta.probe.kinds import KINDS, UnknownKind, kind_of
+from greta.record.kinds import kind_name
 from greta.record.files import MANIFEST, RecordFiles, read_record
 from greta.record.fingerprints import problems as fingerprint_problems
 from greta.record.members import (NOT_REGULAR, MemberError, entries, is_member_file, member_kind, name_problem,
                                   open_member)
-from greta.record.metrics import EQUIV_VERDICTS, FAIL, FAULT_VERDICTS, equivalence_verdict
-from greta.record.batch import BATCH_VERDICTS, LOGITS_FILE as BATCH_LOGITS
+from greta.record.metrics import FAIL, FAULT_VERDICTS
 from greta.record.params import PHASES
 from greta.record.store import SEAL_KEY_ENV, seal_hmac
 from greta.terminal import echo
@@ -44,7 +44,8 @@ from greta.terminal import echo
 BASE = ("params.json", "metadata.json", "perf.json", "vram.json", "vram_samples.csv", "verdict.json", "report.md")
 # verdict -> the perf.json statuses its failed phase may end with (the inverse of metrics.FAIL)
 FAULT_STATUS = {v: {s for s, w in FAIL.items() if w == v} for v in FAULT_VERDICTS}
-LARGE = ("logits.npz", BATCH_LOGITS)  # listed in the manifest but kept out of git
+LARGE = tuple(k.logits_file for k in KINDS.values())  # listed in the manifest but kept out of git
+JUDGED = tuple(v for k in KINDS.values() for v in k.verdicts)  # the reference phase ran: judged from the logits
 UNLISTED_SHOWN = 20  # unlisted entries named one by one; past that, a count
 
 
@@ -211,23 +212,17 @@ def _check_vram(rec: RecordFiles) -> list[str]:
 
 
 def _check_judgement(rec: RecordFiles) -> list[str]:
-    """The stated verdict is the one the stored metrics give under the stored thresholds."""
-    v = rec.verdict.verdict if rec.verdict else None
-    if v not in EQUIV_VERDICTS or rec.params is None:
+    """The stated verdict is the one the stored metrics give, by the rules of the record's probe kind."""
+    if rec.params is None:
         return []
-    errors = rec.problem_lines(["metrics.json"])
-    if rec.metrics is None:
-        return errors
     try:
-        again, _ = equivalence_verdict(rec.metrics.figures(), rec.params["kv_aligned"], rec.params["thresholds"])
-    except Exception as e:  # noqa: BLE001 - a malformed metrics file is a reason, not a crash
-        errors.append(f"metrics.json cannot be judged: {type(e).__name__}: {e}")
-    else:
-        if again != v:
-            errors.append(f"verdict.json says {v}, but the stored metrics give {again}")
-    if rec.verdict.bit_exact != rec.metrics.bit_exact:
-        errors.append("verdict.json bit_exact differs from metrics.json")
-    return errors
+        kind = kind_of(rec.params)
+    except UnknownKind as e:
+        return [f"params.json: {e}"]
+    v = rec.verdict.verdict if rec.verdict else None
+    if v in JUDGED and v not in kind.verdicts:  # another kind's verdict (an unknown one: _check_phases)
+        return [f"verdict.json says {v}, which is not a verdict of the {kind.name} probe ({', '.join(kind.verdicts)})"]
+    return kind.check_judgement(rec)
 
 
 def verify(run_dir, allow_missing_large: bool = False) -> list[str]:
@@ -247,17 +242,16 @@ def verify(run_dir, allow_missing_large: bool = False) -> list[str]:
         errors += [problem] if problem else []
     if rec.perf is not None and rec.verdict is not None:
         errors += _check_phases(rec.perf, rec.verdict)
-        if rec.perf.status("reference") == "ok":
-            batch = rec.params is not None and rec.params.get("probe") == "batch"
-            for name in ("metrics.json", BATCH_LOGITS if batch else "logits.npz"):
+        if rec.perf.status("reference") == "ok" and rec.params is not None and kind_name(rec.params) in KINDS:
+            for name in ("metrics.json", kind_of(rec.params).logits_file):
                 if not is_member_file(d, name) and not (allow_missing_large and name in LARGE):
                     errors.append(f"{name} is missing though the reference phase finished")
     errors += _check_vram(rec)
     errors += _check_judgement(rec)
     errors += fingerprint_problems(rec.metrics.figures()) if rec.metrics is not None else []
-    errors += check_batch_judgement(rec)
     if rec.verdict is not None and rec.params is not None:
-        errors += check_report(d, rec) + check_pages(d, rec.verdict.verdict)
+        judged_by_thresholds = kind_name(rec.params) not in KINDS or kind_of(rec.params).uses_thresholds
+        errors += check_report(d, rec, judged_by_thresholds) + check_pages(d, rec.verdict.verdict)
     if is_member_file(d, "logits.npz"):
         from greta.checks.analyze import analyze_run
 
@@ -287,7 +281,7 @@ def _check_phases(perf, verdict) -> list[str]:
             errors.append(f"phases before {failed} did not all finish: {status[:i]}")
         if any(s != "not_run" for s in status[i + 1:]):
             errors.append(f"phases after the failed {failed} have results: {status[i + 1:]}")
-    elif v in EQUIV_VERDICTS or v in BATCH_VERDICTS:
+    elif v in JUDGED:
         if any(s != "ok" for s in status):
             errors.append(f"{v} but not every phase finished: {dict(zip(PHASES, status))}")
     else:

@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from greta.engine.config import ModelConfig, kv_capacity
+from greta.engine.config import ModelConfig, cache_tokens, kv_capacity
 from greta.engine.model import forward
 from greta.engine.ops import make_ops, with_control
 from greta.engine.ops.batch import batch_ops
@@ -26,7 +26,8 @@ from greta.engine.runner import chunked_prefill, rope_tables
 
 
 def batch_kv_bytes(cfg: ModelConfig, n_seqs: int, tokens: int, block: int, dtype_bytes: int) -> int:
-    """Bytes of a BatchKVCache: n_seqs slabs of kv_capacity(tokens, block) positions (the preflight's figure)."""
+    """Bytes of a BatchKVCache: n_seqs slabs of kv_capacity(tokens, block) positions (the batch kind's preflight
+    sizes it so, greta/probe/kinds/batch.py)."""
     return n_seqs * kv_capacity(tokens, block) * cfg.kv_bytes_per_token(dtype_bytes)
 
 
@@ -81,7 +82,7 @@ class BatchRunner:
         emb = weights["embed"]
         self.device = emb.device
         # room for a padded last tile per sequence, as Runner's cache has
-        self.cache = BatchKVCache(cfg, n_seqs, max_tokens + chunk, kv_block, emb.dtype, self.device)
+        self.cache = BatchKVCache(cfg, n_seqs, cache_tokens(max_tokens, chunk), kv_block, emb.dtype, self.device)
         self.cos, self.sin = rope_tables(cfg, self.cache.capacity + 1, self.device, seq_len=max_tokens)
         inner = make_ops(backend, self.kv_aligned, self.cos, self.sin, chunk=chunk, kv_block=kv_block)
         self.ops = with_control(inner, perturb)

@@ -171,6 +171,20 @@ def kv_capacity(tokens: int, block: int) -> int:
     return -(-tokens // block) * block
 
 
+def tp_indivisible(cfg: "ModelConfig", world: int) -> list[str]:
+    """The sizes tp=world ranks cannot split evenly ("n_kv_heads=4", ...): heads, KV heads, the MLP and the
+    vocabulary are each split across the ranks. [] when it can; the one rule (params, preflight, engine.tp)."""
+    sizes = {"n_heads": cfg.n_heads, "n_kv_heads": cfg.n_kv_heads, "intermediate_size": cfg.intermediate_size,
+             "vocab_size": cfg.vocab_size}
+    return [f"{k}={v}" for k, v in sizes.items() if v % world]
+
+
+def cache_tokens(max_tokens: int, chunk: int) -> int:
+    """Positions a runner's KV cache is made for (runner.Runner, batch.BatchRunner, each slab; preflight sizes
+    it the same): every token of the run plus one prefill chunk of headroom, as a chunk is written whole."""
+    return max_tokens + chunk
+
+
 # rope_scaling types Greta computes, with the keys each needs (as transformers' Llama reads them).
 # A scaling dict without "rope_type" is llama3 (the presets' form); other types keep their "rope_type".
 ROPE_TYPES = {

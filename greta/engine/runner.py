@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from greta.engine.config import ModelConfig, check_tree, inv_freq, kv_capacity
+from greta.engine.config import ModelConfig, cache_tokens, check_tree, inv_freq, kv_capacity
 from greta.engine.model import forward
 from greta.engine.ops import make_ops, with_control, with_tp, with_tree
 
@@ -76,7 +76,7 @@ class Runner:
         self.dtype, self.device = emb.dtype, emb.device
         heads = cfg.n_kv_heads // (tp.world if tp else 1)
         # room for a padded last tile, so aligned mode never writes past the end
-        self.cache = KVCache(cfg, max_tokens + chunk, kv_block, self.dtype, self.device, heads=heads)
+        self.cache = KVCache(cfg, cache_tokens(max_tokens, chunk), kv_block, self.dtype, self.device, heads=heads)
         # one row past the cache: rope_offset's decode reads position pos + 1
         self.cos, self.sin = rope_tables(cfg, self.cache.capacity + 1, self.device, seq_len=max_tokens)
         ops = make_ops(backend, self.kv_aligned, self.cos, self.sin, chunk=chunk, kv_block=kv_block,

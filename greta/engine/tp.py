@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from greta.engine.config import ModelConfig
+from greta.engine.config import ModelConfig, tp_indivisible
 
 # role (weights.LAYER_PARTS and the top-level names) -> the dim its shard is cut along; absent: replicated
 SHARD_DIM = {"q": 0, "k": 0, "v": 0, "gate": 0, "up": 0, "o": 1, "down": 1, "lm_head": 0}
@@ -40,9 +40,7 @@ class TPGroup:
 
 def check_divides(cfg: ModelConfig, world: int) -> None:
     """Refuse (one line) a tp that does not split the heads, the MLP and the vocabulary evenly."""
-    sizes = {"n_heads": cfg.n_heads, "n_kv_heads": cfg.n_kv_heads, "intermediate_size": cfg.intermediate_size,
-             "vocab_size": cfg.vocab_size}
-    bad = [f"{k}={v}" for k, v in sizes.items() if v % world]
+    bad = tp_indivisible(cfg, world)
     if bad:
         raise ValueError(f"tp={world} does not divide {', '.join(bad)} of model {cfg.name}; pick a tp that divides "
                          "the KV heads (and these)")

@@ -1,5 +1,5 @@
 """Model weights: seeded synthetic init with the real shapes, or a local HF checkpoint (safetensors;
-GGUF files: greta/gguf.py).
+GGUF files: greta/engine/gguf.py).
 
 Internal names (fused where both paths always multiply together):
   embed, lm_head, norm, and per layer i: i.attn_norm, i.wqkv (q;k;v rows), i.wo, i.mlp_norm, i.w13 (gate;up rows), i.w2

@@ -31,7 +31,7 @@ def finish_batch(rec, params, perf, results, vram_summary, sampler, failure):
         metrics = batch_metrics(rows)
         rec.write_npz(LOGITS_FILE, **logits_arrays(r["alone"], r["in_batch"], r["reference"]),
                       lengths=np.array(r["lengths"]), gens=np.array(r["gens"]))
-        verdict, reason = batch_verdict(metrics, params["kv_aligned"])
+        verdict, reason = batch_verdict(metrics, params.kv_aligned)
     else:
         verdict, failed_phase, payload = failure or ("FAIL_ERROR", None, {"error": "no reference logits"})
         reason = f"{failed_phase}: {payload.get('error', '')}"

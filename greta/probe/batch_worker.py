@@ -16,7 +16,7 @@ import time
 import numpy as np
 import torch
 
-from greta.probe.worker import MB, Job, sync
+from greta.probe.worker import MB, ProbeJob, sync
 from greta.record.batch import batch_plan, compared_steps, step_floor_bytes
 
 
@@ -33,7 +33,7 @@ def request_prompts(p, vocab: int, lengths: list[int]) -> tuple[list[torch.Tenso
     return [torch.roll(base, -97 * b)[:n] for b, n in enumerate(lengths)], {**info, "per_request": "rotated by 97 x b"}
 
 
-class BatchJob(Job):
+class BatchJob(ProbeJob):
     """State carried from phase to phase of the batch probe."""
 
     def load(self) -> dict:

@@ -14,13 +14,14 @@ import importlib.util
 import os
 from pathlib import Path
 
-from greta.record.params import Params, ParamError, is_file, show, dtype_bytes, resolve
+from greta.probe.kinds import kind_of
+from greta.record.params import Params, ParamError, check_tp_splits, is_file, show, dtype_bytes, resolve
 from greta.terminal import brief
 
 
 def preflight(params: Params) -> Params:
     """Check params against this machine; return them unchanged (so calls chain). Raises ParamError."""
-    _check_tp(params)
+    _check_tp_here(params)
     _check_threads(params.threads)
     _check_prompt(params)
     _check_model(params.model)
@@ -41,13 +42,13 @@ def device_memory(device: str) -> int:
     return torch.cuda.get_device_properties(int(device[5:] or 0)).total_memory
 
 
-def _check_tp(p: Params) -> None:
-    """B3.77's probe runs tp > 1 as one worker per rank (greta.probe.ranks); the batch probe runs one process on
-    one device (refused here rather than recorded as tp=N but run on one). On CUDA, rank r needs cuda:r."""
+def _check_tp_here(p: Params) -> None:
+    """A kind that runs tensor parallel runs tp > 1 as one worker per rank (greta.probe.ranks); one that does
+    not is refused here rather than recorded as tp=N but run on one device. On CUDA, rank r needs cuda:r."""
     if p.tp == 1:
         return
-    if p.probe == "batch":
-        raise ParamError(f"param tp={p.tp}: the batch probe does not run tensor parallel; use -p tp=1 with -p probe=batch")
+    if not kind_of(p).runs_tp:
+        raise ParamError(f"param tp={p.tp}: the {p.probe} probe does not run tensor parallel; use -p tp=1 with -p probe={p.probe}")
     if p.device == "cuda":
         import torch
 
@@ -137,7 +138,7 @@ def _check_triton(device: str, dtype: str) -> None:
 
 def _check_fits(p: Params) -> None:
     """Refuse a run whose weights plus KV cache alone exceed the device's total memory."""
-    from greta.engine.config import kv_capacity
+    from greta.engine.config import cache_tokens, kv_capacity
     from greta.engine.source import load_config, model_source
 
     try:
@@ -145,9 +146,7 @@ def _check_fits(p: Params) -> None:
     except Exception as e:  # noqa: BLE001 - a config.json that isn't a Llama config, GGUF metadata gguf can't read
         what = "GGUF metadata" if model_source(p.model) == "gguf" else "config.json"
         raise ParamError(f"param model={show(p.model)}: cannot read its {what} ({' '.join(str(e).split())[:80]})") from None
-    if cfg.n_kv_heads % p.tp:
-        raise ParamError(f"param tp={p.tp} does not divide model {show(p.model)}'s {cfg.n_kv_heads} KV heads; use a tp "
-                         f"that divides {cfg.n_kv_heads}")
+    check_tp_splits(p, cfg)
     if p.tp_invariant:
         from greta.engine.config import check_tree, tree_segments
 
@@ -155,21 +154,13 @@ def _check_fits(p: Params) -> None:
             check_tree(cfg, tree_segments(cfg), p.tp)
         except ValueError as e:
             raise ParamError(f"param tp_invariant=1 with model {show(p.model)}: {e}") from None
-    cache = kv_capacity(p.ctx + p.gen + p.prefill_chunk, p.kv_block)  # as runner.KVCache holds it
+    cache = kv_capacity(cache_tokens(p.ctx + p.gen, p.prefill_chunk), p.kv_block)  # as runner.KVCache holds it
     b = dtype_bytes(p.dtype)
     need = cfg.rank_param_count(p.tp) * b + cfg.kv_bytes_per_token(b) * cache // p.tp  # one rank's
     have = device_memory(p.device)
-    if p.probe == "batch":
-        _check_batch_fits(p, cfg.param_count() * b, p.batch * cfg.kv_bytes_per_token(b) * cache, have)
+    kind_of(p).preflight(p, cfg, have)
     if need > have:
         sizes = ", ".join(f"{k}={getattr(p, k)}" for k in ("ctx", "gen", "prefill_chunk", "kv_block", "tp"))
         raise ParamError(f"params {sizes}: weights + KV cache need {need / 2**30:.3g} GiB but {p.device} has "
                          f"{have / 2**30:.3g} GiB; lower -p ctx (or gen, prefill_chunk, kv_block), or raise -p tp")
 
-
-def _check_batch_fits(p: Params, weights: int, kv: int, have: int) -> None:
-    """The batch probe's KV is a slab per request (greta.engine.batch.BatchKVCache): batch x capacity."""
-    if weights + kv > have:
-        raise ParamError(f"params batch={p.batch}, ctx={p.ctx}: weights {weights / 2**30:.3g} GiB + KV cache of "
-                         f"{p.batch} slabs {kv / 2**30:.3g} GiB do not fit the {have / 2**30:.3g} GiB of {p.device}; "
-                         "lower -p batch or -p ctx")

@@ -63,7 +63,7 @@ class Workers:
         from greta.probe.worker import main as worker_main
 
         ctx = mp.get_context("spawn")
-        world = params["tp"]
+        world = params.tp
         port = free_port() if world > 1 else None
         procs, conns, stats, devices = [], [], [], []
         for r in range(world):
@@ -76,8 +76,8 @@ class Workers:
             procs.append(proc)
             conns.append(parent)
             stats.append(arr)
-            cuda_rank = params["device"] == "cuda" and world > 1
-            devices.append(f"cuda:{r}" if cuda_rank else params["device"])
+            cuda_rank = params.device == "cuda" and world > 1
+            devices.append(f"cuda:{r}" if cuda_rank else params.device)
         return cls(procs, conns, stats, devices)
 
     @property

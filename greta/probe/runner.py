@@ -1,9 +1,11 @@
-"""The B3.77 probe runner: phases in a killable worker, per-phase timeouts, VRAM sampling, verdicts.
+"""The probe runner, every kind's: phases in a killable worker, per-phase timeouts, VRAM sampling, the record.
 
     run_dir = run_probe(load_params("params/b3_77.yaml", {"ctx": 32768}))
 
 Phases: ceilings (matmul rate and copy bandwidth, measured first so their buffers are gone before the
-model loads), load (model, KV cache, prompt), prefill, decode, reference. A probe failure never raises: it ends in a FAIL_* verdict and a complete record.
+model loads), load (model, KV cache, prompt), prefill, decode, reference; what each does is the probe kind's
+job, and the record its finisher (greta.probe.kinds). A probe failure never raises: it ends in a FAIL_*
+verdict and a complete record.
 """
 from __future__ import annotations
 
@@ -12,18 +14,16 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
-
 from greta.record import store as record
 from greta.record.samples import (RANK_SAMPLES_CSV, floor_for, read_samples_csv, write_rank_samples_csv,
                                   write_samples_csv)
 from greta.probe import vram
 from greta.engine.config import ModelConfig
 from greta.engine.source import load_config
-from greta.record.metrics import FAIL, compare, equivalence_verdict
+from greta.record.metrics import FAIL
 from greta.record.params import PHASES
+from greta.probe.kinds import kind_of
 from greta.probe.ranks import Workers
-from greta.reports.run_report import render_report
 from greta.terminal import shown
 
 
@@ -122,7 +122,7 @@ def run_probe(params: dict, out_root="outputs", run_dir=None, progress: bool = T
     """Run the probe described by validated params; write and return its record directory. tp > 1: one worker
     per rank (greta.probe.ranks), each rank's VRAM sampled on its own device (RSS of its process on the CPU)."""
     rec = record.Record.create(params, out_root=out_root, run_dir=run_dir)
-    workers = Workers.start(params, _job_class(params))
+    workers = Workers.start(params, kind_of(params).job())
     rec.meta["worker_pid"] = workers.pids[0]
     if workers.world > 1:
         rec.meta["worker_pids"] = workers.pids
@@ -169,7 +169,7 @@ def _start_samplers(params, workers) -> list:
     for r, (device, pid) in enumerate(zip(workers.devices, workers.pids)):
         backend, reason = vram.pick_backend(device, pid)
         backend.fallback_reason = reason
-        samplers.append(vram.VramSampler(backend, period_s=params["sampling_period_s"],
+        samplers.append(vram.VramSampler(backend, period_s=params.sampling_period_s,
                                          alloc_source=workers.allocator_source(r)))
     for s in samplers:
         s.start()
@@ -178,7 +178,7 @@ def _start_samplers(params, workers) -> list:
 
 def _run_phase(phase, params, workers, samplers, bars, rec, perf, results):
     """One phase on every rank, its perf entry and result filled in. -> (failure or None, interrupted or None)."""
-    timeout = params["timeouts"][phase]
+    timeout = params.timeouts.for_phase(phase)
     for s in samplers:
         s.set_phase(phase)
     perf[phase] = {"status": "running", "timeout_s": timeout}
@@ -207,20 +207,9 @@ def _run_phase(phase, params, workers, samplers, bars, rec, perf, results):
     return None, None
 
 
-def _job_class(params):
-    """The worker's phases for the probe params name: B3.77's Job, or the batch probe's."""
-    if params["probe"] == "batch":
-        from greta.probe.batch_worker import BatchJob
-
-        return BatchJob
-    from greta.probe.worker import Job
-
-    return Job
-
-
 def finish_from_checkpoint(run_dir, params: dict, status: str, how: str) -> Path:
     """Complete the record of a probe whose process died before finishing it (a dead notebook kernel, an audit
-    interrupted while the kernel was being torn down) with the probe's own record writer (_finish): the phases
+    interrupted while the kernel was being torn down) with the probe kind's own finisher (_finish): the phases
     and VRAM samples checkpointed up to then, the phase it was in marked with status ("crash": FAIL_ERROR,
     "interrupted": INTERRUPTED) and a reason saying how. Creates the record first if the probe never did."""
     import json
@@ -230,8 +219,8 @@ def finish_from_checkpoint(run_dir, params: dict, status: str, how: str) -> Path
         rec = record.Record(run_dir, params)
         meta_path = run_dir / "metadata.json"
         rec.meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {
-            "run_id": run_dir.name, "probe": params["probe"], **record.git_state(), "versions": record.versions(),
-            "seed": params["seed"], "model": params["model"]}
+            "run_id": run_dir.name, "probe": params.probe, **record.git_state(), "versions": record.versions(),
+            "seed": params.seed, "model": params.model}
     else:
         rec = record.Record.create(params, run_dir=run_dir)
     perf_path = run_dir / "perf.json"
@@ -243,7 +232,7 @@ def finish_from_checkpoint(run_dir, params: dict, status: str, how: str) -> Path
     perf[failed].update({"status": status, "error": reason})
     csv_path = run_dir / "vram_samples.csv"
     samples = read_samples_csv(csv_path) if csv_path.is_file() else []
-    sampler = vram.VramSampler(_CheckpointBackend(), period_s=params["sampling_period_s"])
+    sampler = vram.VramSampler(_CheckpointBackend(), period_s=params.sampling_period_s)
     sampler.samples = samples
     failure = (FAIL[status], failed, {"error": reason})
     _finish(rec, params, perf, {}, sampler, failure)
@@ -269,7 +258,7 @@ def vram_summary_of(params, perf, results, sampler, rank_samplers=None) -> dict:
     and the top level stays rank 0's, as a one-worker record has it."""
     cfg = results.get("load", {}).get("config")
     allocator = {ph: perf[ph]["allocator"] for ph in PHASES if "allocator" in perf[ph]}
-    model_cfg = ModelConfig(**cfg) if cfg else load_config(params["model"])
+    model_cfg = ModelConfig(**cfg) if cfg else load_config(params.model)
     floor, loaded = floor_for(params, model_cfg), perf["load"].get("status") == "ok"
     out = vram.summarize(sampler, allocator, floor, loaded=loaded)
     if rank_samplers and len(rank_samplers) > 1:
@@ -291,32 +280,9 @@ def rank_vram(r: int, sampler, allocator: dict, floor: dict, loaded: bool) -> di
 
 
 def _finish(rec, params, perf, results, sampler, failure, rank_samplers=None):
-    """Metrics, verdict, VRAM summary, roofline and report: everything measured up to any fault."""
-    if params["probe"] == "batch":
-        from greta.probe.batch_record import finish_batch
-
-        return finish_batch(rec, params, perf, results, vram_summary_of(params, perf, results, sampler), sampler, failure)
-    load = results.get("load", {})
-    cfg = load.get("config")
+    """The VRAM summary (and each rank's samples under tp), then the kind's finisher: metrics, verdict,
+    throughput and report, everything measured up to any fault."""
     vram_summary = vram_summary_of(params, perf, results, sampler, rank_samplers)
     if "ranks" in vram_summary:
         write_rank_samples_csv(rec.path / RANK_SAMPLES_CSV, [s.samples for s in rank_samplers])
-    metrics = None
-    if "reference" in results:
-        ref = results["reference"]
-        sources = ["prefill"] + ["decode"] * (params["span"] - 1)
-        metrics = compare(ref["decode_logits"], ref["reference_logits"], ref["tokens"], ref["positions"], sources)
-        rec.write_npz("logits.npz", decode=ref["decode_logits"], reference=ref["reference_logits"],
-                      tokens=np.array(ref["tokens"]), positions=np.array(ref["positions"]))
-        verdict, reason = equivalence_verdict(metrics, params["kv_aligned"], params["thresholds"])
-        failed_phase = None
-    else:
-        verdict, failed_phase, payload = failure or ("FAIL_ERROR", None, {"error": "no reference logits"})
-        reason = f"{failed_phase}: {payload.get('error', '')}"
-    tokens = (results.get("reference") or results.get("decode") or results.get("prefill") or {}).get("tokens")
-    perf["roofline"] = record.roofline(params, cfg, perf, results.get("ceilings"))
-    verdict_rec = record.verdict_record(params, verdict, reason, failed_phase, metrics, tokens)
-    report = render_report(params, rec.finish_meta(load), perf, metrics, vram_summary, verdict_rec)
-    rec.finish(load=load, perf=perf, metrics=metrics, vram_summary=vram_summary, samples=sampler.samples,
-               verdict=verdict_rec, report=report)
-
+    kind_of(params).finish(rec, params, perf, results, vram_summary, sampler, failure)

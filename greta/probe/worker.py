@@ -142,8 +142,10 @@ def logits_digest(*arrays: np.ndarray) -> str:
     return h.hexdigest()
 
 
-class Job:
-    """State carried from phase to phase."""
+class ProbeJob:
+    """What every probe kind's job holds from phase to phase (its device, dtype, rank; progress to the
+    runner) and the phases they share (ceilings). A kind's job (greta.probe.kinds: its job()) adds load,
+    prefill, decode and reference."""
 
     def __init__(self, params, send):
         self.p, self.send = params, send
@@ -167,56 +169,6 @@ class Job:
             self._last = now
             self.send(("progress", phase, done, total, unit))
 
-    # --- phases ---------------------------------------------------------------
-    def load(self) -> dict:
-        from greta.engine.config import tree_segments
-        from greta.engine.runner import Runner
-        from greta.engine.source import load_model
-        from greta.engine.tokenize import make_prompt_from_params
-
-        p = self.p
-        if p.tp > 1:
-            cfg, w, source, model_hash = self._load_shard()
-        else:
-            m = load_model(p.model, p.seed, self.dtype, self.device)
-            cfg, w, source, model_hash = m.config, m.weights, m.source, m.model_hash
-        self.cfg = cfg
-        prompt, prompt_info = make_prompt_from_params(p, cfg.vocab_size)
-        self.prompt = prompt.to(self.device)
-        self.model = Runner(cfg, w, max_tokens=p.ctx + p.gen, kv_aligned=p.kv_aligned,
-                            chunk=p.prefill_chunk, kv_block=p.kv_block, perturb=p.perturb,
-                            backend=p.backend, tp=self.tp, tree_segments=tree_segments(cfg) if p.tp_invariant else 0)
-        warmup_s = self._warmup() if self.device.type == "cuda" else 0.0
-        weight_bytes = sum(t.nbytes for k, t in w.items() if not (k == "lm_head" and cfg.tie_embeddings))
-        return {"config": cfg.to_dict(), "weights_source": source, "model_hash": model_hash,
-                "param_count": cfg.param_count(), "weights_mb": weight_bytes / MB,
-                "kv_cache_mb": self.model.cache.nbytes() / MB, "kv_cache_capacity": self.model.cache.capacity,
-                "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
-                "torch_threads": torch.get_num_threads(), "warmup_s": warmup_s, "prompt": prompt_info,
-                **({"tp": {"world": self.tp.world, "exact": "tree" if p.tp_invariant else self.tp.exact}}
-                   if self.tp else {}),
-                **({"tree_segments": self.model.tree_segments} if p.tp_invariant else {})}
-
-    def _load_shard(self):
-        """Tensor parallel: join the group from torchrun's environment (the collectives' timeout below the
-        phases'), then make or load only this rank's shard. -> (config, weights, source, hash)."""
-        from greta.engine import weights
-        from greta.engine.launch import init_from_env
-        from greta.engine.source import load_config, model_path, model_source
-        from greta.engine.tp import load_shard, synthetic_shard
-
-        p = self.p
-        # the exact reduction (kv_aligned=1): on CUDA the one-shot over symmetric memory (graph-capturable, the
-        # same bits as rank order), elsewhere all_gather + rank-order add (docs/TP.md)
-        exact = "one_shot" if self.device.type == "cuda" else "rank_order"
-        self.tp, _ = init_from_env(self.device.type, collective_timeout_s(p), exact=exact)
-        cfg, kind = load_config(p.model), model_source(p.model)
-        if kind == "synthetic":
-            w = synthetic_shard(cfg, p.seed, self.dtype, self.device, self.tp.rank, self.tp.world)
-            return cfg, w, kind, weights.synthetic_hash(cfg, p.seed)
-        w = load_shard(p.model, cfg, self.dtype, self.device, self.tp.rank, self.tp.world)
-        return cfg, w, kind, weights.checkpoint_hash(model_path(p.model))
-
     def close(self):
         """Leave the tensor-parallel group (the runner kills a rank that hangs here: the issue's scout saw
         destroy_process_group hang)."""
@@ -225,53 +177,8 @@ class Job:
 
             finish()
 
-    def _warmup(self) -> float:
-        """Compile the Triton kernels, capture the decode graph and initialise cuBLAS/SDPA outside the timed
-        phases: a short prefill and one decode step, then the cache is zeroed again."""
-        t0 = time.perf_counter()
-        n = min(self.p.ctx, self.p.prefill_chunk + 1)
-        tok = self.model.prefill(self.prompt[:n])[0].argmax()
-        self.model.decode(tok, n)
-        self.model.cache.reset()
-        sync(self.device)
-        return time.perf_counter() - t0
-
     def ceilings(self) -> dict:
         return measure_ceilings(self.device, self.dtype)
-
-    def prefill(self) -> dict:
-        self.model.cache.reset()
-        logits = self.model.prefill(self.prompt, progress=lambda d, t: self.progress("prefill", d, t, "pos"))
-        self.first = logits[0].cpu().numpy()
-        self.tokens = [int(logits[0].argmax())]
-        return {"tokens": list(self.tokens)}
-
-    def decode(self) -> dict:
-        ctx, span = self.p.ctx, self.p.span
-        kept = [self.first]
-        tok = torch.tensor(self.tokens[-1], device=self.device)
-        for j in range(self.p.gen):
-            logits = self.model.decode(tok, ctx + j)
-            tok = logits.argmax()
-            self.tokens.append(int(tok))  # the one host sync per step: reading the sampled token
-            if len(kept) < span:
-                kept.append(logits.cpu().numpy())
-            self.progress("decode", j + 1, self.p.gen, "tok")
-        self.decode_logits = np.stack(kept)
-        return {"tokens": list(self.tokens)}
-
-    def reference(self) -> dict:
-        ctx, span = self.p.ctx, self.p.span
-        self.model.cache.reset()
-        seq = torch.cat([self.prompt, torch.tensor(self.tokens[: span - 1], device=self.device)])
-        keep = list(range(ctx - 1, ctx + span - 1))
-        logits = self.model.prefill(seq, keep=keep, progress=lambda d, t: self.progress("reference", d, t, "pos"))
-        ref = logits.cpu().numpy()
-        digest = {"logits_sha256": logits_digest(self.decode_logits, ref)} if self.tp else {}
-        if self.rank:  # every rank holds the full logits; rank 0's go to the record, the others' digests are checked
-            return {**digest, "tokens": list(self.tokens)}
-        return {"reference_logits": ref, "decode_logits": self.decode_logits, "tokens": list(self.tokens),
-                "positions": keep, **digest}
 
 
 def _allocator_stats(stats, device: torch.device, stop: threading.Event):
@@ -301,9 +208,9 @@ def _die_with_parent():
             pass
 
 
-def main(params, conn, stats, job_class=Job):
-    """Entry point of the worker process (multiprocessing, spawn); job_class holds the probe's phases (Job:
-    B3.77's; greta.probe.batch_worker.BatchJob: the batch probe's)."""
+def main(params, conn, stats, job_class):
+    """Entry point of the worker process (multiprocessing, spawn); job_class holds the probe's phases (a
+    ProbeJob: the job of params' probe kind, greta.probe.kinds)."""
     _die_with_parent()
     try:
         job = job_class(params, conn.send)

@@ -21,11 +21,12 @@ import yaml
 
 from greta.paths import resolve  # noqa: F401 - params.resolve, as callers know it
 from greta.record.yaml_core import CoreSchemaLoader
+from greta.record.kinds import KIND_NAMES, SPECS, foreign_params
 
 PHASES = ("ceilings", "load", "prefill", "decode", "reference")
 FAULT_KINDS = ("hang", "oom", "crash", "kill", "error", "kernel_death")
 CHOICES = {
-    "probe": ("b3_77", "batch"),
+    "probe": KIND_NAMES,  # the probe registry (greta.record.kinds, greta.probe.kinds)
     "backend": ("torch", "triton"),
     "dtype": ("bfloat16", "float16", "float32"),
     "kv_aligned": (0, 1),
@@ -167,7 +168,7 @@ class Params:
     sampling_period_s: float = 1.0
     memory_fraction: float = 1.0   # GPU: cap the worker's allocator at this fraction of the card (a real OOM on purpose)
     thresholds: Thresholds = field(default_factory=Thresholds)
-    perturb: str = "none"          # negative control on the decode path: none | rope_offset | kv_off_by_one
+    perturb: str = "none"          # negative control (CHOICES["perturb"]): rope_offset, kv_off_by_one, tp_library_reduce (tp >= 4), batch_split_k (probe=batch)
     fault: str = "none"            # fault injection (tests): none | <hang|oom|crash|kill|error|kernel_death>:<phase>[@<rank>] (no @: every rank)
     threads: int = 0               # CPU threads for torch (0 = torch's default)
     tp: int = 1                    # tensor-parallel ranks (1, 2, 4, 8): must divide the model's KV heads
@@ -180,12 +181,11 @@ class Params:
         validate(self)
 
     def to_dict(self) -> dict:
-        """The JSON form, shaped as params.json has always been (sections nested); the batch probe's keys
-        only in a batch probe's params, so every other probe's params.json keeps its shape."""
+        """The JSON form, shaped as params.json has always been (sections nested); a probe kind's own keys
+        only in that kind's params, so every other kind's params.json keeps its shape."""
         d = asdict(self)
-        if self.probe != "batch":
-            for key in BATCH_KEYS:
-                del d[key]
+        for key in foreign_params()[self.probe]:
+            del d[key]
         return d
 
     @classmethod
@@ -222,7 +222,6 @@ class Params:
 
 
 _FIELD_NAMES = frozenset(f.name for f in fields(Params))
-BATCH_KEYS = ("batch", "batch_lengths", "batch_gen")
 SECTIONS = tuple(SECTION_TYPES)  # timeouts, thresholds
 
 
@@ -344,7 +343,7 @@ def validate(p: Params) -> None:
     for k in p.thresholds.to_dict():
         _range(p, f"thresholds.{k}", 0.0, 1.0 if k == "top1_agreement" else None)
     _check_tp(p)
-    _check_batch(p)
+    _check_kind(p)
     parse_fault(p.fault, p.tp)
 
 
@@ -366,23 +365,33 @@ def parse_fault(fault: str, tp: int = 1) -> tuple[str, str, int | None] | None:
 
 
 def _check_tp(p: Params) -> None:
-    """tp against a preset's heads (a checkpoint's: preflight, which reads its config), and the reduction
-    control that needs 3+ ranks to be able to fail."""
+    """tp against a preset's sizes (a checkpoint's: preflight reads its config, then check_tp_splits), the
+    device ranks run on, and the reduction control that needs 3+ ranks to be able to fail."""
     from greta.engine.config import PRESETS  # no torch: the presets are plain data
 
-    cfg = PRESETS.get(p.model)
-    if cfg is not None and cfg.n_kv_heads % p.tp:
-        raise ParamError(f"param tp={p.tp} does not divide model {p.model}'s {cfg.n_kv_heads} KV heads; use -p tp=1 "
-                         f"or a tp that divides {cfg.n_kv_heads}")
+    if p.model in PRESETS:
+        check_tp_splits(p, PRESETS[p.model])
     if p.tp > 1 and p.device not in ("cpu", "cuda"):
         raise ParamError(f"param device={show(p.device)} with tp={p.tp}: rank r runs on cuda:r (cuda:LOCAL_RANK); "
                          "write -p device=cuda (or cpu)")
-    if p.tp_invariant and (not p.kv_aligned or p.probe != "b3_77"):
+    if p.tp_invariant and not p.kv_aligned:  # only B3.77 takes it (its ProbeSpec's own params: _check_kind)
         raise ParamError("param tp_invariant=1 needs kv_aligned=1 and probe=b3_77 (the tree is an exact mode); "
                          "use -p tp_invariant=0")
     if p.perturb == "tp_library_reduce" and p.tp < 4:
         raise ParamError(f"param perturb=tp_library_reduce needs -p tp=4 or 8 (got tp={p.tp}): with 1 or 2 ranks any "
                          "all-reduce adds in one order, so this control could not fail")
+
+
+def check_tp_splits(p: Params, cfg) -> None:
+    """The one tp-against-the-model check (greta.engine.config.tp_indivisible, which the engine applies too):
+    a ParamError naming what tp does not divide."""
+    from greta.engine.config import PRESETS, tp_indivisible
+
+    bad = tp_indivisible(cfg, p.tp)
+    if bad:
+        name = p.model if p.model in PRESETS else show(p.model)
+        raise ParamError(f"param tp={p.tp} does not divide model {name}'s {', '.join(bad)}; use -p tp=1 or a tp that "
+                         f"divides {cfg.n_kv_heads} (and these)")
 
 
 BATCH_MAX = 4096
@@ -402,16 +411,21 @@ def int_list(key: str, text: str, n: int, lo: int, hi: int, hint: str) -> list[i
     return values
 
 
-def _check_batch(p: Params) -> None:
-    """The batch probe's params: only with probe=batch, and each list one value per request within range."""
+def _field_default(key: str):
+    return next(f.default for f in fields(Params) if f.name == key)
+
+
+def _check_kind(p: Params) -> None:
+    """Another probe kind's params keep their defaults and its negative controls are refused (the kinds'
+    own params: greta.record.kinds); the batch lists hold one value per request within range."""
     _range(p, "batch", 1, BATCH_MAX)
-    if p.probe != "batch":
-        for key, plain in (("batch", 1), ("batch_lengths", ""), ("batch_gen", "")):
-            if getattr(p, key) != plain:
-                raise ParamError(f"param {key}={show(getattr(p, key))} is for the batch probe; add -p probe=batch")
-        if p.perturb == "batch_split_k":
-            raise ParamError("param perturb=batch_split_k is the batch probe's control; add -p probe=batch")
-        return
+    for key in foreign_params()[p.probe]:
+        if getattr(p, key) != _field_default(key):
+            owner = next(s.name for s in SPECS.values() if key in s.own_params)
+            raise ParamError(f"param {key}={show(getattr(p, key))} is for the {owner} probe; add -p probe={owner}")
+    for spec in SPECS.values():
+        if p.perturb in spec.own_perturbs and spec.name != p.probe:
+            raise ParamError(f"param perturb={p.perturb} is the {spec.name} probe's control; add -p probe={spec.name}")
     if p.batch_lengths:
         int_list("batch_lengths", p.batch_lengths, p.batch, 1, p.ctx, ",".join([str(p.ctx)] * p.batch))
     if p.batch_gen:

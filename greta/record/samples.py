@@ -123,9 +123,9 @@ def floor_mb(cfg, dtype_bytes: int, cache_tokens: int, tp: int = 1) -> dict:
 def floor_for(params, cfg) -> dict:
     """floor_mb for a probe run: the model cfg in params["dtype"], with a cache of ctx + gen positions (the batch
     probe: one such slab per request, all preallocated), per rank of params' tp. A dict of params as an old
-    record holds them may lack probe, batch or tp (made before those existed): one slab, tp 1."""
+    record holds them may lack batch or tp (made before those existed): one slab, tp 1."""
     from greta.record.params import dtype_bytes
 
     get = params.get if isinstance(params, dict) else lambda k, d=None: getattr(params, k, d)
-    slabs = get("batch", 1) if get("probe") == "batch" else 1
+    slabs = get("batch", 1)  # every kind but the batch probe holds batch at its default, 1
     return floor_mb(cfg, dtype_bytes(params["dtype"]), (params["ctx"] + params["gen"]) * slabs, get("tp", 1))

@@ -19,6 +19,7 @@ import numpy as np
 from greta.engine.config import ModelConfig
 from greta.record.files import (MANIFEST, TYPES, Manifest, Metadata, Metrics, Perf, VramSummary, Verdict,
                                 atomic_write_bytes, atomic_write_text, jsonable as _jsonable, sha256_file, write_json)
+from greta.record.kinds import spec_of
 from greta.record.params import dtype_bytes
 from greta.record.rundir import allocate_run_dir, enclosing_record, nested_message, resolve_out_root
 from greta.record.samples import write_samples_csv
@@ -75,7 +76,7 @@ def probe_name_parts(params) -> list[str]:
     parts = [Path(params["model"]).name or "model", f"ctx{params['ctx']}", f"kv{params['kv_aligned']}"]
     tp = params.get("tp", 1) if isinstance(params, dict) else params.tp
     parts += [f"tp{tp}"] if tp > 1 else []
-    return parts + [f"b{params['batch']}"] if params["probe"] == "batch" else parts
+    return parts + spec_of(params).name_parts(params)
 
 
 def new_probe_dir(out_root, params) -> Path:
@@ -83,7 +84,7 @@ def new_probe_dir(out_root, params) -> Path:
     proved writable with room for it. out_root None or "outputs": the checkout's outputs/, from any directory."""
     root = resolve_out_root(out_root or "outputs").resolve()
     preflight(root, params)
-    return allocate_run_dir(root, params["probe"], probe_name_parts(params))
+    return allocate_run_dir(root, params.probe, probe_name_parts(params))
 
 
 class RecordError(OSError):
@@ -107,10 +108,9 @@ def model_vocab(model: str) -> int:
 
 def expected_bytes(params) -> int:
     """Rough size of a record: logits (2 x span x vocab fp32, before compression), notebooks and plots."""
-    try:  # batch: (b) per request; (a), (c) as XOR
-        batch = params["batch"] if params["probe"] == "batch" else 1
-    except KeyError:  # a plain dict of the size-relevant keys (and an oracle's params) names no probe
-        batch = 1
+    # the batch probe: (b) per request ((a), (c) as XOR); other kinds hold batch at its default, 1; a plain dict
+    # of the size-relevant keys (an oracle's params) names none
+    batch = params.get("batch", 1) if isinstance(params, dict) else params.batch
     span = params["span"] * batch
     return (2 * span * model_vocab(params["model"]) * 4 if span else 0) + 16 * 2**20  # span 0: a record without logits (oracle)
 
@@ -196,9 +196,9 @@ class Record:
             path.mkdir(parents=True, exist_ok=True)
         rec = cls(path, params)
         rec.write_json("params.json", params)
-        rec.meta = {"run_id": path.name, "probe": params["probe"], **git_state(), "host": platform.node(),
+        rec.meta = {"run_id": path.name, "probe": params.probe, **git_state(), "host": platform.node(),
                     "platform": platform.platform(), "argv": sys.argv, "versions": versions(),
-                    "seed": params["seed"], "model": params["model"], "started_utc": _now(), "finished_utc": None}
+                    "seed": params.seed, "model": params.model, "started_utc": _now(), "finished_utc": None}
         rec.write_json("metadata.json", rec.meta)
         return rec
 

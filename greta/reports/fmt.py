@@ -30,7 +30,7 @@ def finite(x: Any) -> float | None:
 
 
 def mb(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:,.0f} MB"
+    return "n/a" if x is None else f"{x:,.0f} MiB"  # 2**20 bytes, as every *_mb figure of a record
 
 
 def diff(x: float | None) -> str:

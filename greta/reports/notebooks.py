@@ -276,23 +276,49 @@ h1,h2,h3{line-height:1.25}table{border-collapse:collapse;margin:.6em 0}th,td{bor
 th{background:#f3f3f3}code,pre{font:13px/1.4 ui-monospace,Menlo,Consolas,monospace}pre{background:#f7f7f7;padding:.6em;overflow-x:auto}
 img{max-width:100%;height:auto}.greta-lead{border:2px solid #444;border-radius:6px;padding:.2em 1em;margin-bottom:2em}
 .input_area pre{border-left:3px solid #9ab}.prompt{display:none}.output_stderr pre{background:#fdd}
+.verdict{display:inline-block;padding:.05em .55em;border-radius:4px;font-weight:700;color:#fff;background:#616161}
+.verdict-pass{background:#2e7d32}.verdict-fail{background:#c62828}.verdict-drift{background:#ffb300;color:#1a1a1a}
+.verdict-pass::before{content:"✓ "}.verdict-fail::before{content:"✗ "}.verdict-drift::before{content:"~ "}
 """
+# `Verdict: <strong>X</strong>` as the pages state it (greta.checks.statements reads it, the class included)
+_VERDICT_HTML = re.compile(r"(Verdict(?: from the trace)?:\s*)<strong>([A-Za-z][A-Za-z0-9_]*)</strong>")
 _DEFAULT_ALT = "No description has been provided for this image"
 
 
+def verdict_class(verdict: str) -> str:
+    """The badge's colour class: PASS green, FAIL red, DRIFT amber, anything else (INTERRUPTED, INCOMPLETE) grey.
+    The verdict's text stays in the badge, with a mark before it: the colour is never all it says."""
+    if verdict.startswith("PASS"):
+        return "verdict-pass"
+    if verdict.endswith("DRIFT"):
+        return "verdict-drift"
+    return "verdict-fail" if verdict.startswith("FAIL") else "verdict-other"
+
+
+def verdict_badges(page: str) -> str:
+    """Every `Verdict: <strong>X</strong>` of a page as a coloured badge (its text unchanged)."""
+    return _VERDICT_HTML.sub(lambda m: f'{m[1]}<strong class="verdict {verdict_class(m[2])}">{m[2]}</strong>', page)
+
+
 def _image_alts(nb) -> list[str]:
-    """Alt text for each PNG output, in page order: the notebook's title and the section the image is in."""
+    """Alt text for each PNG output, in page order: the notebook's title and the section the image is in (from
+    markdown cells, and from the Markdown a code cell displays)."""
     title, section, alts = "", "", []
     for cell in nb.cells:
-        if cell.cell_type == "markdown":
-            heads = re.findall(r"^#{1,3}\s+(.+)$", cell.source, flags=re.M)
-            if heads:
-                title = title or heads[0]
-                section = heads[-1]
+        texts = [cell.source] if cell.cell_type == "markdown" else []
         for o in cell.get("outputs", []) if cell.cell_type == "code" else []:
+            texts.append("".join(o.get("data", {}).get("text/markdown", "")))
             if "image/png" in o.get("data", {}):
+                title, section = _heads(texts, title, section)
+                texts = []
                 alts.append(f"{section or title}: figure from {title or 'this notebook'}")
+        title, section = _heads(texts, title, section)
     return alts
+
+
+def _heads(texts: list[str], title: str, section: str) -> tuple[str, str]:
+    heads = [h for t in texts for h in re.findall(r"^#{1,3}\s+(.+)$", t, flags=re.M)]
+    return (title or heads[0], heads[-1]) if heads else (title, section)
 
 
 def to_html(ipynb_path: str | Path, lead_md: str | None = None, show_code: bool = False,
@@ -314,6 +340,7 @@ def to_html(ipynb_path: str | Path, lead_md: str | None = None, show_code: bool 
     for alt in _image_alts(nb):
         body = body.replace(f'alt="{_DEFAULT_ALT}"', f'alt="{html.escape(alt, quote=True)}"', 1)
     lead = f'<section class="greta-lead">{markdown2html(lead_md)}</section>\n' if lead_md else ""
+    body, lead = verdict_badges(body), verdict_badges(lead)
     title = html.escape(ipynb_path.stem)
     page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
             f'<meta name="viewport" content="width=device-width, initial-scale=1"><title>{title}</title>'

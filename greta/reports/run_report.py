@@ -7,15 +7,20 @@ from __future__ import annotations
 
 from greta.reports import fmt, md
 from greta.reports.md import Markup
+from greta.reports.memory_section import memory_name, memory_section, reproduce_lines
 
-__all__ = ["render_report", "results_row", "interpret", "fault_report", "RESULTS_COLUMNS"]
+__all__ = ["render_report", "results_row", "results_columns", "interpret", "fault_report"]
 
-RESULTS_COLUMNS = ["Context", "KV", "Peak VRAM (MB)", "Max Logits Diff", "Top-1 Agreement", "Verdict"]
 PHASES = ("ceilings", "load", "prefill", "decode", "reference")
 
 
+def results_columns(vram_summary) -> list[str]:
+    """The seed report's columns; the peak named for what was sampled (RSS on the CPU), in MiB (2^20 bytes)."""
+    return ["Context", "KV", f"Peak {memory_name(vram_summary)} (MiB)", "Max Logits Diff", "Top-1 Agreement", "Verdict"]
+
+
 def results_row(params, metrics, vram_summary, verdict) -> str:
-    """The seed report's results row: context, KV, peak VRAM, max diff, top-1, verdict."""
+    """The seed report's results row: context, KV, peak memory, max diff, top-1, verdict."""
     return md.row([params["ctx"], params["kv_aligned"], fmt.num(vram_summary.get("peak_vram_mb"), "{:.0f}"),
                    fmt.num(metrics and metrics["max_abs_diff"], "{:.6f}"),
                    fmt.num(metrics and metrics["top1_agreement"], "{:.4f}"), verdict["verdict"]])
@@ -33,7 +38,7 @@ def render_report(params, meta, perf, metrics, vs, verdict) -> str:
          # the verdict and the results first: a reader of a shared page sees them before anything else
          md.line("Verdict:", md.bold(verdict["verdict"]), "—", verdict["reason"]), "",
          md.heading(2, "Results (", dev, ", ", day, ")"), "",
-         md.table(RESULTS_COLUMNS, []), results_row(params, metrics, vs, verdict), ""]
+         md.table(results_columns(vs), []), results_row(params, metrics, vs, verdict), ""]
     if metrics:
         L += _metrics_lines(metrics)
     L += ["## Objective",
@@ -43,11 +48,9 @@ def render_report(params, meta, perf, metrics, vs, verdict) -> str:
                   "tokens."), ""]
     L += _matrix(params, meta)
     L += _timing(perf)
-    L += _vram(vs)
+    L += memory_section(vs)
     L += ["## Interpretation", *md.bullets(interpret(params, perf, metrics, vs, verdict)), ""]
-    over = " ".join(f"-p {k}={v}" for k, v in _diff_from_file(params).items())
-    L += ["## Reproduce", "", md.line("Command:", md.code(f"python -m greta probe -f <params.yaml> {over}".rstrip())),
-          "", "params.json in this directory holds every value used.", ""]
+    L += reproduce_lines(params)
     L += ["## Provenance", *md.bullets([md.line("versions:", meta.get("versions")),
                                         md.line("platform:", meta.get("platform")),
                                         md.line("finished:", meta.get("finished_utc"))]), ""]
@@ -100,15 +103,10 @@ def _metrics_lines(m) -> list[str]:
         "decode steps."]), ""]
 
 
-def _diff_from_file(params) -> dict:
-    keys = ("model", "device", "dtype", "ctx", "gen", "span", "kv_aligned", "seed", "perturb")
-    return {k: params[k] for k in keys + (("tp",) if params.get("tp", 1) > 1 else ())}
-
-
 def _timing_row(ph, p, r) -> list:
     floor = ""
     if ph == "decode" and r:
-        floor = f"{r['floor_ms_per_token']:.2f} ms/token (measured {r['ms_per_token']:.2f})"
+        floor = f"{r['floor_ms_per_token']:.2f} ms/token (measured {r['ms_per_token']:.2f} ms/token)"
     elif r:
         floor = f"{r['floor_s']:.3g} s"
     return [ph, p.get("status"), fmt.num(p.get("wall_s"), "{:.2f}"), fmt.num(p.get("timeout_s"), "{:g}"), floor,
@@ -136,60 +134,19 @@ def _timing(perf) -> list[str]:
     return L
 
 
-def _vram(vs) -> list[str]:
-    fl = vs["floor"]
-    fallback = md.line(" (fallback: ", vs["fallback_reason"], ")", sep="") if vs.get("fallback_reason") else ""
-    L = ["## VRAM sampling method", *md.bullets([
-        md.line("Backend: ", md.bold(vs["backend"]), fallback, sep=""),
-        md.line("Device info:", vs["device_info"]),
-        md.line("Sampling period:", vs["sampling_period_sec"], "s · samples:", vs["samples_count"], "· peak:",
-                fmt.num(vs["peak_vram_mb"], "{:.0f}"), "MB at t =", fmt.num(vs["peak_timestamp_offset_sec"], "{:.1f}"),
-                "s from the start of sampling"),
-        "Note: sampled figures can miss micro-spikes between samples; the allocator peaks below are exact."]), ""]
-    peaks = [[ph, fmt.num(a.get("max_allocated_mb"), "{:.0f}"), fmt.num(a.get("max_reserved_mb"), "{:.0f}")]
-             for ph, a in vs.get("allocator_peaks", {}).items()] or [["—", "no device allocator (CPU run)", ""]]
-    L.append(md.table(["Phase", "Allocator max allocated (MB)", "Allocator max reserved (MB)"], peaks))
-    below = (md.line(md.bold("Below the floor — these figures cannot be right:"),
-                     md.line(*vs["below_floor_figures"], sep="; ")) if vs["below_floor"]
-             else "Every measured peak is at or above it.")
-    per_rank = f" per rank (tp={fl['tp']})" if fl.get("tp") else ""
-    floor = md.line(f"Analytic floor{per_rank}: weights", fmt.num(fl["weights_mb"], "{:.0f}"), "MB + KV cache",
-                    fmt.num(fl["kv_cache_mb"], "{:.0f}"), "MB =", md.bold(fmt.num(fl["total_mb"], "{:.0f} MB")))
-    L += ["", md.line(floor, ". ", below, sep=""), ""]
-    if vs.get("ranks"):
-        L += _rank_table(vs)
-    return L
-
-
-def _rank_table(vs) -> list[str]:
-    """Tensor parallel: each rank's sampled peak and allocator peak against the per-rank floor (the figures
-    above are rank 0's)."""
-    rows = []
-    for r in vs["ranks"]:
-        allocated = [a.get("max_allocated_mb") for a in (r.get("allocator_peaks") or {}).values()]
-        allocated = [a for a in allocated if a is not None]
-        rows.append([r.get("rank"), r.get("backend"), r.get("device_info"), fmt.num(r.get("peak_vram_mb"), "{:.0f}"),
-                     fmt.num(max(allocated) if allocated else None, "{:.0f}"),
-                     "below the floor" if r.get("below_floor") else ("yes" if r.get("floor_applies") else "not held")])
-    return ["### Per rank", "", md.text("Each rank sampled on its own device (RSS of its own process on the CPU); "
-                                         "the figures above are rank 0's."), "",
-            md.table(["Rank", "Backend", "Device", "Peak sampled (MB)", "Allocator max allocated (MB)",
-                      "At or above the per-rank floor"], rows), ""]
-
-
 def interpret(params, perf, metrics, vs, verdict) -> list[Markup]:
     """The Interpretation bullets (Markup, values escaped)."""
     out = _interpret_metrics(params, metrics, verdict) if metrics else _interpret_fault(perf, verdict)
     if vs["below_floor"]:
-        out.append(md.text("VRAM: a measured peak is below weights + KV cache, which is impossible for a correct "
+        out.append(md.text(f"{memory_name(vs)}: a measured peak is below weights + KV cache, which is impossible for a correct "
                            "measurement."))
     elif vs.get("peak_vram_mb") is not None:
-        out.append(md.line(f"VRAM: sampled peak {vs['peak_vram_mb']:.0f} MB ≥ analytic floor "
-                           f"{vs['floor']['total_mb']:.0f} MB, headroom "
-                           f"{vs['peak_vram_mb'] - vs['floor']['total_mb']:.0f} MB (", vs["backend"], ").", sep=""))
+        out.append(md.line(f"{memory_name(vs)}: sampled peak {vs['peak_vram_mb']:.0f} MiB ≥ analytic floor "
+                           f"{vs['floor']['total_mb']:.0f} MiB, headroom "
+                           f"{vs['peak_vram_mb'] - vs['floor']['total_mb']:.0f} MiB (", vs["backend"], ").", sep=""))
     low = [str(x.get("rank")) for x in vs.get("ranks") or [] if x.get("below_floor")]
     if low:
-        out.append(md.line("VRAM: rank(s)", ", ".join(low), "hold less than the per-rank weights + KV floor, which is "
+        out.append(md.line(f"{memory_name(vs)}: rank(s)", ", ".join(low), "hold less than the per-rank weights + KV floor, which is "
                            "impossible for a correct measurement."))
     r = perf.get("roofline", {})
     if r.get("prefill"):
@@ -237,9 +194,8 @@ def fault_report(verdict: str, reason: str, perf: dict, n_samples: int, peak_mb,
     rows = [[ph, perf[ph].get("status"), fmt.num(perf[ph].get("wall_s"), "{}", none="")] for ph in perf]
     return "\n".join([md.heading(1, "B3.77 — ", verdict), "", md.line(reason, ".", sep=""), "",
                       md.table(["Phase", "Status", "Wall (s)"], rows), "",
-                      md.line("VRAM samples up to the fault: ", n_samples, " (peak ", fmt.mb(peak_mb), "; floor ",
+                      md.line("Memory samples up to the fault: ", n_samples, " (peak ", fmt.mb(peak_mb), "; floor ",
                               fmt.mb(floor_mb), "). See run_b3_77.ipynb/.html here: cells after the fault did not "
                               "run.", sep=""), ""])
 
 
-vram_section = _vram  # the VRAM section as every probe's report has it (reports/batch_report.py too)

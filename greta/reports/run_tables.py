@@ -70,7 +70,7 @@ def vram_summary_md(run_dir: str | Path) -> str:
         {"figure": "backend", "value": backend},
         {"figure": "sampling period", "value": f"{v.get('sampling_period_sec')} s"},
         {"figure": "samples", "value": v.get("samples_count")},
-        {"figure": "sampled peak", "value": f"{fmt.mb(finite(v.get('peak_vram_mb')))} "
+        {"figure": "sampled peak" + (" (process RSS)" if v.get("backend") == "rss" else " (device memory)"), "value": f"{fmt.mb(finite(v.get('peak_vram_mb')))} "
                                             f"@ t={v.get('peak_timestamp_offset_sec')} s"},
         {"figure": "floor (weights + KV)",
          "value": f"{fmt.mb(finite(floor.get('weights_mb')))} + {fmt.mb(finite(floor.get('kv_cache_mb')))} = "

@@ -23,6 +23,8 @@ SERIES = (("device_used_mb", None, dict(color="#1f3b73", lw=2.2, zorder=4)),
           ("reserved_mb", "allocator reserved", dict(color="#8e44ad", lw=1.4, ls="-", zorder=3)),
           ("allocated_mb", "allocator allocated", dict(color="#16a085", lw=1.4, ls="-", zorder=3)))
 _BACKEND_LABELS = {"nvml": "NVML device used", "amdsmi": "amdsmi device used", "rss": "process RSS"}
+RANK_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "h")  # rank r: RANK_MARKERS[r], at its own offset
+RANK_DASHES = ("-", "--", "-.", ":", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1)), (0, (1, 1)), (0, (8, 2)))
 
 
 @dataclass(frozen=True)
@@ -34,7 +36,7 @@ class Phase:
 
 @dataclass
 class VramPlotData:
-    """Everything the VRAM figure shows, in MB and seconds since sampling started."""
+    """Everything the VRAM figure shows, in MiB and seconds since sampling started."""
     device: str
     backend: str | None
     device_label: str  # what the main line measures: "NVML device used", "process RSS", ...
@@ -42,16 +44,16 @@ class VramPlotData:
     n_samples: int
     fallback_reason: str | None
     phases: list[Phase]
-    series: dict[str, tuple[list[float], list[float]]]  # samples column -> (t, MB), only columns with data
+    series: dict[str, tuple[list[float], list[float]]]  # samples column -> (t, MiB), only columns with data
     floor_mb: float | None
     weights_mb: float | None
     kv_cache_mb: float | None
-    allocator_peaks: dict[str, float]  # phase -> max allocated MB (> 0)
-    peak: tuple[float, float] | None  # (MB, t)
+    allocator_peaks: dict[str, float]  # phase -> max allocated MiB (> 0)
+    peak: tuple[float, float] | None  # (MiB, t)
     below_floor: bool
     below_floor_figures: list[str] = field(default_factory=list)
     sample_times: list[float] = field(default_factory=list)
-    ranks: dict[int, tuple[list[float], list[float]]] = field(default_factory=dict)  # tp > 1: rank -> (t, MB)
+    ranks: dict[int, tuple[list[float], list[float]]] = field(default_factory=dict)  # tp > 1: rank -> (t, MiB)
 
 
 def _rank_series(run_dir: Path) -> dict[int, tuple[list[float], list[float]]]:
@@ -143,20 +145,26 @@ def _draw_lines(ax, d: VramPlotData) -> tuple[list, list[float]]:
                            **style)
             handles.append(h)
             all_y += ys
-    for r, (xs, ys) in sorted(d.ranks.items()):  # tensor parallel: one thin line per other rank (rank 0 is above)
+    n = max(len(d.ranks), 1)
+    for r, (xs, ys) in sorted(d.ranks.items()):  # tensor parallel: one line per other rank (rank 0 is above)
         if r and xs:
-            (h,) = ax.plot(xs, ys, lw=1.1, ls="--", alpha=0.85, zorder=3, label=f"rank {r}: {d.device_label}")
+            # equal ranks draw the same curve: each gets its own marker, set at its own offset along the samples,
+            # and its own dash, so a rank lying exactly under another still shows
+            every = max(len(xs) // 12, n)
+            (h,) = ax.plot(xs, ys, lw=1.3, ls=RANK_DASHES[r % len(RANK_DASHES)], alpha=0.9, zorder=3 + r / n,
+                           marker=RANK_MARKERS[r % len(RANK_MARKERS)], ms=6, markevery=(r * every // n, every),
+                           label=f"rank {r}: {d.device_label}")
             handles.append(h)
             all_y += ys
     if d.floor_mb is not None:  # nothing that holds the model can be below weights + KV
         parts = (f"weights {d.weights_mb:,.0f} + KV {d.kv_cache_mb:,.0f} = "
                  if d.weights_mb is not None and d.kv_cache_mb is not None else "")
         handles.append(ax.axhline(d.floor_mb, color=FAIL_COLOR, ls="--", lw=1.6, zorder=2,
-                                  label=f"analytic floor{' per rank' if d.ranks else ''}: {parts}{d.floor_mb:,.0f} MB"))
+                                  label=f"analytic floor{' per rank' if d.ranks else ''}: {parts}{d.floor_mb:,.0f} MiB"))
         all_y.append(d.floor_mb)
     by_name = {p.name: p for p in d.phases}
     for i, (name, v) in enumerate(d.allocator_peaks.items()):
-        color, label = phase_color(name, i), f"allocator max_allocated ({name}): {v:,.0f} MB"
+        color, label = phase_color(name, i), f"allocator max_allocated ({name}): {v:,.0f} MiB"
         ph = by_name.get(name)
         if ph is not None and ph.end_s > ph.start_s:  # exact per-phase peak, over its phase
             h = ax.hlines(v, ph.start_s, ph.end_s, colors=color, linestyles=":", lw=2.4, zorder=5, label=label)
@@ -169,7 +177,7 @@ def _draw_lines(ax, d: VramPlotData) -> tuple[list, list[float]]:
         color = FAIL_COLOR if d.below_floor else "#1f3b73"
         ax.plot([t], [peak], marker="*", ms=17, color=color, mec="white", mew=1.0, zorder=6, ls="none")
         handles.append(Line2D([], [], marker="*", ms=13, color=color, ls="none",
-                              label=f"sampled peak: {peak:,.0f} MB @ t={t:.1f} s"))
+                              label=f"sampled peak: {peak:,.0f} MiB @ t={t:.1f} s"))
         all_y.append(peak)
     return handles, all_y
 
@@ -196,14 +204,14 @@ def _annotate(ax, d: VramPlotData, ymax: float) -> None:
         peak, t = d.peak
         right = (t - xl) < 0.6 * (xr - xl)  # the label goes on whichever side of the peak has room
         above = peak >= 0.8 * ymax  # above the star when it tops the plot, below when other lines run above
-        ax.annotate(f"sampled peak {peak:,.0f} MB\n@ t = {t:.1f} s", xy=(t, peak),
+        ax.annotate(f"sampled peak {peak:,.0f} MiB\n@ t = {t:.1f} s", xy=(t, peak),
                     xytext=(28 if right else -28, 22 if above else -34), textcoords="offset points",
                     ha="left" if right else "right", va="bottom" if above else "top", multialignment="left",
                     fontsize=10, color=FAIL_COLOR if d.below_floor else "#1f3b73",
                     bbox=dict(boxstyle="round,pad=0.3", fc="white", ec="0.7", alpha=0.9),
                     arrowprops=dict(arrowstyle="-", color="0.4", lw=0.8), zorder=7)
     if not d.sample_times:
-        ax.text(0.5, 0.5, "no VRAM samples recorded", transform=ax.transAxes, ha="center", va="center",
+        ax.text(0.5, 0.5, "no memory samples recorded", transform=ax.transAxes, ha="center", va="center",
                 fontsize=13, color="0.4")
     if d.below_floor:
         figs = d.below_floor_figures
@@ -242,7 +250,7 @@ def draw_vram(d: VramPlotData, path: str | Path | None = None) -> Figure:
     _set_limits(ax, d, ymax)
     _annotate(ax, d, ymax)
     ax.yaxis.set_major_formatter(mb_formatter)
-    ax.set_ylabel("memory (MB)")
+    ax.set_ylabel("RSS (MiB)" if d.device_label == "process RSS" else "memory (MiB)")
     ax.set_xlabel("time since sampling start (s)")
     ax.grid(True, axis="y", alpha=0.3)
     _titles(fig, ax, d)

@@ -1,0 +1,90 @@
+"""What a probe kind is (greta.probe.kinds holds one of each): the interface every kind fills in."""
+from __future__ import annotations
+
+from greta.record.kinds import ProbeSpec
+from greta.record.metrics import FAULT_VERDICTS
+
+
+class UnknownKind(KeyError):
+    """A params.probe (or a record's params.json) naming a kind this checkout does not know."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "unknown probe kind"
+
+
+class ProbeKind:
+    """One probe kind. Subclasses set the data and fill in the methods; one instance each (greta.probe.kinds)."""
+    spec: ProbeSpec
+    title: str                              # how its pages and sweep report name it
+    pass_verdict: str                       # kv_aligned=1, judged and held: what a kv1 sweep point must say
+    fail_verdict: str                       # kv_aligned=1, judged and not held
+    drift_verdict: str                      # kv_aligned=0: measured, not held
+    uses_thresholds: bool                   # its kv1 judgement reads params.thresholds (report.md states them)
+    logits_file: str                        # its logits, in the manifest, kept out of git
+    run_notebook: str                       # notebooks/<run_notebook>: the audit executes it into the record
+    analysis_notebooks: tuple[str, ...]     # executed into the record after the probe
+    figures: tuple[tuple[str, str], ...]    # (png, what it shows): the figures its run page shows
+    runs_tp: bool                           # it can run tensor parallel (tp > 1)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def verdicts(self) -> tuple[str, ...]:
+        """Its judged verdicts (the reference phase ran); faults: greta.record.metrics.FAULT_VERDICTS."""
+        return (self.pass_verdict, self.fail_verdict, self.drift_verdict)
+
+    def ok(self, verdict: str) -> bool:
+        """Held (kv1) or measured as expected (kv0): exit code 0, not drawn as a failure."""
+        return verdict in (self.pass_verdict, self.drift_verdict)
+
+    def exit_code(self, verdict: str) -> int:
+        """greta probe / audit: 0 for ok(), 1 for any failure or fault."""
+        return 0 if self.ok(verdict) else 1
+
+    def knows(self, verdict) -> bool:
+        return verdict in self.verdicts or verdict in FAULT_VERDICTS
+
+    # --- running: greta.probe.runner ---------------------------------------------------------------------
+    def job(self) -> type:
+        """The worker's ProbeJob subclass (imported lazily: it imports torch)."""
+        raise NotImplementedError
+
+    def finish(self, rec, params, perf, results, vram_summary, sampler, failure) -> None:
+        """Write the record (metrics, logits, verdict, report.md) from the phases' results or up to the fault."""
+        raise NotImplementedError
+
+    def render(self, params, meta, perf, metrics, vram_summary, verdict) -> str:
+        """report.md from the record's data."""
+        raise NotImplementedError
+
+    def preflight(self, p, cfg, have_bytes: int) -> None:
+        """Its own checks against this machine (ParamError, one line); tp is checked by preflight."""
+
+    # --- reading back: greta.checks ----------------------------------------------------------------------
+    def check_judgement(self, rec) -> list[str]:
+        """greta verify: the stated verdict is the one the stored metrics give; the logits give those metrics."""
+        raise NotImplementedError
+
+    # greta analyze: a method (run dir, params dict) -> (metrics, verdict, reason) recomputed from the kind's
+    # logits file, read through greta.record.members; None: greta.checks.analyze's own analysis of logits.npz (B3.77's, position by position)
+    recompute = None
+
+    def differing(self, again: dict, stored: dict) -> list[str]:
+        """The metrics keys where stored metrics are not the recomputed ones."""
+        return [k for k in again if again[k] != stored.get(k)]
+
+    # --- its sweeps: greta.sweeps.report, notebooks/sweep_report.ipynb --------------------------------------
+    sweep_matrix: str                       # the axes its matrices declare (how the report names them)
+
+    def sweep_intro(self) -> str:
+        """The sweep report's opening: what a point is and what the guardrail holds (Markdown)."""
+        return (f"One {self.title} record per point of the declared matrix ({self.sweep_matrix}). The guardrail: "
+                f"**PASS_GUARDRAIL** when every declared point has a complete (verifying) record and every "
+                f"kv_aligned=1 point is {self.pass_verdict}; **FAIL_GUARDRAIL** when a kv_aligned=1 point is anything "
+                "else; **INCOMPLETE** when points are missing (named below).")
+
+    def sweep_sections(self, rows: list[dict], fig_path) -> list:
+        """Its part of the sweep report: greta.reports.sweep_section.Section list, figures drawn to fig_path(name)."""
+        raise NotImplementedError

@@ -1,0 +1,59 @@
+"""The probe registry, its record side: what each probe kind's params and run directory are (pure data).
+
+A probe kind is one object of greta.probe.kinds (its job, record, pages, checks, sweep section); this is the
+part of it that the record layer needs before any of that can be imported (params validation, run-directory
+names, the size of a record), so it imports nothing: params.py reads it, not the other way.
+
+    spec = spec_of(params)          # params.probe (a params.json dict without probe: b3_77, as before it existed)
+    spec.name_parts(params)         # its run directory's extra name parts, e.g. ["b4"]
+
+A new probe kind adds its ProbeSpec here (its own params, its own negative controls) and its ProbeKind in
+greta/probe/kinds/ (docs/ARCHITECTURE.md, "Where a change goes").
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEFAULT_KIND = "b3_77"  # a params.json older than the probe key is B3.77's
+
+
+@dataclass(frozen=True)
+class ProbeSpec:
+    """One probe kind's params section and run-directory name.
+
+    own_params: params only this kind takes; every other kind must leave them at their default (and its
+    params.json leaves them out, so its shape is what it was before this kind existed).
+    own_perturbs: negative controls only this kind can fail.
+    name_tags: (param, prefix) pairs that name its run directories, e.g. ("batch", "b") -> "b4"."""
+    name: str
+    own_params: tuple[str, ...] = ()
+    own_perturbs: tuple[str, ...] = ()
+    name_tags: tuple[tuple[str, str], ...] = ()
+
+    def name_parts(self, params) -> list[str]:
+        get = params.get if isinstance(params, dict) else lambda k: getattr(params, k)
+        return [f"{prefix}{get(key)}" for key, prefix in self.name_tags]
+
+
+SPECS = {s.name: s for s in (
+    ProbeSpec("b3_77", own_params=("tp_invariant",)),  # the segment-tree mode (docs/TP.md) runs B3.77's probe
+    ProbeSpec("batch", own_params=("batch", "batch_lengths", "batch_gen"), own_perturbs=("batch_split_k",),
+              name_tags=(("batch", "b"),)),
+)}
+KIND_NAMES = tuple(SPECS)
+
+
+def kind_name(params) -> str:
+    """The probe kind params (a Params, or a params.json dict, old ones included) name."""
+    name = params.get("probe", DEFAULT_KIND) if isinstance(params, dict) else params.probe
+    return name if isinstance(name, str) else DEFAULT_KIND
+
+
+def spec_of(params) -> ProbeSpec:
+    """The spec of the kind params name; KeyError for a kind this checkout does not know."""
+    return SPECS[kind_name(params)]
+
+
+def foreign_params() -> dict[str, tuple[str, ...]]:
+    """kind -> the params other kinds own (what that kind must leave at their defaults)."""
+    return {k: tuple(p for other in SPECS.values() if other.name != k for p in other.own_params) for k in SPECS}
