@@ -120,7 +120,10 @@ def good_value(key: str) -> st.SearchStrategy:
 
 def bad_value(key: str) -> st.SearchStrategy:
     """Values that are wrong for key whatever the machine (as objects; the CLI passes str() of them)."""
-    kinds = [junk, digit_free, st.sampled_from(NAN_INF + ["", " ", "1.5e", "--1", "0x", "twelve"])]
+    # "" is a valid value of some string keys (prompt_file, tokenizer: none / beside the model), so never bad there
+    valid = VALID_STR.get(key, []) + MAYBE_VALID_STR.get(key, [])
+    kinds = [junk, digit_free, st.sampled_from([v for v in NAN_INF + ["", " ", "1.5e", "--1", "0x", "twelve"]
+                                                if v not in valid])]
     if key in INT_KEYS:
         lo = INT_MIN.get(key, 1)
         kinds += [st.integers(max_value=lo - 1).filter(lambda v: v >= -10**30) | st.just(lo - 1),  # negative, zero
@@ -138,12 +141,11 @@ def bad_value(key: str) -> st.SearchStrategy:
         if hi is not None:
             kinds.append(st.floats(min_value=hi, exclude_min=True, allow_infinity=False) | st.just(hi * 10))
     else:
-        valid = VALID_STR[key] + MAYBE_VALID_STR.get(key, [])
         text = st.text(max_size=40).filter(lambda s: s.strip() not in valid and s not in valid and not _exists(s))
         kinds += [text, st.integers(-3, 3), st.floats(allow_nan=True), st.sampled_from([MISSING + "/x", MISSING])]
         if key in ("model", "prompt"):
             kinds.append(st.text(max_size=30).map(lambda s: f"{MISSING}/{s}"))  # paths that don't exist
-    return st.one_of(kinds)
+    return st.one_of(kinds).filter(lambda v: not (isinstance(v, str) and (v in valid or v.strip() in valid)))
 
 
 unknown_key = st.one_of(
