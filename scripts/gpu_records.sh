@@ -5,6 +5,9 @@
 #   bash scripts/gpu_records.sh sweep    params/b3_77_sweep.yaml: ctx 4096..131072 x kv_aligned 0/1 (~7 min)
 #   bash scripts/gpu_records.sh set32k   the 32k set: kv_aligned=1 (PASS_EQUIV), 0 (EXPECTED_DRIFT), the rope_offset control (FAIL_EQUIV)
 #   bash scripts/gpu_records.sh set131k  the same set at 131072 (two calls: set131k_a = kv1, set131k_b = kv0 + control)
+#   bash scripts/gpu_records.sh reproduce  greta reproduce of the committed 32k kv1 record (its fingerprints; ~1.5 min)
+#   bash scripts/gpu_records.sh oom      the real allocator OOM alone (the first audit of 'faults'; ~1 min)
+#   bash scripts/gpu_records.sh batch    params/batch_4k.yaml's sweep (B 1..32 x kv 1/0) and its control (~4.5 min)
 # On the device, from the repo root: source scripts/device_setup.sh && bash scripts/gpu_records.sh STAGE...
 # Records go to /tmp/rec and come back as $OUT/records-STAGE.tgz (logits left out), verified first.
 set -u
@@ -34,6 +37,22 @@ for r in runs:
 EOF
 }
 
+reproduce() {
+    local rec; rec=$(ls -d outputs/2026-12-05/b3_77/*-llama3-8b-ctx32768-kv1-8ff7)
+    run python3 -m greta reproduce "$rec" -o $R --quiet
+}
+
+oom() {
+    local a; a=$(python3 -c "print(round((15316 + 1024) / $(mib), 4))")
+    echo "card $(mib) MiB: memory_fraction $a"
+    run python3 -m greta audit -f params/b3_77.yaml -p memory_fraction=$a -o $R --quiet
+}
+
+batch() {
+    run python3 -m greta sweep -f params/batch_4k.yaml -o $R --quiet
+    run python3 -m greta audit -f params/batch.yaml -p perturb=batch_split_k -o $R --quiet
+}
+
 oracle() {
     run python3 -m greta oracle --model llama3-8b --ctx 32768 --dtype bfloat16 --device cuda --backend triton \
         --chunk 2048 --kv-block 1024 --steps 16 --positions 512 --control -o $R
@@ -60,7 +79,7 @@ sweep() {
 for stage in "$@"; do
     echo "=== $stage $(date -u +%FT%TZ)"
     "$stage"
-    dirs=$(find $R -name manifest.json -path '*/b3_77/*' -printf '%h\n'; find $R -name manifest.json -path '*-sweep/*/points/*' -printf '%h\n')
+    dirs=$(find $R -name manifest.json -not -path '*/points/*' -printf '%h\n'; find $R -name manifest.json -path '*-sweep/*/points/*' -printf '%h\n')
     [ -n "$dirs" ] && run python3 -m greta verify $dirs
     tar czf "$OUT/records-$stage.tgz" --exclude=logits.npz -C /tmp rec
 done
