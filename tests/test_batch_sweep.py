@@ -93,5 +93,35 @@ def _verify_sweep_and_its_controls(d):
     (d / "points" / name / "report.md").write_text("tampered")
     reasons = verify_sweep(d)
     assert any(r.startswith(f"point {name}: report.md changed after the record was sealed") for r in reasons)
+    _hostile_sweep_files_are_refused_without_blocking(d, name)
     shutil.rmtree(d / "points" / name)
     assert f"point {name}: no record under points/" in verify_sweep(d) and main(["verify", str(d)]) == 1
+
+
+def _hostile_sweep_files_are_refused_without_blocking(d, name):
+    """A sweep directory is untrusted: a FIFO for the log (which would block a plain read), a symlink for the
+    verdict and a symlinked point directory are each named, never opened or followed."""
+    import os
+    import shutil
+
+    from greta.sweeps.verify import verify_sweep
+
+    log = d / "sweep_log.jsonl"
+    kept = log.read_bytes()
+    log.unlink()
+    os.mkfifo(log)
+    assert any(r.startswith("sweep_log.jsonl cannot be read") and "FIFO" in r for r in verify_sweep(d))
+    log.unlink()
+    log.write_bytes(kept)
+    verdict = d / "sweep_verdict.json"
+    verdict.rename(d / "elsewhere.json")
+    verdict.symlink_to(d / "elsewhere.json")
+    assert any(r.startswith("sweep_verdict.json cannot be read") for r in verify_sweep(d))
+    verdict.unlink()
+    (d / "elsewhere.json").rename(verdict)
+    point = d / "points" / name
+    shutil.move(point, d / "moved")
+    point.symlink_to(d / "moved", target_is_directory=True)
+    assert f"point {name}: points/{name} is a symlink, not a record directory" in verify_sweep(d)
+    point.unlink()
+    shutil.move(d / "moved", point)

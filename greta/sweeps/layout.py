@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from greta.record.files import RecordFileError, Verdict, read_json_obj
+from greta.record.files import RecordFileError, Verdict, read_member_json
 from greta.record.matrix import combos, point_name
 from greta.terminal import shown
 
@@ -29,7 +29,7 @@ def points(matrix: dict) -> list[dict]:
 def read_config(sweep_dir) -> dict:
     p = Path(sweep_dir) / CONFIG
     try:
-        cfg = read_json_obj(p)
+        cfg = read_member_json(sweep_dir, CONFIG)  # a regular file inside the sweep dir, within its cap
     except FileNotFoundError:
         raise SweepError(f"{sweep_dir} is not a sweep directory (no {CONFIG})") from None
     except (OSError, RecordFileError) as e:

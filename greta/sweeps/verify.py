@@ -8,6 +8,10 @@
              map holds each point's verdict and completeness, and the report files it names are there
 
     reasons = verify_sweep(sweep_dir)   # [] when it verifies; one line per problem, the point named
+
+A sweep directory is untrusted input, as a record is: every file is read through greta.record.members (inside the
+directory, a regular file, never a symlink, FIFO or device, within a size cap), and a point whose entry under
+points/ is not a plain directory is refused without being entered.
 """
 from __future__ import annotations
 
@@ -15,8 +19,11 @@ import json
 from pathlib import Path
 
 from greta.checks.verify import verify
-from greta.record.files import RecordFileError, read_json_obj
+from greta.record.files import RecordFileError, read_member_json
+from greta.record.members import MemberError, member_kind, read_member
 from greta.sweeps.layout import CONFIG, LOG, VERDICT, SweepError, points, read_config, verdict_of
+
+LOG_CAP = 64 << 20  # a sweep's log: one short line per point and action
 
 
 def is_sweep_dir(d) -> bool:
@@ -34,18 +41,29 @@ def verify_sweep(sweep_dir, allow_missing_large: bool = False) -> list[str]:
     names = [pt["name"] for pt in points(cfg)]
     errors = []
     for name in names:
-        p = d / "points" / name
-        if not p.is_dir():
-            errors.append(f"point {name}: no record under points/")
+        kind = _point_kind(d, name)
+        if kind != "directory":
+            errors.append(f"point {name}: " + ("no record under points/" if kind is None else
+                                               f"points/{name} is a {kind}, not a record directory"))
             continue
-        errors += [f"point {name}: {r}" for r in verify(p, allow_missing_large=allow_missing_large)]
+        errors += [f"point {name}: {r}" for r in verify(d / "points" / name, allow_missing_large=allow_missing_large)]
     errors += _check_log(d, names)
     return errors + _check_aggregate(d, cfg, allow_missing_large)
 
 
+def _point_kind(d: Path, name: str) -> str | None:
+    """What points/<name> is, symlinks not followed ("directory" for a record; None when absent)."""
+    try:
+        return member_kind(d, f"points/{name}")
+    except MemberError as e:
+        return e.detail
+
+
 def _check_log(d: Path, names: list[str]) -> list[str]:
     try:
-        lines = (d / LOG).read_text(encoding="utf-8").splitlines()
+        lines = read_member(d, LOG, cap=LOG_CAP).decode("utf-8", errors="replace").splitlines()
+    except MemberError as e:
+        return [f"{LOG} cannot be read ({e.detail})"]
     except OSError as e:
         return [f"{LOG} cannot be read ({e.strerror or e})"]
     errors, last = [], {}
@@ -70,7 +88,7 @@ def _check_aggregate(d: Path, cfg: dict, allow_missing_large: bool) -> list[str]
     from greta.sweeps.report import collect, guardrail
 
     try:
-        stored = read_json_obj(d / VERDICT)
+        stored = read_member_json(d, VERDICT)
     except (OSError, RecordFileError) as e:
         return [f"{VERDICT} cannot be read ({e})"]
     rows = collect(d, allow_missing_logits=allow_missing_large)
@@ -83,6 +101,13 @@ def _check_aggregate(d: Path, cfg: dict, allow_missing_large: bool) -> list[str]
         bad = sorted(k for k in set(want) | set(stored.get("points") or {}) if (stored.get("points") or {}).get(k) != want.get(k))
         errors.append(f"{VERDICT} points differ from the records for {', '.join(bad)[:300]}")
     for key in ("report_notebook", "report_html"):
-        if stored.get(key) and not (d / str(stored[key])).is_file():
+        if stored.get(key) and not _is_file(d, str(stored[key])):
             errors.append(f"{VERDICT} names {key} {stored[key]}, which is not there")
     return errors
+
+
+def _is_file(d: Path, name: str) -> bool:
+    try:
+        return member_kind(d, name) == "file"
+    except MemberError:
+        return False
