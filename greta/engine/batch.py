@@ -20,7 +20,7 @@ import torch
 
 from greta.engine.config import ModelConfig, cache_tokens, kv_capacity
 from greta.engine.model import forward
-from greta.engine.ops import make_ops, with_control
+from greta.engine.ops import graphable, make_ops, with_control
 from greta.engine.ops.batch import batch_ops
 from greta.engine.runner import chunked_prefill, rope_tables
 
@@ -89,7 +89,7 @@ class BatchRunner:
         self.batch_ops = with_control(batch_ops(inner), perturb)
         # CUDA graphs where the backend's step reads nothing back on the host: Triton (kv1), the kv0 fast path
         # (batched flash-decoding), under any control (they move positions on the device or split linears)
-        self.graphable = self.device.type == "cuda" and getattr(inner, "graphable", False)
+        self.graphable = graphable(inner, self.device)
         self._graphs: dict[int, tuple] = {}  # rows -> (graph, tokens, positions, seqs, logits)
 
     @torch.inference_mode()

@@ -1,5 +1,5 @@
 """Runs the decoder (model.forward) over a preallocated KV cache: prefill in chunks, decode one token, and
-on CUDA with a backend that allows it (`ops.graphable`: Triton kv_aligned=1, the kv_aligned=0 fast path),
+on CUDA with a backend that allows it (graphable in ops/registry.py: Triton kv_aligned=1, the kv_aligned=0 fast path),
 the decode step captured once and replayed from a CUDA/HIP graph.
 
 prefill(tokens, start): many positions at once, chunked so activations stay bounded.
@@ -20,7 +20,7 @@ import torch
 
 from greta.engine.config import ModelConfig, cache_tokens, check_tree, inv_freq, kv_capacity
 from greta.engine.model import forward
-from greta.engine.ops import make_ops, with_control, with_tp, with_tree
+from greta.engine.ops import graphable, make_ops, with_control, with_tp, with_tree
 
 
 class KVCache:
@@ -81,7 +81,7 @@ class Runner:
         self.cos, self.sin = rope_tables(cfg, self.cache.capacity + 1, self.device, seq_len=max_tokens)
         ops = make_ops(backend, self.kv_aligned, self.cos, self.sin, chunk=chunk, kv_block=kv_block,
                        tp_invariant=bool(tree_segments))
-        self.graphable = self.device.type == "cuda" and getattr(ops, "graphable", False)
+        self.graphable = graphable(ops, self.device)
         self.tree_segments = tree_segments
         if tree_segments:
             if not self.kv_aligned:

@@ -5,38 +5,22 @@ from __future__ import annotations
 from greta.engine.ops.base import Ops, OpsWrapper, Step
 from greta.engine.ops.controls import PERTURBATIONS, with_control
 
-BACKENDS = ("torch", "triton")
+from greta.engine.ops.registry import PARAM_BACKENDS, backend_of, choose
 
 
 def make_ops(backend: str, kv_aligned: bool, cos, sin, *, chunk: int, kv_block: int,
              tp_invariant: bool = False) -> Ops:
-    """The backend for a run. backend=triton runs the kernels only where they are needed (kv_aligned=1);
-    kv_aligned=0 is the fast path whichever backend is named: CudaFastOps on CUDA (cuBLAS, SDPA,
-    flash-decoding, graphable), plain torch (TorchOps) elsewhere. tp_invariant: tiled torch runs its
+    """The backend for a run, as ops/registry.py chooses it: the exact backend the param names where
+    kv_aligned=1 (triton, or tiled torch for backend=torch); kv_aligned=0 is the device's fast path whichever
+    backend is named (CudaFastOps on CUDA, plain torch elsewhere). tp_invariant: tiled torch runs its
     transcendental elementwise ops by whole vectors (ops/tiled_torch.py)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be torch or triton, got {backend!r}")
-    if not kv_aligned:
-        if cos.is_cuda and _has_triton():
-            from greta.engine.ops.cuda_fast import CudaFastOps
-
-            return CudaFastOps(cos, sin)
-        from greta.engine.ops.torch_ops import TorchOps
-
-        return TorchOps(cos, sin)
-    if backend == "triton":
-        from greta.engine.ops.triton_ops import TritonOps
-
-        return TritonOps(cos, sin, kv_block)
-    from greta.engine.ops.tiled_torch import TiledTorchOps
-
-    return TiledTorchOps(cos, sin, chunk, kv_block, whole_vectors=tp_invariant)
+    entry = choose(backend, kv_aligned, cos.is_cuda)
+    return entry.ops_class().build(cos, sin, chunk=chunk, kv_block=kv_block, tp_invariant=tp_invariant)
 
 
-def _has_triton() -> bool:
-    from greta import kernels
-
-    return kernels.triton is not None
+def graphable(ops: Ops, device) -> bool:
+    """A runner on device may capture ops' decode step in a CUDA graph (the backend declares it can)."""
+    return device.type == "cuda" and backend_of(ops).graphable
 
 
 def with_tp(ops: Ops, tp, kv_aligned: bool, *, max_numel: int, dtype, device, segments: int = 0) -> Ops:
@@ -62,4 +46,5 @@ def with_tree(ops: Ops, segments: int) -> Ops:
     return TreeOrder(ops, segments)
 
 
-__all__ = ["BACKENDS", "Ops", "OpsWrapper", "PERTURBATIONS", "Step", "make_ops", "with_control", "with_tp", "with_tree"]
+__all__ = ["PARAM_BACKENDS", "Ops", "OpsWrapper", "PERTURBATIONS", "Step", "backend_of", "graphable", "make_ops",
+           "with_control", "with_tp", "with_tree"]

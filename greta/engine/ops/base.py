@@ -51,6 +51,12 @@ class Ops:
     """The decoder's operations. Shapes: x [T, hidden]; q [T, H, D]; k, v [T, Hkv, D]; a weight [N, K] in
     nn.Linear layout. kv is one layer's (k_cache, v_cache), each [Hkv, capacity, D]."""
 
+    @classmethod
+    def build(cls, cos, sin, *, chunk: int, kv_block: int, tp_invariant: bool = False) -> Ops:
+        """The backend for a run's rope tables and tiles (greta.engine.ops.make_ops); a backend that needs
+        more than the tables overrides it."""
+        return cls(cos, sin)
+
     def plan(self, tokens: torch.Tensor, pos: torch.Tensor, rows: list[int], decode: bool) -> Step:
         """Lay out one call's rows (default: as given, one row per token)."""
         return Step(tokens, pos, decode, list(rows))

@@ -213,17 +213,8 @@ class TorchBatchOps(BatchOps):
 
 
 def batch_ops(inner: Ops) -> BatchOps:
-    """The batch wrapper for a backend: TiledBatchOps for tiled torch, TritonBatchOps for Triton, FastBatchOps
-    for the kv_aligned=0 CUDA fast path, TorchBatchOps for the kv_aligned=0 torch path."""
-    from greta.engine.ops.cuda_fast import CudaFastOps
-    from greta.engine.ops.tiled_torch import TiledTorchOps
-    from greta.engine.ops.torch_ops import TorchOps
-    from greta.engine.ops.triton_ops import TritonOps
+    """The batch wrapper its backend declares (ops/registry.py): TiledBatchOps for tiled torch, TritonBatchOps
+    for Triton, FastBatchOps for the kv_aligned=0 CUDA fast path, TorchBatchOps for the kv_aligned=0 torch path."""
+    from greta.engine.ops.registry import backend_of
 
-    if isinstance(inner, TiledTorchOps):
-        return TiledBatchOps(inner)
-    if isinstance(inner, TritonOps):
-        return TritonBatchOps(inner)
-    if isinstance(inner, CudaFastOps):  # before TorchOps: CudaFastOps is one
-        return FastBatchOps(inner)
-    return TorchBatchOps(inner) if isinstance(inner, TorchOps) else BatchOps(inner)
+    return backend_of(inner).batch_class()(inner)

@@ -6,7 +6,7 @@
   elementwise the Triton RMSNorm, RoPE and SwiGLU kernels (one launch each, not torch's 3-7)
 
 Nothing in a decode step reads a device value on the host (positions stay device tensors, the lm_head row
-is a slice), so the runner captures the whole step in a CUDA graph (`graphable`) and replays it.
+is a slice), so the runner captures the whole step in a CUDA graph (graphable in ops/registry.py) and replays it.
 """
 from __future__ import annotations
 
@@ -15,8 +15,6 @@ from greta.engine.ops.torch_ops import TorchOps
 
 
 class CudaFastOps(TorchOps):
-    graphable = True  # the runner may capture a decode step in a CUDA graph
-
     def __init__(self, cos, sin):
         super().__init__(cos, sin)
         from greta import kernels  # the Triton kernels (top-level kernels/ folder)

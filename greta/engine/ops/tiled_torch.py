@@ -37,6 +37,10 @@ class TiledTorchOps(TorchOps):
         super().__init__(cos, sin)
         self.chunk, self.kv_block, self.whole_vectors = chunk, kv_block, whole_vectors
 
+    @classmethod
+    def build(cls, cos, sin, *, chunk, kv_block, tp_invariant=False):
+        return cls(cos, sin, chunk, kv_block, whole_vectors=tp_invariant)
+
     def swiglu(self, gate, up):
         if self.whole_vectors:
             return by_whole_vectors(torch.nn.functional.silu, gate) * up

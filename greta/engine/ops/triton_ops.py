@@ -8,7 +8,10 @@ from greta.engine.ops.base import Ops, Step
 
 
 class TritonOps(Ops):
-    graphable = True  # the runner may capture a decode step in a CUDA graph
+    @classmethod
+    def build(cls, cos, sin, *, chunk, kv_block, tp_invariant=False):
+        return cls(cos, sin, kv_block)
+
     def __init__(self, cos, sin, kv_block: int):
         from greta import kernels  # the Triton kernels (top-level kernels/ folder)
 
