@@ -245,6 +245,9 @@ def _reproduce_cmd(args) -> int:
     from greta.checks.reproduce import OriginalRefused, ReproduceError, reproduce
     from greta.probe.runner import ProbeInterrupted
     from greta.record.store import RecordError
+    from greta.sweeps.layout import SweepError
+    from greta.sweeps.reproduce import reproduce_sweep
+    from greta.sweeps.verify import is_sweep_dir
 
     def say(line):
         if not args.quiet:
@@ -253,8 +256,9 @@ def _reproduce_cmd(args) -> int:
     try:
         if args.out_root is not None:
             _check_out_root(args.out_root, ReproduceError)
-        rdir, body = reproduce(args.run_dir, out_root=args.out_root, progress=not args.quiet, say=say)
-    except (ReproduceError, RecordError) as e:
+        run = reproduce_sweep if is_sweep_dir(args.run_dir) else reproduce
+        rdir, body = run(args.run_dir, out_root=args.out_root, progress=not args.quiet, say=say)
+    except (ReproduceError, RecordError, SweepError) as e:
         return _fail(e)
     except OriginalRefused as e:
         print(shown(f"greta: refused: {e}"), file=sys.stderr)

@@ -186,3 +186,20 @@ def test_a_falsified_reproduction_record_does_not_verify(reproduced, tmp_path):
     reasons = verify(rdir)
     assert any("its stored comparison gives REPRODUCED" in r for r in reasons), reasons
     assert any("report.md is not the rendering of reproduction.json" in r for r in reasons), reasons
+
+
+@pytest.mark.slow
+def test_a_sweep_reproduces_point_by_point_with_a_line_each(tmp_path, capsys):
+    assert main(["sweep", "-f", str(Path(__file__).parent.parent / "params" / "cpu_sweep.yaml"), "-p", "ctx=[256]",
+                 "-o", str(tmp_path / "sweeps"), "--quiet"]) == 0
+    (sweep,) = tmp_path.glob("sweeps/*/b3_77-sweep/*")
+    capsys.readouterr()
+    assert main(["reproduce", str(sweep), "-o", str(tmp_path / "out")]) == 0
+    out, err = capsys.readouterr()
+    assert "REPRODUCED: every one of the 2 points reproduced" in out
+    for i, point in enumerate(("ctx256-kv0-seed0-bfloat16", "ctx256-kv1-seed0-bfloat16"), 1):
+        assert f"reproduce: point {i}/2 {point}: REPRODUCED: every compared bit is equal" in err
+    (summary,) = [d for d in tmp_path.glob("out/*/reproduce/*") if "points" in json.loads((d / "reproduction.json").read_text())]
+    body = json.loads((summary / "reproduction.json").read_text())
+    assert [p["verdict"] for p in body["points"]] == ["REPRODUCED"] * 2
+    assert all(verify(summary / p["path"]) == [] for p in body["points"]) and verify(summary) == []

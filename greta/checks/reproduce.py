@@ -21,7 +21,7 @@ from greta.probe.kinds import UnknownKind, kind_of
 from greta.record.files import MANIFEST, read_record
 from greta.record.members import is_member_file, load_npz, member_kind
 from greta.record.reproduction import (REPRODUCTION_FILE, compare_fingerprints, compare_logits,
-                                       environment_differences, has_fingerprints, judge)
+                                       environment_differences, has_fingerprints, judge_body)
 from greta.terminal import echo
 
 
@@ -125,6 +125,6 @@ def reproduce(run_dir, out_root=None, progress: bool = True, say=None) -> tuple[
             v = rrec.verdict
             body["rerun_fault"] = f"{v.verdict} in {v.failed_phase}: {v.reason}" if v else "no verdict.json"
     body = json.loads(json.dumps(body))  # judged in the form verify reads back
-    body["verdict"], body["reason"] = judge(body["environment"], body["comparison"], body["skipped"], body["rerun_fault"])
+    body["verdict"], body["reason"] = judge_body(body)
     rdir = write_reproduction(out_root or "outputs", body)
     return rdir, json.loads((rdir / REPRODUCTION_FILE).read_text())

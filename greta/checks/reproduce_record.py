@@ -1,7 +1,7 @@
 """The record of a reproduction (greta reproduce): written and sealed here, checked by greta verify.
 
     <out>/<day>/reproduce/<HHMMSS>-<original run id>-<4 hex>/
-        reproduction.json   everything found: the original and the re-run (run id, path relative to this
+        reproduction.json   everything found (a sweep's: each point's verdict and reproduction record): the original and the re-run (run id, path relative to this
                             record, verdict), the environment compared, the bits compared, the verdict
         verdict.json        {"verdict", "reason"}: REPRODUCED | DIFFERS | NOT_COMPARABLE
         params.json         the original's params, which the re-run ran
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from greta.record.files import RecordFileError, atomic_write_text, read_member_json, write_json
 from greta.record.members import MemberError, read_member
-from greta.record.reproduction import FORMAT, REPRODUCTION_FILE, REPRODUCTION_VERDICTS, judge
+from greta.record.reproduction import FORMAT, REPRODUCTION_FILE, REPRODUCTION_VERDICTS, judge_body
 from greta.reports.reproduce_report import render_reproduction
 
 KIND = "reproduce"  # the run-directory kind: <out>/<day>/reproduce/<id>
@@ -25,7 +25,8 @@ KIND = "reproduce"  # the run-directory kind: <out>/<day>/reproduce/<id>
 
 def write_reproduction(out_root, body: dict) -> Path:
     """A fresh, sealed reproduction record under out_root (body: reproduction.json's dict without the links'
-    relative paths, which are filled in here from body["original"]["dir"] and body["rerun"]["dir"])."""
+    relative paths, which are filled in here from the "dir" of body["original"], body["rerun"] and each of a
+    sweep's body["points"])."""
     import os
 
     from greta.record.rundir import allocate_run_dir
@@ -33,8 +34,8 @@ def write_reproduction(out_root, body: dict) -> Path:
 
     d = allocate_run_dir(out_root, KIND, [body["original"]["run_id"]])
     body = {"format": FORMAT, **body}
-    for ref in (body.get("original"), body.get("rerun")):
-        if ref:
+    for ref in (body.get("original"), body.get("rerun"), *body.get("points", ())):
+        if ref and "dir" in ref:
             ref["path"] = Path(os.path.relpath(Path(ref.pop("dir")).resolve(), d.resolve())).as_posix()
     write_json(d / "params.json", body["params"])
     write_json(d / REPRODUCTION_FILE, body)
@@ -55,7 +56,7 @@ def check_reproduction(d: Path, rec) -> list[str]:
     if v not in REPRODUCTION_VERDICTS:
         return errors + [f"{REPRODUCTION_FILE} says {v!r}, not one of {', '.join(REPRODUCTION_VERDICTS)}"]
     try:
-        again = judge(body.get("environment"), body.get("comparison"), body.get("skipped"), body.get("rerun_fault"))
+        again = judge_body(body)
         rendered = render_reproduction(body).encode("utf-8")
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         return errors + [f"{REPRODUCTION_FILE} cannot be judged: {type(e).__name__}: {e}"]

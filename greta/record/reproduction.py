@@ -216,3 +216,22 @@ def _extent(cmp: dict) -> str:
     if cmp["by"] == "logits":
         return f"arrays {', '.join(cmp['arrays'])}"
     return f"{cmp['positions']} positions, each path's sha256"
+
+
+def judge_sweep(points: list[dict]) -> tuple[str, str]:
+    """The summary verdict of a sweep's reproduction from its points' verdicts: DIFFERS if any point differs,
+    else NOT_COMPARABLE if any is not comparable, else REPRODUCED."""
+    for verdict in ("DIFFERS", "NOT_COMPARABLE"):
+        hit = [p for p in points if p["verdict"] == verdict]
+        if hit:
+            return verdict, (f"{len(hit)} of {len(points)} points {verdict}: {', '.join(p['name'] for p in hit)} "
+                             f"(the first: {hit[0]['reason']})")
+    return "REPRODUCED", f"every one of the {len(points)} points reproduced"
+
+
+def judge_body(body: dict) -> tuple[str, str]:
+    """The verdict reproduction.json's stored data give: a sweep's from its points, a record's from its
+    comparison."""
+    if "points" in body:
+        return judge_sweep(body["points"])
+    return judge(body.get("environment"), body.get("comparison"), body.get("skipped"), body.get("rerun_fault"))

@@ -63,11 +63,20 @@ def _comparison(cmp: dict | None) -> list:
     return out + ["", md.table(["path", "rows/positions that differ"], rows)]
 
 
+def _points(points: list) -> list:
+    rows = [[p["name"], md.bold(p["verdict"]), p["reason"], _link("reproduction", p.get("path"))] for p in points]
+    return ["", md.heading(2, "Points"), "", md.table(["point", "verdict", "reason", "record"], rows)]
+
+
 def render_reproduction(body: dict) -> str:
-    """report.md from reproduction.json's dict (greta.record.reproduction)."""
+    """report.md from reproduction.json's dict (greta.record.reproduction): a record's, or a sweep's."""
+    sweep = "points" in body
     out = [md.heading(1, "Reproduction: ", md.Markup(md.bold(body["verdict"]))), "",
            md.line("Verdict:", md.bold(body["verdict"]), "—", body["reason"]), "",
-           *_record_lines("Original", body.get("original")), *_record_lines("Re-run here", body.get("rerun"))]
+           *_record_lines("Original sweep" if sweep else "Original", body.get("original"))]
+    if sweep:
+        return "\n".join(out + _points(body["points"])) + "\n"
+    out += _record_lines("Re-run here", body.get("rerun"))
     out += _environment(body.get("environment")) + _comparison(body.get("comparison"))
     out += ["", md.heading(2, "What this compares"), "",
             md.line("The original is re-run from its params.json on this machine (same probe kind, same matrix point, "

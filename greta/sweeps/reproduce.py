@@ -1,0 +1,44 @@
+"""`greta reproduce <sweep dir>`: every point of a sweep reproduced in turn (greta.checks.reproduce), a progress
+line per point, and one summary reproduction record (its points' verdicts, links to each point's own).
+
+    rdir, body = reproduce_sweep("outputs/<day>/b3_77-sweep/<id>")   # body["verdict"]: the summary
+
+The sweep must verify first (greta verify of a sweep, logits files may be absent); the summary verdict is
+DIFFERS if any point differs, else NOT_COMPARABLE if any is not comparable, else REPRODUCED.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from greta.checks.reproduce import OriginalRefused, reproduce
+from greta.checks.reproduce_record import write_reproduction
+from greta.record.files import read_json_opt
+from greta.record.reproduction import REPRODUCTION_FILE, judge_body
+from greta.sweeps.layout import CONFIG, VERDICT, points, read_config
+from greta.sweeps.verify import verify_sweep
+from greta.terminal import echo
+
+
+def reproduce_sweep(sweep_dir, out_root=None, progress: bool = True, say=None) -> tuple[Path, dict]:
+    """Reproduce each declared point of the sweep at sweep_dir; (the summary record, its reproduction.json)."""
+    say = say or (lambda line: None)
+    d = Path(sweep_dir)
+    reasons = verify_sweep(d, allow_missing_large=True)
+    if reasons:
+        raise OriginalRefused(f"the sweep {echo(str(sweep_dir))} does not verify ({len(reasons)} reason(s); the "
+                              f"first: {reasons[0]}): reproduce re-runs only a sealed, intact sweep (see greta verify)")
+    cfg = read_config(d)
+    names = [pt["name"] for pt in points(cfg)]
+    rows = []
+    for i, name in enumerate(names, 1):
+        say(f"point {i}/{len(names)} {name}: re-running")
+        rdir, body = reproduce(d / "points" / name, out_root=out_root, progress=progress)
+        rows.append({"name": name, "verdict": body["verdict"], "reason": body["reason"], "dir": str(rdir)})
+        say(f"point {i}/{len(names)} {name}: {body['verdict']}: {body['reason']}")
+    sweep_verdict = (read_json_opt(d / VERDICT) or {}).get("verdict")
+    body = {"original": {"run_id": d.name, "dir": str(d), "verdict": sweep_verdict}, "points": rows,
+            "params": read_json_opt(d / CONFIG)}
+    body["verdict"], body["reason"] = judge_body(json.loads(json.dumps(body)))
+    rdir = write_reproduction(out_root or "outputs", body)
+    return rdir, json.loads((rdir / REPRODUCTION_FILE).read_text())
