@@ -242,12 +242,11 @@ def _verify_cmd(args) -> int:
 def _reproduce_cmd(args) -> int:
     """reproduce: the verdict and the reproduction record on stdout; exit 0 REPRODUCED, 1 DIFFERS or
     NOT_COMPARABLE or an original that does not verify (as verify's FAIL), 2 bad input, 130 interrupted."""
-    from greta.checks.reproduce import OriginalRefused, ReproduceError, reproduce
+    from greta.checks.reproduce import OriginalRefused, ReproduceError
     from greta.probe.runner import ProbeInterrupted
     from greta.record.store import RecordError
     from greta.sweeps.layout import SweepError
-    from greta.sweeps.reproduce import reproduce_sweep
-    from greta.sweeps.verify import is_sweep_dir
+    from greta.sweeps.reproduce import reproduce_path
 
     def say(line):
         if not args.quiet:
@@ -256,8 +255,7 @@ def _reproduce_cmd(args) -> int:
     try:
         if args.out_root is not None:
             _check_out_root(args.out_root, ReproduceError)
-        run = reproduce_sweep if is_sweep_dir(args.run_dir) else reproduce
-        rdir, body = run(args.run_dir, out_root=args.out_root, progress=not args.quiet, say=say)
+        rdir, body = reproduce_path(args.run_dir, out_root=args.out_root, progress=not args.quiet, say=say)
     except (ReproduceError, RecordError, SweepError) as e:
         return _fail(e)
     except OriginalRefused as e:

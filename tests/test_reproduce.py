@@ -203,3 +203,26 @@ def test_a_sweep_reproduces_point_by_point_with_a_line_each(tmp_path, capsys):
     body = json.loads((summary / "reproduction.json").read_text())
     assert [p["verdict"] for p in body["points"]] == ["REPRODUCED"] * 2
     assert all(verify(summary / p["path"]) == [] for p in body["points"]) and verify(summary) == []
+
+
+def test_the_notebook_is_committed_clean_with_its_parameters():
+    import nbformat
+
+    nb = nbformat.read(Path(__file__).parent.parent / "notebooks" / "reproduce.ipynb", as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(not c.outputs and c.execution_count is None for c in code)
+    (params,) = [c for c in code if "parameters" in c.metadata.get("tags", [])]
+    assert 'record = ""' in params.source and 'out = ""' in params.source
+
+
+@pytest.mark.slow
+def test_the_notebook_reproduces_a_record(original, tmp_path):
+    import papermill as pm
+
+    out = tmp_path / "reproduce.ipynb"
+    pm.execute_notebook(str(Path(__file__).parent.parent / "notebooks" / "reproduce.ipynb"), str(out),
+                        parameters={"record": str(original), "out": str(tmp_path / "out")}, progress_bar=False)
+    text = out.read_text()
+    assert "REPRODUCED: every compared bit is equal" in text and "# Reproduction: **REPRODUCED**" in text
+    (rdir,) = tmp_path.glob("out/*/reproduce/*")
+    assert verify(rdir) == []

@@ -2,6 +2,7 @@
 line per point, and one summary reproduction record (its points' verdicts, links to each point's own).
 
     rdir, body = reproduce_sweep("outputs/<day>/b3_77-sweep/<id>")   # body["verdict"]: the summary
+    rdir, body = reproduce_path(path)                                  # a sweep or a record, whichever it is
 
 The sweep must verify first (greta verify of a sweep, logits files may be absent); the summary verdict is
 DIFFERS if any point differs, else NOT_COMPARABLE if any is not comparable, else REPRODUCED.
@@ -11,12 +12,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from greta.checks.reproduce import OriginalRefused, reproduce
+from greta.checks.reproduce import OriginalRefused, ReproduceError, reproduce
 from greta.checks.reproduce_record import write_reproduction
 from greta.record.files import read_json_opt
 from greta.record.reproduction import REPRODUCTION_FILE, judge_body
 from greta.sweeps.layout import CONFIG, VERDICT, points, read_config
-from greta.sweeps.verify import verify_sweep
+from greta.sweeps.verify import is_sweep_dir, verify_sweep
 from greta.terminal import echo
 
 
@@ -42,3 +43,12 @@ def reproduce_sweep(sweep_dir, out_root=None, progress: bool = True, say=None) -
     body["verdict"], body["reason"] = judge_body(json.loads(json.dumps(body)))
     rdir = write_reproduction(out_root or "outputs", body)
     return rdir, json.loads((rdir / REPRODUCTION_FILE).read_text())
+
+
+def reproduce_path(path, out_root=None, progress: bool = True, say=None) -> tuple[Path, dict]:
+    """greta reproduce's one entry (the CLI and notebooks/reproduce.ipynb): a sweep directory point by point,
+    anything else as a record. ReproduceError / OriginalRefused (one line) before anything runs."""
+    if not str(path or "").strip():
+        raise ReproduceError("no record given: pass a record or sweep directory, e.g. outputs/<day>/b3_77/<run id>")
+    run = reproduce_sweep if is_sweep_dir(path) else reproduce
+    return run(path, out_root=out_root, progress=progress, say=say)
