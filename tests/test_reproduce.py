@@ -226,3 +226,32 @@ def test_the_notebook_reproduces_a_record(original, tmp_path):
     assert "REPRODUCED: every compared bit is equal" in text and "# Reproduction: **REPRODUCED**" in text
     (rdir,) = tmp_path.glob("out/*/reproduce/*")
     assert verify(rdir) == []
+
+
+# --- the comparison as data (greta.record.reproduction) ---------------------------------------------------------
+def test_environment_fields_recorded_absent_and_not_deciding():
+    from greta.record.reproduction import environment_differences
+
+    orig = {"device_name": "cpu", "versions": {"torch": "2.13", "triton": "3.9", "numpy": "2.4", "python": "3.11",
+                                               "cuda": None, "hip": None}, "model_hash": "h", "prompt": {"prompt_ids_sha256": "p"}}
+    here = {**orig, "versions": {**orig["versions"], "numpy": "2.5", "python": "3.12"},
+            "machine": {"cpu_model": "X", "blas": "mkl", "gpu_driver": None}}
+    env = environment_differences(orig, here, "cpu")
+    assert env["differs"] == [] and env["unrecorded"] == ["BLAS", "CPU model"]  # numpy, Python: shown, not deciding
+    gpu = environment_differences({**orig, "versions": {**orig["versions"], "cuda": "13.0"}}, here, "cuda")
+    assert gpu["differs"] == ["CUDA"] and "GPU driver" in gpu["unrecorded"] and "CPU model" not in gpu["unrecorded"]
+
+
+def test_logits_are_compared_by_their_bits():
+    import numpy as np
+
+    from greta.record.reproduction import compare_logits
+
+    a = {"decode": np.zeros((3, 5), np.float32), "reference": np.ones((3, 5), np.float32)}
+    b = {"decode": a["decode"].copy(), "reference": a["reference"].copy()}
+    assert compare_logits(a, b)["equal"]
+    b["decode"][2, 4] = -0.0  # equal as numbers, not as bits
+    b["reference"][1, 0] = np.nextafter(np.float32(1), np.float32(2))
+    got = compare_logits(a, b, lambda name, row: "prefill" if (name, row) == ("decode", 0) else name)
+    assert not got["equal"] and got["first"]["path"] == "reference" and got["first"]["step"] == 1
+    assert got["differing"] == {"decode": 1, "reference": 1} and got["max_abs_diff"] == float(np.spacing(np.float32(1)))

@@ -2,9 +2,10 @@
 
 `greta reproduce` (greta.checks.reproduce) re-runs a record from its params.json, then compares:
   - the environment that defines the bits (ENVIRONMENT: device model, GPU driver, CUDA/ROCm, torch, triton,
-    numpy, BLAS, and the CPU model when the run was on the CPU) and the inputs (INPUTS: the model's weights
-    hash and the prompt's token ids hash), as each metadata.json records them: a field both record and that
-    differs makes the two runs NOT_COMPARABLE (different bits are then no finding, equal ones no proof);
+    BLAS, and the CPU model when the run was on the CPU; numpy and Python shown, not deciding) and the inputs
+    (INPUTS: the model's weights hash and the prompt's token ids hash), as each metadata.json records them: a
+    field the original records that differs here makes the two runs NOT_COMPARABLE (different bits are then
+    no finding, equal ones no proof); a field it does not record is named as not compared;
   - the logits bit for bit when both records hold their logits file (every array, row by row);
   - else the fingerprints (greta.record.fingerprints: per position and path, the sha256 and top-k).
 
@@ -34,17 +35,28 @@ def _get(meta: dict, *keys):
     return meta
 
 
-# (label, where metadata.json holds it, applies to the device: "any" | "cpu" | "gpu")
+def _records(meta: dict, *keys) -> bool:
+    """metadata.json holds that key (null included: e.g. no HIP version on a CUDA build is a recorded fact)."""
+    for k in keys:
+        if not isinstance(meta, dict) or k not in meta:
+            return False
+        meta = meta[k]
+    return True
+
+
+# (label, where metadata.json holds it, applies to the device: "any" | "cpu" | "gpu", decides comparability).
+# numpy and Python do not compute the logits (torch does; numpy only stores and hashes them): shown, not deciding.
 ENVIRONMENT = (
-    ("device model", ("device_name",), "any"),
-    ("GPU driver", ("machine", "gpu_driver"), "gpu"),
-    ("CUDA", ("versions", "cuda"), "gpu"),
-    ("ROCm (HIP)", ("versions", "hip"), "gpu"),
-    ("torch", ("versions", "torch"), "any"),
-    ("triton", ("versions", "triton"), "any"),
-    ("numpy", ("versions", "numpy"), "any"),
-    ("BLAS", ("machine", "blas"), "any"),
-    ("CPU model", ("machine", "cpu_model"), "cpu"),
+    ("device model", ("device_name",), "any", True),
+    ("GPU driver", ("machine", "gpu_driver"), "gpu", True),
+    ("CUDA", ("versions", "cuda"), "gpu", True),
+    ("ROCm (HIP)", ("versions", "hip"), "gpu", True),
+    ("torch", ("versions", "torch"), "any", True),
+    ("triton", ("versions", "triton"), "any", True),
+    ("BLAS", ("machine", "blas"), "any", True),
+    ("CPU model", ("machine", "cpu_model"), "cpu", True),
+    ("numpy", ("versions", "numpy"), "any", False),
+    ("Python", ("versions", "python"), "any", False),
 )
 INPUTS = (
     ("model weights (model_hash)", ("model_hash",)),
@@ -55,25 +67,27 @@ INPUTS = (
 def environment_differences(original: dict, here: dict, device: str) -> dict:
     """What differs between two metadata.json dicts in the fields that define the bits.
 
-    -> {"fields": [{"field", "original", "here", "same"}] (each field both record), "differs": [labels],
-        "unrecorded": [labels the original does not record, so they cannot be compared]}"""
+    -> {"fields": [{"field", "original", "here", "same", "decides"}] (each field the original records),
+        "differs": [labels of deciding fields that differ], "unrecorded": [labels the original does not record,
+        so they cannot be compared]}"""
     on = "cpu" if str(device).startswith("cpu") else "gpu"
     rows, unrecorded = [], []
-    for label, keys, applies in ENVIRONMENT:
+    spec = [(label, keys, applies, decides) for label, keys, applies, decides in ENVIRONMENT]
+    spec += [(label, keys, "any", True) for label, keys in INPUTS]
+    for label, keys, applies, decides in spec:
         if applies not in ("any", on):
             continue
-        a, b = _get(original, *keys), _get(here, *keys)
-        if a is None and keys[0] == "machine":
+        if not _records(original, *keys):
             unrecorded.append(label)
             continue
-        rows.append({"field": label, "original": a, "here": b, "same": a == b})
-    for label, keys in INPUTS:
         a, b = _get(original, *keys), _get(here, *keys)
-        if a is None:
-            unrecorded.append(label)
-            continue
-        rows.append({"field": label, "original": a, "here": b, "same": a == b})
-    return {"fields": rows, "differs": [r["field"] for r in rows if not r["same"]], "unrecorded": unrecorded}
+        rows.append({"field": label, "original": a, "here": b, "same": a == b, "decides": decides})
+    return {"fields": rows, "differs": differing_fields(rows), "unrecorded": unrecorded}
+
+
+def differing_fields(rows: list[dict]) -> list[str]:
+    """The deciding fields whose two values differ (recomputed from the values, not from a stored flag)."""
+    return [r["field"] for r in rows if r.get("decides", True) and r["original"] != r["here"]]
 
 
 def has_fingerprints(metrics: dict | None) -> bool:
@@ -198,10 +212,11 @@ def judge(env: dict | None, cmp: dict | None, nothing: str | None = None, rerun_
     when it produced no logits."""
     if nothing:
         return "NOT_COMPARABLE", nothing
-    if env and env["differs"]:
+    differs = differing_fields(env["fields"]) if env else []
+    if differs:
         bits = "" if cmp is None else ("; the bits happen to be equal" if cmp["equal"] else
                                         f"; the bits differ ({describe_first(cmp)})")
-        return "NOT_COMPARABLE", f"the environment differs: {', '.join(env['differs'])}{bits}"
+        return "NOT_COMPARABLE", f"the environment differs: {', '.join(differs)}{bits}"
     if rerun_fault:
         return "DIFFERS", f"the re-run did not finish: {rerun_fault}"
     if cmp is None:

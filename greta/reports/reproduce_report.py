@@ -30,7 +30,8 @@ def _record_lines(title: str, ref: dict | None) -> list:
 def _environment(env: dict | None) -> list:
     if not env:
         return []
-    rows = [[r["field"], _value(r["original"]), _value(r["here"]), "yes" if r["same"] else md.bold("no")]
+    rows = [[r["field"], _value(r["original"]), _value(r["here"]),
+             "yes" if r["original"] == r["here"] else (md.bold("no") if r.get("decides", True) else "no (does not decide)")]
             for r in env["fields"]]
     out = ["", md.heading(2, "Environment"), "", md.table(["field", "original", "here", "same"], rows)]
     if env.get("unrecorded"):
@@ -81,7 +82,7 @@ def render_reproduction(body: dict) -> str:
     out += ["", md.heading(2, "What this compares"), "",
             md.line("The original is re-run from its params.json on this machine (same probe kind, same matrix point, "
                     "same device kind). The bits are comparable only where the environment that defines them "
-                    "(device model, driver, CUDA/ROCm, torch, triton, numpy, BLAS, CPU model on the CPU) and the "
+                    "(device model, driver, CUDA/ROCm, torch, triton, BLAS, CPU model on the CPU) and the "
                     "inputs (weights and prompt hashes) are the same; a field the original lacks is named above. "
                     "The links are relative to this record.")]
     return "\n".join(out) + "\n"
