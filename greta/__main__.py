@@ -253,8 +253,6 @@ def _reproduce_cmd(args) -> int:
             print(shown(f"reproduce: {line}"), file=sys.stderr)
 
     try:
-        if args.out_root is not None:
-            _check_out_root(args.out_root, ReproduceError)
         rdir, body = reproduce_path(args.run_dir, out_root=args.out_root, progress=not args.quiet, say=say)
     except (ReproduceError, RecordError, SweepError) as e:
         return _fail(e)

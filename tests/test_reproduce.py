@@ -168,7 +168,8 @@ def test_a_tampered_or_unsealed_original_is_refused(original, tmp_path, capsys):
 def test_bad_input_is_one_line_and_exit_2(original, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     cases = [[str(tmp_path / "nope\x1b[31m")], [str(tmp_path / "empty")], [str(original / "report.md")],
-             [str(original), "-o", str(original / "inside")]]
+             [str(original), "-o", str(original / "inside")], [str(original), "-o", str(original / "report.md")],
+             [""]]
     for argv in cases:
         assert main(["reproduce", *argv, "--quiet"]) == 2, argv
         err = capsys.readouterr().err

@@ -48,7 +48,19 @@ def reproduce_sweep(sweep_dir, out_root=None, progress: bool = True, say=None) -
 def reproduce_path(path, out_root=None, progress: bool = True, say=None) -> tuple[Path, dict]:
     """greta reproduce's one entry (the CLI and notebooks/reproduce.ipynb): a sweep directory point by point,
     anything else as a record. ReproduceError / OriginalRefused (one line) before anything runs."""
+    from greta.record.rundir import enclosing_record, nested_message, resolve_out_root
+
     if not str(path or "").strip():
         raise ReproduceError("no record given: pass a record or sweep directory, e.g. outputs/<day>/b3_77/<run id>")
+    try:
+        root = resolve_out_root(out_root)
+        outer = enclosing_record(root)
+        not_folder = root.exists() and not root.is_dir()
+    except (OSError, ValueError):  # a name too long, a NUL
+        raise ReproduceError(f"-o {echo(str(out_root))} is not a usable folder name; pass -o <a folder>") from None
+    if not_folder:
+        raise ReproduceError(f"-o {echo(str(out_root))} is not a folder; the records go under a folder, e.g. -o outputs")
+    if outer is not None:
+        raise ReproduceError(nested_message(out_root, outer))
     run = reproduce_sweep if is_sweep_dir(path) else reproduce
     return run(path, out_root=out_root, progress=progress, say=say)
