@@ -1,4 +1,4 @@
-"""Command line: `python -m greta <command> ...` (probe, audit, verify, analyze, sweep, legacy, oracle)
+"""Command line: `python -m greta <command> ...` (probe, audit, verify, analyze, reproduce, sweep, legacy, oracle)
 
   probe  run the probe and write its record (JSON, CSV, report.md)
   audit  run the probe kind's run notebook (notebooks/run_b3_77.ipynb, batch_probe.ipynb) with papermill into
@@ -7,6 +7,9 @@
          directory: each point, the log, the aggregate)
   analyze recompute a record's metrics and verdict from its logits (OK, INCOMPLETE, MISSING_LOGITS,
          SPAN_MISMATCH, with reasons)
+  reproduce re-run a sealed record here from its params.json and compare the bits (its logits file, else its
+         fingerprints): REPRODUCED, DIFFERS (where) or NOT_COMPARABLE (what differs in the environment); writes
+         a sealed reproduction record linking both. Exit 0 REPRODUCED, 1 otherwise (or a record that does not verify)
   sweep  run every point of a matrix file (lists for ctx, kv_aligned, seed, dtype) as its own record, then
          the aggregate report (sweep_report.html) and sweep_verdict.json; --resume DIR skips complete points;
          --gpus N runs N points at a time, each on its own group of tp GPUs.
@@ -130,6 +133,11 @@ def _add_check_cmds(sub):
                     "the aggregate)")
     vp.add_argument("--allow-missing-logits", action="store_true",
                     help="accept an absent logits.npz (records committed to git leave it out)")
+    rp = sub.add_parser("reproduce")
+    rp.add_argument("run_dir", help="a sealed record directory (or a sweep directory: each point)")
+    rp.add_argument("-o", "--out-root", default=None,
+                    help="the re-run and the reproduction record go under this folder (default: the checkout's outputs/)")
+    rp.add_argument("--quiet", action="store_true", help="no progress on the terminal")
     anp = sub.add_parser("analyze")
     anp.add_argument("run_dir", help="a record directory")
     anp.add_argument("--json", action="store_true", help="print the whole result as JSON")
@@ -191,7 +199,7 @@ def main(argv=None) -> int:
     except _UsageError as e:
         return _fail(e)
     commands = {"sweep": _sweep_cmd, "legacy": _legacy_cmd, "oracle": _oracle_cmd, "analyze": _analyze_cmd,
-                "verify": _verify_cmd, "probe": _run_cmd, "audit": _run_cmd}
+                "verify": _verify_cmd, "probe": _run_cmd, "audit": _run_cmd, "reproduce": _reproduce_cmd}
     return commands[args.cmd](args)
 
 
@@ -229,6 +237,34 @@ def _verify_cmd(args) -> int:
             print(shown(f"  - {r}"))
         bad += bool(reasons)
     return 1 if bad else 0
+
+
+def _reproduce_cmd(args) -> int:
+    """reproduce: the verdict and the reproduction record on stdout; exit 0 REPRODUCED, 1 DIFFERS or
+    NOT_COMPARABLE or an original that does not verify (as verify's FAIL), 2 bad input, 130 interrupted."""
+    from greta.checks.reproduce import OriginalRefused, ReproduceError
+    from greta.probe.runner import ProbeInterrupted
+    from greta.record.store import RecordError
+    from greta.sweeps.layout import SweepError
+    from greta.sweeps.reproduce import reproduce_path
+
+    def say(line):
+        if not args.quiet:
+            print(shown(f"reproduce: {line}"), file=sys.stderr)
+
+    try:
+        rdir, body = reproduce_path(args.run_dir, out_root=args.out_root, progress=not args.quiet, say=say)
+    except (ReproduceError, RecordError, SweepError) as e:
+        return _fail(e)
+    except OriginalRefused as e:
+        print(shown(f"greta: refused: {e}"), file=sys.stderr)
+        return 1
+    except ProbeInterrupted as e:
+        print(shown(f"greta: INTERRUPTED by {e.how}; re-run record: {e.run_dir}"), file=sys.stderr)
+        return 130
+    print(shown(f"{body['verdict']}: {body['reason']}"))
+    print(shown(f"record: {rdir}"))
+    return 0 if body["verdict"] == "REPRODUCED" else 1
 
 
 def _check_out_root(out_root, error=ValueError) -> None:

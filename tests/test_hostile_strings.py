@@ -20,6 +20,7 @@ from nbconvert.filters.markdown_mistune import markdown2html_mistune
 
 from greta.checks import analyze, legacy, oracle
 from greta.reports import md
+from greta.reports.reproduce_report import render_reproduction
 from greta.reports.run_report import fault_report, render_report
 from greta.reports import sweep_b3_77, sweep_batch
 from greta.sweeps import report as sweep_report
@@ -184,8 +185,17 @@ def _fault_report(v: str) -> str:
     return fault_report("FAIL_ERROR", v, perf, 3, 100.0, None)
 
 
+def _reproduce_report(v: str) -> str:
+    ref = {"run_id": v, "path": v, "verdict": v}
+    env = {"fields": [{"field": v, "original": v, "here": v, "same": False}], "differs": [v], "unrecorded": [v]}
+    cmp = {"by": "fingerprints", "positions": 4, "equal": False, "differing": {v: 1},
+           "first": {"path": v, "step": 1, "position": 2, "note": v, "top_k": {"rank": 0, "original": [v, 1.0], "here": [v, 2.0]}}}
+    return render_reproduction({"verdict": v, "reason": v, "original": ref, "rerun": ref, "environment": env,
+                                "comparison": cmp})
+
+
 REPORTS = {"run_report": _run_report, "fault_report": _fault_report, "sweep_tables": _sweep_tables, "oracle": _oracle_report,
-           "legacy": _legacy_table, "analyze": _analyze_report}
+           "legacy": _legacy_table, "analyze": _analyze_report, "reproduce": _reproduce_report}
 
 
 @pytest.mark.parametrize("name", list(HOSTILE))

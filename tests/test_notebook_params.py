@@ -38,9 +38,9 @@ def refusal(source: str, name: str = "run_b3_77.ipynb") -> str:
 
 
 # --- the notebooks as committed ------------------------------------------------------------------------------
-def test_all_six_notebooks_are_covered():
-    assert NOTEBOOKS == ["batch_probe.ipynb", "equivalence_analysis.ipynb", "run_b3_77.ipynb", "sweep.ipynb",
-                         "sweep_report.ipynb", "vram_plot.ipynb"]
+def test_all_seven_notebooks_are_covered():
+    assert NOTEBOOKS == ["batch_probe.ipynb", "equivalence_analysis.ipynb", "reproduce.ipynb", "run_b3_77.ipynb",
+                         "sweep.ipynb", "sweep_report.ipynb", "vram_plot.ipynb"]
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)

@@ -21,7 +21,8 @@ Checks (each failure is one line of the returned list; an empty list means the r
 Every file is read through greta.record.members (the one safe reader: inside the record, never through a
 symlink, only regular files, a size cap per kind, never blocking), the JSON ones by greta.record.files.read_record.
 An oracle record (oracle.json, from `greta oracle -o`) gets the manifest check and its own: the limits follow
-from the stated tolerance and the verdict from the stored numbers.
+from the stated tolerance and the verdict from the stored numbers. A reproduction record (reproduction.json, from
+`greta reproduce`) gets the manifest check and its own (greta.checks.reproduce_record.check_reproduction).
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ import hashlib
 import os
 from pathlib import Path, PurePosixPath
 
+from greta.checks.reproduce_record import check_reproduction
 from greta.checks.statements import check_pages, check_report
 from greta.probe.kinds import KINDS, UnknownKind, kind_of
 from greta.record.kinds import kind_name
@@ -38,6 +40,7 @@ from greta.record.members import (NOT_REGULAR, MemberError, entries, is_member_f
                                   open_member)
 from greta.record.metrics import FAIL, FAULT_VERDICTS
 from greta.record.params import PHASES
+from greta.record.reproduction import REPRODUCTION_FILE
 from greta.record.store import SEAL_KEY_ENV, seal_hmac
 from greta.terminal import echo
 
@@ -235,6 +238,8 @@ def verify(run_dir, allow_missing_large: bool = False) -> list[str]:
     errors = _check_manifest(d, allow_missing_large, rec)[1]
     if rec.oracle is not None or member_kind(d, "oracle.json") is not None:
         return errors + _check_oracle(d, rec)
+    if member_kind(d, REPRODUCTION_FILE) is not None:
+        return errors + check_reproduction(d, rec)
     errors += rec.problem_lines(["params.json", "metadata.json", "perf.json", "verdict.json", "vram.json"])
     errors += _check_identity(d, rec)
     for name in BASE:  # the JSON members were read above, which reported any that is missing

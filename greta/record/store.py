@@ -28,7 +28,7 @@ from greta.paths import REPO_ROOT as REPO
 from greta.terminal import echo
 
 __all__ = ["MANIFEST", "RecordError", "Record", "atomic_write_bytes", "atomic_write_text", "sha256_file", "seal",
-           "seal_hmac", "SEAL_KEY_ENV", "record_files", "preflight", "expected_bytes", "git_state", "versions",
+           "seal_hmac", "SEAL_KEY_ENV", "record_files", "preflight", "expected_bytes", "git_state", "versions", "machine",
            "verdict_record", "roofline"]
 
 
@@ -68,6 +68,26 @@ def versions() -> dict:
     except ImportError:
         out["triton"] = None
     return out
+
+
+def machine() -> dict:
+    """What defines a run's bits beyond the versions: the CPU model, the BLAS torch was built with, and the GPU
+    driver (NVIDIA's kernel module; None without one). greta reproduce compares them (greta.record.reproduction)."""
+    import re
+
+    import torch
+
+    def first(path, pattern):
+        try:
+            m = re.search(pattern, Path(path).read_text(errors="replace"), re.M)
+        except OSError:
+            return None
+        return m.group(1).strip() if m else None
+
+    blas = re.search(r"BLAS_INFO=([^,\s]+)", torch.__config__.show())
+    return {"cpu_model": first("/proc/cpuinfo", r"^model name\s*:\s*(.+)$") or platform.processor() or platform.machine(),
+            "blas": blas.group(1) if blas else None,
+            "gpu_driver": first("/proc/driver/nvidia/version", r"Kernel Module\s+(\S+)")}
 
 
 def probe_name_parts(params) -> list[str]:
@@ -197,7 +217,7 @@ class Record:
         rec = cls(path, params)
         rec.write_json("params.json", params)
         rec.meta = {"run_id": path.name, "probe": params.probe, **git_state(), "host": platform.node(),
-                    "platform": platform.platform(), "argv": sys.argv, "versions": versions(),
+                    "platform": platform.platform(), "argv": sys.argv, "versions": versions(), "machine": machine(),
                     "seed": params.seed, "model": params.model, "started_utc": _now(), "finished_utc": None}
         rec.write_json("metadata.json", rec.meta)
         return rec

@@ -57,6 +57,17 @@ class B377Kind(ProbeKind):
             errors.append("verdict.json bit_exact differs from metrics.json")
         return errors
 
+    def row_path(self, metrics: dict):
+        """logits.npz: "decode" holds the tested path (row 0 the prefill's last position, then decode steps, as
+        metrics.json per_position[j].source says), "reference" the reference phase's rows."""
+        rows = metrics.get("per_position") or []
+
+        def path(name: str, row: int) -> str:
+            if name == "decode" and row < len(rows) and isinstance(rows[row], dict):
+                return str(rows[row].get("source", name))
+            return name
+        return path
+
     def sweep_sections(self, rows: list[dict], fig_path) -> list:
         from greta.reports.sweep_b3_77 import sweep_sections
 

@@ -71,6 +71,11 @@ class ProbeKind:
     # logits file, read through greta.record.members; None: greta.checks.analyze's own analysis of logits.npz (B3.77's, position by position)
     recompute = None
 
+    def row_path(self, metrics: dict):
+        """greta reproduce: (array name, row) -> the phase/path that row of its logits file holds (default: the
+        array's name)."""
+        return lambda name, row: name
+
     def differing(self, again: dict, stored: dict) -> list[str]:
         """The metrics keys where stored metrics are not the recomputed ones."""
         return [k for k in again if again[k] != stored.get(k)]
