@@ -25,7 +25,7 @@ from greta.probe.preflight import preflight
 from greta.probe.runner import ProbeInterrupted, finish_from_checkpoint, run_probe
 from greta.record.files import Verdict, read_record
 from greta.record.params import ParamError, params_from_notebook
-from greta.record.store import atomic_write_text, new_probe_dir, seal
+from greta.record.store import RecordError, atomic_write_text, new_probe_dir, seal
 from greta.reports import md, notebooks as nbs
 from greta.reports.notebook_params import papermill_syntax
 from greta.terminal import shown
@@ -223,7 +223,7 @@ def run_audit(params: dict, out_root=None, progress: bool = True, show_code: boo
         except KeyboardInterrupt:  # not forwarded (e.g. the audit runs off the main thread): papermill gave up
             err, intr.how = None, intr.how or "SIGINT (Ctrl-C)"
         intr.finishing = True
-        complete_record(run_dir, params, err, intr.how, show_code, step=progress_bar.last_step())
+        complete_or_say_what_was_lost(run_dir, params, err, intr.how, show_code, progress_bar.last_step())
     if intr.how:
         raise ProbeInterrupted(run_dir, intr.how)
     return run_dir
@@ -232,6 +232,43 @@ def run_audit(params: dict, out_root=None, progress: bool = True, show_code: boo
 def _plain(params) -> dict:
     """The params as plain JSON data for a papermill parameter (they go through load_params again there)."""
     return params.to_dict()
+
+
+def complete_or_say_what_was_lost(run_dir: Path, params, err, interrupted, show_code, step) -> None:
+    """complete_record; a write it cannot make (a full or read-only disk) ends the audit in one line
+    (RecordError: exit 2) that names the file and says what became of the record (:func:`_salvage`)."""
+    try:
+        complete_record(run_dir, params, err, interrupted, show_code, step)
+        return
+    except OSError as e:
+        failed = (e.strerror or str(e)) + (f" writing {Path(e.filename).name}" if e.filename else "")
+    raise RecordError(f"could not complete the record in {run_dir} ({failed}); {_salvage(run_dir, params)}")
+
+
+def _salvage(run_dir: Path, params) -> str:
+    """Seal what was written if it is a consistent record (then it verifies, lacking only what could not be
+    written); otherwise leave it unsealed, which no check takes for complete. -> what became of it."""
+    from greta.checks.verify import verify
+
+    try:
+        seal(run_dir, params)
+    except OSError:
+        return _unsealed(run_dir, "")
+    problems = verify(run_dir)
+    if not problems:
+        return "what was written is sealed and verifies, without the file named"
+    return _unsealed(run_dir, f"what was written is not a consistent record ({problems[0]}), so ")
+
+
+def _unsealed(run_dir: Path, why: str) -> str:
+    """Take the seal away (the probe sealed its part before the notebooks ran) so the record does not pass as
+    complete; -> the sentence saying so."""
+    try:
+        (run_dir / "manifest.json").unlink(missing_ok=True)
+    except OSError:  # read-only: the probe's manifest stays, and lists none of the notebooks' files
+        return (f"{why}its manifest.json is the probe's, from before the notebooks, so greta verify names every "
+                "file written since: make the folder writable and rerun")
+    return f"{why}it is left without manifest.json, so it does not pass as complete: free space (or make it writable) and rerun"
 
 
 def complete_record(run_dir: Path, params: dict, err: Exception | None, interrupted: str | None,
@@ -253,6 +290,8 @@ def complete_record(run_dir: Path, params: dict, err: Exception | None, interrup
     for nb in sorted(run_dir.glob("*.ipynb")):
         try:
             nbs.to_html(nb, lead_md=_lead(nb, params, report, verdict), show_code=show_code, verdict=verdict.verdict)
+        except OSError:
+            raise  # the disk, not the page: complete_or_say_what_was_lost says what was lost
         except Exception as exc:  # noqa: BLE001 - the record stands without this page
             print(shown(f"greta: rendering {nb.name} to HTML failed: {nbs.one_line(exc)}"), file=sys.stderr)
     seal(run_dir, params)

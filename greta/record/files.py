@@ -50,6 +50,8 @@ def atomic_write_bytes(path: Path, data: bytes):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:  # a full or read-only disk: named by the file it could not write, not the temp file
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from None
     finally:
         if tmp.exists():
             tmp.unlink()
