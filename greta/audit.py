@@ -25,7 +25,7 @@ from greta.probe.preflight import preflight
 from greta.probe.runner import ProbeInterrupted, finish_from_checkpoint, run_probe
 from greta.record.files import Verdict, read_record
 from greta.record.params import ParamError, params_from_notebook
-from greta.record.store import atomic_write_text, new_probe_dir, seal
+from greta.record.store import RecordError, atomic_write_text, new_probe_dir, seal
 from greta.reports import md, notebooks as nbs
 from greta.reports.notebook_params import papermill_syntax
 from greta.terminal import shown
@@ -62,8 +62,26 @@ def run_stage(params: dict, run_dir=None, out_root=None, show_code: bool = False
         to_terminal(*closing_lines(done))
         return done
     run_probe(params, run_dir=run_dir, progress=True)
-    nbs.execute_analysis(run_dir, names=kind_of(params).analysis_notebooks)
+    at_boundary("probe")
+    nbs.execute_analysis(run_dir, names=kind_of(params).analysis_notebooks,
+                         then=lambda name: at_boundary(f"notebook:{name}"))
     return Path(run_dir)
+
+
+# A test's deterministic Ctrl-C: with GRETA_TEST_INTERRUPT_AT=<boundary> ("probe": the probe has sealed its
+# verdict; "notebook:<name>": that analysis notebook and its page are written), the kernel that reaches it
+# sends SIGINT to the audit that started it, as a terminal's Ctrl-C does, and waits for it to come back.
+INTERRUPT_AT_ENV = "GRETA_TEST_INTERRUPT_AT"
+
+
+def at_boundary(name: str) -> None:
+    """A boundary between two steps of the run notebook's kernel (see INTERRUPT_AT_ENV)."""
+    import time
+
+    if os.environ.get(INTERRUPT_AT_ENV) != name:
+        return
+    os.kill(os.getppid(), signal.SIGINT)  # the audit forwards it to this kernel: KeyboardInterrupt below
+    time.sleep(60)
 
 
 def closing_lines(run_dir) -> tuple[str, str]:
@@ -158,6 +176,14 @@ class _Progress:
         if bar is not None:
             bar.close()
 
+    def last_step(self) -> list[str]:
+        """The fields of the last line the kernel wrote ([] before any): where it was when the run ended."""
+        try:
+            lines = self.path.read_text(encoding="utf-8").splitlines()
+        except OSError:
+            return []
+        return lines[-1].split() if lines else []
+
     def _show(self, fields, bar, key):
         """One progress line: "phase <name> <done> <total> <unit> [<how it ended>]" (greta.probe.runner) or
         "notebook <name | done> <done> <total>" (greta.reports.notebooks)."""
@@ -189,7 +215,7 @@ def run_audit(params: dict, out_root=None, progress: bool = True, show_code: boo
     params: validated (load_params). Raises ProbeInterrupted (after sealing) if interrupted."""
     run_dir = new_probe_dir(out_root, params)
     out = run_dir / run_notebook(params)
-    with _Interrupts() as intr, _Progress(progress):
+    with _Interrupts() as intr, _Progress(progress) as progress_bar:
         try:
             err = nbs.execute_notebook(nbs.notebook_path(run_notebook(params)), out,
                                        dict(params_file=None, overrides=_plain(params), run_dir=str(run_dir)),
@@ -197,7 +223,7 @@ def run_audit(params: dict, out_root=None, progress: bool = True, show_code: boo
         except KeyboardInterrupt:  # not forwarded (e.g. the audit runs off the main thread): papermill gave up
             err, intr.how = None, intr.how or "SIGINT (Ctrl-C)"
         intr.finishing = True
-        complete_record(run_dir, params, err, intr.how, show_code)
+        complete_or_say_what_was_lost(run_dir, params, err, intr.how, show_code, progress_bar.last_step())
     if intr.how:
         raise ProbeInterrupted(run_dir, intr.how)
     return run_dir
@@ -208,9 +234,47 @@ def _plain(params) -> dict:
     return params.to_dict()
 
 
+def complete_or_say_what_was_lost(run_dir: Path, params, err, interrupted, show_code, step) -> None:
+    """complete_record; a write it cannot make (a full or read-only disk) ends the audit in one line
+    (RecordError: exit 2) that names the file and says what became of the record (:func:`_salvage`)."""
+    try:
+        complete_record(run_dir, params, err, interrupted, show_code, step)
+        return
+    except OSError as e:
+        failed = (e.strerror or str(e)) + (f" writing {Path(e.filename).name}" if e.filename else "")
+    raise RecordError(f"could not complete the record in {run_dir} ({failed}); {_salvage(run_dir, params)}")
+
+
+def _salvage(run_dir: Path, params) -> str:
+    """Seal what was written if it is a consistent record (then it verifies, lacking only what could not be
+    written); otherwise leave it unsealed, which no check takes for complete. -> what became of it."""
+    from greta.checks.verify import verify
+
+    try:
+        seal(run_dir, params)
+    except OSError:
+        return _unsealed(run_dir, "")
+    problems = verify(run_dir)
+    if not problems:
+        return "what was written is sealed and verifies, without the file named"
+    return _unsealed(run_dir, f"what was written is not a consistent record ({problems[0]}), so ")
+
+
+def _unsealed(run_dir: Path, why: str) -> str:
+    """Take the seal away (the probe sealed its part before the notebooks ran) so the record does not pass as
+    complete; -> the sentence saying so."""
+    try:
+        (run_dir / "manifest.json").unlink(missing_ok=True)
+    except OSError:  # read-only: the probe's manifest stays, and lists none of the notebooks' files
+        return (f"{why}its manifest.json is the probe's, from before the notebooks, so greta verify names every "
+                "file written since: make the folder writable and rerun")
+    return f"{why}it is left without manifest.json, so it does not pass as complete: free space (or make it writable) and rerun"
+
+
 def complete_record(run_dir: Path, params: dict, err: Exception | None, interrupted: str | None,
-                    show_code: bool = False) -> None:
-    """After the run notebook: the verdict that covers what happened, HTML of each notebook, then the seal."""
+                    show_code: bool = False, step: list[str] | None = None) -> None:
+    """After the run notebook: the verdict that covers what happened, HTML of each notebook, then the seal.
+    step: the last progress line of the kernel (where an interrupt found it)."""
     if err is not None and not interrupted:
         print(shown(f"greta: {run_notebook(params)} failed: {nbs.one_line(err)} (kept: {run_dir / run_notebook(params)})"),
               file=sys.stderr)
@@ -219,15 +283,15 @@ def complete_record(run_dir: Path, params: dict, err: Exception | None, interrup
                        ("crash", f"the notebook kernel died ({nbs.one_line(err) if err else 'no error reported'})"))
         finish_from_checkpoint(run_dir, params, status, how)
     elif interrupted:
-        _mark_interrupted_after_probe(run_dir, params, interrupted)
+        _mark_interrupted_after_probe(run_dir, params, interrupted, step or [])
     verdict = Verdict.read(run_dir)
-    unfinished = [p for p in sorted(run_dir.glob("*.ipynb")) if not nbs.is_complete(p)]
-    for nb in unfinished:
-        nbs.mark_unfinished(nb, verdict.verdict, verdict.reason)
+    _mark_notebooks(run_dir, verdict)
     report = (run_dir / "report.md").read_text(encoding="utf-8")
     for nb in sorted(run_dir.glob("*.ipynb")):
         try:
-            nbs.to_html(nb, lead_md=_lead(nb, params, report, verdict), show_code=show_code)
+            nbs.to_html(nb, lead_md=_lead(nb, params, report, verdict), show_code=show_code, verdict=verdict.verdict)
+        except OSError:
+            raise  # the disk, not the page: complete_or_say_what_was_lost says what was lost
         except Exception as exc:  # noqa: BLE001 - the record stands without this page
             print(shown(f"greta: rendering {nb.name} to HTML failed: {nbs.one_line(exc)}"), file=sys.stderr)
     seal(run_dir, params)
@@ -241,17 +305,42 @@ def _lead(nb: Path, params, report: str, verdict) -> str:
     return report
 
 
-def _mark_interrupted_after_probe(run_dir: Path, params: dict, how: str) -> None:
-    """The probe finished and sealed its verdict, then the analysis notebooks were interrupted: the record is
-    INTERRUPTED (failed phase "analysis"), its reason keeping the probe's verdict; report.md re-rendered."""
+def _mark_notebooks(run_dir: Path, verdict: Verdict) -> None:
+    """A notebook that did not run to its end gets a banner saying so; after an interrupt that came once the
+    probe had finished, a notebook stating the probe's verdict is marked as stating it from before (its mark
+    and banner: greta.reports.notebooks.mark_stale), so no page reads as if the run had completed."""
+    probe = verdict.extra.get("probe_verdict") if verdict.verdict == "INTERRUPTED" else None
+    for nb in sorted(run_dir.glob("*.ipynb")):
+        if not nbs.is_complete(nb):
+            nbs.mark_unfinished(nb, verdict.verdict, verdict.reason)
+        if probe and nbs.states_verdict(nb):
+            nbs.mark_stale(nb, verdict.verdict, verdict.reason, probe)
+
+
+def interrupted_step(step: list[str], names: tuple[str, ...]) -> str:
+    """Which step of the kernel an interrupt that came after the probe found running, from the kernel's last
+    progress line ("notebook <name> <done> <total>", greta.reports.notebooks.execute_analysis)."""
+    if len(step) < 3 or step[0] != "notebook":
+        return f"after the probe finished, before {ANALYSIS} ({', '.join(names)})"
+    name, done = step[1], int(step[2]) if step[2].isdigit() else 0
+    if name == "done" or done >= len(names):
+        return f"after {ANALYSIS} ({', '.join(names)}) had finished, while the run notebook showed its report"
+    if name in names and done > names.index(name):
+        return f"after {name} finished, before {names[done]}"
+    return f"during the analysis notebook {name}" + (f" ({', '.join(names[:done])} had finished)" if done else "")
+
+
+def _mark_interrupted_after_probe(run_dir: Path, params: dict, how: str, step: list[str]) -> None:
+    """The probe finished and sealed its verdict, then an interrupt came: the record is INTERRUPTED (failed
+    phase "analysis"), its reason naming the step it found running and keeping the probe's verdict;
+    report.md re-rendered."""
     rec = read_record(run_dir)
     v = rec.verdict.to_dict()
     if v["verdict"] == "INTERRUPTED":
         return
-    names = ", ".join(kind_of(params).analysis_notebooks)
+    where = interrupted_step(step, kind_of(params).analysis_notebooks)
     v.update({"verdict": "INTERRUPTED", "failed_phase": "analysis", "probe_verdict": v["verdict"],
-              "reason": f"interrupted by {how} during {ANALYSIS} ({names}); the probe had finished: "
-                        f"{v['verdict']} ({v['reason']})"})
+              "reason": f"interrupted by {how} {where}; the probe had finished: {v['verdict']} ({v['reason']})"})
     atomic_write_text(run_dir / "verdict.json", json.dumps(v, indent=2) + "\n")
     atomic_write_text(run_dir / "report.md", kind_of(params).render(
         params, rec.metadata.to_dict(), rec.perf.to_dict(), rec.metrics.to_dict() if rec.metrics else None,

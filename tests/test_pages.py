@@ -1,12 +1,11 @@
 """What every probe kind's pages share: a complete Reproduce command (the same params back, hostile values one
-word each) and the coloured verdict badge, whose text stays and which greta verify still reads."""
+word each) and the coloured verdict badge, whose text stays."""
 from __future__ import annotations
 
 import shlex
 
 import pytest
 
-from greta.checks.statements import VERDICT_LINE
 from greta.record.params import load_params, parse_overrides
 from greta.reports.memory_section import reproduce_command
 from greta.reports.notebooks import verdict_badges
@@ -31,7 +30,7 @@ def test_a_hostile_value_in_the_reproduce_command_stays_one_word():
 @pytest.mark.parametrize("verdict,cls", [("PASS_EQUIV", "verdict-pass"), ("PASS_BATCH_INVARIANT", "verdict-pass"),
                                          ("FAIL_OOM", "verdict-fail"), ("EXPECTED_DRIFT", "verdict-drift"),
                                          ("BATCH_DRIFT", "verdict-drift"), ("INTERRUPTED", "verdict-other")])
-def test_the_verdict_badge_keeps_its_text_and_verify_reads_it(verdict, cls):
+def test_the_verdict_badge_keeps_its_text(verdict, cls):
     page = verdict_badges(f"<p>Verdict: <strong>{verdict}</strong> — why</p>")
     assert f'<strong class="verdict {cls}">{verdict}</strong>' in page
-    assert VERDICT_LINE.findall(page) == [verdict]
+    assert page.count(verdict) == 1

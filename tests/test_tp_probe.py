@@ -305,3 +305,18 @@ def test_a_checkpoint_loads_shard_by_shard_under_the_probe(tmp_path):
     meta = rj(d, "metadata.json")
     assert meta["weights_source"] == "checkpoint" and meta["model_hash"] == checkpoint_hash(str(path))
     assert verify(d) == [] and spawned_children() == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rank", range(4))
+def test_a_hung_rank_is_named_at_every_position(tmp_path, rank):
+    """fault=hang:decode@R at 4 ranks: the other ranks' collectives time out or lose their peer, and the record
+    is FAIL_TIMEOUT naming rank R alone (not a peer's 'Connection closed by peer' as FAIL_ERROR)."""
+    params = preflight(load_params("params/cpu_default.yaml", {
+        **TP_PROBE, "tp": 4, "fault": f"hang:decode@{rank}", "timeouts.decode": 8, "timeouts.load": 16,
+        "timeouts.prefill": 16, "timeouts.reference": 16}))
+    d = Path(run_probe(params, out_root=tmp_path, progress=False))
+    v = rj(d, "verdict.json")
+    assert v["verdict"] == "FAIL_TIMEOUT" and v["failed_phase"] == "decode", v
+    assert v["reason"].startswith(f"decode: rank(s) {rank} did not answer"), v["reason"]
+    assert verify(d) == []

@@ -1,145 +1,111 @@
 """What a record's human-readable files state must be what its data files say (greta verify).
 
-A record whose logits, metrics and verdict were rewritten and resealed could otherwise verify while its
-report.md, notebooks and HTML pages still show the old verdict. The rules, on the text as written:
+A record whose metrics and verdict were rewritten and resealed could otherwise verify while report.md, its
+notebooks and HTML pages still show the old verdict; and a report.md edited to hide the real verdict (an HTML
+comment, a zero-width character) could pass for the data's. So nothing is read out of the text:
 
-report.md (required statements; each one found must agree):
-  - every `Verdict: **X**` (and `Verdict from the trace: **X**`) names verdict.json's verdict; at least one does
-  - the results table's Verdict column is that verdict, its Max Logits Diff column metrics.json's max_abs_diff
-  - `max_abs_diff ≤ T`, `p99_abs_diff ≤ T`, `top1_agreement ≥ T` are params.json's thresholds (required where the
-    probe kind judges by them: B3.77's guardrail; the batch probe's bit-exact judgement names none)
-  - `Negative control (perturb): P` (and `-p perturb=P`) is params.json's perturb
-  - with metrics.json: `bit_exact: **B**` / `bit_exact=B` is its bit_exact, `max diff=D` / `max_abs_diff=D` its
-    max_abs_diff (a number agrees when it is the stored one rounded to the digits printed)
-*.ipynb (the text of the cells' outputs) and *.html: every `Verdict: **X**` or `Verdict: <strong>X</strong>`
-  (a badge: `<strong class="verdict ...">X</strong>`) line names verdict.json's verdict. A page that states no verdict is not checked.
-Markdown escapes (`PASS\\_EQUIV`) are read through.
+report.md   is rendered again by the record's probe kind from the record's data files (params, metadata,
+            perf, metrics, vram, verdict) and must equal the stored file byte for byte: every statement,
+            figure and table follows from the data, and anything else in the file (a comment, an invisible
+            character, an added line) is a difference. A user string (a model path holding "Verdict: **X**")
+            is rendered again the same way, so it can never make an honest record differ.
+*.html      opens with the verdict's mark (greta.reports.verdict_marks.page_head), which must be verdict.json's.
+*.ipynb     every output that states the verdict carries its mark, each verdict.json's; a notebook marked as
+            run before its record became INTERRUPTED (metadata greta.superseded) states the probe's verdict,
+            which verdict.json keeps as probe_verdict.
+
+Records made before this (metadata.json's `statements` is not greta.record.files.STATEMENTS_FORMAT) are read
+by greta.checks.statements_legacy.
 """
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
+from greta.checks import statements_legacy as legacy
+from greta.probe.kinds import UnknownKind, kind_of
+from greta.record.files import STATEMENTS_FORMAT, RecordFileError
 from greta.record.members import entries, read_member
-from greta.record.metrics import VERDICTS
-
-_TOKEN = r"([A-Za-z][A-Za-z0-9_\\]*)"
-# <strong class="verdict ...">: a page's coloured badge (greta.reports.notebooks.verdict_badges)
-VERDICT_LINE = re.compile(r"Verdict(?: from the trace)?:\s*(?:\*\*|<strong(?:\s[^>]*)?>|<b>)\s*" + _TOKEN)
-NUMBER = r"([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)"
-THRESHOLD = {"max_abs_diff": "≤", "p99_abs_diff": "≤", "top1_agreement": "≥"}
+from greta.reports.verdict_marks import notebook_verdicts, page_verdict, superseded
 
 
-def _token(raw: str) -> str:
-    return raw.replace("\\", "")
+def check_statements(run_dir: Path, rec, thresholds_required: bool = True) -> list[str]:
+    """report.md, the notebooks and the pages of a record against its data files (rec: read_record's)."""
+    if rec.metadata is None or rec.metadata.statements != STATEMENTS_FORMAT:
+        return (legacy.check_report(run_dir, rec, thresholds_required)
+                + legacy.check_pages(run_dir, rec.verdict.verdict))
+    return check_report(run_dir, rec) + check_pages(run_dir, rec.verdict.to_dict())
 
 
-def _agrees(text: str, value) -> bool:
-    """The printed number `text` is `value` rounded to the digits it shows."""
-    if value is None:
-        return False
-    mantissa, _, exp = text.lower().lstrip("+-").partition("e")
-    decimals = len(mantissa.partition(".")[2])
-    half_ulp = 0.5 * 10.0 ** ((int(exp) if exp else 0) - decimals)
-    return abs(float(text) - float(value)) <= half_ulp * (1 + 1e-9) + 1e-12 * abs(float(value))
+def rendered_report(rec) -> str:
+    """report.md as the record's probe kind renders it from the record's data files."""
+    return kind_of(rec.params).render(
+        rec.params, rec.metadata.to_dict(), rec.perf.to_dict(), rec.metrics.to_dict() if rec.metrics else None,
+        rec.vram.to_dict(), rec.verdict.to_dict())
 
 
-def _verdict_lines(text: str, want: str, where: str) -> tuple[int, list[str]]:
-    """(how many verdict statements, the ones naming another verdict as one line each)."""
-    found = [_token(m) for m in VERDICT_LINE.findall(text)]
-    bad = sorted({v for v in found if v != want})
-    return len(found), [f"{where} states the verdict {v} but verdict.json says {want}" for v in bad]
-
-
-def _table_row(text: str) -> dict[str, str] | None:
-    """The results table's first data row, by column header (None when report.md has no such table)."""
-    lines = [ln.strip() for ln in text.splitlines()]
-    for i, ln in enumerate(lines):
-        if ln.startswith("|") and "Verdict" in ln and "Max Logits Diff" in ln and i + 2 < len(lines):
-            head = [c.strip() for c in ln.strip("|").split("|")]
-            row = [c.strip() for c in lines[i + 2].strip("|").split("|")]
-            return dict(zip(head, row)) if len(row) == len(head) else None
-    return None
-
-
-def _check_all(text: str, pattern: str, want, what: str, required: bool, agree=None) -> list[str]:
-    """Every match of pattern (one group) in report.md must agree with want; required: at least one."""
-    found = re.findall(pattern, text)
-    if not found:
-        return [f"report.md does not state {what}"] if required else []
-    agree = agree or (lambda s, w: _token(s) == str(w))
-    bad = sorted({s for s in found if not agree(s, want)})
-    return [f"report.md states {what} {s} but the record's data files say {want}" for s in bad]
-
-
-def check_report(run_dir: Path, rec, thresholds_required: bool = True) -> list[str]:
-    """report.md against verdict.json, params.json and metrics.json (rec: greta.record.files.RecordFiles).
-    thresholds_required: the probe kind judges by params.json's thresholds, so report.md must state them."""
+def check_report(run_dir: Path, rec) -> list[str]:
+    """report.md is the re-render of the record's data, byte for byte (one line naming the first difference)."""
     try:
-        text = read_member(run_dir, "report.md").decode("utf-8")
+        stored = read_member(run_dir, "report.md")
     except (OSError, ValueError):
-        return []  # absent, not a regular file or not UTF-8: verify's artifacts and manifest checks say so
-    v, params, metrics = rec.verdict.verdict, rec.params, rec.metrics
-    n, errors = _verdict_lines(text, v, "report.md")
-    if not n:
-        errors.append("report.md states no verdict (no `Verdict: **X**` line)")
-    row = _table_row(text)
-    if row is None:
-        errors.append("report.md has no results table (Max Logits Diff ... Verdict)")
-    else:
-        if _token(row.get("Verdict", "")) != v:
-            errors.append(f"report.md's results table says {row.get('Verdict')} but verdict.json says {v}")
-        diff = row.get("Max Logits Diff", "")
-        if metrics is not None and not (re.fullmatch(NUMBER, diff) and _agrees(diff, metrics.max_abs_diff)):
-            errors.append(f"report.md's results table gives max logits diff {diff} but metrics.json "
-                          f"max_abs_diff is {metrics.max_abs_diff}")
-    thresholds = params.get("thresholds") if isinstance(params.get("thresholds"), dict) else {}
-    for key, sign in THRESHOLD.items():
-        if key in thresholds:
-            pattern = key.replace("_", r"\\?_") + rf"\s*{sign}\s*{NUMBER}"
-            errors += _check_all(text, pattern, thresholds[key],
-                                 f"the {key} threshold", thresholds_required, _agrees)
-    errors += _check_all(text, r"Negative control \(perturb\):\s*`?([^\s·`*]+)", params.get("perturb"), "perturb", True)
-    errors += _check_all(text, r"-p perturb=([^\s`]+)", params.get("perturb"), "perturb", False)
-    if metrics is not None:
-        errors += _check_all(text, r"bit\\?_exact(?::\s*\*\*|=)(True|False)", metrics.bit_exact, "bit_exact", True)
-        errors += _check_all(text, r"(?:max diff|max\\?_abs\\?_diff)=" + NUMBER, metrics.max_abs_diff,
-                             "max_abs_diff", True, _agrees)
-    return errors
-
-
-def _notebook_text(run_dir: Path, name: str) -> str:
-    """The text of a notebook's cell outputs (stream text and every text/* representation)."""
+        return []  # absent, not a regular file: verify's artifacts and manifest checks say so
+    if rec.perf is None or rec.vram is None:
+        return []  # a data file is unreadable: verify names it; there is nothing to render from
     try:
-        nb = json.loads(read_member(run_dir, name).decode("utf-8"))
-    except (OSError, ValueError):
-        return ""  # an unreadable notebook is the manifest's business, not a statement
-    parts = []
-    for cell in nb.get("cells", []) if isinstance(nb, dict) else []:
-        for out in cell.get("outputs", []) if isinstance(cell, dict) else []:
-            if not isinstance(out, dict):
-                continue
-            chunks = [out.get("text", "")] + [t for k, t in (out.get("data") or {}).items() if k.startswith("text/")]
-            parts += ["".join(c) if isinstance(c, list) else str(c) for c in chunks]
-    return "\n".join(parts)
+        again = rendered_report(rec).encode("utf-8")
+    except (UnknownKind, RecordFileError, KeyError, TypeError, ValueError, AttributeError) as e:
+        return [f"report.md cannot be rendered again from the record's data ({type(e).__name__}: {e}), so what it "
+                "states cannot be checked"]
+    if stored == again:
+        return []
+    return [f"report.md is not what the record's data files render to ({_first_difference(stored, again)}): it "
+            "states something the data does not say"]
 
 
-def check_pages(run_dir: Path, verdict: str) -> list[str]:
-    """Every executed notebook and HTML page of the record that states a verdict states verdict.json's."""
+def _first_difference(stored: bytes, again: bytes) -> str:
+    """Where report.md first departs from the re-render, as "line N"."""
+    a, b = stored.split(b"\n"), again.split(b"\n")
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return f"line {i + 1} differs"
+    return f"{len(a)} lines where the data render to {len(b)}"
+
+
+def check_pages(run_dir: Path, verdict: dict) -> list[str]:
+    """Every HTML page carries verdict.json's verdict in its mark; every notebook's verdict marks agree."""
     errors = []
     for name, kind in entries(run_dir).items():  # only the regular files at the top; the rest is the manifest's
         if kind != "file" or "/" in name or Path(name).suffix not in (".ipynb", ".html"):
             continue
-        if name.endswith(".ipynb"):
-            text = _notebook_text(run_dir, name)
-        else:
-            try:
-                text = read_member(run_dir, name).decode("utf-8", errors="replace")
-            except (OSError, ValueError):
-                continue  # gone or grown past its cap since listed: the manifest check says so
-        errors += _verdict_lines(text, verdict, name)[1]
+        try:
+            data = read_member(run_dir, name)
+        except (OSError, ValueError):
+            continue  # gone or grown past its cap since listed: the manifest check says so
+        errors += _check_page(name, data, verdict) if name.endswith(".html") else _check_notebook(name, data, verdict)
     return errors
 
 
-assert all(re.fullmatch(_TOKEN, v) for v in VERDICTS)  # every verdict token is read whole
+def _check_page(name: str, page: bytes, verdict: dict) -> list[str]:
+    stated = page_verdict(page)
+    if stated is None:
+        return [f"{name} carries no verdict mark in its head (<meta name=\"greta-verdict\">)"]
+    if stated != verdict.get("verdict"):
+        return [f"{name} states the verdict {stated} but verdict.json says {verdict.get('verdict')}"]
+    return []
+
+
+def _check_notebook(name: str, data: bytes, verdict: dict) -> list[str]:
+    try:
+        nb = json.loads(data.decode("utf-8"))
+    except ValueError:
+        return [f"{name} is not a notebook (not JSON)"]
+    want, old = verdict.get("verdict"), superseded(nb)
+    if old is not None:  # ran before an interrupt made the record INTERRUPTED: it states the probe's verdict
+        probe = verdict.get("probe_verdict")
+        if old.get("by") != want or probe is None or old.get("states") != probe:
+            return [f"{name} is marked as stating {old.get('states')!r} before the record became {old.get('by')!r}, "
+                    f"but verdict.json says {want} (the probe's verdict: {probe})"]
+        want = probe
+    bad = sorted({str(v) for v in notebook_verdicts(nb) if v != want})
+    return [f"{name} states the verdict {v} but verdict.json says {want}" for v in bad]

@@ -12,9 +12,9 @@ Checks (each failure is one line of the returned list; an empty list means the r
   verdict     the stated verdict is the one the stored metrics give under the stored thresholds
   fingerprints  metrics.json's bit_exact holds exactly when every position's logits hashes are equal, and
               the top-1 ids give its argmaxes and top1_agreement (greta.record.fingerprints; without logits.npz)
-  statements  report.md states the verdict, thresholds, perturb and key figures (max_abs_diff, bit_exact)
-              of verdict.json / params.json / metrics.json, and every executed notebook (*.ipynb) and
-              HTML page (*.html) that states a verdict states that one (greta.checks.statements)
+  statements  report.md is, byte for byte, what the record's data files render to; every HTML page's and
+              notebook output's verdict mark is verdict.json's verdict (greta.checks.statements; records made
+              before the marks: greta.checks.statements_legacy)
   seal key    with GRETA_SEAL_KEY set, manifest.json carries the HMAC of its content under that key
   logits      when logits.npz is there, greta.checks.analyze recomputes the metrics and verdict from it and
               they must equal the stored ones
@@ -31,7 +31,7 @@ import os
 from pathlib import Path, PurePosixPath
 
 from greta.checks.reproduce_record import check_reproduction
-from greta.checks.statements import check_pages, check_report
+from greta.checks.statements import check_statements
 from greta.probe.kinds import KINDS, UnknownKind, kind_of
 from greta.record.kinds import kind_name
 from greta.record.files import MANIFEST, RecordFiles, read_record
@@ -256,7 +256,7 @@ def verify(run_dir, allow_missing_large: bool = False) -> list[str]:
     errors += fingerprint_problems(rec.metrics.figures()) if rec.metrics is not None else []
     if rec.verdict is not None and rec.params is not None:
         judged_by_thresholds = kind_name(rec.params) not in KINDS or kind_of(rec.params).uses_thresholds
-        errors += check_report(d, rec, judged_by_thresholds) + check_pages(d, rec.verdict.verdict)
+        errors += check_statements(d, rec, judged_by_thresholds)
     if is_member_file(d, "logits.npz"):
         from greta.checks.analyze import analyze_run
 

@@ -24,6 +24,9 @@ import time
 from multiprocessing.connection import wait as wait_any
 
 GRACE_S = 1.0     # after a first failure: how long the other ranks get to show the cause (a death)
+# when every failure so far blames a peer (a collective that timed out or lost it): how long the other ranks get
+# to answer the same way, so that only a rank that never answers (the hung one) is named
+PEER_GRACE_S = 5.0
 TEARDOWN_S = 10.0  # after "exit": how long a rank may take to leave its group before it is killed
 
 
@@ -114,9 +117,11 @@ class Workers:
             now = time.monotonic()
             if failures:
                 first_failure = first_failure or now
-                if len(done) + len(failures) == self.world or now - first_failure > GRACE_S or now > deadline:
+                grace = PEER_GRACE_S if all(p.get("collective_timeout") for _, p in failures.values()) else GRACE_S
+                if len(done) + len(failures) == self.world or now - first_failure > grace:
                     self.kill()
                     return (*self._root_cause(phase, failures, done), None)
+                continue  # a failure is being resolved: its grace, not the phase's deadline, ends the wait
             if now > deadline:
                 self.kill()
                 late = [r for r in range(self.world) if r not in done]

@@ -220,7 +220,7 @@ def finish_from_checkpoint(run_dir, params: dict, status: str, how: str) -> Path
         meta_path = run_dir / "metadata.json"
         rec.meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {
             "run_id": run_dir.name, "probe": params.probe, **record.git_state(), "versions": record.versions(),
-            "seed": params.seed, "model": params.model}
+            "seed": params.seed, "model": params.model, "statements": record.STATEMENTS_FORMAT}
     else:
         rec = record.Record.create(params, run_dir=run_dir)
     perf_path = run_dir / "perf.json"

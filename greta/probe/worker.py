@@ -28,14 +28,20 @@ def is_oom(e: BaseException) -> bool:
     return isinstance(e, RuntimeError) and ("out of memory" in msg or "can't allocate memory" in msg)
 
 
+# What a collective says when the fault is a peer's: it timed out waiting for it, or the peer (having given up
+# itself) closed the connection (gloo: "Connection closed by peer", "Connection reset by peer", a broken pipe)
+PEER_CAUSED = ("timed out", "timeout", "closed by peer", "reset by peer", "broken pipe")
+
+
 def is_collective_timeout(e: BaseException) -> bool:
     """A torch.distributed collective that gave up waiting for a peer (gloo: "Timed out waiting ...", NCCL's
-    watchdog: "... timeout ..."): the cause is a peer that hung or died, not this rank."""
+    watchdog: "... timeout ...") or lost it (a peer that gave up first closed the connection): the cause is
+    a peer that hung or died, not this rank."""
     import torch.distributed as dist
 
     msg = str(e).lower()
     backend_error = isinstance(e, getattr(dist, "DistBackendError", ())) or "gloo" in msg or "nccl" in msg
-    return backend_error and ("timed out" in msg or "timeout" in msg)
+    return backend_error and any(k in msg for k in PEER_CAUSED)
 
 
 def one_line(e: BaseException) -> str:

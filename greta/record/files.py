@@ -50,6 +50,8 @@ def atomic_write_bytes(path: Path, data: bytes):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:  # a full or read-only disk: named by the file it could not write, not the temp file
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from None
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -198,7 +200,17 @@ class Metadata(RecordFile):
     weights_source: str | None = None
     prompt: dict | None = None
     worker_pid: int | None = None
+    # how the record's human-readable files state its data (greta.checks.statements): STATEMENTS_FORMAT, or
+    # None in records made before (their report.md came from an earlier renderer; checked by the legacy rules)
+    statements: int | None = None
     extra: dict = field(default_factory=dict)
+
+
+# 1: report.md is exactly what this checkout's renderer makes of the record's data files, every page carries
+# its verdict's mark and every notebook its outputs' (greta.reports.verdict_marks). A change to what a report
+# renderer writes makes the records before it unlike a re-render: bump this, and verify reads those by the
+# legacy rules.
+STATEMENTS_FORMAT = 1
 
 
 @dataclass

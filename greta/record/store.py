@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from greta.engine.config import ModelConfig
-from greta.record.files import (MANIFEST, TYPES, Manifest, Metadata, Metrics, Perf, VramSummary, Verdict,
+from greta.record.files import (MANIFEST, STATEMENTS_FORMAT, TYPES, Manifest, Metadata, Metrics, Perf, VramSummary, Verdict,
                                 atomic_write_bytes, atomic_write_text, jsonable as _jsonable, sha256_file, write_json)
 from greta.record.kinds import spec_of
 from greta.record.params import dtype_bytes
@@ -218,7 +218,8 @@ class Record:
         rec.write_json("params.json", params)
         rec.meta = {"run_id": path.name, "probe": params.probe, **git_state(), "host": platform.node(),
                     "platform": platform.platform(), "argv": sys.argv, "versions": versions(), "machine": machine(),
-                    "seed": params.seed, "model": params.model, "started_utc": _now(), "finished_utc": None}
+                    "seed": params.seed, "model": params.model, "started_utc": _now(), "finished_utc": None,
+                    "statements": STATEMENTS_FORMAT}
         rec.write_json("metadata.json", rec.meta)
         return rec
 

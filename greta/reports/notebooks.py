@@ -24,6 +24,9 @@ __all__ = ["NOTEBOOK_DIR", "REPO_ROOT", "ANALYSIS_NOTEBOOKS", "PROGRESS_ENV", "N
            "report_progress", "one_line", "NoRecord", "newest_record", "figure_path"]
 
 from greta.paths import NOTEBOOK_DIR, REPO_ROOT
+from greta.record.files import atomic_write_bytes, atomic_write_text
+from greta.reports import md
+from greta.reports.verdict_marks import mark_superseded, notebook_verdicts, page_head, superseded
 from greta.terminal import brief, shown
 
 ANALYSIS_NOTEBOOKS = ("vram_plot.ipynb", "equivalence_analysis.ipynb")
@@ -182,6 +185,23 @@ def _sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
+ATOMIC_SCHEME = "greta-atomic:"
+
+
+@functools.lru_cache(maxsize=None)
+def _atomic_papermill_io() -> str:
+    """The scheme under which papermill writes an output notebook atomically (each save: a temp file beside it,
+    then a rename), so a disk that fills mid-run leaves the last whole notebook, never a truncated one."""
+    from papermill.iorw import LocalHandler, papermill_io
+
+    class AtomicLocalHandler(LocalHandler):
+        def write(self, buf, path):
+            atomic_write_bytes(Path(path[len(ATOMIC_SCHEME):]), buf.encode("utf-8"))
+
+    papermill_io.register(ATOMIC_SCHEME, AtomicLocalHandler())
+    return ATOMIC_SCHEME
+
+
 def execute_notebook(src: str | Path, out: str | Path, parameters: dict,
                      timeout_s: float | None = 600) -> Exception | None:
     """Run ``src`` with papermill into ``out`` (cwd: the repo root), its kernel's stderr silenced; the kernel is
@@ -197,7 +217,7 @@ def execute_notebook(src: str | Path, out: str | Path, parameters: dict,
     km, interrupted = _kernel_manager(), True
     try:
         with _sigterm_as_interrupt():
-            pm.execute_notebook(str(src), str(out), parameters=parameters, kernel_name=KERNEL, progress_bar=False,
+            pm.execute_notebook(str(src), _atomic_papermill_io() + str(Path(out).resolve()), parameters=parameters, kernel_name=KERNEL, progress_bar=False,
                                 cwd=str(REPO_ROOT), execution_timeout=timeout_s, km=km)
         interrupted = False
     except Exception as exc:  # noqa: BLE001 - the caller must never abort on a notebook
@@ -235,16 +255,50 @@ def mark_unfinished(nb_path: str | Path, verdict: str, reason: str) -> None:
         f"# ⚠ {verdict}: {reason}\n\nThis notebook did not run to completion: the cells below the point where it "
         "stopped did not run, whatever their execution marks say. The record's verdict.json and report.md say "
         "what happened."))
-    nbformat.write(nb, str(nb_path))
+    write_notebook(nb, nb_path)
+
+
+def write_notebook(nb, nb_path: str | Path) -> None:
+    """An nbformat notebook to nb_path atomically: the file is the old notebook or the new one, never half."""
+    import nbformat
+
+    text = nbformat.writes(nb)
+    atomic_write_text(Path(nb_path), text if text.endswith("\n") else text + "\n")
+
+
+def states_verdict(nb_path: str | Path) -> bool:
+    """Whether a notebook's outputs state a verdict through its mark (greta.reports.verdict_marks)."""
+    import nbformat
+
+    return bool(notebook_verdicts(nbformat.read(str(nb_path), as_version=4)))
+
+
+def mark_stale(nb_path: str | Path, verdict: str, reason: str, stated: str) -> None:
+    """A notebook that ran to its end before its record's verdict became ``verdict`` (an interrupt after the
+    probe: INTERRUPTED) states the probe's verdict ``stated``: a banner says so, and its metadata carries the
+    mark greta verify reads (greta.reports.verdict_marks.mark_superseded)."""
+    import nbformat
+
+    nb = nbformat.read(str(nb_path), as_version=4)
+    if superseded(nb):
+        return
+    mark_superseded(nb, verdict, stated)
+    nb.cells.insert(0, nbformat.v4.new_markdown_cell(
+        md.heading(1, "⚠ ", verdict, ": ", reason) + "\n\n" + md.line(
+            f"This notebook ran before the record became {verdict}: the verdict it states below ({stated}) is the "
+            "probe's, from before the interruption. The record's verdict.json and report.md say what happened.")))
+    write_notebook(nb, nb_path)
 
 
 def execute_analysis(run_dir: str | Path, timeout_s: float | None = 600,
-                     names: tuple[str, ...] = ANALYSIS_NOTEBOOKS) -> list[Path]:
+                     names: tuple[str, ...] = ANALYSIS_NOTEBOOKS, then=None) -> list[Path]:
     """Execute the VRAM and equivalence notebooks (or those `names` lists) into ``run_dir``, plus HTML of each.
 
     A notebook that fails is still kept (papermill writes it with the error) and still rendered; the failure
     is reported on stderr and the next notebook runs. Returns the paths written: ``<nb>.ipynb`` and
     ``<nb>.html`` for each notebook. Only a missing ``notebooks/`` folder raises (:class:`NotebooksMissing`).
+    Each notebook's progress line is written before it runs and again (its count done) once it and its page
+    are written; ``then(name)``, if given, is called at that point.
     """
     run_dir = Path(run_dir).resolve()  # the kernel's cwd is the repo root, not ours
     sources = [notebook_path(name) for name in names]
@@ -255,13 +309,15 @@ def execute_analysis(run_dir: str | Path, timeout_s: float | None = 600,
         err = execute_notebook(src, out, dict(run_dir=str(run_dir), into_record=True), timeout_s=timeout_s)
         if err is not None:
             print(shown(f"greta: {src.name} failed: {one_line(err)} (kept: {out})"), file=sys.stderr)
-        if not out.is_file():
-            continue
-        written.append(out)
-        try:
-            written.append(to_html(out))
-        except Exception as exc:  # noqa: BLE001
-            print(shown(f"greta: rendering {out.name} to HTML failed: {one_line(exc)}"), file=sys.stderr)
+        if out.is_file():
+            written.append(out)
+            try:
+                written.append(to_html(out))
+            except Exception as exc:  # noqa: BLE001
+                print(shown(f"greta: rendering {out.name} to HTML failed: {one_line(exc)}"), file=sys.stderr)
+        report_progress("notebook", src.name, i + 1, len(sources))
+        if then is not None:
+            then(src.name)
     report_progress("notebook", "done", len(sources), len(sources))
     return written
 
@@ -322,10 +378,12 @@ def _heads(texts: list[str], title: str, section: str) -> tuple[str, str]:
 
 
 def to_html(ipynb_path: str | Path, lead_md: str | None = None, show_code: bool = False,
-            out: str | Path | None = None) -> Path:
-    """Render a notebook to ``<same name>.html`` beside it (or ``out``): one self-contained page, images
-    embedded, nothing loaded from a network. ``lead_md`` (Markdown, e.g. the record's report.md: verdict and
-    results table) goes first; the notebook's code is hidden unless ``show_code``."""
+            out: str | Path | None = None, verdict: str | None = None) -> Path:
+    """Render a notebook to ``<same name>.html`` beside it (or ``out``), atomically: one self-contained page,
+    images embedded, nothing loaded from a network. ``lead_md`` (Markdown, e.g. the record's report.md: verdict
+    and results table) goes first; the notebook's code is hidden unless ``show_code``. ``verdict``: the page
+    belongs to a record whose verdict.json says so; its head carries the mark greta verify reads
+    (greta.reports.verdict_marks)."""
     import nbformat
     from nbconvert import HTMLExporter
     from nbconvert.filters import markdown2html
@@ -342,10 +400,9 @@ def to_html(ipynb_path: str | Path, lead_md: str | None = None, show_code: bool 
     lead = f'<section class="greta-lead">{markdown2html(lead_md)}</section>\n' if lead_md else ""
     body, lead = verdict_badges(body), verdict_badges(lead)
     title = html.escape(ipynb_path.stem)
-    page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-            f'<meta name="viewport" content="width=device-width, initial-scale=1"><title>{title}</title>'
+    page = (f'{page_head(verdict)}<meta name="viewport" content="width=device-width, initial-scale=1"><title>{title}</title>'
             f"<style>{_CSS}</style></head>\n<body>\n{lead}{body}\n</body></html>\n")
     out = Path(out) if out is not None else ipynb_path.with_suffix(".html")
-    out.write_text(page, encoding="utf-8")
+    atomic_write_text(out, page)
     return out
 

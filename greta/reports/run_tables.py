@@ -8,8 +8,10 @@ from pathlib import Path
 from greta.reports import fmt, md
 from greta.reports.fmt import finite
 from greta.reports.run_files import read_json, read_obj_opt, thresholds
+from greta.reports.verdict_marks import bundle
 
-__all__ = ["TOP1_COLUMNS", "top1_table", "table_md", "verdict_md", "metrics_summary_md", "vram_summary_md"]
+__all__ = ["TOP1_COLUMNS", "top1_table", "table_md", "verdict_md", "verdict_display", "report_display",
+           "metrics_summary_md", "vram_summary_md"]
 
 TOP1_COLUMNS = ["step", "position", "source", "argmax_decode", "argmax_reference", "agree", "max_abs_diff"]
 
@@ -43,6 +45,25 @@ def verdict_md(run_dir: str | Path) -> str:
     if extra:
         lines.append(md.line(*extra, sep=" · "))
     return "\n".join(lines)
+
+
+def _stored_verdict(run_dir) -> str | None:
+    v = read_obj_opt(Path(run_dir) / "verdict.json")
+    return v.get("verdict") if v and isinstance(v.get("verdict"), str) else None
+
+
+def verdict_display(run_dir: str | Path) -> dict:
+    """verdict_md with the verdict's machine-readable mark (greta.reports.verdict_marks), for
+    ``display(..., raw=True)``: greta verify reads the mark, not the text."""
+    return bundle(_stored_verdict(run_dir), verdict_md(run_dir))
+
+
+def report_display(run_dir: str | Path) -> dict:
+    """report.md as the run notebook shows it, with the verdict's mark (as verdict_display)."""
+    report = Path(run_dir) / "report.md"
+    if not report.is_file():
+        return bundle(None, md.line("no report.md in", md.code(run_dir)))
+    return bundle(_stored_verdict(run_dir), report.read_text(encoding="utf-8"))
 
 
 def metrics_summary_md(run_dir: str | Path, metrics: dict | None = None) -> str:
