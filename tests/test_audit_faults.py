@@ -100,15 +100,27 @@ def _failing_writes(monkeypatch, err: int, first: int, once: bool) -> list:
     return calls
 
 
+def _as_if_the_kernel_failed_in_decode(d: Path) -> RuntimeError:
+    """The record as a kernel that failed during decode leaves it: perf.json checkpointed, no verdict yet."""
+    for name in ("verdict.json", "metrics.json", "logits.npz", "report.md", "manifest.json"):
+        (d / name).unlink()
+    perf = json.loads((d / "perf.json").read_text())
+    perf["decode"]["status"], perf["reference"] = "running", {"status": "not_run"}
+    (d / "perf.json").write_text(json.dumps(perf))
+    return RuntimeError("RecordError: could not finish the record (No space left on device)")
+
+
 def _complete(probed, tmp_path, monkeypatch, err, first, once, interrupted=None):
     from greta.record.store import RecordError
 
     src, params = probed
     d = tmp_path / src.name
     shutil.copytree(src, d)
+    failed = _as_if_the_kernel_failed_in_decode(d) if interrupted == "mid-probe" else None
+    interrupted = None if interrupted == "mid-probe" else interrupted
     calls = _failing_writes(monkeypatch, err, first, once)
     try:
-        audit.complete_or_say_what_was_lost(d, params, None, interrupted, False, [])
+        audit.complete_or_say_what_was_lost(d, params, failed, interrupted, False, [])
         line = None
     except RecordError as e:
         line = str(e)
@@ -116,11 +128,13 @@ def _complete(probed, tmp_path, monkeypatch, err, first, once, interrupted=None)
     return d, line, calls
 
 
-@pytest.mark.parametrize("interrupted", [None, "SIGINT (Ctrl-C)"])
+@pytest.mark.parametrize("interrupted", [None, "SIGINT (Ctrl-C)", "mid-probe"])
 @pytest.mark.parametrize("err,once", [(errno.ENOSPC, False), (errno.ENOSPC, True), (errno.EROFS, False)])
 def test_a_write_failing_at_each_stage_of_completing_the_record(probed, tmp_path, monkeypatch, err, once, interrupted):
     """One line naming the file and what became of the record; the record either verifies (sealed) or has no
-    manifest that passes it; no temp file, no half-written notebook or page; each write stage in turn."""
+    manifest that passes it; no temp file, no half-written notebook or page; each write stage in turn: after
+    a finished probe, after an interrupt (verdict.json and report.md rewritten), and after a kernel that
+    failed mid-probe (the FAIL_ERROR record written from its checkpoint)."""
     _, _, calls = _complete(probed, tmp_path / "count", monkeypatch, err, 10**6, False, interrupted)
     stages = len(calls)
     assert stages >= 3, calls  # the banner, the page, the seal at least (INTERRUPTED: verdict.json, report.md too)
