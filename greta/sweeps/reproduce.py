@@ -14,9 +14,9 @@ from pathlib import Path
 
 from greta.checks.reproduce import OriginalRefused, ReproduceError, reproduce
 from greta.checks.reproduce_record import write_reproduction
-from greta.record.files import read_json_opt
+from greta.record.files import read_member_json
 from greta.record.reproduction import REPRODUCTION_FILE, judge_body
-from greta.sweeps.layout import CONFIG, VERDICT, points, read_config
+from greta.sweeps.layout import VERDICT, points, read_config
 from greta.sweeps.verify import is_sweep_dir, verify_sweep
 from greta.terminal import echo
 
@@ -37,9 +37,8 @@ def reproduce_sweep(sweep_dir, out_root=None, progress: bool = True, say=None) -
         rdir, body = reproduce(d / "points" / name, out_root=out_root, progress=progress)
         rows.append({"name": name, "verdict": body["verdict"], "reason": body["reason"], "dir": str(rdir)})
         say(f"point {i}/{len(names)} {name}: {body['verdict']}: {body['reason']}")
-    sweep_verdict = (read_json_opt(d / VERDICT) or {}).get("verdict")
-    body = {"original": {"run_id": d.name, "dir": str(d), "verdict": sweep_verdict}, "points": rows,
-            "params": read_json_opt(d / CONFIG)}
+    sweep_verdict = read_member_json(d, VERDICT).get("verdict")  # verify_sweep read it back already
+    body = {"original": {"run_id": d.name, "dir": str(d), "verdict": sweep_verdict}, "points": rows, "params": cfg}
     body["verdict"], body["reason"] = judge_body(json.loads(json.dumps(body)))
     rdir = write_reproduction(out_root or "outputs", body)
     return rdir, json.loads((rdir / REPRODUCTION_FILE).read_text())
