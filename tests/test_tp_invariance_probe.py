@@ -149,7 +149,7 @@ def test_the_sweep_section_tabulates_points():
     (section,) = KINDS["tp_invariance"].sweep_sections(
         [{"name": "p0", "tp": 4, "ctx": 21, "kv_aligned": 1, "perturb": "none", "max_abs_diff": 0.0,
           "bit_exact": True, "verdict": "PASS_TP_INVARIANT"}], lambda name: None)
-    assert "PASS_TP_INVARIANT" in section.table and "| p0 | 4 | 21 |" in section.table
+    assert "PASS_TP_INVARIANT" in section.table and "| p0 | 21 | 1 |" in section.table
 
 
 # --- in this process: the comparison's figures and the logits file ---------------------------------------------
@@ -205,3 +205,32 @@ def test_preflight_refuses_what_rank_0_cannot_hold():
     msg = str(e.value)
     assert "rank 0 holds every degree's shard and KV cache" in msg or "weights + KV cache need" in msg
     assert "\n" not in msg
+
+
+# --- slow: the audit pipeline's pages and a sweep of the kind --------------------------------------------------
+@pytest.mark.slow
+def test_the_cli_audit_of_the_control_has_its_heat_map_page(repo_root, tmp_path):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "greta", "audit", "-f", PARAMS, "-p", "perturb=tp_plain_order",
+                        *sum((["-p", f"{k}={v}"] for k, v in SMALL.items()), []), "-o", str(tmp_path), "--quiet"],
+                       capture_output=True, text=True, cwd=repo_root, timeout=900)
+    assert r.returncode == 1 and r.stdout.startswith("FAIL_TP_INVARIANT: tp=2 prefill differs first"), r.stdout + r.stderr
+    (d,) = tmp_path.glob("*/tp_invariance/*")
+    assert verify(d) == [] and (d / "tp_heatmap.png").is_file()
+    page = (d / "tp_invariance_probe.html").read_text()
+    assert "FAIL_TP_INVARIANT" in page and "degree × position" in page and "data:image/png;base64" in page
+    assert "cells bit-identical" in (d / "tp_heatmap.html").read_text()
+
+
+@pytest.mark.slow
+def test_a_cpu_tp_invariance_sweep(repo_root, tmp_path):
+    from greta.sweeps.sweep import run_sweep
+    from greta.sweeps.verify import verify_sweep
+
+    d = run_sweep(repo_root / "params" / "cpu_tp_invariance_sweep.yaml", out_root=tmp_path, progress=False)
+    v = json.loads((d / "sweep_verdict.json").read_text())
+    assert v["verdict"] == "PASS_GUARDRAIL" and v["report_error"] is None, v
+    assert "TP invariance sweep report" in (d / "sweep_report.html").read_text()
+    assert verify_sweep(d) == []

@@ -110,25 +110,28 @@ class TPInvarianceJob(ProbeJob):
         tokens = torch.zeros(p.gen + 1, dtype=torch.int64)
         if ref in self.models:
             tokens[0] = int(self.logits["prefill"][ref][-1].argmax())
-            self.logits["decode"][ref] = self._decode(self.models[ref], tokens, greedy=True)
+            self.logits["decode"][ref] = self._decode(self.models[ref], tokens, greedy=True, done=0)
         dist.broadcast(tokens, src=0, group=self.tp.group)
         self.tokens = [int(t) for t in tokens]
+        done = p.gen if ref in self.models else 0
         for d, m in self.models.items():
             if d != ref:
-                self.logits["decode"][d] = self._decode(m, tokens, greedy=False)
+                self.logits["decode"][d] = self._decode(m, tokens, greedy=False, done=done)
+                done += p.gen
         return {"tokens": self.tokens}
 
-    def _decode(self, m, tokens: torch.Tensor, greedy: bool) -> np.ndarray:
+    def _decode(self, m, tokens: torch.Tensor, greedy: bool, done: int) -> np.ndarray:
         """gen steps from tokens[0] at position ctx; greedy: each step's argmax is written to tokens[j + 1], else
-        tokens is the input (teacher-forced). -> the first span - 1 steps' logits."""
-        ctx, kept = self.p.ctx, []
+        tokens is the input (teacher-forced); done: steps this rank decoded before (its progress). -> the
+        first span - 1 steps' logits."""
+        ctx, kept, total = self.p.ctx, [], self.p.gen * len(self.models)
         for j in range(self.p.gen):
             logits = m.decode(tokens[j].to(self.device), ctx + j)
             if greedy:
                 tokens[j + 1] = int(logits.argmax())
             if len(kept) < self.p.span - 1:
                 kept.append(logits.cpu().numpy())
-            self.progress("decode", j + 1, self.p.gen, "tok")
+            self.progress("decode", done + j + 1, total, "tok")
         return np.stack(kept)
 
     def reference(self) -> dict:

@@ -26,7 +26,7 @@ class TPInvarianceKind(ProbeKind):
     run_notebook = "tp_invariance_probe.ipynb"
     analysis_notebooks = ("vram_plot.ipynb", "tp_heatmap.ipynb")
     figures = (("vram_plot.png", "memory over time"), ("tp_heatmap.png", "degree × position |Δlogit| against tp=1"))
-    sweep_matrix = "tp × ctx × kv_aligned × seed × dtype"
+    sweep_matrix = "ctx × kv_aligned × seed × dtype; each point compares tp 1, 2, .. tp"
     runs_tp = True  # its workers are the tp ranks; degree d runs on ranks 0..d-1
 
     def job(self) -> type:
