@@ -19,7 +19,7 @@ from greta.reports.notebook_params import InjectedCellCheck, check_injected, dec
 
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted(p.name for p in (REPO / "notebooks").glob("*.ipynb"))
-RUN_NOTEBOOKS = ("run_b3_77.ipynb", "batch_probe.ipynb")
+RUN_NOTEBOOKS = ("run_b3_77.ipynb", "batch_probe.ipynb", "tp_invariance_probe.ipynb")
 NOTEBOOK_ONLY = {"params_file", "overrides", "out_root", "run_dir", "show_code"}
 
 
@@ -38,9 +38,10 @@ def refusal(source: str, name: str = "run_b3_77.ipynb") -> str:
 
 
 # --- the notebooks as committed ------------------------------------------------------------------------------
-def test_all_seven_notebooks_are_covered():
+def test_all_nine_notebooks_are_covered():
     assert NOTEBOOKS == ["batch_probe.ipynb", "equivalence_analysis.ipynb", "reproduce.ipynb", "run_b3_77.ipynb",
-                         "sweep.ipynb", "sweep_report.ipynb", "vram_plot.ipynb"]
+                         "sweep.ipynb", "sweep_report.ipynb", "tp_heatmap.ipynb", "tp_invariance_probe.ipynb",
+                         "vram_plot.ipynb"]
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)

@@ -30,5 +30,6 @@ def test_kinds_do_not_share_verdicts_or_notebooks():
 def test_params_name_their_kind():
     assert kind_of(load_params()) is KINDS["b3_77"] and kind_of({"ctx": 1}) is KINDS["b3_77"]  # before probe existed
     assert kind_of(load_params(None, {"probe": "batch"})) is KINDS["batch"]
-    with pytest.raises(UnknownKind, match="probe kind 'tp_invariance' is not one of b3_77, batch"):
-        kind_of({"probe": "tp_invariance"})
+    assert kind_of(load_params(None, {"probe": "tp_invariance", "model": "tiny-tp", "tp": 2})) is KINDS["tp_invariance"]
+    with pytest.raises(UnknownKind, match="probe kind 'tp_sizes' is not one of b3_77, batch, tp_invariance"):
+        kind_of({"probe": "tp_sizes"})

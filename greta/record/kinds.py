@@ -24,11 +24,13 @@ class ProbeSpec:
     own_params: params only this kind takes; every other kind must leave them at their default (and its
     params.json leaves them out, so its shape is what it was before this kind existed).
     own_perturbs: negative controls only this kind can fail.
-    name_tags: (param, prefix) pairs that name its run directories, e.g. ("batch", "b") -> "b4"."""
+    name_tags: (param, prefix) pairs that name its run directories, e.g. ("batch", "b") -> "b4".
+    min_tp: the fewest tensor-parallel ranks it runs on (the tp_invariance probe compares degrees 1..tp)."""
     name: str
     own_params: tuple[str, ...] = ()
     own_perturbs: tuple[str, ...] = ()
     name_tags: tuple[tuple[str, str], ...] = ()
+    min_tp: int = 1
 
     def name_parts(self, params) -> list[str]:
         get = params.get if isinstance(params, dict) else lambda k: getattr(params, k)
@@ -39,6 +41,8 @@ SPECS = {s.name: s for s in (
     ProbeSpec("b3_77", own_params=("tp_invariant",)),  # the segment-tree mode (docs/TP.md) runs B3.77's probe
     ProbeSpec("batch", own_params=("batch", "batch_lengths", "batch_gen"), own_perturbs=("batch_split_k",),
               name_tags=(("batch", "b"),)),
+    # degrees 1, 2, .. tp of one prompt, the segment tree always on; its control turns the tree off (docs/TP.md)
+    ProbeSpec("tp_invariance", own_perturbs=("tp_plain_order",), min_tp=2),
 )}
 KIND_NAMES = tuple(SPECS)
 

@@ -31,7 +31,8 @@ CHOICES = {
     "backend": PARAM_BACKENDS,  # the backend registry (greta.engine.ops.registry)
     "dtype": ("bfloat16", "float16", "float32"),
     "kv_aligned": (0, 1),
-    "perturb": ("none", "rope_offset", "kv_off_by_one", "tp_library_reduce", "batch_split_k"),
+    "perturb": ("none", "rope_offset", "kv_off_by_one", "tp_library_reduce", "batch_split_k",
+                "tp_plain_order"),
     "tp": (1, 2, 4, 8),
     "tp_invariant": (0, 1),
 }
@@ -169,7 +170,7 @@ class Params:
     sampling_period_s: float = 1.0
     memory_fraction: float = 1.0   # GPU: cap the worker's allocator at this fraction of the card (a real OOM on purpose)
     thresholds: Thresholds = field(default_factory=Thresholds)
-    perturb: str = "none"          # negative control (CHOICES["perturb"]): rope_offset, kv_off_by_one, tp_library_reduce (tp >= 4), batch_split_k (probe=batch)
+    perturb: str = "none"          # negative control (CHOICES["perturb"]): rope_offset, kv_off_by_one, tp_library_reduce (tp >= 4), batch_split_k (probe=batch), tp_plain_order (probe=tp_invariance)
     fault: str = "none"            # fault injection (tests): none | <hang|oom|crash|kill|error|kernel_death>:<phase>[@<rank>] (no @: every rank)
     threads: int = 0               # CPU threads for torch (0 = torch's default)
     tp: int = 1                    # tensor-parallel ranks (1, 2, 4, 8): must divide the model's KV heads
@@ -420,6 +421,9 @@ def _check_kind(p: Params) -> None:
     """Another probe kind's params keep their defaults and its negative controls are refused (the kinds'
     own params: greta.record.kinds); the batch lists hold one value per request within range."""
     _range(p, "batch", 1, BATCH_MAX)
+    if p.tp < SPECS[p.probe].min_tp:
+        raise ParamError(f"param tp={p.tp}: the {p.probe} probe compares tensor-parallel degrees 1, 2, .. tp; use "
+                         f"-p tp={SPECS[p.probe].min_tp} or more (2, 4 or 8)")
     for key in foreign_params()[p.probe]:
         if getattr(p, key) != _field_default(key):
             owner = next(s.name for s in SPECS.values() if key in s.own_params)

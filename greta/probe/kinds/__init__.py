@@ -17,11 +17,12 @@ from __future__ import annotations
 from greta.probe.kinds.b3_77 import B3_77
 from greta.probe.kinds.base import ProbeKind, UnknownKind
 from greta.probe.kinds.batch import BATCH
+from greta.probe.kinds.tp_invariance import TP_INVARIANCE
 from greta.record.kinds import SPECS, kind_name
 
 __all__ = ["KINDS", "ProbeKind", "UnknownKind", "kind_of", "kind_named"]
 
-KINDS: dict[str, ProbeKind] = {k.name: k for k in (B3_77, BATCH)}
+KINDS: dict[str, ProbeKind] = {k.name: k for k in (B3_77, BATCH, TP_INVARIANCE)}
 assert tuple(KINDS) == tuple(SPECS), "every ProbeSpec has its ProbeKind, in the same order"
 
 
