@@ -16,7 +16,8 @@ import torch
 
 from greta.engine.config import ModelConfig
 from greta.engine.gguf_quants import KNOWN_TYPES, UnknownTypeError, dequantize
-from greta.engine.weights import CheckpointError, Spelling, assemble, check_tensors, expected_tensors, tensor_names
+from greta.engine.layout import layout_of
+from greta.engine.weights import CheckpointError, assemble, check_tensors, expected_tensors, tensor_names
 
 
 class GGUFError(ValueError):
@@ -139,18 +140,9 @@ def permute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-GGUF_SPELLING = Spelling(
-    {"embed": "token_embd.weight", "norm": "output_norm.weight", "lm_head": "output.weight"},
-    "blk.{}.",
-    {"attn_norm": "attn_norm.weight", "mlp_norm": "ffn_norm.weight", "q": "attn_q.weight", "k": "attn_k.weight",
-     "v": "attn_v.weight", "o": "attn_output.weight", "gate": "ffn_gate.weight", "up": "ffn_up.weight",
-     "down": "ffn_down.weight"},
-)
-
-
 def gguf_names(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """GGUF tensor name -> logical (row-major) shape for a Llama of this config."""
-    return expected_tensors(cfg, GGUF_SPELLING)
+    """GGUF tensor name -> logical (row-major) shape for a model of this config."""
+    return expected_tensors(cfg, "gguf")
 
 
 def load_gguf(path, cfg: ModelConfig, dtype: torch.dtype, device, slice_of=None) -> dict[str, torch.Tensor]:
@@ -166,12 +158,13 @@ def load_gguf(path, cfg: ModelConfig, dtype: torch.dtype, device, slice_of=None)
                       model="a llama of its metadata")
     except CheckpointError as e:
         raise GGUFError(str(e)) from None
-    names = tensor_names(cfg, GGUF_SPELLING)
+    names = tensor_names(cfg, "gguf")
+    permuted = layout_of(cfg).gguf_rope_permuted
 
     def get(role: str) -> torch.Tensor:
         t = _tensor(tensors[names[role]], dtype, "cpu" if slice_of else device)
         part = role.partition(".")[2]
-        if part in ("q", "k"):  # permuted by llama.cpp's converter
+        if permuted and part in ("q", "k"):  # permuted by llama.cpp's converter
             t = unpermute_rope_rows(t, cfg.n_heads if part == "q" else cfg.n_kv_heads)
         index = slice_of(role, tuple(t.shape)) if slice_of else None
         return (t if index is None else t[index]).to(device).contiguous()
