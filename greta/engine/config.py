@@ -160,9 +160,9 @@ def hf_family(cfg: dict) -> str:
     if arch is not None and list(arch) != [want]:
         raise ValueError(f"architectures {arch} is not supported for model_type {mtype!r}: Greta runs {want} "
                          "checkpoints of it only")
-    if cfg.get("use_sliding_window"):
-        raise ValueError("use_sliding_window is true in config.json: Greta attends over every position; set it "
-                         "false only if the model was trained so")
+    if cfg.get("use_sliding_window") or any(t != "full_attention" for t in cfg.get("layer_types") or ()):
+        raise ValueError("config.json asks for sliding-window attention (use_sliding_window or layer_types): Greta "
+                         "attends over every position; use a checkpoint without it")
     return family
 
 

