@@ -69,8 +69,8 @@ def shard_tensor(cfg: ModelConfig, name: str, t: torch.Tensor, rank: int, world:
 
 
 def shard_weights(cfg: ModelConfig, w: dict[str, torch.Tensor], rank: int, world: int) -> dict[str, torch.Tensor]:
-    """rank's shard of a full weight dict (tests; a run makes or loads only its shard: synthetic_shard,
-    load_shard)."""
+    """rank's shard of a full weight dict (tests; a run makes or loads only its shard: source.load_model's
+    shard=(rank, world))."""
     check_divides(cfg, world)
     out = {k: shard_tensor(cfg, k, t, rank, world) for k, t in w.items() if k != "lm_head"}
     out["lm_head"] = shard_tensor(cfg, "lm_head", w["lm_head"], rank, world)
@@ -88,21 +88,7 @@ def synthetic_shard(cfg: ModelConfig, seed: int, dtype: torch.dtype, device, ran
 
 
 def shard_slicer(cfg: ModelConfig, rank: int, world: int):
-    """The slice_of(role, shape) callable the checkpoint loaders take: rank's rows or columns of each tensor,
-    read from the memory-mapped file (safetensors' get_slice) without reading the rest."""
+    """The slice_of(role, shape) callable the checkpoint loaders take (source.load_model(shard=...)): rank's rows
+    or columns of each tensor, read from the memory-mapped file (safetensors' get_slice) without reading the
+    rest."""
     return lambda role, shape: role_slice(cfg, role, shape, rank, world)
-
-
-def load_shard(model: str, cfg: ModelConfig, dtype: torch.dtype, device, rank: int, world: int):
-    """rank's shard of a checkpoint directory or GGUF file (the model argument, as engine.source reads it)."""
-    from greta.engine.source import model_path, model_source
-
-    check_divides(cfg, world)
-    if model_source(model) == "gguf":
-        from greta.engine.gguf import load_gguf as load
-    else:
-        from greta.engine.weights import load_checkpoint as load
-    w = load(model_path(model), cfg, dtype, device, slice_of=shard_slicer(cfg, rank, world))
-    if cfg.tie_embeddings:  # assemble made lm_head the (replicated) embedding: keep this rank's vocab rows
-        w["lm_head"] = shard_tensor(cfg, "lm_head", w["embed"], rank, world)
-    return w
