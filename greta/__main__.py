@@ -16,9 +16,10 @@
          Exit 0 on PASS_GUARDRAIL, 1 on FAIL_GUARDRAIL / INCOMPLETE, 2 on bad input
   legacy print the results table of the original engine's traces (runs/kv_aligned_<K>/seed_<S>/... or
          runs/kv_<K>/seed_<S>/ctx_<N>/...), re-analyzed with Greta's metrics and verdicts
-  oracle compare Greta's logits (prefill and decode paths) with transformers' LlamaForCausalLM on a
-         checkpoint directory (needs transformers: pip install greta[test]); exit 1 outside tolerance. On a
-         .gguf file or a real model (--model smollm2): tokens, logits over a text and a greedy continuation
+  oracle compare Greta's logits (prefill and decode paths) with transformers' model of the family
+         (LlamaForCausalLM, Qwen2ForCausalLM) on a checkpoint directory (needs transformers: pip install
+         greta[test]); exit 1 outside tolerance. On a .gguf file or a real model (--model smollm2): tokens,
+         logits over a text and a greedy continuation
 
 Exit codes: 0 pass (PASS_EQUIV, EXPECTED_DRIFT; verify: the record verifies), 1 any other verdict (verify:
 the reasons it does not), 2 bad input or an unwritable output folder, 130 interrupted (record written).

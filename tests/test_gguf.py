@@ -1,4 +1,4 @@
-"""greta.engine.gguf: Llama GGUF files written by the tests themselves (gguf.GGUFWriter), their metadata mapped to a
+"""greta.engine.gguf: Llama GGUF files (Qwen2's: tests/test_qwen2.py) written by the tests themselves (gguf.GGUFWriter), their metadata mapped to a
 ModelConfig, F32/F16/BF16 tensors loaded and block types dequantized (checked against gguf.quants, the gguf
 package's own numpy code; every block type on random blocks in tests/test_gguf_quants.py), q/k rows un-permuted, and logits held against transformers on the source model."""
 from __future__ import annotations
@@ -15,6 +15,8 @@ from gguf import GGMLQuantizationType as Q  # noqa: E402
 from greta.engine.source import load_config  # noqa: E402
 from greta.engine.gguf import GGUFError, gguf_config, load_gguf, permute_rope_rows, unpermute_rope_rows  # noqa: E402
 from greta.engine.gguf_quants import KNOWN_TYPES, dequantize  # noqa: E402
+from greta.engine.layout import layout_of  # noqa: E402
+from greta.engine.weights import tensor_names  # noqa: E402
 from greta.checks.oracle import agreement, greta_logits, hf_logits  # noqa: E402
 from greta.engine.prompt import synthetic_prompt  # noqa: E402
 
@@ -73,8 +75,9 @@ def test_rope_row_permutation_round_trips():
 
 
 # --- writing GGUF files from a transformers checkpoint ---------------------------------------------
-def write_gguf(path, hf_dir, kind=Q.F32, *, rope_freqs=True, drop=(), arch="llama", truncate=0, metadata=None):
-    """A llama GGUF file from an HF checkpoint, as convert_hf_to_gguf writes one: q/k rows permuted,
+def write_gguf(path, hf_dir, kind=Q.F32, *, rope_freqs=True, drop=(), arch=None, truncate=0, metadata=None):
+    """A GGUF file from an HF checkpoint, as convert_hf_to_gguf writes one (arch: its family's, unless given;
+    tensor names: the family's engine.layout): a Llama's q/k rows permuted,
     norms in F32, 2-D weights as kind, llama3 scaling as a rope_freqs tensor; metadata(writer) adds more keys
     (a tokenizer)."""
     from safetensors.torch import load_file
@@ -85,7 +88,7 @@ def write_gguf(path, hf_dir, kind=Q.F32, *, rope_freqs=True, drop=(), arch="llam
     sd = {}
     for f in sorted(hf_dir.glob("*.safetensors")):
         sd.update(load_file(str(f)))
-    w = gguf.GGUFWriter(str(path), arch)
+    w = gguf.GGUFWriter(str(path), arch or layout_of(cfg).gguf_arch)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
     w.add_block_count(cfg.n_layers)
@@ -98,23 +101,17 @@ def write_gguf(path, hf_dir, kind=Q.F32, *, rope_freqs=True, drop=(), arch="llam
     w.add_vocab_size(cfg.vocab_size)
     if metadata:
         metadata(w)
-    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-             "lm_head.weight": "output.weight"}
-    for i in range(cfg.n_layers):
-        p, g = f"model.layers.{i}.", f"blk.{i}."
-        names.update({p + "input_layernorm.weight": g + "attn_norm.weight", p + "post_attention_layernorm.weight": g + "ffn_norm.weight",
-                      p + "self_attn.q_proj.weight": g + "attn_q.weight", p + "self_attn.k_proj.weight": g + "attn_k.weight",
-                      p + "self_attn.v_proj.weight": g + "attn_v.weight", p + "self_attn.o_proj.weight": g + "attn_output.weight",
-                      p + "mlp.gate_proj.weight": g + "ffn_gate.weight", p + "mlp.up_proj.weight": g + "ffn_up.weight",
-                      p + "mlp.down_proj.weight": g + "ffn_down.weight"})
+    hf_names, gguf_names = tensor_names(cfg, "hf"), tensor_names(cfg, "gguf")
+    names = {hf_names[role]: gguf_names[role] for role in hf_names}
+    permuted = layout_of(cfg).gguf_rope_permuted  # llama.cpp permutes a Llama's q/k rows, not a Qwen2's
     stored = {}
     for hf_name, t in sd.items():
         name = names[hf_name]
         if name in drop:
             continue
-        if name.endswith("attn_q.weight"):
+        if permuted and name.endswith("attn_q.weight"):
             t = permute_rope_rows(t, cfg.n_heads)
-        elif name.endswith("attn_k.weight"):
+        elif permuted and name.endswith("attn_k.weight"):
             t = permute_rope_rows(t, cfg.n_kv_heads)
         x = t.float().numpy()
         k = kind if x.ndim == 2 else Q.F32
@@ -226,10 +223,10 @@ def test_gguf_missing_tensor_is_named(tmp_path, hf_checkpoint):
 
 
 def test_gguf_other_architecture_is_refused_by_name(tmp_path, hf_checkpoint):
-    path, _ = write_gguf(tmp_path / "m.gguf", hf_checkpoint("gqa4"), arch="qwen2")
+    path, _ = write_gguf(tmp_path / "m.gguf", hf_checkpoint("gqa4"), arch="gemma")
     with pytest.raises(GGUFError) as e:
         load_config(str(path))
-    assert "qwen2" in _one_line(e)
+    assert "gemma" in _one_line(e) and "llama, qwen2" in _one_line(e)
 
 
 def test_gguf_unsupported_tensor_type_is_named(tmp_path, hf_checkpoint):

@@ -18,7 +18,8 @@ from greta.engine.launch import SpawnError, finish, init_from_env, spawn
 from greta.engine.ops.controls import TPLibraryReduce
 from greta.engine.prompt import synthetic_prompt
 from greta.engine.runner import Runner
-from greta.engine.tp import check_divides, load_shard, shard_weights, synthetic_shard
+from greta.engine.source import load_model
+from greta.engine.tp import check_divides, shard_weights, synthetic_shard
 from greta.engine.weights import save_checkpoint, synthetic
 
 # the tiny preset's family with 4 KV heads, so tp=4 splits them (tiny has 1)
@@ -73,7 +74,7 @@ def test_checkpoint_loads_shard_by_shard(tmp_path, tied):
     full = synthetic(cfg, 2, torch.float32, "cpu")
     path = save_checkpoint(full, cfg, tmp_path / "ckpt")
     for r in range(4):
-        got = load_shard(str(path), cfg, torch.float32, "cpu", r, 4)
+        got = load_model(str(path), 0, torch.float32, "cpu", shard=(r, 4)).weights
         want = shard_weights(cfg, full, r, 4)
         assert got["lm_head"].shape[0] == cfg.vocab_size // 4
         assert set(got) == set(want)
@@ -88,7 +89,7 @@ def test_gguf_loads_shard_by_shard(tmp_path):
     full = synthetic(CFG, 2, torch.float32, "cpu")
     path, _ = write_gguf(tmp_path / "m.gguf", save_checkpoint(full, CFG, tmp_path / "ckpt"))
     for r in range(2):
-        got = load_shard(str(path), CFG, torch.float32, "cpu", r, 2)
+        got = load_model(str(path), 0, torch.float32, "cpu", shard=(r, 2)).weights
         want = shard_weights(CFG, full, r, 2)
         for k in want:
             assert torch.equal(got[k], want[k]), (r, k)
@@ -106,7 +107,7 @@ def test_quantized_gguf_shards_are_slices_of_the_whole_load(tmp_path, kind):
     whole = load_gguf(path, CFG, torch.float32, "cpu")
     assert not torch.equal(whole["0.w13"], full["0.w13"])  # really quantized
     for r in range(2):
-        got, want = load_shard(str(path), CFG, torch.float32, "cpu", r, 2), shard_weights(CFG, whole, r, 2)
+        got, want = load_model(str(path), 0, torch.float32, "cpu", shard=(r, 2)).weights, shard_weights(CFG, whole, r, 2)
         for k in want:
             assert torch.equal(got[k], want[k]), (r, k)
 

@@ -289,7 +289,7 @@ def test_the_root_cause_rule_names_the_cause_not_the_peer_that_saw_it():
 
 
 def test_a_checkpoint_loads_shard_by_shard_under_the_probe(tmp_path):
-    """model=<checkpoint dir> at tp=2: each rank loads its shard (tp.load_shard), the record names the files'
+    """model=<checkpoint dir> at tp=2: each rank loads its shard (source.load_model(shard=...)), the record names the files'
     hash, and decode reproduces prefill bit for bit."""
     import torch
 

@@ -1,4 +1,5 @@
-"""An independent oracle: Greta's logits against HF transformers' LlamaForCausalLM on the same checkpoint.
+"""An independent oracle: Greta's logits against HF transformers' model of the checkpoint's family
+(engine.layout: LlamaForCausalLM, Qwen2ForCausalLM) on the same checkpoint.
 
 Self-consistency (decode equals prefill) cannot catch a mistake both paths share, e.g. a wrong RoPE
 scaling. Here transformers computes the same prompt in one forward pass (SDPA attention, no cache), and
@@ -23,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-from greta.engine.config import PRESETS, ModelConfig
+from greta.engine.config import PRESETS, ModelConfig, hf_family
+from greta.engine.layout import FAMILIES, layout_of
 from greta.engine.source import load_config
 from greta.probe.worker import DTYPES as _TORCH_DTYPES
 from greta.reports import fmt, md
@@ -70,16 +72,24 @@ def _log(msg: str, quiet: bool):
 
 def make_checkpoint(hf_config: dict, out_dir, seed: int = 0, *, dtype: torch.dtype = torch.float32,
                     device="cpu", shard: str | None = None) -> Path:
-    """A random LlamaForCausalLM (transformers' own init, seeded) saved by transformers as safetensors into
-    out_dir (sharded when shard is a max_shard_size such as '5GB'). Built on `device` in `dtype`, so an
-    8B-shape model is made on the GPU in seconds."""
+    """A random model of hf_config's family (LlamaForCausalLM, Qwen2ForCausalLM; transformers' own init, seeded)
+    saved by transformers as safetensors into out_dir (sharded when shard is a max_shard_size such as '5GB').
+    Built on `device` in `dtype`, so an 8B-shape model is made on the GPU in seconds. transformers inits
+    biases to zero, where a model run without them would agree: they are drawn N(0, BIAS_STD^2) here."""
+    from greta.engine.weights import BIAS_STD
+
     tf = _transformers()
+    lay = FAMILIES[hf_family(hf_config)]
     old = torch.get_default_dtype()
     torch.manual_seed(seed)
     try:
         torch.set_default_dtype(dtype)
         with torch.device(device):
-            model = tf.LlamaForCausalLM(tf.LlamaConfig(**hf_config))
+            model = getattr(tf, lay.hf_architecture)(getattr(tf, lay.hf_config)(**hf_config))
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    if name.endswith(".bias"):
+                        p.normal_(0.0, BIAS_STD)
     finally:
         torch.set_default_dtype(old)
     kw = {"max_shard_size": shard} if shard else {}
@@ -110,7 +120,8 @@ def hf_logits(model: str, tokens: torch.Tensor, dtype: torch.dtype, device="cpu"
     """transformers' logits [len(positions), V] (fp32; default all positions) for one forward pass over tokens,
     no cache, SDPA attention; the lm_head runs only at the kept positions (logits_to_keep)."""
     tf = _transformers()
-    m = tf.LlamaForCausalLM.from_pretrained(model, dtype=dtype, attn_implementation="sdpa").to(device).eval()
+    cls = getattr(tf, layout_of(load_config(model)).hf_architecture)
+    m = cls.from_pretrained(model, dtype=dtype, attn_implementation="sdpa").to(device).eval()
     keep = 0 if positions is None else torch.tensor(positions, device=device)
     fp32_cuda = dtype == torch.float32 and str(device).startswith("cuda")
     with torch.inference_mode(), (_sdpa_kv_per_head() if fp32_cuda else nullcontext()):
@@ -227,7 +238,8 @@ def compare(model: str, ctx: int = 128, dtype: str = "float32", device: str = "c
     anchor = oracle["float32"]
     tol = TOLERANCES[dtype]
     limit = {"prefill": tol.get("rel"), "decode": tol.get("rel")}
-    res = {"model": str(model), "ctx": ctx, "dtype": dtype, "device": str(device), "seed": seed, "steps": steps,
+    res = {"model": str(model), "architecture": layout_of(true_cfg).hf_architecture, "ctx": ctx, "dtype": dtype,
+           "device": str(device), "seed": seed, "steps": steps,
            "kv_aligned": kv_aligned, "backend": backend, "chunk": chunk, "kv_block": kv_block,
            "rope_scaling": true_cfg.rope_scaling, "tolerance": dict(tol), "compared_positions": pos}
     if dtype != "float32":  # transformers' own bf16 error sets the limit
@@ -291,7 +303,7 @@ def _runs(res: dict) -> list[tuple[str, dict]]:
 
 
 def format_result(res: dict) -> str:
-    lines = [f"oracle: Greta vs transformers LlamaForCausalLM, {res['model']}, ctx {res['ctx']}, {res['dtype']}, "
+    lines = [f"oracle: Greta vs transformers {res.get('architecture', 'LlamaForCausalLM')}, {res['model']}, ctx {res['ctx']}, {res['dtype']}, "
              f"{res['backend']} kv_aligned {res['kv_aligned']} ({_limit_text(res)})"]
     for label, r0 in _runs(res):
         for p in ("prefill", "decode"):
@@ -354,7 +366,7 @@ def report_md(body: dict) -> str:
     out = [md.heading(1, "Oracle: ", body["verdict"]), "",
            md.line("Greta (", body["backend"], f", kv_aligned {body['kv_aligned']}, chunk {body['chunk']}, kv_block "
                    f"{body['kv_block']}) vs transformers ", body["versions"].get("transformers", ""),
-                   " LlamaForCausalLM (SDPA, one forward pass) on ", md.code(body["model"]), f", ctx {body['ctx']}, ",
+                   " ", body.get("architecture", "LlamaForCausalLM"), " (SDPA, one forward pass) on ", md.code(body["model"]), f", ctx {body['ctx']}, ",
                    body["dtype"], f", seeded synthetic prompt (seed {body['seed']}), ", body["card"], ", ",
                    body["finished_utc"], ", commit ", body.get("commit"), ".", sep=""), "",
            md.line("Every row is ", _limit_text(body), ". rel = max |Δlogit| / max |fp32 logit| over the compared "
@@ -412,6 +424,6 @@ def preset_checkpoint(preset: str, out_dir, seed: int, dtype: str, device: str, 
     _log(f"saving a random {preset}-shape checkpoint (transformers init, seed {seed}) to {out_dir}", quiet)
     t0 = time.perf_counter()
     make_checkpoint(hf, out_dir, seed, dtype=DTYPES[dtype], device=device, shard="5GB")
-    return {"source": f"random {preset}-shape LlamaForCausalLM made and saved by transformers (its own init, "
+    return {"source": f"random {preset}-shape {layout_of(cfg).hf_architecture} made and saved by transformers (its own init, "
                       f"std {hf['initializer_range']:.4g}, torch.manual_seed({seed}), {dtype}, built on {device})",
             "config": hf, "seconds": time.perf_counter() - t0}

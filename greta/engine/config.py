@@ -1,9 +1,11 @@
-"""Llama-family model configuration: named presets or an HF-style config.json (which of them a model
-argument names is greta.engine.source's business)."""
+"""Decoder model configuration (a family of engine.layout: Llama, Qwen2): named presets or an HF-style
+config.json (which of them a model argument names is greta.engine.source's business)."""
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+
+from greta.engine.layout import FAMILIES, bias_params, family_of, layout_of
 
 
 @dataclass(frozen=True)
@@ -21,8 +23,11 @@ class ModelConfig:
     rms_eps: float = 1e-5
     tie_embeddings: bool = False
     max_position_embeddings: int = 131072
+    family: str = "llama"  # its engine.layout.FAMILIES entry: tensor names, fused groups, biases, shard dims
 
     def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f"family {self.family!r} is not one Greta runs ({', '.join(FAMILIES)})")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
 
@@ -43,12 +48,11 @@ class ModelConfig:
     def layer_linear_params(self) -> int:
         return sum(o * i for o, i in self.linear_shapes().values())
 
-
     def param_count(self) -> int:
         emb = self.vocab_size * self.hidden_size
         head = 0 if self.tie_embeddings else emb
         norms = self.n_layers * 2 * self.hidden_size + self.hidden_size
-        return emb + head + norms + self.n_layers * self.layer_linear_params()
+        return emb + head + norms + self.n_layers * (self.layer_linear_params() + bias_params(self))
 
     def kv_bytes_per_token(self, dtype_bytes: int = 2) -> int:
         return 2 * self.n_layers * self.n_kv_heads * self.head_dim * dtype_bytes
@@ -74,7 +78,7 @@ class ModelConfig:
         emb = self.vocab_size * self.hidden_size
         head = 0 if self.tie_embeddings else emb // tp
         norms = self.n_layers * 2 * self.hidden_size + self.hidden_size
-        return emb + head + norms + self.n_layers * self.layer_linear_params() // tp
+        return emb + head + norms + self.n_layers * (self.layer_linear_params() + bias_params(self)) // tp
 
     def allreduce_bytes_per_token(self, tp: int, dtype_bytes: int = 2) -> int:
         """Bytes of partial sums each rank contributes per token: two reductions of hidden per layer (after wo
@@ -86,7 +90,7 @@ class ModelConfig:
         if tp == 1:
             return self.decode_bytes(pos, dtype_bytes)
         head = self.vocab_size * self.hidden_size // tp  # lm_head's rows (tied: the embed slice it reads)
-        linears = self.n_layers * self.layer_linear_params() // tp
+        linears = self.n_layers * (self.layer_linear_params() + bias_params(self)) // tp
         norms = self.n_layers * 2 * self.hidden_size + self.hidden_size
         return float((head + linears + norms) * dtype_bytes + self.kv_bytes_per_token(dtype_bytes) * pos / tp)
 
@@ -96,12 +100,9 @@ class ModelConfig:
     # --- constructors ------------------------------------------------------
     @classmethod
     def from_hf(cls, cfg: dict, name: str = "checkpoint") -> "ModelConfig":
-        """An HF config.json (transformers 4.x `rope_scaling` + `rope_theta`, or 5.x `rope_parameters`)."""
-        arch = cfg.get("architectures")
-        if arch is not None and list(arch) != ["LlamaForCausalLM"]:
-            raise ValueError(f"architectures {arch} is not supported: Greta runs LlamaForCausalLM checkpoints only")
-        if cfg.get("model_type", "llama") != "llama":
-            raise ValueError(f"model_type {cfg['model_type']!r} is not supported: Greta runs model_type 'llama' only")
+        """An HF config.json (transformers 4.x `rope_scaling` + `rope_theta`, or 5.x `rope_parameters`) of a
+        family Greta runs (hf_family)."""
+        family = hf_family(cfg)
         h = cfg["hidden_size"]
         n_heads = cfg["num_attention_heads"]
         params = dict(cfg.get("rope_parameters") or {})  # transformers 5: rope_theta lives in here
@@ -121,12 +122,14 @@ class ModelConfig:
             rms_eps=float(cfg.get("rms_norm_eps", 1e-6)),
             tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             max_position_embeddings=int(cfg.get("max_position_embeddings", 131072)),
+            family=family,
         )
 
     def to_hf(self) -> dict:
+        lay = layout_of(self)
         d = {
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
+            "architectures": [lay.hf_architecture],
+            "model_type": lay.hf_model_type,
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
             "num_hidden_layers": self.n_layers,
@@ -142,6 +145,25 @@ class ModelConfig:
         if self.rope_scaling:
             d["rope_scaling"] = {"rope_type": "llama3", **self.rope_scaling}  # linear/dynamic keep their rope_type
         return d
+
+
+def hf_family(cfg: dict) -> str:
+    """The engine.layout family of an HF config.json: its `architectures` and `model_type` (absent: llama's)
+    must both name one; one line otherwise. A Qwen2 with sliding-window attention is refused (Greta attends
+    over every position)."""
+    arch, mtype = cfg.get("architectures"), cfg.get("model_type", "llama")
+    family = family_of("hf_model_type", mtype)
+    if family is None:
+        raise ValueError(f"model_type {mtype!r} is not supported: Greta runs model_type "
+                         f"{', '.join(repr(f) for f in FAMILIES)} only")
+    want = FAMILIES[family].hf_architecture
+    if arch is not None and list(arch) != [want]:
+        raise ValueError(f"architectures {arch} is not supported for model_type {mtype!r}: Greta runs {want} "
+                         "checkpoints of it only")
+    if cfg.get("use_sliding_window") or any(t != "full_attention" for t in cfg.get("layer_types") or ()):
+        raise ValueError("config.json asks for sliding-window attention (use_sliding_window or layer_types): Greta "
+                         "attends over every position; use a checkpoint without it")
+    return family
 
 
 def tree_segments(cfg: ModelConfig) -> int:
@@ -252,6 +274,18 @@ PRESETS: dict[str, ModelConfig] = {
     "tiny-tp": ModelConfig(
         name="tiny-tp", vocab_size=2048, hidden_size=128, n_layers=2, n_heads=8, n_kv_heads=4,
         head_dim=16, intermediate_size=384, rope_theta=500000.0, rms_eps=1e-5,
+    ),
+    # Qwen2-0.5B's shapes as its config.json publishes them: q/k/v biases, a tied head, rope theta 1e6
+    "qwen2-0.5b": ModelConfig(
+        name="qwen2-0.5b", vocab_size=151936, hidden_size=896, n_layers=24, n_heads=14, n_kv_heads=2,
+        head_dim=64, intermediate_size=4864, rope_theta=1000000.0, rms_eps=1e-6, tie_embeddings=True,
+        max_position_embeddings=131072, family="qwen2",
+    ),
+    # its family (14 heads, 2 KV heads: tp 1 and 2; biases, tied head) at tiny's size, for the CPU tests
+    "qwen2-tiny": ModelConfig(
+        name="qwen2-tiny", vocab_size=2048, hidden_size=224, n_layers=2, n_heads=14, n_kv_heads=2,
+        head_dim=16, intermediate_size=384, rope_theta=1000000.0, rms_eps=1e-6, tie_embeddings=True,
+        family="qwen2",
     ),
 }
 

@@ -1,9 +1,10 @@
-"""Llama GGUF files (llama.cpp's format), read with the `gguf` package (pip install greta[models]).
+"""GGUF files (llama.cpp's format) of the families engine.layout knows (llama, qwen2), read with the `gguf`
+package (pip install greta[models]).
 
 Metadata maps to a ModelConfig (gguf_config); tensors load as F32, F16 or BF16, or are dequantized from
 the block types of engine.gguf_quants (Q4_0 to Q8_0, Q2_K to Q6_K) to the run's dtype on load (load_gguf). The file is memory-mapped and tensors are taken one
-at a time. llama.cpp's converter permutes the rows of attn_q and attn_k (interleaved RoPE pairs); they
-are permuted back to the HF rotate-half layout Greta uses. Llama-3.1 files carry their llama3 rope
+at a time. llama.cpp's converter permutes the rows of a Llama's attn_q and attn_k (interleaved RoPE pairs;
+a Qwen2's it leaves in HF's order); they are permuted back to the HF rotate-half layout Greta uses. Llama-3.1 files carry their llama3 rope
 scaling as a `rope_freqs.weight` tensor of per-frequency divisors, used as they are.
 """
 from __future__ import annotations
@@ -16,7 +17,8 @@ import torch
 
 from greta.engine.config import ModelConfig
 from greta.engine.gguf_quants import KNOWN_TYPES, UnknownTypeError, dequantize
-from greta.engine.weights import CheckpointError, Spelling, assemble, check_tensors, expected_tensors, tensor_names
+from greta.engine.layout import FAMILIES, family_of, layout_of
+from greta.engine.weights import CheckpointError, assemble, check_tensors, expected_tensors, tensor_names
 
 
 class GGUFError(ValueError):
@@ -68,12 +70,15 @@ def gguf_field(reader, key: str, default=None, required: bool = False):
 
 
 def gguf_config(path) -> ModelConfig:
-    """ModelConfig from a Llama GGUF file's metadata (and its tensor list: output.weight, rope_freqs)."""
+    """ModelConfig from a GGUF file's metadata (and its tensor list: output.weight, rope_freqs), of a family
+    engine.layout knows by its general.architecture (llama, qwen2)."""
     r = gguf_reader(path)
     arch = gguf_field(r, "general.architecture", required=True)
-    if arch != "llama":
-        raise GGUFError(f"GGUF general.architecture {arch!r} is not supported: Greta runs llama GGUF files only")
-    a = "llama."
+    family = family_of("gguf_arch", arch)
+    if family is None:
+        raise GGUFError(f"GGUF general.architecture {arch!r} is not supported: Greta runs "
+                        f"{', '.join(lay.gguf_arch for lay in FAMILIES.values())} GGUF files only")
+    a = f"{arch}."
     h = int(gguf_field(r, a + "embedding_length", required=True))
     n_heads = int(gguf_field(r, a + "attention.head_count", required=True))
     names = {t.name: t for t in r.tensors}
@@ -104,6 +109,7 @@ def gguf_config(path) -> ModelConfig:
         rms_eps=float(gguf_field(r, a + "attention.layer_norm_rms_epsilon", 1e-5)),
         tie_embeddings="output.weight" not in names,
         max_position_embeddings=int(gguf_field(r, a + "context_length", 131072)),
+        family=family,
     )
 
 
@@ -139,22 +145,14 @@ def permute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-GGUF_SPELLING = Spelling(
-    {"embed": "token_embd.weight", "norm": "output_norm.weight", "lm_head": "output.weight"},
-    "blk.{}.",
-    {"attn_norm": "attn_norm.weight", "mlp_norm": "ffn_norm.weight", "q": "attn_q.weight", "k": "attn_k.weight",
-     "v": "attn_v.weight", "o": "attn_output.weight", "gate": "ffn_gate.weight", "up": "ffn_up.weight",
-     "down": "ffn_down.weight"},
-)
-
-
 def gguf_names(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """GGUF tensor name -> logical (row-major) shape for a Llama of this config."""
-    return expected_tensors(cfg, GGUF_SPELLING)
+    """GGUF tensor name -> logical (row-major) shape for a model of this config."""
+    return expected_tensors(cfg, "gguf")
 
 
 def load_gguf(path, cfg: ModelConfig, dtype: torch.dtype, device, slice_of=None) -> dict[str, torch.Tensor]:
-    """Greta's weight dict from a Llama GGUF file; names and shapes checked first, each error one line.
+    """Greta's weight dict from a GGUF file (names by the family's engine.layout); names and shapes checked
+    first, each error one line.
     slice_of(role, shape) -> an index (None: all) keeps that part of each tensor (a tensor-parallel rank's
     shard: engine.tp). GGUF blocks quantize along rows, so a tensor is dequantized whole (one at a time, on
     the host) and cut before it moves to the device."""
@@ -163,15 +161,16 @@ def load_gguf(path, cfg: ModelConfig, dtype: torch.dtype, device, slice_of=None)
     try:
         check_tensors(path, gguf_names(cfg), tensors, lambda k: tuple(int(x) for x in reversed(tensors[k].shape.tolist())),
                       lambda k: k == "rope_freqs.weight", what="GGUF file", source="its metadata",
-                      model="a llama of its metadata")
+                      model=f"a {layout_of(cfg).gguf_arch} of its metadata")
     except CheckpointError as e:
         raise GGUFError(str(e)) from None
-    names = tensor_names(cfg, GGUF_SPELLING)
+    names = tensor_names(cfg, "gguf")
+    permuted = layout_of(cfg).gguf_rope_permuted
 
     def get(role: str) -> torch.Tensor:
         t = _tensor(tensors[names[role]], dtype, "cpu" if slice_of else device)
         part = role.partition(".")[2]
-        if part in ("q", "k"):  # permuted by llama.cpp's converter
+        if permuted and part in ("q", "k"):  # permuted by llama.cpp's converter
             t = unpermute_rope_rows(t, cfg.n_heads if part == "q" else cfg.n_kv_heads)
         index = slice_of(role, tuple(t.shape)) if slice_of else None
         return (t if index is None else t[index]).to(device).contiguous()

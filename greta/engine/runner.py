@@ -59,7 +59,7 @@ class Runner:
     its KV cache, rope tables and ops backend. perturb installs a negative control (ops/controls.py).
 
     tp: this process's engine.tp.TPGroup (None: one device). Then weights are this rank's shard
-    (engine.tp.synthetic_shard / load_shard), the cache holds its n_kv_heads / tp heads, and the ops are
+    (engine.source.load_model(shard=...)), the cache holds its n_kv_heads / tp heads, and the ops are
     wrapped in TPOps, which sums the row-parallel products and gathers the logits: every rank must make the
     same calls, and every rank gets the full logits.
 

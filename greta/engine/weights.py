@@ -1,8 +1,9 @@
 """Model weights: seeded synthetic init with the real shapes, or a local HF checkpoint (safetensors;
-GGUF files: greta/engine/gguf.py).
+GGUF files: greta/engine/gguf.py), both laid out by the model family's engine.layout.
 
-Internal names (fused where both paths always multiply together):
-  embed, lm_head, norm, and per layer i: i.attn_norm, i.wqkv (q;k;v rows), i.wo, i.mlp_norm, i.w13 (gate;up rows), i.w2
+Internal names (fused where both paths always multiply together; the layout's `fused`):
+  embed, lm_head, norm, and per layer i: i.attn_norm, i.wqkv (q;k;v rows), i.wo, i.mlp_norm, i.w13 (gate;up rows),
+  i.w2, and where the family has them i.bqkv (q;k;v biases)
 Nothing is ever downloaded.
 """
 from __future__ import annotations
@@ -12,16 +13,30 @@ import json
 import math
 import zlib
 from pathlib import Path
-from typing import Callable, Collection, NamedTuple
+from typing import Callable, Collection
 
 import torch
 
 from greta.engine.config import ModelConfig
+from greta.engine.layout import fused_shape, layout_of, part_rows, role_shape, weight_names
+
+
+BIAS_STD = 0.5  # a synthetic bias moves q/k/v by half their unit RMS: a model run without it differs plainly
+
+
+def _init_std(cfg: ModelConfig, name: str, shape: tuple[int, ...]) -> float | None:
+    """The synthetic init's std of Greta's weight `name` (None: a norm, all ones)."""
+    lay = layout_of(cfg)
+    kind = lay.tensor(lay.parts(name)[0]).kind
+    if kind != "weight":
+        return {"embed": 1.0, "bias": BIAS_STD, "norm": None}[kind]
+    resid = 1.0 / math.sqrt(2 * cfg.n_layers) if name.rpartition(".")[2] in lay.residual_writers else 1
+    return resid / math.sqrt(shape[1])
 
 
 def synthetic(cfg: ModelConfig, seed: int, dtype: torch.dtype, device,
               transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """Gaussian weights, deterministic per (seed, tensor name, device type).
+    """Gaussian weights of the family's layout (engine.layout), deterministic per (seed, tensor name, device type).
 
     transform(name, full) -> what to keep of each tensor, applied as soon as it is drawn so the full one can
     be freed (tensor parallelism keeps this rank's shard: greta.engine.tp.synthetic_shard).
@@ -30,106 +45,82 @@ def synthetic(cfg: ModelConfig, seed: int, dtype: torch.dtype, device,
     (RMSNorm), so W ~ N(0, 1/fan_in) keeps outputs near unit RMS; the two projections that write the
     residual stream (wo, w2) are further scaled by 1/sqrt(2 * n_layers), so the stream grows slowly; the
     embedding is N(0, 1), so each position's logits depend strongly on its own token and argmaxes vary.
+    Norms are ones; biases N(0, BIAS_STD^2). A tied lm_head is the embedding.
     """
-    h, d = cfg.hidden_size, cfg.head_dim
-    resid = 1.0 / math.sqrt(2 * cfg.n_layers)
-    shapes: dict[str, tuple[tuple[int, ...], float]] = {"embed": ((cfg.vocab_size, h), 1.0)}
-    for i in range(cfg.n_layers):
-        qkv_rows = (cfg.n_heads + 2 * cfg.n_kv_heads) * d
-        shapes[f"{i}.wqkv"] = ((qkv_rows, h), 1 / math.sqrt(h))
-        shapes[f"{i}.wo"] = ((h, cfg.n_heads * d), resid / math.sqrt(cfg.n_heads * d))
-        shapes[f"{i}.w13"] = ((2 * cfg.intermediate_size, h), 1 / math.sqrt(h))
-        shapes[f"{i}.w2"] = ((h, cfg.intermediate_size), resid / math.sqrt(cfg.intermediate_size))
-    if not cfg.tie_embeddings:
-        shapes["lm_head"] = ((cfg.vocab_size, h), 1 / math.sqrt(h))
     keep = transform or (lambda name, t: t)
-    w = {}
+    w, ones = {}, []
     gen = torch.Generator(device=device)
-    for name, (shape, std) in shapes.items():
-        gen.manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-        w[name] = keep(name, torch.randn(shape, generator=gen, dtype=dtype, device=device).mul_(std))
-    for i in range(cfg.n_layers):
-        w[f"{i}.attn_norm"] = torch.ones(h, dtype=dtype, device=device)
-        w[f"{i}.mlp_norm"] = torch.ones(h, dtype=dtype, device=device)
-    w["norm"] = torch.ones(h, dtype=dtype, device=device)
+    for name in weight_names(cfg):
+        shape = fused_shape(cfg, name)
+        std = _init_std(cfg, name, shape)
+        if std is None:
+            ones.append(name)
+        elif not (name == "lm_head" and cfg.tie_embeddings):
+            gen.manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+            w[name] = keep(name, torch.randn(shape, generator=gen, dtype=dtype, device=device).mul_(std))
+    for name in ones:
+        w[name] = torch.ones(fused_shape(cfg, name), dtype=dtype, device=device)
     if cfg.tie_embeddings:
         w["lm_head"] = keep("lm_head", w["embed"])
     return w
 
 
 def synthetic_hash(cfg: ModelConfig, seed: int) -> str:
-    blob = json.dumps({"config": cfg.to_dict(), "seed": seed, "init": "greta-synthetic-v1"}, sort_keys=True)
+    config = cfg.to_dict()
+    if config["family"] == "llama":  # the hash a Llama preset had before families existed: its weights are those
+        del config["family"]
+    blob = json.dumps({"config": config, "seed": seed, "init": "greta-synthetic-v1"}, sort_keys=True)
     return "sha256:" + hashlib.sha256(blob.encode()).hexdigest()
 
 
 # --- HF checkpoints -------------------------------------------------------------------------
-# Each file format spells the same tensors its own way. Roles: embed, norm, lm_head (untied configs only),
-# and per layer i "{i}.<part>" for each of LAYER_PARTS, in the order the formats list them.
-LAYER_PARTS = ("attn_norm", "mlp_norm", "q", "k", "v", "o", "gate", "up", "down")
+# Each file format spells the same tensors its own way (engine.layout: a Tensor's hf and gguf names). Roles:
+# embed, norm, lm_head (untied configs only), and per layer i "{i}.<role>" for each of the layout's layer roles.
+FORMATS = ("hf", "gguf")
 
 
-class Spelling(NamedTuple):
-    top: dict[str, str]    # embed, norm, lm_head -> tensor name
-    layer: str             # per-layer prefix, formatted with the layer index
-    parts: dict[str, str]  # LAYER_PARTS -> tensor name after the prefix
-
-
-HF_SPELLING = Spelling(
-    {"embed": "model.embed_tokens.weight", "norm": "model.norm.weight", "lm_head": "lm_head.weight"},
-    "model.layers.{}.",
-    {"attn_norm": "input_layernorm.weight", "mlp_norm": "post_attention_layernorm.weight",
-     **{x: f"self_attn.{x}_proj.weight" for x in "qkvo"}, **{x: f"mlp.{x}_proj.weight" for x in ("gate", "up", "down")}},
-)
-
-
-def _role_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """role -> shape of every tensor a Llama of this config holds."""
-    h, v, lin = cfg.hidden_size, cfg.vocab_size, cfg.linear_shapes()
-    out: dict[str, tuple[int, ...]] = {"embed": (v, h), "norm": (h,)}
-    if not cfg.tie_embeddings:
-        out["lm_head"] = (v, h)
-    part = {"attn_norm": (h,), "mlp_norm": (h,), **{x: lin[f"{x}_proj"] for x in ("q", "k", "v", "o", "gate", "up", "down")}}
+def role_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """role -> shape of every tensor a checkpoint of this config holds."""
+    lay = layout_of(cfg)
+    out = {r: role_shape(cfg, r) for r in lay.top if r != "lm_head" or not cfg.tie_embeddings}
     for i in range(cfg.n_layers):
-        out.update({f"{i}.{x}": part[x] for x in LAYER_PARTS})
+        out.update({f"{i}.{r}": role_shape(cfg, r) for r in lay.layer})
     return out
 
 
-def tensor_names(cfg: ModelConfig, spelling: Spelling = HF_SPELLING) -> dict[str, str]:
-    """role -> the tensor's name in a file of that spelling, for every tensor a Llama of this config holds."""
+def tensor_names(cfg: ModelConfig, fmt: str = "hf") -> dict[str, str]:
+    """role -> the tensor's name in a file of that format (hf, gguf), for every tensor of this config."""
+    lay = layout_of(cfg)
+    prefix = {"hf": lay.hf_layer_prefix, "gguf": lay.gguf_layer_prefix}[fmt]
     out = {}
-    for role in _role_shapes(cfg):
+    for role in role_shapes(cfg):
         i, _, part = role.partition(".")
-        out[role] = spelling.layer.format(i) + spelling.parts[part] if part else spelling.top[role]
+        out[role] = getattr(lay.tensor(role), fmt) if not part else prefix.format(i) + getattr(lay.tensor(part), fmt)
     return out
 
 
 def assemble(cfg: ModelConfig, get: Callable[[str], torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Greta's weight dict from get(role), fusing q;k;v and gate;up layer by layer; a tied lm_head is embed."""
-    w = {"embed": get("embed"), "norm": get("norm")}
-    if not cfg.tie_embeddings:
-        w["lm_head"] = get("lm_head")
+    """Greta's weight dict from get(role), fusing each of the layout's groups (q;k;v, gate;up, ...) layer by
+    layer; a tied lm_head is embed."""
+    lay = layout_of(cfg)
+    w = {r: get(r) for r in lay.top if r != "lm_head" or not cfg.tie_embeddings}
     for i in range(cfg.n_layers):
-        p = f"{i}."
-        w[p + "attn_norm"], w[p + "mlp_norm"] = get(p + "attn_norm"), get(p + "mlp_norm")
-        w[p + "wqkv"] = torch.cat([get(p + x) for x in "qkv"])
-        w[p + "wo"] = get(p + "o")
-        w[p + "w13"] = torch.cat([get(p + "gate"), get(p + "up")])
-        w[p + "w2"] = get(p + "down")
+        for name, parts in lay.fused.items():
+            ts = [get(f"{i}.{x}") for x in parts]
+            w[f"{i}.{name}"] = ts[0] if len(ts) == 1 else torch.cat(ts)
     if cfg.tie_embeddings:
         w["lm_head"] = w["embed"]
     return w
 
 
 def disassemble(cfg: ModelConfig, w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """role -> tensor: assemble's inverse (wqkv and w13 split back into their parts)."""
-    out = {r: w[r] for r in _role_shapes(cfg) if "." not in r}  # embed, norm, an untied lm_head
-    kv = cfg.n_kv_heads * cfg.head_dim
+    """role -> tensor: assemble's inverse (each fused weight split back into its parts)."""
+    lay = layout_of(cfg)
+    out = {r: w[r] for r in lay.top if r != "lm_head" or not cfg.tie_embeddings}
     for i in range(cfg.n_layers):
-        p = f"{i}."
-        out.update({p + "attn_norm": w[p + "attn_norm"], p + "mlp_norm": w[p + "mlp_norm"], p + "o": w[p + "wo"],
-                    p + "down": w[p + "w2"]})
-        out.update(zip((p + x for x in "qkv"), w[p + "wqkv"].split([cfg.n_heads * cfg.head_dim, kv, kv])))
-        out.update(zip((p + "gate", p + "up"), w[p + "w13"].chunk(2)))
+        for name, parts in lay.fused.items():
+            t = w[f"{i}.{name}"]
+            out.update(zip((f"{i}.{x}" for x in parts), t.split(part_rows(cfg, f"{i}.{name}"))))
     return out
 
 
@@ -148,15 +139,15 @@ class CheckpointTensorMissing(CheckpointError, KeyError):
     """A tensor the config implies is in no file (str() is the plain message, not KeyError's repr)."""
 
 
-# tensors some HF checkpoints carry that Llama doesn't use (older transformers saved the rope buffers)
+# tensors some HF checkpoints carry that Greta doesn't use (older transformers saved the rope buffers)
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-def expected_tensors(cfg: ModelConfig, spelling: Spelling = HF_SPELLING) -> dict[str, tuple[int, ...]]:
-    """Tensor name (as spelling writes it; default HF's) -> shape, for every tensor a Llama checkpoint of this
+def expected_tensors(cfg: ModelConfig, fmt: str = "hf") -> dict[str, tuple[int, ...]]:
+    """Tensor name (as that format writes it; default HF's) -> shape, for every tensor a checkpoint of this
     config must hold."""
-    shapes = _role_shapes(cfg)
-    return {name: shapes[role] for role, name in tensor_names(cfg, spelling).items()}
+    shapes = role_shapes(cfg)
+    return {name: shapes[role] for role, name in tensor_names(cfg, fmt).items()}
 
 
 def _some(names: list[str]) -> str:
@@ -167,7 +158,7 @@ def _some(names: list[str]) -> str:
 def check_tensors(path, want: dict[str, tuple[int, ...]], have: Collection[str],
                   shape_of: Callable[[str], tuple[int, ...]], ignore: Callable[[str], bool] = lambda k: False, *,
                   what: str = "checkpoint", source: str = "config.json",
-                  model: str = "a LlamaForCausalLM of this config.json") -> None:
+                  model: str = "the model of this config.json") -> None:
     """A file's tensor names (have; shape_of(name) gives one's shape) against want (name -> shape), before any
     data is read; names as the file spells them. Raises CheckpointTensorMissing naming missing tensors, else
     CheckpointError naming unexpected ones (but those ignore(name) accepts), else the first misshapen one."""
@@ -253,7 +244,8 @@ SliceOf = Callable[[str, tuple], "tuple[slice, ...] | None"]
 
 def load_checkpoint(path, cfg: ModelConfig, dtype: torch.dtype, device,
                     slice_of: SliceOf | None = None) -> dict[str, torch.Tensor]:
-    """Load a local HF Llama checkpoint (config.json + model.safetensors, or shards + index.json).
+    """Load a local HF checkpoint of a family engine.layout knows (config.json + model.safetensors, or shards +
+    index.json).
 
     Files are memory-mapped (safetensors' safe_open) and tensors are taken one at a time, converted to
     dtype on the target device and fused (q;k;v, gate;up) layer by layer, so the host never holds a second
@@ -272,7 +264,8 @@ def load_checkpoint(path, cfg: ModelConfig, dtype: torch.dtype, device,
             for k in sf.keys():
                 where[k] = (sf, f)
         check_tensors(path, expected_tensors(cfg), where, lambda k: where[k][0].get_slice(k).get_shape(),
-                      lambda k: k.endswith(_IGNORED_SUFFIXES) or (cfg.tie_embeddings and k == "lm_head.weight"))
+                      lambda k: k.endswith(_IGNORED_SUFFIXES) or (cfg.tie_embeddings and k == "lm_head.weight"),
+                      model=f"a {layout_of(cfg).hf_architecture} of this config.json")
         names = tensor_names(cfg)
 
         def get(role: str) -> torch.Tensor:

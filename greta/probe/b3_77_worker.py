@@ -51,22 +51,16 @@ class B377Job(ProbeJob):
     def _load_shard(self):
         """Tensor parallel: join the group from torchrun's environment (the collectives' timeout below the
         phases'), then make or load only this rank's shard. -> (config, weights, source, hash)."""
-        from greta.engine import weights
         from greta.engine.launch import init_from_env
-        from greta.engine.source import load_config, model_path, model_source
-        from greta.engine.tp import load_shard, synthetic_shard
+        from greta.engine.source import load_model
 
         p = self.p
         # the exact reduction (kv_aligned=1): on CUDA the one-shot over symmetric memory (graph-capturable, the
         # same bits as rank order), elsewhere all_gather + rank-order add (docs/TP.md)
         exact = "one_shot" if self.device.type == "cuda" else "rank_order"
         self.tp, _ = init_from_env(self.device.type, collective_timeout_s(p), exact=exact)
-        cfg, kind = load_config(p.model), model_source(p.model)
-        if kind == "synthetic":
-            w = synthetic_shard(cfg, p.seed, self.dtype, self.device, self.tp.rank, self.tp.world)
-            return cfg, w, kind, weights.synthetic_hash(cfg, p.seed)
-        w = load_shard(p.model, cfg, self.dtype, self.device, self.tp.rank, self.tp.world)
-        return cfg, w, kind, weights.checkpoint_hash(model_path(p.model))
+        m = load_model(p.model, p.seed, self.dtype, self.device, shard=(self.tp.rank, self.tp.world))
+        return m.config, m.weights, m.source, m.model_hash
 
     def _warmup(self) -> float:
         """Compile the Triton kernels, capture the decode graph and initialise cuBLAS/SDPA outside the timed

