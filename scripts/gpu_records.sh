@@ -7,7 +7,7 @@
 #   bash scripts/gpu_records.sh set131k  the same set at 131072 (two calls: set131k_a = kv1, set131k_b = kv0 + control)
 #   bash scripts/gpu_records.sh reproduce  greta reproduce of the committed 32k kv1 record (its fingerprints; ~1.5 min)
 #   bash scripts/gpu_records.sh oom      the real allocator OOM alone (the first audit of 'faults'; ~1 min)
-#   bash scripts/gpu_records.sh batch    params/batch_4k.yaml's sweep (B 1..32 x kv 1/0) and its control (~4.5 min)
+#   bash scripts/gpu_records.sh batch    params/batch_4k.yaml's sweep (B 1..32 x kv 1/0, batch_sweep) and its control (batch_control) (~4.5 min)
 # On the device, from the repo root: source scripts/device_setup.sh && bash scripts/gpu_records.sh STAGE...
 # Records go to /tmp/rec and come back as $OUT/records-STAGE.tgz (logits left out), verified first.
 set -u
@@ -48,10 +48,9 @@ oom() {
     run python3 -m greta audit -f params/b3_77.yaml -p memory_fraction=$a -o $R --quiet
 }
 
-batch() {
-    run python3 -m greta sweep -f params/batch_4k.yaml -o $R --quiet
-    run python3 -m greta audit -f params/batch.yaml -p perturb=batch_split_k -o $R --quiet
-}
+batch() { batch_sweep; batch_control; }
+batch_sweep() { run python3 -m greta sweep -f params/batch_4k.yaml -o $R --quiet; }
+batch_control() { run python3 -m greta audit -f params/batch.yaml -p perturb=batch_split_k -o $R --quiet; }
 
 oracle() {
     run python3 -m greta oracle --model llama3-8b --ctx 32768 --dtype bfloat16 --device cuda --backend triton \
