@@ -165,15 +165,18 @@ def export_html(ipynb_path, out=None) -> Path:
     return to_html(ipynb_path, out=out)
 
 
-def finish(sweep_dir, progress: bool = True, timeout_s: float | None = 600) -> dict:
+def finish(sweep_dir, progress: bool = True, timeout_s: float | None = 600, allow_missing_logits: bool = False) -> dict:
     """Execute notebooks/sweep_report.ipynb into the sweep dir, export sweep_report.html, write
-    sweep_verdict.json (computed here, not by the notebook, so it exists even if the notebook fails)."""
+    sweep_verdict.json (computed here, not by the notebook, so it exists even if the notebook fails).
+    allow_missing_logits: a sweep committed to git without its points' logits files, its report drawn again from
+    the points' records (which stay as they are: sealed where they were made); `greta verify
+    --allow-missing-logits` then recomputes the same aggregate."""
     from greta.reports.notebooks import execute_notebook, notebook_path, one_line as _one_line
     from greta.record.store import atomic_write_text
 
     sweep_dir = Path(sweep_dir).resolve()
     cfg = read_config(sweep_dir)
-    rows = collect(sweep_dir)
+    rows = collect(sweep_dir, allow_missing_logits=allow_missing_logits)
     verdict, reasons = guardrail(rows, cfg)
     out = {"verdict": verdict, "reasons": reasons, "sweep_id": cfg.get("sweep_id"), "computed_utc": _now(),
            "points": {r["name"]: {"verdict": r["verdict"], "complete": r["complete"]} for r in rows},
