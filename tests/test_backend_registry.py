@@ -1,4 +1,4 @@
-"""The backend registry (greta/engine/ops/registry.py) is the one place a backend is chosen, its batch wrapper
+"""The backend registry (greta/engine/backends.py) is the one place a backend is chosen, its batch wrapper
 found and its CUDA-graph capability read; the `backend` param's choices come from it."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 
 from greta.engine.ops import graphable, make_ops, with_control
 from greta.engine.ops.batch import batch_ops
-from greta.engine.ops.registry import BACKENDS, PARAM_BACKENDS, backend_of, choose
+from greta.engine.backends import BACKENDS, PARAM_BACKENDS, backend_of, choose
 from greta.record.params import CHOICES
 
 
@@ -26,7 +26,7 @@ def test_choose_on_the_cpu(param, kv, want):
 
 
 def test_kv_aligned_0_on_cuda_is_the_fast_path(monkeypatch):
-    from greta.engine.ops import registry
+    from greta.engine import backends as registry
 
     monkeypatch.setattr(registry, "_has_triton", lambda: True)
     assert choose("triton", 0, on_cuda=True).name == "cuda_fast"

@@ -1,5 +1,5 @@
 """Runs the decoder (model.forward) over a preallocated KV cache: prefill in chunks, decode one token, and
-on CUDA with a backend that allows it (graphable in ops/registry.py: Triton kv_aligned=1, the kv_aligned=0 fast path),
+on CUDA with a backend that allows it (graphable in engine/backends.py: Triton kv_aligned=1, the kv_aligned=0 fast path),
 the decode step captured once and replayed from a CUDA/HIP graph.
 
 prefill(tokens, start): many positions at once, chunked so activations stay bounded.

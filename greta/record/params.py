@@ -21,14 +21,14 @@ import yaml
 
 from greta.paths import resolve  # noqa: F401 - params.resolve, as callers know it
 from greta.record.yaml_core import CoreSchemaLoader
-from greta.engine.ops.registry import PARAM_BACKENDS
+from greta.engine.backends import PARAM_BACKENDS
 from greta.record.kinds import KIND_NAMES, SPECS, foreign_params
 
 PHASES = ("ceilings", "load", "prefill", "decode", "reference")
 FAULT_KINDS = ("hang", "oom", "crash", "kill", "error", "kernel_death")
 CHOICES = {
     "probe": KIND_NAMES,  # the probe registry (greta.record.kinds, greta.probe.kinds)
-    "backend": PARAM_BACKENDS,  # the backend registry (greta.engine.ops.registry)
+    "backend": PARAM_BACKENDS,  # the backend registry (greta.engine.backends)
     "dtype": ("bfloat16", "float16", "float32"),
     "kv_aligned": (0, 1),
     "perturb": ("none", "rope_offset", "kv_off_by_one", "tp_library_reduce", "batch_split_k",

@@ -5,12 +5,12 @@ from __future__ import annotations
 from greta.engine.ops.base import Ops, OpsWrapper, Step
 from greta.engine.ops.controls import PERTURBATIONS, with_control
 
-from greta.engine.ops.registry import PARAM_BACKENDS, backend_of, choose
+from greta.engine.backends import PARAM_BACKENDS, backend_of, choose
 
 
 def make_ops(backend: str, kv_aligned: bool, cos, sin, *, chunk: int, kv_block: int,
              tp_invariant: bool = False) -> Ops:
-    """The backend for a run, as ops/registry.py chooses it: the exact backend the param names where
+    """The backend for a run, as engine/backends.py chooses it: the exact backend the param names where
     kv_aligned=1 (triton, or tiled torch for backend=torch); kv_aligned=0 is the device's fast path whichever
     backend is named (CudaFastOps on CUDA, plain torch elsewhere). tp_invariant: tiled torch runs its
     transcendental elementwise ops by whole vectors (ops/tiled_torch.py)."""

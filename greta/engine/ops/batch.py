@@ -213,8 +213,8 @@ class TorchBatchOps(BatchOps):
 
 
 def batch_ops(inner: Ops) -> BatchOps:
-    """The batch wrapper its backend declares (ops/registry.py): TiledBatchOps for tiled torch, TritonBatchOps
+    """The batch wrapper its backend declares (engine/backends.py): TiledBatchOps for tiled torch, TritonBatchOps
     for Triton, FastBatchOps for the kv_aligned=0 CUDA fast path, TorchBatchOps for the kv_aligned=0 torch path."""
-    from greta.engine.ops.registry import backend_of
+    from greta.engine.backends import backend_of
 
     return backend_of(inner).batch_class()(inner)

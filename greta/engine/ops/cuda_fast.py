@@ -6,7 +6,7 @@
   elementwise the Triton RMSNorm, RoPE and SwiGLU kernels (one launch each, not torch's 3-7)
 
 Nothing in a decode step reads a device value on the host (positions stay device tensors, the lm_head row
-is a slice), so the runner captures the whole step in a CUDA graph (graphable in ops/registry.py) and replays it.
+is a slice), so the runner captures the whole step in a CUDA graph (graphable in engine/backends.py) and replays it.
 """
 from __future__ import annotations
 

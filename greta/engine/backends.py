@@ -1,5 +1,6 @@
-"""The backends of the decoder's ops, each declaring what it is. The one place a backend is chosen
-(make_ops), its batch wrapper found (batch_ops) and its CUDA-graph capability read (the runners).
+"""The backends of the decoder's ops (greta/engine/ops/), each declaring what it is: the one place a backend is
+chosen (make_ops), its batch wrapper found (batch_ops) and its CUDA-graph capability read (the runners).
+Torch-free, so that params can take its choices without importing torch.
 
   name         what records and messages call it
   exact        decode ≡ prefill bit for bit (batch-invariant: kv_aligned=1 runs it)
@@ -73,7 +74,7 @@ def backend_of(ops) -> Backend:
     for b in BACKENDS:  # exact class: CudaFastOps and TiledTorchOps are TorchOps by inheritance
         if type(ops).__module__ + ":" + type(ops).__name__ == b.ops:
             return b
-    raise ValueError(f"{type(ops).__name__} is not a registered backend (greta/engine/ops/registry.py)")
+    raise ValueError(f"{type(ops).__name__} is not a registered backend (greta/engine/backends.py)")
 
 
 def _has_triton() -> bool:
