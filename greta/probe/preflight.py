@@ -25,6 +25,8 @@ def preflight(params: Params) -> Params:
     _check_threads(params.threads)
     _check_prompt(params)
     _check_model(params.model)
+    if params.chat:  # after the model check: a model that is not there is named as that, not as a chat problem
+        _check_chat(params)
     _check_device(params.device, params.dtype)
     if params.backend == "triton":
         _check_triton(params.device, params.dtype)
@@ -82,6 +84,19 @@ def _check_prompt(p: Params) -> None:
             raise ParamError(f"param {key} is text but model={show(p.model)} has no tokenizer.json beside it nor a .gguf "
                              "tokenizer of its own; "
                              "pass -p tokenizer=<dir with tokenizer.json>, or use -p prompt=synthetic")
+
+
+def _check_chat(p: Params) -> None:
+    """The chat message renders with the model's template and fits ctx (the same function the load phase runs:
+    greta.engine.tokenize.chat_prompt), or one line saying why not."""
+    from greta.engine.source import load_config
+    from greta.engine.tokenize import chat_prompt
+
+    try:
+        chat_prompt(p.chat, p.model, p.tokenizer, p.ctx, load_config(p.model).vocab_size)
+    except (ValueError, OSError) as e:
+        text = brief(e)
+        raise ParamError(text if text.startswith("param chat") else f"param chat: {text}") from None
 
 
 def _check_token_file(prompt: str, ctx: int) -> None:

@@ -164,6 +164,7 @@ class Params:
     prompt: str = "synthetic"      # synthetic, hello ('hello ' x ctx, tokenized), or a file of token ids (whitespace/comma separated, or .npy)
     prompt_file: str = ""          # a UTF-8 text file to tokenize as the prompt (needs a tokenizer.json; see greta/engine/tokenize.py)
     tokenizer: str = ""            # tokenizer.json (or its directory) for text prompts; default: the one beside the model
+    chat: str = ""                 # a user message, rendered with the model's chat template after a document (prompt_file, or a built-in passage) as the prompt (greta/engine/tokenize.py)
     prefill_chunk: int = 256       # rows per prefill chunk; with kv_aligned=1 also the fixed row tile
     kv_block: int = 1024           # KV block (keys) walked by aligned attention; cache is padded to it
     timeouts: Timeouts = field(default_factory=Timeouts)
@@ -344,9 +345,22 @@ def validate(p: Params) -> None:
         _range(p, f"timeouts.{ph}", 1e-3, TIMEOUT_MAX_S, " seconds")
     for k in p.thresholds.to_dict():
         _range(p, f"thresholds.{k}", 0.0, 1.0 if k == "top1_agreement" else None)
+    _check_chat(p)
     _check_tp(p)
     _check_kind(p)
     parse_fault(p.fault, p.tp)
+
+
+def _check_chat(p: Params) -> None:
+    """A chat message is the prompt (a prompt_file is its document): no other prompt beside it, and it holds text."""
+    if not p.chat:
+        return
+    if not p.chat.strip():
+        raise ParamError("param chat is only blanks; give a message, e.g. -p chat='What is the capital of France?', "
+                         "or leave chat out")
+    if p.prompt != "synthetic":
+        raise ParamError(f"param chat is the prompt, and prompt={show(p.prompt)} is another; keep one (chat takes "
+                         "-p prompt=synthetic, and a prompt_file as its document)")
 
 
 def parse_fault(fault: str, tp: int = 1) -> tuple[str, str, int | None] | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from greta.reports import fmt, md
 from greta.reports.md import Markup
 from greta.reports.memory_section import memory_name, memory_section, reproduce_lines
+from greta.reports.text_section import text_section
 
 __all__ = ["render_report", "results_row", "results_columns", "interpret", "fault_report"]
 
@@ -41,6 +42,7 @@ def render_report(params, meta, perf, metrics, vs, verdict) -> str:
          md.table(results_columns(vs), []), results_row(params, metrics, vs, verdict), ""]
     if metrics:
         L += _metrics_lines(metrics)
+    L += text_section(meta)
     L += ["## Objective",
           md.text(f"Prefill a {params['ctx']}-token prompt through the batched prefill path, decode {params['gen']} "
                   f"tokens greedily through the one-token decode path, and compare the decode path's logits with the "
@@ -62,7 +64,7 @@ def _matrix(params, meta) -> list[str]:
     prompt = [md.line("Prompt: ", md.code(params["prompt"]),
                       " (uniform ids from torch's CPU generator seeded with the seed)"
                       if params["prompt"] == "synthetic" else "", sep="")]
-    for key in ("prompt_file", "tokenizer"):
+    for key in ("prompt_file", "tokenizer", "chat"):
         if params.get(key):
             prompt.append(md.line(key, md.code(params[key])))
     return ["## Matrix", *md.bullets([
