@@ -62,7 +62,7 @@ def test_to_dict_is_params_json_shape_and_round_trips():
 
 
 # params added since the committed records were made, with the value those records ran with
-ADDED_SINCE = {"tp": 1, "tp_invariant": 0, "chat": ""}
+ADDED_SINCE = {"tp": 1, "tp_invariant": 0, "chat": "", "engine": "greta"}
 
 
 def test_committed_records_params_read_back_unchanged():

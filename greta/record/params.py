@@ -35,6 +35,7 @@ CHOICES = {
                 "tp_plain_order"),
     "tp": (1, 2, 4, 8),
     "tp_invariant": (0, 1),
+    "engine": ("greta", "hf"),  # greta.engine.peers.ENGINES
 }
 SIZE_MAX = 2**31 - 1      # ctx, gen, prefill_chunk, kv_block: far past any model; keeps the fit check in float range
 SEED_MAX = 2**32 - 1      # weights.synthetic seeds torch generators with seed * 1_000_003 + crc32
@@ -176,6 +177,7 @@ class Params:
     threads: int = 0               # CPU threads for torch (0 = torch's default)
     tp: int = 1                    # tensor-parallel ranks (1, 2, 4, 8): must divide the model's KV heads
     tp_invariant: int = 0          # 1: wo/w2 sum K in a fixed segment tree: the same bits at every tp (docs/TP.md)
+    engine: str = "greta"          # the engine under audit: greta, or hf (transformers on the same model file; docs/ENGINES.md)
     batch: int = 1                 # probe=batch: requests decoded together (greta/record/batch.py)
     batch_lengths: str = ""        # probe=batch: prompt lengths, comma-separated, one per request; "": drawn seeded in [ctx/2, ctx]
     batch_gen: str = ""            # probe=batch: decode steps per request, comma-separated; "": gen for every request
@@ -346,9 +348,21 @@ def validate(p: Params) -> None:
     for k in p.thresholds.to_dict():
         _range(p, f"thresholds.{k}", 0.0, 1.0 if k == "top1_agreement" else None)
     _check_chat(p)
+    _check_engine(p)
     _check_tp(p)
     _check_kind(p)
     parse_fault(p.fault, p.tp)
+
+
+def _check_engine(p: Params) -> None:
+    """A peer engine runs its own paths: none of Greta's exact mode, tensor parallelism, backends or controls."""
+    if p.engine == "greta":
+        return
+    fixed = {"kv_aligned": 0, "tp": 1, "tp_invariant": 0, "backend": "torch", "perturb": "none"}
+    for key, want in fixed.items():
+        if getattr(p, key) != want:
+            raise ParamError(f"param engine={p.engine} runs that engine's own prefill and decode, so {key}="
+                             f"{show(getattr(p, key))} (Greta's) does not apply; use -p {key}={want}")
 
 
 def _check_chat(p: Params) -> None:

@@ -76,11 +76,21 @@ def _matrix(params, meta) -> list[str]:
                 f"prefill_chunk {params['prefill_chunk']} · kv_block {params['kv_block']}"),
         md.line(*prompt, sep=" · "),
         *_tp_bullet(params),
+        *_engine_bullet(meta.get("engine")),
         md.line("Negative control (perturb):", params["perturb"], "· fault injection:", params["fault"]),
         md.text(f"Stop conditions: OOM → FAIL_OOM at once; per-phase timeouts (s) {params['timeouts']}, enforced "
                 f"by killing {'every rank' if params.get('tp', 1) > 1 else 'the worker process'} → FAIL_TIMEOUT"),
         md.text(f"Thresholds (kv_aligned=1): max_abs_diff ≤ {fmt.threshold(th['max_abs_diff'])}, p99_abs_diff ≤ "
                 f"{fmt.threshold(th['p99_abs_diff'])}, top1_agreement ≥ {fmt.threshold(th['top1_agreement'])}")]), ""]
+
+
+def _engine_bullet(engine) -> list[Markup]:
+    """A peer engine under audit (greta.engine.peers): its name, version, cache and attention; nothing for Greta."""
+    if not isinstance(engine, dict) or engine.get("name") in (None, "greta"):
+        return []
+    return [md.line("Engine under audit: ", md.bold(engine.get("name")), " (", engine.get("version"), "; its own prefill "
+                    "forward and its decode on its ", engine.get("cache"), ", attention ", engine.get("attention"), "; ",
+                    engine.get("weights"), ")", sep="")]
 
 
 def _tp_bullet(params) -> list[Markup]:
