@@ -63,7 +63,7 @@ def _matrix(params, meta) -> list[str]:
     th = params["thresholds"]
     prompt = [md.line("Prompt: ", md.code(params["prompt"]),
                       " (uniform ids from torch's CPU generator seeded with the seed)"
-                      if params["prompt"] == "synthetic" else "", sep="")]
+                      if params["prompt"] == "synthetic" and not params.get("chat") else "", sep="")]
     for key in ("prompt_file", "tokenizer", "chat"):
         if params.get(key):
             prompt.append(md.line(key, md.code(params[key])))
