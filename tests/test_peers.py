@@ -66,3 +66,15 @@ def test_hf_probe_on_smollm2_names_the_engine(tmp_path):
     rec = read_record(run_dir)
     assert rec.verdict.verdict == "EXPECTED_DRIFT" and rec.metadata.to_dict()["engine"]["name"] == "hf"
     assert "Engine under audit: **hf**" in (run_dir / "report.md").read_text()
+
+
+def test_tp3_is_taken_where_it_divides_the_model_and_refused_in_one_line_where_not():
+    """tp=3 (SmolLM2: 9 heads, 3 KV heads, MLP 1536, vocabulary 49152); the tiny preset's heads do not divide."""
+    with pytest.raises(ParamError) as e:
+        load_params(None, {"tp": 3})
+    assert "does not divide model tiny" in str(e.value) and "\n" not in str(e.value)
+    from greta.engine.config import ModelConfig, tp_indivisible
+
+    smol = ModelConfig(name="smollm2", vocab_size=49152, hidden_size=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64,
+                       intermediate_size=1536)
+    assert tp_indivisible(smol, 3) == []

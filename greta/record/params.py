@@ -34,6 +34,9 @@ CHOICES = {
     "perturb": ("none", "rope_offset", "kv_off_by_one", "tp_library_reduce", "batch_split_k",
                 "tp_plain_order"),
     "tp": (1, 2, 4, 8),
+
+    "perturb": ("none", "rope_offset", "kv_off_by_one", "tp_library_reduce", "batch_split_k"),
+    "tp": (1, 2, 3, 4, 8),  # 3: SmolLM2 (9 heads, 3 KV heads), the odd degree
     "tp_invariant": (0, 1),
     "engine": ("greta", "hf"),  # greta.engine.peers.ENGINES
 }
@@ -175,7 +178,7 @@ class Params:
     perturb: str = "none"          # negative control (CHOICES["perturb"]): rope_offset, kv_off_by_one, tp_library_reduce (tp >= 4), batch_split_k (probe=batch), tp_plain_order (probe=tp_invariance)
     fault: str = "none"            # fault injection (tests): none | <hang|oom|crash|kill|error|kernel_death>:<phase>[@<rank>] (no @: every rank)
     threads: int = 0               # CPU threads for torch (0 = torch's default)
-    tp: int = 1                    # tensor-parallel ranks (1, 2, 4, 8): must divide the model's KV heads
+    tp: int = 1                    # tensor-parallel ranks (1, 2, 3, 4, 8): must divide the model's heads, KV heads, MLP and vocabulary
     tp_invariant: int = 0          # 1: wo/w2 sum K in a fixed segment tree: the same bits at every tp (docs/TP.md)
     engine: str = "greta"          # the engine under audit: greta, or hf (transformers on the same model file; docs/ENGINES.md)
     batch: int = 1                 # probe=batch: requests decoded together (greta/record/batch.py)
