@@ -33,9 +33,6 @@ CHOICES = {
     "kv_aligned": (0, 1),
     "perturb": ("none", "rope_offset", "kv_off_by_one", "tp_library_reduce", "batch_split_k",
                 "tp_plain_order"),
-    "tp": (1, 2, 4, 8),
-
-    "perturb": ("none", "rope_offset", "kv_off_by_one", "tp_library_reduce", "batch_split_k"),
     "tp": (1, 2, 3, 4, 8),  # 3: SmolLM2 (9 heads, 3 KV heads), the odd degree
     "tp_invariant": (0, 1),
     "engine": ("greta", "hf"),  # greta.engine.peers.ENGINES
