@@ -87,7 +87,9 @@ VALID_STR = {"probe": ["b3_77"], "model": ["tiny"], "device": ["cpu"], "backend"
              # the loader checks that a prompt file exists (its ids are read by the load phase)
              "prompt": ["synthetic", "hello", str(PROMPT_IDS)],
              # text prompts: an existing text file; a tokenizer.json file or a folder holding one ("" = beside the model)
-             "prompt_file": ["", str(REPO_ROOT / "README.md")], "tokenizer": ["", str(FUZZ_TOKENIZER)]}
+             "prompt_file": ["", str(REPO_ROOT / "README.md")], "tokenizer": ["", str(FUZZ_TOKENIZER)],
+             # a chat needs a tokenizer with a chat template, which neither the tiny preset nor FUZZ_TOKENIZER has
+             "chat": [""], "engine": ["greta"]}
 # strings that some machine may accept, so never labelled bad
 MAYBE_VALID_STR = {"device": ["cuda"] + [f"cuda:{i}" for i in range(16)], "backend": ["triton"],
                    "model": ["llama3-8b", "llama2-7b"], "perturb": ["tp_library_reduce"]}

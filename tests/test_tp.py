@@ -350,7 +350,8 @@ def test_tp_param_is_checked_in_one_line():
     from greta.record.params import ParamError, Params
 
     assert Params(model="llama3-70b", tp=4).tp == 4
-    for bad, match in [(dict(tp=3), r"tp=3 is not one of \[1, 2, 4, 8\]"),
+    for bad, match in [(dict(tp=5), r"tp=5 is not one of \[1, 2, 3, 4, 8\]"),
+                       (dict(model="llama3-8b", tp=3), "tp=3 does not divide model llama3-8b's"),
                        (dict(model="tiny", tp=2), "tp=2 does not divide model tiny's n_kv_heads=1"),
                        (dict(model="llama3-8b", tp=2, perturb="tp_library_reduce"), "needs -p tp=4 or 8")]:
         with pytest.raises(ParamError, match=match) as e:

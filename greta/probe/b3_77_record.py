@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from greta.probe.continuation import continuation
 from greta.record import store as record
 from greta.record.metrics import compare, equivalence_verdict
 from greta.reports.run_report import render_report
@@ -22,6 +23,9 @@ def finish_b3_77(rec, params, perf, results, vram_summary, sampler, failure):
                       tokens=np.array(ref["tokens"]), positions=np.array(ref["positions"]))
         verdict, reason = equivalence_verdict(metrics, params.kv_aligned, params.thresholds.to_dict())
         failed_phase = None
+        text = continuation(params, ref)
+        if text is not None:
+            rec.meta["continuation"] = text
     else:
         verdict, failed_phase, payload = failure or ("FAIL_ERROR", None, {"error": "no reference logits"})
         reason = f"{failed_phase}: {payload.get('error', '')}"

@@ -25,6 +25,10 @@ def preflight(params: Params) -> Params:
     _check_threads(params.threads)
     _check_prompt(params)
     _check_model(params.model)
+    if params.engine != "greta":
+        _check_engine(params)
+    if params.chat:  # after the model check: a model that is not there is named as that, not as a chat problem
+        _check_chat(params)
     _check_device(params.device, params.dtype)
     if params.backend == "triton":
         _check_triton(params.device, params.dtype)
@@ -82,6 +86,33 @@ def _check_prompt(p: Params) -> None:
             raise ParamError(f"param {key} is text but model={show(p.model)} has no tokenizer.json beside it nor a .gguf "
                              "tokenizer of its own; "
                              "pass -p tokenizer=<dir with tokenizer.json>, or use -p prompt=synthetic")
+
+
+def _check_engine(p: Params) -> None:
+    """A peer engine reads the model file itself (not Greta's synthetic presets) and is installed."""
+    from greta.engine.peers import EngineMissing, hf_transformers
+    from greta.engine.source import model_source
+
+    if model_source(p.model) == "synthetic":
+        raise ParamError(f"param engine={p.engine} reads the model's own file, and model={show(p.model)} is one of Greta's "
+                         "synthetic presets; use a .gguf file, a checkpoint directory or a real model (-p model=smollm2)")
+    try:
+        hf_transformers()
+    except EngineMissing as e:
+        raise ParamError(f"param {e}") from None
+
+
+def _check_chat(p: Params) -> None:
+    """The chat message renders with the model's template and fits ctx (the same function the load phase runs:
+    greta.engine.tokenize.chat_prompt), or one line saying why not."""
+    from greta.engine.source import load_config
+    from greta.engine.tokenize import chat_prompt
+
+    try:
+        chat_prompt(p.chat, p.model, p.tokenizer, p.ctx, load_config(p.model).vocab_size)
+    except (ValueError, OSError) as e:
+        text = brief(e)
+        raise ParamError(text if text.startswith("param chat") else f"param chat: {text}") from None
 
 
 def _check_token_file(prompt: str, ctx: int) -> None:

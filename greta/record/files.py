@@ -199,6 +199,7 @@ class Metadata(RecordFile):
     model_hash: str | None = None
     weights_source: str | None = None
     prompt: dict | None = None
+    continuation: dict | None = None  # each path's tokens decoded (greta.probe.continuation); absent before it existed
     worker_pid: int | None = None
     # how the record's human-readable files state its data (greta.checks.statements): STATEMENTS_FORMAT, or
     # None in records made before (their report.md came from an earlier renderer; checked by the legacy rules)

@@ -38,7 +38,8 @@ class ProbeSpec:
 
 
 SPECS = {s.name: s for s in (
-    ProbeSpec("b3_77", own_params=("tp_invariant",)),  # the segment-tree mode (docs/TP.md) runs B3.77's probe
+    # the segment-tree mode (docs/TP.md) and the peer engines (docs/ENGINES.md) run B3.77's probe
+    ProbeSpec("b3_77", own_params=("tp_invariant", "engine")),
     ProbeSpec("batch", own_params=("batch", "batch_lengths", "batch_gen"), own_perturbs=("batch_split_k",),
               name_tags=(("batch", "b"),)),
     # degrees 1, 2, .. tp of one prompt, the segment tree always on; its control turns the tree off (docs/TP.md)

@@ -33,8 +33,9 @@ CHOICES = {
     "kv_aligned": (0, 1),
     "perturb": ("none", "rope_offset", "kv_off_by_one", "tp_library_reduce", "batch_split_k",
                 "tp_plain_order"),
-    "tp": (1, 2, 4, 8),
+    "tp": (1, 2, 3, 4, 8),  # 3: SmolLM2 (9 heads, 3 KV heads), the odd degree
     "tp_invariant": (0, 1),
+    "engine": ("greta", "hf"),  # greta.engine.peers.ENGINES
 }
 SIZE_MAX = 2**31 - 1      # ctx, gen, prefill_chunk, kv_block: far past any model; keeps the fit check in float range
 SEED_MAX = 2**32 - 1      # weights.synthetic seeds torch generators with seed * 1_000_003 + crc32
@@ -164,6 +165,7 @@ class Params:
     prompt: str = "synthetic"      # synthetic, hello ('hello ' x ctx, tokenized), or a file of token ids (whitespace/comma separated, or .npy)
     prompt_file: str = ""          # a UTF-8 text file to tokenize as the prompt (needs a tokenizer.json; see greta/engine/tokenize.py)
     tokenizer: str = ""            # tokenizer.json (or its directory) for text prompts; default: the one beside the model
+    chat: str = ""                 # a user message, rendered with the model's chat template after a document (prompt_file, or a built-in passage) as the prompt (greta/engine/tokenize.py)
     prefill_chunk: int = 256       # rows per prefill chunk; with kv_aligned=1 also the fixed row tile
     kv_block: int = 1024           # KV block (keys) walked by aligned attention; cache is padded to it
     timeouts: Timeouts = field(default_factory=Timeouts)
@@ -173,8 +175,9 @@ class Params:
     perturb: str = "none"          # negative control (CHOICES["perturb"]): rope_offset, kv_off_by_one, tp_library_reduce (tp >= 4), batch_split_k (probe=batch), tp_plain_order (probe=tp_invariance)
     fault: str = "none"            # fault injection (tests): none | <hang|oom|crash|kill|error|kernel_death>:<phase>[@<rank>] (no @: every rank)
     threads: int = 0               # CPU threads for torch (0 = torch's default)
-    tp: int = 1                    # tensor-parallel ranks (1, 2, 4, 8): must divide the model's KV heads
+    tp: int = 1                    # tensor-parallel ranks (1, 2, 3, 4, 8): must divide the model's heads, KV heads, MLP and vocabulary
     tp_invariant: int = 0          # 1: wo/w2 sum K in a fixed segment tree: the same bits at every tp (docs/TP.md)
+    engine: str = "greta"          # the engine under audit: greta, or hf (transformers on the same model file; docs/ENGINES.md)
     batch: int = 1                 # probe=batch: requests decoded together (greta/record/batch.py)
     batch_lengths: str = ""        # probe=batch: prompt lengths, comma-separated, one per request; "": drawn seeded in [ctx/2, ctx]
     batch_gen: str = ""            # probe=batch: decode steps per request, comma-separated; "": gen for every request
@@ -344,9 +347,34 @@ def validate(p: Params) -> None:
         _range(p, f"timeouts.{ph}", 1e-3, TIMEOUT_MAX_S, " seconds")
     for k in p.thresholds.to_dict():
         _range(p, f"thresholds.{k}", 0.0, 1.0 if k == "top1_agreement" else None)
+    _check_chat(p)
+    _check_engine(p)
     _check_tp(p)
     _check_kind(p)
     parse_fault(p.fault, p.tp)
+
+
+def _check_engine(p: Params) -> None:
+    """A peer engine runs its own paths: none of Greta's exact mode, tensor parallelism, backends or controls."""
+    if p.engine == "greta":
+        return
+    fixed = {"kv_aligned": 0, "tp": 1, "tp_invariant": 0, "backend": "torch", "perturb": "none"}
+    for key, want in fixed.items():
+        if getattr(p, key) != want:
+            raise ParamError(f"param engine={p.engine} runs that engine's own prefill and decode, so {key}="
+                             f"{show(getattr(p, key))} (Greta's) does not apply; use -p {key}={want}")
+
+
+def _check_chat(p: Params) -> None:
+    """A chat message is the prompt (a prompt_file is its document): no other prompt beside it, and it holds text."""
+    if not p.chat:
+        return
+    if not p.chat.strip():
+        raise ParamError("param chat is only blanks; give a message, e.g. -p chat='What is the capital of France?', "
+                         "or leave chat out")
+    if p.prompt != "synthetic":
+        raise ParamError(f"param chat is the prompt, and prompt={show(p.prompt)} is another; keep one (chat takes "
+                         "-p prompt=synthetic, and a prompt_file as its document)")
 
 
 def parse_fault(fault: str, tp: int = 1) -> tuple[str, str, int | None] | None:

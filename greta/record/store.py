@@ -262,6 +262,8 @@ class Record:
             "kv_cache_capacity": load.get("kv_cache_capacity"),
             "prompt": load.get("prompt"),  # source (synthetic | token file | text+tokenizer), token count, ids sha256
         })
+        if load.get("engine"):  # B3.77: the engine under audit (greta, or a peer: greta.engine.peers)
+            self.meta["engine"] = load["engine"]
         if load.get("tp"):  # tensor parallel: world size and the exact reduction (a tp=1 record has no key)
             self.meta["tp"] = load["tp"]
         if load.get("tree_segments"):  # tp_invariant=1: S, the segment tree the run's wo/w2 summed K in

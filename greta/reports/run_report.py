@@ -8,6 +8,7 @@ from __future__ import annotations
 from greta.reports import fmt, md
 from greta.reports.md import Markup
 from greta.reports.memory_section import memory_name, memory_section, reproduce_lines
+from greta.reports.text_section import text_section
 
 __all__ = ["render_report", "results_row", "results_columns", "interpret", "fault_report"]
 
@@ -41,6 +42,7 @@ def render_report(params, meta, perf, metrics, vs, verdict) -> str:
          md.table(results_columns(vs), []), results_row(params, metrics, vs, verdict), ""]
     if metrics:
         L += _metrics_lines(metrics)
+    L += text_section(meta)
     L += ["## Objective",
           md.text(f"Prefill a {params['ctx']}-token prompt through the batched prefill path, decode {params['gen']} "
                   f"tokens greedily through the one-token decode path, and compare the decode path's logits with the "
@@ -61,8 +63,8 @@ def _matrix(params, meta) -> list[str]:
     th = params["thresholds"]
     prompt = [md.line("Prompt: ", md.code(params["prompt"]),
                       " (uniform ids from torch's CPU generator seeded with the seed)"
-                      if params["prompt"] == "synthetic" else "", sep="")]
-    for key in ("prompt_file", "tokenizer"):
+                      if params["prompt"] == "synthetic" and not params.get("chat") else "", sep="")]
+    for key in ("prompt_file", "tokenizer", "chat"):
         if params.get(key):
             prompt.append(md.line(key, md.code(params[key])))
     return ["## Matrix", *md.bullets([
@@ -74,11 +76,21 @@ def _matrix(params, meta) -> list[str]:
                 f"prefill_chunk {params['prefill_chunk']} · kv_block {params['kv_block']}"),
         md.line(*prompt, sep=" · "),
         *_tp_bullet(params),
+        *_engine_bullet(meta.get("engine")),
         md.line("Negative control (perturb):", params["perturb"], "· fault injection:", params["fault"]),
         md.text(f"Stop conditions: OOM → FAIL_OOM at once; per-phase timeouts (s) {params['timeouts']}, enforced "
                 f"by killing {'every rank' if params.get('tp', 1) > 1 else 'the worker process'} → FAIL_TIMEOUT"),
         md.text(f"Thresholds (kv_aligned=1): max_abs_diff ≤ {fmt.threshold(th['max_abs_diff'])}, p99_abs_diff ≤ "
                 f"{fmt.threshold(th['p99_abs_diff'])}, top1_agreement ≥ {fmt.threshold(th['top1_agreement'])}")]), ""]
+
+
+def _engine_bullet(engine) -> list[Markup]:
+    """A peer engine under audit (greta.engine.peers): its name, version, cache and attention; nothing for Greta."""
+    if not isinstance(engine, dict) or engine.get("name") in (None, "greta"):
+        return []
+    return [md.line("Engine under audit: ", md.bold(engine.get("name")), " (", engine.get("version"), "; its own prefill "
+                    "forward and its decode on its ", engine.get("cache"), ", attention ", engine.get("attention"), "; ",
+                    engine.get("weights"), ")", sep="")]
 
 
 def _tp_bullet(params) -> list[Markup]:
