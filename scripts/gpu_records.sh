@@ -6,6 +6,7 @@
 #   bash scripts/gpu_records.sh set32k   the 32k set: kv_aligned=1 (PASS_EQUIV), 0 (EXPECTED_DRIFT), the rope_offset control (FAIL_EQUIV)
 #   bash scripts/gpu_records.sh set131k  the same set at 131072 (two calls: set131k_a = kv1, set131k_b = kv0 + control)
 #   bash scripts/gpu_records.sh reproduce  greta reproduce of the committed 32k kv1 record (its fingerprints; ~1.5 min)
+#   bash scripts/gpu_records.sh kv1_32k reproduce_new  a 32k kv1 record made here, then reproduced on the same card
 #   bash scripts/gpu_records.sh oom      the real allocator OOM alone (the first audit of 'faults'; ~1 min)
 #   bash scripts/gpu_records.sh batch    params/batch_4k.yaml's sweep (B 1..32 x kv 1/0, batch_sweep) and its control (batch_control) (~4.5 min)
 # On the device, from the repo root: source scripts/device_setup.sh && bash scripts/gpu_records.sh STAGE...
@@ -39,6 +40,12 @@ EOF
 
 reproduce() {
     local rec; rec=$(ls -d outputs/2026-12-05/b3_77/*-llama3-8b-ctx32768-kv1-8ff7)
+    run python3 -m greta reproduce "$rec" -o $R --quiet
+}
+
+kv1_32k() { set_at 32768 kv1; }
+reproduce_new() {  # the first 32k kv1 record made in this session's /tmp/rec, on this card
+    local rec; rec=$(ls -d $R/*/b3_77/*-ctx32768-kv1-* | head -1)
     run python3 -m greta reproduce "$rec" -o $R --quiet
 }
 
