@@ -48,8 +48,8 @@ def _middle(word: str, limit: int) -> str:
 
 
 def brief(text, limit: int = 300) -> str:
-    """text on one line (whitespace runs as one space), at most about limit characters; the longest words are
-    shortened in the middle first, so the reason after an echoed value survives."""
+    """text on one line (whitespace runs as one space), at most limit characters; the longest words are
+    shortened in the middle first, so the reason after an echoed value survives; then the line's middle."""
     words = str(text).split()
     line = " ".join(words)
     excess = len(line) - limit
@@ -60,4 +60,7 @@ def brief(text, limit: int = 300) -> str:
         excess -= len(words[i]) - len(short)
         words[i] = short
     line = " ".join(words)
-    return line if len(line) <= limit else line[:limit - 3] + "..."
+    if len(line) <= limit:
+        return line
+    head = (limit - 5) * 2 // 5  # still too long: cut the middle, so the start (what) and the end (the fix) stay
+    return line[:head] + " ... " + line[len(line) - (limit - 5 - head):]
