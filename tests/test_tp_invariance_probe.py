@@ -165,7 +165,7 @@ def _logits(diff_at: tuple[int, str, int] | None = None) -> dict:
 
 
 def test_metrics_name_the_first_difference_and_round_trip_the_file():
-    assert degrees_of(2) == [1, 2] and degrees_of(8) == [1, 2, 4, 8]
+    assert degrees_of(2) == [1, 2] and degrees_of(8) == [1, 2, 4, 8] and degrees_of(3) == [1, 3] and degrees_of(1) == [1]
     same = tp_metrics(_logits(), ctx=5)
     assert same["bit_exact"] and tp_verdict(same, 1)[0] == "PASS_TP_INVARIANT" and tp_verdict(same, 0)[0] == "TP_DRIFT"
     one_ulp = _logits((4, "decode", 1))

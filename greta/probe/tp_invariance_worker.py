@@ -69,14 +69,10 @@ class TPInvarianceJob(ProbeJob):
     def _runner(self, cfg, d: int, group):
         """This rank's Runner at degree d: its shard of the model (the whole at d=1)."""
         from greta.engine.runner import Runner
-        from greta.engine.source import model_source
-        from greta.engine.tp import load_shard, synthetic_shard
+        from greta.engine.source import load_model
 
-        p, rank = self.p, self.rank
-        if model_source(p.model) == "synthetic":
-            w = synthetic_shard(cfg, p.seed, self.dtype, self.device, rank, d)
-        else:
-            w = load_shard(p.model, cfg, self.dtype, self.device, rank, d)
+        p = self.p
+        w = load_model(p.model, p.seed, self.dtype, self.device, shard=(self.rank, d)).weights
         return Runner(cfg, w, max_tokens=p.ctx + p.gen, kv_aligned=p.kv_aligned, chunk=p.prefill_chunk,
                       kv_block=p.kv_block, perturb="none" if p.perturb == CONTROL else p.perturb,
                       backend=p.backend, tp=group, tree_segments=self.segments)

@@ -25,11 +25,9 @@ FLT_MAX = float(np.finfo(np.float32).max)  # a non-finite difference is stored a
 
 
 def degrees_of(tp: int) -> list[int]:
-    """The degrees the probe compares at tp ranks: 1, 2, 4, .. tp; the first is the reference."""
-    out = [1]
-    while out[-1] < tp:
-        out.append(out[-1] * 2)
-    return out
+    """The degrees the probe compares at tp ranks: 1, then the powers of two below tp that divide it, then tp
+    (1, 2, 4, 8 at tp=8; 1, 3 at tp=3, SmolLM2's odd degree); the first is the reference."""
+    return [d for d in (1, 2, 4) if d < tp and tp % d == 0] + [tp]
 
 
 def first_positions(ctx: int) -> dict[str, int]:
