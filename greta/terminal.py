@@ -62,5 +62,5 @@ def brief(text, limit: int = 300) -> str:
     line = " ".join(words)
     if len(line) <= limit:
         return line
-    head = (limit - 5) * 2 // 5  # still too long: cut the middle, so the start (what) and the end (the fix) stay
+    head = (limit - 5) * 3 // 5  # still too long: cut the middle, so the start (what) and the end (the fix) stay
     return line[:head] + " ... " + line[len(line) - (limit - 5 - head):]
