@@ -20,7 +20,7 @@ from pathlib import Path
 
 from greta.checks.verify import verify
 from greta.record.files import RecordFileError, read_member_json
-from greta.record.members import MemberError, member_kind, read_member
+from greta.record.members import MemberError, is_member_file, member_kind, read_member
 from greta.sweeps.layout import CONFIG, LOG, VERDICT, SweepError, points, read_config, verdict_of
 
 LOG_CAP = 64 << 20  # a sweep's log: one short line per point and action
@@ -101,13 +101,6 @@ def _check_aggregate(d: Path, cfg: dict, allow_missing_large: bool) -> list[str]
         bad = sorted(k for k in set(want) | set(stored.get("points") or {}) if (stored.get("points") or {}).get(k) != want.get(k))
         errors.append(f"{VERDICT} points differ from the records for {', '.join(bad)[:300]}")
     for key in ("report_notebook", "report_html"):
-        if stored.get(key) and not _is_file(d, str(stored[key])):
+        if stored.get(key) and not is_member_file(d, str(stored[key])):
             errors.append(f"{VERDICT} names {key} {stored[key]}, which is not there")
     return errors
-
-
-def _is_file(d: Path, name: str) -> bool:
-    try:
-        return member_kind(d, name) == "file"
-    except MemberError:
-        return False
