@@ -5,6 +5,7 @@ fast on a 2-core CI machine.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sys
@@ -178,3 +179,28 @@ def wait_for_phase(out_root: Path, phase: str, timeout_s: float = 120.0) -> dict
                 break
         time.sleep(0.2)
     return perf
+
+
+
+@contextlib.contextmanager
+def own_ray_tmpdir():
+    """Every file of the Ray sessions started inside it (and by the subprocesses started inside it) goes to a
+    folder of its own, removed after. Ray's default is <TMPDIR>/ray, one folder for both xdist workers (they share
+    TMPDIR): its session files and its `ray_current_cluster` address file were shared, and one worker's teardown,
+    which removed the folder, pulled them from under the other worker's live cluster (its sweep could not join).
+    The folder is under /tmp, not TMPDIR: Ray's socket paths under pytest's TMPDIR are already within a few
+    bytes of the 107-byte limit on a Unix socket's name. RAY_TMPDIR is read whenever Ray needs the folder."""
+    import shutil
+    import tempfile
+
+    d = tempfile.mkdtemp(prefix="greta-ray-", dir="/tmp" if os.path.isdir("/tmp") else None)
+    before = os.environ.get("RAY_TMPDIR")
+    os.environ["RAY_TMPDIR"] = d
+    try:
+        yield Path(d)
+    finally:
+        if before is None:
+            os.environ.pop("RAY_TMPDIR", None)
+        else:
+            os.environ["RAY_TMPDIR"] = before
+        shutil.rmtree(d, ignore_errors=True)

@@ -14,7 +14,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import numpy as np
 import psutil
 import pytest
 
+from conftest import own_ray_tmpdir
 from greta.__main__ import main
 from greta.checks.verify import verify
 from greta.record.matrix import load_matrix
@@ -43,15 +43,14 @@ NAMES = ["ctx128-kv0-seed0-bfloat16", "ctx128-kv1-seed0-bfloat16", "ctx256-kv0-s
 @pytest.fixture(scope="module")
 def cluster():
     """One local Ray cluster for the module (its start-up takes seconds): the executor joins it. Its session
-    files (Ray's default, <TMPDIR>/ray: a longer path overflows its socket names) are removed after."""
-    temp = Path(tempfile.gettempdir()) / "ray"
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
-             _node_ip_address="127.0.0.1")
-    nodes = ray.nodes()
-    assert {n["NodeManagerAddress"] for n in nodes} == {"127.0.0.1"}, "the test cluster must stay on loopback"
-    yield nodes
-    ray.shutdown()
-    shutil.rmtree(temp, ignore_errors=True)
+    files are in a folder of the module's own (conftest.own_ray_tmpdir), removed after."""
+    with own_ray_tmpdir():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
+                 _node_ip_address="127.0.0.1")
+        nodes = ray.nodes()
+        assert {n["NodeManagerAddress"] for n in nodes} == {"127.0.0.1"}, "the test cluster must stay on loopback"
+        yield nodes
+        ray.shutdown()
 
 
 def _sweep(tmp_path_factory, name: str, extra: list[str]) -> Path:

@@ -11,13 +11,12 @@ Slow (two sweeps and a cluster start-up): in the `-m slow` selection, which CI r
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import io
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import numpy as np
 import psutil
 import pytest
 
+from conftest import own_ray_tmpdir
 from greta.__main__ import main
 from greta.checks.verify import verify
 from greta.sweeps.ray_executor import LOOPBACK_ONLY
@@ -44,16 +44,19 @@ NAMES = ["ctx128-kv0-seed0-bfloat16", "ctx128-kv1-seed0-bfloat16", "ctx256-kv0-s
 
 @pytest.fixture
 def two_nodes():
-    """A head and a second node of one CPU each (so the sweep's points must spread over both), loopback only."""
-    temp = Path(tempfile.gettempdir()) / "ray"
-    c = cluster_utils.Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-    second = c.add_node(num_cpus=1)
-    c.wait_for_nodes()
-    try:
-        yield c, second
-    finally:
-        c.shutdown()
-        shutil.rmtree(temp, ignore_errors=True)
+    """A head and a second node of one CPU each (so the sweep's points must spread over both), loopback only, its
+    session files in a folder of its own (conftest.own_ray_tmpdir). One such cluster at a time on the machine (a lock on this file,
+    held across xdist workers): two of them, each with its sweep, on a 2-core CI machine starve each other's
+    points of the CPU the tests' deadlines assume."""
+    with open(__file__) as lock, own_ray_tmpdir():
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        c = cluster_utils.Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+        try:
+            second = c.add_node(num_cpus=1)
+            c.wait_for_nodes()
+            yield c, second
+        finally:
+            c.shutdown()
 
 
 def _node_ids(c) -> dict[str, str]:
