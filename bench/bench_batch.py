@@ -2,7 +2,7 @@
 
     python bench/bench_batch.py --batch 1 2 4 8 16 32 --ctx 4096 32768 --kv 1 0 --out bench/results
 
-Per ctx and kv_aligned, one BatchRunner holds a KV slab for each of the largest batch's requests (as many as
+Per ctx and kv_aligned, one Runner holds a KV slab for each of the largest batch's requests (as many as
 fit: the largest B that fits is used, larger ones are reported as not fitting). Every request's prompt is
 prefilled once, sequence by sequence (prefill tokens/s), then for each B the first B requests are decoded
 together for --gen greedy steps (decode ms/step: the median over the steps after the first, which includes
@@ -33,7 +33,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from greta.engine.batch import BatchRunner, batch_kv_bytes, decode_alone, decode_together, prefill_all, reference
+from greta.engine.config import kv_bytes
+from greta.engine.requests import decode_alone, decode_together, prefill_all, reference
+from greta.engine.runner import Runner
 from greta.engine.config import PRESETS
 from greta.engine.prompt import synthetic_prompt
 from greta.engine.weights import synthetic
@@ -46,7 +48,7 @@ GIB = 2**30
 def fitting_batch(cfg, want: int, tokens: int, kv_block: int, headroom_gib: float) -> int:
     """The largest batch <= want whose slabs fit the free device memory, less headroom for activations."""
     free = torch.cuda.mem_get_info()[0] - headroom_gib * GIB
-    per_seq = batch_kv_bytes(cfg, 1, tokens, kv_block, 2)
+    per_seq = kv_bytes(cfg, 1, tokens, kv_block, 2)
     return max(0, min(want, int(free // per_seq)))
 
 
@@ -97,8 +99,8 @@ def bench_point(cfg, w, ctx, kv, args, bw, weight_bytes) -> list[dict]:
         return skipped
     lengths = lengths_for(ctx, sizes[-1], args.lengths)
     prompts = [synthetic_prompt(n, cfg.vocab_size, 100 + b).cuda() for b, n in enumerate(lengths)]
-    br = BatchRunner(cfg, w, n_seqs=sizes[-1], max_tokens=tokens_per_seq, kv_aligned=kv, chunk=args.chunk,
-                     kv_block=1024, backend="triton" if kv else "torch")
+    br = Runner(cfg, w, n_seqs=sizes[-1], max_tokens=tokens_per_seq, kv_aligned=kv, chunk=args.chunk,
+                kv_block=1024, backend="triton" if kv else "torch")
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     firsts = prefill_all(br, prompts)

@@ -1,4 +1,4 @@
-"""The batched engine (greta/engine/batch.py, ops/batch.py) on the tiny preset, CPU: each request's logits
+"""The batched engine (greta/engine/runner.py's batch step, requests.py, ops/batch.py) on the tiny preset, CPU: each request's logits
 alone (a), inside the batch (b) and from its teacher-forced prefill (c); kv_aligned=1 makes them bit-identical
 at every batch size, with uneven lengths, colliding tile slots and sequences leaving early; the batch-dependent
 control (batch_split_k) must break it, and kv_aligned=0's drift is measured."""
@@ -7,10 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from greta.engine.batch import (BatchKVCache, BatchRunner, batch_kv_bytes, decode_alone, decode_together,
-                                prefill_all, reference)
+from greta.engine.config import PRESETS, kv_bytes
+from greta.engine.kvcache import KVCache
+from greta.engine.requests import decode_alone, decode_together, prefill_all, reference
 from greta.engine.prompt import synthetic_prompt
-from greta.engine.runner import Runner
+from greta.engine.runner import Runner, host_layout
 
 CHUNK, KV_BLOCK = 16, 64
 
@@ -21,7 +22,7 @@ def three_ways(cfg, w, lengths, gens, *, kv_aligned=1, perturb="none", backend="
     last position, then every decode step), and the batch's tokens. install(br), if given, swaps the runner's
     ops (a backend the CPU would not pick)."""
     prompts = [synthetic_prompt(n, cfg.vocab_size, 10 + b) for b, n in enumerate(lengths)]
-    br = BatchRunner(cfg, w, n_seqs=len(lengths), max_tokens=max(lengths) + max(gens), kv_aligned=kv_aligned,
+    br = Runner(cfg, w, n_seqs=len(lengths), max_tokens=max(lengths) + max(gens), kv_aligned=kv_aligned,
                      chunk=chunk, kv_block=kv_block, perturb=perturb, backend=backend)
     if install:
         install(br)
@@ -126,18 +127,22 @@ def test_kv0_drift_is_measured(tiny_cfg, tiny_weights):
 
 
 def test_decode_refuses_a_sequence_twice(tiny_cfg, tiny_weights):
-    br = BatchRunner(tiny_cfg, tiny_weights(), n_seqs=2, max_tokens=32, kv_aligned=1, chunk=CHUNK, kv_block=KV_BLOCK)
+    br = Runner(tiny_cfg, tiny_weights(), n_seqs=2, max_tokens=32, kv_aligned=1, chunk=CHUNK, kv_block=KV_BLOCK)
     with pytest.raises(ValueError, match="at most once"):
-        br.decode([1, 2], [3, 4], [0, 0])
-    with pytest.raises(IndexError, match="not in a batch of 2"):
+        br.decode_batch([1, 2], [3, 4], [0, 0])
+    with pytest.raises(IndexError, match="not in a cache of 2"):
         br.cache.sequence(2)
     with pytest.raises(IndexError, match="outside the batch of 2"):
-        br.decode([1], [3], [2])
+        br.decode_batch([1], [3], [2])
 
 
-def test_batch_kv_bytes_is_the_cache_size(tiny_cfg):
-    cache = BatchKVCache(tiny_cfg, 3, 100, KV_BLOCK, torch.bfloat16, "cpu")
-    assert cache.nbytes() == batch_kv_bytes(tiny_cfg, 3, 100, KV_BLOCK, 2)
+def test_kv_bytes_is_the_cache_size(tiny_cfg):
+    cache = KVCache(tiny_cfg, 3, 100, KV_BLOCK, torch.bfloat16, "cpu")
+    assert cache.nbytes() == kv_bytes(tiny_cfg, 3, 100, KV_BLOCK, 2)
+    cfg = PRESETS["tiny-tp"]  # 4 KV heads: a tp=2 rank holds 2 of them
+    rank = KVCache(cfg, 3, 100, KV_BLOCK, torch.bfloat16, "cpu", heads=cfg.n_kv_heads // 2)
+    whole = kv_bytes(cfg, 3, 100, KV_BLOCK, 2)
+    assert rank.nbytes() == kv_bytes(cfg, 3, 100, KV_BLOCK, 2, heads=cfg.n_kv_heads // 2) == whole // 2
     assert cache.layer(0)[0].shape == (3, tiny_cfg.n_kv_heads, 128, tiny_cfg.head_dim)
     assert cache.sequence(2).layer(1)[0].is_contiguous()
 
@@ -165,6 +170,6 @@ def test_the_host_layout(tiny_cfg, tiny_weights):
     """What an eager step is handed instead of reading it back from the device: each sequence's rows and how
     far the torch kv0 attention reads (the furthest position + 1). No CUDA graph on the CPU; on CUDA one per
     row count (tests/test_batch_gpu.py)."""
-    br = BatchRunner(tiny_cfg, tiny_weights(), n_seqs=4, max_tokens=200, kv_aligned=0, chunk=CHUNK, kv_block=KV_BLOCK)
-    assert br._layout([63, 10, 5], [1, 2, 3]) == {"seq_groups": [(1, [0]), (2, [1]), (3, [2])], "kv_end": 64}
-    assert br._layout([64], [0])["kv_end"] == 65 and not br.graphable
+    br = Runner(tiny_cfg, tiny_weights(), n_seqs=4, max_tokens=200, kv_aligned=0, chunk=CHUNK, kv_block=KV_BLOCK)
+    assert host_layout([63, 10, 5], [1, 2, 3]) == {"seq_groups": [(1, [0]), (2, [1]), (3, [2])], "kv_end": 64}
+    assert host_layout([64], [0])["kv_end"] == 65 and not br.graphable

@@ -84,13 +84,14 @@ def test_flash_decode_batch_matches_reference_and_graph():
 
 
 def _kv0_runner(cfg, w, lengths, gens, perturb="none"):
-    """(runner, prompts, each prompt's last prefill logits): a kv0 BatchRunner on CUDA (graphable, batch decode
+    """(runner, prompts, each prompt's last prefill logits): a kv0 Runner of several slabs on CUDA (graphable, batch decode
     by FastBatchOps) with the requests' prompts prefilled."""
-    from greta.engine.batch import BatchRunner, prefill_all
+    from greta.engine.requests import prefill_all
+    from greta.engine.runner import Runner
     from greta.engine.prompt import synthetic_prompt
 
     prompts = [synthetic_prompt(n, cfg.vocab_size, 10 + b).cuda() for b, n in enumerate(lengths)]
-    br = BatchRunner(cfg, w, n_seqs=len(lengths), max_tokens=max(lengths) + max(gens), kv_aligned=0, chunk=256,
+    br = Runner(cfg, w, n_seqs=len(lengths), max_tokens=max(lengths) + max(gens), kv_aligned=0, chunk=256,
                      kv_block=1024, perturb=perturb)
     fast = br.batch_ops if perturb == "none" else br.batch_ops.inner
     assert br.graphable and type(fast).__name__ == "FastBatchOps"
@@ -111,24 +112,24 @@ def test_engine_kv0_batch_graphed_is_eager_and_near_the_reference():
     w = synthetic(cfg, 0, torch.bfloat16, "cuda")
     lengths, gens = [700, 1500, 1100, 64], [5, 9, 3, 9]
     drift, (br, tokens, kept) = _greedy_drift(cfg, w, lengths, gens)
-    assert set(br._graphs) == {4, 3, 2}  # the steps' live rows; no graph per position or KV block
+    assert br._graphs.captured() == {("batch", 4), ("batch", 3), ("batch", 2)}  # the steps' live rows; no graph per position or KV block
     eager, _, _ = _kv0_runner(cfg, w, lengths, gens)
     eager.graphable = False
     for j in range(max(gens)):  # the eager runner fed the graphed run's tokens
         live = [b for b in range(len(lengths)) if j < gens[b]]
-        rows = eager.decode([tokens[b][j] for b in live], [lengths[b] + j for b in live], live)
+        rows = eager.decode_batch([tokens[b][j] for b in live], [lengths[b] + j for b in live], live)
         for r, b in enumerate(live):
             torch.testing.assert_close(kept[b][j], rows[r], rtol=0, atol=1e-3)
     bad, (bad_br, _, _) = _greedy_drift(cfg, w, lengths, gens, perturb="kv_off_by_one")
     print("kv0 batch drift vs reference:", drift, "kv_off_by_one:", bad)
-    assert max(drift) < 0.05 and set(bad_br._graphs) == {4, 3, 2}
+    assert max(drift) < 0.05 and bad_br._graphs.captured() == {("batch", 4), ("batch", 3), ("batch", 2)}
     assert max(bad) > 2 * max(drift)
 
 
 def _greedy_drift(cfg, w, lengths, gens, perturb="none"):
     """Greedy batch decode on a kv0 runner; per request max |in-batch logits - its teacher-forced prefill
     reference| over the decode steps, and (runner, tokens, kept logits)."""
-    from greta.engine.batch import decode_together, reference
+    from greta.engine.requests import decode_together, reference
 
     br, prompts, firsts = _kv0_runner(cfg, w, lengths, gens, perturb)
     tokens, kept = decode_together(br, lengths, firsts, gens, keep=max(gens))

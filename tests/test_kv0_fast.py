@@ -19,7 +19,7 @@ from greta.engine.ops.batch import FastBatchOps, TorchBatchOps, batch_ops  # noq
 from greta.engine.ops.controls import KvOffByOne, RopeOffset  # noqa: E402
 from greta.engine.ops.cuda_fast import CudaFastOps  # noqa: E402
 from greta.engine.ops.torch_ops import TorchOps  # noqa: E402
-from greta.engine.batch import BatchRunner, decode_together, prefill_all  # noqa: E402
+from greta.engine.requests import decode_together, prefill_all  # noqa: E402
 from greta.engine.prompt import synthetic_prompt  # noqa: E402
 from greta.engine.runner import Runner  # noqa: E402
 from greta.kernels.flash_decode import _split_kernel, flash_decode, flash_decode_batch, split_size  # noqa: E402
@@ -237,7 +237,7 @@ def test_cpu_kv0_matches_a_float64_reference(tiny_cfg, tiny_weights):
 
 # ------------------------------------------------------------------------------ a batch decode step
 def _install_fast(wrap=None):
-    """A BatchRunner's batch decode swapped for the CUDA fast path's (on the CPU it would pick TorchOps).
+    """A Runner's batch decode swapped for the CUDA fast path's (on the CPU it would pick TorchOps).
     Prefill stays TorchOps' (the kv0 CPU path): interpreted, the fast path's prefill would take most of the
     test's time and is test_cuda_fast_ops_decode_agrees_with_prefill_and_torch's business."""
     def install(br):
@@ -264,7 +264,7 @@ def test_fast_batch_ops_decode_agrees_with_prefill_and_torch(tiny_cfg, tiny_weig
     torch_run, torch_tokens = three_ways(tiny_cfg, w, lengths, gens, kv_aligned=0)
     assert torch_tokens == tokens
     assert max(max_diff(x, tx) for (_, x, _), (_, tx, _) in zip(fast, torch_run)) < 1e-3
-    br = BatchRunner(tiny_cfg, w, n_seqs=3, max_tokens=max(lengths) + max(gens), kv_aligned=0, chunk=16, kv_block=64)
+    br = Runner(tiny_cfg, w, n_seqs=3, max_tokens=max(lengths) + max(gens), kv_aligned=0, chunk=16, kv_block=64)
     _install_fast(KvOffByOne)(br)
     prompts = [synthetic_prompt(n, tiny_cfg.vocab_size, 10 + b) for b, n in enumerate(lengths)]
     _, bad = decode_together(br, lengths, prefill_all(br, prompts), [1, 1, 1], keep=1)

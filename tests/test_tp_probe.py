@@ -176,12 +176,6 @@ def test_bad_tp_params_are_one_line(over, match):
     assert "\n" not in str(e.value)
 
 
-def test_the_batch_probe_still_refuses_tp():
-    p = load_params("params/cpu_default.yaml", {**TP_PROBE, "tp": 2, "probe": "batch"})
-    with pytest.raises(ParamError, match="batch probe does not run tensor parallel"):
-        preflight(p)
-
-
 # --- what report.md, the VRAM notebook's table and the plot show --------------------------------------------
 def test_report_shows_the_tp_degree_and_every_rank(runs):
     d = runs("tp4")["dir"]

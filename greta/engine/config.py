@@ -193,6 +193,13 @@ def kv_capacity(tokens: int, block: int) -> int:
     return -(-tokens // block) * block
 
 
+def kv_bytes(cfg: "ModelConfig", n_seqs: int, tokens: int, block: int, dtype_bytes: int, heads: int | None = None) -> int:
+    """Bytes of a KV cache (engine.kvcache.KVCache) of n_seqs slabs for `tokens` positions each, holding `heads` KV
+    heads (default all; a tensor-parallel rank's n_kv_heads / tp): what the preflight holds against the device."""
+    per_head = cfg.kv_bytes_per_token(dtype_bytes) // cfg.n_kv_heads
+    return n_seqs * kv_capacity(tokens, block) * per_head * (cfg.n_kv_heads if heads is None else heads)
+
+
 def tp_indivisible(cfg: "ModelConfig", world: int) -> list[str]:
     """The sizes tp=world ranks cannot split evenly ("n_kv_heads=4", ...): heads, KV heads, the MLP and the
     vocabulary are each split across the ranks. [] when it can; the one rule (params, preflight, engine.tp)."""
@@ -202,7 +209,7 @@ def tp_indivisible(cfg: "ModelConfig", world: int) -> list[str]:
 
 
 def cache_tokens(max_tokens: int, chunk: int) -> int:
-    """Positions a runner's KV cache is made for (runner.Runner, batch.BatchRunner, each slab; preflight sizes
+    """Positions a runner's KV cache is made for (runner.Runner, each slab; preflight sizes
     it the same): every token of the run plus one prefill chunk of headroom, as a chunk is written whole."""
     return max_tokens + chunk
 

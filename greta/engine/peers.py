@@ -37,8 +37,11 @@ class _HFCache:
         self.capacity, self._per_token = capacity, cfg.kv_bytes_per_token(dtype_bytes)
         self.reset()
 
-    def reset(self) -> None:
+    def reset(self, b: int | None = None) -> None:
+        """Forget every position (b: the one sequence an adapter holds, 0, or None)."""
         from transformers import DynamicCache
+
+        _one_sequence(b or 0)
 
         self.kv = DynamicCache()
 
@@ -76,7 +79,9 @@ class HFEngine:
         out = self.model.model(input_ids=ids.reshape(1, -1).to(self.device), use_cache=True, **{self._cache_arg: self.cache.kv})
         return self.model.lm_head(out.last_hidden_state[0, rows]).float()
 
-    def prefill(self, tokens: torch.Tensor, start: int = 0, keep: list[int] | None = None, progress=None) -> torch.Tensor:
+    def prefill(self, tokens: torch.Tensor, start: int = 0, keep: list[int] | None = None, progress=None,
+                seq: int = 0) -> torch.Tensor:
+        _one_sequence(seq)
         if start or self.cache.length():
             raise ValueError("engine=hf prefills from position 0 into an empty cache (reset it first)")
         keep = [tokens.numel() - 1] if keep is None else keep
@@ -85,10 +90,16 @@ class HFEngine:
             progress(tokens.numel(), tokens.numel())
         return logits
 
-    def decode(self, token: torch.Tensor, pos: int) -> torch.Tensor:
+    def decode(self, token, pos: int) -> torch.Tensor:
         if pos != self.cache.length():
             raise ValueError(f"engine=hf decodes at the cache's length {self.cache.length()}, not position {pos}")
-        return self._logits(token.reshape(1), [0])[0]
+        return self._logits(torch.as_tensor(token, device=self.device).reshape(1), [0])[0]
+
+
+def _one_sequence(b: int) -> None:
+    """A peer engine's adapter holds one sequence (B3.77's request): sequence 0."""
+    if b != 0:
+        raise ValueError(f"a peer engine's adapter holds one sequence (0), not sequence {b}")
 
 
 def hf_transformers():

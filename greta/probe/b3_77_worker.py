@@ -13,7 +13,7 @@ import time
 import numpy as np
 import torch
 
-from greta.probe.worker import MB, ProbeJob, collective_timeout_s, logits_digest, sync
+from greta.probe.worker import MB, ProbeJob, logits_digest, sync
 
 
 class B377Job(ProbeJob):
@@ -22,17 +22,12 @@ class B377Job(ProbeJob):
     def load(self) -> dict:
         from greta.engine.config import tree_segments
         from greta.engine.runner import Runner
-        from greta.engine.source import load_model
         from greta.engine.tokenize import make_prompt_from_params
 
         p = self.p
         if p.engine != "greta":
             return self._load_peer()
-        if p.tp > 1:
-            cfg, w, source, model_hash = self._load_shard()
-        else:
-            m = load_model(p.model, p.seed, self.dtype, self.device)
-            cfg, w, source, model_hash = m.config, m.weights, m.source, m.model_hash
+        cfg, w, source, model_hash = self.load_weights()
         self.cfg = cfg
         prompt, prompt_info = make_prompt_from_params(p, cfg.vocab_size)
         self.prompt = prompt.to(self.device)
@@ -72,20 +67,6 @@ class B377Job(ProbeJob):
         return {**self._loaded(model_source(p.model), weights.checkpoint_hash(model_path(p.model)),
                                self.model.weight_bytes(), prompt_info), "warmup_s": 0.0, "engine": self.model.about}
 
-    def _load_shard(self):
-        """Tensor parallel: join the group from torchrun's environment (the collectives' timeout below the
-        phases'), then make or load only this rank's shard. -> (config, weights, source, hash)."""
-        from greta.engine.launch import init_from_env
-        from greta.engine.source import load_model
-
-        p = self.p
-        # the exact reduction (kv_aligned=1): on CUDA the one-shot over symmetric memory (graph-capturable, the
-        # same bits as rank order), elsewhere all_gather + rank-order add (docs/TP.md)
-        exact = "one_shot" if self.device.type == "cuda" else "rank_order"
-        self.tp, _ = init_from_env(self.device.type, collective_timeout_s(p), exact=exact)
-        m = load_model(p.model, p.seed, self.dtype, self.device, shard=(self.tp.rank, self.tp.world))
-        return m.config, m.weights, m.source, m.model_hash
-
     def _warmup(self) -> float:
         """Compile the Triton kernels, capture the decode graph and initialise cuBLAS/SDPA outside the timed
         phases: a short prefill and one decode step, then the cache is zeroed again."""
@@ -105,28 +86,25 @@ class B377Job(ProbeJob):
         return {"tokens": list(self.tokens)}
 
     def decode(self) -> dict:
-        ctx, span = self.p.ctx, self.p.span
-        kept = [self.first]
-        tok = torch.tensor(self.tokens[-1], device=self.device)
-        for j in range(self.p.gen):
-            logits = self.model.decode(tok, ctx + j)
-            tok = logits.argmax()
-            self.tokens.append(int(tok))  # the one host sync per step: reading the sampled token
-            if len(kept) < span:
-                kept.append(logits.cpu().numpy())
+        from greta.engine.requests import greedy, one_sequence
+
+        def on_step(j, rows):
             self.progress("decode", j + 1, self.p.gen, "tok")
-        self.decode_logits = np.stack(kept)
+
+        (self.tokens,), (kept,) = greedy(one_sequence(self.model), [self.p.ctx], self.tokens, [self.p.gen],
+                                         self.p.span - 1, on_step)
+        self.decode_logits = np.stack([self.first] + [x.cpu().numpy() for x in kept])
         return {"tokens": list(self.tokens)}
 
     def reference(self) -> dict:
+        from greta.engine.requests import reference
+
         ctx, span = self.p.ctx, self.p.span
-        self.model.cache.reset()
-        seq = torch.cat([self.prompt, torch.tensor(self.tokens[: span - 1], device=self.device)])
-        keep = list(range(ctx - 1, ctx + span - 1))
-        logits = self.model.prefill(seq, keep=keep, progress=lambda d, t: self.progress("reference", d, t, "pos"))
+        logits = reference(self.model, 0, self.prompt, self.tokens, span - 1,
+                           progress=lambda d, t: self.progress("reference", d, t, "pos"))
         ref = logits.cpu().numpy()
         digest = {"logits_sha256": logits_digest(self.decode_logits, ref)} if self.tp else {}
         if self.rank:  # every rank holds the full logits; rank 0's go to the record, the others' digests are checked
             return {**digest, "tokens": list(self.tokens)}
         return {"reference_logits": ref, "decode_logits": self.decode_logits, "tokens": list(self.tokens),
-                "positions": keep, **digest}
+                "positions": list(range(ctx - 1, ctx + span - 1)), **digest}

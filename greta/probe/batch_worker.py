@@ -2,7 +2,7 @@
 runner, under the same timeouts, fault injection and OOM handling as B3.77's).
 
   ceilings   as B3.77's (matmul rate, copy bandwidth: the floor's bandwidth)
-  load       the model, a BatchRunner with one KV slab per request, the requests' prompts
+  load       the model (tp > 1: this rank's shard only), a Runner with one KV slab per request, the prompts
   prefill    every request's prompt into its slab, one after the other (timed: prefill tokens/s)
   decode     (b): all requests decoded together, greedy; a request leaves when its steps are done (each step
              timed: ms per step against the floor)
@@ -16,7 +16,7 @@ import time
 import numpy as np
 import torch
 
-from greta.probe.worker import MB, ProbeJob, sync
+from greta.probe.worker import MB, ProbeJob, logits_digest, sync
 from greta.record.batch import batch_plan, compared_steps, step_floor_bytes
 
 
@@ -37,28 +37,28 @@ class BatchJob(ProbeJob):
     """State carried from phase to phase of the batch probe."""
 
     def load(self) -> dict:
-        from greta.engine.batch import BatchRunner
-        from greta.engine.source import load_model
+        from greta.engine.runner import Runner
 
         p = self.p
-        m = load_model(p.model, p.seed, self.dtype, self.device)
-        cfg, w = m.config, m.weights
+        cfg, w, source, model_hash = self.load_weights()
         self.cfg = cfg
         self.lengths, self.gens = batch_plan(p)
         prompts, prompt_info = request_prompts(p, cfg.vocab_size, self.lengths)
         self.prompts = [t.to(self.device) for t in prompts]
-        self.model = BatchRunner(cfg, w, n_seqs=p.batch, max_tokens=p.ctx + p.gen, kv_aligned=p.kv_aligned,
-                                 chunk=p.prefill_chunk, kv_block=p.kv_block, perturb=p.perturb, backend=p.backend)
+        self.model = Runner(cfg, w, n_seqs=p.batch, max_tokens=p.ctx + p.gen, kv_aligned=p.kv_aligned,
+                            chunk=p.prefill_chunk, kv_block=p.kv_block, perturb=p.perturb, backend=p.backend,
+                            tp=self.tp)
         warmup_s = self._warmup() if self.device.type == "cuda" else 0.0
         self.weight_bytes = sum(t.nbytes for k, t in w.items()
                                 if k != "embed" or cfg.tie_embeddings)  # a step reads every weight but the table
-        return {"config": cfg.to_dict(), "weights_source": m.source, "model_hash": m.model_hash,
+        return {"config": cfg.to_dict(), "weights_source": source, "model_hash": model_hash,
                 "param_count": cfg.param_count(), "weights_mb": sum(t.nbytes for t in w.values()) / MB,
                 "kv_cache_mb": self.model.cache.nbytes() / MB, "kv_cache_capacity": self.model.cache.capacity,
                 "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
                 "torch_threads": torch.get_num_threads(), "warmup_s": warmup_s,
                 "prompt": {**prompt_info, "prompt_tokens": sum(self.lengths)},
-                "batch": {"lengths": self.lengths, "gens": self.gens}}
+                "batch": {"lengths": self.lengths, "gens": self.gens},
+                **({"tp": {"world": self.tp.world, "exact": self.tp.exact}} if self.tp else {})}
 
     def _warmup(self) -> float:
         """Compile kernels and initialise libraries outside the timed phases: a short prefill of request 0
@@ -66,21 +66,21 @@ class BatchJob(ProbeJob):
         t0 = time.perf_counter()
         n = min(self.lengths[0], self.p.prefill_chunk + 1)
         for b in range(self.p.batch):
-            self.model.prefill(b, self.prompts[0][:n])
-        self.model.decode([1] * self.p.batch, [n] * self.p.batch, list(range(self.p.batch)))
+            self.model.prefill(self.prompts[0][:n], seq=b)
+        self.model.decode_batch([1] * self.p.batch, [n] * self.p.batch, list(range(self.p.batch)))
         self.model.cache.reset()
         sync(self.device)
         return time.perf_counter() - t0
 
     def prefill(self) -> dict:
-        from greta.engine.batch import prefill_all
+        from greta.engine.requests import prefill_all
 
         self.model.cache.reset()
         self.firsts = prefill_all(self.model, self.prompts, progress=lambda d, t: self.progress("prefill", d, t, "seq"))
         return {"tokens": [int(f.argmax()) for f in self.firsts], "prefill_tokens": sum(self.lengths)}
 
     def decode(self) -> dict:
-        from greta.engine.batch import decode_together
+        from greta.engine.requests import decode_together
 
         steps, kvb = [], self.cfg.kv_bytes_per_token(self.dtype.itemsize)
         total = max(self.gens)
@@ -101,7 +101,7 @@ class BatchJob(ProbeJob):
         return {"tokens": self.tokens, "steps": steps}
 
     def reference(self) -> dict:
-        from greta.engine.batch import decode_alone, reference
+        from greta.engine.requests import decode_alone, reference
 
         alone, refs = [], []
         for b, (n, g) in enumerate(zip(self.lengths, self.gens)):
@@ -110,5 +110,8 @@ class BatchJob(ProbeJob):
             alone.append(np.stack([self.firsts[b].cpu().numpy()] + [x.cpu().numpy() for x in a]))
             refs.append(reference(self.model, b, self.prompts[b], self.tokens[b], k).cpu().numpy())
             self.progress("reference", b + 1, self.p.batch, "seq")
+        digest = {"logits_sha256": logits_digest(*alone, *self.in_batch, *refs)} if self.tp else {}
+        if self.rank:  # every rank holds the full logits; rank 0's go to the record, the others' digests are checked
+            return {**digest, "tokens": self.tokens}
         return {"alone": alone, "in_batch": self.in_batch, "reference": refs, "tokens": self.tokens,
-                "lengths": self.lengths, "gens": self.gens}
+                "lengths": self.lengths, "gens": self.gens, **digest}

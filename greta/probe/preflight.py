@@ -47,12 +47,9 @@ def device_memory(device: str) -> int:
 
 
 def _check_tp_here(p: Params) -> None:
-    """A kind that runs tensor parallel runs tp > 1 as one worker per rank (greta.probe.ranks); one that does
-    not is refused here rather than recorded as tp=N but run on one device. On CUDA, rank r needs cuda:r."""
+    """Every kind runs tp > 1 as one worker per rank (greta.probe.ranks); on CUDA, rank r needs cuda:r."""
     if p.tp == 1:
         return
-    if not kind_of(p).runs_tp:
-        raise ParamError(f"param tp={p.tp}: the {p.probe} probe does not run tensor parallel; use -p tp=1 with -p probe={p.probe}")
     if p.device == "cuda":
         import torch
 
@@ -168,8 +165,9 @@ def _check_triton(device: str, dtype: str) -> None:
 
 
 def _check_fits(p: Params) -> None:
-    """Refuse a run whose weights plus KV cache alone exceed the device's total memory."""
-    from greta.engine.config import cache_tokens, kv_capacity
+    """Refuse a run whose weights plus KV cache alone (one rank's: its shard, its KV heads; a slab per sequence
+    the kind holds) exceed the device's total memory."""
+    from greta.engine.config import cache_tokens, kv_bytes
     from greta.engine.source import load_config, model_source
 
     try:
@@ -185,13 +183,16 @@ def _check_fits(p: Params) -> None:
             check_tree(cfg, tree_segments(cfg), p.tp)
         except ValueError as e:
             raise ParamError(f"param tp_invariant=1 with model {show(p.model)}: {e}") from None
-    cache = kv_capacity(cache_tokens(p.ctx + p.gen, p.prefill_chunk), p.kv_block)  # as runner.KVCache holds it
-    b = dtype_bytes(p.dtype)
-    need = cfg.rank_param_count(p.tp) * b + cfg.kv_bytes_per_token(b) * cache // p.tp  # one rank's
+    b, slabs = dtype_bytes(p.dtype), kind_of(p).kv_sequences(p)
+    weights = cfg.rank_param_count(p.tp) * b  # one rank's, as are its KV heads
+    kv = kv_bytes(cfg, slabs, cache_tokens(p.ctx + p.gen, p.prefill_chunk), p.kv_block, b, heads=cfg.n_kv_heads // p.tp)
     have = device_memory(p.device)
     kind_of(p).preflight(p, cfg, have)
-    if need > have:
+    if weights + kv > have:
         sizes = ", ".join(f"{k}={getattr(p, k)}" for k in ("ctx", "gen", "prefill_chunk", "kv_block", "tp"))
-        raise ParamError(f"params {sizes}: weights + KV cache need {need / 2**30:.3g} GiB but {p.device} has "
-                         f"{have / 2**30:.3g} GiB; lower -p ctx (or gen, prefill_chunk, kv_block), or raise -p tp")
+        held = f"KV cache of {slabs} slabs (a request each)" if slabs > 1 else "KV cache"
+        raise ParamError(f"params {sizes}{f', batch={slabs}' if slabs > 1 else ''}: weights {weights / 2**30:.3g} GiB "
+                         f"+ {held} {kv / 2**30:.3g} GiB do not fit the {have / 2**30:.3g} GiB of {p.device}; "
+                         f"{'lower -p batch or -p ctx' if slabs > 1 else 'lower -p ctx'} (or gen, prefill_chunk, "
+                         "kv_block), or raise -p tp")
 

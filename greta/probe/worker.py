@@ -186,6 +186,23 @@ class ProbeJob:
     def ceilings(self) -> dict:
         return measure_ceilings(self.device, self.dtype)
 
+    def load_weights(self):
+        """The model this process runs -> (config, weights, source, hash). Tensor parallel (tp > 1): join the
+        group from torchrun's environment (the collectives' timeout below the phases') and make or load only
+        this rank's shard."""
+        from greta.engine.launch import init_from_env
+        from greta.engine.source import load_model
+
+        p, shard = self.p, None
+        if p.tp > 1:
+            # the exact reduction (kv_aligned=1): on CUDA the one-shot over symmetric memory (graph-capturable,
+            # the same bits as rank order), elsewhere all_gather + rank-order add (docs/TP.md)
+            exact = "one_shot" if self.device.type == "cuda" else "rank_order"
+            self.tp, _ = init_from_env(self.device.type, collective_timeout_s(p), exact=exact)
+            shard = (self.tp.rank, self.tp.world)
+        m = load_model(p.model, p.seed, self.dtype, self.device, shard=shard)
+        return m.config, m.weights, m.source, m.model_hash
+
 
 def _allocator_stats(stats, device: torch.device, stop: threading.Event):
     while not stop.wait(0.1):

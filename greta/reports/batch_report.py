@@ -8,7 +8,7 @@ max_abs_diff.
 from __future__ import annotations
 
 from greta.reports import fmt, md
-from greta.reports.memory_section import memory_section, reproduce_lines
+from greta.reports.memory_section import memory_section, reproduce_lines, tp_bullet
 
 COLUMNS = ["Batch", "Context", "KV", "Worst request", "Max Logits Diff", "Decode tok/s", "Floor tok/s", "Verdict"]
 REQUEST_COLUMNS = ["Request", "Prompt tokens", "Decode steps", "Rows compared", "|a − b| max", "|b − c| max",
@@ -62,6 +62,7 @@ def _matrix(params, meta) -> list[str]:
         md.line("Prompt lengths:", lengths if lengths is not None else "—", "(given)" if params["batch_lengths"]
                 else "(drawn with the seed, uniform in [ctx/2, ctx])"),
         md.line("Negative control (perturb):", params["perturb"], "· fault injection:", params["fault"]),
+        *tp_bullet(params),
         md.text("Judgement (kv_aligned=1): (a), (b) and (c) bit-identical for every request, else "
                 "FAIL_BATCH_INVARIANT; kv_aligned=0: the differences are measured (BATCH_DRIFT). No tolerance "
                 "applies.")]), ""]

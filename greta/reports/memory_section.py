@@ -81,3 +81,14 @@ def reproduce_lines(params: dict) -> list[Markup | str]:
     return ["## Reproduce", "", md.line("Command:", md.code(reproduce_command(params))), "",
             "Every param that differs from its default is given; params.json in this directory holds every value used.",
             ""]
+
+
+def tp_bullet(params) -> list[Markup]:
+    """Tensor parallel runs, of any probe kind: the degree and how it ran (nothing for tp=1, whose report is as it was)."""
+    tp = params.get("tp", 1)
+    if tp == 1:
+        return []
+    return [md.line("Tensor parallel: ", md.bold(f"tp={tp}"), f" — one worker process per rank (rank r on "
+                    f"{'cuda:r' if params['device'] == 'cuda' else params['device']}), each holding its shard of the "
+                    "weights and of the KV heads; rank 0's logits are recorded, every rank's logits checked equal "
+                    "(sha256)", sep="")]

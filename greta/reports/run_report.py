@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from greta.reports import fmt, md
 from greta.reports.md import Markup
-from greta.reports.memory_section import memory_name, memory_section, reproduce_lines
+from greta.reports.memory_section import memory_name, memory_section, reproduce_lines, tp_bullet
 from greta.reports.text_section import text_section
 
 __all__ = ["render_report", "results_row", "results_columns", "interpret", "fault_report"]
@@ -75,7 +75,7 @@ def _matrix(params, meta) -> list[str]:
                 f"{params['dtype']} · kv_aligned={params['kv_aligned']} · backend {params['backend']} · "
                 f"prefill_chunk {params['prefill_chunk']} · kv_block {params['kv_block']}"),
         md.line(*prompt, sep=" · "),
-        *_tp_bullet(params),
+        *tp_bullet(params),
         *_engine_bullet(meta.get("engine")),
         md.line("Negative control (perturb):", params["perturb"], "· fault injection:", params["fault"]),
         md.text(f"Stop conditions: OOM → FAIL_OOM at once; per-phase timeouts (s) {params['timeouts']}, enforced "
@@ -91,17 +91,6 @@ def _engine_bullet(engine) -> list[Markup]:
     return [md.line("Engine under audit: ", md.bold(engine.get("name")), " (", engine.get("version"), "; its own prefill "
                     "forward and its decode on its ", engine.get("cache"), ", attention ", engine.get("attention"), "; ",
                     engine.get("weights"), ")", sep="")]
-
-
-def _tp_bullet(params) -> list[Markup]:
-    """Tensor parallel runs: the degree and how it ran (nothing for tp=1, whose report is as it was)."""
-    tp = params.get("tp", 1)
-    if tp == 1:
-        return []
-    return [md.line("Tensor parallel: ", md.bold(f"tp={tp}"), f" — one worker process per rank (rank r on "
-                    f"{'cuda:r' if params['device'] == 'cuda' else params['device']}), each holding its shard of the "
-                    "weights and of the KV heads; rank 0's logits are recorded, every rank's logits checked equal "
-                    "(sha256)", sep="")]
 
 
 def _metrics_lines(m) -> list[str]:

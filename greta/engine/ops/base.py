@@ -21,7 +21,7 @@ class Step:
     rows:        rows whose logits lm_head returns, in order.
     kv_rows:     rows whose K/V are written to the cache (None: all of them; padding rows are not).
     seq:         [T] the sequence each row belongs to, an index into a batch's KV slabs (None: one sequence,
-                 the cache is one layer's (k, v); see greta/engine/batch.py and ops/batch.py).
+                 the cache is one layer's (k, v); see greta/engine/runner.py decode_batch and ops/batch.py).
     """
     tokens: torch.Tensor
     pos: torch.Tensor

@@ -1,4 +1,4 @@
-"""Decode of several sequences in one step, over any backend (greta/engine/batch.py runs it).
+"""Decode of several sequences in one step, over any backend (greta/engine/runner.py decode_batch runs it).
 
 A batch decode step holds one row per live sequence; `Step.seq` says which sequence (an index into the
 batch's KV slabs, kv = (k, v) each [n_seqs, Hkv, capacity, D]) each row belongs to. Everything row-wise
@@ -194,8 +194,8 @@ class TorchBatchOps(BatchOps):
     masked to its own keys 0..pos. K and V are read in place when the rows are consecutive sequences (as when
     the whole batch is live), gathered otherwise. The batched matmuls round unlike the single-row ones and the
     SDPA prefill: the drift the batch probe measures. How far to read, `kv_end` (at least the furthest position
-    + 1), is the step's (greta.engine.batch sets it from the host's positions, so the step reads nothing back);
-    without it, it is read from the device. On CUDA the kv_aligned=0 path is FastBatchOps; this one runs
+    + 1), is the step's (the runner sets it from the host's positions, engine.runner.host_layout, so the step
+    reads nothing back); without it, it is read from the device. On CUDA the kv_aligned=0 path is FastBatchOps; this one runs
     where CudaFastOps does not (the CPU, or CUDA without triton), never from a CUDA graph."""
 
     def decode_attention(self, q, kv, step: Step):

@@ -20,7 +20,6 @@ class B377Kind(ProbeKind):
     run_notebook = "run_b3_77.ipynb"
     analysis_notebooks = ("vram_plot.ipynb", "equivalence_analysis.ipynb")
     figures = (("vram_plot.png", "memory over time"), ("equivalence.png", "per-position |Δlogit|"))
-    runs_tp = True
     sweep_matrix = "ctx × kv_aligned × seed × dtype"
 
     def job(self) -> type:

@@ -24,7 +24,6 @@ class ProbeKind:
     run_notebook: str                       # notebooks/<run_notebook>: the audit executes it into the record
     analysis_notebooks: tuple[str, ...]     # executed into the record after the probe
     figures: tuple[tuple[str, str], ...]    # (png, what it shows): the figures its run page shows
-    runs_tp: bool                           # it can run tensor parallel (tp > 1)
 
     @property
     def name(self) -> str:
@@ -61,6 +60,10 @@ class ProbeKind:
 
     def preflight(self, p, cfg, have_bytes: int) -> None:
         """Its own checks against this machine (ParamError, one line); tp is checked by preflight."""
+
+    def kv_sequences(self, p) -> int:
+        """The sequences its runner holds a KV slab for (preflight sizes the cache by it)."""
+        return 1
 
     # --- reading back: greta.checks ----------------------------------------------------------------------
     def check_judgement(self, rec) -> list[str]:

@@ -26,7 +26,6 @@ class BatchKind(ProbeKind):
     analysis_notebooks = ("vram_plot.ipynb",)  # equivalence_analysis reads B3.77's per-position logits.npz
     figures = (("vram_plot.png", "memory over time"),)
     sweep_matrix = "batch × ctx × kv_aligned × seed × dtype"
-    runs_tp = False  # one process on one device (its engine, greta.engine.batch, holds no shard)
 
     def job(self) -> type:
         from greta.probe.batch_worker import BatchJob
@@ -43,19 +42,8 @@ class BatchKind(ProbeKind):
 
         return render_batch_report(params, meta, perf, metrics, vram_summary, verdict)
 
-    def preflight(self, p, cfg, have_bytes: int) -> None:
-        """Its KV is a slab per request (greta.engine.batch.BatchKVCache): batch x capacity, as the engine sizes it."""
-        from greta.engine.batch import batch_kv_bytes
-        from greta.engine.config import cache_tokens
-        from greta.record.params import dtype_bytes
-
-        b = dtype_bytes(p.dtype)
-        weights = cfg.param_count() * b
-        kv = batch_kv_bytes(cfg, p.batch, cache_tokens(p.ctx + p.gen, p.prefill_chunk), p.kv_block, b)
-        if weights + kv > have_bytes:
-            raise ParamError(f"params batch={p.batch}, ctx={p.ctx}: weights {weights / 2**30:.3g} GiB + KV cache of "
-                             f"{p.batch} slabs {kv / 2**30:.3g} GiB do not fit the {have_bytes / 2**30:.3g} GiB of "
-                             f"{p.device}; lower -p batch or -p ctx")
+    def kv_sequences(self, p) -> int:
+        return p.batch  # a KV slab per request (greta.engine.kvcache.KVCache)
 
     def check_judgement(self, rec) -> list[str]:
         """The stated verdict against metrics.json, and metrics.json against batch_logits.npz."""

@@ -27,7 +27,6 @@ class TPInvarianceKind(ProbeKind):
     analysis_notebooks = ("vram_plot.ipynb", "tp_heatmap.ipynb")
     figures = (("vram_plot.png", "memory over time"), ("tp_heatmap.png", "degree × position |Δlogit| against tp=1"))
     sweep_matrix = "ctx × kv_aligned × seed × dtype; each point compares tp 1, 2, .. tp"
-    runs_tp = True  # its workers are the tp ranks; degree d runs on ranks 0..d-1
 
     def job(self) -> type:
         from greta.probe.tp_invariance_worker import TPInvarianceJob
@@ -47,7 +46,7 @@ class TPInvarianceKind(ProbeKind):
     def preflight(self, p, cfg, have_bytes: int) -> None:
         """Every degree holds whole subtrees of the model's tree (S/d a power of two), and rank 0, which holds
         every degree's shard and KV cache, fits."""
-        from greta.engine.config import cache_tokens, check_tree, kv_capacity, tree_segments
+        from greta.engine.config import cache_tokens, check_tree, kv_bytes, tree_segments
         from greta.record.params import dtype_bytes
 
         if p.kv_aligned:
@@ -56,8 +55,9 @@ class TPInvarianceKind(ProbeKind):
                     check_tree(cfg, tree_segments(cfg), d)
                 except ValueError as e:
                     raise ParamError(f"param probe=tp_invariance with model {show(p.model)} at tp={d}: {e}") from None
-        b, cache = dtype_bytes(p.dtype), kv_capacity(cache_tokens(p.ctx + p.gen, p.prefill_chunk), p.kv_block)
-        need = sum(cfg.rank_param_count(d) * b + cfg.kv_bytes_per_token(b) * cache // d for d in degrees_of(p.tp))
+        b, tokens = dtype_bytes(p.dtype), cache_tokens(p.ctx + p.gen, p.prefill_chunk)
+        need = sum(cfg.rank_param_count(d) * b + kv_bytes(cfg, 1, tokens, p.kv_block, b, heads=cfg.n_kv_heads // d)
+                   for d in degrees_of(p.tp))
         if need > have_bytes:
             raise ParamError(f"params tp={p.tp}, ctx={p.ctx}: rank 0 holds every degree's shard and KV cache, "
                              f"{need / 2**30:.3g} GiB, but {p.device} has {have_bytes / 2**30:.3g} GiB; lower -p tp "
