@@ -132,6 +132,86 @@ def test_analyze_flags_a_batch_record_its_logits_do_not_back(runs, tmp_path):
     assert rep["status"] == "MISSING_LOGITS" and "batch_logits.npz missing" in rep["reasons"][0]
 
 
+def _without_logits(src: Path, root: Path) -> Path:
+    """A copy of src under root (its run id kept: metadata.json names it) without batch_logits.npz, as committed."""
+    import shutil
+
+    dst = root / src.name
+    shutil.copytree(src, dst)
+    (dst / LOGITS_FILE).unlink()
+    return dst
+
+
+def _forge(src: Path, root: Path, exact: bool) -> Path:
+    """A copy of src without batch_logits.npz (as a committed record) that says bit_exact=exact (exact: every
+    request, a forged pass; else request 1, a forged failure), with inexact_requests, verdict.json and report.md made
+    to fit, resealed: everything agrees but the fingerprints."""
+    from greta.checks.statements import rendered_report
+    from greta.record.batch import batch_verdict
+    from greta.record.files import read_record
+
+    dst = _without_logits(src, root)
+    m = rj(dst, "metrics.json")
+    for r in m["per_request"]:
+        r["bit_exact"] = exact if exact or r["request"] == 1 else r["bit_exact"]
+    m["bit_exact"] = all(r["bit_exact"] for r in m["per_request"])
+    m["inexact_requests"] = [r["request"] for r in m["per_request"] if not r["bit_exact"]]
+    (dst / "metrics.json").write_text(json.dumps(m, indent=2))
+    v = rj(dst, "verdict.json")
+    v["verdict"], v["reason"] = batch_verdict(m, 1)
+    v["bit_exact"] = m["bit_exact"]
+    (dst / "verdict.json").write_text(json.dumps(v, indent=2))
+    (dst / "report.md").write_text(rendered_report(read_record(dst)), encoding="utf-8")
+    seal(dst)
+    return dst
+
+
+def test_verify_holds_bit_exact_to_the_fingerprints_without_the_logits(runs, tmp_path):
+    honest = _without_logits(runs("pass"), tmp_path / "honest")
+    assert verify(honest, allow_missing_large=True) == []  # the control: an honest record without its logits
+    m = rj(honest, "metrics.json")
+    fp = m["per_request"][2]["per_position"][1]
+    assert set(fp["fingerprint"]) == {"alone", "batch", "reference"} and fp["step"] == 1
+    assert fp["position"] == m["per_request"][2]["prompt_tokens"]  # the first decode step's
+    forged = _forge(runs("pass"), tmp_path / "forged-fail", exact=False)
+    reasons = verify(forged, allow_missing_large=True)
+    assert reasons and all("fingerprints" in r for r in reasons), reasons  # only they can tell
+    assert any("request 1 bit_exact is False but the fingerprints say every position is bit-identical" in r
+               for r in reasons), reasons
+    forged = _forge(runs("control"), tmp_path / "forged-pass", exact=True)
+    assert rj(forged, "verdict.json")["verdict"] == "PASS_BATCH_INVARIANT"
+    reasons = verify(forged, allow_missing_large=True)
+    assert any("bit_exact is True but the fingerprints say requests [0, 1, 2] are not" in r for r in reasons), reasons
+    assert any("request 1 bit_exact is True but the fingerprints say its alone, batch and reference rows differ" in r
+               for r in reasons), reasons
+
+
+def test_analyze_without_the_logits_checks_the_fingerprints(runs, tmp_path):
+    rep = analyze_run(_without_logits(runs("control"), tmp_path / "honest"))
+    assert rep["status"] == "MISSING_LOGITS" and any("fingerprints agree" in r for r in rep["reasons"]), rep["reasons"]
+    rep = analyze_run(_forge(runs("control"), tmp_path / "forged", exact=True))
+    assert rep["status"] == "MISSING_LOGITS" and rep["stored_verdict"] == "PASS_BATCH_INVARIANT", rep["reasons"]
+    assert any("request 1 bit_exact is True but the fingerprints say" in r for r in rep["reasons"]), rep["reasons"]
+
+
+def test_batch_fingerprints_as_data():
+    from greta.record.batch import batch_metrics, fingerprint_problems, fingerprint_rows, request_row
+
+    x = np.arange(12, dtype=np.float32).reshape(2, 6)
+    y = x.copy()
+    y[1, 0] = np.nextafter(np.float32(6), np.float32(7))  # one ulp, outside the top-1
+    m = batch_metrics([request_row(0, 5, 1, x, x, x), request_row(1, 9, 1, x, x, y)])
+    assert fingerprint_problems(m) == [] and m["inexact_requests"] == [1]
+    rows = fingerprint_rows(m)
+    assert [(r["request"], r["step"], r["position"]) for r in rows] == [(0, 0, 4), (0, 1, 5), (1, 0, 8), (1, 1, 9)]
+    m["per_request"][1]["bit_exact"] = m["bit_exact"] = True
+    m["inexact_requests"] = []
+    assert len(fingerprint_problems(m)) == 3  # the request, the batch, inexact_requests
+    del m["per_request"][0]["per_position"]
+    assert fingerprint_rows(m) is None and "request 0 has no complete fingerprint" in fingerprint_problems(m)[0]
+    assert fingerprint_problems({k: v for k, v in m.items() if k != "per_request"}) == []
+
+
 def test_lengths_are_drawn_with_the_seed():
     p = load_params(None, {"probe": "batch", "batch": 5, "ctx": 1000, "gen": 8, "span": 4})
     lengths, gens = batch_plan(p)

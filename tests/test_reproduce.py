@@ -33,11 +33,18 @@ ONE_ULP = textwrap.dedent('''
 
     def decode_attention(self, q, kv, step):
         o = _decode_attention(self, q, kv, step).clone()
-        o[step.rows[0]].view({2: torch.int16, 4: torch.int32}[o.element_size()]).bitwise_xor_(1)
+        ROWS.view({2: torch.int16, 4: torch.int32}[o.element_size()]).bitwise_xor_(1)
         return o
 
     TiledTorchOps.decode_attention = decode_attention
 ''')
+
+
+def _one_ulp(tmp_path, monkeypatch, rows: str) -> None:
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(ONE_ULP.replace("ROWS", rows))
+    monkeypatch.setenv("PYTHONPATH", str(site))
 
 
 @pytest.fixture(scope="module")
@@ -64,10 +71,14 @@ def _edit_json(path: Path, edit) -> None:
 
 @pytest.fixture()
 def one_ulp(tmp_path, monkeypatch):
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(ONE_ULP)
-    monkeypatch.setenv("PYTHONPATH", str(site))
+    _one_ulp(tmp_path, monkeypatch, "o[step.rows[0]]")  # a single sequence's decode: its one row
+
+
+@pytest.fixture()
+def one_ulp_every_row(tmp_path, monkeypatch):
+    # the batch's tiled decode lays each row at slot pos % chunk of a tile (ops/batch.py TiledBatchOps), so
+    # step.rows[0] may be a filler: every row is flipped
+    _one_ulp(tmp_path, monkeypatch, "o")
 
 
 @pytest.fixture(scope="module")
@@ -148,12 +159,45 @@ def test_an_original_without_logits_or_fingerprints_is_not_comparable_unrun(orig
     assert verify(rdir) == []
 
 
-def test_a_batch_record_reproduces_by_its_logits_and_not_without(small_params, tmp_path):
-    batch = Path(run_probe(small_params(**BATCH), out_root=tmp_path / "orig", progress=False))
+@pytest.fixture(scope="module")
+def batch(tmp_path_factory, small_params) -> Path:
+    return Path(run_probe(small_params(**BATCH), out_root=tmp_path_factory.mktemp("batch"), progress=False))
+
+
+def test_a_batch_record_reproduces_by_its_logits_and_by_its_fingerprints(batch, tmp_path):
     _, body = reproduce(batch, out_root=tmp_path / "out", progress=False)
     assert body["verdict"] == "REPRODUCED" and body["comparison"]["by"] == "logits"
-    _, body = reproduce(_copy(batch, tmp_path, drop_logits=True), out_root=tmp_path / "out", progress=False)
-    assert body["verdict"] == "NOT_COMPARABLE" and "no fingerprints" in body["reason"]
+    rdir, body = reproduce(_copy(batch, tmp_path, drop_logits=True), out_root=tmp_path / "out", progress=False)
+    assert body["verdict"] == "REPRODUCED", body["reason"]
+    assert body["comparison"]["by"] == "fingerprints" and body["comparison"]["positions"] == 3 + 4 + 4  # compared rows
+    assert verify(rdir) == []
+
+
+def test_one_ulp_in_a_batch_differs_by_request_path_and_position(batch, tmp_path, one_ulp_every_row):
+    lengths = [r["prompt_tokens"] for r in json.loads((batch / "metrics.json").read_text())["per_request"]]
+    rdir, body = reproduce(_copy(batch, tmp_path, drop_logits=True), out_root=tmp_path / "out", progress=False)
+    assert body["verdict"] == "DIFFERS", body["reason"]
+    first = body["comparison"]["first"]
+    # decode attention changed: request 0's first decode step, decoded alone (the paths in the order alone, batch,
+    # reference); its prefill row (step 0) and every reference row (prefill) are the same bits
+    assert (first["request"], first["path"], first["step"], first["position"]) == (0, "alone", 1, lengths[0])
+    assert "reference" not in body["comparison"]["differing"]
+    assert f"first difference: request 0 alone at step 1 (position {lengths[0]})" in body["reason"]
+    assert f"First difference: request 0 · path `alone` · step 1 · position {lengths[0]}" in (rdir / "report.md").read_text()
+    assert verify(rdir) == []
+
+
+def test_a_batch_record_without_fingerprints_is_not_comparable_unrun(batch, tmp_path):
+    old = _copy(batch, tmp_path, drop_logits=True)
+
+    def strip(m):
+        for r in m["per_request"]:
+            del r["per_position"]
+    _edit_json(old / "metrics.json", strip)
+    seal(old)
+    assert verify(old, allow_missing_large=True) == []  # a record made before fingerprints: not checked, accepted
+    _, body = reproduce(old, out_root=tmp_path / "out", progress=False)
+    assert body["verdict"] == "NOT_COMPARABLE" and "no fingerprints" in body["reason"] and body["rerun"] is None
 
 
 def test_a_tampered_or_unsealed_original_is_refused(original, tmp_path, capsys):

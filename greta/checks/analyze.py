@@ -10,8 +10,9 @@ Status (the most severe finding wins, in this order):
     ``decode``/``reference`` logits cannot be read: ``logits.npz`` is absent, not a regular file
     (a symlink, FIFO or device: refused unopened), over its size cap, truncated or corrupt
     (zip/zlib error), lacks one of those arrays, or holds a non-numeric array under that name.
-    Nothing can be recomputed; when metrics.json carries fingerprints (greta.record.fingerprints),
-    its bit_exact and top-1 agreement are still held against them (a disagreement is a reason).
+    Nothing can be recomputed; when metrics.json carries fingerprints (greta.record.fingerprints; a
+    batch record's per request, greta.record.batch), its bit_exact and top-1 agreement are still held
+    against them (a disagreement is a reason).
 ``SPAN_MISMATCH``
     the logits are there but their shapes do not fit together: ``decode`` vs ``reference``,
     either vs ``params["span"]`` or ``metrics.json``'s span/vocab, ``positions``/``tokens`` too
@@ -58,7 +59,6 @@ import numpy as np
 
 from greta.probe.kinds import UnknownKind, kind_of
 from greta.record.files import RecordFileError, read_member_json
-from greta.record.fingerprints import problems as fingerprint_problems
 from greta.record.members import MemberError, is_member_file, member_kind, open_npz
 from greta.record.metrics import FAULT_VERDICTS, compare, equivalence_verdict
 from greta.reports import md
@@ -230,8 +230,10 @@ def _judged_verdict(verdict_rec: dict | None):
     return verdict_rec.get("verdict")
 
 
-def _without_logits(run: Path, verdict_rec: dict | None, out: dict, f: _Findings, name: str = "logits.npz") -> None:
-    """No logits file: a fault record is complete without it; any other record cannot be re-checked."""
+def _without_logits(run: Path, kind, verdict_rec: dict | None, out: dict, f: _Findings) -> None:
+    """No logits file: a fault record is complete without it; any other record cannot be re-checked but from its
+    fingerprints."""
+    name = kind.logits_file
     stored_verdict = verdict_rec.get("verdict") if verdict_rec else None
     fault = stored_verdict in FAULT_VERDICTS
     if fault:
@@ -243,23 +245,24 @@ def _without_logits(run: Path, verdict_rec: dict | None, out: dict, f: _Findings
               f"record of that failure: {verdict_rec.get('reason') or 'no reason given'}")
     else:
         f.add("MISSING_LOGITS", f"{name} missing: the metrics and verdict cannot be recomputed")
-        _check_fingerprints(run, f)
+        _check_fingerprints(run, kind, f)
     if is_member_file(run, "metrics.json") and fault:
         f.add("INCOMPLETE", f"metrics.json present in a fault record without {name}")
 
 
-def _check_fingerprints(run: Path, f: _Findings) -> None:
-    """Without the logits: metrics.json's bit_exact and top-1 agreement against its stored fingerprints."""
+def _check_fingerprints(run: Path, kind, f: _Findings) -> None:
+    """Without the logits: metrics.json's bit_exact and top-1 agreement against its stored fingerprints (the
+    kind's own check, greta.probe.kinds: fingerprint_problems)."""
     try:
         stored = read_member_json(run, "metrics.json")
     except (OSError, RecordFileError):
         return  # MISSING_LOGITS already says nothing can be recomputed
-    if not any(isinstance(r, dict) and "fingerprint" in r for r in stored.get("per_position") or []):
+    if not isinstance(stored, dict):
         return
-    bad = fingerprint_problems(stored)
+    bad = kind.fingerprint_problems(stored)  # [] for a record made before fingerprints
     for reason in bad:
         f.add("INCOMPLETE", reason)
-    if not bad:
+    if not bad and kind.fingerprint_rows(stored) is not None:
         f.add("OK", "metrics.json's fingerprints agree with its bit_exact and top-1 agreement (the logits are absent)")
 
 
@@ -303,7 +306,7 @@ def _analyze(run_dir, out: dict, f: _Findings) -> None:
         _analyze_recomputed(run, kind, params, verdict_rec, out, f)
         return
     if member_kind(run, "logits.npz") is None:
-        _without_logits(run, verdict_rec, out, f)
+        _without_logits(run, kind, verdict_rec, out, f)
         return
 
     stored = _read_json_obj(run, "metrics.json", f)
@@ -353,7 +356,7 @@ def _analyze_recomputed(run: Path, kind, params: dict, verdict_rec: dict | None,
     """A kind that recomputes its own metrics (e.g. the batch probe's per-request table from batch_logits.npz):
     they and the verdict they give, against metrics.json and verdict.json (the figures greta verify holds)."""
     if member_kind(run, kind.logits_file) is None:
-        _without_logits(run, verdict_rec, out, f, name=kind.logits_file)
+        _without_logits(run, kind, verdict_rec, out, f)
         return
     try:
         metrics, verdict, reason = kind.recompute(run, params)

@@ -21,7 +21,7 @@ from greta.probe.kinds import UnknownKind, kind_of
 from greta.record.files import MANIFEST, read_record
 from greta.record.members import is_member_file, load_npz, member_kind
 from greta.record.reproduction import (REPRODUCTION_FILE, compare_fingerprints, compare_logits,
-                                       environment_differences, has_fingerprints, judge_body)
+                                       environment_differences, judge_body)
 from greta.terminal import echo
 
 
@@ -64,7 +64,7 @@ def _params(d: Path, rec):
 
 def _nothing_to_compare(d: Path, rec, kind) -> str | None:
     """Why the original holds nothing to compare bits with (no logits file, no fingerprints), or None."""
-    if is_member_file(d, kind.logits_file) or has_fingerprints(rec.metrics.figures() if rec.metrics else None):
+    if is_member_file(d, kind.logits_file) or kind.fingerprint_rows(rec.metrics.figures() if rec.metrics else None):
         return None
     v = rec.verdict.verdict if rec.verdict else None
     why = f" (it is a {v} record: its probe stopped before the reference phase)" if v not in kind.verdicts else ""
@@ -81,8 +81,8 @@ def _compare_bits(d: Path, rec, rerun: Path, rrec, kind) -> dict:
     if is_member_file(d, kind.logits_file) and is_member_file(rerun, kind.logits_file):
         metrics = rec.metrics.figures() if rec.metrics else {}
         return compare_logits(load_npz(d, kind.logits_file), load_npz(rerun, kind.logits_file), kind.row_path(metrics))
-    return compare_fingerprints(rec.metrics.figures()["per_position"], (rrec.metrics.figures() if rrec.metrics else {})
-                                .get("per_position") or [])
+    return compare_fingerprints(kind.fingerprint_rows(rec.metrics.figures()),
+                                kind.fingerprint_rows(rrec.metrics.figures() if rrec.metrics else None) or [])
 
 
 def _rerun(params, out_root, progress: bool) -> Path:

@@ -11,7 +11,8 @@ Checks (each failure is one line of the returned list; an empty list means the r
   vram        no measured peak (sampled or allocator) is below the analytic weights + KV floor
   verdict     the stated verdict is the one the stored metrics give under the stored thresholds
   fingerprints  metrics.json's bit_exact holds exactly when every position's logits hashes are equal, and
-              the top-1 ids give its argmaxes and top1_agreement (greta.record.fingerprints; without logits.npz)
+              the top-1 ids give its argmaxes and top1_agreement (greta.record.fingerprints; without logits.npz;
+              each probe kind's own: greta.probe.kinds, fingerprint_problems)
   statements  report.md is, byte for byte, what the record's data files render to; every HTML page's and
               notebook output's verdict mark is verdict.json's verdict (greta.checks.statements; records made
               before the marks: greta.checks.statements_legacy)
@@ -35,7 +36,6 @@ from greta.checks.statements import check_statements
 from greta.probe.kinds import KINDS, UnknownKind, kind_of
 from greta.record.kinds import kind_name
 from greta.record.files import MANIFEST, RecordFiles, read_record
-from greta.record.fingerprints import problems as fingerprint_problems
 from greta.record.members import (NOT_REGULAR, MemberError, entries, is_member_file, member_kind, name_problem,
                                   open_member)
 from greta.record.metrics import FAIL, FAULT_VERDICTS
@@ -253,7 +253,8 @@ def verify(run_dir, allow_missing_large: bool = False) -> list[str]:
                     errors.append(f"{name} is missing though the reference phase finished")
     errors += _check_vram(rec)
     errors += _check_judgement(rec)
-    errors += fingerprint_problems(rec.metrics.figures()) if rec.metrics is not None else []
+    if rec.metrics is not None and rec.params is not None and kind_name(rec.params) in KINDS:
+        errors += kind_of(rec.params).fingerprint_problems(rec.metrics.figures())
     if rec.verdict is not None and rec.params is not None:
         judged_by_thresholds = kind_name(rec.params) not in KINDS or kind_of(rec.params).uses_thresholds
         errors += check_statements(d, rec, judged_by_thresholds)

@@ -8,15 +8,23 @@ then each compared decode step, all on the tokens the batch generated):
   (c) reference  the teacher-forced prefill of prompt + generated tokens.
 kv_aligned=1: (a), (b) and (c) must be bit-identical for every request (PASS_BATCH_INVARIANT, else
 FAIL_BATCH_INVARIANT); kv_aligned=0: the differences are measured (BATCH_DRIFT).
+
+Each request's row of metrics.json carries per compared position (per_position[j]: step j, the absolute position
+of the token whose logits the row holds) the fingerprint of each path's row (greta.record.fingerprints), so
+greta verify, analyze and reproduce can re-check a record whose batch_logits.npz is absent:
+    fingerprint_problems(metrics)   # where bit_exact / top1_agreement disagree with them: [] when they agree or are absent
+    fingerprint_rows(metrics)       # every request's rows, flat, as greta reproduce compares them
 """
 from __future__ import annotations
 
 import numpy as np
 
+from greta.record.fingerprints import row_fingerprint
 from greta.record.params import int_list
 
 BATCH_VERDICTS = ("PASS_BATCH_INVARIANT", "FAIL_BATCH_INVARIANT", "BATCH_DRIFT")
 LOGITS_FILE = "batch_logits.npz"
+PATHS = ("alone", "batch", "reference")  # (a), (b), (c): the names of their fingerprints
 
 
 def batch_plan(params) -> tuple[list[int], list[int]]:
@@ -49,10 +57,14 @@ def request_row(b: int, length: int, gen: int, alone, in_batch, ref) -> dict:
     d_bc, e_bc = _diff(x, c)
     finite = bool(np.isfinite(a).all() and np.isfinite(x).all() and np.isfinite(c).all())
     agree = float((x.argmax(-1) == c.argmax(-1)).mean())
+    # row j: the logits after the token at position length - 1 + j (the prompt's last, then each decode step's)
+    prints = [{"step": j, "position": length - 1 + j,
+               "fingerprint": {path: row_fingerprint(v[j]) for path, v in zip(PATHS, (a, x, c))}}
+              for j in range(x.shape[0])]
     return {"request": b, "prompt_tokens": length, "decode_steps": gen, "compared_rows": int(x.shape[0]),
             "alone_vs_batch_max_abs_diff": d_ab, "batch_vs_reference_max_abs_diff": d_bc,
             "max_abs_diff": max(d_ab, d_bc), "bit_exact": e_ab and e_bc and finite, "finite": finite,
-            "top1_agreement": agree}
+            "top1_agreement": agree, "per_position": prints}
 
 
 def batch_metrics(rows: list[dict]) -> dict:
@@ -77,6 +89,67 @@ def batch_verdict(m: dict, kv_aligned: int) -> tuple[str, str]:
     if m["bit_exact"]:
         return "PASS_BATCH_INVARIANT", f"every request bit-identical alone, in the batch and in its reference ({figures})"
     return "FAIL_BATCH_INVARIANT", f"requests {m['inexact_requests'][:8]} differ ({figures})"
+
+
+def fingerprint_rows(m: dict) -> list[dict] | None:
+    """Every request's per_position rows, flat, each with its "request" (what greta reproduce compares when the
+    original has no batch_logits.npz); None when a request has none (a record made before fingerprints)."""
+    reqs = m.get("per_request") if isinstance(m, dict) else None
+    if not isinstance(reqs, list) or not reqs or not all(isinstance(r, dict) and isinstance(r.get("per_position"), list)
+                                                         and r["per_position"] for r in reqs):
+        return None
+    return [{"request": r.get("request", b), **p} for b, r in enumerate(reqs) for p in r["per_position"]]
+
+
+def _request_prints(b: int, r: dict) -> tuple[list[bool], list[bool]]:
+    """(per position: the three paths' sha256 equal, the batch's top-1 id the reference's) of request b's row;
+    raises KeyError/TypeError/IndexError/ValueError when its fingerprints are incomplete."""
+    prints = [p["fingerprint"] for p in r["per_position"]]
+    if len(prints) != r["compared_rows"] or not prints:
+        raise ValueError(f"{len(prints)} fingerprinted positions, {r['compared_rows']} compared rows")
+    equal = [len({fp[path]["sha256"] for path in PATHS}) == 1 for fp in prints]
+    return equal, [fp["batch"]["top_ids"][0] == fp["reference"]["top_ids"][0] for fp in prints]
+
+
+def _request_problems(b: int, r: dict, equal: list[bool], agree: list[bool]) -> list[str]:
+    errors, finite = [], bool(r.get("finite"))
+    if r.get("bit_exact") != (finite and all(equal)):
+        unequal = [j for j, e in enumerate(equal) if not e]
+        errors.append(f"metrics.json request {b} bit_exact is {r.get('bit_exact')} but the fingerprints say "
+                      + (f"its alone, batch and reference rows differ at step(s) {', '.join(map(str, unequal[:8]))}"
+                         if unequal else "every position is bit-identical" + ("" if finite else ", with non-finite logits")))
+    if finite and r.get("top1_agreement") != sum(agree) / len(agree):
+        errors.append(f"metrics.json request {b} top1_agreement is {r.get('top1_agreement')} but the fingerprints' "
+                      f"top-1 ids agree at {sum(agree)} of {len(agree)} positions")
+    return errors
+
+
+def fingerprint_problems(m: dict) -> list[str]:
+    """Where metrics.json's bit_exact, top1_agreement and inexact_requests (each request's and the batch's)
+    disagree with its fingerprints (one line each); [] when they agree or the record has none."""
+    reqs = m.get("per_request") if isinstance(m, dict) else None
+    if not isinstance(reqs, list) or not any(isinstance(r, dict) and "per_position" in r for r in reqs):
+        return []
+    errors, exact, agreement = [], [], []
+    for b, r in enumerate(reqs):
+        try:
+            equal, agree = _request_prints(b, r)
+        except (KeyError, TypeError, IndexError, ValueError) as e:
+            return [f"metrics.json request {b} has no complete fingerprint of its alone, batch and reference rows "
+                    f"({type(e).__name__}: {e})"]
+        errors += _request_problems(b, r, equal, agree)
+        exact.append(bool(r.get("finite")) and all(equal))
+        agreement.append(sum(agree) / len(agree))
+    if m.get("bit_exact") != all(exact):
+        errors.append(f"metrics.json bit_exact is {m.get('bit_exact')} but the fingerprints say "
+                      + ("every request is bit-identical" if all(exact) else
+                         f"requests {[b for b, e in enumerate(exact) if not e][:8]} are not"))
+    if m.get("inexact_requests") != [r.get("request", b) for b, r in enumerate(reqs) if not exact[b]]:
+        errors.append("metrics.json inexact_requests is not the requests whose fingerprints differ")
+    if m.get("finite") and m.get("top1_agreement") != min(agreement):
+        errors.append(f"metrics.json top1_agreement is {m.get('top1_agreement')} but the fingerprints' lowest is "
+                      f"{min(agreement)}")
+    return errors
 
 
 def metrics_from_logits(arrays: dict, lengths: list[int], gens: list[int]) -> dict:

@@ -7,7 +7,8 @@
     field the original records that differs here makes the two runs NOT_COMPARABLE (different bits are then
     no finding, equal ones no proof); a field it does not record is named as not compared;
   - the logits bit for bit when both records hold their logits file (every array, row by row);
-  - else the fingerprints (greta.record.fingerprints: per position and path, the sha256 and top-k).
+  - else the fingerprints (greta.record.fingerprints: per position and path, the sha256 and top-k; the rows each
+    probe kind's fingerprint_rows gives, a batch record's per request).
 
     env = environment_differences(orig_meta, rerun_meta, device)    # {"differs": [...], "unrecorded": [...]}
     cmp = compare_fingerprints(orig_rows, rerun_rows)                # or compare_logits(orig, rerun, sources)
@@ -90,12 +91,6 @@ def differing_fields(rows: list[dict]) -> list[str]:
     return [r["field"] for r in rows if r.get("decides", True) and r["original"] != r["here"]]
 
 
-def has_fingerprints(metrics: dict | None) -> bool:
-    rows = (metrics or {}).get("per_position")
-    return isinstance(rows, list) and bool(rows) and all(isinstance(r, dict) and isinstance(r.get("fingerprint"), dict)
-                                                         for r in rows)
-
-
 def _paths(row: dict) -> list[str]:
     """The paths of one per_position row, the tested one (prefill or decode) before the reference."""
     fp = row.get("fingerprint") or {}
@@ -116,8 +111,11 @@ def _first_topk(a: dict, b: dict) -> dict | None:
 def compare_fingerprints(original: list[dict], here: list[dict]) -> dict:
     """Per position and path, the sha256 of the original's logits against the re-run's.
 
+    original, here: rows {"step", "position", "fingerprint": {path: row fingerprint}}, with "request" where the
+    record holds several (greta.probe.kinds: fingerprint_rows).
     -> {"by": "fingerprints", "positions", "equal": bool, "differing": {path: positions that differ},
-        "first": None or {"path", "step", "position", "top_k": first differing top-k entry or None}}"""
+        "first": None or {"path", "step", "position", "top_k": first differing top-k entry or None, and
+        "request" when the rows name one}}"""
     differing: dict[str, int] = {}
     first = None
     if len(original) != len(here):
@@ -131,8 +129,8 @@ def compare_fingerprints(original: list[dict], here: list[dict]) -> dict:
                 continue
             differing[path] = differing.get(path, 0) + 1
             if first is None:
-                first = {"path": path, "step": j, "position": ro.get("position"),
-                         "top_k": _first_topk(a or {}, b or {})}
+                first = {"path": path, "step": ro.get("step", j), "position": ro.get("position"),
+                         "top_k": _first_topk(a or {}, b or {}), **({"request": ro["request"]} if "request" in ro else {})}
     return {"by": "fingerprints", "positions": len(original), "equal": first is None, "differing": differing,
             "first": first}
 
@@ -195,7 +193,8 @@ def describe_first(cmp: dict) -> str:
     f = cmp.get("first")
     if not f:
         return "no difference"
-    at = f"{f['path']} at step {f['step']}" + (f" (position {f['position']})" if f.get("position") is not None else "")
+    at = (f"request {f['request']} " if f.get("request") is not None else "") + f"{f['path']} at step {f['step']}"
+    at += f" (position {f['position']})" if f.get("position") is not None else ""
     if f.get("note"):
         return f"{at}: {f['note']}"
     if cmp["by"] == "logits":

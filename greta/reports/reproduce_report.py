@@ -49,7 +49,8 @@ def _comparison(cmp: dict | None) -> list:
         return out + ["", md.line("Every compared bit is equal.")]
     rows = [[path, n] for path, n in cmp["differing"].items()]
     f = cmp["first"] or {}
-    out += ["", md.line("First difference: path", md.code(f.get("path")), "· step", f.get("step"))]
+    where = ["request", f["request"], "·"] if f.get("request") is not None else []  # a batch record's request
+    out += ["", md.line("First difference:", *where, "path", md.code(f.get("path")), "· step", f.get("step"))]
     if f.get("position") is not None:
         out[-1] = md.line(out[-1], "· position", f["position"])
     if f.get("note"):

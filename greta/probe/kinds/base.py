@@ -74,6 +74,23 @@ class ProbeKind:
     # logits file, read through greta.record.members; None: greta.checks.analyze's own analysis of logits.npz (B3.77's, position by position)
     recompute = None
 
+    # --- fingerprints (greta.record.fingerprints): re-checking a record whose logits file is absent ----------
+    def fingerprint_problems(self, metrics: dict) -> list[str]:
+        """greta verify and analyze: where metrics.json's bit_exact (and top-1 agreement) disagree with its
+        fingerprints, one line each; [] when they agree or the record has none (made before them)."""
+        from greta.record.fingerprints import problems
+
+        return problems(metrics)
+
+    def fingerprint_rows(self, metrics: dict | None) -> list[dict] | None:
+        """greta reproduce without logits: the rows its fingerprints are compared by, [{"step", "position",
+        "fingerprint": {path: row fingerprint}} (and "request" where a record holds several)], in a fixed order;
+        None when the record has none (default: B3.77's per_position)."""
+        rows = (metrics or {}).get("per_position")
+        ok = isinstance(rows, list) and bool(rows) and all(isinstance(r, dict) and isinstance(r.get("fingerprint"), dict)
+                                                          for r in rows)
+        return rows if ok else None
+
     def row_path(self, metrics: dict):
         """greta reproduce: (array name, row) -> the phase/path that row of its logits file holds (default: the
         array's name)."""

@@ -9,7 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from greta.probe.kinds.base import ProbeKind
-from greta.record.batch import BATCH_VERDICTS, LOGITS_FILE, batch_verdict, metrics_from_logits
+from greta.record.batch import (BATCH_VERDICTS, LOGITS_FILE, batch_verdict, fingerprint_problems, fingerprint_rows,
+                                metrics_from_logits)
 from greta.record.kinds import SPECS
 from greta.record.params import ParamError
 
@@ -46,7 +47,8 @@ class BatchKind(ProbeKind):
         return p.batch  # a KV slab per request (greta.engine.kvcache.KVCache)
 
     def check_judgement(self, rec) -> list[str]:
-        """The stated verdict against metrics.json, and metrics.json against batch_logits.npz."""
+        """The stated verdict against metrics.json, and metrics.json against batch_logits.npz (its fingerprints:
+        greta verify, through fingerprint_problems)."""
         v = rec.verdict.verdict if rec.verdict else None
         if v not in BATCH_VERDICTS or rec.params is None:
             return []
@@ -86,6 +88,15 @@ class BatchKind(ProbeKind):
 
     def differing(self, again: dict, stored: dict) -> list[str]:
         return [k for k in FIGURES if again[k] != stored.get(k)]
+
+    def fingerprint_problems(self, metrics: dict) -> list[str]:
+        """Each request's and the batch's bit_exact, top1_agreement and inexact_requests against the per-request
+        fingerprints (greta.record.batch)."""
+        return fingerprint_problems(metrics)
+
+    def fingerprint_rows(self, metrics: dict | None) -> list[dict] | None:
+        """Every request's rows in request order, each naming its request, with the paths alone, batch, reference."""
+        return fingerprint_rows(metrics or {})
 
     def sweep_sections(self, rows: list[dict], fig_path) -> list:
         from greta.reports.sweep_batch import sweep_sections

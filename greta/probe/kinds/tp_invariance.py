@@ -64,7 +64,8 @@ class TPInvarianceKind(ProbeKind):
                              "or -p ctx")
 
     def check_judgement(self, rec) -> list[str]:
-        """The stated verdict against metrics.json, metrics.json against its fingerprints and tp_logits.npz."""
+        """The stated verdict against metrics.json, and metrics.json against tp_logits.npz (its fingerprints:
+        greta verify, through fingerprint_problems)."""
         v = rec.verdict.verdict if rec.verdict else None
         if v not in TP_VERDICTS or rec.params is None:
             return []
@@ -78,7 +79,7 @@ class TPInvarianceKind(ProbeKind):
         errors = [f"verdict.json says {v}, but the stored metrics give {again}"] if again != v else []
         if rec.verdict.bit_exact != m.get("bit_exact"):
             errors.append("verdict.json bit_exact differs from metrics.json")
-        return errors + fingerprint_problems(m) + self._check_logits(Path(rec.run_dir), m, rec.params)
+        return errors + self._check_logits(Path(rec.run_dir), m, rec.params)
 
     def _check_logits(self, d: Path, m: dict, params: dict) -> list[str]:
         from greta.record.members import member_kind
@@ -102,6 +103,13 @@ class TPInvarianceKind(ProbeKind):
 
     def differing(self, again: dict, stored: dict) -> list[str]:
         return [k for k in FIGURES if again[k] != stored.get(k)]
+
+    def fingerprint_problems(self, metrics: dict) -> list[str]:
+        """bit_exact against the fingerprints of every degree and path (greta.record.tp_invariance)."""
+        return fingerprint_problems(metrics)
+
+    def fingerprint_rows(self, metrics: dict | None) -> list[dict] | None:
+        return None  # its fingerprints are per degree, not per compared position: greta reproduce needs tp_logits.npz
 
     def sweep_sections(self, rows: list[dict], fig_path) -> list:
         from greta.reports.sweep_tp_invariance import sweep_sections
