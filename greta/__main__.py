@@ -263,6 +263,10 @@ def _reproduce_cmd(args) -> int:
     except ProbeInterrupted as e:
         print(shown(f"greta: INTERRUPTED by {e.how}; re-run record: {e.run_dir}"), file=sys.stderr)
         return 130
+    except KeyboardInterrupt:  # outside a re-run (checking, comparing, writing): no reproduction record is left
+        print("greta: INTERRUPTED by SIGINT (Ctrl-C) before the reproduction record was sealed; none was written",
+              file=sys.stderr)
+        return 130
     print(shown(f"{body['verdict']}: {body['reason']}"))
     print(shown(f"record: {rdir}"))
     return 0 if body["verdict"] == "REPRODUCED" else 1

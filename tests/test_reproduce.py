@@ -237,6 +237,115 @@ def test_a_falsified_reproduction_record_does_not_verify(reproduced, tmp_path):
     assert any("report.md is not the rendering of reproduction.json" in r for r in reasons), reasons
 
 
+# --- a re-run that does not finish ---------------------------------------------------------------------------
+# The original must be a complete record (a fault record holds nothing to compare and is not re-run), so the fault
+# is injected into the re-run's worker alone, as ONE_ULP is: decode attention, the decode phase's own op, replaced.
+FAULT_IN_DECODE = textwrap.dedent('''
+    import os
+    import signal
+    import time
+
+    import torch
+    from greta.engine.ops.tiled_torch import TiledTorchOps
+
+    def decode_attention(self, q, kv, step):
+        ACTION
+
+    TiledTorchOps.decode_attention = decode_attention
+''')
+FAULTS = {"error": ('raise RuntimeError("decode attention failed (injected)")', "FAIL_ERROR", "decode attention failed"),
+          "kill": ("os.kill(os.getpid(), signal.SIGKILL)", "FAIL_ERROR", "SIGKILL"),
+          "oom": ('raise torch.OutOfMemoryError("injected")', "FAIL_OOM", "injected")}
+
+
+def _fault_in_decode(tmp_path, monkeypatch, action: str) -> None:
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(FAULT_IN_DECODE.replace("ACTION", action))
+    monkeypatch.setenv("PYTHONPATH", str(site))
+
+
+def _half_written(root: Path) -> list[Path]:
+    """Temp files of an atomic write left behind, anywhere under root."""
+    return [p for p in root.rglob("*") if p.name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("fault", list(FAULTS))
+def test_a_rerun_that_fails_differs_naming_its_verdict(original, tmp_path, monkeypatch, capsys, fault):
+    action, verdict, said = FAULTS[fault]
+    _fault_in_decode(tmp_path, monkeypatch, action)
+    out = tmp_path / "out"
+    assert main(["reproduce", str(original), "-o", str(out), "--quiet"]) == 1  # as verify's FAIL
+    stdout = capsys.readouterr().out
+    assert stdout.startswith(f"DIFFERS: the re-run did not finish: {verdict} in decode: "), stdout
+    (rdir,) = out.glob("*/reproduce/*")
+    body = json.loads((rdir / "reproduction.json").read_text())
+    assert body["verdict"] == "DIFFERS" and body["comparison"] is None
+    assert body["rerun"]["verdict"] == verdict and said in body["rerun_fault"]
+    assert f"verdict **{verdict}**" in (rdir / "report.md").read_text()
+    assert verify(rdir) == [] and verify(rdir / body["rerun"]["path"]) == []
+    assert not _half_written(out)
+
+
+def test_an_interrupted_rerun_leaves_its_interrupted_record_and_exits_130(original, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import psutil
+
+    from conftest import wait_for_phase
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(FAULT_IN_DECODE.replace("ACTION", "time.sleep(3600)"))
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "greta", "reproduce", str(original), "-o", str(out), "--quiet"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "PYTHONPATH": str(site)})
+    perf = wait_for_phase(out, "decode")  # the re-run's worker, waiting in decode
+    assert perf and perf["decode"]["status"] == "running"
+    workers = psutil.Process(proc.pid).children(recursive=True)
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal: the whole process group
+    stdout, err = proc.communicate(timeout=90)
+    assert proc.returncode == 130, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("greta: INTERRUPTED by SIGINT (Ctrl-C); re-run record: "), err
+    (rerun,) = [p.parent for p in out.glob("*/*/*/perf.json")]
+    assert lines[0].endswith(str(rerun)) and not stdout
+    v = json.loads((rerun / "verdict.json").read_text())
+    assert (v["verdict"], v["failed_phase"]) == ("INTERRUPTED", "decode")
+    assert verify(rerun) == []  # complete, sealed: the re-run's record of the interrupt
+    assert not list(out.glob("*/reproduce")) and not _half_written(out)  # no reproduction record begun
+    psutil.wait_procs(workers, timeout=10)
+    assert not [w for w in workers if w.is_running() and w.status() != psutil.STATUS_ZOMBIE]
+
+
+@pytest.mark.parametrize("stop,code,said", [
+    (KeyboardInterrupt(), 130, "greta: INTERRUPTED by SIGINT (Ctrl-C) before the reproduction record was sealed"),
+    (OSError(28, "No space left on device"), 2, "could not write the reproduction record")])
+def test_a_reproduction_record_stopped_before_its_seal_leaves_nothing(original, tmp_path, monkeypatch, capsys, stop,
+                                                                      code, said):
+    import greta.record.store
+
+    old = _copy(original, tmp_path, drop_logits=True)  # nothing to compare: written at once, nothing re-run
+
+    def strip(m):
+        for row in m["per_position"]:
+            del row["fingerprint"]
+    _edit_json(old / "metrics.json", strip)
+    seal(old)
+
+    def stopped(*args, **kwargs):
+        raise stop
+    monkeypatch.setattr(greta.record.store, "seal", stopped)  # every file written, the seal not
+    assert main(["reproduce", str(old), "-o", str(tmp_path / "out"), "--quiet"]) == code
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and said in err, err
+    assert not [p for p in (tmp_path / "out").rglob("*") if p.is_file()]  # no record, whole or half
+
+
 @pytest.mark.slow
 def test_a_sweep_reproduces_point_by_point_with_a_line_each(tmp_path, capsys):
     assert main(["sweep", "-f", str(Path(__file__).parent.parent / "params" / "cpu_sweep.yaml"), "-p", "ctx=[256]",

@@ -28,20 +28,29 @@ def write_reproduction(out_root, body: dict) -> Path:
     relative paths, which are filled in here from the "dir" of body["original"], body["rerun"] and each of a
     sweep's body["points"])."""
     import os
+    import shutil
 
     from greta.record.rundir import allocate_run_dir
-    from greta.record.store import seal
+    from greta.record.store import RecordError, seal
+    from greta.terminal import echo
 
     d = allocate_run_dir(out_root, KIND, [body["original"]["run_id"]])
     body = {"format": FORMAT, **body}
     for ref in (body.get("original"), body.get("rerun"), *body.get("points", ())):
         if ref and "dir" in ref:
             ref["path"] = Path(os.path.relpath(Path(ref.pop("dir")).resolve(), d.resolve())).as_posix()
-    write_json(d / "params.json", body["params"])
-    write_json(d / REPRODUCTION_FILE, body)
-    write_json(d / "verdict.json", {"verdict": body["verdict"], "reason": body["reason"]})
-    atomic_write_text(d / "report.md", render_reproduction(body))
-    seal(d, body["params"])
+    try:
+        write_json(d / "params.json", body["params"])
+        write_json(d / REPRODUCTION_FILE, body)
+        write_json(d / "verdict.json", {"verdict": body["verdict"], "reason": body["reason"]})
+        atomic_write_text(d / "report.md", render_reproduction(body))
+        seal(d, body["params"])
+    except BaseException as e:  # Ctrl-C or a full disk before the seal: the record is whole or not there at all
+        shutil.rmtree(d, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise RecordError(f"could not write the reproduction record in {echo(str(d))} ({e.strerror or e}); "
+                              "nothing of it was left: free space and rerun") from None
+        raise
     return d
 
 
