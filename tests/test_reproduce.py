@@ -164,9 +164,12 @@ def batch(tmp_path_factory, small_params) -> Path:
     return Path(run_probe(small_params(**BATCH), out_root=tmp_path_factory.mktemp("batch"), progress=False))
 
 
-def test_a_batch_record_reproduces_by_its_logits_and_by_its_fingerprints(batch, tmp_path):
+def test_a_batch_record_reproduces_by_its_logits(batch, tmp_path):
     _, body = reproduce(batch, out_root=tmp_path / "out", progress=False)
     assert body["verdict"] == "REPRODUCED" and body["comparison"]["by"] == "logits"
+
+
+def test_a_batch_record_without_its_logits_reproduces_by_its_fingerprints(batch, tmp_path):
     rdir, body = reproduce(_copy(batch, tmp_path, drop_logits=True), out_root=tmp_path / "out", progress=False)
     assert body["verdict"] == "REPRODUCED", body["reason"]
     assert body["comparison"]["by"] == "fingerprints" and body["comparison"]["positions"] == 3 + 4 + 4  # compared rows
