@@ -300,7 +300,8 @@ def test_overlong_paths_are_refused_in_one_line():
     assert "\n" not in str(ei.value) and "params file" in str(ei.value)
 
 
-def test_memory_fraction_is_for_gpus():
+def test_memory_fraction_caps_either_device():
     assert checked(None, {"memory_fraction": 1.0})["memory_fraction"] == 1.0
-    assert "caps a GPU's allocator" in refuse({"memory_fraction": 0.5}, "memory_fraction")
-    assert "between 0.01 and 1" in refuse({"memory_fraction": 1.5}, "memory_fraction")
+    assert checked(None, {"memory_fraction": 0.01})["memory_fraction"] == 0.01  # the CPU worker's RLIMIT_DATA
+    assert "between 0.0001 and 1" in refuse({"memory_fraction": 0}, "memory_fraction")
+    assert "between 0.0001 and 1" in refuse({"memory_fraction": 1.5}, "memory_fraction")

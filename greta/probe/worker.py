@@ -148,6 +148,22 @@ def logits_digest(*arrays: np.ndarray) -> str:
     return h.hexdigest()
 
 
+def cap_memory(device: torch.device, fraction: float) -> None:
+    """memory_fraction < 1: a real out-of-memory on purpose. On CUDA the caching allocator is capped at fraction
+    of the card; on the CPU the worker's data segment (RLIMIT_DATA: its heap and private anonymous mappings,
+    where torch's CPU allocator and numpy get their memory) at fraction of the host's RAM, so an allocation past
+    it fails in the allocator ("can't allocate memory"), as the GPU's does."""
+    if device.type == "cuda":
+        torch.cuda.set_per_process_memory_fraction(fraction, device)
+        return
+    import resource
+
+    import psutil
+
+    cap, hard = int(fraction * psutil.virtual_memory().total), resource.getrlimit(resource.RLIMIT_DATA)[1]
+    resource.setrlimit(resource.RLIMIT_DATA, (cap if hard == resource.RLIM_INFINITY else min(cap, hard), hard))
+
+
 class ProbeJob:
     """What every probe kind's job holds from phase to phase (its device, dtype, rank; progress to the
     runner) and the phases they share (ceilings). A kind's job (greta.probe.kinds: its job()) adds load,
@@ -165,8 +181,8 @@ class ProbeJob:
         self._last = 0.0
         if params.threads:
             torch.set_num_threads(params.threads)
-        if self.device.type == "cuda" and params.memory_fraction < 1.0:
-            torch.cuda.set_per_process_memory_fraction(params.memory_fraction, self.device)
+        if params.memory_fraction < 1.0:
+            cap_memory(self.device, params.memory_fraction)
 
     def progress(self, phase: str, done: int, total: int, unit: str):
         """done of total units (what a phase counts: "pos" of a prefill, "tok" of decode...) of phase."""

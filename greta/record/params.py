@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -170,7 +171,7 @@ class Params:
     kv_block: int = 1024           # KV block (keys) walked by aligned attention; cache is padded to it
     timeouts: Timeouts = field(default_factory=Timeouts)
     sampling_period_s: float = 1.0
-    memory_fraction: float = 1.0   # GPU: cap the worker's allocator at this fraction of the card (a real OOM on purpose)
+    memory_fraction: float = 1.0   # cap the worker at this fraction of the device (GPU: its allocator; CPU: its data segment, of the RAM): a real OOM on purpose
     thresholds: Thresholds = field(default_factory=Thresholds)
     perturb: str = "none"          # negative control (CHOICES["perturb"]): rope_offset, kv_off_by_one, tp_library_reduce (tp >= 4), batch_split_k (probe=batch), tp_plain_order (probe=tp_invariance)
     fault: str = "none"            # fault injection (tests): none | <hang|oom|crash|kill|error|kernel_death>:<phase>[@<rank>] (no @: every rank)
@@ -337,12 +338,12 @@ def validate(p: Params) -> None:
     _range(p, "seed", 0, SEED_MAX)
     _range(p, "threads", 0, THREADS_MAX, " (0 = torch's default; at most this machine's CPUs)")
     _range(p, "sampling_period_s", 1e-3, SAMPLING_MAX_S, " seconds")
-    _range(p, "memory_fraction", 0.01, 1.0, " (of the GPU's memory)")
+    _range(p, "memory_fraction", 1e-4, 1.0, " (of the device's memory: the GPU's, or the host's RAM on the CPU)")
     if not re.fullmatch(r"cpu|cuda(:[0-9]+)?", p.device):
         raise ParamError(f"param device={show(p.device)}: use cpu, cuda or cuda:N (ROCm GPUs are cuda too)")
-    if p.memory_fraction < 1.0 and not p.device.startswith("cuda"):
-        raise ParamError(f"param memory_fraction={p.memory_fraction!r} caps a GPU's allocator; on "
-                         f"device={show(p.device)} leave it at 1.0")
+    if p.memory_fraction < 1.0 and p.device == "cpu" and not sys.platform.startswith("linux"):
+        raise ParamError(f"param memory_fraction={p.memory_fraction!r} caps the CPU worker's memory with Linux's "
+                         "RLIMIT_DATA, which this system lacks; leave it at 1.0 here")
     for ph in PHASES:
         _range(p, f"timeouts.{ph}", 1e-3, TIMEOUT_MAX_S, " seconds")
     for k in p.thresholds.to_dict():

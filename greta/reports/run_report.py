@@ -68,9 +68,7 @@ def _matrix(params, meta) -> list[str]:
         if params.get(key):
             prompt.append(md.line(key, md.code(params[key])))
     return ["## Matrix", *md.bullets([
-        md.line("Model: ", md.code(params["model"]), " (", meta.get("weights_source") or "?", " weights, seed ",
-                params["seed"], ", ", fmt.num(meta.get("param_count"), "{:,}"), " params), hash ",
-                md.code(meta.get("model_hash")), sep=""),
+        _model_line(params, meta),
         md.text(f"Context {params['ctx']} · generation {params['gen']} · span {params['span']} · dtype "
                 f"{params['dtype']} · kv_aligned={params['kv_aligned']} · backend {params['backend']} · "
                 f"prefill_chunk {params['prefill_chunk']} · kv_block {params['kv_block']}"),
@@ -82,6 +80,16 @@ def _matrix(params, meta) -> list[str]:
                 f"by killing {'every rank' if params.get('tp', 1) > 1 else 'the worker process'} → FAIL_TIMEOUT"),
         md.text(f"Thresholds (kv_aligned=1): max_abs_diff ≤ {fmt.threshold(th['max_abs_diff'])}, p99_abs_diff ≤ "
                 f"{fmt.threshold(th['p99_abs_diff'])}, top1_agreement ≥ {fmt.threshold(th['top1_agreement'])}")]), ""]
+
+
+def _model_line(params, meta) -> Markup:
+    """The model, its source, size and hash; a run whose load phase never finished has none of them to state."""
+    if not meta.get("model_hash"):
+        return md.line("Model: ", md.code(params["model"]), f" (seed {params['seed']}) — not loaded: the load phase did "
+                       "not finish, so its source, size and hash are not known", sep="")
+    return md.line("Model: ", md.code(params["model"]), " (", meta.get("weights_source") or "?", " weights, seed ",
+                   params["seed"], ", ", fmt.num(meta.get("param_count"), "{:,}"), " params), hash ",
+                   md.code(meta.get("model_hash")), sep="")
 
 
 def _engine_bullet(engine) -> list[Markup]:
