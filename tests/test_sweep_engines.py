@@ -89,3 +89,21 @@ def test_a_small_engine_sweep_compares_greta_and_transformers(hf_checkpoint, tmp
     page = (d / "sweep_report.html").read_text()
     assert "Engines side by side" in page and "Skipped by the matrix rule" in page and "ctx32-kv1-hf-seed0-float32" in page
     assert verify_sweep(d) == []
+    _an_old_verdict_on_a_peer_record_does_not_verify(d / "points" / "ctx32-kv0-hf-seed0-float32", tmp_path)
+
+
+def _an_old_verdict_on_a_peer_record_does_not_verify(point, tmp_path):
+    """A peer's record stating EXPECTED_DRIFT (the verdict before peers had their own), resealed: verify recomputes
+    the peer's verdict from its metrics and names the difference."""
+    import shutil
+
+    from greta.checks.verify import verify
+    from greta.record.store import seal
+
+    copy = tmp_path / "forged"
+    shutil.copytree(point, copy)
+    v = json.loads((copy / "verdict.json").read_text())
+    v["verdict"] = "EXPECTED_DRIFT" if v["verdict"] == "ENGINE_DRIFT" else "ENGINE_DRIFT"
+    (copy / "verdict.json").write_text(json.dumps(v))
+    seal(copy)
+    assert any("but the stored metrics give" in r for r in verify(copy)), verify(copy)

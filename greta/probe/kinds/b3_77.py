@@ -21,7 +21,7 @@ class B377Kind(ProbeKind):
     run_notebook = "run_b3_77.ipynb"
     analysis_notebooks = ("vram_plot.ipynb", "equivalence_analysis.ipynb")
     figures = (("vram_plot.png", "memory over time"), ("equivalence.png", "per-position |Δlogit|"))
-    sweep_matrix = "ctx × kv_aligned × seed × dtype"
+    sweep_matrix = "ctx × kv_aligned × seed × dtype, × engine where declared"
 
     def job(self) -> type:
         from greta.probe.b3_77_worker import B377Job
