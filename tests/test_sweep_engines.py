@@ -71,6 +71,16 @@ def test_guardrail_does_not_count_a_peers_drift_as_greta_failing():
                         matrix)[0] == "INCOMPLETE"
 
 
+def test_the_report_names_the_skipped_combinations_and_why():
+    cfg = {"sweep_id": "x", "axes": {"ctx": [64], "kv_aligned": [1, 0], "engine": ["greta", "hf"], "seed": [0],
+                                     "dtype": ["float32"]}, "base": {"model": "smollm2"}}
+    rows = [_row("greta", 1, "PASS_EQUIV"), _row("greta", 0, "EXPECTED_DRIFT"), _row("hf", 0, "ENGINE_DRIFT")]
+    text = sr.matrix_md(cfg, rows)
+    assert "→ 3 points" in text and "not run and not failed: 1 of the axes' combinations" in text
+    assert "- `ctx64-kv1-hf-seed0-float32` — engine=hf runs its own prefill and decode, which have no kv_aligned=1" in text
+    assert "Skipped" not in sr.matrix_md({**cfg, "axes": {**cfg["axes"], "engine": ["greta"]}}, rows[:2])
+
+
 @pytest.mark.slow
 def test_a_small_engine_sweep_compares_greta_and_transformers(hf_checkpoint, tmp_path):
     pytest.importorskip("accelerate")

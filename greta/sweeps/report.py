@@ -156,8 +156,8 @@ def matrix_md(cfg: dict, rows: list[dict]) -> str:
                       f"Device(s): {', '.join(devices) or fmt.NONE}"]
                      + ([f"Point overrides: {cfg['point_overrides']}"] if cfg.get("point_overrides") else []))]
     if skips:
-        L += ["", md.text(f"Skipped by the matrix rule ({len(skips)} combinations of the axes, no record; "
-                          "greta.record.matrix.refusal):"), *md.bullets(skips)]
+        L += ["", md.text(f"Skipped by the matrix rule (greta.record.matrix.refusal), not run and not failed: "
+                          f"{len(skips)} of the axes' combinations, no record:"), *md.bullets(skips)]
     return "\n".join(L)
 
 
