@@ -51,7 +51,7 @@ class _FakeCache:
     def __init__(self):
         self.ids: list[int] = []
 
-    def reset(self):
+    def reset(self, b=None):
         self.ids = []
 
     def nbytes(self):
@@ -71,7 +71,7 @@ class FakeEngine:
         prev = ids[pos - 1] if pos else 0
         return self.table[ids[pos]] + 0.5 * self.table[prev]
 
-    def prefill(self, tokens, keep=None, progress=None):
+    def prefill(self, tokens, start=0, keep=None, progress=None, seq=0):
         self.cache.ids = [int(t) for t in tokens]
         self.ctx = self.ctx or len(self.cache.ids)
         keep = [len(self.cache.ids) - 1] if keep is None else keep
