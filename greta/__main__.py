@@ -21,8 +21,8 @@
          greta[test]); exit 1 outside tolerance. On a .gguf file or a real model (--model smollm2): tokens,
          logits over a text and a greedy continuation
 
-Exit codes: 0 pass (PASS_EQUIV, EXPECTED_DRIFT; verify: the record verifies), 1 any other verdict (verify:
-the reasons it does not), 2 bad input or an unwritable output folder, 130 interrupted (record written).
+Exit codes: 0 pass (PASS_EQUIV, EXPECTED_DRIFT, a peer engine's ENGINE_DRIFT; verify: the record verifies), 1 any
+other verdict (verify: the reasons it does not), 2 bad input or an unwritable output folder, 130 interrupted (record written).
 """
 from __future__ import annotations
 

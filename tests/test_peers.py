@@ -64,7 +64,8 @@ def test_hf_probe_on_smollm2_names_the_engine(tmp_path):
     p = preflight(load_params("params/smollm2.yaml", {"engine": "hf", "kv_aligned": 0, "ctx": 64, "gen": 4, "span": 2}))
     run_dir = run_probe(p, out_root=tmp_path, progress=False)
     rec = read_record(run_dir)
-    assert rec.verdict.verdict == "EXPECTED_DRIFT" and rec.metadata.to_dict()["engine"]["name"] == "hf"
+    assert rec.verdict.verdict == "ENGINE_DRIFT" and rec.metadata.to_dict()["engine"]["name"] == "hf"
+    assert "first at step" in rec.verdict.reason
     assert "Engine under audit: **hf**" in (run_dir / "report.md").read_text()
 
 

@@ -16,7 +16,9 @@ def test_every_kind_is_complete(repo_root, name):
     assert isinstance(k, ProbeKind) and k.spec is SPECS[name] and k.name == name
     for nb in (k.run_notebook, *k.analysis_notebooks):
         assert (repo_root / "notebooks" / nb).is_file(), nb
-    assert len(set(k.verdicts)) == 3 and not set(k.verdicts) & set(FAULT_VERDICTS)
+    peer = (k.engine_drift_verdict,) if k.engine_drift_verdict else ()  # B3.77's: a peer engine's ENGINE_DRIFT
+    assert len(set(k.verdicts)) == 3 + len(peer) and not set(k.verdicts) & set(FAULT_VERDICTS)
+    assert all(k.ok(v) for v in peer)
     assert k.job().__name__.endswith("Job") and k.exit_code(k.pass_verdict) == 0 and k.exit_code("FAIL_OOM") == 1
     assert k.ok(k.drift_verdict) and not k.ok(k.fail_verdict)
 

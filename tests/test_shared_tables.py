@@ -22,7 +22,7 @@ from conftest import CPU_PARAMS
 
 
 def test_verdict_groups_are_defined_once():
-    assert metrics.VERDICTS == ("PASS_EQUIV", "FAIL_EQUIV", "EXPECTED_DRIFT", "FAIL_OOM", "FAIL_TIMEOUT",
+    assert metrics.VERDICTS == ("PASS_EQUIV", "FAIL_EQUIV", "EXPECTED_DRIFT", "ENGINE_DRIFT", "FAIL_OOM", "FAIL_TIMEOUT",
                                 "FAIL_ERROR", "INTERRUPTED")
     assert metrics.VERDICTS == metrics.EQUIV_VERDICTS + metrics.FAULT_VERDICTS
     assert analyze.FAULT_VERDICTS is metrics.FAULT_VERDICTS

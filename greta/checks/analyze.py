@@ -273,7 +273,7 @@ def _recheck_verdict(params: dict, metrics: dict, verdict_rec: dict | None, out:
         f.add("INCOMPLETE", "params.json lacks thresholds or kv_aligned: the verdict cannot be recomputed")
         return
     try:
-        verdict, reason = equivalence_verdict(metrics, kv, th)
+        verdict, reason = equivalence_verdict(metrics, kv, th, params.get("engine", "greta"))
     except Exception as exc:  # noqa: BLE001 - e.g. a threshold key missing from an older params.json
         f.add("INCOMPLETE", f"recomputing the verdict failed: {_err(exc)}")
         return

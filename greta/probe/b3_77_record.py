@@ -21,7 +21,7 @@ def finish_b3_77(rec, params, perf, results, vram_summary, sampler, failure):
         metrics = compare(ref["decode_logits"], ref["reference_logits"], ref["tokens"], ref["positions"], sources)
         rec.write_npz("logits.npz", decode=ref["decode_logits"], reference=ref["reference_logits"],
                       tokens=np.array(ref["tokens"]), positions=np.array(ref["positions"]))
-        verdict, reason = equivalence_verdict(metrics, params.kv_aligned, params.thresholds.to_dict())
+        verdict, reason = equivalence_verdict(metrics, params.kv_aligned, params.thresholds.to_dict(), params.engine)
         failed_phase = None
         text = continuation(params, ref)
         if text is not None:

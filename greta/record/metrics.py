@@ -6,7 +6,9 @@ import numpy as np
 from greta.record.fingerprints import fingerprint_rows
 
 # The verdict groups, defined once (verify, analyze, probe and notebooks derive theirs from these).
-EQUIV_VERDICTS = ("PASS_EQUIV", "FAIL_EQUIV", "EXPECTED_DRIFT")  # the reference phase ran: judged from the logits
+# the reference phase ran: judged from the logits. ENGINE_DRIFT: a peer engine (params engine, not greta) whose
+# decode is not bit-identical to its own prefill; measured, like EXPECTED_DRIFT, not a failure of Greta's.
+EQUIV_VERDICTS = ("PASS_EQUIV", "FAIL_EQUIV", "EXPECTED_DRIFT", "ENGINE_DRIFT")
 FAULT_VERDICTS = ("FAIL_OOM", "FAIL_TIMEOUT", "FAIL_ERROR", "INTERRUPTED")  # a phase did not finish
 VERDICTS = EQUIV_VERDICTS + FAULT_VERDICTS
 # The status a failed phase ends with (perf.json) -> the record's verdict.
@@ -50,12 +52,31 @@ def compare(decode: np.ndarray, reference: np.ndarray, tokens: list[int], positi
     }
 
 
-def equivalence_verdict(m: dict, kv_aligned: int, thresholds: dict) -> tuple[str, str]:
-    """The B3.67/B3.69 guardrail: (verdict, one-line reason). Thresholds are inclusive."""
+def first_differing(m: dict) -> dict | None:
+    """The first per_position row whose tested row (prefill or decode) is not bit-identical to its reference row
+    (by the fingerprints' sha256 where the record has them, else a nonzero max |Δ|); None when every row is."""
+    for row in m.get("per_position") or []:
+        fp = row.get("fingerprint") if isinstance(row, dict) else None
+        tested = fp.get(row.get("source")) if isinstance(fp, dict) else None
+        ref = fp.get("reference") if isinstance(fp, dict) else None
+        if isinstance(tested, dict) and isinstance(ref, dict):
+            if tested.get("sha256") != ref.get("sha256"):
+                return row
+        elif isinstance(row, dict) and row.get("max_abs_diff") != 0:
+            return row
+    return None
+
+
+def equivalence_verdict(m: dict, kv_aligned: int, thresholds: dict, engine: str = "greta") -> tuple[str, str]:
+    """The B3.67/B3.69 guardrail: (verdict, one-line reason). Thresholds are inclusive. A peer engine (engine
+    not greta, greta.engine.peers) is held to what Greta's kv_aligned=1 gives: decode bit-identical to its own
+    prefill at every compared position (PASS_EQUIV), else ENGINE_DRIFT with the figures."""
     figures = (f"max_abs_diff={m['max_abs_diff']:.6g}, p99_abs_diff={m['p99_abs_diff']:.6g}, "
                f"top1_agreement={m['top1_agreement']:.4f}, bit_exact={m['bit_exact']}")
     if not m["finite"]:  # NaN/inf is a failure in either mode, never "expected drift"
         return "FAIL_EQUIV", f"non-finite logits ({figures})"
+    if engine != "greta":
+        return _peer_verdict(m, engine, figures)
     if not kv_aligned:
         return "EXPECTED_DRIFT", f"kv_aligned=0: each path uses its fastest ops, drift expected ({figures})"
     fails = []
@@ -68,3 +89,13 @@ def equivalence_verdict(m: dict, kv_aligned: int, thresholds: dict) -> tuple[str
     if fails:
         return "FAIL_EQUIV", f"{'; '.join(fails)} ({figures})"
     return "PASS_EQUIV", f"within thresholds ({figures})"
+
+
+def _peer_verdict(m: dict, engine: str, figures: str) -> tuple[str, str]:
+    """A peer engine's guardrail is bit-exactness (its decode has no tolerance to be judged against)."""
+    if m["bit_exact"]:
+        return "PASS_EQUIV", f"engine={engine}: its decode is bit-identical to its own prefill at every position ({figures})"
+    row = first_differing(m) or {}
+    where = f"step {row.get('step')}, position {row.get('position')}" if row else "unknown"
+    return "ENGINE_DRIFT", (f"engine={engine}: its decode differs from its own prefill, first at {where} "
+                            f"({figures})")

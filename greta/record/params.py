@@ -355,12 +355,17 @@ def validate(p: Params) -> None:
     parse_fault(p.fault, p.tp)
 
 
+# What a peer engine (engine not greta) runs with: it has none of Greta's exact mode, tensor parallelism, backends
+# or controls (docs/ENGINES.md). A sweep skips a combination of axes that sets one of these otherwise
+# (greta.record.matrix.refusal); a single run is refused in one line.
+PEER_FIXED = {"kv_aligned": 0, "tp": 1, "tp_invariant": 0, "backend": "torch", "perturb": "none"}
+
+
 def _check_engine(p: Params) -> None:
     """A peer engine runs its own paths: none of Greta's exact mode, tensor parallelism, backends or controls."""
     if p.engine == "greta":
         return
-    fixed = {"kv_aligned": 0, "tp": 1, "tp_invariant": 0, "backend": "torch", "perturb": "none"}
-    for key, want in fixed.items():
+    for key, want in PEER_FIXED.items():
         if getattr(p, key) != want:
             raise ParamError(f"param engine={p.engine} runs that engine's own prefill and decode, so {key}="
                              f"{show(getattr(p, key))} (Greta's) does not apply; use -p {key}={want}")

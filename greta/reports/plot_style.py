@@ -17,7 +17,7 @@ __all__ = ["PHASE_COLORS", "VERDICT_COLORS", "FAIL_COLOR", "phase_color", "log_f
 
 PHASE_COLORS = {"load": "#9e9e9e", "prefill": "#4c78a8", "decode": "#f58518", "reference": "#54a24b"}
 _EXTRA_COLORS = ["#b279a2", "#72b7b2", "#eeca3b", "#ff9da6", "#9d755d"]
-VERDICT_COLORS = {"PASS_EQUIV": "#2e7d32", "EXPECTED_DRIFT": "#ef6c00"}
+VERDICT_COLORS = {"PASS_EQUIV": "#2e7d32", "EXPECTED_DRIFT": "#ef6c00", "ENGINE_DRIFT": "#ef6c00"}
 FAIL_COLOR = "#c62828"
 
 mb_formatter = FuncFormatter(lambda v, _pos: f"{v:,.0f}")

@@ -175,7 +175,9 @@ def _interpret_metrics(params, metrics, verdict) -> list[Markup]:
     if params["perturb"] != "none":
         out.append(md.line("NEGATIVE CONTROL: the decode path was deliberately broken (", params["perturb"],
                            "); this run shows what the check reports when the paths disagree.", sep=""))
-    if params["kv_aligned"] and metrics["bit_exact"]:
+    if params.get("engine", "greta") != "greta":
+        out.append(_peer_sentence(params["engine"], metrics))
+    elif params["kv_aligned"] and metrics["bit_exact"]:
         out.append(md.text("Decode reproduced the prefill path bit for bit. The paths run different code (a "
                            "one-token step reading the KV cache vs. a chunked batch), on the same tile shapes and "
                            "KV block order."))
@@ -189,6 +191,16 @@ def _interpret_metrics(params, metrics, verdict) -> list[Markup]:
         out.append(md.text("Warning: the reference argmax is the same at every position; the comparison is "
                            "degenerate."))
     return out
+
+
+def _peer_sentence(engine: str, metrics) -> Markup:
+    """A peer engine is held to bit-exactness, the guarantee Greta's kv_aligned=1 gives (docs/ENGINES.md)."""
+    if metrics["bit_exact"]:
+        return md.line("engine=", engine, ": its decode reproduced its own prefill bit for bit at every compared "
+                       "position.", sep="")
+    return md.line("engine=", engine, f": its decode differs from its own prefill (largest {metrics['max_abs_diff']:.3g}); "
+                   "a peer engine is held to bit-exactness, what Greta's kv_aligned=1 gives, so the verdict is "
+                   "ENGINE_DRIFT: measured, not a failure of Greta's.", sep="")
 
 
 def _interpret_fault(perf, verdict) -> list[Markup]:

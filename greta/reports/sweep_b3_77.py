@@ -22,6 +22,7 @@ THRESHOLD = DEFAULTS["thresholds"]["max_abs_diff"]  # the default max |Δlogit| 
 ZERO_COLOR = VERDICT_COLORS["PASS_EQUIV"]  # the bit-exact line
 DPI = 110
 KV_COLORS = {1: "#1f77b4", 0: "#ff7f0e"}
+PEER_COLORS = ("#9467bd", "#8c564b", "#e377c2")  # peer engines under audit (an engine axis)
 PLOTS = ("sweep_vram.png", "sweep_time.png", "sweep_diff.png", "sweep_drift.png")
 
 
@@ -38,8 +39,10 @@ def _verdict_cell(r: dict) -> str:
 
 
 def results_table_md(rows: list[dict]) -> str:
-    """The seed report's table, one row per point, plus seed and dtype columns."""
-    return md.table(RESULTS_COLUMNS, [[r["ctx"], r["kv_aligned"], fmt.num(r["peak_vram_mb"], "{:.0f}"),
+    """The seed report's table, one row per point, plus seed and dtype columns (KV names the engine where peer
+    engines ran too)."""
+    peers = has_peers(rows)
+    return md.table(RESULTS_COLUMNS, [[r["ctx"], engine_label(r) if peers else r["kv_aligned"], fmt.num(r["peak_vram_mb"], "{:.0f}"),
                                        fmt.num(r["max_abs_diff"], "{:.6f}"), fmt.num(r["top1_agreement"], "{:.4f}"),
                                        _verdict_cell(r), r["seed"], r["dtype"]] for r in rows])
 
@@ -54,10 +57,10 @@ def timing_table_md(rows: list[dict]) -> str:
 
 
 def price_of_exactness(rows: list[dict]) -> list[dict]:
-    """Where a (ctx, seed, dtype) has both a kv_aligned=1 and a kv_aligned=0 point: their prefill and decode
-    times and kv1 / kv0 per phase (None where a time is missing), ordered by ctx."""
+    """Where a (ctx, seed, dtype) has both a kv_aligned=1 and a kv_aligned=0 point of Greta's: their prefill and
+    decode times and kv1 / kv0 per phase (None where a time is missing), ordered by ctx."""
     pairs: dict = {}
-    for r in rows:
+    for r in (r for r in rows if _engine(r) == "greta"):
         pairs.setdefault((r["ctx"], r["seed"], r["dtype"]), {})[int(r["kv_aligned"])] = r
     out = []
     for (ctx, seed, dtype), kv in sorted(pairs.items(), key=lambda x: (x[0][0], str(x[0][1]), str(x[0][2]))):
@@ -92,18 +95,55 @@ def threshold(rows: list[dict], default: float = THRESHOLD) -> float:
     return next((r["threshold"] for r in rows if r.get("threshold") is not None), default)
 
 
+def _engine(r: dict) -> str:
+    return r.get("engine") or "greta"
+
+
+def engine_label(r: dict) -> str:
+    """greta/kv1, greta/kv0, or a peer engine's name (it runs its own paths: no kv_aligned of its own)."""
+    return f"greta/kv{r['kv_aligned']}" if _engine(r) == "greta" else _engine(r)
+
+
+ENGINE_COLUMNS = ["Engine", "Context", "bit_exact", "Max |Δlogit|", "p99 |Δlogit|", "Top-1", "First differing",
+                  "Prefill (tokens/s)", "Decode (ms/token)", "Decode (tokens/s)", "Verdict"]
+
+
+def engines_table_md(rows: list[dict]) -> str:
+    """The engines side by side: each point's decode against its own prefill, and its speed."""
+    def first(r):
+        if r["first_diff_step"] is None:
+            return "none" if r["bit_exact"] else fmt.NONE
+        return f"step {r['first_diff_step']} (position {r['first_diff_position']})"
+
+    def per_s(ms):
+        return 1e3 / ms if ms else None
+    return md.table(ENGINE_COLUMNS, [
+        [md.line(engine_label(r), *([f"({r['engine_version']})"] if r.get("engine_version") else [])), r["ctx"],
+         fmt.num(r["bit_exact"], "{}"), fmt.num(r["max_abs_diff"], "{:.3g}"), fmt.num(r["p99_abs_diff"], "{:.3g}"),
+         fmt.num(r["top1_agreement"], "{:.4f}"), first(r), fmt.num(r.get("prefill_tokens_per_s"), "{:.1f}"),
+         fmt.num(r["decode_ms_per_token"], "{:.1f}"), fmt.num(per_s(r["decode_ms_per_token"]), "{:.1f}"),
+         _verdict_cell(r)] for r in rows])
+
+
+def has_peers(rows: list[dict]) -> bool:
+    """The sweep ran some point through a peer engine (an engine axis): the report compares the engines."""
+    return any(_engine(r) != "greta" for r in rows)
+
+
 # ------------------------------------------------------------------------------ plots
 def _series(rows):
-    """Rows grouped by (kv_aligned, dtype, seed), each sorted by ctx; labels only name what varies."""
+    """Rows grouped by (engine, kv_aligned, dtype, seed), each sorted by ctx; labels only name what varies."""
     groups: dict = {}
     for r in rows:
-        groups.setdefault((r["kv_aligned"], r["dtype"], r["seed"]), []).append(r)
+        groups.setdefault((r["kv_aligned"], r["dtype"], r["seed"], _engine(r)), []).append(r)
     many_dtype = len({k[1] for k in groups}) > 1
     many_seed = len({k[2] for k in groups}) > 1
     out = []
-    for i, (k, rs) in enumerate(sorted(groups.items(), key=lambda kv: (-int(kv[0][0]), kv[0][1], kv[0][2]))):
-        label = f"kv_aligned={k[0]}" + (f" {k[1]}" if many_dtype else "") + (f" seed {k[2]}" if many_seed else "")
-        style = {"color": KV_COLORS.get(int(k[0]), "#555"), "marker": "os^Dv"[(k[2] if isinstance(k[2], int) else i) % 5],
+    for i, (k, rs) in enumerate(sorted(groups.items(), key=lambda kv: (kv[0][3] != "greta", -int(kv[0][0]), kv[0][1:]))):
+        label = (f"kv_aligned={k[0]}" if k[3] == "greta" else f"engine={k[3]}") + (f" {k[1]}" if many_dtype else "") \
+            + (f" seed {k[2]}" if many_seed else "")
+        color = KV_COLORS.get(int(k[0]), "#555") if k[3] == "greta" else PEER_COLORS[i % len(PEER_COLORS)]
+        style = {"color": color, "marker": "os^Dv"[(k[2] if isinstance(k[2], int) else i) % 5],
                  "linestyle": "-" if not many_dtype or k[1] == "bfloat16" else "-."}
         out.append((label, sorted(rs, key=lambda r: r["ctx"]), style))
     return out
@@ -282,7 +322,7 @@ def plot_drift(rows: list[dict], path=None, threshold: float = THRESHOLD) -> Fig
                 continue
             c = cmap(ctxs.index(r["ctx"]) / max(1, len(ctxs) - 1) * 0.85)
             ax.plot(range(len(ys)), [zero if (v is not None and v <= 0) else v for v in ys], color=c, marker=".",
-                    label=f"ctx {r['ctx']:,}" + (f" seed {r['seed']}" if len({x['seed'] for x in rows}) > 1 else "")
+                    label=(f"{engine_label(r)} " if has_peers(rows) else "") + f"ctx {r['ctx']:,}" + (f" seed {r['seed']}" if len({x['seed'] for x in rows}) > 1 else "")
                     + (f" {r['dtype']}" if len({x['dtype'] for x in rows}) > 1 else ""))
             drawn += 1
         ax.axhline(zero, color=ZERO_COLOR, ls=":", lw=1.2, label="0 — bit-exact")
@@ -301,15 +341,26 @@ def plot_drift(rows: list[dict], path=None, threshold: float = THRESHOLD) -> Fig
     return fig
 
 
+ENGINES_INTRO = (
+    "One row per point: Greta at kv_aligned=1 and 0, and each peer engine under audit (its own prefill, decode from "
+    "its own KV cache, and reference; docs/ENGINES.md) on the same prompt ids. Each compares its decode path with its "
+    "own prefill path over the span: bit_exact, max and p99 |Δlogit|, top-1 agreement, and the first span step "
+    "whose logits are not bit-identical (step 0 is the prefill's last position). A peer engine is held to what "
+    "Greta's kv_aligned=1 gives, bit-exactness: PASS_EQUIV, else ENGINE_DRIFT (measured, not a failure of "
+    "Greta's). Speed: prefill tokens per second of wall time over the prompt, decode ms and tokens per second.")
+
+
 def sweep_sections(rows: list[dict], fig_path) -> list[Section]:
-    """B3.77's part of its sweep report, figures drawn to fig_path(name)."""
+    """B3.77's part of its sweep report, figures drawn to fig_path(name); with peer engines, their comparison
+    first."""
     png = {name: fig_path(name) for name in PLOTS}
     thr = threshold(rows)
     plot_vram_vs_ctx(rows, png["sweep_vram.png"])
     plot_time_vs_ctx(rows, png["sweep_time.png"])
     plot_diff_vs_ctx(rows, png["sweep_diff.png"], threshold=thr)
     plot_drift(rows, png["sweep_drift.png"], threshold=thr)
-    return [
+    engines = [Section("Engines side by side", ENGINES_INTRO, engines_table_md(rows))] if has_peers(rows) else []
+    return engines + [
         Section("Results", "One row per point, as in the seed report, plus seed and dtype. Peak memory is the sampled "
                 "peak in MiB (2^20 bytes): device memory, process RSS on the CPU; max logits diff and top-1 "
                 "agreement compare the decode path with the prefill path over the span.", results_table_md(rows)),

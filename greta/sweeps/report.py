@@ -26,6 +26,8 @@ from pathlib import Path
 from greta.probe.kinds import UnknownKind, kind_named, kind_of
 from greta.record.files import read_record
 from greta.record.kinds import DEFAULT_KIND, kind_name
+from greta.record.matrix import skipped
+from greta.record.metrics import first_differing
 from greta.record.store import _now
 from greta.reports import fmt, md
 from greta.reports.fmt import finite as _num
@@ -78,12 +80,27 @@ def collect(sweep_dir, allow_missing_logits: bool = False) -> list[dict]:
             "probe": kind_name(params), "batch": params.get("batch", pt.get("batch")),
             "batch_throughput": {k: rf.get(k) for k in ("prefill_tokens_per_s", "full_batch") if rf.get(k)},
         })
+        row.update(_engine_fields(rec, m, params, pt))
         row["ok"] = _ok(row)
         if row["decode_ms_per_token"] is None and row["gen"]:
             w = _num((perf.get("decode") or {}).get("wall_s"))
             row["decode_ms_per_token"] = w / row["gen"] * 1e3 if w is not None else None
         rows.append(row)
     return rows
+
+
+def _engine_fields(rec, m: dict, params: dict, pt: dict) -> dict:
+    """The engine that ran the point (greta, or a peer under audit: its name and version), where its decode first
+    left its prefill's bits (a span step and its position; None when bit-exact), and prefill speed."""
+    about = (rec.metadata.to_dict().get("engine") if rec.metadata else None) or {}
+    first = first_differing(m) if m.get("per_position") is not None else None
+    prefill_s = _num(((rec.perf.to_dict() if rec.perf else {}).get("prefill") or {}).get("wall_s"))
+    ctx = params.get("ctx", pt.get("ctx"))
+    return {"engine": params.get("engine") or pt.get("engine") or "greta",
+            "engine_version": about.get("version") if isinstance(about, dict) else None,
+            "first_diff_step": first.get("step") if first else None,
+            "first_diff_position": first.get("position") if first else None,
+            "prefill_tokens_per_s": ctx / prefill_s if prefill_s and ctx else None}
 
 
 def guardrail(rows: list[dict], matrix: dict) -> tuple[str, list[str]]:
@@ -130,6 +147,7 @@ def matrix_md(cfg: dict, rows: list[dict]) -> str:
     keep = ("model", "device", "backend", "gen", "span", "prefill_chunk", "kv_block", "perturb", "fault")
     base = ", ".join(f"{k}={b[k]}" for k in keep if k in b)
     devices = sorted({str(r["device"]) for r in rows if r.get("device")})
+    skips = [md.line(md.code(name), "—", why) for name, why in skipped(cfg["axes"])]
     done = sum(r["complete"] for r in rows)
     commit = (cfg.get("commit") or "unknown")[:12] + (" (dirty)" if cfg.get("dirty") else "")
     L = [md.line(md.bold("Sweep"), md.code(cfg.get("sweep_id")), "· matrix file", md.code(_shown_path(cfg.get("matrix_file"))),
@@ -137,6 +155,9 @@ def matrix_md(cfg: dict, rows: list[dict]) -> str:
          *md.bullets([f"Axes: {axes} → {len(rows)} points, {done} with a complete record", f"Base params: {base}",
                       f"Device(s): {', '.join(devices) or fmt.NONE}"]
                      + ([f"Point overrides: {cfg['point_overrides']}"] if cfg.get("point_overrides") else []))]
+    if skips:
+        L += ["", md.text(f"Skipped by the matrix rule (greta.record.matrix.refusal), not run and not failed: "
+                          f"{len(skips)} of the axes' combinations, no record:"), *md.bullets(skips)]
     return "\n".join(L)
 
 

@@ -15,12 +15,13 @@ class B377Kind(ProbeKind):
     spec = SPECS["b3_77"]
     title = "B3.77"
     pass_verdict, fail_verdict, drift_verdict = "PASS_EQUIV", "FAIL_EQUIV", "EXPECTED_DRIFT"
+    engine_drift_verdict = "ENGINE_DRIFT"  # a peer engine (params engine) not bit-exact to its own prefill
     uses_thresholds = True  # its judgement reads params.thresholds (report.md must state them)
     logits_file = "logits.npz"
     run_notebook = "run_b3_77.ipynb"
     analysis_notebooks = ("vram_plot.ipynb", "equivalence_analysis.ipynb")
     figures = (("vram_plot.png", "memory over time"), ("equivalence.png", "per-position |Δlogit|"))
-    sweep_matrix = "ctx × kv_aligned × seed × dtype"
+    sweep_matrix = "ctx × kv_aligned × seed × dtype, × engine where declared"
 
     def job(self) -> type:
         from greta.probe.b3_77_worker import B377Job
@@ -46,7 +47,8 @@ class B377Kind(ProbeKind):
         if rec.metrics is None:
             return errors
         try:
-            again, _ = equivalence_verdict(rec.metrics.figures(), rec.params["kv_aligned"], rec.params["thresholds"])
+            again, _ = equivalence_verdict(rec.metrics.figures(), rec.params["kv_aligned"], rec.params["thresholds"],
+                                           rec.params.get("engine", "greta"))
         except Exception as e:  # noqa: BLE001 - a malformed metrics file is a reason, not a crash
             errors.append(f"metrics.json cannot be judged: {type(e).__name__}: {e}")
         else:

@@ -19,6 +19,7 @@ class ProbeKind:
     pass_verdict: str                       # kv_aligned=1, judged and held: what a kv1 sweep point must say
     fail_verdict: str                       # kv_aligned=1, judged and not held
     drift_verdict: str                      # kv_aligned=0: measured, not held
+    engine_drift_verdict: str | None = None  # a peer engine under audit that is not bit-exact: measured, not held
     uses_thresholds: bool                   # its kv1 judgement reads params.thresholds (report.md states them)
     logits_file: str                        # its logits, in the manifest, kept out of git
     run_notebook: str                       # notebooks/<run_notebook>: the audit executes it into the record
@@ -32,11 +33,16 @@ class ProbeKind:
     @property
     def verdicts(self) -> tuple[str, ...]:
         """Its judged verdicts (the reference phase ran); faults: greta.record.metrics.FAULT_VERDICTS."""
-        return (self.pass_verdict, self.fail_verdict, self.drift_verdict)
+        return (self.pass_verdict, self.fail_verdict, self.drift_verdict) + self._peer_verdicts
 
     def ok(self, verdict: str) -> bool:
-        """Held (kv1) or measured as expected (kv0): exit code 0, not drawn as a failure."""
-        return verdict in (self.pass_verdict, self.drift_verdict)
+        """Held (kv1), measured as expected (kv0), or a peer engine's drift measured (ENGINE_DRIFT: a complete
+        result about that engine, not a failure of Greta's): exit code 0, not drawn as a failure."""
+        return verdict in (self.pass_verdict, self.drift_verdict) + self._peer_verdicts
+
+    @property
+    def _peer_verdicts(self) -> tuple[str, ...]:
+        return (self.engine_drift_verdict,) if self.engine_drift_verdict else ()
 
     def exit_code(self, verdict: str) -> int:
         """greta probe / audit: 0 for ok(), 1 for any failure or fault."""
