@@ -36,7 +36,7 @@ CHOICES = {
                 "tp_plain_order"),
     "tp": (1, 2, 3, 4, 8),  # 3: SmolLM2 (9 heads, 3 KV heads), the odd degree
     "tp_invariant": (0, 1),
-    "engine": ("greta", "hf"),  # greta.engine.peers.ENGINES
+    "engine": ("greta", "hf", "llamacpp"),  # greta.engine.peers.ENGINES
 }
 SIZE_MAX = 2**31 - 1      # ctx, gen, prefill_chunk, kv_block: far past any model; keeps the fit check in float range
 SEED_MAX = 2**32 - 1      # weights.synthetic seeds torch generators with seed * 1_000_003 + crc32
@@ -360,6 +360,8 @@ def _check_engine(p: Params) -> None:
     if p.engine == "greta":
         return
     fixed = {"kv_aligned": 0, "tp": 1, "tp_invariant": 0, "backend": "torch", "perturb": "none"}
+    if p.engine == "llamacpp":  # its adapter keeps every layer on the CPU (n_gpu_layers=0)
+        fixed["device"] = "cpu"
     for key, want in fixed.items():
         if getattr(p, key) != want:
             raise ParamError(f"param engine={p.engine} runs that engine's own prefill and decode, so {key}="
