@@ -178,7 +178,7 @@ class Params:
     threads: int = 0               # CPU threads for torch (0 = torch's default)
     tp: int = 1                    # tensor-parallel ranks (1, 2, 3, 4, 8): must divide the model's heads, KV heads, MLP and vocabulary
     tp_invariant: int = 0          # 1: wo/w2 sum K in a fixed segment tree: the same bits at every tp (docs/TP.md)
-    engine: str = "greta"          # the engine under audit: greta, or hf (transformers on the same model file; docs/ENGINES.md)
+    engine: str = "greta"          # the engine under audit: greta, hf or llamacpp (docs/ENGINES.md)
     batch: int = 1                 # probe=batch: requests decoded together (greta/record/batch.py)
     batch_lengths: str = ""        # probe=batch: prompt lengths, comma-separated, one per request; "": drawn seeded in [ctx/2, ctx]
     batch_gen: str = ""            # probe=batch: decode steps per request, comma-separated; "": gen for every request
