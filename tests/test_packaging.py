@@ -20,10 +20,12 @@ except ImportError:  # Python 3.10
     tomllib = pytest.importorskip("tomli")
 
 # import name -> distribution name, where they differ
-IMPORT_TO_DIST = {"yaml": "pyyaml", "pynvml": "nvidia-ml-py", "IPython": "ipykernel", "PIL": "pillow"}
+IMPORT_TO_DIST = {"yaml": "pyyaml", "pynvml": "nvidia-ml-py", "IPython": "ipykernel", "PIL": "pillow",
+                  "llama_cpp": "llama-cpp-python"}
 # imported only inside try/except ImportError, for GPU backends (extras or a vendor install), real-model
-# formats (the models extra), the oracle (the test extra) and Ray sweeps (the ray extra)
-OPTIONAL_IMPORTS = {"triton", "pynvml", "amdsmi", "gguf", "tokenizers", "transformers", "ray"}
+# formats (the models extra), the oracle (the test extra), Ray sweeps (the ray extra) and llama.cpp (the llamacpp
+# extra, a peer engine)
+OPTIONAL_IMPORTS = {"triton", "pynvml", "amdsmi", "gguf", "tokenizers", "transformers", "ray", "llama_cpp"}
 # conda package name -> PyPI name, where they differ
 CONDA_TO_PYPI = {"pytorch": "torch"}
 
@@ -115,10 +117,11 @@ def test_greta_imports_are_declared(repo_root, pyproject, project_deps):
 
 
 # Who runs each folder, so which extras its imports may come from: the tests are run after the README's
-# `pip install -e '.[test,lab]'`; the benches on a GPU machine with `[gpu]` (HF transformers, from `[test]`, is
+# `pip install -e '.[test,lab]'` (and `[llamacpp]` where it is installed: those tests skip without it); the
+# benches on a GPU machine with `[gpu]` (HF transformers, from `[test]`, is
 # a peer they measure); the Triton kernels with `[gpu]` (or `[test]`, under the interpreter); the notebooks and
 # scripts with the dependencies alone.
-FOLDER_EXTRAS = {"tests": ("test", "lab"), "bench": ("gpu", "test"), "kernels": ("gpu",), "notebooks": (),
+FOLDER_EXTRAS = {"tests": ("test", "lab", "llamacpp"), "bench": ("gpu", "test"), "kernels": ("gpu",), "notebooks": (),
                  "scripts": ()}
 
 
@@ -132,6 +135,13 @@ def test_every_import_of_the_tests_benches_scripts_and_notebooks_is_declared(rep
     undeclared = {m: f for m, f in found.items() if norm(IMPORT_TO_DIST.get(m, m)) not in declared}
     assert not undeclared, (f"imported in {folder}/ but declared neither in pyproject's dependencies nor in its "
                             f"{' / '.join(FOLDER_EXTRAS[folder]) or 'no'} extras: {undeclared}")
+
+
+def test_llama_cpp_is_its_own_extra_not_the_test_extra(pyproject):
+    """llama-cpp-python compiles llama.cpp at install time (no wheel on PyPI): CI's test extra must not pull it."""
+    extras = pyproject["project"]["optional-dependencies"]
+    assert [norm(d) for d in extras["llamacpp"]] == ["llama-cpp-python"]
+    assert "llama-cpp-python" not in {norm(d) for d in extras["test"]}
 
 
 def test_console_script_points_at_main(pyproject):

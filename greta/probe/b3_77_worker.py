@@ -52,7 +52,7 @@ class B377Job(ProbeJob):
                 "torch_threads": torch.get_num_threads(), "prompt": prompt_info}
 
     def _load_peer(self) -> dict:
-        """engine=hf: the peer engine's adapter (greta.engine.peers) holds the model; Greta's weights are not
+        """A peer engine (engine=hf, llamacpp): its adapter (greta.engine.peers) holds the model; Greta's weights are not
         loaded. The same prompt ids, the same phases through the adapter."""
         from greta.engine import weights
         from greta.engine.peers import make_engine

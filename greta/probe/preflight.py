@@ -87,14 +87,19 @@ def _check_prompt(p: Params) -> None:
 
 def _check_engine(p: Params) -> None:
     """A peer engine reads the model file itself (not Greta's synthetic presets) and is installed."""
-    from greta.engine.peers import EngineMissing, hf_transformers
+    from greta.engine.peers import EngineMissing, require_engine
     from greta.engine.source import model_source
 
-    if model_source(p.model) == "synthetic":
+    source = model_source(p.model)
+    if source == "synthetic":
         raise ParamError(f"param engine={p.engine} reads the model's own file, and model={show(p.model)} is one of Greta's "
                          "synthetic presets; use a .gguf file, a checkpoint directory or a real model (-p model=smollm2)")
+    if p.engine == "llamacpp" and source != "gguf":
+        raise ParamError(f"param engine=llamacpp reads a .gguf file and model={show(p.model)} is a checkpoint directory, "
+                         "which llama.cpp cannot read; use a .gguf file or -p model=smollm2 (or convert it with "
+                         "llama.cpp's convert_hf_to_gguf.py)")
     try:
-        hf_transformers()
+        require_engine(p.engine)
     except EngineMissing as e:
         raise ParamError(f"param {e}") from None
 

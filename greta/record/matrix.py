@@ -21,7 +21,7 @@ import copy
 import itertools
 from dataclasses import dataclass
 
-from greta.record.params import (DEFAULTS, PEER_FIXED, Params, ParamError, coerce, flat_keys, flatten,
+from greta.record.params import (DEFAULTS, Params, ParamError, coerce, flat_keys, flatten,
                                  load_yaml_text, read_params_file, show)
 
 AXES = ("ctx", "kv_aligned", "seed", "dtype")  # point names and execution order follow this order
@@ -81,15 +81,16 @@ def all_combos(axes: dict) -> list[dict]:
 def refusal(combo: dict) -> str | None:
     """The matrix rule: why this combination of axis values cannot be a point (a peer engine with one of Greta's
     own modes, e.g. engine=hf with kv_aligned=1), else None. Such a combination is skipped, not failed; a
-    single run with it is refused (greta.record.params.PEER_FIXED)."""
+    single run with it is refused (greta.record.params.peer_fixed)."""
     engine = combo.get(ENGINE_AXIS, "greta")
     if engine == "greta":
         return None
-    bad = [f"{k}={combo[k]}" for k, want in PEER_FIXED.items() if k in combo and combo[k] != want]
+    fixed = peer_fixed(engine)
+    bad = [f"{k}={combo[k]}" for k, want in fixed.items() if k in combo and combo[k] != want]
     if not bad:
         return None
     return (f"engine={engine} runs its own prefill and decode, which have no {', '.join(bad)} (Greta's mode; a peer "
-            f"runs with {', '.join(f'{k}={PEER_FIXED[k]}' for k in PEER_FIXED if k in combo)})")
+            f"runs with {', '.join(f'{k}={fixed[k]}' for k in fixed if k in combo)})")
 
 
 def combos(axes: dict) -> list[dict]:

@@ -36,7 +36,7 @@ CHOICES = {
                 "tp_plain_order"),
     "tp": (1, 2, 3, 4, 8),  # 3: SmolLM2 (9 heads, 3 KV heads), the odd degree
     "tp_invariant": (0, 1),
-    "engine": ("greta", "hf"),  # greta.engine.peers.ENGINES
+    "engine": ("greta", "hf", "llamacpp"),  # greta.engine.peers.ENGINES
 }
 SIZE_MAX = 2**31 - 1      # ctx, gen, prefill_chunk, kv_block: far past any model; keeps the fit check in float range
 SEED_MAX = 2**32 - 1      # weights.synthetic seeds torch generators with seed * 1_000_003 + crc32
@@ -178,7 +178,7 @@ class Params:
     threads: int = 0               # CPU threads for torch (0 = torch's default)
     tp: int = 1                    # tensor-parallel ranks (1, 2, 3, 4, 8): must divide the model's heads, KV heads, MLP and vocabulary
     tp_invariant: int = 0          # 1: wo/w2 sum K in a fixed segment tree: the same bits at every tp (docs/TP.md)
-    engine: str = "greta"          # the engine under audit: greta, or hf (transformers on the same model file; docs/ENGINES.md)
+    engine: str = "greta"          # the engine under audit: greta, hf or llamacpp (docs/ENGINES.md)
     batch: int = 1                 # probe=batch: requests decoded together (greta/record/batch.py)
     batch_lengths: str = ""        # probe=batch: prompt lengths, comma-separated, one per request; "": drawn seeded in [ctx/2, ctx]
     batch_gen: str = ""            # probe=batch: decode steps per request, comma-separated; "": gen for every request
@@ -361,11 +361,17 @@ def validate(p: Params) -> None:
 PEER_FIXED = {"kv_aligned": 0, "tp": 1, "tp_invariant": 0, "backend": "torch", "perturb": "none"}
 
 
+def peer_fixed(engine: str) -> dict:
+    """What peer engine `engine` runs with: PEER_FIXED, and llamacpp on the CPU (its adapter keeps every layer
+    there, n_gpu_layers=0)."""
+    return {**PEER_FIXED, **({"device": "cpu"} if engine == "llamacpp" else {})}
+
+
 def _check_engine(p: Params) -> None:
     """A peer engine runs its own paths: none of Greta's exact mode, tensor parallelism, backends or controls."""
     if p.engine == "greta":
         return
-    for key, want in PEER_FIXED.items():
+    for key, want in peer_fixed(p.engine).items():
         if getattr(p, key) != want:
             raise ParamError(f"param engine={p.engine} runs that engine's own prefill and decode, so {key}="
                              f"{show(getattr(p, key))} (Greta's) does not apply; use -p {key}={want}")
