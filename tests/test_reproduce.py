@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from greta.__main__ import main
-from greta.checks.reproduce import OriginalRefused, ReproduceError, reproduce
+from greta.checks.reproduce import OriginalRefused, reproduce
 from greta.checks.statements import rendered_report
 from greta.checks.verify import verify
 from greta.probe.runner import run_probe

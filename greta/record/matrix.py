@@ -21,7 +21,7 @@ import copy
 import itertools
 from dataclasses import dataclass
 
-from greta.record.params import (DEFAULTS, Params, ParamError, coerce, flat_keys, flatten,
+from greta.record.params import (DEFAULTS, Params, ParamError, coerce, flat_keys, flatten, peer_fixed,
                                  load_yaml_text, read_params_file, show)
 
 AXES = ("ctx", "kv_aligned", "seed", "dtype")  # point names and execution order follow this order

@@ -12,7 +12,6 @@ from greta.probe.kinds.base import ProbeKind
 from greta.record.batch import (BATCH_VERDICTS, LOGITS_FILE, batch_verdict, fingerprint_problems, fingerprint_rows,
                                 metrics_from_logits)
 from greta.record.kinds import SPECS
-from greta.record.params import ParamError
 
 FIGURES = ("max_abs_diff", "bit_exact", "finite", "worst_request", "inexact_requests", "per_request")
 
