@@ -1,14 +1,14 @@
 """A real out-of-memory on the CPU (memory_fraction < 1 caps the worker's data segment, RLIMIT_DATA, at that
 fraction of the host's RAM): the allocator itself refuses, no fault injected, as memory_fraction makes the
-GPU's allocator refuse. The cap is set 512 MiB above this process's own data segment (the worker imports the
-same torch and greta), below what the qwen2-0.5b preset's weights alone need (942 MiB in bf16), so on any
+GPU's allocator refuse. The cap is set 512 MiB above the data segment of a fresh interpreter that imported what
+the worker imports, below what the qwen2-0.5b preset's weights alone need (942 MiB in bf16), so on any
 machine the load phase fails in the allocator: FAIL_OOM naming it, a complete record that verifies, no worker
 left. Control: under the same cap the tiny preset (2 MiB of weights) runs to PASS_EQUIV, so the cap alone is not
 what fails."""
 from __future__ import annotations
 
 import json
-import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -26,8 +26,14 @@ RUN = {"model": "qwen2-0.5b", "ctx": 64, "gen": 4, "span": 2, "prefill_chunk": 3
        "sampling_period_s": 0.2, "threads": 1, "timeouts.load": 120}
 
 
-def _own_data_bytes() -> int:
-    return int(re.search(r"VmData:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
+def _fresh_data_bytes() -> int:
+    """The data segment of a fresh interpreter that imported what a probe worker imports (this test process's
+    own would not do: an xdist worker that ran other tests holds far more)."""
+    code = ("import re, torch, greta.probe.worker, greta.engine.runner\n"
+            "torch.ones(256, 256) @ torch.ones(256, 256)\n"
+            "print(re.search(r'VmData:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
+    return int(out.stdout.split()[-1]) * 1024
 
 
 def _run(tmp_path: Path, **over) -> Path:
@@ -36,7 +42,7 @@ def _run(tmp_path: Path, **over) -> Path:
 
 
 def test_a_capped_cpu_worker_runs_out_of_memory_for_real(tmp_path):
-    fraction = (_own_data_bytes() + 512 * 2**20) / psutil.virtual_memory().total
+    fraction = (_fresh_data_bytes() + 512 * 2**20) / psutil.virtual_memory().total
     d = _run(tmp_path, memory_fraction=round(fraction, 6))
     v = json.loads((d / "verdict.json").read_text())
     assert v["verdict"] == "FAIL_OOM" and v["failed_phase"] == "load", v

@@ -99,7 +99,9 @@ def combos(axes: dict) -> list[dict]:
 
 
 def skipped(axes: dict) -> list[tuple[str, str]]:
-    """(point name, why) of each combination of the axes the matrix rule skips."""
+    """(point name, why) of each combination of the axes the matrix rule skips (only a peer engine's can be)."""
+    if ENGINE_AXIS not in axes:
+        return []
     return [(point_name(c), why) for c in all_combos(axes) if (why := refusal(c)) is not None]
 
 
