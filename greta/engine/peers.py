@@ -86,9 +86,7 @@ class HFEngine:
 
     def prefill(self, tokens: torch.Tensor, start: int = 0, keep: list[int] | None = None, progress=None,
                 seq: int = 0) -> torch.Tensor:
-        _one_sequence(seq)
-        if start or self.cache.length():
-            raise ValueError("engine=hf prefills from position 0 into an empty cache (reset it first)")
+        _check_prefill("hf", self.cache, start, seq)
         keep = [tokens.numel() - 1] if keep is None else keep
         logits = self._logits(tokens, keep)
         if progress:
@@ -96,8 +94,7 @@ class HFEngine:
         return logits
 
     def decode(self, token, pos: int) -> torch.Tensor:
-        if pos != self.cache.length():
-            raise ValueError(f"engine=hf decodes at the cache's length {self.cache.length()}, not position {pos}")
+        _check_decode("hf", self.cache, pos)
         return self._logits(torch.as_tensor(token, device=self.device).reshape(1), [0])[0]
 
 
@@ -173,16 +170,13 @@ class LlamaCppEngine:
 
     def prefill(self, tokens: torch.Tensor, start: int = 0, keep: list[int] | None = None, progress=None,
                 seq: int = 0) -> torch.Tensor:
-        _one_sequence(seq)
-        if start or self.cache.length():
-            raise ValueError("engine=llamacpp prefills from position 0 into an empty cache (reset it first)")
+        _check_prefill("llamacpp", self.cache, start, seq)
         keep = [tokens.numel() - 1] if keep is None else keep
         self._eval([int(t) for t in tokens.reshape(-1).tolist()], progress)
         return self._rows(keep)
 
     def decode(self, token, pos: int) -> torch.Tensor:
-        if pos != self.cache.length():
-            raise ValueError(f"engine=llamacpp decodes at the cache's length {self.cache.length()}, not position {pos}")
+        _check_decode("llamacpp", self.cache, pos)
         self._eval([int(token)])
         return self._rows([pos])[0]
 
@@ -206,6 +200,19 @@ def llama_cpp_module():
     import llama_cpp
 
     return llama_cpp
+
+
+def _check_prefill(engine: str, cache, start: int, seq: int) -> None:
+    """What every adapter's prefill takes: its one sequence, from position 0, into an empty cache."""
+    _one_sequence(seq)
+    if start or cache.length():
+        raise ValueError(f"engine={engine} prefills from position 0 into an empty cache (reset it first)")
+
+
+def _check_decode(engine: str, cache, pos: int) -> None:
+    """An adapter decodes the next position only: the cache's length."""
+    if pos != cache.length():
+        raise ValueError(f"engine={engine} decodes at the cache's length {cache.length()}, not position {pos}")
 
 
 def _one_sequence(b: int) -> None:

@@ -11,9 +11,8 @@ from __future__ import annotations
 import time
 
 import numpy as np
-import torch
 
-from greta.probe.worker import MB, ProbeJob, logits_digest, sync
+from greta.probe.worker import ProbeJob, logits_digest, sync
 
 
 class B377Job(ProbeJob):
@@ -36,20 +35,11 @@ class B377Job(ProbeJob):
                             backend=p.backend, tp=self.tp, tree_segments=tree_segments(cfg) if p.tp_invariant else 0)
         warmup_s = self._warmup() if self.device.type == "cuda" else 0.0
         weight_bytes = sum(t.nbytes for k, t in w.items() if not (k == "lm_head" and cfg.tie_embeddings))
-        return {**self._loaded(source, model_hash, weight_bytes, prompt_info), "warmup_s": warmup_s,
+        return {**self.loaded_figures(source, model_hash, weight_bytes, prompt_info), "warmup_s": warmup_s,
                 "engine": {"name": "greta", "backend": p.backend, "kv_aligned": p.kv_aligned},
                 **({"tp": {"world": self.tp.world, "exact": "tree" if p.tp_invariant else self.tp.exact}}
                    if self.tp else {}),
                 **({"tree_segments": self.model.tree_segments} if p.tp_invariant else {})}
-
-    def _loaded(self, source: str, model_hash: str, weight_bytes: int, prompt_info: dict) -> dict:
-        """The load phase's figures for the record, whichever engine holds the model."""
-        cfg = self.cfg
-        return {"config": cfg.to_dict(), "weights_source": source, "model_hash": model_hash,
-                "param_count": cfg.param_count(), "weights_mb": weight_bytes / MB,
-                "kv_cache_mb": self.model.cache.nbytes() / MB, "kv_cache_capacity": self.model.cache.capacity,
-                "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
-                "torch_threads": torch.get_num_threads(), "prompt": prompt_info}
 
     def _load_peer(self) -> dict:
         """A peer engine (engine=hf, llamacpp): its adapter (greta.engine.peers) holds the model; Greta's weights are not
@@ -64,7 +54,7 @@ class B377Job(ProbeJob):
         prompt, prompt_info = make_prompt_from_params(p, self.cfg.vocab_size)
         self.prompt = prompt.to(self.device)
         self.model = make_engine(p.engine, p.model, self.cfg, self.dtype, self.device, p.ctx + p.gen)
-        return {**self._loaded(model_source(p.model), weights.checkpoint_hash(model_path(p.model)),
+        return {**self.loaded_figures(model_source(p.model), weights.checkpoint_hash(model_path(p.model)),
                                self.model.weight_bytes(), prompt_info), "warmup_s": 0.0, "engine": self.model.about}
 
     def _warmup(self) -> float:

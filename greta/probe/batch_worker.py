@@ -16,7 +16,7 @@ import time
 import numpy as np
 import torch
 
-from greta.probe.worker import MB, ProbeJob, logits_digest, sync
+from greta.probe.worker import ProbeJob, logits_digest, sync
 from greta.record.batch import batch_plan, compared_steps, step_floor_bytes
 
 
@@ -51,12 +51,9 @@ class BatchJob(ProbeJob):
         warmup_s = self._warmup() if self.device.type == "cuda" else 0.0
         self.weight_bytes = sum(t.nbytes for k, t in w.items()
                                 if k != "embed" or cfg.tie_embeddings)  # a step reads every weight but the table
-        return {"config": cfg.to_dict(), "weights_source": source, "model_hash": model_hash,
-                "param_count": cfg.param_count(), "weights_mb": sum(t.nbytes for t in w.values()) / MB,
-                "kv_cache_mb": self.model.cache.nbytes() / MB, "kv_cache_capacity": self.model.cache.capacity,
-                "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
-                "torch_threads": torch.get_num_threads(), "warmup_s": warmup_s,
-                "prompt": {**prompt_info, "prompt_tokens": sum(self.lengths)},
+        prompt_info = {**prompt_info, "prompt_tokens": sum(self.lengths)}
+        return {**self.loaded_figures(source, model_hash, sum(t.nbytes for t in w.values()), prompt_info),
+                "warmup_s": warmup_s,
                 "batch": {"lengths": self.lengths, "gens": self.gens},
                 **({"tp": {"world": self.tp.world, "exact": self.tp.exact}} if self.tp else {})}
 

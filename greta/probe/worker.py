@@ -202,6 +202,16 @@ class ProbeJob:
     def ceilings(self) -> dict:
         return measure_ceilings(self.device, self.dtype)
 
+    def loaded_figures(self, source: str, model_hash: str, weight_bytes: int, prompt_info: dict) -> dict:
+        """The load phase's figures for the record, whichever kind and engine hold the model (self.cfg, and
+        self.model with its KV cache, set by the kind's load)."""
+        cfg = self.cfg
+        return {"config": cfg.to_dict(), "weights_source": source, "model_hash": model_hash,
+                "param_count": cfg.param_count(), "weights_mb": weight_bytes / MB,
+                "kv_cache_mb": self.model.cache.nbytes() / MB, "kv_cache_capacity": self.model.cache.capacity,
+                "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
+                "torch_threads": torch.get_num_threads(), "prompt": prompt_info}
+
     def load_weights(self):
         """The model this process runs -> (config, weights, source, hash). Tensor parallel (tp > 1): join the
         group from torchrun's environment (the collectives' timeout below the phases') and make or load only
