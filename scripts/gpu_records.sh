@@ -10,7 +10,7 @@
 #   bash scripts/gpu_records.sh oom      the real allocator OOM alone (the first audit of 'faults'; ~1 min)
 #   bash scripts/gpu_records.sh batch    params/batch_4k.yaml's sweep (B 1..32 x kv 1/0, batch_sweep) and its control (batch_control) (~4.5 min)
 # On the device, from the repo root: source scripts/device_setup.sh && bash scripts/gpu_records.sh STAGE...
-# Records go to /tmp/rec and come back as $OUT/records-STAGE.tgz (logits left out), verified first.
+# Records go to /tmp/rec and come back as $OUT/records-STAGE.tgz (logits, *.npz, left out), verified first.
 set -u
 OUT=${OUT:-/tmp/gpu-out}
 R=/tmp/rec
@@ -87,5 +87,5 @@ for stage in "$@"; do
     "$stage"
     dirs=$(find $R -name manifest.json -not -path '*/points/*' -printf '%h\n'; find $R -name manifest.json -path '*-sweep/*/points/*' -printf '%h\n')
     [ -n "$dirs" ] && run python3 -m greta verify $dirs
-    tar czf "$OUT/records-$stage.tgz" --exclude=logits.npz -C /tmp rec
+    tar czf "$OUT/records-$stage.tgz" --exclude='*.npz' -C /tmp rec
 done

@@ -65,7 +65,7 @@ def _model_body(exact: str, perturb: str) -> dict:
         dec = torch.stack(dec)
         ref = m.teacher_forced(prompt, fed[:CHECK])
         return {"exact": bool(torch.equal(dec, ref)), "max_abs_diff": float((dec - ref).abs().max()),
-                "graphed": m._graph is not None, "logits": dec.cpu()}
+                "graphed": bool(m._graphs.captured()), "logits": dec.cpu()}
     finally:
         finish()
 
