@@ -40,7 +40,8 @@ else:
         from .attention import BLOCK_KV, decode_attention, prefill_attention
         from .flash_decode import flash_decode, flash_decode_batch
         from .batch_attention import batch_decode_attention
-        from .gemm import matmul, matmul_tree
+        from .gemm import matmul
+        from .gemm_tree import matmul_tree
         from .norm import add_rmsnorm, rmsnorm
         from .reduce import sum_in_order
         from .rope import rope

@@ -99,7 +99,7 @@ def pairwise_dot_ref(x, w):
 
 
 def matmul_tree_ref(x, w, segments, block_k, dtype=None):
-    """kernels/gemm.py matmul_tree's arithmetic under the interpreter: K cut into `segments` equal segments;
+    """kernels/gemm_tree.py matmul_tree's arithmetic under the interpreter: K cut into `segments` equal segments;
     each segment's partial an fp32 K loop over block_k blocks (the last one zero-padded, as the kernel's
     masked loads read 0), each block by the interpreter's tl.dot (pairwise_dot_ref); the segments' partials
     added by tree_sum_ref in fp32 and rounded once to dtype (default x's)."""

@@ -13,6 +13,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 from unittest import mock
 
@@ -38,8 +39,13 @@ def test_compile_in_clean_process():
 
 def fresh(name):
     """A compiled (not interpreted) copy of kernels/<name>.py, whatever
-    TRITON_INTERPRET this process runs with."""
-    spec = importlib.util.spec_from_file_location(f"_aot_{name}", KERNELS / f"{name}.py")
+    TRITON_INTERPRET this process runs with. It lives in a package of its own
+    (_aot), so its relative imports (from .gemm import ...) load compiled copies too."""
+    if "_aot" not in sys.modules:
+        pkg = types.ModuleType("_aot")
+        pkg.__path__ = [str(KERNELS)]
+        sys.modules["_aot"] = pkg
+    spec = importlib.util.spec_from_file_location(f"_aot.{name}", KERNELS / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     with mock.patch.dict(os.environ, {"TRITON_INTERPRET": "0"}):
         spec.loader.exec_module(mod)
@@ -102,7 +108,8 @@ def test_gemm_compiles(tile):
 @compiled
 @pytest.mark.parametrize("segments", [8, 6])
 def test_gemm_tree_compiles(segments):
-    g = fresh("gemm")
+    """Prefill's one-program tree, and decode's two kernels (a program per segment, then the tree)."""
+    g = fresh("gemm_tree")
     bm, bn, nw, ns = g.TREE
     ptx = compile_ptx(g._matmul_tree_kernel, {"X": "*bf16", "W": "*bf16", "Y": "*fp32",
                                               **ints("M", "N", "K_SEG", "stride_xm", "stride_xk", "stride_wn",
@@ -110,6 +117,14 @@ def test_gemm_tree_compiles(segments):
                       dict(SEGMENTS=segments, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=g.BLOCK_K),
                       num_warps=nw, num_stages=ns, enable_fp_fusion=False)
     assert "mma" in ptx
+    ptx = compile_ptx(g._tree_partials_kernel, {"X": "*bf16", "W": "*bf16", "P": "*fp32",
+                                                **ints("M", "N", "K_SEG", "stride_xm", "stride_xk", "stride_wn",
+                                                       "stride_wk")},
+                      dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=g.BLOCK_K),
+                      num_warps=nw, num_stages=ns, enable_fp_fusion=False)
+    assert "mma" in ptx
+    compile_ptx(g._tree_sum_kernel, {"P": "*fp32", "Y": "*bf16", **ints("MN", "N", "stride_ym", "stride_yn")},
+                dict(SEGMENTS=segments, BLOCK=g.TREE_SUM_BLOCK), num_warps=4, num_stages=1, enable_fp_fusion=False)
 
 
 @compiled

@@ -1,4 +1,4 @@
-"""The segment-tree GEMM (kernels/gemm.py matmul_tree) under the Triton interpreter, bit for bit against its
+"""The segment-tree GEMM (kernels/gemm_tree.py matmul_tree) under the Triton interpreter, bit for bit against its
 torch reference (kernels/reference.py matmul_tree_ref: the interpreter's tl.dot order per BLOCK_K block, the
 segments' fp32 partials added by tree_sum_ref). Outputs in fp32: the interpreter's own fp32 -> bf16 cast
 truncates (a GPU's rounds to nearest even), so a bf16 store is compared on the GPU, not here; bf16 inputs are
@@ -16,11 +16,12 @@ import torch  # noqa: E402
 triton = pytest.importorskip("triton")
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
-from greta.kernels import gemm  # noqa: E402
-from greta.kernels.gemm import matmul, matmul_tree  # noqa: E402
+from greta.kernels import gemm_tree  # noqa: E402
+from greta.kernels.gemm import matmul  # noqa: E402
+from greta.kernels.gemm_tree import matmul_tree  # noqa: E402
 from greta.kernels.reference import matmul_tree_ref, tree_sum_ref  # noqa: E402
 
-if not isinstance(gemm._matmul_tree_kernel, InterpretedFunction):
+if not isinstance(gemm_tree._matmul_tree_kernel, InterpretedFunction):
     pytest.skip("greta.kernels was imported before TRITON_INTERPRET=1; run "
                 "python -m pytest tests/test_kernels_*.py", allow_module_level=True)
 
@@ -34,15 +35,18 @@ def rand(*shape, dtype=F32, seed=0):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("segments,seg_k,block_k", [(8, 16, 16), (8, 25, 16), (3, 40, 16), (6, 24, 16), (1, 70, 32),
                                                     (5, 8, 16), (24, 8, 16)])
-def test_tree_gemm_equals_its_reference_bit_for_bit(segments, seg_k, block_k, dtype):
-    """Segments a multiple of BLOCK_K and not (a masked tail), powers of two and not (carried nodes)."""
+@pytest.mark.parametrize("split", [False, True])
+def test_tree_gemm_equals_its_reference_bit_for_bit(segments, seg_k, block_k, dtype, split):
+    """Segments a multiple of BLOCK_K and not (a masked tail), powers of two and not (carried nodes); the tree
+    in one program per tile (prefill) and in a program per segment, then the tree kernel (decode)."""
     K = segments * seg_k
     x, w = rand(5, K, dtype=dtype, seed=K), rand(37, K, dtype=dtype, seed=K + 1)
-    y = matmul_tree(x, w, segments, out_dtype=F32, block_k=block_k, block_m=16, block_n=16)
+    y = matmul_tree(x, w, segments, out_dtype=F32, split=split, block_k=block_k, block_m=16, block_n=16)
     assert torch.equal(y, matmul_tree_ref(x, w, segments, block_k, F32))
 
 
 def test_a_row_has_the_same_bits_at_any_m():
+    """Decode's row (M = 1, split by default) is prefill's row (M = 77, one program per tile)."""
     x, w = rand(77, 96, seed=1), rand(40, 96, seed=2)
     big = matmul_tree(x, w, 8, block_k=16)
     for i in (0, 1, 63, 64, 76):

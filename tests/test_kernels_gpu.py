@@ -72,6 +72,29 @@ def test_matmul(N, K):
 
 
 @compiled
+@pytest.mark.parametrize("N,K", [(HIDDEN, HIDDEN), (HIDDEN, INTER)])
+def test_matmul_tree_decode_is_prefill(N, K):
+    """The tp-invariant mode's wo and w2 (S = 8): decode's split tree (a program per segment, then the tree
+    kernel) gives prefill's rows (one program per tile, the tree in registers) bit for bit, in bf16 and in
+    the fp32 a rank sends; the plain K loop does not (the control)."""
+    from greta.kernels.gemm_tree import matmul_tree
+    from greta.kernels.reference import tree_sum_ref
+
+    M = 512
+    x, w = rand(M, K, seed=N + 1), rand(N, K, seed=K + 1, scale=K ** -0.5)
+    for dtype in (DTYPE, torch.float32):
+        y = matmul_tree(x, w, 8, out_dtype=dtype)
+        for i in [0, 1, 100, 127, 300, M - 1]:
+            row = matmul_tree(x[i:i + 1], w, 8, out_dtype=dtype)
+            assert torch.equal(row[0], y[i]), (dtype, i)
+            assert torch.equal(row, matmul_tree(x[i:i + 1], w, 8, out_dtype=dtype, split=False)), (dtype, i)
+    n = K // 8
+    parts = [(x[:4, s * n:(s + 1) * n].float() @ w[:, s * n:(s + 1) * n].float().T) for s in range(8)]
+    torch.testing.assert_close(y[:4], tree_sum_ref(parts), rtol=1e-4, atol=1e-4)
+    assert not torch.equal(matmul(x[:4], w), matmul_tree(x[:4], w, 8))
+
+
+@compiled
 def test_elementwise():
     M = 512
     x, r = rand(M, HIDDEN, seed=1), rand(M, HIDDEN, seed=2)
