@@ -24,7 +24,7 @@ from greta.probe.kinds import kind_of
 from greta.probe.preflight import preflight
 from greta.probe.runner import ProbeInterrupted, finish_from_checkpoint, run_probe
 from greta.record.files import Verdict, read_record
-from greta.record.params import ParamError, params_from_notebook
+from greta.record.params import ParamError, Params, params_from_notebook
 from greta.record.store import RecordError, atomic_write_text, new_probe_dir, seal
 from greta.reports import md, notebooks as nbs
 from greta.reports.notebook_params import papermill_syntax
@@ -33,7 +33,7 @@ from greta.terminal import shown
 ANALYSIS = "the analysis notebooks"
 
 
-def run_notebook(params) -> str:
+def run_notebook(params: Params) -> str:
     """The run notebook of the probe kind params name."""
     return kind_of(params).run_notebook
 
@@ -48,7 +48,7 @@ def notebook_params(params_file, overrides: dict | None, **named):
         raise ParamError(papermill_syntax(str(e))) from None
 
 
-def run_stage(params: dict, run_dir=None, out_root=None, show_code: bool = False) -> Path:
+def run_stage(params: Params, run_dir=None, out_root=None, show_code: bool = False) -> Path:
     """What the run notebook's kernel does. Given run_dir (by run_audit): the probe, then the analysis
     notebooks, into it. Without (papermill run bare): the whole audit, this notebook executed again into a
     fresh sealed record, ending on papermill's terminal as `greta audit` ends; its directory is returned
@@ -210,7 +210,7 @@ class _Progress:
         return bar, key
 
 
-def run_audit(params: dict, out_root=None, progress: bool = True, show_code: bool = False) -> Path:
+def run_audit(params: Params, out_root=None, progress: bool = True, show_code: bool = False) -> Path:
     """Execute run_b3_77.ipynb into a fresh record directory, complete it and seal it (the module docstring).
     params: validated (load_params). Raises ProbeInterrupted (after sealing) if interrupted."""
     run_dir = new_probe_dir(out_root, params)
@@ -229,12 +229,12 @@ def run_audit(params: dict, out_root=None, progress: bool = True, show_code: boo
     return run_dir
 
 
-def _plain(params) -> dict:
+def _plain(params: Params) -> dict:
     """The params as plain JSON data for a papermill parameter (they go through load_params again there)."""
     return params.to_dict()
 
 
-def complete_or_say_what_was_lost(run_dir: Path, params, err, interrupted, show_code, step) -> None:
+def complete_or_say_what_was_lost(run_dir: Path, params: Params, err, interrupted, show_code, step) -> None:
     """complete_record; a write it cannot make (a full or read-only disk) ends the audit in one line
     (RecordError: exit 2) that names the file and says what became of the record (:func:`_salvage`)."""
     try:
@@ -245,13 +245,13 @@ def complete_or_say_what_was_lost(run_dir: Path, params, err, interrupted, show_
     raise RecordError(f"could not complete the record in {run_dir} ({failed}); {_salvage(run_dir, params)}")
 
 
-def _salvage(run_dir: Path, params) -> str:
+def _salvage(run_dir: Path, params: Params) -> str:
     """Seal what was written if it is a consistent record (then it verifies, lacking only what could not be
     written); otherwise leave it unsealed, which no check takes for complete. -> what became of it."""
     from greta.checks.verify import verify
 
     try:
-        seal(run_dir, params)
+        seal(run_dir, params.to_dict())
     except OSError:
         return _unsealed(run_dir, "")
     problems = verify(run_dir)
@@ -271,7 +271,7 @@ def _unsealed(run_dir: Path, why: str) -> str:
     return f"{why}it is left without manifest.json, so it does not pass as complete: free space (or make it writable) and rerun"
 
 
-def complete_record(run_dir: Path, params: dict, err: Exception | None, interrupted: str | None,
+def complete_record(run_dir: Path, params: Params, err: Exception | None, interrupted: str | None,
                     show_code: bool = False, step: list[str] | None = None) -> None:
     """After the run notebook: the verdict that covers what happened, HTML of each notebook, then the seal.
     step: the last progress line of the kernel (where an interrupt found it)."""
@@ -294,10 +294,10 @@ def complete_record(run_dir: Path, params: dict, err: Exception | None, interrup
             raise  # the disk, not the page: complete_or_say_what_was_lost says what was lost
         except Exception as exc:  # noqa: BLE001 - the record stands without this page
             print(shown(f"greta: rendering {nb.name} to HTML failed: {nbs.one_line(exc)}"), file=sys.stderr)
-    seal(run_dir, params)
+    seal(run_dir, params.to_dict())
 
 
-def _lead(nb: Path, params, report: str, verdict) -> str:
+def _lead(nb: Path, params: Params, report: str, verdict) -> str:
     """What a page shows first: report.md, once. The run notebook shows report.md itself when it ran to the
     end, so its page opens with the verdict alone."""
     if nb.name == run_notebook(params) and nbs.is_complete(nb):
@@ -330,7 +330,7 @@ def interrupted_step(step: list[str], names: tuple[str, ...]) -> str:
     return f"during the analysis notebook {name}" + (f" ({', '.join(names[:done])} had finished)" if done else "")
 
 
-def _mark_interrupted_after_probe(run_dir: Path, params: dict, how: str, step: list[str]) -> None:
+def _mark_interrupted_after_probe(run_dir: Path, params: Params, how: str, step: list[str]) -> None:
     """The probe finished and sealed its verdict, then an interrupt came: the record is INTERRUPTED (failed
     phase "analysis"), its reason naming the step it found running and keeping the probe's verdict;
     report.md re-rendered."""
@@ -343,5 +343,5 @@ def _mark_interrupted_after_probe(run_dir: Path, params: dict, how: str, step: l
               "reason": f"interrupted by {how} {where}; the probe had finished: {v['verdict']} ({v['reason']})"})
     atomic_write_text(run_dir / "verdict.json", json.dumps(v, indent=2) + "\n")
     atomic_write_text(run_dir / "report.md", kind_of(params).render(
-        params, rec.metadata.to_dict(), rec.perf.to_dict(), rec.metrics.to_dict() if rec.metrics else None,
+        params.to_dict(), rec.metadata.to_dict(), rec.perf.to_dict(), rec.metrics.to_dict() if rec.metrics else None,
         rec.vram.to_dict(), v))

@@ -131,3 +131,26 @@ def test_the_checker_sees_a_kind_test():
         assert _kind_tests("greta/audit.py", line), line
         assert not _kind_tests("greta/probe/kinds/batch.py", line)
     assert not _kind_tests("greta/audit.py", 'kind = kind_of(params)  # probe kinds: greta.probe.kinds')
+
+
+def _subscriptable(obj) -> bool:
+    try:
+        obj["ctx"]
+    except TypeError:
+        return False
+    except KeyError:
+        return True
+    return True
+
+
+def test_live_params_and_matrices_are_read_by_attribute_only():
+    """One way to read a run's values: Params, its sections and a Matrix have attributes and no dict-style
+    access (params["ctx"]); a dict is what a record's params.json is read into, and only JSON readers hold one."""
+    from greta.record.matrix import load_matrix
+    from greta.record.params import Params
+
+    params = Params()
+    for obj in (params, params.timeouts, params.thresholds, load_matrix(None)):
+        assert not _subscriptable(obj), f"{type(obj).__name__} is subscriptable again: read its attributes instead"
+        assert not hasattr(obj, "get"), f"{type(obj).__name__} has a dict-style get: read its attributes instead"
+    assert _subscriptable(params.to_dict()) and _subscriptable({})  # the check can fail: a dict is subscriptable

@@ -61,7 +61,7 @@ def test_triton_negative_control_fails(perturb):
 def test_triton_on_cpu_param_checks(monkeypatch):
     with pytest.raises(ParamError, match="dtype=float32"):
         preflight(load_params(None, {"backend": "triton", "dtype": "bfloat16"}))
-    assert preflight(load_params(None, {"backend": "triton", "dtype": "float32"}))["backend"] == "triton"
+    assert preflight(load_params(None, {"backend": "triton", "dtype": "float32"})).backend == "triton"
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(ParamError, match="TRITON_INTERPRET=1"):
         preflight(load_params(None, {"backend": "triton", "dtype": "float32"}))

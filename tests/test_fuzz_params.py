@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 
 from greta.__main__ import main
 from greta.probe.preflight import preflight
-from greta.record.params import DEFAULTS, FAULT_KINDS, PHASES, ParamError, load_params, parse_overrides, validate
+from greta.record.params import DEFAULTS, FAULT_KINDS, PHASES, ParamError, Params, load_params, parse_overrides, validate
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CPU_PARAMS = REPO_ROOT / "params" / "cpu_default.yaml"
@@ -237,7 +237,7 @@ def one_line(msg: str) -> bool:
     return bool(msg.strip()) and len(msg.splitlines()) == 1 and "\n" not in msg and "\r" not in msg
 
 
-def check_loaded(p: dict, items: dict) -> None:
+def check_loaded(p: Params, items: dict) -> None:
     """The loader's own invariants, and the given values (coerced to the defaults' types) kept."""
     validate(p)
     assert set(p.to_dict()) == set(DEFAULTS)
@@ -245,7 +245,7 @@ def check_loaded(p: dict, items: dict) -> None:
         assert set(p.to_dict()[s]) == set(ks)
     for k, (v, _) in items.items():
         sec, _, sub = k.partition(".")
-        got, default = (p[sec][sub], DEFAULTS[sec][sub]) if sub else (p[k], DEFAULTS[k])
+        got, default = (getattr(getattr(p, sec), sub), DEFAULTS[sec][sub]) if sub else (getattr(p, k), DEFAULTS[k])
         assert type(got) is type(default), (k, got)
         assert got == (float(v) if isinstance(default, float) else v), (k, v, got)
 

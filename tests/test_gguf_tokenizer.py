@@ -177,12 +177,13 @@ def test_chat_template_runs_in_a_sandbox():
 def test_a_text_prompt_uses_the_gguf_models_own_tokenizer(tmp_path):
     """prompt=hello / prompt_file with a .gguf model and no tokenizer.json beside it: the file's tokenizer."""
     from greta.engine.tokenize import find_tokenizer, make_prompt_from_params
+    from greta.record.params import load_params
 
     path = write_spm_gguf(tmp_path / "spm.gguf")
     assert find_tokenizer(str(path)) == path and find_tokenizer("tiny") is None
     text = tmp_path / "p.txt"
     text.write_text("the cat sat on the mat")
-    p = {"model": str(path), "ctx": 6, "prompt": "synthetic", "prompt_file": str(text), "tokenizer": "", "seed": 0}
+    p = load_params(None, {"model": str(path), "ctx": 6, "prompt_file": str(text)})
     ids, info = make_prompt_from_params(p, vocab=400)
     assert ids.tolist() == gguf_tokenizer(path).encode("the cat sat on the mat").ids[:6]
     assert info["tokenizer"] == str(path) and info["prompt_fit"] == "truncated"

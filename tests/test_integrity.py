@@ -205,6 +205,7 @@ def _forge_failing_logits(d: Path):
     """Rewrite logits.npz so the decode path disagrees, recompute metrics.json and verdict.json from it
     honestly, and reseal: every data file is consistent, only report.md still tells the old story."""
     from greta.record.metrics import compare, equivalence_verdict
+    from greta.record.params import Params
     from greta.record.store import verdict_record
 
     params = json.loads((d / "params.json").read_text())
@@ -216,7 +217,8 @@ def _forge_failing_logits(d: Path):
                 [r["source"] for r in old["per_position"]])
     v, reason = equivalence_verdict(m, params["kv_aligned"], params["thresholds"])
     (d / "metrics.json").write_text(json.dumps(m, indent=2))
-    (d / "verdict.json").write_text(json.dumps(verdict_record(params, v, reason, None, m, z["tokens"].tolist())))
+    (d / "verdict.json").write_text(json.dumps(verdict_record(Params.from_dict(params), v, reason, None, m,
+                                                              z["tokens"].tolist())))
     seal(d)
     return v
 

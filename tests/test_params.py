@@ -57,37 +57,37 @@ def test_relative_params_file_resolves_from_any_cwd(monkeypatch, tmp_path, repo_
 
 def test_overrides_win_over_file_and_defaults():
     p = load_params(CPU, {"ctx": 1024, "timeouts.decode": 7, "kv_aligned": 0})
-    assert p["ctx"] == 1024 and p["kv_aligned"] == 0
-    assert p["timeouts"].to_dict() == {**DEFAULTS["timeouts"], "decode": 7}
-    assert p["model"] == "tiny"  # from the file
+    assert p.ctx == 1024 and p.kv_aligned == 0
+    assert p.timeouts.to_dict() == {**DEFAULTS["timeouts"], "decode": 7}
+    assert p.model == "tiny"  # from the file
 
 
 def test_papermill_style_nested_overrides_merge():
     p = load_params(CPU, {"timeouts": {"decode": 3}, "thresholds": {"top1_agreement": 0.5}})
-    assert p["timeouts"].to_dict() == {**DEFAULTS["timeouts"], "decode": 3}
-    assert p["thresholds"].to_dict() == {**DEFAULTS["thresholds"], "top1_agreement": 0.5}
+    assert p.timeouts.to_dict() == {**DEFAULTS["timeouts"], "decode": 3}
+    assert p.thresholds.to_dict() == {**DEFAULTS["thresholds"], "top1_agreement": 0.5}
 
 
 def test_string_coercion_of_cli_values():
     p = load_params(CPU, parse_overrides(["ctx=32768", "timeouts.decode=5", "thresholds.max_abs_diff=0.01",
                                           "kv_aligned=0", "dtype=float32", "sampling_period_s=0.25"]))
-    assert p["ctx"] == 32768 and type(p["ctx"]) is int
-    assert p["timeouts"]["decode"] == 5.0 and type(p["timeouts"]["decode"]) is float  # seconds may be fractional
-    assert p["thresholds"]["max_abs_diff"] == 0.01 and type(p["thresholds"]["max_abs_diff"]) is float
-    assert p["kv_aligned"] == 0 and p["dtype"] == "float32" and p["sampling_period_s"] == 0.25
+    assert p.ctx == 32768 and type(p.ctx) is int
+    assert p.timeouts.decode == 5.0 and type(p.timeouts.decode) is float  # seconds may be fractional
+    assert p.thresholds.max_abs_diff == 0.01 and type(p.thresholds.max_abs_diff) is float
+    assert p.kv_aligned == 0 and p.dtype == "float32" and p.sampling_period_s == 0.25
 
 
 def test_int_given_for_float_and_integral_float_for_int():
     p = load_params(None, {"sampling_period_s": 2, "ctx": 512.0})
-    assert p["sampling_period_s"] == 2.0 and type(p["sampling_period_s"]) is float
-    assert p["ctx"] == 512 and type(p["ctx"]) is int
+    assert p.sampling_period_s == 2.0 and type(p.sampling_period_s) is float
+    assert p.ctx == 512 and type(p.ctx) is int
 
 
 @pytest.mark.parametrize("text,value", [("1e-3", 1e-3), ("5e-3", 5e-3), ("1.0e-3", 1e-3), ("0.001", 1e-3)])
 def test_scientific_notation_string_coerces_to_float(text, value):
     # PyYAML (YAML 1.1) reads "1e-3" (no dot) as a string; _coerce must still take it as a float.
     p = load_params(None, {"thresholds.max_abs_diff": text})
-    assert p["thresholds"]["max_abs_diff"] == pytest.approx(value)
+    assert p.thresholds.max_abs_diff == pytest.approx(value)
 
 
 def test_bool_is_not_an_int():
@@ -97,7 +97,7 @@ def test_bool_is_not_an_int():
 def test_scientific_notation_in_a_yaml_file(tmp_path):
     f = tmp_path / "p.yaml"
     f.write_text("thresholds: {max_abs_diff: 5e-3}\n")
-    assert load_params(f)["thresholds"]["max_abs_diff"] == pytest.approx(5e-3)
+    assert load_params(f).thresholds.max_abs_diff == pytest.approx(5e-3)
 
 
 def test_parse_overrides():
@@ -158,7 +158,7 @@ def test_bad_fault_spec(fault):
 @pytest.mark.parametrize("fault", ["none", "hang:decode", "oom:prefill", "crash:load", "error:reference",
                                    "error:ceilings"])
 def test_good_fault_spec(fault):
-    assert load_params(None, {"fault": fault})["fault"] == fault
+    assert load_params(None, {"fault": fault}).fault == fault
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")
@@ -197,7 +197,7 @@ def test_nonexistent_prompt_file(tmp_path):
 def test_existing_prompt_file_is_accepted(tmp_path):
     f = tmp_path / "ids.txt"
     f.write_text("1 2 3")
-    assert checked(None, {"prompt": str(f), "ctx": 3})["prompt"] == str(f)
+    assert checked(None, {"prompt": str(f), "ctx": 3}).prompt == str(f)
 
 
 def test_prompt_file_too_short_or_not_ids(tmp_path):
@@ -211,7 +211,7 @@ def test_prompt_file_too_short_or_not_ids(tmp_path):
     np.save(g, np.array([0.5, 1.5]))
     assert "not integers" in refuse({"prompt": str(g), "ctx": 2}, "prompt")
     np.save(g, np.arange(10))
-    assert checked(None, {"prompt": str(g), "ctx": 10})["prompt"] == str(g)
+    assert checked(None, {"prompt": str(g), "ctx": 10}).prompt == str(g)
 
 
 def test_model_neither_preset_nor_checkpoint(tmp_path):
@@ -229,7 +229,7 @@ def test_checkpoint_dir_with_safetensors_is_accepted(tmp_path, tiny_cfg, tiny_we
     from greta.engine.weights import save_checkpoint
 
     d = save_checkpoint(tiny_weights(), tiny_cfg, tmp_path / "ckpt")
-    assert checked(None, {"model": str(d)})["model"] == str(d)
+    assert checked(None, {"model": str(d)}).model == str(d)
 
 
 def test_load_params_does_not_mutate_overrides():
@@ -301,7 +301,7 @@ def test_overlong_paths_are_refused_in_one_line():
 
 
 def test_memory_fraction_caps_either_device():
-    assert checked(None, {"memory_fraction": 1.0})["memory_fraction"] == 1.0
-    assert checked(None, {"memory_fraction": 0.01})["memory_fraction"] == 0.01  # the CPU worker's RLIMIT_DATA
+    assert checked(None, {"memory_fraction": 1.0}).memory_fraction == 1.0
+    assert checked(None, {"memory_fraction": 0.01}).memory_fraction == 0.01  # the CPU worker's RLIMIT_DATA
     assert "between 0.0001 and 1" in refuse({"memory_fraction": 0}, "memory_fraction")
     assert "between 0.0001 and 1" in refuse({"memory_fraction": 1.5}, "memory_fraction")

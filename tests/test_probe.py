@@ -131,11 +131,11 @@ def test_pass_run_logits_and_metrics_agree(runs):
     r = runs("pass")
     d, p = r["dir"], r["params"]
     z = np.load(d / "logits.npz")
-    span, ctx = p["span"], p["ctx"]
+    span, ctx = p.span, p.ctx
     assert z["decode"].dtype == np.float32 and z["decode"].shape == (span, 2048)
     assert z["reference"].shape == (span, 2048)
     assert z["positions"].tolist() == list(range(ctx - 1, ctx + span - 1))
-    assert len(z["tokens"]) == p["gen"] + 1
+    assert len(z["tokens"]) == p.gen + 1
     assert np.isfinite(z["decode"]).all()
     m = rj(d, "metrics.json")
     assert len(m["per_position"]) == span
@@ -311,7 +311,7 @@ def test_error_is_fail_error_with_the_message(runs):
     assert "injected fault in phase reference" in rj(r["dir"], "verdict.json")["reason"]
     assert "injected fault in phase reference" in perf["reference"]["error"]
     # decode finished before the fault: its tokens are kept
-    assert len(rj(r["dir"], "verdict.json")["tokens"]) == r["params"]["gen"] + 1
+    assert len(rj(r["dir"], "verdict.json")["tokens"]) == r["params"].gen + 1
 
 
 def test_child_detection_sees_a_live_spawned_worker():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from greta.probe.kinds import KINDS, ProbeKind, UnknownKind, kind_named, kind_of
+from greta.probe.kinds import KINDS, ProbeKind, UnknownKind, kind_named, kind_of, record_kind
 from greta.record.kinds import SPECS
 from greta.record.metrics import FAULT_VERDICTS
 from greta.record.params import load_params
@@ -30,8 +30,9 @@ def test_kinds_do_not_share_verdicts_or_notebooks():
 
 
 def test_params_name_their_kind():
-    assert kind_of(load_params()) is KINDS["b3_77"] and kind_of({"ctx": 1}) is KINDS["b3_77"]  # before probe existed
-    assert kind_of(load_params(None, {"probe": "batch"})) is KINDS["batch"]
+    assert kind_of(load_params()) is KINDS["b3_77"] and record_kind({"ctx": 1}) is KINDS["b3_77"]  # before probe existed
+    assert kind_of(load_params(None, {"probe": "batch"})) is KINDS["batch"] and record_kind({"probe": "batch"}) is KINDS["batch"]
     assert kind_of(load_params(None, {"probe": "tp_invariance", "model": "tiny-tp", "tp": 2})) is KINDS["tp_invariance"]
     with pytest.raises(UnknownKind, match="probe kind 'tp_sizes' is not one of b3_77, batch, tp_invariance"):
-        kind_of({"probe": "tp_sizes"})
+        record_kind({"probe": "tp_sizes"})
+    assert record_kind({"probe": 7}) is KINDS["b3_77"]  # params.json is untrusted: a probe that is no string

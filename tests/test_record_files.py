@@ -11,6 +11,7 @@ import pytest
 from greta.record import files, rundir, store
 from greta.record.files import (Manifest, Metrics, Perf, RecordFileError, Verdict, VramSummary, read_json_opt,
                                 read_record)
+from greta.record.params import load_params
 
 OUT = Path(__file__).resolve().parent.parent / "outputs"
 COMMITTED = sorted(p for p in OUT.rglob("*.json") if p.name in files.TYPES)
@@ -72,7 +73,7 @@ def test_read_json_opt_is_none_for_anything_but_an_object(tmp_path):
 
 
 def test_record_writes_go_through_the_types(tmp_path):
-    rec = store.Record(tmp_path, {})
+    rec = store.Record(tmp_path, load_params())
     with pytest.raises(RecordFileError, match="verdict.json lacks the key"):
         rec.write_json("verdict.json", {"reason": "x"})
     rec.write_json("notes.json", {"free": "form"})  # not a record file type: written as given
@@ -113,7 +114,7 @@ def test_the_default_out_root_is_the_checkouts_outputs(tmp_path, monkeypatch):
 def test_a_probe_record_gets_its_directory_from_the_allocator(tmp_path, small_params):
     rec = store.Record.create(small_params(), out_root=tmp_path)
     p = small_params()
-    assert rec.path.parent.parent.parent == tmp_path and rec.path.parent.name == p["probe"]
+    assert rec.path.parent.parent.parent == tmp_path and rec.path.parent.name == p.probe
     assert rec.path.name.split("-")[1:-1] == store.probe_name_parts(p)
     again = store.Record.create(small_params(), out_root=tmp_path)
     assert again.path != rec.path
@@ -123,8 +124,8 @@ def test_a_probe_record_gets_its_directory_from_the_allocator(tmp_path, small_pa
 def test_the_size_estimate_uses_the_models_vocabulary(tmp_path):
     from greta.engine.config import PRESETS
 
-    tiny = {"model": "tiny", "span": 16}
-    big = {"model": "llama3-8b", "span": 16}
+    tiny = load_params(None, {"model": "tiny", "span": 16})
+    big = load_params(None, {"model": "llama3-8b", "span": 16})
     assert PRESETS["tiny"].vocab_size != PRESETS["llama3-8b"].vocab_size
     assert store.expected_bytes(tiny) == 2 * 16 * PRESETS["tiny"].vocab_size * 4 + 16 * 2**20
     assert store.expected_bytes(big) == 2 * 16 * 128256 * 4 + 16 * 2**20
@@ -133,7 +134,11 @@ def test_the_size_estimate_uses_the_models_vocabulary(tmp_path):
     hf = {"vocab_size": 7, "hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2,
           "num_key_value_heads": 1, "intermediate_size": 16}
     (ckpt / "config.json").write_text(json.dumps(hf))
-    assert store.expected_bytes({"model": str(ckpt), "span": 16}) == 2 * 16 * 7 * 4 + 16 * 2**20
+    assert store.expected_bytes(load_params(None, {"model": str(ckpt), "span": 16})) == 2 * 16 * 7 * 4 + 16 * 2**20
     # a model whose config cannot be read here is sized for the largest vocabulary; the run records the error
     fallback = 2 * 16 * store.FALLBACK_VOCAB * 4 + 16 * 2**20
-    assert store.expected_bytes({"model": str(tmp_path / "nothing"), "span": 16}) == fallback
+    assert store.expected_bytes(load_params(None, {"model": str(tmp_path / "nothing"), "span": 16})) == fallback
+    # the batch probe keeps span positions of logits per request; a record without logits (an oracle's): none
+    batch = load_params(None, {"model": "tiny", "span": 16, "probe": "batch", "batch": 3})
+    assert store.expected_bytes(batch) == 2 * 16 * 3 * PRESETS["tiny"].vocab_size * 4 + 16 * 2**20
+    assert store.expected_bytes(None) == 16 * 2**20

@@ -43,7 +43,7 @@ def summary(used_mb: float, cfg, params, allocator=None) -> dict:
         s.set_phase(ph)
     s.set_phase(None)
     s.stop()
-    floor = floor_mb(cfg, 2, params["ctx"] + params["gen"])
+    floor = floor_mb(cfg, 2, params.ctx + params.gen)
     return vram.summarize(s, allocator or {}, floor)
 
 
@@ -87,7 +87,7 @@ def test_results_table_of_a_passing_run(gpu_params):
     vs = summary(21000.0, PRESETS["llama3-8b"], gpu_params)
     assert not vs["below_floor"]
     verdict = {"verdict": "PASS_EQUIV", "reason": "within thresholds", "failed_phase": None}
-    text = render_report(gpu_params, meta(), perf_ok(), metrics(), vs, verdict)
+    text = render_report(gpu_params.to_dict(), meta(), perf_ok(), metrics(), vs, verdict)
     assert table_row(text) == ["32768", "1", "21000", "0.000000", "1.0000", "PASS_EQUIV"]
     assert "Below the floor" not in text
     assert "Verdict: **PASS_EQUIV**" in text
@@ -115,7 +115,7 @@ def test_below_floor_vram_is_flagged(gpu_params):
     assert vs["floor"]["total_mb"] > 17095.0
     assert any("17095" in f for f in vs["below_floor_figures"])
     verdict = {"verdict": "PASS_EQUIV", "reason": "within thresholds", "failed_phase": None}
-    text = render_report(gpu_params, meta(), perf_ok(), metrics(), vs, verdict)
+    text = render_report(gpu_params.to_dict(), meta(), perf_ok(), metrics(), vs, verdict)
     assert "Below the floor" in text
     assert "17095" in text
     assert table_row(text)[2] == "17095"
@@ -127,7 +127,7 @@ def test_allocator_peak_below_floor_is_flagged(gpu_params):
     alloc = {"prefill": {"max_allocated_mb": 100.0, "max_reserved_mb": 200.0}}
     vs = summary(30000.0, PRESETS["llama3-8b"], gpu_params, allocator=alloc)
     assert vs["below_floor"] is True
-    text = render_report(gpu_params, meta(), perf_ok(), metrics(), vs,
+    text = render_report(gpu_params.to_dict(), meta(), perf_ok(), metrics(), vs,
                          {"verdict": "PASS_EQUIV", "reason": "ok", "failed_phase": None})
     assert "Below the floor" in text and "prefill max_allocated_mb" in text
 
@@ -141,7 +141,7 @@ def test_failure_report(gpu_params):
     perf["reference"] = {"status": "not_run"}
     verdict = {"verdict": "FAIL_TIMEOUT", "reason": "decode: decode exceeded its 600 s timeout; worker killed",
                "failed_phase": "decode"}
-    text = render_report(gpu_params, meta(), perf, None, vs, verdict)
+    text = render_report(gpu_params.to_dict(), meta(), perf, None, vs, verdict)
     assert table_row(text) == ["32768", "1", "21000", "—", "—", "FAIL_TIMEOUT"]
     assert "**FAIL_TIMEOUT** in phase decode" in text
     assert "Phases completed before the fault: ceilings, load, prefill." in text

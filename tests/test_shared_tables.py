@@ -65,7 +65,7 @@ def test_seal_and_verify_cover_the_same_files(tmp_path):
 
 
 def test_verdict_record():
-    p = {"kv_aligned": 0, "perturb": "rope_offset"}
+    p = params.load_params(None, {"kv_aligned": 0, "perturb": "rope_offset"})
     assert record.verdict_record(p, "FAIL_OOM", "prefill: oom", "prefill") == {
         "verdict": "FAIL_OOM", "reason": "prefill: oom", "failed_phase": "prefill", "bit_exact": None,
         "kv_aligned": 0, "perturb": "rope_offset", "tokens": None}
@@ -75,7 +75,7 @@ def test_verdict_record():
 
 def test_floor_for(small_params, tiny_cfg):
     p = small_params()
-    assert vram.floor_for(p, tiny_cfg) == vram.floor_mb(tiny_cfg, params.dtype_bytes(p["dtype"]), p["ctx"] + p["gen"])
+    assert vram.floor_for(p, tiny_cfg) == vram.floor_mb(tiny_cfg, params.dtype_bytes(p.dtype), p.ctx + p.gen)
 
 
 @pytest.mark.parametrize("exc,how", [(probe._Term(), "SIGTERM"), (KeyboardInterrupt(), "SIGINT (Ctrl-C)")])
@@ -95,7 +95,7 @@ def test_fault_record_of_an_interrupted_phase(tmp_path, small_params):
     # the probe's own record writer: its reasons start with the failed phase
     reason = "load: the audit was interrupted by SIGINT (Ctrl-C)"
     assert v == {"verdict": "INTERRUPTED", "reason": reason, "failed_phase": "load", "bit_exact": None,
-                 "kv_aligned": p["kv_aligned"], "perturb": p["perturb"], "tokens": None}
+                 "kv_aligned": p.kv_aligned, "perturb": p.perturb, "tokens": None}
     perf = json.loads((run_dir / "perf.json").read_text())
     assert [perf[ph]["status"] for ph in params.PHASES] == ["ok", "interrupted", "not_run", "not_run", "not_run"]
     assert perf["load"]["error"] == reason.removeprefix("load: ")

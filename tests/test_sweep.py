@@ -42,7 +42,7 @@ def test_cpu_sweep_records_every_point(cpu_sweep):
     assert cfg["axes"] == {"ctx": [256, 512], "kv_aligned": [0, 1], "seed": [0], "dtype": ["bfloat16"]}
     assert cfg["base"]["model"] == "tiny" and "ctx" not in cfg["base"]
     names = cfg["points"]
-    assert names == [p["name"] for p in points(cfg)] and len(names) == 4
+    assert names == [p["name"] for p in points(cfg["axes"])] and len(names) == 4
     assert "ctx512-kv1-seed0-bfloat16" in names
     for n in names:
         ok, reasons = point_complete(d / "points" / n)
@@ -160,7 +160,7 @@ def test_a_point_that_raises_does_not_stop_the_sweep(tmp_path, monkeypatch):
     calls = []
 
     def boom(params, run_dir=None, **kw):
-        calls.append(params["ctx"])
+        calls.append(params.ctx)
         raise RuntimeError("synthetic failure\nsecond line")
 
     monkeypatch.setattr(greta.probe.runner, "run_probe", boom)
@@ -175,11 +175,11 @@ def test_a_point_that_raises_does_not_stop_the_sweep(tmp_path, monkeypatch):
 # ------------------------------------------------------------------------ matrix files
 def test_load_matrix_axes_and_overrides():
     m = load_matrix(CPU_SWEEP, {"ctx": "[128, 384]", "seed": "3", "gen": "4", "span": "2"})
-    assert m["axes"] == {"ctx": [128, 384], "kv_aligned": [0, 1], "seed": [3], "dtype": ["bfloat16"]}
-    assert [p["name"] for p in points(m)] == ["ctx128-kv0-seed3-bfloat16", "ctx128-kv1-seed3-bfloat16",
-                                              "ctx384-kv0-seed3-bfloat16", "ctx384-kv1-seed3-bfloat16"]
-    p = m["params"]["ctx384-kv1-seed3-bfloat16"]
-    assert (p["ctx"], p["kv_aligned"], p["seed"], p["gen"], p["span"]) == (384, 1, 3, 4, 2)
+    assert m.axes == {"ctx": [128, 384], "kv_aligned": [0, 1], "seed": [3], "dtype": ["bfloat16"]}
+    assert [p["name"] for p in points(m.axes)] == ["ctx128-kv0-seed3-bfloat16", "ctx128-kv1-seed3-bfloat16",
+                                                   "ctx384-kv0-seed3-bfloat16", "ctx384-kv1-seed3-bfloat16"]
+    p = m.params["ctx384-kv1-seed3-bfloat16"]
+    assert (p.ctx, p.kv_aligned, p.seed, p.gen, p.span) == (384, 1, 3, 4, 2)
 
 
 @pytest.mark.parametrize("text,override,match", [
@@ -219,7 +219,7 @@ def test_gpu_matrix_files_declare_the_seed_matrices():
     assert (b77["ctx"], b77["gen"], b77["span"], b77["kv_aligned"]) == ([4096, 8192, 16384, 32768, 65536, 131072], 64, 16, [0, 1])
     for f, n in (("b3_76.yaml", 6), ("b3_67.yaml", 6), ("b3_77_sweep.yaml", 12)):  # valid but for the device
         cpu = {"device": "cpu", "backend": "torch", "model": "tiny"}  # (llama3-8b at 131072 outgrows this host's RAM)
-        assert len(points(load_matrix(REPO / "params" / f, cpu))) == n
+        assert len(points(load_matrix(REPO / "params" / f, cpu).axes)) == n
 
 
 # ------------------------------------------------------------------------ guardrail and report on hand-made rows
@@ -350,10 +350,10 @@ def test_point_overrides_match_axis_values_given_as_cli_strings(tmp_path):
     """-p seed=3 is the int 3 before point_overrides are matched (when: {seed: 3} applies)."""
     f = _matrix_file(tmp_path, "ctx: [256]\npoint_overrides:\n  - when: {seed: 3, ctx: 256}\n    set: {gen: 16}\n")
     m = load_matrix(f, {"seed": "3"})
-    assert m["axes"]["seed"] == [3] and list(m["params"]) == ["ctx256-kv1-seed3-bfloat16"]
-    assert m["params"]["ctx256-kv1-seed3-bfloat16"]["gen"] == 16
+    assert m.axes["seed"] == [3] and list(m.params) == ["ctx256-kv1-seed3-bfloat16"]
+    assert m.params["ctx256-kv1-seed3-bfloat16"].gen == 16
     m = load_matrix(f, {"seed": "4", "ctx": "[256.0]"})
-    assert m["axes"]["ctx"] == [256] and m["params"]["ctx256-kv1-seed4-bfloat16"]["gen"] == 8
+    assert m.axes["ctx"] == [256] and m.params["ctx256-kv1-seed4-bfloat16"].gen == 8
 
 
 @pytest.mark.parametrize("text,override", [

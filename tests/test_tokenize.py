@@ -29,7 +29,7 @@ def write_tokenizer(d, vocab=VOCAB):
 
 
 def params(model, ctx=10, **kw):
-    return {"model": str(model), "ctx": ctx, "prompt": "synthetic", "prompt_file": "", "tokenizer": "", "seed": 0, **kw}
+    return load_params(None, {"model": str(model), "ctx": ctx, **kw})
 
 
 def test_hello_prompt_is_truncated_to_ctx(tmp_path):
@@ -96,8 +96,8 @@ def test_unreadable_tokenizer_is_one_line_error(tmp_path):
 def test_params_accept_text_prompts(tmp_path):
     f = tmp_path / "p.txt"
     f.write_text("hello")
-    assert load_params(None, {"prompt": "hello"})["prompt"] == "hello"
-    assert load_params(None, {"prompt_file": str(f)})["prompt_file"] == str(f)
+    assert load_params(None, {"prompt": "hello"}).prompt == "hello"
+    assert load_params(None, {"prompt_file": str(f)}).prompt_file == str(f)
 
 
 @pytest.mark.parametrize("key,value", [("prompt_file", "missing.txt"), ("tokenizer", "no/such/tokenizer.json"),

@@ -57,7 +57,7 @@ from pathlib import Path
 
 import numpy as np
 
-from greta.probe.kinds import UnknownKind, kind_of
+from greta.probe.kinds import UnknownKind, record_kind
 from greta.record.files import RecordFileError, read_member_json
 from greta.record.members import MemberError, is_member_file, member_kind, open_npz
 from greta.record.metrics import FAULT_VERDICTS, compare, equivalence_verdict
@@ -298,7 +298,7 @@ def _analyze(run_dir, out: dict, f: _Findings) -> None:
     stored_verdict = _judged_verdict(verdict_rec)
     out["stored_verdict"] = stored_verdict if isinstance(stored_verdict, str) else None
     try:
-        kind = kind_of(params if isinstance(params, dict) else {})
+        kind = record_kind(params or {})  # None: params.json unreadable (already a finding)
     except UnknownKind as e:
         f.add("INCOMPLETE", f"params.json: {e}")
         return

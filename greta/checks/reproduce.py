@@ -17,7 +17,7 @@ from pathlib import Path
 
 from greta.checks.reproduce_record import write_reproduction
 from greta.checks.verify import verify
-from greta.probe.kinds import UnknownKind, kind_of
+from greta.probe.kinds import UnknownKind, record_kind
 from greta.record.files import MANIFEST, read_record
 from greta.record.members import is_member_file, load_npz, member_kind
 from greta.record.reproduction import (REPRODUCTION_FILE, compare_fingerprints, compare_logits,
@@ -102,7 +102,7 @@ def reproduce(run_dir, out_root=None, progress: bool = True, say=None) -> tuple[
     d, rec = check_original(run_dir)
     params = _params(d, rec)
     try:
-        kind = kind_of(rec.params)
+        kind = record_kind(rec.params)
     except UnknownKind as e:
         raise ReproduceError(str(e)) from None
     body = {"original": _ref(d, rec), "rerun": None, "environment": None, "comparison": None, "skipped": None,

@@ -23,7 +23,7 @@ import json
 from pathlib import Path
 
 from greta.checks import statements_legacy as legacy
-from greta.probe.kinds import UnknownKind, kind_of
+from greta.probe.kinds import UnknownKind, record_kind
 from greta.record.files import STATEMENTS_FORMAT, RecordFileError
 from greta.record.members import entries, read_member
 from greta.reports.verdict_marks import notebook_verdicts, page_verdict, superseded
@@ -39,7 +39,7 @@ def check_statements(run_dir: Path, rec, thresholds_required: bool = True) -> li
 
 def rendered_report(rec) -> str:
     """report.md as the record's probe kind renders it from the record's data files."""
-    return kind_of(rec.params).render(
+    return record_kind(rec.params).render(
         rec.params, rec.metadata.to_dict(), rec.perf.to_dict(), rec.metrics.to_dict() if rec.metrics else None,
         rec.vram.to_dict(), rec.verdict.to_dict())
 

@@ -33,7 +33,7 @@ from pathlib import Path, PurePosixPath
 
 from greta.checks.reproduce_record import check_reproduction
 from greta.checks.statements import check_statements
-from greta.probe.kinds import KINDS, UnknownKind, kind_of
+from greta.probe.kinds import KINDS, UnknownKind, record_kind
 from greta.record.kinds import kind_name
 from greta.record.files import MANIFEST, RecordFiles, read_record
 from greta.record.members import (NOT_REGULAR, MemberError, entries, is_member_file, member_kind, name_problem,
@@ -219,7 +219,7 @@ def _check_judgement(rec: RecordFiles) -> list[str]:
     if rec.params is None:
         return []
     try:
-        kind = kind_of(rec.params)
+        kind = record_kind(rec.params)
     except UnknownKind as e:
         return [f"params.json: {e}"]
     v = rec.verdict.verdict if rec.verdict else None
@@ -248,15 +248,15 @@ def verify(run_dir, allow_missing_large: bool = False) -> list[str]:
     if rec.perf is not None and rec.verdict is not None:
         errors += _check_phases(rec.perf, rec.verdict)
         if rec.perf.status("reference") == "ok" and rec.params is not None and kind_name(rec.params) in KINDS:
-            for name in ("metrics.json", kind_of(rec.params).logits_file):
+            for name in ("metrics.json", record_kind(rec.params).logits_file):
                 if not is_member_file(d, name) and not (allow_missing_large and name in LARGE):
                     errors.append(f"{name} is missing though the reference phase finished")
     errors += _check_vram(rec)
     errors += _check_judgement(rec)
     if rec.metrics is not None and rec.params is not None and kind_name(rec.params) in KINDS:
-        errors += kind_of(rec.params).fingerprint_problems(rec.metrics.figures())
+        errors += record_kind(rec.params).fingerprint_problems(rec.metrics.figures())
     if rec.verdict is not None and rec.params is not None:
-        judged_by_thresholds = kind_name(rec.params) not in KINDS or kind_of(rec.params).uses_thresholds
+        judged_by_thresholds = kind_name(rec.params) not in KINDS or record_kind(rec.params).uses_thresholds
         errors += check_statements(d, rec, judged_by_thresholds)
     if is_member_file(d, "logits.npz"):
         from greta.checks.analyze import analyze_run

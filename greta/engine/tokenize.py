@@ -162,23 +162,23 @@ def chat_prompt(message: str, model: str, tokenizer: str, ctx: int, vocab: int,
     return torch.from_numpy(arr), info
 
 
-def make_prompt_from_params(p: dict, vocab: int) -> tuple[torch.Tensor, dict]:
-    """The probe's prompt ids [ctx] and what the record says about them (source, the text as given, at most
-    TEXT_KEPT characters of it, token counts, the ids' sha256)."""
+def make_prompt_from_params(p, vocab: int) -> tuple[torch.Tensor, dict]:
+    """The probe's prompt ids [ctx] for a run's Params p (greta.record.params: model, tokenizer, ctx, seed, prompt,
+    prompt_file, chat) and what the record says about them (source, the text as given, at most TEXT_KEPT
+    characters of it, token counts, the ids' sha256)."""
     from greta.paths import resolve
     from greta.engine.prompt import make_prompt
 
-    ctx, spec, text_file = p["ctx"], p["prompt"], p["prompt_file"]
+    ctx, spec, text_file, chat = p.ctx, p.prompt, p.prompt_file, p.chat
     info: dict = {}
-    chat = p.get("chat", "") if isinstance(p, dict) else p.chat  # a params.json dict of an older record has none
     if chat:
         doc = resolve(text_file).read_text(encoding="utf-8") if text_file else ""
-        ids, info = chat_prompt(chat, p["model"], p["tokenizer"], ctx, vocab, doc, f"prompt_file {text_file}" if text_file else "")
+        ids, info = chat_prompt(chat, p.model, p.tokenizer, ctx, vocab, doc, f"prompt_file {text_file}" if text_file else "")
     elif text_file or spec == "hello":
-        tok = find_tokenizer(p["model"], p["tokenizer"])
+        tok = find_tokenizer(p.model, p.tokenizer)
         what = f"prompt_file {text_file}" if text_file else "'hello ' x ctx"
         if tok is None:  # preflight refuses this first; never substitute other ids for the text asked for
-            raise ValueError(f"text prompt ({what}) needs a tokenizer, and model {p['model']} has no tokenizer.json beside "
+            raise ValueError(f"text prompt ({what}) needs a tokenizer, and model {p.model} has no tokenizer.json beside "
                              "it nor a .gguf tokenizer of its own; pass -p tokenizer=<dir with tokenizer.json>")
         text = resolve(text_file).read_text(encoding="utf-8") if text_file else HELLO * ctx
         ids, n_text = tokenize_to_ctx(text, tok, ctx, vocab)
@@ -186,7 +186,7 @@ def make_prompt_from_params(p: dict, vocab: int) -> tuple[torch.Tensor, dict]:
                 "prompt_text_tokens": n_text,
                 "prompt_fit": "truncated" if n_text > ctx else ("padded by repeating the text" if n_text < ctx else "exact")}
     else:
-        ids = make_prompt(spec, ctx, vocab, p["seed"])
+        ids = make_prompt(spec, ctx, vocab, p.seed)
         info = {"prompt_source": "synthetic"} if spec == "synthetic" else {"prompt_source": "token file", "prompt_file": spec}
     if "text" in info and len(info["text"]) > TEXT_KEPT:
         info.update(text=info["text"][:TEXT_KEPT], text_chars=len(info["text"]))

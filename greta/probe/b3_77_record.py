@@ -32,6 +32,6 @@ def finish_b3_77(rec, params, perf, results, vram_summary, sampler, failure):
     tokens = (results.get("reference") or results.get("decode") or results.get("prefill") or {}).get("tokens")
     perf["roofline"] = record.roofline(params, load.get("config"), perf, results.get("ceilings"))
     verdict_rec = record.verdict_record(params, verdict, reason, failed_phase, metrics, tokens)
-    report = render_report(params, rec.finish_meta(load), perf, metrics, vram_summary, verdict_rec)
+    report = render_report(params.to_dict(), rec.finish_meta(load), perf, metrics, vram_summary, verdict_rec)
     rec.finish(load=load, perf=perf, metrics=metrics, vram_summary=vram_summary, samples=sampler.samples,
                verdict=verdict_rec, report=report)

@@ -21,7 +21,7 @@ from greta.probe import vram
 from greta.engine.config import ModelConfig
 from greta.engine.source import load_config
 from greta.record.metrics import FAIL
-from greta.record.params import PHASES
+from greta.record.params import PHASES, Params
 from greta.probe.kinds import kind_of
 from greta.probe.ranks import Workers
 from greta.terminal import shown
@@ -118,7 +118,7 @@ class _Bars:
             print(shown(f"progress: {phase} {done}/{total}"))
 
 
-def run_probe(params: dict, out_root="outputs", run_dir=None, progress: bool = True) -> Path:
+def run_probe(params: Params, out_root="outputs", run_dir=None, progress: bool = True) -> Path:
     """Run the probe described by validated params; write and return its record directory. tp > 1: one worker
     per rank (greta.probe.ranks), each rank's VRAM sampled on its own device (RSS of its process on the CPU)."""
     rec = record.Record.create(params, out_root=out_root, run_dir=run_dir)
@@ -207,7 +207,7 @@ def _run_phase(phase, params, workers, samplers, bars, rec, perf, results):
     return None, None
 
 
-def finish_from_checkpoint(run_dir, params: dict, status: str, how: str) -> Path:
+def finish_from_checkpoint(run_dir, params: Params, status: str, how: str) -> Path:
     """Complete the record of a probe whose process died before finishing it (a dead notebook kernel, an audit
     interrupted while the kernel was being torn down) with the probe kind's own finisher (_finish): the phases
     and VRAM samples checkpointed up to then, the phase it was in marked with status ("crash": FAIL_ERROR,

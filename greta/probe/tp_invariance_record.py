@@ -26,6 +26,6 @@ def finish_tp_invariance(rec, params, perf, results, vram_summary, sampler, fail
     perf["roofline"] = {"available": False, "why": "the tp-invariance probe runs several degrees per phase; it "
                                                    "compares bits, not speed"}
     verdict_rec = record.verdict_record(params, verdict, reason, failed_phase, metrics, tokens)
-    report = render_tp_report(params, rec.finish_meta(load), perf, metrics, vram_summary, verdict_rec)
+    report = render_tp_report(params.to_dict(), rec.finish_meta(load), perf, metrics, vram_summary, verdict_rec)
     rec.finish(load=load, perf=perf, metrics=metrics, vram_summary=vram_summary, samples=sampler.samples,
                verdict=verdict_rec, report=report)

@@ -4,8 +4,9 @@ A probe kind is one object of greta.probe.kinds (its job, record, pages, checks,
 part of it that the record layer needs before any of that can be imported (params validation, run-directory
 names, the size of a record), so it imports nothing: params.py reads it, not the other way.
 
-    spec = spec_of(params)          # params.probe (a params.json dict without probe: b3_77, as before it existed)
+    spec = SPECS[params.probe]      # a live run's Params
     spec.name_parts(params)         # its run directory's extra name parts, e.g. ["b4"]
+    kind_name(params_json)          # the kind a record's params.json dict names (one without probe: b3_77)
 
 A new probe kind adds its ProbeSpec here (its own params, its own negative controls) and its ProbeKind in
 greta/probe/kinds/ (docs/ARCHITECTURE.md, "Where a change goes").
@@ -33,8 +34,8 @@ class ProbeSpec:
     min_tp: int = 1
 
     def name_parts(self, params) -> list[str]:
-        get = params.get if isinstance(params, dict) else lambda k: getattr(params, k)
-        return [f"{prefix}{get(key)}" for key, prefix in self.name_tags]
+        """The run directory's name parts this kind adds for a run with these Params (greta.record.params)."""
+        return [f"{prefix}{getattr(params, key)}" for key, prefix in self.name_tags]
 
 
 SPECS = {s.name: s for s in (
@@ -48,15 +49,12 @@ SPECS = {s.name: s for s in (
 KIND_NAMES = tuple(SPECS)
 
 
-def kind_name(params) -> str:
-    """The probe kind params (a Params, or a params.json dict, old ones included) name."""
-    name = params.get("probe", DEFAULT_KIND) if isinstance(params, dict) else params.probe
+def kind_name(params_json: dict) -> str:
+    """The probe kind a record's params.json dict names: a JSON reader (a live run's Params says params.probe).
+    One older than the probe key, or whose probe is no string, is B3.77's; the name may be one this checkout
+    does not know."""
+    name = params_json.get("probe", DEFAULT_KIND)
     return name if isinstance(name, str) else DEFAULT_KIND
-
-
-def spec_of(params) -> ProbeSpec:
-    """The spec of the kind params name; KeyError for a kind this checkout does not know."""
-    return SPECS[kind_name(params)]
 
 
 def foreign_params() -> dict[str, tuple[str, ...]]:

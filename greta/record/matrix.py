@@ -58,12 +58,6 @@ class Matrix:
         """What config.json records and what a resume must match."""
         return {"axes": self.axes, "base": self.base, "point_overrides": self.point_overrides}
 
-    def __getitem__(self, key: str):
-        # Transitional: readers that still do matrix["axes"]; remove when every reader uses attributes.
-        if key not in ("file", "axes", "base", "point_overrides", "params"):
-            raise KeyError(key)
-        return getattr(self, key)
-
 
 def point_name(point) -> str:
     batch = f"-b{point[BATCH_AXIS]}" if BATCH_AXIS in point else ""

@@ -113,15 +113,6 @@ class _Section:
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
-    def __getitem__(self, key: str):
-        # Transitional: readers that still do params["timeouts"][phase]; remove when all read attributes.
-        if key not in self.to_dict():
-            raise KeyError(key)
-        return getattr(self, key)
-
-    def __str__(self) -> str:  # as the dict it was (report.md prints the timeouts)
-        return str(self.to_dict())
-
 
 @dataclass(frozen=True)
 class Timeouts(_Section):
@@ -220,14 +211,7 @@ class Params:
         """A copy with changes (coerced and validated like overrides; a section may be a partial mapping)."""
         return Params.from_layers([("params", self.to_dict()), ("replace", changes)])
 
-    def __getitem__(self, key: str):
-        # Transitional: readers that still do params["ctx"]; remove when every reader uses attributes.
-        if key not in _FIELD_NAMES:
-            raise KeyError(key)
-        return getattr(self, key)
 
-
-_FIELD_NAMES = frozenset(f.name for f in fields(Params))
 SECTIONS = tuple(SECTION_TYPES)  # timeouts, thresholds
 
 

@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import csv
 import io
+from typing import TYPE_CHECKING
 
 from greta.record.files import atomic_write_text
+
+if TYPE_CHECKING:  # the annotation only: greta.record.params is imported where a floor is computed
+    from greta.record.params import Params
 
 MB = 2**20
 CSV_COLUMNS = ["t_s", "phase", "device_used_mb", "allocated_mb", "reserved_mb"]
@@ -120,12 +124,10 @@ def floor_mb(cfg, dtype_bytes: int, cache_tokens: int, tp: int = 1) -> dict:
     return out
 
 
-def floor_for(params, cfg) -> dict:
-    """floor_mb for a probe run: the model cfg in params["dtype"], with a cache of ctx + gen positions (the batch
-    probe: one such slab per request, all preallocated), per rank of params' tp. A dict of params as an old
-    record holds them may lack batch or tp (made before those existed): one slab, tp 1."""
+def floor_for(params: Params, cfg) -> dict:
+    """floor_mb for a probe run: the model cfg in params.dtype, with a cache of ctx + gen positions (the batch
+    probe: one such slab per request, all preallocated; every other kind holds batch at 1), per rank of
+    params.tp."""
     from greta.record.params import dtype_bytes
 
-    get = params.get if isinstance(params, dict) else lambda k, d=None: getattr(params, k, d)
-    slabs = get("batch", 1)  # every kind but the batch probe holds batch at its default, 1
-    return floor_mb(cfg, dtype_bytes(params["dtype"]), (params["ctx"] + params["gen"]) * slabs, get("tp", 1))
+    return floor_mb(cfg, dtype_bytes(params.dtype), (params.ctx + params.gen) * params.batch, params.tp)

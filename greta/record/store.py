@@ -19,8 +19,8 @@ import numpy as np
 from greta.engine.config import ModelConfig
 from greta.record.files import (MANIFEST, STATEMENTS_FORMAT, TYPES, Manifest, Metadata, Metrics, Perf, VramSummary, Verdict,
                                 atomic_write_bytes, atomic_write_text, jsonable as _jsonable, sha256_file, write_json)
-from greta.record.kinds import spec_of
-from greta.record.params import dtype_bytes
+from greta.record.kinds import SPECS
+from greta.record.params import Params, dtype_bytes
 from greta.record.rundir import allocate_run_dir, enclosing_record, nested_message, resolve_out_root
 from greta.record.samples import write_samples_csv
 
@@ -90,16 +90,15 @@ def machine() -> dict:
             "gpu_driver": first("/proc/driver/nvidia/version", r"Kernel Module\s+(\S+)")}
 
 
-def probe_name_parts(params) -> list[str]:
-    """The parts of a probe run directory's name: <model>-ctx<ctx>-kv<0|1>[-tp<N>] (greta.record.rundir adds
-    the time before and a random suffix after)."""
-    parts = [Path(params["model"]).name or "model", f"ctx{params['ctx']}", f"kv{params['kv_aligned']}"]
-    tp = params.get("tp", 1) if isinstance(params, dict) else params.tp
-    parts += [f"tp{tp}"] if tp > 1 else []
-    return parts + spec_of(params).name_parts(params)
+def probe_name_parts(params: Params) -> list[str]:
+    """The parts of a probe run directory's name: <model>-ctx<ctx>-kv<0|1>[-tp<N>], then its kind's own (e.g.
+    b4); greta.record.rundir adds the time before and a random suffix after."""
+    parts = [Path(params.model).name or "model", f"ctx{params.ctx}", f"kv{params.kv_aligned}"]
+    parts += [f"tp{params.tp}"] if params.tp > 1 else []
+    return parts + SPECS[params.probe].name_parts(params)
 
 
-def new_probe_dir(out_root, params) -> Path:
+def new_probe_dir(out_root, params: Params) -> Path:
     """A fresh directory for a probe's record (greta.record.rundir, the one allocator), once the output folder
     proved writable with room for it. out_root None or "outputs": the checkout's outputs/, from any directory."""
     root = resolve_out_root(out_root or "outputs").resolve()
@@ -126,18 +125,21 @@ def model_vocab(model: str) -> int:
         return FALLBACK_VOCAB
 
 
-def expected_bytes(params) -> int:
-    """Rough size of a record: logits (2 x span x vocab fp32, before compression), notebooks and plots."""
-    # the batch probe: (b) per request ((a), (c) as XOR); other kinds hold batch at its default, 1; a plain dict
-    # of the size-relevant keys (an oracle's params) names none
-    batch = params.get("batch", 1) if isinstance(params, dict) else params.batch
-    span = params["span"] * batch
-    return (2 * span * model_vocab(params["model"]) * 4 if span else 0) + 16 * 2**20  # span 0: a record without logits (oracle)
+NOTEBOOKS_AND_PLOTS_BYTES = 16 * 2**20  # a record's files besides its logits, generously
 
 
-def preflight(out_root, params):
+def expected_bytes(params: Params | None) -> int:
+    """Rough size of a probe's record: its logits (2 x span x vocab fp32, before compression; the batch probe's
+    (b) per request, its (a) and (c) kept as XOR; every other kind holds batch at 1), notebooks and plots.
+    None: a record without logits (an oracle's)."""
+    if params is None:
+        return NOTEBOOKS_AND_PLOTS_BYTES
+    return 2 * params.span * params.batch * model_vocab(params.model) * 4 + NOTEBOOKS_AND_PLOTS_BYTES
+
+
+def preflight(out_root, params: Params | None):
     """Before a run: the output folder lies in no record, can be created and written, and has room for the
-    record."""
+    record of a probe with these params (None: a record without logits, an oracle's)."""
     root = resolve_out_root(out_root)
     outer = enclosing_record(root)
     if outer is not None:
@@ -179,9 +181,10 @@ def seal_hmac(manifest: dict, key: str) -> str:
     return hmac.new(key.encode("utf-8"), canonical.encode("utf-8"), hashlib.sha256).hexdigest()
 
 
-def seal(run_dir, params=None) -> Path:
+def seal(run_dir, params: dict | None = None) -> Path:
     """Write manifest.json last and atomically: the sha256 and size of every other file of the record,
-    the params, versions, git commit and dirty flag; with GRETA_SEAL_KEY set, an HMAC of all that.
+    the params (params.json's dict; None: read from the record's params.json), versions, git commit and dirty
+    flag; with GRETA_SEAL_KEY set, an HMAC of all that.
     Re-sealing (after the notebooks add their files) replaces it. `python -m greta verify` checks it."""
     d = Path(run_dir)
     if params is None:
@@ -198,12 +201,12 @@ def seal(run_dir, params=None) -> Path:
 
 
 class Record:
-    def __init__(self, path: Path, params):
+    def __init__(self, path: Path, params: Params):
         self.path, self.params = Path(path), params
         self.meta: dict = {}
 
     @classmethod
-    def create(cls, params, out_root="outputs", run_dir=None) -> "Record":
+    def create(cls, params: Params, out_root="outputs", run_dir=None) -> "Record":
         """A new record: a fresh directory from greta.record.rundir (or run_dir, which must not hold a record
         yet: the audit creates it for its notebook first), with params.json and metadata.json written."""
         if run_dir is None:
@@ -215,7 +218,7 @@ class Record:
                 raise FileExistsError(f"run directory {path} already holds a record; records are never overwritten — pick a new run_dir")
             path.mkdir(parents=True, exist_ok=True)
         rec = cls(path, params)
-        rec.write_json("params.json", params)
+        rec.write_json("params.json", params.to_dict())
         rec.meta = {"run_id": path.name, "probe": params.probe, **git_state(), "host": platform.node(),
                     "platform": platform.platform(), "argv": sys.argv, "versions": versions(), "machine": machine(),
                     "seed": params.seed, "model": params.model, "started_utc": _now(), "finished_utc": None,
@@ -250,7 +253,7 @@ class Record:
                 write_json(self.path / name, typed)
         write_samples_csv(self.path / "vram_samples.csv", samples)
         atomic_write_text(self.path / "report.md", report)
-        seal(self.path, self.params)
+        seal(self.path, self.params.to_dict())
 
     def finish_meta(self, load: dict) -> dict:
         """metadata.json's figures from the load phase, and the finish time (kept if already set)."""
@@ -271,18 +274,18 @@ class Record:
         return self.meta
 
 
-def verdict_record(params, verdict: str, reason: str, failed_phase: str | None = None,
+def verdict_record(params: Params, verdict: str, reason: str, failed_phase: str | None = None,
                    metrics: dict | None = None, tokens=None) -> dict:
     """The verdict.json dict (docs/RECORD.md): the verdict, its reason, the phase that failed (None when the
     run finished), bit_exact from the metrics (None without them), the run's kv_aligned and perturb, and
     the generated tokens (None when no phase produced any)."""
     return Verdict(verdict=verdict, reason=reason, failed_phase=failed_phase,
-                   bit_exact=metrics["bit_exact"] if metrics else None, kv_aligned=params["kv_aligned"],
-                   perturb=params["perturb"], tokens=tokens).to_dict()
+                   bit_exact=metrics["bit_exact"] if metrics else None, kv_aligned=params.kv_aligned,
+                   perturb=params.perturb, tokens=tokens).to_dict()
 
 
 # --- cross-checks ---------------------------------------------------------------------------
-def roofline(params: dict, cfg_dict: dict | None, perf: dict, ceilings: dict | None) -> dict:
+def roofline(params: Params, cfg_dict: dict | None, perf: dict, ceilings: dict | None) -> dict:
     """Each timed phase against the floor set by the ceilings measured in this run; under tensor parallelism
     per rank, against rank 0's ceilings: 1/tp of the FLOPs (heads, MLP and vocab split evenly) and one rank's
     bytes (ModelConfig.rank_decode_bytes), the reductions counted as free (the issue's floor)."""
@@ -291,9 +294,8 @@ def roofline(params: dict, cfg_dict: dict | None, perf: dict, ceilings: dict | N
     cfg = ModelConfig(**cfg_dict)
     rate = ceilings["matmul_tflops"] * 1e12
     bw = ceilings["copy_gbps"] * 1e9
-    nbytes = dtype_bytes(params["dtype"])
-    ctx, gen, span = params["ctx"], params["gen"], params["span"]
-    tp = params.get("tp", 1) if isinstance(params, dict) else getattr(params, "tp", 1)
+    nbytes = dtype_bytes(params.dtype)
+    ctx, gen, span, tp = params.ctx, params.gen, params.span, params.tp
     out = {"available": True, "ceilings": ceilings, **({"per_rank_of_tp": tp} if tp > 1 else {})}
     if perf["prefill"].get("wall_s"):
         flops = cfg.prefill_flops(ctx) / tp

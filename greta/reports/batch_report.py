@@ -3,7 +3,7 @@ greta.reports.md. It states what greta verify holds against the data files (gret
 verdict, the results table (its first row: the worst request), the thresholds, perturb, bit_exact and
 max_abs_diff.
 
-    text = render_batch_report(params, meta, perf, metrics, vram_summary, verdict)
+    text = render_batch_report(params_json, meta, perf, metrics, vram_summary, verdict)   # params.json's dict
 """
 from __future__ import annotations
 
@@ -16,15 +16,15 @@ REQUEST_COLUMNS = ["Request", "Prompt tokens", "Decode steps", "Rows compared", 
 PHASES = ("ceilings", "load", "prefill", "decode", "reference")
 
 
-def _summary_row(params, metrics, perf, verdict) -> list:
+def _summary_row(params: dict, metrics, perf, verdict) -> list:
     full = (perf.get("roofline") or {}).get("full_batch") or {}
     return [params["batch"], params["ctx"], params["kv_aligned"], metrics["worst_request"] if metrics else "—",
             fmt.num(metrics and metrics["max_abs_diff"], "{:.6f}"), fmt.num(full.get("tokens_per_s"), "{:.1f}"),
             fmt.num(full.get("floor_tokens_per_s"), "{:.1f}"), verdict["verdict"]]
 
 
-def render_batch_report(params, meta, perf, metrics, vs, verdict) -> str:
-    params = params.to_dict() if hasattr(params, "to_dict") else params
+def render_batch_report(params: dict, meta, perf, metrics, vs, verdict) -> str:
+    """report.md from the record's data: params is its params.json dict (a live run hands Params.to_dict())."""
     dev = meta.get("device_name") or params["device"]
     commit = (meta.get("commit") or "unknown")[:12] + (" (dirty)" if meta.get("dirty") else "")
     L = [md.heading(1, "Batch probe — ", params["batch"], " requests at ctx ", params["ctx"], " (", dev, ")"), "",
@@ -52,7 +52,7 @@ def _request_row(r) -> list:
             fmt.num(r["top1_agreement"], "{:.4f}"), r["bit_exact"]]
 
 
-def _matrix(params, meta) -> list[str]:
+def _matrix(params: dict, meta) -> list[str]:
     lengths = (meta.get("batch") or {}).get("lengths")
     return ["## Matrix", *md.bullets([
         md.line("Model:", md.code(params["model"]), "· hash", md.code(meta.get("model_hash"))),

@@ -83,7 +83,7 @@ def reproduce_lines(params: dict) -> list[Markup | str]:
             ""]
 
 
-def tp_bullet(params) -> list[Markup]:
+def tp_bullet(params: dict) -> list[Markup]:
     """Tensor parallel runs, of any probe kind: the degree and how it ran (nothing for tp=1, whose report is as it was)."""
     tp = params.get("tp", 1)
     if tp == 1:

@@ -1,7 +1,7 @@
 """report.md of a probe run, rendered from the record's data (params, metadata, perf, metrics, vram summary,
 verdict) through greta.reports.md: every value from outside is escaped, none is pasted into Markdown by hand.
 
-    text = render_report(params, meta, perf, metrics, vram_summary, verdict)
+    text = render_report(params_json, meta, perf, metrics, vram_summary, verdict)   # params.json's dict
 """
 from __future__ import annotations
 
@@ -20,16 +20,15 @@ def results_columns(vram_summary) -> list[str]:
     return ["Context", "KV", f"Peak {memory_name(vram_summary)} (MiB)", "Max Logits Diff", "Top-1 Agreement", "Verdict"]
 
 
-def results_row(params, metrics, vram_summary, verdict) -> str:
+def results_row(params: dict, metrics, vram_summary, verdict) -> str:
     """The seed report's results row: context, KV, peak memory, max diff, top-1, verdict."""
     return md.row([params["ctx"], params["kv_aligned"], fmt.num(vram_summary.get("peak_vram_mb"), "{:.0f}"),
                    fmt.num(metrics and metrics["max_abs_diff"], "{:.6f}"),
                    fmt.num(metrics and metrics["top1_agreement"], "{:.4f}"), verdict["verdict"]])
 
 
-def render_report(params, meta, perf, metrics, vs, verdict) -> str:
-    """report.md from the record's data: params as params.json holds them (a Params is taken as its dict)."""
-    params = params.to_dict() if hasattr(params, "to_dict") else params
+def render_report(params: dict, meta, perf, metrics, vs, verdict) -> str:
+    """report.md from the record's data: params is its params.json dict (a live run hands Params.to_dict())."""
     dev = meta.get("device_name") or params["device"]
     day = (meta.get("started_utc") or "")[:10]
     commit = (meta.get("commit") or "unknown")[:12] + (" (dirty)" if meta.get("dirty") else "")
@@ -59,7 +58,7 @@ def render_report(params, meta, perf, metrics, vs, verdict) -> str:
     return "\n".join(L)
 
 
-def _matrix(params, meta) -> list[str]:
+def _matrix(params: dict, meta) -> list[str]:
     th = params["thresholds"]
     prompt = [md.line("Prompt: ", md.code(params["prompt"]),
                       " (uniform ids from torch's CPU generator seeded with the seed)"
@@ -82,7 +81,7 @@ def _matrix(params, meta) -> list[str]:
                 f"{fmt.threshold(th['p99_abs_diff'])}, top1_agreement ≥ {fmt.threshold(th['top1_agreement'])}")]), ""]
 
 
-def _model_line(params, meta) -> Markup:
+def _model_line(params: dict, meta) -> Markup:
     """The model, its source, size and hash; a run whose load phase never finished has none of them to state."""
     if not meta.get("model_hash"):
         return md.line("Model: ", md.code(params["model"]), f" (seed {params['seed']}) — not loaded: the load phase did "
@@ -143,7 +142,7 @@ def _timing(perf) -> list[str]:
     return L
 
 
-def interpret(params, perf, metrics, vs, verdict) -> list[Markup]:
+def interpret(params: dict, perf, metrics, vs, verdict) -> list[Markup]:
     """The Interpretation bullets (Markup, values escaped)."""
     out = _interpret_metrics(params, metrics, verdict) if metrics else _interpret_fault(perf, verdict)
     if vs["below_floor"]:
@@ -169,7 +168,7 @@ def interpret(params, perf, metrics, vs, verdict) -> list[Markup]:
     return out
 
 
-def _interpret_metrics(params, metrics, verdict) -> list[Markup]:
+def _interpret_metrics(params: dict, metrics, verdict) -> list[Markup]:
     out = [md.bold(f"{verdict['verdict']} @ ctx={params['ctx']}; max diff={metrics['max_abs_diff']:.6g}; "
                    f"top1={metrics['top1_agreement']:.4f}; bit_exact={metrics['bit_exact']}")]
     if params["perturb"] != "none":

@@ -2,7 +2,7 @@
 through greta.reports.md. It states what greta verify holds against the data files (greta.checks.statements):
 the verdict, the results table (Max Logits Diff: the worst degree's), perturb, bit_exact and max_abs_diff.
 
-    text = render_tp_report(params, meta, perf, metrics, vram_summary, verdict)
+    text = render_tp_report(params_json, meta, perf, metrics, vram_summary, verdict)   # params.json's dict
 """
 from __future__ import annotations
 
@@ -20,15 +20,15 @@ def _first(f) -> str:
     return "none" if not f else f"tp={f['tp']} {f['path']} at position {f['position']}"
 
 
-def _summary_row(params, meta, metrics, verdict) -> list:
+def _summary_row(params: dict, meta, metrics, verdict) -> list:
     degrees = ", ".join(map(str, metrics["degrees"])) if metrics else "—"
     return [degrees, params["ctx"], params["kv_aligned"], meta.get("tree_segments") or "off",
             fmt.num(metrics and metrics["max_abs_diff"], "{:.6g}"),
             _first(metrics["first_difference"]) if metrics else "—", verdict["verdict"]]
 
 
-def render_tp_report(params, meta, perf, metrics, vs, verdict) -> str:
-    params = params.to_dict() if hasattr(params, "to_dict") else params
+def render_tp_report(params: dict, meta, perf, metrics, vs, verdict) -> str:
+    """report.md from the record's data: params is its params.json dict (a live run hands Params.to_dict())."""
     dev = meta.get("device_name") or params["device"]
     commit = (meta.get("commit") or "unknown")[:12] + (" (dirty)" if meta.get("dirty") else "")
     L = [md.heading(1, "TP invariance — tp 1..", params["tp"], " at ctx ", params["ctx"], " (", dev, ")"), "",
@@ -66,7 +66,7 @@ def _figures(m) -> list[str]:
             md.table(["tp", "max |Δ|", "first diff", "Bit-exact"], within), ""]
 
 
-def _matrix(params, meta) -> list[str]:
+def _matrix(params: dict, meta) -> list[str]:
     seg = meta.get("tree_segments")
     return ["## Matrix", *md.bullets([
         md.line("Model:", md.code(params["model"]), "· hash", md.code(meta.get("model_hash"))),

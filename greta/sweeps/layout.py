@@ -21,9 +21,10 @@ class SweepError(ValueError):
     """A sweep cannot start or resume (matrix differs from config.json, not a sweep dir); one line."""
 
 
-def points(matrix: dict) -> list[dict]:
-    """The points of a matrix (or a sweep's config.json) in run order: [{ctx, kv_aligned, seed, dtype, name}]."""
-    return [{**c, "name": point_name(c)} for c in combos(matrix["axes"])]
+def points(axes: dict) -> list[dict]:
+    """The points of a matrix's declared axes (Matrix.axes, or a sweep's config.json "axes") in run order:
+    [{ctx, kv_aligned, (batch, engine,) seed, dtype, name}]."""
+    return [{**c, "name": point_name(c)} for c in combos(axes)]
 
 
 def read_config(sweep_dir) -> dict:

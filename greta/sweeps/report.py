@@ -23,7 +23,7 @@ import json
 import sys
 from pathlib import Path
 
-from greta.probe.kinds import UnknownKind, kind_named, kind_of
+from greta.probe.kinds import UnknownKind, kind_named, record_kind
 from greta.record.files import read_record
 from greta.record.kinds import DEFAULT_KIND, kind_name
 from greta.record.matrix import skipped
@@ -41,7 +41,7 @@ def sweep_kind(cfg: dict, rows: list[dict] = ()):
     """The probe kind of a sweep: its matrix's base params name it (config.json "base"); a matrix given without
     them: its points' records' kind; neither: B3.77."""
     if "base" in cfg:
-        return kind_of(cfg["base"] or {})
+        return record_kind(cfg["base"] or {})
     return kind_named(next((r["probe"] for r in rows if r.get("exists") and r.get("probe")), DEFAULT_KIND))
 
 
@@ -51,7 +51,7 @@ def collect(sweep_dir, allow_missing_logits: bool = False) -> list[dict]:
     sweep_dir = Path(sweep_dir)
     cfg = read_config(sweep_dir)
     rows = []
-    for pt in points(cfg):
+    for pt in points(cfg["axes"]):
         d = sweep_dir / "points" / pt["name"]
         row = {**pt, "dir": str(d), "exists": d.is_dir()}
         row["complete"], row["reasons"] = point_complete(d, allow_missing_logits)
@@ -103,12 +103,12 @@ def _engine_fields(rec, m: dict, params: dict, pt: dict) -> dict:
             "prefill_tokens_per_s": ctx / prefill_s if prefill_s and ctx else None}
 
 
-def guardrail(rows: list[dict], matrix: dict) -> tuple[str, list[str]]:
-    """(PASS_GUARDRAIL | FAIL_GUARDRAIL | INCOMPLETE, one-line reasons). ``matrix``: config.json or
-    load_matrix's result (its declared axes give the points that must be there)."""
+def guardrail(rows: list[dict], cfg: dict) -> tuple[str, list[str]]:
+    """(PASS_GUARDRAIL | FAIL_GUARDRAIL | INCOMPLETE, one-line reasons). ``cfg``: the sweep's config.json dict
+    (its declared axes give the points that must be there)."""
     by_name = {r["name"]: r for r in rows}
-    declared = points(matrix)
-    kind = sweep_kind(matrix, rows)
+    declared = points(cfg["axes"])
+    kind = sweep_kind(cfg, rows)
     missing, failing = [], []
     for pt in declared:
         r = by_name.get(pt["name"])

@@ -30,7 +30,7 @@ def reproduce_sweep(sweep_dir, out_root=None, progress: bool = True, say=None) -
         raise OriginalRefused(f"the sweep {echo(str(sweep_dir))} does not verify ({len(reasons)} reason(s); the "
                               f"first: {reasons[0]}): reproduce re-runs only a sealed, intact sweep (see greta verify)")
     cfg = read_config(d)
-    names = [pt["name"] for pt in points(cfg)]
+    names = [pt["name"] for pt in points(cfg["axes"])]
     rows = []
     for i, name in enumerate(names, 1):
         say(f"point {i}/{len(names)} {name}: re-running")

@@ -142,7 +142,7 @@ def _open_sweep(matrix_file, overrides, out_root, sweep_dir, how) -> tuple[Matri
     preflight(out_root, first)
     sweep_dir = allocate_run_dir(out_root, f"{first.probe}-sweep", _sweep_name_parts(matrix))
     cfg = {"format": 1, "sweep_id": sweep_dir.name, "matrix_file": matrix.file, "created_utc": _now(),
-           **git_state(), **matrix.declared(), "points": [p["name"] for p in points(matrix)]}
+           **git_state(), **matrix.declared(), "points": [p["name"] for p in points(matrix.axes)]}
     atomic_write_text(sweep_dir / CONFIG, json.dumps(cfg, indent=2, default=str) + "\n")
     return matrix, sweep_dir, runner
 
@@ -173,7 +173,7 @@ def _pending(matrix: Matrix, sweep_dir: Path, progress: bool) -> tuple[list[tupl
     directory is moved aside (resume); both are logged."""
     pdir = sweep_dir / "points"
     pdir.mkdir(exist_ok=True)
-    every = points(matrix)
+    every = points(matrix.axes)
     todo = []
     for i, pt in enumerate(every, 1):
         name, d = pt["name"], pdir / pt["name"]

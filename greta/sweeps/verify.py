@@ -38,7 +38,7 @@ def verify_sweep(sweep_dir, allow_missing_large: bool = False) -> list[str]:
         cfg = read_config(d)
     except SweepError as e:
         return [str(e)]
-    names = [pt["name"] for pt in points(cfg)]
+    names = [pt["name"] for pt in points(cfg["axes"])]
     errors = []
     for name in names:
         kind = _point_kind(d, name)

@@ -1,6 +1,7 @@
 """The probe registry: one ProbeKind object per probe kind, and the one place that tells kinds apart.
 
-    kind = kind_of(params)                  # params.probe (a params.json dict, old ones included)
+    kind = kind_of(params)                  # a live run's Params: params.probe
+    kind = record_kind(rec.params)          # a record's params.json dict (one without probe: B3.77's)
     workers = Workers.start(params, kind.job())
     kind.finish(rec, params, perf, results, vram_summary, sampler, failure)
 
@@ -20,7 +21,7 @@ from greta.probe.kinds.batch import BATCH
 from greta.probe.kinds.tp_invariance import TP_INVARIANCE
 from greta.record.kinds import SPECS, kind_name
 
-__all__ = ["KINDS", "ProbeKind", "UnknownKind", "kind_of", "kind_named"]
+__all__ = ["KINDS", "ProbeKind", "UnknownKind", "kind_of", "kind_named", "record_kind"]
 
 KINDS: dict[str, ProbeKind] = {k.name: k for k in (B3_77, BATCH, TP_INVARIANCE)}
 assert tuple(KINDS) == tuple(SPECS), "every ProbeSpec has its ProbeKind, in the same order"
@@ -35,5 +36,11 @@ def kind_named(name: str) -> ProbeKind:
 
 
 def kind_of(params) -> ProbeKind:
-    """The kind params name (a Params, or a params.json dict: one without probe is B3.77's)."""
-    return kind_named(kind_name(params))
+    """The kind of a live run: its Params' probe (greta.record.params)."""
+    return kind_named(params.probe)
+
+
+def record_kind(params_json: dict) -> ProbeKind:
+    """The kind a record's params.json dict names (greta.record.kinds.kind_name: one without probe is B3.77's);
+    UnknownKind for a name this checkout does not know."""
+    return kind_named(kind_name(params_json))

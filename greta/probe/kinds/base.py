@@ -60,8 +60,8 @@ class ProbeKind:
         """Write the record (metrics, logits, verdict, report.md) from the phases' results or up to the fault."""
         raise NotImplementedError
 
-    def render(self, params, meta, perf, metrics, vram_summary, verdict) -> str:
-        """report.md from the record's data."""
+    def render(self, params: dict, meta, perf, metrics, vram_summary, verdict) -> str:
+        """report.md from the record's data: params is its params.json dict (a live run: Params.to_dict())."""
         raise NotImplementedError
 
     def preflight(self, p, cfg, have_bytes: int) -> None:
