@@ -88,7 +88,7 @@ def _oracle_cmd(args) -> int:
     try:
         if args.out_root:
             _check_out_root(args.out_root)
-            preflight(args.out_root, {"span": 0})  # writable, with room (an oracle record is under 1 MB)
+            preflight(args.out_root, None)  # writable, with room for a record without logits (an oracle is under 1 MB)
         if args.model in PRESETS:
             model = args.checkpoint_dir or tempfile.mkdtemp(prefix=f"greta-{args.model}-")
             tmp = None if args.checkpoint_dir else model
