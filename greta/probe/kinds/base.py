@@ -73,10 +73,11 @@ class ProbeKind:
 
     # --- reading back: greta.checks ----------------------------------------------------------------------
     def check_judgement(self, rec) -> list[str]:
-        """greta verify: the stated verdict is the one the stored metrics give; the logits give those metrics."""
+        """greta verify: the stated verdict is the one the stored metrics give; the logits give those metrics.
+        rec: read_record's files, its params the record's params.json dict (untrusted JSON, read as such)."""
         raise NotImplementedError
 
-    # greta analyze: a method (run dir, params dict) -> (metrics, verdict, reason) recomputed from the kind's
+    # greta analyze: a method (run dir, its params.json dict) -> (metrics, verdict, reason) recomputed from the kind's
     # logits file, read through greta.record.members; None: greta.checks.analyze's own analysis of logits.npz (B3.77's, position by position)
     recompute = None
 
