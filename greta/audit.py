@@ -20,6 +20,7 @@ import tempfile
 import threading
 from pathlib import Path
 
+from greta.paths import record_name
 from greta.probe.kinds import kind_of
 from greta.probe.preflight import preflight
 from greta.probe.runner import ProbeInterrupted, finish_from_checkpoint, run_probe
@@ -61,11 +62,12 @@ def run_stage(params: Params, run_dir=None, out_root=None, show_code: bool = Fal
             raise
         to_terminal(*closing_lines(done))
         return done
+    run_dir = Path(run_dir).resolve()  # "." from run_audit: the kernel runs in the record's folder
     run_probe(params, run_dir=run_dir, progress=True)
     at_boundary("probe")
     nbs.execute_analysis(run_dir, names=kind_of(params).analysis_notebooks,
                          then=lambda name: at_boundary(f"notebook:{name}"))
-    return Path(run_dir)
+    return run_dir
 
 
 # A test's deterministic Ctrl-C: with GRETA_TEST_INTERRUPT_AT=<boundary> ("probe": the probe has sealed its
@@ -218,7 +220,7 @@ def run_audit(params: Params, out_root=None, progress: bool = True, show_code: b
     with _Interrupts() as intr, _Progress(progress) as progress_bar:
         try:
             err = nbs.execute_notebook(nbs.notebook_path(run_notebook(params)), out,
-                                       dict(params_file=None, overrides=_plain(params), run_dir=str(run_dir)),
+                                       dict(params_file=None, overrides=_plain(params), run_dir=record_name(run_dir, run_dir)),
                                        timeout_s=None)
         except KeyboardInterrupt:  # not forwarded (e.g. the audit runs off the main thread): papermill gave up
             err, intr.how = None, intr.how or "SIGINT (Ctrl-C)"

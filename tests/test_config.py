@@ -108,7 +108,7 @@ def test_load_config_preset_is_the_preset():
 def test_load_config_of_a_directory(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(LLAMA3_8B_HF))
     c = load_config(str(tmp_path))
-    assert c.name == str(tmp_path)
+    assert c.name == tmp_path.name  # as a record names it: no folder of this machine (greta.paths.record_name)
     assert c.param_count() == 8_030_261_248
     assert c.n_kv_heads == 8 and c.rope_theta == 500000.0
 

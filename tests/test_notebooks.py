@@ -327,7 +327,7 @@ def _has_inline_png(nb_path: Path) -> bool:
 def test_execute_analysis(tmp_path, maker, monkeypatch):
     run = maker(tmp_path)
     if maker is make_cpu_run:
-        # a relative run_dir is the caller's, not the kernel's (whose cwd is the repo root)
+        # a relative run_dir is the caller's, not the kernel's (whose cwd is the record)
         monkeypatch.chdir(tmp_path)
         paths = [tmp_path / p for p in execute_analysis(run.relative_to(tmp_path))]
     else:
@@ -341,9 +341,10 @@ def test_execute_analysis(tmp_path, maker, monkeypatch):
         assert html.stat().st_size > 10000 and "data:image/png;base64" in html.read_text()
     _png_ok(run / "vram_plot.png")
     _png_ok(run / "equivalence.png")
-    # the executed notebooks carry the injected run_dir
+    # the executed notebooks carry the injected run_dir, as the record names itself (the kernel runs in it)
     nb = nbformat.read(run / "vram_plot.ipynb", as_version=4)
     assert any("injected-parameters" in c.metadata.get("tags", []) for c in nb.cells)
+    assert nb.metadata.papermill.parameters.run_dir == "."
 
 
 @pytest.mark.slow

@@ -386,7 +386,9 @@ def test_finish_passes_its_rows_to_the_report_notebook(cpu_sweep):
     exec(injected.source, ns)
     assert [r["name"] for r in ns["rows"]] == read_config(d)["points"]
     assert all(r["complete"] and r["verdict"] for r in ns["rows"])
-    assert ns["rows"] == sr.collect(d.resolve())  # the parameter carries the rows whole
+    # the parameter carries the rows whole, each point's dir relative to the sweep (the kernel runs in it)
+    assert ns["rows"] == [{**r, "dir": f"points/{r['name']}"} for r in sr.collect(d.resolve())]
+    assert ns["sweep_dir"] == "."
     src = nbformat.read(REPO / "notebooks" / "sweep_report.ipynb", as_version=4)
     (params,) = [c for c in src.cells if "parameters" in c.metadata.get("tags", [])]
     ns = {}

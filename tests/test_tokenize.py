@@ -57,7 +57,7 @@ def test_tokenizer_param_and_gguf_neighbour(tmp_path):
     gguf = tmp_path / "tok" / "model.gguf"  # tokenizer.json beside a .gguf file is found
     c, info = make_prompt_from_params(params(gguf, ctx=4, prompt="hello"), vocab=100)
     assert a.tolist() == b.tolist() == c.tolist() == [1, 2, 2, 2]
-    assert info["tokenizer"] == str(tj)
+    assert info["tokenizer"] == tj.name  # as a record names it: no folder of this machine
 
 
 def test_without_tokenizer_a_text_prompt_is_refused_not_replaced(tmp_path):

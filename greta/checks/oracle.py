@@ -27,6 +27,7 @@ import torch
 from greta.engine.config import PRESETS, ModelConfig, hf_family
 from greta.engine.layout import FAMILIES, layout_of
 from greta.engine.source import load_config
+from greta.paths import record_value
 from greta.probe.worker import DTYPES as _TORCH_DTYPES
 from greta.reports import fmt, md
 from greta.terminal import shown
@@ -334,9 +335,11 @@ def write_record(res: dict, out_root, argv: dict, checkpoint: dict | None = None
 
     now = datetime.now(timezone.utc)
     d = allocate_run_dir(out_root, "oracle", [argv["model"], f"ctx{res['ctx']}", res["dtype"]], now=now)
+    argv = {k: record_value(v, d) for k, v in argv.items()}  # -o, --model, --checkpoint-dir: no folder of this machine
     dev = res["device"]
     card = torch.cuda.get_device_name(torch.device(dev)) if dev.startswith("cuda") else platform.processor() or "cpu"
     body = {k: v for k, v in res.items() if k != "oracle_logits"}
+    body["model"] = record_value(body["model"], d)
     body.update({"verdict": verdict(res), "card": card, "finished_utc": now.isoformat(timespec="seconds"),
                  "checkpoint": checkpoint, "versions": {**versions(), "transformers": _transformers().__version__},
                  **git_state()})

@@ -26,8 +26,7 @@ KIND = "reproduce"  # the run-directory kind: <out>/<day>/reproduce/<id>
 def write_reproduction(out_root, body: dict) -> Path:
     """A fresh, sealed reproduction record under out_root (body: reproduction.json's dict without the links'
     relative paths, which are filled in here from the "dir" of body["original"], body["rerun"] and each of a
-    sweep's body["points"])."""
-    import os
+    sweep's body["points"]: :func:`link_path`)."""
     import shutil
 
     from greta.record.rundir import allocate_run_dir
@@ -38,7 +37,9 @@ def write_reproduction(out_root, body: dict) -> Path:
     body = {"format": FORMAT, **body}
     for ref in (body.get("original"), body.get("rerun"), *body.get("points", ())):
         if ref and "dir" in ref:
-            ref["path"] = Path(os.path.relpath(Path(ref.pop("dir")).resolve(), d.resolve())).as_posix()
+            path = link_path(ref.pop("dir"), d)
+            if path is not None:
+                ref["path"] = path
     try:
         write_json(d / "params.json", body["params"])
         write_json(d / REPRODUCTION_FILE, body)
@@ -52,6 +53,18 @@ def write_reproduction(out_root, body: dict) -> Path:
                               "nothing of it was left: free space and rerun") from None
         raise
     return d
+
+
+def link_path(target, d: Path) -> str | None:
+    """How reproduction record ``d`` links a record it names (by run id always): by its path relative to ``d``
+    where both lie in one output folder (<out>/<day>/reproduce/<id>), else by none (a path out of that folder
+    would name this machine's folders)."""
+    import os
+
+    out_root, target = d.resolve().parents[2], Path(target).resolve()
+    if out_root not in target.parents:
+        return None
+    return Path(os.path.relpath(target, d.resolve())).as_posix()
 
 
 def check_reproduction(d: Path, rec) -> list[str]:

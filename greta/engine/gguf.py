@@ -19,6 +19,7 @@ from greta.engine.config import ModelConfig
 from greta.engine.gguf_quants import KNOWN_TYPES, UnknownTypeError, dequantize
 from greta.engine.layout import FAMILIES, family_of, layout_of
 from greta.engine.weights import CheckpointError, assemble, check_tensors, expected_tensors, tensor_names
+from greta.paths import record_name
 
 
 class GGUFError(ValueError):
@@ -99,7 +100,7 @@ def gguf_config(path) -> ModelConfig:
         divisors = _tensor(names["rope_freqs.weight"], torch.float64, "cpu").reshape(-1).tolist()
         scaling = {"rope_type": "freq_factors", "factors": divisors}
     return ModelConfig(
-        name=str(path), vocab_size=int(vocab), hidden_size=h,
+        name=record_name(path), vocab_size=int(vocab), hidden_size=h,
         n_layers=int(gguf_field(r, a + "block_count", required=True)),
         n_heads=n_heads, n_kv_heads=int(gguf_field(r, a + "attention.head_count_kv", n_heads)),
         head_dim=int(gguf_field(r, a + "attention.key_length", 0) or gguf_field(r, a + "rope.dimension_count", 0) or h // n_heads),

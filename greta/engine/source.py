@@ -12,6 +12,7 @@ import torch
 
 from greta.engine.config import PRESETS, ModelConfig
 from greta.engine.real_models import REAL_MODELS, RealModelMissing, real_model_path
+from greta.paths import record_name, resolve
 from greta.terminal import echo
 
 
@@ -40,9 +41,11 @@ def _is_file(p: Path) -> bool:
 
 def model_path(model: str) -> str:
     """The file or directory a model argument names: a real model's name becomes its installed file (a
-    ModelSourceError with the pip command when it is not installed); anything else is its own path."""
+    ModelSourceError with the pip command when it is not installed); anything else is its own path, relative
+    ones from the current directory or else the checkout (greta.paths.resolve: a notebook's kernel runs in its
+    record's folder)."""
     if model not in REAL_MODELS:
-        return model
+        return str(resolve(model))
     try:
         return str(real_model_path(model))
     except RealModelMissing as e:
@@ -57,7 +60,7 @@ def model_source(model: str) -> str:
     if model in REAL_MODELS:
         model_path(model)  # installed, or one line saying how
         return "gguf"
-    p = Path(model)
+    p = Path(model_path(model))
     if model.endswith(".gguf"):
         if not _is_file(p):
             raise ModelSourceError(model, "no such GGUF file")
@@ -92,12 +95,12 @@ def load_config(model: str) -> ModelConfig:
         from greta.engine.gguf import gguf_config
 
         return gguf_config(model_path(model))
-    p = Path(model) / "config.json"
+    p = Path(model_path(model)) / "config.json"
     try:
         hf = json.loads(p.read_text())
     except json.JSONDecodeError as e:
         raise ModelSourceError(model, f"{p} is not valid JSON ({e})") from None
-    return ModelConfig.from_hf(hf, name=str(Path(model)))
+    return ModelConfig.from_hf(hf, name=record_name(model))
 
 
 def load_model(model: str, seed: int, dtype: torch.dtype, device, shard: tuple[int, int] | None = None) -> LoadedModel:

@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from greta.paths import record_name
+
 HELLO = "hello "
 TEXT_KEPT = 4000  # characters of the prompt text the record keeps (a prompt_file may be a book)
 SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token")
@@ -37,9 +39,10 @@ def find_tokenizer(model: str, tokenizer: str = "") -> Path | None:
     """The tokenizer for text prompts: the tokenizer param (a file, or a directory holding tokenizer.json),
     else tokenizer.json beside model, else model's own .gguf file (its tokenizer.ggml.* metadata)."""
     from greta.engine.source import model_path
+    from greta.paths import resolve
 
     if tokenizer:
-        p = Path(tokenizer)
+        p = resolve(tokenizer)
         return p / "tokenizer.json" if p.is_dir() else p
     try:
         m = Path(model_path(model))
@@ -155,7 +158,7 @@ def chat_prompt(message: str, model: str, tokenizer: str, ctx: int, vocab: int,
     if arr.max() >= vocab:
         raise ValueError(f"tokenizer {tok} gives id {int(arr.max())}, outside the model's vocab_size {vocab}")
     what = source or "greta.engine.passage.PASSAGE"
-    info = {"prompt_source": "chat+template", "chat": message, "tokenizer": str(tok), "document": what,
+    info = {"prompt_source": "chat+template", "chat": message, "tokenizer": record_name(tok), "document": what,
             "text": before + f"[document: {room} tokens of {what}]" + after,
             "prompt_text_tokens": len(head) + len(tail),
             "prompt_fit": f"the chat's {len(head) + len(tail)} tokens around {room / len(doc):.2f} copies of the document"}
@@ -182,7 +185,7 @@ def make_prompt_from_params(p, vocab: int) -> tuple[torch.Tensor, dict]:
                              "it nor a .gguf tokenizer of its own; pass -p tokenizer=<dir with tokenizer.json>")
         text = resolve(text_file).read_text(encoding="utf-8") if text_file else HELLO * ctx
         ids, n_text = tokenize_to_ctx(text, tok, ctx, vocab)
-        info = {"prompt_source": "text+tokenizer", "prompt_text": what, "text": text, "tokenizer": str(tok),
+        info = {"prompt_source": "text+tokenizer", "prompt_text": what, "text": text, "tokenizer": record_name(tok),
                 "prompt_text_tokens": n_text,
                 "prompt_fit": "truncated" if n_text > ctx else ("padded by repeating the text" if n_text < ctx else "exact")}
     else:

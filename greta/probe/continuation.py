@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from greta.paths import record_name
+
 TOP = 5
 
 
@@ -29,7 +31,7 @@ def continuation(params, ref: dict) -> dict | None:
     try:
         tok = load_tokenizer(path)
     except (ValueError, OSError) as e:
-        return {"tokenizer": str(path), "error": brief(e)}
+        return {"tokenizer": record_name(path), "error": brief(e)}
 
     def text(ids) -> str:
         return tok.decode([int(i) for i in ids], skip_special_tokens=False)
@@ -38,7 +40,7 @@ def continuation(params, ref: dict) -> dict | None:
     prefill = [int(t) for t in np.asarray(ref["reference_logits"]).argmax(axis=-1)]
     span = len(prefill)
     first = next((i for i in range(span) if prefill[i] != decode[i]), None)
-    out = {"tokenizer": str(path), "span": span, "first_difference": first,
+    out = {"tokenizer": record_name(path), "span": span, "first_difference": first,
            "decode": {"tokens": decode, "text": text(decode), "span_text": text(decode[:span])},
            "prefill": {"tokens": prefill, "text": text(prefill)}}
     if first is not None:

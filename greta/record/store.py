@@ -24,7 +24,7 @@ from greta.record.params import Params, dtype_bytes
 from greta.record.rundir import allocate_run_dir, enclosing_record, nested_message, resolve_out_root
 from greta.record.samples import write_samples_csv
 
-from greta.paths import REPO_ROOT as REPO
+from greta.paths import REPO_ROOT as REPO, record_argv
 from greta.terminal import echo
 
 __all__ = ["MANIFEST", "RecordError", "Record", "atomic_write_bytes", "atomic_write_text", "sha256_file", "seal",
@@ -220,7 +220,7 @@ class Record:
         rec = cls(path, params)
         rec.write_json("params.json", params.to_dict())
         rec.meta = {"run_id": path.name, "probe": params.probe, **git_state(), "host": platform.node(),
-                    "platform": platform.platform(), "argv": sys.argv, "versions": versions(), "machine": machine(),
+                    "platform": platform.platform(), "argv": record_argv(sys.argv, path), "versions": versions(), "machine": machine(),
                     "seed": params.seed, "model": params.model, "started_utc": _now(), "finished_utc": None,
                     "statements": STATEMENTS_FORMAT}
         rec.write_json("metadata.json", rec.meta)

@@ -23,7 +23,7 @@ __all__ = ["NOTEBOOK_DIR", "REPO_ROOT", "ANALYSIS_NOTEBOOKS", "PROGRESS_ENV", "N
            "notebook_path", "execute_notebook", "execute_analysis", "to_html", "is_complete", "mark_unfinished",
            "report_progress", "one_line", "NoRecord", "newest_record", "figure_path"]
 
-from greta.paths import NOTEBOOK_DIR, REPO_ROOT
+from greta.paths import NOTEBOOK_DIR, REPO_ROOT, record_name
 from greta.record.files import atomic_write_bytes, atomic_write_text
 from greta.reports import md
 from greta.reports.verdict_marks import mark_superseded, notebook_verdicts, page_head, superseded
@@ -66,8 +66,8 @@ def newest_record(given, kind: str = "b3_77", marker: str = "params.json", param
     under the checkout's outputs/, so an analysis notebook opened in Lab runs with its default parameters."""
     from greta.paths import OUTPUTS
 
-    if given:
-        return Path(given)
+    if given:  # "." from a pipeline (the kernel runs in the record): the record's own path, for the code to open
+        return Path(given).resolve()
     found = sorted((p.parent for p in OUTPUTS.glob(f"*/{kind}/*/{marker}")), key=lambda d: (d.parent.parent.name, d.name))
     if not found:  # kind may be a glob ("*-sweep": a sweep of any probe)
         raise NoRecord(f"no {kind.replace('*-', '')} record under {OUTPUTS}: set {param} = \"<a record directory>\" in the parameters "
@@ -202,10 +202,29 @@ def _atomic_papermill_io() -> str:
     return ATOMIC_SCHEME
 
 
+@functools.lru_cache(maxsize=None)
+def _record_names_engine() -> str:
+    """The papermill engine that stores the names a record gives the source and the output notebook
+    (greta.paths.record_name) in the notebook's metadata, where papermill would store their absolute paths:
+    set before the notebook's first save, so no saved copy names the machine's folders."""
+    from papermill.engines import NBClientEngine, papermill_engines
+
+    class RecordNamesEngine(NBClientEngine):
+        @classmethod
+        def execute_notebook(cls, nb, kernel_name, record_names=None, **kwargs):
+            nb.metadata.papermill.update(record_names or {})
+            return super().execute_notebook(nb, kernel_name, **kwargs)
+
+    papermill_engines.register("greta-record", RecordNamesEngine)
+    return "greta-record"
+
+
 def execute_notebook(src: str | Path, out: str | Path, parameters: dict,
                      timeout_s: float | None = 600) -> Exception | None:
-    """Run ``src`` with papermill into ``out`` (cwd: the repo root), its kernel's stderr silenced; the kernel is
-    shut down and its connection file removed when the notebook ends, however it ends.
+    """Run ``src`` with papermill into ``out``, its kernel's stderr silenced; the kernel is shut down and its
+    connection file removed when the notebook ends, however it ends. The kernel runs in ``out``'s folder (the
+    record, as Jupyter runs a notebook beside it), so ``parameters`` name the record and its files relative to
+    it (``run_dir="."``: greta.paths.record_name) and the executed notebook names no folder of this machine.
 
     Returns the exception instead of raising: papermill has already written the partially executed notebook
     (with the error output) to ``out`` by then. ``timeout_s`` bounds each cell, so a hung kernel cannot hang
@@ -217,8 +236,11 @@ def execute_notebook(src: str | Path, out: str | Path, parameters: dict,
     km, interrupted = _kernel_manager(), True
     try:
         with _sigterm_as_interrupt():
-            pm.execute_notebook(str(src), _atomic_papermill_io() + str(Path(out).resolve()), parameters=parameters, kernel_name=KERNEL, progress_bar=False,
-                                cwd=str(REPO_ROOT), execution_timeout=timeout_s, km=km)
+            out = Path(out).resolve()
+            pm.execute_notebook(str(src), _atomic_papermill_io() + str(out), parameters=parameters, kernel_name=KERNEL,
+                                progress_bar=False, cwd=str(out.parent), execution_timeout=timeout_s, km=km,
+                                engine_name=_record_names_engine(),
+                                record_names={"input_path": record_name(src), "output_path": out.name})
         interrupted = False
     except Exception as exc:  # noqa: BLE001 - the caller must never abort on a notebook
         interrupted = False
@@ -300,13 +322,13 @@ def execute_analysis(run_dir: str | Path, timeout_s: float | None = 600,
     Each notebook's progress line is written before it runs and again (its count done) once it and its page
     are written; ``then(name)``, if given, is called at that point.
     """
-    run_dir = Path(run_dir).resolve()  # the kernel's cwd is the repo root, not ours
+    run_dir = Path(run_dir).resolve()
     sources = [notebook_path(name) for name in names]
     written: list[Path] = []
     for i, src in enumerate(sources):
         report_progress("notebook", src.name, i, len(sources))
         out = run_dir / src.name
-        err = execute_notebook(src, out, dict(run_dir=str(run_dir), into_record=True), timeout_s=timeout_s)
+        err = execute_notebook(src, out, dict(run_dir=record_name(run_dir, run_dir), into_record=True), timeout_s=timeout_s)
         if err is not None:
             print(shown(f"greta: {src.name} failed: {one_line(err)} (kept: {out})"), file=sys.stderr)
         if out.is_file():

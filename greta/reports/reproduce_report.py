@@ -11,7 +11,10 @@ _SAFE_LINK = re.compile(r"[A-Za-z0-9._+=/-]+")  # what a run-id path is made of 
 
 def _link(label, path) -> md.Markup:
     """A Markdown link to a record by its relative path when the path is plain run-id characters; otherwise the
-    label and path as escaped text (nothing from outside becomes markup)."""
+    label and path as escaped text (nothing from outside becomes markup); without a path (a record outside the
+    reproduction's output folder) the label alone."""
+    if path is None:
+        return md.line(label)
     if isinstance(path, str) and _SAFE_LINK.fullmatch(path) and isinstance(label, str) and _SAFE_LINK.fullmatch(label):
         return md.Markup(f"[{md.text(label)}]({path}/report.md)")
     return md.line(label, "at", path)

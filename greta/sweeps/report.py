@@ -23,6 +23,7 @@ import json
 import sys
 from pathlib import Path
 
+from greta.paths import record_name, record_value
 from greta.probe.kinds import UnknownKind, kind_named, record_kind
 from greta.record.files import read_record
 from greta.record.kinds import DEFAULT_KIND, kind_name
@@ -150,7 +151,7 @@ def matrix_md(cfg: dict, rows: list[dict]) -> str:
     skips = [md.line(md.code(name), "—", why) for name, why in skipped(cfg["axes"])]
     done = sum(r["complete"] for r in rows)
     commit = (cfg.get("commit") or "unknown")[:12] + (" (dirty)" if cfg.get("dirty") else "")
-    L = [md.line(md.bold("Sweep"), md.code(cfg.get("sweep_id")), "· matrix file", md.code(_shown_path(cfg.get("matrix_file"))),
+    L = [md.line(md.bold("Sweep"), md.code(cfg.get("sweep_id")), "· matrix file", md.code(record_value(cfg.get("matrix_file"))),
                  "· created", cfg.get("created_utc"), "· greta", commit), "",
          *md.bullets([f"Axes: {axes} → {len(rows)} points, {done} with a complete record", f"Base params: {base}",
                       f"Device(s): {', '.join(devices) or fmt.NONE}"]
@@ -159,18 +160,6 @@ def matrix_md(cfg: dict, rows: list[dict]) -> str:
         L += ["", md.text(f"Skipped by the matrix rule (greta.record.matrix.refusal), not run and not failed: "
                           f"{len(skips)} of the axes' combinations, no record:"), *md.bullets(skips)]
     return "\n".join(L)
-
-
-def _shown_path(path) -> str | None:
-    """A path as a page may show it: relative to the checkout, else its name (no machine's absolute paths)."""
-    from greta.paths import REPO_ROOT
-
-    if not path or not Path(path).is_absolute():
-        return path
-    try:
-        return str(Path(path).relative_to(REPO_ROOT))
-    except ValueError:
-        return Path(path).name
 
 
 def guardrail_md(verdict: str, reasons: list[str]) -> str:
@@ -204,8 +193,10 @@ def finish(sweep_dir, progress: bool = True, timeout_s: float | None = 600, allo
            "report_notebook": None, "report_html": None, "report_error": None}
     nb = sweep_dir / "sweep_report.ipynb"
     try:
-        # the rows (plain JSON values) go in as a parameter: the notebook does not verify every point again
-        params = {"sweep_dir": str(sweep_dir), "rows": rows, "into_record": True}
+        # the rows (plain JSON values) go in as a parameter: the notebook does not verify every point again;
+        # the kernel runs in the sweep's folder, so the sweep and its points are named relative to it
+        named = [{**r, "dir": record_name(r["dir"], sweep_dir)} for r in rows]
+        params = {"sweep_dir": record_name(sweep_dir, sweep_dir), "rows": named, "into_record": True}
         err = execute_notebook(notebook_path("sweep_report.ipynb"), nb, params, timeout_s=timeout_s)
     except Exception as e:  # noqa: BLE001 - notebooks/ missing: the verdict still stands
         err = e

@@ -44,6 +44,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from greta.paths import record_value
 from greta.record.matrix import AXES, Matrix, load_matrix, matrix_from_data, point_name
 from greta.record.params import ParamError
 from greta.terminal import brief
@@ -141,8 +142,8 @@ def _open_sweep(matrix_file, overrides, out_root, sweep_dir, how) -> tuple[Matri
     first = matrix.points()[0]
     preflight(out_root, first)
     sweep_dir = allocate_run_dir(out_root, f"{first.probe}-sweep", _sweep_name_parts(matrix))
-    cfg = {"format": 1, "sweep_id": sweep_dir.name, "matrix_file": matrix.file, "created_utc": _now(),
-           **git_state(), **matrix.declared(), "points": [p["name"] for p in points(matrix.axes)]}
+    cfg = {"format": 1, "sweep_id": sweep_dir.name, "matrix_file": record_value(matrix.file, sweep_dir),
+           "created_utc": _now(), **git_state(), **matrix.declared(), "points": [p["name"] for p in points(matrix.axes)]}
     atomic_write_text(sweep_dir / CONFIG, json.dumps(cfg, indent=2, default=str) + "\n")
     return matrix, sweep_dir, runner
 
