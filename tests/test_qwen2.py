@@ -24,6 +24,7 @@ from greta.engine.launch import finish, init_from_env, spawn  # noqa: E402
 from greta.engine.prompt import synthetic_prompt  # noqa: E402
 from greta.engine.runner import Runner  # noqa: E402
 from greta.engine.source import load_config, load_model  # noqa: E402
+from greta.paths import record_name  # noqa: E402
 from greta.engine.tp import shard_weights, synthetic_shard  # noqa: E402
 from greta.engine.weights import load_checkpoint, save_checkpoint, synthetic  # noqa: E402
 
@@ -49,7 +50,7 @@ def test_a_qwen2_checkpoint_and_its_shards_round_trip(tmp_path):
     cfg = dataclasses.replace(CFG, tie_embeddings=False)
     full = synthetic(cfg, 3, torch.float32, "cpu")
     path = save_checkpoint(full, cfg, tmp_path / "ckpt")
-    assert load_config(str(path)) == dataclasses.replace(cfg, name=str(path))
+    assert load_config(str(path)) == dataclasses.replace(cfg, name=record_name(path))
     got = load_checkpoint(str(path), cfg, torch.float32, "cpu")
     assert set(got) == set(full) and all(torch.equal(got[k], full[k]) for k in full)
     for r in range(2):
@@ -119,7 +120,7 @@ def test_a_qwen2_gguf_file_matches_transformers(ckpt, tmp_path):
     cfg = load_config(str(path))
     hf = load_config(str(d))
     assert cfg.family == "qwen2" and abs(cfg.rms_eps - hf.rms_eps) < 1e-12  # stored as float32
-    assert cfg == dataclasses.replace(hf, name=str(path), rms_eps=cfg.rms_eps)
+    assert cfg == dataclasses.replace(hf, name=record_name(path), rms_eps=cfg.rms_eps)
     w = load_gguf(path, cfg, torch.float32, "cpu")
     tokens = synthetic_prompt(130, cfg.vocab_size, 0)
     oracle = hf_logits(str(d), tokens, torch.float32)
