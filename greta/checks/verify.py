@@ -245,19 +245,19 @@ def verify(run_dir, allow_missing_large: bool = False) -> list[str]:
     for name in BASE:  # the JSON members were read above, which reported any that is missing
         problem = None if name.endswith(".json") else _artifact_problem(d, name)
         errors += [problem] if problem else []
+    kind = KINDS.get(kind_name(rec.params)) if rec.params is not None else None  # None: unknown (_check_judgement says so)
     if rec.perf is not None and rec.verdict is not None:
         errors += _check_phases(rec.perf, rec.verdict)
-        if rec.perf.status("reference") == "ok" and rec.params is not None and kind_name(rec.params) in KINDS:
-            for name in ("metrics.json", record_kind(rec.params).logits_file):
+        if rec.perf.status("reference") == "ok" and kind is not None:
+            for name in ("metrics.json", kind.logits_file):
                 if not is_member_file(d, name) and not (allow_missing_large and name in LARGE):
                     errors.append(f"{name} is missing though the reference phase finished")
     errors += _check_vram(rec)
     errors += _check_judgement(rec)
-    if rec.metrics is not None and rec.params is not None and kind_name(rec.params) in KINDS:
-        errors += record_kind(rec.params).fingerprint_problems(rec.metrics.figures())
+    if rec.metrics is not None and kind is not None:
+        errors += kind.fingerprint_problems(rec.metrics.figures())
     if rec.verdict is not None and rec.params is not None:
-        judged_by_thresholds = kind_name(rec.params) not in KINDS or record_kind(rec.params).uses_thresholds
-        errors += check_statements(d, rec, judged_by_thresholds)
+        errors += check_statements(d, rec, kind is None or kind.uses_thresholds)
     if is_member_file(d, "logits.npz"):
         from greta.checks.analyze import analyze_run
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from greta.paths import record_name
+from greta.paths import record_name, resolve
 
 HELLO = "hello "
 TEXT_KEPT = 4000  # characters of the prompt text the record keeps (a prompt_file may be a book)
@@ -39,7 +39,6 @@ def find_tokenizer(model: str, tokenizer: str = "") -> Path | None:
     """The tokenizer for text prompts: the tokenizer param (a file, or a directory holding tokenizer.json),
     else tokenizer.json beside model, else model's own .gguf file (its tokenizer.ggml.* metadata)."""
     from greta.engine.source import model_path
-    from greta.paths import resolve
 
     if tokenizer:
         p = resolve(tokenizer)
